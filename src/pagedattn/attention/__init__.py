@@ -1,0 +1,15 @@
+"""Attention: typed metadata, the backend interface, the torch reference and Triton kernels."""
+
+from .backend import AttentionBackend, AttentionLayerSpec
+from .metadata import AttentionMetadata, token_positions
+from .torch_ref import TorchReferenceBackend, paged_attention_ref, store_kv_ref
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionLayerSpec",
+    "AttentionMetadata",
+    "TorchReferenceBackend",
+    "paged_attention_ref",
+    "store_kv_ref",
+    "token_positions",
+]

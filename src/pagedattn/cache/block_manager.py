@@ -1,0 +1,494 @@
+"""Block manager: per-sequence block tables on top of the allocator and the prefix cache.
+
+It owns *which* physical block backs each logical block of each sequence.  It never touches
+tensors: operations that need data to move (copy-on-write, swap) are returned to the caller as
+``(src, dst)`` block pairs, which the KV pool executes before the next forward pass.
+
+Logical block ``i`` of a sequence holds token positions ``[i*block_size, (i+1)*block_size)``.
+With a sliding window, blocks that every future query sees as out of the window are released
+and their table entries become :data:`NULL_BLOCK`; the attention kernels never read them
+because the window masks those positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .allocator import BlockAllocator, OutOfBlocksError
+from .prefix_cache import BlockKey, Digest, PrefixCache
+
+NULL_BLOCK = -1
+SeqId = Hashable
+EventListener = Callable[[str, dict[str, Any]], None]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class PrefixMatch:
+    """Result of :meth:`BlockManager.match_prefix`: reusable leading blocks of a prompt."""
+
+    num_tokens: int  # prompt tokens whose K/V is already cached (a multiple of block_size)
+    blocks: list[int]  # physical ids, NULL_BLOCK where the window makes a block unnecessary
+    keys: list[BlockKey]  # keys of every matched logical block (for the hash chain)
+
+
+@dataclass
+class _SeqState:
+    blocks: list[int] = field(default_factory=list)
+    keys: list[BlockKey] = field(default_factory=list)  # chain over the leading full blocks
+    extra_key: object = None
+    on_cpu: bool = False
+    num_released: int = 0  # leading blocks released by the sliding window
+
+
+@dataclass
+class BlockManagerStats:
+    num_cow_copies: int = 0
+    num_swapped_out_blocks: int = 0
+    num_swapped_in_blocks: int = 0
+    num_window_released: int = 0
+
+
+class BlockManager:
+    """Allocates, shares, copies-on-write, swaps and frees blocks for sequences.
+
+    All mutating methods either succeed completely or raise / return ``False`` with the state
+    unchanged.  ``check_integrity()`` asserts every invariant and is cheap enough to call from
+    tests after each operation (and from the scheduler in debug mode).
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        num_cpu_blocks: int = 0,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+        watermark: float = 0.01,
+    ) -> None:
+        if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {block_size!r}")
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window!r}")
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.sliding_window = sliding_window
+        self.enable_prefix_caching = enable_prefix_caching
+        self.watermark_blocks = int(watermark * num_blocks)
+        self.gpu = BlockAllocator(num_blocks, "gpu")
+        self.cpu = BlockAllocator(num_cpu_blocks, "cpu")
+        self.cache = PrefixCache()
+        self.stats = BlockManagerStats()
+        self._seqs: dict[SeqId, _SeqState] = {}
+        self._pending_copies: list[tuple[int, int]] = []
+        self.listener: EventListener | None = None
+
+    # ================================================================== queries
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks obtainable right now: free ones plus evictable cached ones."""
+        return self.gpu.num_free + self.cache.num_evictable
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by live sequences (refcount > 0)."""
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks kept only by the prefix cache (evictable)."""
+        return self.cache.num_evictable
+
+    def has_seq(self, seq_id: SeqId) -> bool:
+        return seq_id in self._seqs
+
+    def is_swapped(self, seq_id: SeqId) -> bool:
+        return self._seqs[seq_id].on_cpu
+
+    def block_table(self, seq_id: SeqId) -> list[int]:
+        st = self._seqs[seq_id]
+        if st.on_cpu:
+            raise RuntimeError(f"sequence {seq_id!r} is swapped out; swap it in first")
+        return st.blocks
+
+    def num_blocks_of(self, seq_id: SeqId) -> int:
+        """Live (non-released) blocks held by the sequence, on whichever device it lives."""
+        return sum(b != NULL_BLOCK for b in self._seqs[seq_id].blocks)
+
+    def seq_ids(self) -> list[SeqId]:
+        return list(self._seqs)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        """Admission check for *new* work: leaves ``watermark`` of the pool free so running
+        sequences can keep decoding without immediate preemption."""
+        return self.num_free_blocks - num_blocks >= self.watermark_blocks
+
+    def blocks_needed(self, seq_id: SeqId | None, num_computed: int, num_new: int,
+                      prefix: PrefixMatch | None = None) -> int:
+        """How many blocks :meth:`allocate_slots` would take from the pool (CoW included)."""
+        st = self._seqs.get(seq_id) if seq_id is not None else None
+        if st is None:
+            have = len(prefix.blocks) if prefix else 0
+            revived = sum(1 for b in prefix.blocks if b != NULL_BLOCK and self.cache.is_parked(b)) \
+                if prefix else 0
+            first_live = self._first_live_block(num_computed) if self.sliding_window else 0
+            new = max(0, cdiv(num_computed + num_new, self.block_size) - max(have, first_live))
+            return new + revived
+        need = max(0, cdiv(num_computed + num_new, self.block_size) - len(st.blocks))
+        return need + len(self._cow_targets(st, num_computed, num_new))
+
+    # ================================================================== prefix cache
+    def block_keys(self, token_ids: Sequence[int], num_blocks: int, extra_key: object = None,
+                   start: list[BlockKey] | None = None) -> list[BlockKey]:
+        """The hash chain over the first ``num_blocks`` full blocks of ``token_ids``."""
+        keys = list(start or [])
+        bs = self.block_size
+        parent: Digest | None = keys[-1].digest if keys else None
+        for i in range(len(keys), num_blocks):
+            k = BlockKey.make(parent, token_ids[i * bs:(i + 1) * bs], extra_key)
+            keys.append(k)
+            parent = k.digest
+        return keys
+
+    def match_prefix(self, token_ids: Sequence[int], extra_key: object = None) -> PrefixMatch:
+        """Find the longest reusable cached prefix of a prompt.  No state changes but counters.
+
+        At least the last prompt token is always left to compute (its logits are needed), so
+        a fully cached prompt matches ``(len-1) // block_size`` blocks.  With a sliding window,
+        blocks wholly outside the window of the first computed token need not be cached.
+        """
+        if not self.enable_prefix_caching or len(token_ids) == 0:
+            return PrefixMatch(0, [], [])
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        keys = self.block_keys(token_ids, max_blocks, extra_key)
+        found = [self.cache.lookup(k) for k in keys]
+        best = 0
+        for n in range(max_blocks, 0, -1):
+            lo = self._first_live_block(n * self.block_size) if self.sliding_window else 0
+            if all(found[j] is not None for j in range(lo, n)):
+                best = n
+                break
+        if best == 0:
+            return PrefixMatch(0, [], [])
+        lo = self._first_live_block(best * self.block_size) if self.sliding_window else 0
+        blocks = [NULL_BLOCK] * lo + [b for b in found[lo:best]]  # type: ignore[misc]
+        return PrefixMatch(best * self.block_size, blocks, keys[:best])
+
+    # ================================================================== allocation
+    def allocate_slots(self, seq_id: SeqId, num_computed: int, num_new: int,
+                       prefix: PrefixMatch | None = None, extra_key: object = None) -> bool:
+        """Make positions ``[num_computed, num_computed + num_new)`` writable for ``seq_id``.
+
+        For a new sequence this first adopts the blocks of ``prefix`` (then ``num_computed``
+        must equal ``prefix.num_tokens``).  Releases blocks that left the sliding window,
+        allocates new blocks only when the last one is full, and copies-on-write any shared
+        block the new tokens land in (the copies are queued, see :meth:`take_pending_copies`).
+        Returns ``False`` -- with nothing changed -- when the pool cannot supply the blocks.
+        """
+        if num_new < 0 or num_computed < 0:
+            raise ValueError(f"negative token counts ({num_computed=}, {num_new=})")
+        st = self._seqs.get(seq_id)
+        if st is None:
+            pnum = prefix.num_tokens if prefix else 0
+            if num_computed != pnum:
+                raise ValueError(f"new sequence {seq_id!r}: num_computed={num_computed} but prefix has {pnum}")
+            if self.blocks_needed(None, num_computed, num_new, prefix) > self.num_free_blocks:
+                return False
+            st = _SeqState(extra_key=extra_key)
+            if prefix:
+                for b in prefix.blocks:
+                    if b != NULL_BLOCK:
+                        self._take_ref(b)
+                st.blocks = list(prefix.blocks)
+                st.keys = list(prefix.keys)
+                st.num_released = sum(b == NULL_BLOCK for b in prefix.blocks)
+            self._seqs[seq_id] = st
+            self._emit("allocate_seq", seq=seq_id, prefix_blocks=[b for b in st.blocks if b != NULL_BLOCK])
+        elif st.on_cpu:
+            raise RuntimeError(f"sequence {seq_id!r} is swapped out; swap it in first")
+        elif self.blocks_needed(seq_id, num_computed, num_new) > self.num_free_blocks:
+            return False
+
+        if self.sliding_window:
+            self._release_out_of_window(seq_id, st, num_computed)
+        # Grow: sliding-window sequences may have released blocks, but logical indexing stays.
+        need = cdiv(num_computed + num_new, self.block_size) - len(st.blocks)
+        if need > 0:
+            first_live = self._first_live_block(num_computed) if self.sliding_window else 0
+            pad = max(0, first_live - len(st.blocks))  # prefix skipped past the window edge
+            st.blocks.extend([NULL_BLOCK] * pad)
+            st.num_released += pad
+            new = self._take_fresh(need - pad)
+            st.blocks.extend(new)
+            self._emit("allocate", seq=seq_id, blocks=new)
+        for i in self._cow_targets(st, num_computed, num_new):
+            old = st.blocks[i]
+            (new_block,) = self._take_fresh(1)
+            self._drop_ref(old)
+            st.blocks[i] = new_block
+            self._pending_copies.append((old, new_block))
+            self.stats.num_cow_copies += 1
+            self._emit("cow", seq=seq_id, src=old, dst=new_block)
+        return True
+
+    def commit(self, seq_id: SeqId, token_ids: Sequence[int], num_computed: int) -> None:
+        """Tell the manager that ``num_computed`` leading tokens now have K/V in their blocks.
+
+        Newly full blocks are hashed (continuing the chain) and published to the prefix cache.
+        """
+        st = self._seqs[seq_id]
+        num_full = min(num_computed // self.block_size, len(st.blocks))
+        start = len(st.keys)
+        if num_full <= start:
+            return
+        st.keys = self.block_keys(token_ids, num_full, st.extra_key, st.keys)
+        if not self.enable_prefix_caching:
+            return
+        for i in range(start, num_full):
+            b = st.blocks[i]
+            if b != NULL_BLOCK and not self.cache.is_cached(b):
+                self.cache.insert(st.keys[i], b)
+
+    def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
+        """The child shares every block of the parent (refcounts go up; writes will CoW)."""
+        if child_id in self._seqs:
+            raise ValueError(f"sequence {child_id!r} already exists")
+        p = self._seqs[parent_id]
+        if p.on_cpu:
+            raise RuntimeError(f"cannot fork swapped-out sequence {parent_id!r}")
+        for b in p.blocks:
+            if b != NULL_BLOCK:
+                self.gpu.incref(b)
+        self._seqs[child_id] = _SeqState(list(p.blocks), list(p.keys), p.extra_key, False, p.num_released)
+        self._emit("fork", seq=child_id, parent=parent_id, blocks=[b for b in p.blocks if b != NULL_BLOCK])
+
+    def free(self, seq_id: SeqId) -> None:
+        """Drop every block of the sequence.  Tail blocks go first so they are evicted first."""
+        st = self._seqs.pop(seq_id)
+        alloc = self.cpu if st.on_cpu else self.gpu
+        for b in reversed(st.blocks):
+            if b == NULL_BLOCK:
+                continue
+            if st.on_cpu:
+                alloc.release(b)
+            else:
+                self._drop_ref(b)
+        self._emit("free", seq=seq_id, blocks=[b for b in st.blocks if b != NULL_BLOCK], cpu=st.on_cpu)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """Copy-on-write pairs ``(src, dst)`` queued since the last call; run them before the
+        next forward pass (the source block may be reused after that)."""
+        out, self._pending_copies = self._pending_copies, []
+        return out
+
+    # ================================================================== swap
+    def can_swap_out(self, seq_ids: Sequence[SeqId]) -> bool:
+        return len(self._unique_blocks(seq_ids)) <= self.cpu.num_free
+
+    def can_swap_in(self, seq_ids: Sequence[SeqId]) -> bool:
+        return len(self._unique_blocks(seq_ids)) <= self.num_free_blocks
+
+    def swap_out(self, seq_ids: Sequence[SeqId]) -> list[tuple[int, int]]:
+        """Move a group of sequences (e.g. siblings of one request) to the CPU pool.
+
+        Blocks shared inside the group are copied once and stay shared on the CPU.  Returns
+        ``(gpu_block, cpu_block)`` pairs to copy *before* the GPU blocks are written again.
+        """
+        return self._swap(seq_ids, to_cpu=True)
+
+    def swap_in(self, seq_ids: Sequence[SeqId]) -> list[tuple[int, int]]:
+        """Bring a swapped-out group back; returns ``(cpu_block, gpu_block)`` pairs to copy."""
+        return self._swap(seq_ids, to_cpu=False)
+
+    def _swap(self, seq_ids: Sequence[SeqId], to_cpu: bool) -> list[tuple[int, int]]:
+        for s in seq_ids:
+            if self._seqs[s].on_cpu == to_cpu:
+                raise RuntimeError(f"sequence {s!r} is already on the {'cpu' if to_cpu else 'gpu'}")
+        src_blocks = self._unique_blocks(seq_ids)
+        room = self.cpu.num_free if to_cpu else self.num_free_blocks
+        if len(src_blocks) > room:
+            raise OutOfBlocksError(len(src_blocks), room, "cpu" if to_cpu else "gpu")
+        mapping: dict[int, int] = {}
+        copies: list[tuple[int, int]] = []
+        cached = {} if to_cpu else self._cached_twins(seq_ids)
+        for src in src_blocks:
+            if src in cached:  # identical contents are still on the GPU: share, don't copy
+                mapping[src] = cached[src]
+                self._take_ref(cached[src])
+                continue
+            mapping[src] = self.cpu.allocate(1)[0] if to_cpu else self._take_fresh(1)[0]
+            copies.append((src, mapping[src]))
+        for s in seq_ids:
+            st = self._seqs[s]
+            new_blocks = []
+            for b in st.blocks:
+                if b == NULL_BLOCK:
+                    new_blocks.append(b)
+                    continue
+                dst = mapping[b]
+                if to_cpu:
+                    self._drop_ref(b)
+                else:
+                    self.cpu.release(b)
+                new_blocks.append(dst)
+            st.blocks = new_blocks
+            st.on_cpu = to_cpu
+        # Each destination was allocated with one reference; add the rest (shared in group).
+        counts: dict[int, int] = {}
+        for s in seq_ids:
+            for b in self._seqs[s].blocks:
+                if b != NULL_BLOCK:
+                    counts[b] = counts.get(b, 0) + 1
+        dst_alloc = self.cpu if to_cpu else self.gpu
+        for b, c in counts.items():
+            for _ in range(c - 1):
+                dst_alloc.incref(b)
+        if to_cpu:
+            self.stats.num_swapped_out_blocks += len(copies)
+        else:
+            self.stats.num_swapped_in_blocks += len(copies)
+            if self.enable_prefix_caching:
+                for s in seq_ids:  # the contents are the same, so the blocks can be shared again
+                    st = self._seqs[s]
+                    for b, k in zip(st.blocks, st.keys):
+                        if b != NULL_BLOCK and not self.cache.is_cached(b):
+                            self.cache.insert(k, b)
+        self._emit("swap_out" if to_cpu else "swap_in", seqs=list(seq_ids), pairs=copies,
+                   shared=[mapping[c] for c in cached if c in mapping])
+        return copies
+
+    def _cached_twins(self, seq_ids: Sequence[SeqId]) -> dict[int, int]:
+        """CPU blocks of swapped-out sequences whose contents the prefix cache still holds."""
+        twins: dict[int, int] = {}
+        if not self.enable_prefix_caching:
+            return twins
+        for s in seq_ids:
+            st = self._seqs[s]
+            for b, k in zip(st.blocks, st.keys):
+                if b != NULL_BLOCK and b not in twins:
+                    g = self.cache.lookup(k, count=False)
+                    if g is not None:
+                        twins[b] = g
+        return twins
+
+    def _unique_blocks(self, seq_ids: Sequence[SeqId]) -> list[int]:
+        seen: dict[int, None] = {}
+        for s in seq_ids:
+            for b in self._seqs[s].blocks:
+                if b != NULL_BLOCK:
+                    seen[b] = None
+        return list(seen)
+
+    # ================================================================== maintenance
+    def reset_prefix_cache(self) -> int:
+        """Drop every evictable cached block back to the free list.  Returns how many."""
+        blocks = self.cache.clear_evictable()
+        for b in blocks:
+            self.gpu.free(b)
+        return len(blocks)
+
+    # ================================================================== integrity
+    def check_integrity(self) -> None:
+        """Assert every invariant of the pool.  Raises ``AssertionError`` naming the first
+        violation found."""
+        self.gpu.check_integrity()
+        self.cpu.check_integrity()
+        self.cache.check_integrity()
+        for alloc, on_cpu in ((self.gpu, False), (self.cpu, True)):
+            holders = [0] * alloc.num_blocks
+            for sid, st in self._seqs.items():
+                if st.on_cpu != on_cpu:
+                    continue
+                for b in st.blocks:
+                    if b == NULL_BLOCK:
+                        continue
+                    assert 0 <= b < alloc.num_blocks, f"seq {sid!r} points at unknown {alloc.name} block {b}"
+                    assert not alloc.is_free(b), f"seq {sid!r} points at free {alloc.name} block {b}"
+                    holders[b] += 1
+            for b in range(alloc.num_blocks):
+                assert alloc.refcount(b) == holders[b], (
+                    f"{alloc.name} block {b}: refcount {alloc.refcount(b)} != {holders[b]} holders"
+                )
+                parked = not on_cpu and self.cache.is_parked(b)
+                if holders[b] == 0 and not alloc.is_free(b):
+                    assert parked, f"{alloc.name} block {b} is neither free, held nor cached"
+                if parked:
+                    assert holders[b] == 0 and not alloc.is_free(b), f"parked block {b} is in use or free"
+        used = sum(1 for b in range(self.num_blocks) if self.gpu.refcount(b) > 0)
+        assert self.gpu.num_free + used + self.cache.num_evictable == self.num_blocks, (
+            f"free {self.gpu.num_free} + used {used} + cached {self.cache.num_evictable} != {self.num_blocks}"
+        )
+        for b in range(self.num_blocks):
+            if self.cache.is_cached(b):
+                assert not self.gpu.is_free(b), f"cached block {b} is on the free list"
+        for sid, st in self._seqs.items():
+            assert len(st.keys) <= len(st.blocks), f"seq {sid!r} has more hashes than blocks"
+            assert st.num_released == sum(b == NULL_BLOCK for b in st.blocks), f"seq {sid!r} release count"
+            assert all(b == NULL_BLOCK for b in st.blocks[: st.num_released]), f"seq {sid!r} holes"
+
+    # ================================================================== internals
+    def _first_live_block(self, first_query_pos: int) -> int:
+        """Index of the first logical block some query at ``>= first_query_pos`` can still see."""
+        assert self.sliding_window is not None
+        lowest_visible = first_query_pos - self.sliding_window + 1
+        return max(0, lowest_visible // self.block_size)
+
+    def _release_out_of_window(self, seq_id: SeqId, st: _SeqState, num_computed: int) -> None:
+        upto = min(self._first_live_block(num_computed), len(st.blocks))
+        released = []
+        for i in range(st.num_released, upto):
+            b = st.blocks[i]
+            if b != NULL_BLOCK:
+                self._drop_ref(b)
+                released.append(b)
+            st.blocks[i] = NULL_BLOCK
+        if upto > st.num_released:
+            st.num_released = upto
+            self.stats.num_window_released += len(released)
+            self._emit("window_release", seq=seq_id, blocks=released)
+
+    def _cow_targets(self, st: _SeqState, num_computed: int, num_new: int) -> list[int]:
+        if num_new == 0:
+            return []
+        first = num_computed // self.block_size
+        last = min(cdiv(num_computed + num_new, self.block_size), len(st.blocks))
+        return [i for i in range(first, last)
+                if st.blocks[i] != NULL_BLOCK and self.gpu.refcount(st.blocks[i]) > 1]
+
+    def _take_fresh(self, n: int) -> list[int]:
+        """n blocks for new contents: free ones first, then evict least-recently-used cached."""
+        if n > self.num_free_blocks:
+            raise OutOfBlocksError(n, self.num_free_blocks)
+        while self.gpu.num_free < n:
+            victim = self.cache.evict_lru()
+            self.gpu.free(victim)
+            self._emit("evict", block=victim)
+        return self.gpu.allocate(n)
+
+    def _take_ref(self, b: int) -> None:
+        """A new holder for a cached block (reviving it if it was parked)."""
+        if self.cache.is_parked(b):
+            self.cache.unpark(b)
+        self.gpu.incref(b)
+        self._emit("share", block=b, refcount=self.gpu.refcount(b))
+
+    def _drop_ref(self, b: int) -> None:
+        if self.gpu.decref(b) == 0:
+            if self.cache.is_cached(b):
+                self.cache.park(b)
+            else:
+                self.gpu.free(b)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self.listener is not None:
+            self.listener(kind, fields)
