@@ -64,7 +64,7 @@ def paged_attention_ref(
 
 def _attend_group(q, k_cache, v_cache, block_tables, query_lens, seq_lens, scale, window):
     device = q.device
-    nb, bs, hkv, d = k_cache.shape
+    _, bs, hkv, d = k_cache.shape
     hq = q.shape[1]
     g = hq // hkv
     bsz = len(query_lens)
@@ -85,6 +85,12 @@ def _attend_group(q, k_cache, v_cache, block_tables, query_lens, seq_lens, scale
     q_pad = q[tok_idx].float().view(bsz, max_q, hkv, g, d)  # [B, max_q, Hkv, G, D]
     q_pos = (sl - ql)[:, None] + jq[None, :]  # [B, max_q]
     k_pos = torch.arange(max_ctx, device=device)
+    # Slots past a sequence's end (and window-released blocks, which read block 0) hold
+    # whatever was there before: masked scores give them weight 0, but 0 * NaN is NaN, so the
+    # values themselves must be cleared.
+    lowest = (sl - ql - window + 1).clamp(min=0) if window is not None else torch.zeros_like(sl)
+    readable = (k_pos[None, :] < sl[:, None]) & (k_pos[None, :] >= lowest[:, None])  # [B, ctx]
+    vals = torch.where(readable[:, :, None, None], vals, 0.0)
 
     out = torch.empty(bsz, max_q, hkv, g, d, dtype=torch.float32, device=device)
     per_q = bsz * hq * max_ctx

@@ -1,0 +1,166 @@
+"""The offline API, shaped like vLLM's: ``LLM(...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import CacheConfig, SchedulerConfig
+from .llm_engine import EngineConfig, LLMEngine, PromptInput
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model (the embedded default when ``model`` is None) and generate with it.
+
+    ``device=None`` picks CUDA when present.  ``num_kv_blocks=None`` sizes the KV pool from
+    ``gpu_memory_utilization`` on a GPU (after a warm-up measures peak activation memory) or
+    from ``cpu_kv_space_gib`` on the CPU.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "float32",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        swap_space_gib: float = 4,
+        cpu_kv_space_gib: float = 2,
+        enable_prefix_caching: bool = True,
+        preemption_mode: str = "swap",
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
+        attention_backend: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        cache = CacheConfig(
+            block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
+            swap_space_gib=swap_space_gib, cpu_kv_space_gib=cpu_kv_space_gib,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        sched = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or SchedulerConfig.max_num_batched_tokens,
+            preemption_mode=preemption_mode,  # type: ignore[arg-type]
+            enable_chunked_prefill=enable_chunked_prefill,
+        )
+        self.engine = LLMEngine(EngineConfig(
+            model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            attention_backend=attention_backend, cache=cache, scheduler=sched,
+        ))
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        ids = self._add_all(prompts, sampling_params)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req")
+        try:
+            pending = set(ids)
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        results[out.request_id] = out
+                        pending.discard(out.request_id)
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:  # leave nothing half-done in the engine
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def stream(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield a :class:`RequestOutput` every time a request gains tokens (cumulative text and
+        token ids; compare with the previous one for the delta).  Closing the iterator early
+        aborts the requests still running."""
+        ids = self._add_all(prompts, sampling_params)
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in pending:
+                self.engine.abort_request(rid)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tok.encode(text, add_special_tokens=False)
+
+    # ------------------------------------------------------------------ misc
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def get_metrics(self) -> dict[str, float | int]:
+        return self.engine.get_metrics()
+
+    def _add_all(self, prompts, sampling_params) -> list[str]:
+        plist = _as_prompt_list(prompts)
+        if sampling_params is None:
+            params = [SamplingParams()] * len(plist)
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(plist)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(plist):
+                raise ValueError(f"sampling_params: got {len(params)} for {len(plist)} prompts")
+        # Validate everything before queueing anything: a bad prompt must not leave others half-run.
+        tokenized = []
+        for i, (p, sp) in enumerate(zip(plist, params)):
+            try:
+                text, ids = self.engine.tokenize(p)
+                self.engine.validate(ids, sp)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            tokenized.append(({"prompt": text, "prompt_token_ids": ids}, sp))
+        return [self.engine.add_request(p, sp) for p, sp in tokenized]
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptInput]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts: empty list")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, token ids, a dict or a list of them; got {type(prompts).__name__}")

@@ -1,0 +1,390 @@
+"""The engine: requests in, tokens out, one scheduling step at a time.
+
+``LLMEngine`` wires the parts together and owns the request lifecycle
+(waiting -> running -> [swapped | waiting] -> finished).  It is synchronous and single-threaded:
+the offline :class:`~pagedattn.engine.llm.LLM` drives it in a loop, the server drives it from
+one background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..attention.selector import get_attention_backend
+from ..cache.block_manager import BlockManager, cdiv
+from ..cache.kv_pool import KVCachePool, KVCacheSpec
+from ..config import CacheConfig, SchedulerConfig, parse_dtype, resolve_device
+from ..models.loader import load_model, load_tokenizer
+from .detokenizer import detokenize_incrementally
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .sampler import Sampler, SamplingRow
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Request, Sequence
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | list[int] | dict[str, Any]
+_GIB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype = "float32"
+    seed: int = 0
+    max_model_len: int | None = None
+    attention_backend: str = "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        self.torch_dtype = parse_dtype(self.dtype)
+        self.torch_device = resolve_device(self.device)
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        t0 = time.perf_counter()
+        try:
+            self.model, self.source = load_model(config.model, self.dtype, self.device)
+        except FileNotFoundError as e:
+            raise ValueError(f"model: {e}") from None
+        self.tokenizer = load_tokenizer(self.source)
+        self.arch = self.model.config
+        logger.info("loaded %s in %.1fs", self.source.model_dir, time.perf_counter() - t0)
+        limit = self.arch.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.eos_token_ids = set(self.source.eos_token_ids)
+        self.backend = get_attention_backend(self.device, config.attention_backend)
+
+        cc = config.cache
+        spec = self.model.kv_cache_spec(cc.block_size, self.dtype)
+        num_blocks = cc.num_kv_blocks or self._blocks_from_memory(spec)
+        num_cpu = int(cc.swap_space_gib * _GIB) // spec.bytes_per_block
+        windows = set(self.arch.layer_sliding_windows)
+        # Blocks can be released only if *every* layer forgets them.
+        window = windows.pop() if len(windows) == 1 else None
+        self.block_manager = BlockManager(
+            num_blocks, cc.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=cc.enable_prefix_caching,
+            sliding_window=window, watermark=cc.watermark,
+        )
+        self.kv_pool = KVCachePool(spec, num_blocks, self.device, num_cpu)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.backend, self.block_manager)
+        self.sampler = Sampler(self.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        self.tracer: Any = None  # a viz.TraceRecorder when tracing is on
+        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB), %d CPU swap blocks, backend %s",
+                    num_blocks, cc.block_size, self.kv_pool.nbytes / _GIB, num_cpu, self.backend.name)
+
+    # ================================================================== sizing
+    def _blocks_from_memory(self, spec: KVCacheSpec) -> int:
+        if self.device.type != "cuda":
+            return spec.blocks_for_bytes(int(self.config.cache.cpu_kv_space_gib * _GIB), "cpu_kv_space_gib")
+        return spec.blocks_for_bytes(self._profile_gpu_budget(spec), "free GPU memory for the KV cache "
+                                     f"(gpu_memory_utilization={self.config.cache.gpu_memory_utilization})")
+
+    def _profile_gpu_budget(self, spec: KVCacheSpec) -> int:
+        """Run the largest step once with a throwaway pool to measure peak activation memory."""
+        from ..attention.metadata import AttentionMetadata
+        from ..models.context import ForwardContext
+
+        n_tok = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        n_blk = cdiv(n_tok, spec.block_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        tmp = KVCachePool(spec, n_blk, self.device)
+        meta = AttentionMetadata.build([n_tok], [n_tok], [list(range(n_blk))], spec.block_size, self.device)
+        ctx = ForwardContext(meta, [tmp.layer(i) for i in range(spec.num_layers)], self.backend)
+        ids = torch.randint(0, self.arch.vocab_size, (n_tok,), device=self.device)
+        with torch.inference_mode():
+            h = self.model(ids, torch.arange(n_tok, device=self.device), ctx)
+            self.model.compute_logits(h[-min(n_tok, self.config.scheduler.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak_act = torch.cuda.max_memory_allocated(self.device) - base - tmp.nbytes
+        del tmp, ctx, meta, h
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        non_torch = total - free - reserved
+        weights = torch.cuda.memory_allocated(self.device)
+        budget = int(total * self.config.cache.gpu_memory_utilization) - non_torch - weights - peak_act
+        logger.info("GPU memory: total %.1f GiB, weights %.2f GiB, peak activations %.2f GiB, other %.2f GiB "
+                    "-> KV budget %.2f GiB", total / _GIB, weights / _GIB, peak_act / _GIB, non_torch / _GIB,
+                    budget / _GIB)
+        if budget <= 0:
+            raise ValueError(
+                f"gpu_memory_utilization={self.config.cache.gpu_memory_utilization} leaves no room for the KV cache "
+                f"(model weights {weights / _GIB:.2f} GiB, activations {peak_act / _GIB:.2f} GiB, "
+                f"other {non_torch / _GIB:.2f} GiB of {total / _GIB:.1f} GiB); raise it or lower max_num_batched_tokens"
+            )
+        return budget
+
+    # ================================================================== requests
+    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict needs 'prompt_token_ids' or 'prompt'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: empty string")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model folder has no tokenizer; pass token ids instead")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict; got {type(prompt).__name__}")
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Every check a request must pass, before it touches any engine state."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if not prompt_ids:
+            raise ValueError("prompt: empty (no tokens)")
+        vocab = self.arch.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt_ids)} tokens does not fit the model's context of {self.max_model_len} "
+                "(at least one token must be generated)"
+            )
+        total = len(prompt_ids) + (params.max_tokens or self.max_model_len)
+        total = min(total, self.max_model_len)
+        need = cdiv(total, self.block_manager.block_size) * params.n
+        if need > self.block_manager.num_blocks:
+            raise ValueError(
+                f"num_kv_blocks: the KV pool ({self.block_manager.num_blocks} blocks of "
+                f"{self.block_manager.block_size}) is too small for this request ({need} blocks for "
+                f"{total} tokens x n={params.n}); use a larger pool or a smaller max_tokens"
+            )
+
+    def add_request(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
+                    extra_key: object = None) -> str:
+        text, ids = self.tokenize(prompt)
+        self.validate(ids, params)
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        req = Request(rid, text, ids, params, extra_key=extra_key)
+        for i in range(1, params.n):
+            req.seqs.append(Sequence(f"{rid}#{i}", i, list(ids), len(ids)))
+        for s in req.seqs:
+            if params.seed is not None:
+                s.generator = torch.Generator(device=self.device)
+                s.generator.manual_seed(hash((params.seed, s.index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        self.num_prompt_tokens += len(ids)
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free all its blocks.  False if it is unknown or done."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "abort"
+        self.scheduler.finish(req)
+        if self.tracer is not None:
+            self.tracer.event("abort", request=req.request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ================================================================== the step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and return outputs of requests that changed."""
+        if self.tracer is not None:
+            self.tracer.begin_step(self.num_steps)
+        sched = self.scheduler.schedule()
+        logits = self.runner.execute(sched)
+        touched = self._process(sched, logits)
+        self.num_steps += 1
+        if self.tracer is not None:
+            for r in sched.preempted:
+                self.tracer.event("preempt", request=r.request_id, to=r.status.value)
+            self.tracer.end_step(self.num_steps - 1, self._step_stats(sched))
+        return [self._output(r) for r in touched]
+
+    def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
+        bm = self.block_manager
+        sampling = []
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
+            if s.seq.num_computed_tokens == s.seq.num_tokens:
+                sampling.append(s)
+        if not sampling:
+            return []
+        rows: list[int] = []
+        targets: list[Sequence] = []
+        for r, s in enumerate(sampling):
+            req = s.request
+            fan_out = req.seqs if (not req.prefill_done and len(req.seqs) > 1) else [s.seq]
+            for seq in fan_out:
+                rows.append(r)
+                targets.append(seq)
+        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        out = self.sampler(logits, [SamplingRow(self.requests_params(t), t.generator) for t in targets])
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, tok, lp, slp in zip(targets, out.token_ids, out.logprobs, out.sampled_logprobs):
+            req = self._req_of(seq)
+            if seq.index > 0 and not bm.has_seq(seq.seq_id) and seq.num_output_tokens == 0:
+                parent = req.seqs[0]
+                bm.fork(parent.seq_id, seq.seq_id)
+                seq.num_computed_tokens = parent.num_computed_tokens
+            seq.token_ids.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += slp or 0.0
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self.num_generated_tokens += 1
+            self._check_stop(req, seq, tok)
+            if seq.finished:
+                self.scheduler.free_seq(seq)
+            touched[req.request_id] = req
+        for req in touched.values():
+            if req.finished:
+                self.scheduler.finish(req)
+        return list(touched.values())
+
+    def requests_params(self, seq: Sequence) -> SamplingParams:
+        return self._req_of(seq).params
+
+    def _req_of(self, seq: Sequence) -> Request:
+        return self.requests[seq.seq_id.rsplit("#", 1)[0]]
+
+    def _check_stop(self, req: Request, seq: Sequence, tok: int) -> None:
+        p = req.params
+        n_out = seq.num_output_tokens
+        if self.tokenizer is not None:
+            detokenize_incrementally(self.tokenizer, seq, p.skip_special_tokens)
+        if n_out >= p.min_tokens:  # before min_tokens nothing but the length limits stops
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", None
+                return
+            if p.stop_token_ids and tok in p.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", tok
+                return
+            if p.stop_list and self._check_stop_strings(seq, p):
+                return
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, p: SamplingParams) -> bool:
+        longest = max(len(s) for s in p.stop_list)
+        start = max(0, seq.stop_checked_len - longest + 1)
+        hit_at, hit = -1, None
+        for s in p.stop_list:
+            i = seq.text.find(s, start)
+            if i != -1 and (hit_at == -1 or i < hit_at):
+                hit_at, hit = i, s
+        seq.stop_checked_len = len(seq.text)
+        if hit is None:
+            return False
+        seq.text = seq.text[: hit_at + (len(hit) if p.include_stop_str_in_output else 0)]
+        seq.finish_reason, seq.stop_reason = "stop", hit
+        return True
+
+    # ================================================================== outputs & metrics
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs:
+            if s.num_output_tokens == 0 and not s.finished:
+                continue
+            outs.append(CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if req.params.logprobs is not None else None,
+                logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            ))
+        finished = req.finished
+        if finished:
+            self.requests.pop(req.request_id, None)
+        m = {"arrival_time": req.arrival_time}
+        if req.first_token_time is not None:
+            m["first_token_time"] = req.first_token_time
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics=m)
+
+    def _step_stats(self, sched: SchedulerOutput) -> dict[str, int]:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "swapped": len(self.scheduler.swapped),
+            "blocks_used": bm.num_used_blocks,
+            "blocks_cached": bm.num_cached_blocks,
+            "blocks_free": bm.gpu.num_free,
+            "cpu_blocks_used": bm.cpu.num_blocks - bm.cpu.num_free,
+            "num_tokens": sched.num_batched_tokens,
+        }
+
+    def get_metrics(self) -> dict[str, float | int]:
+        bm, st = self.block_manager, self.scheduler.stats
+        return {
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "kv_blocks_free": bm.gpu.num_free,
+            "cpu_blocks_total": bm.cpu.num_blocks,
+            "cpu_blocks_used": bm.cpu.num_blocks - bm.cpu.num_free,
+            "block_size": bm.block_size,
+            "prefix_cache_hit_rate": st.prefix_cache_hit_rate,
+            "prefix_cache_hit_tokens": st.prefix_hit_tokens,
+            "prefix_cache_query_tokens": st.prefix_query_tokens,
+            "prefix_cache_evictions": bm.cache.stats.evictions,
+            "num_preemptions": st.num_preemptions,
+            "num_swap_preemptions": st.num_swap_preemptions,
+            "num_recompute_preemptions": st.num_recompute_preemptions,
+            "num_swapped_out_blocks": bm.stats.num_swapped_out_blocks,
+            "num_swapped_in_blocks": bm.stats.num_swapped_in_blocks,
+            "num_cow_copies": bm.stats.num_cow_copies,
+            "num_window_released_blocks": bm.stats.num_window_released,
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_requests_swapped": len(self.scheduler.swapped),
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_prompt_tokens": self.num_prompt_tokens,
+        }
+
+    def check_integrity(self) -> None:
+        self.block_manager.check_integrity()
+
+    def attach_tracer(self, tracer: Any) -> None:
+        self.tracer = tracer
+        tracer.attach(self.block_manager)

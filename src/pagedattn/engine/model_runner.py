@@ -1,0 +1,77 @@
+"""Model runner: turns a scheduled batch into one forward pass on the paged cache.
+
+It executes the step's block moves (swap-out, copy-on-write, swap-in) in the order the
+scheduler decided them, builds the flattened ragged batch and its :class:`AttentionMetadata`,
+runs the model, and returns the logits of the sequences that sample this step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..attention.backend import AttentionBackend
+from ..attention.metadata import AttentionMetadata, token_positions
+from ..cache.block_manager import BlockManager
+from ..cache.kv_pool import KVCachePool
+from ..models.context import ForwardContext
+from .scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_pool: KVCachePool, backend: AttentionBackend,
+                 block_manager: BlockManager) -> None:
+        self.model = model
+        self.pool = kv_pool
+        self.backend = backend
+        self.bm = block_manager
+        self.device = kv_pool.device
+        self.block_size = kv_pool.spec.block_size
+        self.kv_caches = [kv_pool.layer(i) for i in range(kv_pool.spec.num_layers)]
+
+    def run_kv_ops(self, ops: list[tuple[str, list[tuple[int, int]]]]) -> None:
+        for kind, pairs in ops:
+            if kind == "swap_out":
+                self.pool.swap_out(pairs)
+            elif kind == "copy":
+                self.pool.copy_blocks(pairs)
+            elif kind == "swap_in":
+                self.pool.swap_in(pairs)
+            else:  # pragma: no cover - scheduler bug
+                raise ValueError(f"unknown KV op {kind!r}")
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run one step; returns logits ``[num_sampling_seqs, V]`` in scheduled order."""
+        self.run_kv_ops(sched.kv_ops)
+        if sched.is_empty:
+            return torch.empty(0)
+        input_ids, positions, meta, sample_idx = self.prepare(sched)
+        ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
+        hidden = self.model(input_ids, positions, ctx)
+        if sample_idx.numel() == 0:
+            return torch.empty(0, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, sample_idx))
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        tokens: list[int] = []
+        sample_rows: list[int] = []
+        end = 0
+        for s in sched.scheduled:
+            c, n = s.seq.num_computed_tokens, s.num_new_tokens
+            tokens.extend(s.seq.token_ids[c:c + n])
+            query_lens.append(n)
+            seq_lens.append(c + n)
+            tables.append(self.bm.block_table(s.seq.seq_id))
+            end += n
+            if s.samples:
+                sample_rows.append(end - 1)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+        pos = token_positions(query_lens, seq_lens)
+        input_ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+        positions = torch.from_numpy(pos).to(self.device, non_blocking=True)
+        sample_idx = torch.from_numpy(np.asarray(sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
+        return input_ids, positions, meta, sample_idx

@@ -1,0 +1,237 @@
+"""Continuous-batching scheduler with chunked prefill, prefix caching and preemption.
+
+Every step it fills one token budget (``max_num_batched_tokens``), in this order:
+
+1. **running** requests, oldest first: one token per decoding sequence, or the next chunk of
+   a prompt still being prefilled.  When the pool runs dry the *newest* running request is
+   preempted (swapped to the CPU pool when it fits there, else recomputed later), so older
+   requests keep making progress and FCFS order is kept.
+2. **swapped** requests, oldest first, when nothing was preempted this step.
+3. **waiting** requests, oldest first, while the budget, ``max_num_seqs`` and the block pool
+   (above its watermark) allow; each consults the prefix cache first.
+
+Data movement decided here (swap-out, copy-on-write, swap-in) is returned as an ordered list
+of operations that the model runner executes before the forward pass, in that order.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..cache.block_manager import BlockManager
+from ..config import SchedulerConfig
+from .sequence import Request, RequestStatus, Sequence
+
+KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence (its logits are needed)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first
+    kv_ops: list[KVOp] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_swap_preemptions: int = 0
+    num_recompute_preemptions: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------------ queue management
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def free_seq(self, seq: Sequence) -> None:
+        if self.bm.has_seq(seq.seq_id):
+            self.bm.free(seq.seq_id)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request from whichever queue holds it; free its blocks."""
+        for q in (self.waiting, self.swapped):
+            if req in q:
+                q.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        for s in req.seqs:
+            self.free_seq(s)
+        req.status = RequestStatus.FINISHED
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted:
+            budget = self._schedule_swapped(out, budget)
+            if not self.swapped:
+                self._schedule_waiting(out, budget)
+        # Decodes first: the attention backends run them with the decode kernel.
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            ok = True
+            for seq in self._active_seqs(req):
+                if budget == 0:
+                    break
+                n = min(seq.num_uncomputed, budget)
+                if n == 0:
+                    continue
+                got = self._allocate(req, seq, n, out)
+                while got is None:
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is req:
+                        ok = False
+                        break
+                    got = self._allocate(req, seq, n, out)
+                if not ok:
+                    break
+                out.scheduled.append(ScheduledSeq(req, seq, got))
+                budget -= got
+            if ok:
+                i += 1
+        return budget
+
+    def _schedule_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.swapped[0]
+            seqs = self._active_seqs(req)
+            ids = [s.seq_id for s in seqs if self.bm.has_seq(s.seq_id)]
+            need = self.bm.num_swap_blocks(ids) + len(seqs)
+            if not self.bm.can_allocate(need) or budget < len(seqs):
+                break
+            self.swapped.popleft()
+            out.kv_ops.append(("swap_in", self.bm.swap_in(ids)))
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            for seq in seqs:
+                n = min(seq.num_uncomputed, budget)
+                got = self._allocate(req, seq, n, out) if n else None
+                if got:
+                    out.scheduled.append(ScheduledSeq(req, seq, got))
+                    budget -= got
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            seq = self._active_seqs(req)[0]
+            match = self.bm.match_prefix(seq.token_ids, req.extra_key)
+            n = seq.num_tokens - match.num_tokens
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            need = self.bm.blocks_needed(None, match.num_tokens, n, match)
+            if not self.bm.can_allocate(need):
+                break
+            ok = self.bm.allocate_slots(seq.seq_id, match.num_tokens, n, match, req.extra_key)
+            assert ok, "admission check passed but allocation failed"
+            self._drain_copies(out)
+            self.stats.prefix_query_tokens += seq.num_tokens
+            self.stats.prefix_hit_tokens += match.num_tokens
+            seq.num_computed_tokens = match.num_tokens
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledSeq(req, seq, n))
+            budget -= n
+            # Siblings that were preempted by recomputation rejoin through the running loop.
+        return budget
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _active_seqs(req: Request) -> list[Sequence]:
+        """Sequences that need compute: only the first until the prompt is done, then all live."""
+        if not req.prefill_done:
+            return [req.seqs[0]]
+        return req.live_seqs
+
+    def _allocate(self, req: Request, seq: Sequence, n: int, out: SchedulerOutput) -> int | None:
+        """Reserve slots for up to ``n`` new tokens of ``seq``; the number scheduled, or None."""
+        if self.bm.has_seq(seq.seq_id):
+            if not self.bm.allocate_slots(seq.seq_id, seq.num_computed_tokens, n):
+                return None
+        else:  # a sibling re-admitted after recomputation: look up the prefix cache first
+            match = self.bm.match_prefix(seq.token_ids, req.extra_key)
+            n = min(n, seq.num_tokens - match.num_tokens)
+            if not self.bm.allocate_slots(seq.seq_id, match.num_tokens, n, match, req.extra_key):
+                return None
+            seq.num_computed_tokens = match.num_tokens
+        self._drain_copies(out)
+        return n
+
+    def _drain_copies(self, out: SchedulerOutput) -> None:
+        pairs = self.bm.take_pending_copies()
+        if pairs:
+            out.kv_ops.append(("copy", pairs))
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        out.preempted.append(req)
+        ids = [s.seq_id for s in req.seqs if self.bm.has_seq(s.seq_id)]
+        if self.config.preemption_mode == "swap" and ids and self.bm.can_swap_out(ids):
+            out.kv_ops.append(("swap_out", self.bm.swap_out(ids)))
+            req.status = RequestStatus.SWAPPED
+            self._insert_fcfs(self.swapped, req)
+            self.stats.num_swap_preemptions += 1
+            return
+        for s in req.seqs:
+            self.free_seq(s)
+            s.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self._insert_fcfs(self.waiting, req)
+        self.stats.num_recompute_preemptions += 1
+
+    @staticmethod
+    def _insert_fcfs(q: deque[Request], req: Request) -> None:
+        keys = [r.arrival_time for r in q]
+        q.insert(bisect.bisect_right(keys, req.arrival_time), req)

@@ -1,0 +1,96 @@
+"""Requests and their sequences: the engine's unit of bookkeeping.
+
+A :class:`Request` is what the user submitted (one prompt, one :class:`SamplingParams`).  It
+owns ``n`` :class:`Sequence` objects: one while the prompt is prefilled, then ``n`` after the
+first token is sampled (the extra samples fork the prompt's blocks, sharing them until a
+write triggers copy-on-write).  Scheduling and preemption act on whole requests so siblings
+stay together and keep sharing.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: str  # "{request_id}#{index}": the block manager's key
+    index: int
+    token_ids: list[int]  # prompt + generated
+    prompt_len: int
+    num_computed_tokens: int = 0  # leading tokens whose K/V is in the cache
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    generator: torch.Generator | None = None
+    # Incremental detokenisation state.
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    tokens_text: list[str] = field(default_factory=list)
+    stop_checked_len: int = 0  # characters of ``text`` already checked for stop strings
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    extra_key: object = None  # prefix-cache salt
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            self.seqs = [Sequence(f"{self.request_id}#0", 0, list(self.prompt_token_ids), len(self.prompt_token_ids))]
+
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.finished]
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+
+    @property
+    def prefill_done(self) -> bool:
+        """True once the first token was sampled (siblings may exist)."""
+        return self.seqs[0].num_output_tokens > 0

@@ -1,0 +1,1 @@
+"""Entry points: the CLI and the OpenAI-compatible server."""

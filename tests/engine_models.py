@@ -1,0 +1,64 @@
+"""Tiny random-initialised HF models of each supported family, saved with ``save_pretrained``.
+
+Weights are drawn with a large init range so logits are far apart: greedy decoding is then
+decided by clear margins, not float-rounding ties, and token-for-token parity is meaningful.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    initializer_range=0.25,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama3_untied_gqa": ("LlamaConfig", dict(
+        num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64})),
+    "llama_mqa_tied": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=12, tie_word_embeddings=False)),
+    "qwen2_bias_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3_qknorm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def make_model_dir(root: Path, family: str, seed: int = 0) -> Path:
+    cls_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():  # RMSNorm weights init to 1; perturb them so the norms are exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.2)
+    out = root / family
+    model.save_pretrained(out)
+    return out
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The oracle: HF transformers ``generate``, greedy, one prompt at a time, no EOS stop."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+        outs.append(g[0, len(p):].tolist())
+    return outs

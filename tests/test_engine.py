@@ -1,0 +1,193 @@
+"""Engine tests on tiny random models of every family: HF parity and scheduling invariance.
+
+HF transformers' greedy ``generate`` is the oracle.  Everything the engine does to save memory
+or time (prefix caching, chunked prefill, preemption by swap or recompute, sliding-window
+block release, forked samples) must leave greedy outputs token-for-token unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pagedattn import LLM, SamplingParams
+
+from .engine_models import FAMILIES, hf_greedy, make_model_dir
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {f: make_model_dir(root, f) for f in FAMILIES}
+
+
+def _prompts(seed: int, lens=(5, 16, 17, 40)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 320) for _ in range(n)] for n in lens]
+
+
+def _greedy(llm: LLM, prompts, max_new=MAX_NEW) -> list[list[int]]:
+    sp = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+def _llm(path, **kw) -> LLM:
+    kw.setdefault("device", "cpu")
+    kw.setdefault("block_size", 4)
+    kw.setdefault("num_kv_blocks", 256)
+    kw.setdefault("swap_space_gib", 0.01)
+    return LLM(str(path), **kw)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_hf(model_dirs, family):
+    prompts = _prompts(1)
+    expected = hf_greedy(model_dirs[family], prompts, MAX_NEW)
+    llm = _llm(model_dirs[family])
+    assert _greedy(llm, prompts) == expected
+    m = llm.get_metrics()
+    assert m["kv_blocks_used"] == 0
+    llm.engine.check_integrity()
+    if family == "mistral_window":  # window 12, 64-token sequences: blocks must have been released
+        assert m["num_window_released_blocks"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama3_untied_gqa", "mistral_window"])
+def test_memory_and_scheduling_features_keep_outputs(model_dirs, family):
+    path = model_dirs[family]
+    shared = _prompts(7, lens=(37,))[0]
+    prompts = [shared + p for p in _prompts(8, lens=(3, 9, 1, 14))] + _prompts(9, lens=(11, 30))
+    baseline = hf_greedy(path, prompts, MAX_NEW)
+
+    # Prefix caching on: once the first prompt is computed, the others hit its blocks.
+    llm = _llm(path, enable_prefix_caching=True)
+    assert _greedy(llm, prompts[:1]) + _greedy(llm, prompts[1:]) == baseline
+    m = llm.get_metrics()
+    assert m["prefix_cache_hit_rate"] > 0 and m["prefix_cache_hit_tokens"] >= 3 * 36
+    # A request whose prompt is fully cached still computes its last token.
+    assert _greedy(llm, [prompts[0]]) == [baseline[0]]
+    assert m["kv_blocks_used"] == 0 and llm.get_metrics()["kv_blocks_used"] == 0
+
+    # Prefix caching off.
+    llm = _llm(path, enable_prefix_caching=False)
+    assert _greedy(llm, prompts) == baseline
+    assert llm.get_metrics()["prefix_cache_hit_tokens"] == 0
+
+    # Chunked prefill at several chunk sizes.
+    for chunk in (5, 8, 13):
+        llm = _llm(path, max_num_batched_tokens=chunk)
+        assert _greedy(llm, prompts) == baseline, f"chunk {chunk}"
+
+    # A pool so small that requests must be preempted, by swap and by recompute.
+    for mode in ("swap", "recompute"):
+        llm = _llm(path, num_kv_blocks=24, preemption_mode=mode, enable_prefix_caching=(mode == "swap"))
+        assert _greedy(llm, prompts) == baseline, mode
+        m = llm.get_metrics()
+        assert m["num_preemptions"] > 0, mode
+        if mode == "swap":
+            assert m["num_swapped_out_blocks"] > 0 and m["num_swap_preemptions"] > 0
+        else:
+            assert m["num_recompute_preemptions"] > 0
+        assert m["kv_blocks_used"] == 0
+        llm.engine.check_integrity()
+
+
+def test_n_samples_fork_and_copy_on_write(model_dirs):
+    llm = _llm(model_dirs["qwen2_bias_tied"])
+    prompt = _prompts(3, lens=(10,))  # 10 tokens, block 4: the last prompt block is partial
+    sp = SamplingParams(n=3, temperature=1.0, seed=123, max_tokens=12, ignore_eos=True)
+    out = llm.generate(prompt, sp, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 12 for c in out.outputs)
+    m = llm.get_metrics()
+    assert m["num_cow_copies"] >= 2  # two of three siblings wrote into the shared partial block
+    assert m["kv_blocks_used"] == 0
+    # Seeded sampling is reproducible, also in a different batch and engine.
+    llm2 = _llm(model_dirs["qwen2_bias_tied"], block_size=8)
+    other = SamplingParams(temperature=1.0, max_tokens=5)
+    again = llm2.generate(_prompts(4, lens=(7,)) + prompt, [other, sp], use_tqdm=False)[1]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    # Different seeds, different samples.
+    diff = llm.generate(prompt, SamplingParams(n=3, temperature=1.0, seed=124, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert [c.token_ids for c in diff.outputs] != [c.token_ids for c in out.outputs]
+
+
+def test_sampling_filters(model_dirs):
+    llm = _llm(model_dirs["llama_mqa_tied"])
+    prompt = _prompts(5, lens=(6,))
+    # top_k=1 and a tiny top_p are greedy in disguise.
+    greedy = _greedy(llm, prompt, 10)
+    for sp in (SamplingParams(temperature=1.0, top_k=1, max_tokens=10, ignore_eos=True, seed=1),
+               SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=10, ignore_eos=True, seed=2),
+               SamplingParams(temperature=1.0, min_p=1.0, max_tokens=10, ignore_eos=True, seed=3)):
+        assert [o.outputs[0].token_ids for o in llm.generate(prompt, sp, use_tqdm=False)] == greedy
+    # Logprobs: the sampled token's logprob is present and top-k are sorted, all <= 0.
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert tok in lp and all(v <= 0 for v in lp.values())
+        assert lp[tok] == max(lp.values())  # greedy picks the most likely token
+
+
+def test_stop_token_ids_and_max_tokens(model_dirs):
+    llm = _llm(model_dirs["llama3_untied_gqa"])
+    prompt = _prompts(6, lens=(8,))
+    full = _greedy(llm, prompt, 16)[0]
+    stop_tok = full[5]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_tok],
+                                              ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == full[: full.index(stop_tok) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
+
+
+def test_bad_input_is_rejected_before_work(model_dirs, tmp_path):
+    llm = _llm(model_dirs["llama_mqa_tied"], num_kv_blocks=32)
+    good = _prompts(2, lens=(6,))[0]
+    cases = [
+        ([], SamplingParams(), "prompt"),
+        ("", SamplingParams(), "prompt"),
+        ([5] * 600, SamplingParams(), "context"),
+        ([999], SamplingParams(), "vocabulary"),
+        (good, SamplingParams(max_tokens=400, n=2), "num_kv_blocks"),
+    ]
+    for prompt, sp, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            llm.generate([good, prompt], sp, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    for kwargs, field in [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+                          (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(n=0), "n")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match=r"does not exist|not found|No such"):
+        LLM(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(ValueError, match="block_size"):
+        _llm(model_dirs["llama_mqa_tied"], block_size=3)
+    # The engine is unharmed: a good request still runs.
+    assert len(_greedy(llm, [good], 4)[0]) == 4
+    assert llm.get_metrics()["kv_blocks_used"] == 0
+
+
+def test_stream_and_abort(model_dirs):
+    llm = _llm(model_dirs["qwen3_qknorm"])
+    prompts = _prompts(11, lens=(5, 9))
+    full = _greedy(llm, prompts, 8)
+    seen: dict[str, list[int]] = {}
+    for out in llm.stream(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)):
+        prev = seen.get(out.request_id, [])
+        assert out.outputs[0].token_ids[: len(prev)] == prev  # cumulative
+        seen[out.request_id] = out.outputs[0].token_ids
+    assert sorted(seen.values()) == sorted(full)
+    # Closing a stream early aborts what is still running and frees its blocks.
+    it = llm.stream(prompts, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    next(it)
+    it.close()
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.get_metrics()["kv_blocks_used"] == 0
+    llm.engine.check_integrity()
