@@ -121,6 +121,13 @@ class BlockManager:
             raise RuntimeError(f"sequence {seq_id!r} is swapped out; swap it in first")
         return st.blocks
 
+    def swapped_block_table(self, seq_id: SeqId) -> list[int]:
+        """CPU block table of a swapped-out sequence (for swap executors, tests and viz)."""
+        st = self._seqs[seq_id]
+        if not st.on_cpu:
+            raise RuntimeError(f"sequence {seq_id!r} is on the gpu; use block_table()")
+        return st.blocks
+
     def num_blocks_of(self, seq_id: SeqId) -> int:
         """Live (non-released) blocks held by the sequence, on whichever device it lives."""
         return sum(b != NULL_BLOCK for b in self._seqs[seq_id].blocks)
@@ -202,18 +209,21 @@ class BlockManager:
             pnum = prefix.num_tokens if prefix else 0
             if num_computed != pnum:
                 raise ValueError(f"new sequence {seq_id!r}: num_computed={num_computed} but prefix has {pnum}")
+            if prefix:
+                self._check_prefix_fresh(prefix)
             if self.blocks_needed(None, num_computed, num_new, prefix) > self.num_free_blocks:
                 return False
             st = _SeqState(extra_key=extra_key)
             if prefix:
                 for b in prefix.blocks:
                     if b != NULL_BLOCK:
-                        self._take_ref(b)
+                        self._take_ref(b, seq_id)
                 st.blocks = list(prefix.blocks)
                 st.keys = list(prefix.keys)
                 st.num_released = sum(b == NULL_BLOCK for b in prefix.blocks)
             self._seqs[seq_id] = st
-            self._emit("allocate_seq", seq=seq_id, prefix_blocks=[b for b in st.blocks if b != NULL_BLOCK])
+            self._emit("allocate_seq", seq=seq_id, prefix_blocks=[b for b in st.blocks if b != NULL_BLOCK],
+                       num_released=st.num_released)
         elif st.on_cpu:
             raise RuntimeError(f"sequence {seq_id!r} is swapped out; swap it in first")
         elif self.blocks_needed(seq_id, num_computed, num_new) > self.num_free_blocks:
@@ -230,7 +240,7 @@ class BlockManager:
             st.num_released += pad
             new = self._take_fresh(need - pad)
             st.blocks.extend(new)
-            self._emit("allocate", seq=seq_id, blocks=new)
+            self._emit("allocate", seq=seq_id, blocks=new, pad=pad)
         for i in self._cow_targets(st, num_computed, num_new):
             old = st.blocks[i]
             (new_block,) = self._take_fresh(1)
@@ -254,10 +264,13 @@ class BlockManager:
         st.keys = self.block_keys(token_ids, num_full, st.extra_key, st.keys)
         if not self.enable_prefix_caching:
             return
+        inserted = []
         for i in range(start, num_full):
             b = st.blocks[i]
-            if b != NULL_BLOCK and not self.cache.is_cached(b):
-                self.cache.insert(st.keys[i], b)
+            if b != NULL_BLOCK and not self.cache.is_cached(b) and self.cache.insert(st.keys[i], b):
+                inserted.append(b)
+        if inserted:
+            self._emit("cache_insert", seq=seq_id, blocks=inserted)
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """The child shares every block of the parent (refcounts go up; writes will CoW)."""
@@ -296,7 +309,11 @@ class BlockManager:
         return len(self._unique_blocks(seq_ids)) <= self.cpu.num_free
 
     def can_swap_in(self, seq_ids: Sequence[SeqId]) -> bool:
-        return len(self._unique_blocks(seq_ids)) <= self.num_free_blocks
+        return self.num_swap_blocks(seq_ids) <= self.num_free_blocks
+
+    def num_swap_blocks(self, seq_ids: Sequence[SeqId]) -> int:
+        """Distinct blocks a swap of this group moves (shared blocks count once)."""
+        return len(self._unique_blocks(seq_ids))
 
     def swap_out(self, seq_ids: Sequence[SeqId]) -> list[tuple[int, int]]:
         """Move a group of sequences (e.g. siblings of one request) to the CPU pool.
@@ -321,10 +338,16 @@ class BlockManager:
         mapping: dict[int, int] = {}
         copies: list[tuple[int, int]] = []
         cached = {} if to_cpu else self._cached_twins(seq_ids)
+        # Identical contents are still on the GPU: share, don't copy.  Pin every twin before
+        # taking any fresh block, or _take_fresh could evict a parked twin and hand it out as
+        # the copy target of another block.  Two CPU blocks may share one twin (equal blocks
+        # computed side by side), so each distinct twin gains one reference here and the
+        # per-entry count below adds the rest.
+        for twin in dict.fromkeys(cached.values()):
+            self._take_ref(twin, seq_ids[0])
         for src in src_blocks:
-            if src in cached:  # identical contents are still on the GPU: share, don't copy
+            if src in cached:
                 mapping[src] = cached[src]
-                self._take_ref(cached[src])
                 continue
             mapping[src] = self.cpu.allocate(1)[0] if to_cpu else self._take_fresh(1)[0]
             copies.append((src, mapping[src]))
@@ -361,10 +384,11 @@ class BlockManager:
                 for s in seq_ids:  # the contents are the same, so the blocks can be shared again
                     st = self._seqs[s]
                     for b, k in zip(st.blocks, st.keys):
-                        if b != NULL_BLOCK and not self.cache.is_cached(b):
-                            self.cache.insert(k, b)
+                        if b != NULL_BLOCK and not self.cache.is_cached(b) and self.cache.insert(k, b):
+                            self._emit("cache_insert", seq=s, blocks=[b])
         self._emit("swap_out" if to_cpu else "swap_in", seqs=list(seq_ids), pairs=copies,
-                   shared=[mapping[c] for c in cached if c in mapping])
+                   shared=[mapping[c] for c in cached if c in mapping],
+                   tables={s: list(self._seqs[s].blocks) for s in seq_ids})
         return copies
 
     def _cached_twins(self, seq_ids: Sequence[SeqId]) -> dict[int, int]:
@@ -395,6 +419,7 @@ class BlockManager:
         blocks = self.cache.clear_evictable()
         for b in blocks:
             self.gpu.free(b)
+        self._emit("cache_reset", blocks=blocks)
         return len(blocks)
 
     # ================================================================== integrity
@@ -437,6 +462,17 @@ class BlockManager:
             assert all(b == NULL_BLOCK for b in st.blocks[: st.num_released]), f"seq {sid!r} holes"
 
     # ================================================================== internals
+    def _check_prefix_fresh(self, prefix: PrefixMatch) -> None:
+        """A match is only valid until its blocks are evicted (e.g. by another admission in
+        the same step); adopting an evicted block would read someone else's K/V."""
+        for b, k in zip(prefix.blocks, prefix.keys):
+            if b == NULL_BLOCK:
+                continue
+            cur = self.cache.key_of(b)
+            if cur is None or cur.digest != k.digest or not cur.same_contents(k):
+                raise ValueError(f"stale prefix match: block {b} no longer holds the matched tokens; "
+                                 "call match_prefix() again")
+
     def _first_live_block(self, first_query_pos: int) -> int:
         """Index of the first logical block some query at ``>= first_query_pos`` can still see."""
         assert self.sliding_window is not None
@@ -475,12 +511,12 @@ class BlockManager:
             self._emit("evict", block=victim)
         return self.gpu.allocate(n)
 
-    def _take_ref(self, b: int) -> None:
+    def _take_ref(self, b: int, seq_id: SeqId) -> None:
         """A new holder for a cached block (reviving it if it was parked)."""
         if self.cache.is_parked(b):
             self.cache.unpark(b)
         self.gpu.incref(b)
-        self._emit("share", block=b, refcount=self.gpu.refcount(b))
+        self._emit("share", seq=seq_id, block=b, refcount=self.gpu.refcount(b))
 
     def _drop_ref(self, b: int) -> None:
         if self.gpu.decref(b) == 0:

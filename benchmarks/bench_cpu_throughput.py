@@ -1,0 +1,135 @@
+"""CPU throughput: pagedattn against HF transformers on the same machine, in the same run.
+
+Workload: 16 prompts of 16..128 random token ids, 64 new tokens each, greedy, EOS ignored,
+the embedded default model (SmolLM2-135M) in float32, 2 threads.  Baselines: HF's padded
+batch ``generate`` (all prompts left-padded into one batch) and, optionally, HF one request at
+a time and HF's continuous batching ``generate_batch``.
+
+    python benchmarks/bench_cpu_throughput.py [--out results.json] [--hf-sequential] [--hf-cb]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+
+import torch
+
+from pagedattn import LLM, SamplingParams
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def bench_ours(llm: LLM, prompts: list[list[int]], new: int) -> tuple[float, int]:
+    sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def bench_hf_padded(model, prompts: list[list[int]], new: int, pad: int) -> tuple[float, int]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=pad)
+    dt = time.perf_counter() - t
+    return dt, (out.shape[1] - width) * len(prompts)
+
+
+def bench_hf_sequential(model, prompts: list[list[int]], new: int, pad: int) -> tuple[float, int]:
+    t = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=pad)
+            n += out.shape[1] - ids.shape[1]
+    return time.perf_counter() - t, n
+
+
+def bench_hf_cb(model, prompts: list[list[int]], new: int, pad: int) -> tuple[float, int]:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=pad)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        res = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+    dt = time.perf_counter() - t
+    return dt, sum(len(r.generated_tokens) for r in res.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hf-sequential", action="store_true", help="also time HF one request at a time")
+    ap.add_argument("--hf-cb", action="store_true", help="also time HF generate_batch (continuous batching)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    llm = LLM(device="cpu", dtype="float32")
+    vocab = llm.engine.arch.vocab_size
+    prompts = workload(args.num_prompts, args.min_len, args.max_len, vocab, seed=0)
+    rows = []
+    dt, n = bench_ours(llm, prompts, args.new_tokens)
+    rows.append(("pagedattn", dt, n))
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(llm.engine.source.model_dir, dtype=torch.float32).eval()
+        pad = llm.engine.tokenizer.pad_token_id if llm.engine.tokenizer is not None else 0
+        pad = 0 if pad is None else pad
+        rows.append(("HF padded batch generate", *bench_hf_padded(hf, prompts, args.new_tokens, pad)))
+        if args.hf_cb:
+            rows.append(("HF generate_batch (paged)", *bench_hf_cb(hf, prompts, args.new_tokens, pad)))
+        if args.hf_sequential:
+            rows.append(("HF one request at a time", *bench_hf_sequential(hf, prompts, args.new_tokens, pad)))
+    base = next((r for r in rows if r[0].startswith("HF padded")), None)
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+        "torch": torch.__version__,
+        "commit": _commit(),
+        "workload": vars(args),
+        "results": [{"name": r[0], "seconds": r[1], "tokens": r[2], "tok_per_s": r[2] / r[1]} for r in rows],
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    print(f"\n{'engine':28s} {'tokens':>7s} {'seconds':>8s} {'tok/s':>8s} {'vs HF padded':>13s}")
+    for name, dt, n in rows:
+        ratio = f"{(n / dt) / (base[2] / base[1]):.2f}x" if base else "-"
+        print(f"{name:28s} {n:7d} {dt:8.2f} {n / dt:8.1f} {ratio:>13s}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
