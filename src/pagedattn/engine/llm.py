@@ -40,6 +40,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
         attention_backend: str = "auto",
+        enforce_eager: bool = False,
         seed: int = 0,
     ) -> None:
         cache = CacheConfig(
@@ -55,7 +56,7 @@ class LLM:
         )
         self.engine = LLMEngine(EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            attention_backend=attention_backend, cache=cache, scheduler=sched,
+            attention_backend=attention_backend, enforce_eager=enforce_eager, cache=cache, scheduler=sched,
         ))
 
     # ------------------------------------------------------------------ generation
@@ -66,7 +67,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order."""
-        ids = self._add_all(prompts, sampling_params)
+        ids = self._add_all(prompts, sampling_params, stream=False)
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req")
         try:
@@ -132,7 +133,7 @@ class LLM:
     def get_metrics(self) -> dict[str, float | int]:
         return self.engine.get_metrics()
 
-    def _add_all(self, prompts, sampling_params) -> list[str]:
+    def _add_all(self, prompts, sampling_params, stream: bool = True) -> list[str]:
         plist = _as_prompt_list(prompts)
         if sampling_params is None:
             params = [SamplingParams()] * len(plist)
@@ -151,7 +152,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             tokenized.append(({"prompt": text, "prompt_token_ids": ids}, sp))
-        return [self.engine.add_request(p, sp) for p, sp in tokenized]
+        return [self.engine.add_request(p, sp, stream=stream) for p, sp in tokenized]
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptInput]:

@@ -43,6 +43,7 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: never capture CUDA graphs
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -87,6 +88,8 @@ class LLMEngine:
         self.kv_pool = KVCachePool(spec, num_blocks, self.device, num_cpu)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(self.model, self.kv_pool, self.backend, self.block_manager)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512), self.max_model_len)
         self.sampler = Sampler(self.device, config.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -187,13 +190,15 @@ class LLMEngine:
             )
 
     def add_request(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
-                    extra_key: object = None) -> str:
+                    extra_key: object = None, stream: bool = True) -> str:
+        """Queue a request.  ``stream=False``: :meth:`step` reports it only once it finishes
+        (saves building partial outputs every step for offline batches)."""
         text, ids = self.tokenize(prompt)
         self.validate(ids, params)
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
-        req = Request(rid, text, ids, params, extra_key=extra_key)
+        req = Request(rid, text, ids, params, extra_key=extra_key, stream=stream)
         for i in range(1, params.n):
             req.seqs.append(Sequence(f"{rid}#{i}", i, list(ids), len(ids)))
         for s in req.seqs:
@@ -234,7 +239,7 @@ class LLMEngine:
             for r in sched.preempted:
                 self.tracer.event("preempt", request=r.request_id, to=r.status.value)
             self.tracer.end_step(self.num_steps - 1, self._step_stats(sched))
-        return [self._output(r) for r in touched]
+        return [self._output(r) for r in touched if r.stream or r.finished]
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
         bm = self.block_manager

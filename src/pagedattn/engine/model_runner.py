@@ -15,6 +15,7 @@ from ..attention.metadata import AttentionMetadata, token_positions
 from ..cache.block_manager import BlockManager
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
+from .cuda_graphs import DecodeGraphs
 from .scheduler import SchedulerOutput
 
 
@@ -28,6 +29,16 @@ class ModelRunner:
         self.device = kv_pool.device
         self.block_size = kv_pool.spec.block_size
         self.kv_caches = [kv_pool.layer(i) for i in range(kv_pool.spec.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Record decode steps as CUDA graphs (needs a backend that supports capture)."""
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs():
+            return
+        width = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, max_batch, width, max_model_len,
+                                   self.device)
+        self.graphs.capture()
 
     def run_kv_ops(self, ops: list[tuple[str, list[tuple[int, int]]]]) -> None:
         for kind, pairs in ops:
@@ -46,12 +57,34 @@ class ModelRunner:
         self.run_kv_ops(sched.kv_ops)
         if sched.is_empty:
             return torch.empty(0)
+        if self.graphs is not None and all(s.num_new_tokens == 1 for s in sched.scheduled):
+            logits = self._execute_graph(sched)
+            if logits is not None:
+                return logits
         input_ids, positions, meta, sample_idx = self.prepare(sched)
         ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
         hidden = self.model(input_ids, positions, ctx)
         if sample_idx.numel() == 0:
             return torch.empty(0, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, sample_idx))
+
+    def _execute_graph(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        """A pure-decode step through the captured graphs (every sequence samples); None if
+        the batch does not fit the captured sizes."""
+        tokens, pos, slots, seq_lens, tables = [], [], [], [], []
+        bs = self.block_size
+        for s in sched.scheduled:
+            p = s.seq.num_computed_tokens
+            table = self.bm.block_table(s.seq.seq_id)
+            tokens.append(s.seq.token_ids[p])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            seq_lens.append(p + 1)
+            tables.append(table)
+        assert self.graphs is not None
+        if not self.graphs.can_run(len(tokens), max(map(len, tables))):
+            return None
+        return self.graphs.run(tokens, np.asarray(pos), np.asarray(slots), seq_lens, tables)
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         query_lens: list[int] = []

@@ -77,6 +77,7 @@ class Request:
     extra_key: object = None  # prefix-cache salt
     first_token_time: float | None = None
     num_preemptions: int = 0
+    stream: bool = True  # report partial outputs every step (False: only when finished)
 
     def __post_init__(self) -> None:
         if not self.seqs:

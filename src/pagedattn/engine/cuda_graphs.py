@@ -1,0 +1,114 @@
+"""CUDA graphs for decode steps.
+
+A decode step of a small model is dozens of short kernels per layer; launching them from
+Python costs more than running them.  We capture one graph per batch-size bucket (largest
+first, sharing one memory pool) over static input buffers, and replay the smallest bucket
+that fits, after copying the step's inputs into those buffers from pinned host memory.
+Padding rows store nothing (slot -1) and attend to nothing (seq_len 0).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..attention.backend import AttentionBackend
+from ..attention.metadata import AttentionMetadata
+from ..models.context import ForwardContext
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to ``max_batch`` (vLLM's ladder)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch: int, max_blocks_per_seq: int,
+                 max_seq_len: int, device: torch.device) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.device = device
+        self.buckets = batch_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.width = max_blocks_per_seq
+        self.max_seq_len = max_seq_len
+        mb, w = self.max_batch, max_blocks_per_seq
+        # Device-side static inputs (graphs read these addresses on every replay).
+        self.input_ids = torch.zeros(mb, dtype=torch.long, device=device)
+        self.positions = torch.zeros(mb, dtype=torch.long, device=device)
+        self.slots = torch.full((mb,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(mb, w, dtype=torch.int32, device=device)
+        self.qsl = torch.arange(mb + 1, dtype=torch.int32, device=device)
+        # Pinned host staging: one packed int64 row per field, copied with one transfer.
+        self._host = torch.zeros(4, mb, dtype=torch.long, pin_memory=True)
+        self._host_bt = torch.zeros(mb, w, dtype=torch.int32, pin_memory=True)
+        self._dev_packed = torch.zeros(4, mb, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:b], query_start_loc=self.qsl[: b + 1], seq_lens=self.seq_lens[:b],
+            block_tables=self.block_tables[:b], max_query_len=1, max_seq_len=self.max_seq_len, num_decodes=b,
+            query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_seq_len] * b,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        layer = self.model.model.layers[0].self_attn.spec
+        self.backend.prepare_graph_capture(self.max_batch, self.max_seq_len, layer, self.device)
+        torch.cuda.synchronize(self.device)
+        for b in reversed(self.buckets):
+            ctx = ForwardContext(self._meta(b), self.kv_caches, self.backend)
+            with self.backend.graph_capture(b):
+                # One eager run first: Triton compiles and autotunes outside the capture.
+                self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
+                torch.cuda.synchronize(self.device)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool):
+                    logits = self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
+            if self.pool is None:
+                self.pool = g.pool()
+            self.graphs[b] = g
+            self.logits[b] = logits
+        torch.cuda.synchronize(self.device)
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def can_run(self, n: int, max_blocks: int) -> bool:
+        return n <= self.max_batch and max_blocks <= self.width
+
+    def run(self, tokens: list[int], positions: np.ndarray, slots: np.ndarray, seq_lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """Replay the graph for ``n`` decodes; returns logits ``[n, V]`` (a view of graph memory,
+        valid until the next replay)."""
+        n = len(tokens)
+        b = next(x for x in self.buckets if x >= n)
+        host = self._host.numpy()
+        host[:, :b] = 0
+        host[0, :n] = tokens
+        host[1, :n] = positions
+        host[2, :b] = -1
+        host[2, :n] = slots
+        host[3, :n] = seq_lens
+        w = max(len(t) for t in tables)
+        bt = self._host_bt.numpy()
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = t
+        np.maximum(bt[:n, :w], 0, out=bt[:n, :w])  # window-released entries are never read
+        self._dev_packed[:, :b].copy_(self._host[:, :b], non_blocking=True)
+        self.input_ids[:b].copy_(self._dev_packed[0, :b])
+        self.positions[:b].copy_(self._dev_packed[1, :b])
+        self.slots[:b].copy_(self._dev_packed[2, :b])
+        self.seq_lens[:b].copy_(self._dev_packed[3, :b])
+        self.block_tables[:n, :w].copy_(self._host_bt[:n, :w], non_blocking=True)
+        self.graphs[b].replay()
+        return self.logits[b][:n]
