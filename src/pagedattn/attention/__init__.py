@@ -2,6 +2,7 @@
 
 from .backend import AttentionBackend, AttentionLayerSpec
 from .metadata import AttentionMetadata, token_positions
+from .selector import get_attention_backend
 from .torch_ref import TorchReferenceBackend, paged_attention_ref, store_kv_ref
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "AttentionLayerSpec",
     "AttentionMetadata",
     "TorchReferenceBackend",
+    "get_attention_backend",
     "paged_attention_ref",
     "store_kv_ref",
     "token_positions",

@@ -9,6 +9,7 @@ hooks let a GPU runner record a decode step once and replay it with fresh metada
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -52,5 +53,28 @@ class AttentionBackend(ABC):
         return self.attend(q, k_cache, v_cache, meta, layer)
 
     # ---- hooks for CUDA-graph capture (no-ops for backends that do not use graphs)
+    #
+    # Contract for a runner that captures decode steps:
+    # 1. Once, outside any capture: ``prepare_graph_capture(max_batch_size, max_seq_len, layer,
+    #    device)``; the backend allocates the buffers captured steps will use (e.g. split-KV
+    #    partials), sized for the largest bucket and shared by all layers and buckets.
+    # 2. Per batch-size bucket ``B``: capture the forward inside ``with graph_capture(B):``, with
+    #    metadata built on the runner's static tensors: decode-only (``num_decodes == num_seqs
+    #    == B``, ``query_start_loc = arange(B + 1)``) and a block table of fixed width.  Inside,
+    #    ``attend`` allocates nothing but its output and its launch configuration depends only
+    #    on ``B`` and the prepared ``max_seq_len``, never on the metadata's values.  Run the
+    #    step once inside the context before capturing it, so kernels are compiled and loaded.
+    # 3. Replay after writing the next step's values into the same metadata tensors in place.
+    #    Any ``seq_lens`` up to what the block-table width holds are valid.  Padding rows use
+    #    slot -1 (not stored) and seq_len 0 (their output is zeros).
+    # 4. Replays and eager steps must run in stream order: the prepared buffers are shared.
     def supports_cuda_graphs(self) -> bool:
         return False
+
+    def prepare_graph_capture(self, max_batch_size: int, max_seq_len: int,  # noqa: B027 - optional hook
+                              layer: AttentionLayerSpec, device: torch.device | str) -> None:
+        """Allocate what captured decode steps need (step 1 above); nothing by default."""
+
+    def graph_capture(self, batch_size: int) -> AbstractContextManager[None]:
+        """Context inside which a decode step of ``batch_size`` sequences is captured (step 2)."""
+        return nullcontext()

@@ -11,7 +11,8 @@ decode kernel on the first ``num_decodes`` sequences and a prefill/extend kernel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ class AttentionMetadata:
     # Host-side copies so the CPU reference path never synchronises with the device.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Derived per-step data a backend computes on the first layer and reuses in the others
+    # (gather indices, masks).  Owned by the backend; never read by the model.
+    scratch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -59,6 +63,10 @@ class AttentionMetadata:
         """
         if not (len(query_lens) == len(seq_lens) == len(block_tables)):
             raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+        if not query_lens:
+            raise ValueError("a batch needs at least one sequence")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         for ql, sl, bt in zip(query_lens, seq_lens, block_tables):
             if ql < 1 or sl < ql:
                 raise ValueError(f"need 1 <= query_len <= seq_len, got {ql=} {sl=}")

@@ -36,77 +36,97 @@ def paged_attention_ref(
     seq_lens: list[int],
     scale: float,
     sliding_window: int | None = None,
+    plan_cache: dict | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's new tokens over its paged context (causal).
 
     Sequence ``i``'s queries are the last ``query_lens[i]`` positions of its ``seq_lens[i]``
     tokens; their K/V must already be in the cache.  Returns ``[T, Hq, D]`` in ``q.dtype``.
+    ``plan_cache`` (e.g. ``AttentionMetadata.scratch``) lets the layers of one step share the
+    gather indices and masks, which depend only on the batch and the window.
     """
+    key = ("torch_ref_plan", sliding_window)
+    plans = plan_cache.get(key) if plan_cache is not None else None
+    if plans is None:
+        plans = _make_plans(block_tables, query_lens, seq_lens, k_cache.shape[1], sliding_window, q.device)
+        if plan_cache is not None:
+            plan_cache[key] = plans
     out = torch.empty_like(q)
-    start = 0
-    i = 0
-    b = len(query_lens)
-    # Contiguous runs of decodes vs. longer queries, each run batched.
+    for plan in plans:
+        out[plan.tok_start:plan.tok_end] = _attend_group(q[plan.tok_start:plan.tok_end], k_cache, v_cache, plan, scale)
+    return out
+
+
+class _GroupPlan:
+    """Everything about one group of sequences that is the same in every layer."""
+
+    def __init__(self, tok_start: int, block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int],
+                 block_size: int, window: int | None, device: torch.device) -> None:
+        bsz, max_q, max_ctx = len(query_lens), max(query_lens), max(seq_lens)
+        self.tok_start = tok_start
+        self.tok_end = tok_start + sum(query_lens)
+        self.bsz, self.max_q, self.max_ctx = bsz, max_q, max_ctx
+        ql = torch.tensor(query_lens, device=device)
+        sl = torch.tensor(seq_lens, device=device)
+        k_pos = torch.arange(max_ctx, device=device)
+        # Flat slot of every (sequence, context position): one gather reads K (or V) for all.
+        blocks = block_tables[:, : -(-max_ctx // block_size)].long()
+        self.slots = (blocks[:, k_pos // block_size] * block_size + k_pos % block_size)  # [B, ctx]
+        jq = torch.arange(max_q, device=device)
+        self.valid_q = jq[None, :] < ql[:, None]  # [B, max_q]
+        starts = torch.cumsum(ql, 0) - ql
+        self.tok_idx = (starts[:, None] + jq[None, :]).clamp(max=int(ql.sum()) - 1)  # [B, max_q]
+        q_pos = (sl - ql)[:, None, None] + jq[None, :, None]  # [B, max_q, 1]
+        mask = (k_pos <= q_pos) & (k_pos < sl[:, None, None])
+        if window is not None:
+            mask &= (q_pos - k_pos) < window
+        self.masked_out = ~mask[:, None, None]  # [B, 1, 1, max_q, ctx]: True where a score is dropped
+        # Slots past a sequence's end (and window-released blocks, which read block 0) hold
+        # whatever was there before: masked scores give them weight 0, but 0 * NaN is NaN, so
+        # those values must be cleared after the gather.
+        lowest = (sl - ql - window + 1).clamp(min=0) if window is not None else torch.zeros_like(sl)
+        readable = (k_pos[None, :] < sl[:, None]) & (k_pos[None, :] >= lowest[:, None])
+        self.unreadable = ~readable[:, :, None, None]  # [B, ctx, 1, 1]
+        per_q = bsz * max_ctx
+        self.chunk = max(1, _MAX_SCORE_ELEMS // max(per_q, 1))
+
+
+def _make_plans(block_tables, query_lens, seq_lens, block_size, window, device) -> list[_GroupPlan]:
+    """Split the batch into runs of decodes vs. longer queries so short queries are not padded
+    to long ones; one plan per run."""
+    plans = []
+    i, tok, b = 0, 0, len(query_lens)
     while i < b:
         j = i
         is_decode = query_lens[i] == 1
         while j < b and (query_lens[j] == 1) == is_decode:
             j += 1
-        n_tok = sum(query_lens[i:j])
-        out[start:start + n_tok] = _attend_group(
-            q[start:start + n_tok], k_cache, v_cache, block_tables[i:j], query_lens[i:j], seq_lens[i:j],
-            scale, sliding_window,
-        )
-        start += n_tok
+        plans.append(_GroupPlan(tok, block_tables[i:j], query_lens[i:j], seq_lens[i:j], block_size, window, device))
+        tok = plans[-1].tok_end
         i = j
-    return out
+    return plans
 
 
-def _attend_group(q, k_cache, v_cache, block_tables, query_lens, seq_lens, scale, window):
-    device = q.device
-    _, bs, hkv, d = k_cache.shape
+def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _GroupPlan,
+                  scale: float) -> torch.Tensor:
+    _, _, hkv, d = k_cache.shape
     hq = q.shape[1]
     g = hq // hkv
-    bsz = len(query_lens)
-    max_q = max(query_lens)
-    max_ctx = max(seq_lens)
-    n_blk = -(-max_ctx // bs)
-    # Gather K/V through the page table: [B, n_blk, bs, Hkv, D] -> [B, ctx, Hkv, D].
-    bt = block_tables[:, :n_blk].long()
-    keys = k_cache[bt].reshape(bsz, n_blk * bs, hkv, d)[:, :max_ctx].float()
-    vals = v_cache[bt].reshape(bsz, n_blk * bs, hkv, d)[:, :max_ctx].float()
-
-    ql = torch.tensor(query_lens, device=device)
-    sl = torch.tensor(seq_lens, device=device)
-    starts = torch.cumsum(ql, 0) - ql
-    jq = torch.arange(max_q, device=device)
-    valid_q = jq[None, :] < ql[:, None]  # [B, max_q]
-    tok_idx = (starts[:, None] + jq[None, :]).clamp(max=q.shape[0] - 1)
-    q_pad = q[tok_idx].float().view(bsz, max_q, hkv, g, d)  # [B, max_q, Hkv, G, D]
-    q_pos = (sl - ql)[:, None] + jq[None, :]  # [B, max_q]
-    k_pos = torch.arange(max_ctx, device=device)
-    # Slots past a sequence's end (and window-released blocks, which read block 0) hold
-    # whatever was there before: masked scores give them weight 0, but 0 * NaN is NaN, so the
-    # values themselves must be cleared.
-    lowest = (sl - ql - window + 1).clamp(min=0) if window is not None else torch.zeros_like(sl)
-    readable = (k_pos[None, :] < sl[:, None]) & (k_pos[None, :] >= lowest[:, None])  # [B, ctx]
-    vals = torch.where(readable[:, :, None, None], vals, 0.0)
-
-    out = torch.empty(bsz, max_q, hkv, g, d, dtype=torch.float32, device=device)
-    per_q = bsz * hq * max_ctx
-    chunk = max(1, _MAX_SCORE_ELEMS // max(per_q, 1))
+    bsz, max_q = plan.bsz, plan.max_q
+    keys = k_cache.view(-1, hkv, d)[plan.slots].float()  # [B, ctx, Hkv, D]
+    vals = v_cache.view(-1, hkv, d)[plan.slots].float()
+    vals.masked_fill_(plan.unreadable, 0.0)
+    q_pad = q[plan.tok_idx].float().view(bsz, max_q, hkv, g, d)  # [B, max_q, Hkv, G, D]
+    out = torch.empty(bsz, max_q, hkv, g, d, dtype=torch.float32, device=q.device)
+    chunk = max(1, plan.chunk // hq)
     for c0 in range(0, max_q, chunk):
         c1 = min(max_q, c0 + chunk)
         s = torch.einsum("bqhgd,bkhd->bhgqk", q_pad[:, c0:c1], keys) * scale
-        qp = q_pos[:, c0:c1, None]  # [B, C, 1]
-        mask = (k_pos[None, None, :] <= qp) & (k_pos[None, None, :] < sl[:, None, None])
-        if window is not None:
-            mask &= (qp - k_pos[None, None, :]) < window
-        s.masked_fill_(~mask[:, None, None], float("-inf"))
+        s.masked_fill_(plan.masked_out[:, :, :, c0:c1], float("-inf"))
         p = torch.softmax(s, dim=-1)
-        p = torch.nan_to_num(p, nan=0.0)  # padded query rows are fully masked
+        p = torch.nan_to_num_(p, nan=0.0)  # padded query rows are fully masked
         out[:, c0:c1] = torch.einsum("bhgqk,bkhd->bqhgd", p, vals)
-    return out.view(bsz, max_q, hq, d)[valid_q].to(q.dtype)
+    return out.view(bsz, max_q, hq, d)[plan.valid_q].to(q.dtype)
 
 
 class TorchReferenceBackend(AttentionBackend):
@@ -120,5 +140,5 @@ class TorchReferenceBackend(AttentionBackend):
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, layer: AttentionLayerSpec) -> torch.Tensor:
         return paged_attention_ref(
             q, k_cache, v_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu,
-            layer.scale, layer.sliding_window,
+            layer.scale, layer.sliding_window, plan_cache=meta.scratch,
         )

@@ -1,0 +1,328 @@
+"""Architecture description of a Llama-family causal LM, parsed from a HF ``config.json``.
+
+``config.json`` files in the wild come from two generations of ``transformers``:
+
+* 4.x writes ``rope_theta`` at the top level and RoPE scaling as ``rope_scaling``
+  (``{"type"|"rope_type": ..., "factor": ...}``) and the weight dtype as ``torch_dtype``;
+* 5.x writes one ``rope_parameters`` dict (``rope_theta``, ``rope_type``, ``factor``, ...) and
+  ``dtype``.
+
+:meth:`ModelArchConfig.from_hf_config` accepts both and applies the same defaults as the
+``transformers`` config classes, so a config means the same model here as in the oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+# ``model_type`` -> architecture, for configs that lack an ``architectures`` list.
+_MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# Defaults of the transformers config classes for keys a config.json may omit.
+_MAX_POSITION_DEFAULTS: dict[str, int] = {
+    "LlamaForCausalLM": 2048,
+    "MistralForCausalLM": 4096 * 32,
+    "Qwen2ForCausalLM": 32768,
+    "Qwen3ForCausalLM": 32768,
+}
+_RMS_EPS_DEFAULT = 1e-6
+_ROPE_THETA_DEFAULT = 10_000.0
+_MISTRAL_WINDOW_DEFAULT = 4096  # MistralConfig.sliding_window when the key is absent
+_QWEN_MAX_WINDOW_LAYERS_DEFAULT = 28
+_QWEN3_HEAD_DIM_DEFAULT = 128  # Qwen3Config.head_dim is independent of hidden/heads
+
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn")
+# Keys each scaled RoPE type needs (after defaults are applied).
+_ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+# RoPE types whose pretraining length defaults to max_position_embeddings (as in transformers).
+_ROPE_NEEDS_ORIGINAL_LEN = ("llama3", "yarn")
+
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+@dataclass(frozen=True)
+class ModelArchConfig:
+    """Everything the model code needs to know about an architecture, validated on construction."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = _RMS_EPS_DEFAULT
+    rope_theta: float = _ROPE_THETA_DEFAULT
+    # None for plain RoPE, else a normalised dict with "rope_type" and that type's parameters.
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias
+    o_proj_bias: bool = False  # the output projection carries a bias (Llama/Qwen3 attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3)
+    # Per layer: None (full attention) or the window (a query at p sees keys p-window+1 .. p).
+    layer_sliding_windows: list[int | None] = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None  # the checkpoint's dtype, if the config names one
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.layer_sliding_windows:
+            object.__setattr__(self, "layer_sliding_windows", [None] * self.num_layers)
+        if len(self.layer_sliding_windows) != self.num_layers:
+            raise ValueError(
+                f"layer_sliding_windows has {len(self.layer_sliding_windows)} entries, expected num_layers="
+                f"{self.num_layers}"
+            )
+        for w in self.layer_sliding_windows:
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                raise ValueError(f"layer_sliding_windows entries must be None or a positive int, got {w!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+        for t in self.eos_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}")
+        if self.dtype is not None and not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating type, got {self.dtype}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def rope_type(self) -> str:
+        return "default" if self.rope_scaling is None else str(self.rope_scaling["rope_type"])
+
+    @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window shared by *every* layer, else None.
+
+        A KV cache may only drop blocks that fell out of the window when no layer needs them,
+        i.e. when all layers slide with the same window.
+        """
+        windows = set(self.layer_sliding_windows)
+        if len(windows) == 1:
+            return next(iter(windows))
+        return None
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_hf_config(cls, d: Mapping[str, Any]) -> ModelArchConfig:
+        """Parse a ``config.json`` dict written by transformers 4.x or 5.x."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"config must be a dict, got {type(d).__name__}")
+        arch = _architecture(d)
+        for key in _REQUIRED_KEYS:
+            if d.get(key) is None:
+                raise ValueError(f"config.json is missing required key {key!r}")
+        num_layers = d["num_hidden_layers"]
+        num_heads = d["num_attention_heads"]
+        max_pos = d.get("max_position_embeddings", _MAX_POSITION_DEFAULTS[arch])
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+        rope_theta, rope_scaling = _parse_rope(d, max_pos)
+        qkv_bias, o_bias = _attention_biases(arch, d)
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=d.get("num_key_value_heads") or num_heads,
+            head_dim=_head_dim(arch, d),
+            rms_norm_eps=float(d.get("rms_norm_eps", _RMS_EPS_DEFAULT)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=qkv_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=arch == "LlamaForCausalLM" and bool(d.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            layer_sliding_windows=_layer_windows(arch, d, num_layers),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=parse_token_ids(d.get("eos_token_id")),
+            dtype=_parse_dtype(d.get("dtype") or d.get("torch_dtype")),
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _architecture(d: Mapping[str, Any]) -> str:
+    archs = d.get("architectures")
+    if archs:
+        if isinstance(archs, str):
+            archs = [archs]
+        arch = archs[0]
+    elif d.get("model_type") in _MODEL_TYPES:
+        arch = _MODEL_TYPES[d["model_type"]]
+    else:
+        raise ValueError(
+            "config.json is missing required key 'architectures' (and has no known 'model_type'); "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _head_dim(arch: str, d: Mapping[str, Any]) -> int:
+    hd = d.get("head_dim")
+    if hd is not None:
+        return hd
+    if arch == "Qwen3ForCausalLM":
+        return _QWEN3_HEAD_DIM_DEFAULT
+    hidden, heads = d["hidden_size"], d["num_attention_heads"]
+    if hidden % heads:
+        raise ValueError(f"hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) and no head_dim")
+    return hidden // heads
+
+
+def _attention_biases(arch: str, d: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias) as the transformers modeling code builds them."""
+    if arch == "Qwen2ForCausalLM":
+        return True, False  # Qwen2 always has q/k/v biases, never an o_proj bias
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        b = bool(d.get("attention_bias", False))
+        return b, b
+    return False, False
+
+
+def _layer_windows(arch: str, d: Mapping[str, Any], num_layers: int) -> list[int | None]:
+    if arch == "MistralForCausalLM":
+        window = d.get("sliding_window", _MISTRAL_WINDOW_DEFAULT)
+        return [window] * num_layers
+    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        return [None] * num_layers
+    window = d.get("sliding_window")
+    if not d.get("use_sliding_window", False) or window is None:
+        return [None] * num_layers
+    layer_types = d.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries, expected num_hidden_layers={num_layers}")
+        bad = set(layer_types) - {"sliding_attention", "full_attention"}
+        if bad:
+            raise ValueError(f"layer_types has unsupported entries {sorted(bad)}")
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    first = d.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS_DEFAULT)
+    return [window if i >= first else None for i in range(num_layers)]
+
+
+def _parse_rope(d: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, normalised scaling dict or None) from either config generation."""
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"rope_parameters/rope_scaling must be a dict, got {params!r}")
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported for this architecture")
+    theta = float(params.get("rope_theta", d.get("rope_theta", _ROPE_THETA_DEFAULT)))
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor {partial!r} is not supported (only 1.0)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "rope_type", "partial_rotary_factor")}
+    scaling["rope_type"] = rope_type
+    if rope_type in _ROPE_NEEDS_ORIGINAL_LEN:
+        # transformers gives a top-level original_max_position_embeddings priority (Phi-3 style),
+        # else defaults it to max_position_embeddings.
+        top = d.get("original_max_position_embeddings")
+        if top is not None:
+            scaling["original_max_position_embeddings"] = top
+        scaling.setdefault("original_max_position_embeddings", max_pos)
+    if rope_type == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
+    _check_rope_scaling(scaling)
+    return theta, scaling
+
+
+def _check_rope_scaling(scaling: Mapping[str, Any]) -> None:
+    rope_type = scaling.get("rope_type")
+    if rope_type not in SUPPORTED_ROPE_TYPES or rope_type == "default":
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    for key in _ROPE_REQUIRED[rope_type]:
+        if scaling.get(key) is None:
+            raise ValueError(f"rope scaling of type {rope_type!r} is missing required key {key!r}")
+    factor = scaling["factor"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"rope scaling factor must be a positive number, got {factor!r}")
+
+
+def parse_token_ids(v: int | Sequence[int] | None) -> tuple[int, ...]:
+    """A config's ``eos_token_id`` (None, one id or a list) as a tuple of ids."""
+    if v is None:
+        return ()
+    if isinstance(v, int):
+        return (v,)
+    return tuple(v)
+
+
+def _parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"config dtype {name!r} is not a torch floating dtype")
+    return dt

@@ -1,0 +1,172 @@
+"""Resolve a model reference to a HF-style folder and load it into our model classes.
+
+A reference is ``None`` (the embedded default model), a folder with ``config.json`` and
+``*.safetensors`` weights (one file, or shards listed in ``model.safetensors.index.json``), or a
+``.gguf`` file (converted once into a cached folder, see :mod:`.gguf`).  Weights are streamed
+tensor by tensor from the safetensors files straight into the parameters in the target dtype.
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import ModelArchConfig, parse_token_ids
+from .gguf import convert_gguf, default_gguf_path
+from .llama import LlamaForCausalLM
+from .registry import build_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Any of these makes a folder loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+# generation_config.json keys passed on as request defaults.
+GENERATION_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "do_sample",
+    "max_new_tokens",
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from and what the engine needs besides its weights."""
+
+    model_dir: Path  # the HF-style folder the weights were read from
+    config: ModelArchConfig
+    hf_config: dict[str, Any]  # config.json as written
+    weight_files: tuple[Path, ...]
+    tokenizer_path: Path | None  # None: the folder has no tokenizer; prompts must be token ids
+    eos_token_ids: tuple[int, ...]  # stop ids (generation_config.json first, else config.json)
+    bos_token_id: int | None
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    gguf_file: Path | None = None  # the original .gguf when model_dir is its conversion
+
+
+def resolve_model_source(model: str | Path | None) -> ModelSource:
+    """Locate and validate everything for ``model`` without loading weights."""
+    gguf_file: Path | None = None
+    if model is None:
+        gguf_file = default_gguf_path()
+        folder = convert_gguf(gguf_file)
+    else:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model path does not exist: {path} (expected a HF model folder or a .gguf file)")
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ValueError(f"model file {path} is not a .gguf file; pass a HF model folder or a .gguf file")
+            gguf_file = path.resolve()
+            folder = convert_gguf(gguf_file)
+        else:
+            folder = path.resolve()
+    hf_config = _read_json(folder / "config.json", "config.json")
+    config = ModelArchConfig.from_hf_config(hf_config)
+    weight_files = find_weight_files(folder)
+    gen = _read_generation_config(folder)
+    eos = parse_token_ids(gen.get("eos_token_id")) or config.eos_token_ids
+    bos = gen.get("bos_token_id", config.bos_token_id)
+    tokenizer_path = folder if any((folder / f).is_file() for f in TOKENIZER_FILES) else None
+    return ModelSource(
+        model_dir=folder,
+        config=config,
+        hf_config=hf_config,
+        weight_files=weight_files,
+        tokenizer_path=tokenizer_path,
+        eos_token_ids=eos,
+        bos_token_id=bos,
+        generation_defaults={k: gen[k] for k in GENERATION_KEYS if k in gen},
+        gguf_file=gguf_file,
+    )
+
+
+def find_weight_files(folder: Path) -> tuple[Path, ...]:
+    """The safetensors files of a folder: the shards of the index if there is one, else every
+    ``*.safetensors``."""
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = _read_json(index, WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map'")
+        files = tuple(folder / name for name in sorted(set(weight_map.values())))
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"weight shards listed in {index} are missing: {', '.join(missing)}")
+        return files
+    files = tuple(sorted(folder.glob("*.safetensors")))
+    if not files:
+        other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (found {', '.join(other)}: only safetensors weights are supported)" if other else ""
+        raise FileNotFoundError(f"no weight files (*.safetensors) in {folder}{hint}")
+    return files
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one tensor at a time (memory-mapped, CPU, stored dtype)."""
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    model: str | Path | None, dtype: torch.dtype, device: torch.device | str
+) -> tuple[LlamaForCausalLM, ModelSource]:
+    """Build the model for ``model`` (see :func:`resolve_model_source`) on ``device`` in ``dtype``
+    and stream its weights in.  Returns the model (eval mode) and its :class:`ModelSource`."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a torch floating dtype, got {dtype!r}")
+    source = resolve_model_source(model)
+    t0 = time.perf_counter()
+    net = build_model(source.config, dtype, device)
+    try:
+        net.load_weights(iter_safetensors(source.weight_files))
+    except ValueError as e:
+        raise ValueError(f"{source.model_dir}: {e}") from None
+    logger.info("loaded %s (%s) in %.2f s", source.model_dir, source.config.architecture, time.perf_counter() - t0)
+    return net, source
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase | None:
+    """The folder's tokenizer via ``AutoTokenizer`` (local files only), or None if it has none."""
+    if source.tokenizer_path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source.tokenizer_path), local_files_only=True)
+
+
+# ---------------------------------------------------------------------- helpers
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} in {path.parent}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def _read_generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    return _read_json(path, "generation_config.json") if path.is_file() else {}

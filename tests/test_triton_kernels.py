@@ -1,0 +1,442 @@
+"""Triton attention kernels against the torch reference.
+
+Without CUDA the kernels run under the Triton interpreter on small shapes; with CUDA the same
+tests run at full size, plus the ``gpu``-marked long-context and CUDA-graph tests.
+
+Inputs: shuffled physical block ids, ragged lengths around the page size, GQA ratios 1-8,
+sliding windows, poisoned (NaN) outputs and NaN in every cache slot no kernel may read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+def _triton_loaded_for_gpu() -> bool:
+    """True if something (e.g. ``torch._dynamo``, which transformers imports) loaded triton
+    before TRITON_INTERPRET was set: its library functions are then compiled-mode only, and
+    the interpreter needs a fresh process."""
+    if "triton" not in sys.modules:
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(tl.cdiv, InterpretedFunction)
+
+
+NEEDS_FRESH_PROCESS = not CUDA and _triton_loaded_for_gpu()
+if not CUDA:
+    # Must be set before triton (and our kernels) are first imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from pagedattn.attention import (  # noqa: E402
+    AttentionLayerSpec,
+    AttentionMetadata,
+    TorchReferenceBackend,
+    paged_attention_ref,
+    store_kv_ref,
+)
+from pagedattn.attention import triton_ops as ops  # noqa: E402
+from pagedattn.attention.selector import get_attention_backend  # noqa: E402
+from pagedattn.attention.triton_backend import TritonBackend  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+@dataclass(frozen=True)
+class Size:
+    head_dim: int
+    num_kv_heads: int
+    long_ctx: int  # the longest context in the ragged batches
+    long_query: int  # the longest prefill chunk
+
+
+# The interpreter executes programs one by one in Python: keep grids and loops tiny there.
+SIZE = Size(128, 4, long_ctx=700, long_query=300) if CUDA else Size(32, 2, long_ctx=45, long_query=20)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Small tiles under the interpreter so multi-tile and multi-page loops are exercised cheaply.
+EXT_CFG = None if CUDA else ops.ExtendConfig(block_m=16, block_n=16)
+DEC_CFG = None if CUDA else ops.DecodeConfig(block_n=16)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_available(request: pytest.FixtureRequest) -> None:
+    if NEEDS_FRESH_PROCESS and request.node.originalname != "test_kernels_in_fresh_interpreter_process":
+        pytest.skip("triton was loaded before TRITON_INTERPRET was set: run by the fresh-process test")
+
+
+def test_kernels_in_fresh_interpreter_process() -> None:
+    """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
+    if not NEEDS_FRESH_PROCESS:
+        pytest.skip("kernels run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    return {torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+            torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+            torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}[dtype]
+
+
+def _gen(*key: object) -> torch.Generator:
+    """A generator seeded from the test's parameters: fresh inputs per case, reproducible."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(hash(repr(key)) % (2**31))
+    return g
+
+
+def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
+
+
+def _ragged_lens(block_size: int, long_ctx: int) -> list[int]:
+    """Context lengths around page boundaries: 1, bs-1, bs, bs+1, a few pages, long."""
+    lens = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5, long_ctx]
+    return list(dict.fromkeys(n for n in lens if n >= 1))
+
+
+@dataclass
+class PagedBatch:
+    meta: AttentionMetadata
+    k_cache: torch.Tensor  # NaN wherever no kernel may read
+    v_cache: torch.Tensor
+    block_size: int
+
+    def clean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caches with the poison zeroed: what the reference (which reads whole pages) sees."""
+        return torch.nan_to_num(self.k_cache, nan=0.0), torch.nan_to_num(self.v_cache, nan=0.0)
+
+
+def _paged_batch(g: torch.Generator, query_lens: list[int], seq_lens: list[int], block_size: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, window: int | None = None,
+                 cached_upto: list[int] | None = None) -> PagedBatch:
+    """Shuffled pages holding random K/V at positions ``[lo, cached_upto[i])`` of each sequence.
+
+    ``lo`` is the first position any of the sequence's queries can see (its window start);
+    everything else (earlier positions, page tails, unused blocks) is NaN.
+    """
+    n_blocks = [-(-s // block_size) for s in seq_lens]
+    total = sum(n_blocks) + 3  # spare blocks stay NaN
+    perm = torch.randperm(total, generator=g).tolist()
+    tables, i = [], 0
+    for n in n_blocks:
+        tables.append(perm[i:i + n])
+        i += n
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device=DEVICE)
+    shape = (total, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    upto = cached_upto if cached_upto is not None else seq_lens
+    for ql, sl, bt, hi in zip(query_lens, seq_lens, tables, upto, strict=True):
+        lo = max(0, sl - ql - window + 1) if window is not None else 0
+        pos = torch.arange(lo, hi)
+        if len(pos) == 0:
+            continue
+        slots = (torch.tensor(bt)[pos // block_size] * block_size + pos % block_size).to(DEVICE)
+        kv = _randn(g, 2, len(pos), num_kv_heads, head_dim, dtype=dtype)
+        store_kv_ref(kv[0], kv[1], k_cache, v_cache, slots)
+    return PagedBatch(meta, k_cache, v_cache, block_size)
+
+
+def _reference(q: torch.Tensor, batch: PagedBatch, layer: AttentionLayerSpec) -> torch.Tensor:
+    k, v = batch.clean()
+    return paged_attention_ref(q, k, v, batch.meta.block_tables, batch.meta.query_lens_cpu,
+                               batch.meta.seq_lens_cpu, layer.scale, layer.sliding_window)
+
+
+def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert not out.isnan().any(), "output has NaN: an element was never written or poison was read"
+    torch.testing.assert_close(out.float(), ref.float(), **_tol(out.dtype))
+
+
+# --------------------------------------------------------------------------- store
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_scatters_and_skips_padding(block_size: int, dtype: torch.dtype) -> None:
+    g = _gen("store", block_size, dtype)
+    h, d, n_blocks, t = SIZE.num_kv_heads, SIZE.head_dim, 13, 9
+    k_cache = _randn(g, n_blocks, block_size, h, d, dtype=dtype)
+    v_cache = _randn(g, n_blocks, block_size, h, d, dtype=dtype)
+    slots = torch.randperm(n_blocks * block_size, generator=g)[:t]
+    slots[[1, 5]] = -1  # CUDA-graph padding
+    # k/v as strided views of a fused projection, as a model produces them.
+    fused = _randn(g, t, 3 * h, d, dtype=dtype)
+    k, v = fused[:, h:2 * h], fused[:, 2 * h:]
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    store_kv_ref(k[keep.to(DEVICE)], v[keep.to(DEVICE)], want_k, want_v, slots[keep].to(DEVICE))
+
+    ops.store_kv(k, v, k_cache, v_cache, slots.to(DEVICE))
+    assert torch.equal(k_cache, want_k)
+    assert torch.equal(v_cache, want_v)
+
+
+# --------------------------------------------------------------------------- decode
+
+# (block_size, gqa) covers every pair; window, dtype and split count rotate across them.
+_DECODE_CASES = [
+    (bs, gqa, [None, 7][i % 2], DTYPES[i % 3], [1, 3][(i // 2) % 2])
+    for i, (bs, gqa) in enumerate(itertools.product([1, 2, 8, 16], [1, 2, 4, 8]))
+]
+
+
+@pytest.mark.parametrize(("block_size", "gqa", "window", "dtype", "splits"), _DECODE_CASES)
+def test_decode_matches_reference(block_size: int, gqa: int, window: int | None, dtype: torch.dtype,
+                                  splits: int) -> None:
+    g = _gen("decode", block_size, gqa, window, dtype, splits)
+    hkv, d = SIZE.num_kv_heads, SIZE.head_dim
+    seq_lens = _ragged_lens(block_size, SIZE.long_ctx)
+    b = len(seq_lens)
+    batch = _paged_batch(g, [1] * b, seq_lens, block_size, hkv, d, dtype, window)
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
+    q = _randn(g, b, hkv * gqa, d, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+
+    ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, batch.meta.seq_lens,
+                         layer.scale, window, out, splits, config=DEC_CFG)
+    _assert_matches(out, _reference(q, batch, layer))
+
+
+@pytest.mark.parametrize("splits", [2, 5, 16])
+def test_decode_split_counts_agree(splits: int) -> None:
+    """More splits than tiles leaves splits empty: the merge must ignore them."""
+    g = _gen("splits", splits)
+    hkv, d, gqa, dtype = SIZE.num_kv_heads, SIZE.head_dim, 4, torch.float32
+    seq_lens = [3, SIZE.long_ctx, 17]
+    batch = _paged_batch(g, [1] * 3, seq_lens, 4, hkv, d, dtype)
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, 0.3)
+    q = _randn(g, 3, hkv * gqa, d, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, batch.meta.seq_lens,
+                         layer.scale, None, out, splits, config=DEC_CFG)
+    _assert_matches(out, _reference(q, batch, layer))
+
+
+def test_decode_zero_length_padding_rows_are_zero() -> None:
+    g = _gen("pad")
+    hkv, d = SIZE.num_kv_heads, SIZE.head_dim
+    batch = _paged_batch(g, [1, 1], [5, 9], 4, hkv, d, torch.float32)
+    seq_lens = batch.meta.seq_lens.clone()
+    seq_lens[1] = 0  # a padded row of a CUDA-graph batch
+    q = _randn(g, 2, hkv * 2, d, dtype=torch.float32)
+    for splits in (1, 3):
+        out = torch.full_like(q, float("nan"))
+        ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, seq_lens, 0.2, None,
+                             out, splits, config=DEC_CFG)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert not out[0].isnan().any()
+
+
+# --------------------------------------------------------------------------- extend
+
+
+def _extend_shapes(block_size: int) -> tuple[list[int], list[int]]:
+    """(query_lens, seq_lens) with cached prefixes 0, 1, bs-1, bs, bs+1 and long; chunks of 1 and up."""
+    bs = block_size
+    pairs = [(0, 7), (0, 1), (1, 3), (bs - 1, 2), (bs, 5), (bs + 1, 19), (3, 1),
+             (SIZE.long_ctx, SIZE.long_query)]
+    return [q for _, q in pairs], [c + q for c, q in pairs]
+
+
+# Every (block_size, gqa) pair; window and dtype rotate across them.
+_EXTEND_CASES = [
+    (bs, gqa, [None, 6][(i + i // 4) % 2], DTYPES[i % 3])
+    for i, (bs, gqa) in enumerate(itertools.product([1, 4, 16], [1, 2, 4, 8]))
+]
+
+
+@pytest.mark.parametrize(("block_size", "gqa", "window", "dtype"), _EXTEND_CASES)
+def test_extend_matches_reference(block_size: int, gqa: int, window: int | None, dtype: torch.dtype) -> None:
+    g = _gen("extend", block_size, gqa, window, dtype)
+    # The extend grid has a program per query head: one KV head keeps the interpreter quick.
+    hkv, d = (SIZE.num_kv_heads if CUDA else 1), SIZE.head_dim
+    query_lens, seq_lens = _extend_shapes(block_size)
+    batch = _paged_batch(g, query_lens, seq_lens, block_size, hkv, d, dtype, window)
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
+    q = _randn(g, sum(query_lens), hkv * gqa, d, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    m = batch.meta
+    ops.extend_attention(q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
+                         layer.scale, window, out, seq_offset=0, num_seqs=m.num_seqs,
+                         max_query_len=m.max_query_len, config=EXT_CFG)
+    _assert_matches(out, _reference(q, batch, layer))
+
+
+# --------------------------------------------------------------------------- backend
+
+
+@pytest.mark.parametrize(("block_size", "window", "dtype"),
+                         [(1, None, torch.float32), (4, 5, torch.float16), (16, None, torch.bfloat16),
+                          (16, 9, torch.float32)])
+def test_backend_forward_mixed_batch_matches_reference(block_size: int, window: int | None,
+                                                       dtype: torch.dtype) -> None:
+    """Decodes then prefill / extend chunks, K/V stored by the backend, default launch configs."""
+    g = _gen("forward", block_size, window, dtype)
+    hkv, d, gqa = SIZE.num_kv_heads, SIZE.head_dim, 4
+    query_lens = [1, 1, 1, 9, 3, 1]
+    seq_lens = [1, block_size + 1, SIZE.long_ctx, 9, block_size + 4, 6]
+    cached = [s - q for q, s in zip(query_lens, seq_lens, strict=True)]
+    batch = _paged_batch(g, query_lens, seq_lens, block_size, hkv, d, dtype, window, cached_upto=cached)
+    assert batch.meta.num_decodes == 3
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
+    t = sum(query_lens)
+    q = _randn(g, t, hkv * gqa, d, dtype=dtype)
+    k, v = _randn(g, 2, t, hkv, d, dtype=dtype)
+
+    ref_k, ref_v = batch.clean()
+    ref = TorchReferenceBackend().forward(q, k, v, ref_k, ref_v, batch.meta, layer)
+    out = TritonBackend().forward(q, k, v, batch.k_cache, batch.v_cache, batch.meta, layer)
+    _assert_matches(out, ref)
+    k_now, v_now = batch.clean()
+    assert torch.equal(k_now, ref_k) and torch.equal(v_now, ref_v)
+
+
+def test_backend_graph_mode_uses_fixed_splits_and_workspace() -> None:
+    """Inside graph_capture the launch depends only on the bucket, not on the metadata."""
+    g = _gen("graph-mode")
+    hkv, d = SIZE.num_kv_heads, SIZE.head_dim
+    layer = AttentionLayerSpec(hkv * 2, hkv, d, 0.25)
+    batch = _paged_batch(g, [1] * 3, [2, SIZE.long_ctx, 9], 4, hkv, d, torch.float32)
+    q = _randn(g, 3, hkv * 2, d, dtype=torch.float32)
+    backend = TritonBackend()
+    backend.prepare_graph_capture(max_batch_size=8, max_seq_len=4096, layer=layer, device=DEVICE)
+    with backend.graph_capture(3):
+        out = backend.attend(q, batch.k_cache, batch.v_cache, batch.meta, layer)
+        with pytest.raises(ValueError, match="num_decodes"):
+            mixed = _paged_batch(g, [1, 2], [3, 4], 4, hkv, d, torch.float32)
+            backend.attend(_randn(g, 3, hkv * 2, d, dtype=torch.float32), mixed.k_cache, mixed.v_cache,
+                           mixed.meta, layer)
+    _assert_matches(out, _reference(q, batch, layer))
+    with pytest.raises(ValueError, match="batch_size"):
+        backend.graph_capture(9).__enter__()
+
+
+def test_backend_rejects_bad_input() -> None:
+    g = _gen("bad")
+    hkv, d = SIZE.num_kv_heads, SIZE.head_dim
+    batch = _paged_batch(g, [1, 2], [3, 4], 4, hkv, d, torch.float32)
+    layer = AttentionLayerSpec(hkv * 2, hkv, d, 0.25)
+    backend = TritonBackend()
+    q = _randn(g, 3, hkv * 2, d, dtype=torch.float32)
+    with pytest.raises(ValueError, match="q must be"):
+        backend.attend(q[:2], batch.k_cache, batch.v_cache, batch.meta, layer)
+    with pytest.raises(ValueError, match="v_cache"):
+        backend.attend(q, batch.k_cache, batch.v_cache.half(), batch.meta, layer)
+    with pytest.raises(ValueError, match="k/v must be"):
+        backend.store_kv(q, q, batch.k_cache, batch.v_cache, batch.meta)
+    odd = torch.zeros(4, 3, hkv, d, device=DEVICE)
+    with pytest.raises(ValueError, match="block_size"):
+        backend.attend(q, odd, odd, batch.meta, layer)
+    with pytest.raises(ValueError, match="decode_splits"):
+        TritonBackend(decode_splits=0)
+
+
+def test_choose_num_splits() -> None:
+    sms = 132
+    # Batches that fill the GPU alone are not split; small batches with long contexts are,
+    # by a power of two (no part-filled last wave).
+    assert ops.choose_num_splits(256, 8, 1024, sms) == 1
+    assert ops.choose_num_splits(64, 8, 4096, sms) == 1
+    assert ops.choose_num_splits(32, 8, 16384, sms) == 4
+    # Never chunks shorter than MIN_TOKENS_PER_SPLIT, never more than MAX_SPLITS.
+    assert ops.choose_num_splits(1, 1, 300, sms) == 1
+    assert ops.choose_num_splits(1, 1, 10**7, sms) == ops.decode.MAX_SPLITS
+    # Non-increasing in the batch: a graph workspace sized for batch 1 fits every bucket.
+    counts = [ops.choose_num_splits(b, 8, 8192, sms) for b in range(1, 300)]
+    assert all(a >= b for a, b in itertools.pairwise(counts))
+
+
+def test_selector(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    assert get_attention_backend("cpu").name == "torch"
+    assert get_attention_backend("cpu", "triton").name == "triton"
+    assert get_attention_backend("cuda", "torch").name == "torch"
+    with pytest.raises(ValueError, match="name"):
+        get_attention_backend("cpu", "flash")
+    # CUDA without a working triton: warn and fall back; forcing it is an error.
+    monkeypatch.setitem(sys.modules, "pagedattn.attention.triton_backend", None)
+    with caplog.at_level("WARNING"):
+        assert get_attention_backend("cuda").name == "torch"
+    assert "triton is unavailable" in caplog.text
+    with pytest.raises(ImportError, match="triton"):
+        get_attention_backend("cuda", "triton")
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("gqa", "window", "dtype"),
+                         [(2, None, torch.bfloat16), (8, None, torch.float16), (4, 1000, torch.bfloat16),
+                          (1, None, torch.float32)])
+def test_gpu_long_context_decode_and_extend(gqa: int, window: int | None, dtype: torch.dtype) -> None:
+    """Real sizes: head_dim 128, pages of 16, contexts to 5000 (automatic split counts)."""
+    g = _gen("gpu-long", gqa, window, dtype)
+    hkv, d, bs = 8, 128, 16
+    query_lens = [1] * 6 + [300, 1, 77]
+    seq_lens = [1, 15, 17, 2049, 4999, 300, 300, 3000, 4100]
+    cached = [s - q for q, s in zip(query_lens, seq_lens, strict=True)]
+    batch = _paged_batch(g, query_lens, seq_lens, bs, hkv, d, dtype, window, cached_upto=cached)
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
+    t = sum(query_lens)
+    q = _randn(g, t, hkv * gqa, d, dtype=dtype)
+    k, v = _randn(g, 2, t, hkv, d, dtype=dtype)
+    ref_k, ref_v = batch.clean()
+    ref = TorchReferenceBackend().forward(q, k, v, ref_k, ref_v, batch.meta, layer)
+    out = TritonBackend().forward(q, k, v, batch.k_cache, batch.v_cache, batch.meta, layer)
+    _assert_matches(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_cuda_graph_capture_and_replay_with_new_metadata() -> None:
+    g = _gen("gpu-graph")
+    hkv, d, bs, gqa, bucket, dtype = 8, 128, 16, 2, 4, torch.bfloat16
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5)
+    max_blocks = 256
+    n_blocks = 2 * bucket * max_blocks
+    k_cache = _randn(g, n_blocks, bs, hkv, d, dtype=dtype)
+    v_cache = _randn(g, n_blocks, bs, hkv, d, dtype=dtype)
+    # Static metadata tensors the graph reads; replays copy new values into them.
+    static = AttentionMetadata.build([1] * bucket, [1] * bucket, [[0]] * bucket, bs, device=DEVICE,
+                                     pad_blocks_to=max_blocks)
+    q_static = torch.zeros(bucket, hkv * gqa, d, dtype=dtype, device=DEVICE)
+    backend = TritonBackend()
+    backend.prepare_graph_capture(bucket, max_blocks * bs, layer, DEVICE)
+    with backend.graph_capture(bucket):
+        backend.attend(q_static, k_cache, v_cache, static, layer)  # warm-up compiles outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_static = backend.attend(q_static, k_cache, v_cache, static, layer)
+
+    for step in range(3):
+        # The last row is padding (seq_len 0).
+        lens = [*torch.randint(1, max_blocks * bs, (bucket - 1,), generator=g).tolist(), 0]
+        tables = [torch.randperm(n_blocks, generator=g)[:max_blocks].tolist() for _ in range(bucket)]
+        live = AttentionMetadata.build([1] * (bucket - 1), lens[:-1], tables[:-1], bs, device=DEVICE,
+                                       pad_blocks_to=max_blocks)
+        static.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        static.block_tables.copy_(torch.tensor(tables, dtype=torch.int32))
+        q = _randn(g, bucket, hkv * gqa, d, dtype=dtype)
+        q_static.copy_(q)
+        graph.replay()
+        ref = paged_attention_ref(q[:-1], k_cache, v_cache, live.block_tables, live.query_lens_cpu,
+                                  live.seq_lens_cpu, layer.scale)
+        _assert_matches(out_static[:-1], ref)
+        assert torch.equal(out_static[-1], torch.zeros_like(out_static[-1])), f"step {step}: padding row"
