@@ -67,8 +67,8 @@ class BlockAllocator:
     # ------------------------------------------------------------------ mutations
     def allocate(self, n: int = 1) -> list[int]:
         """Take ``n`` free blocks, each with refcount 1.  All or nothing."""
-        if n < 0:
-            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"number of blocks to allocate must be a non-negative int, got {n!r}")
         if n > len(self._free):
             raise OutOfBlocksError(n, len(self._free), self.name)
         out = [self._free.pop() for _ in range(n)]
@@ -114,8 +114,17 @@ class BlockAllocator:
         return False
 
     def release_all(self, block_ids: Iterable[int]) -> None:
+        """:meth:`release` each id (repeats allowed).  All or nothing: every id is checked first."""
+        counts: dict[int, int] = {}
         for b in block_ids:
-            self.release(b)
+            self._check_id(b)
+            counts[b] = counts.get(b, 0) + 1
+        for b, c in counts.items():
+            if self._ref[b] < c:
+                raise BlockError(f"{self.name} block {b} has {self._ref[b]} reference(s); cannot release {c}")
+        for b, c in counts.items():
+            for _ in range(c):
+                self.release(b)
 
     # ------------------------------------------------------------------ checks
     def check_integrity(self) -> None:
@@ -130,5 +139,6 @@ class BlockAllocator:
         assert all(self._is_free[b] for b in self._free), "free list holds a used block"
 
     def _check_id(self, block_id: int) -> None:
-        if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
+        # bool is an int subclass, but True/False as a block id is always a caller bug.
+        if not isinstance(block_id, int) or isinstance(block_id, bool) or not 0 <= block_id < self.num_blocks:
             raise BlockError(f"unknown {self.name} block id {block_id!r} (pool has {self.num_blocks})")
