@@ -205,6 +205,11 @@ class BlockManager:
         if num_new < 0 or num_computed < 0:
             raise ValueError(f"negative token counts ({num_computed=}, {num_new=})")
         st = self._seqs.get(seq_id)
+        if st is not None and num_new == 1 and not st.on_cpu and self.sliding_window is None:
+            # The common decode step: the token lands in a private block that has room.
+            i = num_computed // self.block_size
+            if i < len(st.blocks) and self.gpu.refcount(st.blocks[i]) == 1:
+                return True
         if st is None:
             pnum = prefix.num_tokens if prefix else 0
             if num_computed != pnum:

@@ -10,6 +10,7 @@ Padding rows store nothing (slot -1) and attend to nothing (seq_len 0).
 from __future__ import annotations
 
 import logging
+from itertools import chain
 
 import numpy as np
 import torch
@@ -40,17 +41,17 @@ class DecodeGraphs:
         self.width = max_blocks_per_seq
         self.max_seq_len = max_seq_len
         mb, w = self.max_batch, max_blocks_per_seq
-        # Device-side static inputs (graphs read these addresses on every replay).
-        self.input_ids = torch.zeros(mb, dtype=torch.long, device=device)
-        self.positions = torch.zeros(mb, dtype=torch.long, device=device)
-        self.slots = torch.full((mb,), -1, dtype=torch.long, device=device)
+        # Device-side static inputs (graphs read these addresses on every replay).  Token ids,
+        # positions and slots are rows of one tensor so a step's inputs arrive in one transfer.
+        self._packed = torch.zeros(3, mb, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slots = self._packed[0], self._packed[1], self._packed[2]
         self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(mb, w, dtype=torch.int32, device=device)
         self.qsl = torch.arange(mb + 1, dtype=torch.int32, device=device)
-        # Pinned host staging: one packed int64 row per field, copied with one transfer.
-        self._host = torch.zeros(4, mb, dtype=torch.long, pin_memory=True)
+        # Pinned host staging, copied with non-blocking transfers of contiguous rows.
+        self._host = torch.zeros(3, mb, dtype=torch.long, pin_memory=True)
+        self._host_lens = torch.zeros(mb, dtype=torch.int32, pin_memory=True)
         self._host_bt = torch.zeros(mb, w, dtype=torch.int32, pin_memory=True)
-        self._dev_packed = torch.zeros(4, mb, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -93,22 +94,23 @@ class DecodeGraphs:
         n = len(tokens)
         b = next(x for x in self.buckets if x >= n)
         host = self._host.numpy()
-        host[:, :b] = 0
         host[0, :n] = tokens
         host[1, :n] = positions
-        host[2, :b] = -1
         host[2, :n] = slots
-        host[3, :n] = seq_lens
-        w = max(len(t) for t in tables)
+        host[:, n:b] = 0
+        host[2, n:b] = -1  # padding rows store nothing ...
+        lens = self._host_lens.numpy()
+        lens[:n] = seq_lens
+        lens[n:b] = 0  # ... and attend to nothing
         bt = self._host_bt.numpy()
-        for i, t in enumerate(tables):
-            bt[i, : len(t)] = t
-        np.maximum(bt[:n, :w], 0, out=bt[:n, :w])  # window-released entries are never read
-        self._dev_packed[:, :b].copy_(self._host[:, :b], non_blocking=True)
-        self.input_ids[:b].copy_(self._dev_packed[0, :b])
-        self.positions[:b].copy_(self._dev_packed[1, :b])
-        self.slots[:b].copy_(self._dev_packed[2, :b])
-        self.seq_lens[:b].copy_(self._dev_packed[3, :b])
-        self.block_tables[:n, :w].copy_(self._host_bt[:n, :w], non_blocking=True)
+        # Scatter the ragged tables in one vectorised assignment.
+        sizes = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+        flat = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=int(sizes.sum()))
+        rows = np.repeat(np.arange(n), sizes)
+        cols = np.arange(flat.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        bt[rows, cols] = np.maximum(flat, 0)  # window-released entries (-1) are never read
+        self._packed.copy_(self._host, non_blocking=True)
+        self.seq_lens[:b].copy_(self._host_lens[:b], non_blocking=True)
+        self.block_tables[:b].copy_(self._host_bt[:b], non_blocking=True)
         self.graphs[b].replay()
         return self.logits[b][:n]

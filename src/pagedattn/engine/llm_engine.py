@@ -245,28 +245,30 @@ class LLMEngine:
         bm = self.block_manager
         sampling = []
         for s in sched.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
-            if s.seq.num_computed_tokens == s.seq.num_tokens:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            bm.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.num_computed_tokens == len(seq.token_ids):
                 sampling.append(s)
         if not sampling:
             return []
         rows: list[int] = []
-        targets: list[Sequence] = []
+        targets: list[tuple[Sequence, Request]] = []
         for r, s in enumerate(sampling):
             req = s.request
-            fan_out = req.seqs if (not req.prefill_done and len(req.seqs) > 1) else [s.seq]
-            for seq in fan_out:
+            if len(req.seqs) > 1 and not req.prefill_done:  # the first token of n samples: fan out
+                rows.extend([r] * len(req.seqs))
+                targets.extend((q, req) for q in req.seqs)
+            else:
                 rows.append(r)
-                targets.append(seq)
-        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+                targets.append((s.seq, req))
+        if len(rows) != len(sampling):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        out = self.sampler(logits, [SamplingRow(self.requests_params(t), t.generator) for t in targets])
+        out = self.sampler(logits, [SamplingRow(req.params, seq.generator) for seq, req in targets])
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, tok, lp, slp in zip(targets, out.token_ids, out.logprobs, out.sampled_logprobs):
-            req = self._req_of(seq)
-            if seq.index > 0 and not bm.has_seq(seq.seq_id) and seq.num_output_tokens == 0:
+        for (seq, req), tok, lp, slp in zip(targets, out.token_ids, out.logprobs, out.sampled_logprobs):
+            if seq.index > 0 and seq.num_output_tokens == 0 and not bm.has_seq(seq.seq_id):
                 parent = req.seqs[0]
                 bm.fork(parent.seq_id, seq.seq_id)
                 seq.num_computed_tokens = parent.num_computed_tokens
@@ -276,21 +278,15 @@ class LLMEngine:
                 seq.cumulative_logprob += slp or 0.0
             if req.first_token_time is None:
                 req.first_token_time = now
-            self.num_generated_tokens += 1
             self._check_stop(req, seq, tok)
-            if seq.finished:
+            if seq.finish_reason is not None:
                 self.scheduler.free_seq(seq)
             touched[req.request_id] = req
+        self.num_generated_tokens += len(targets)
         for req in touched.values():
             if req.finished:
                 self.scheduler.finish(req)
         return list(touched.values())
-
-    def requests_params(self, seq: Sequence) -> SamplingParams:
-        return self._req_of(seq).params
-
-    def _req_of(self, seq: Sequence) -> Request:
-        return self.requests[seq.seq_id.rsplit("#", 1)[0]]
 
     def _check_stop(self, req: Request, seq: Sequence, tok: int) -> None:
         p = req.params

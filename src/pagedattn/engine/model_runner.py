@@ -71,20 +71,18 @@ class ModelRunner:
     def _execute_graph(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """A pure-decode step through the captured graphs (every sequence samples); None if
         the batch does not fit the captured sizes."""
-        tokens, pos, slots, seq_lens, tables = [], [], [], [], []
-        bs = self.block_size
-        for s in sched.scheduled:
-            p = s.seq.num_computed_tokens
-            table = self.bm.block_table(s.seq.seq_id)
-            tokens.append(s.seq.token_ids[p])
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            seq_lens.append(p + 1)
-            tables.append(table)
         assert self.graphs is not None
-        if not self.graphs.can_run(len(tokens), max(map(len, tables))):
+        seqs = [s.seq for s in sched.scheduled]
+        table_of = self.bm.block_table
+        tables = [table_of(q.seq_id) for q in seqs]
+        if not self.graphs.can_run(len(seqs), max(map(len, tables))):
             return None
-        return self.graphs.run(tokens, np.asarray(pos), np.asarray(slots), seq_lens, tables)
+        bs = self.block_size
+        pos = np.fromiter((q.num_computed_tokens for q in seqs), dtype=np.int64, count=len(seqs))
+        tokens = [q.token_ids[p] for q, p in zip(seqs, pos.tolist())]
+        blocks = np.fromiter((t[p] for t, p in zip(tables, (pos // bs).tolist())), dtype=np.int64, count=len(seqs))
+        slots = blocks * bs + pos % bs
+        return self.graphs.run(tokens, pos, slots, (pos + 1).tolist(), tables)
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         query_lens: list[int] = []

@@ -1,0 +1,85 @@
+"""Where does a step's time go?  Runs the throughput workload (smaller) under cProfile and
+times a replay of the captured decode graph, so host overhead and device time can be compared.
+
+    python benchmarks/profile_engine.py [--num-requests 256] [--output-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_throughput import QWEN3_0_6B, make_model, workload
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--top", type=int, default=35)
+    args = ap.parse_args()
+    from pagedattn import LLM, SamplingParams
+
+    folder = Path(tempfile.mkdtemp(prefix="qwen3-prof-"))
+    hf = make_model(folder, torch.bfloat16)
+    del hf
+    torch.cuda.empty_cache()
+    llm = LLM(str(folder), device="cuda", dtype="bfloat16", max_model_len=2048 + 16, max_num_seqs=256,
+              max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
+    prompts, _ = workload(args.num_requests, 100, 1024, QWEN3_0_6B["vocab_size"])
+    sp = SamplingParams(temperature=0.6, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
+    eng = llm.engine
+    timers = {"schedule": 0.0, "execute": 0.0, "process": 0.0}
+    orig_sched, orig_exec, orig_proc = eng.scheduler.schedule, eng.runner.execute, eng._process
+
+    def timed(name, fn):
+        def wrap(*a, **k):
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            timers[name] += time.perf_counter() - t
+            return r
+        return wrap
+
+    eng.scheduler.schedule = timed("schedule", orig_sched)
+    eng.runner.execute = timed("execute", orig_exec)
+    eng._process = timed("process", orig_proc)
+    steps0 = eng.num_steps
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    wall = time.perf_counter() - t
+    steps = eng.num_steps - steps0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"wall {wall:.2f}s  steps {steps}  tokens {n}  tok/s {n / wall:.0f}")
+    for k, v in timers.items():
+        print(f"  {k:10s} {v:7.2f}s  {1e3 * v / steps:6.2f} ms/step")
+    # Device time of one full-batch decode graph replay.
+    g = eng.runner.graphs
+    if g is not None:
+        b = g.buckets[-1]
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(10):
+            g.graphs[b].replay()
+        e.record()
+        e.synchronize()
+        print(f"  decode graph replay at batch {b} (stale inputs): {s.elapsed_time(e) / 10:.2f} ms")
+    eng.scheduler.schedule, eng.runner.execute, eng._process = orig_sched, orig_exec, orig_proc
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(prompts, sp, use_tqdm=False)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.top)
+    print(buf.getvalue())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+"""OpenAI-compatible HTTP server: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+One :class:`~pagedattn.engine.async_engine.AsyncLLMEngine` serves every connection, so requests
+from all clients are batched together by the scheduler.  Streaming responses are server-sent
+events in OpenAI's chunk format ending with ``data: [DONE]``.  A client that disconnects
+aborts its requests at once (streaming: Starlette cancels the response task; non-streaming: a
+watcher on the connection cancels the wait), which frees their KV blocks.
+
+Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "param", "code"}}``): bad
+parameters are 400 (FastAPI's 422 included), an unknown model is 404, a stopped engine 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from ..engine.outputs import CompletionOutput, RequestOutput
+from ..engine.sampling_params import SamplingParams
+from .metrics import ServerMetrics
+from .openai_protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    UnsupportedFeatureError,
+    UsageInfo,
+    new_id,
+    now,
+)
+
+logger = logging.getLogger(__name__)
+
+# Engine error prefixes that name something other than the API field at fault.
+_PARAM_ALIASES = {"prompt_token_ids": "prompt", "num_kv_blocks": "max_tokens", "sampling params": None}
+
+
+# ====================================================================== errors
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON with the given HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    @classmethod
+    def bad_request(cls, e: ValueError, prompt_param: str = "prompt") -> APIError:
+        """A 400 for a ``ValueError`` of the engine, naming the field it starts with."""
+        msg = str(e)
+        param = getattr(e, "param", None)
+        if param is None:
+            m = re.match(r"(?:SamplingParams\.)?([A-Za-z_ ]+):", msg)
+            param = _PARAM_ALIASES.get(m.group(1), m.group(1)) if m else None
+        if param == "prompt":
+            param = prompt_param
+        return cls(400, msg, param=param)
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """FastAPI's 422 as OpenAI's 400: the first problem, with its field as ``param``."""
+    errors = exc.errors()
+    if not errors:
+        return APIError(400, "invalid request body")
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
+    # Union members add their type name to the location (e.g. "prompt.str"); keep the field path.
+    param = ".".join(p for p in loc if not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool|list|dict", p)) or None
+    where = f"{param}: " if param else ""
+    return APIError(400, f"{where}{err.get('msg', 'invalid value')} (got {_short(err.get('input'))})", param=param)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    s = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# ====================================================================== server state
+@dataclass
+class ServerState:
+    engine: AsyncLLMEngine
+    model_name: str
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
+                           param="model", code="model_not_found")
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text, for logprobs (cached; the vocabulary is fixed)."""
+        s = self._token_text.get(token_id)
+        if s is None:
+            tok = self.engine.tokenizer
+            s = tok.decode([token_id]) if tok is not None else str(token_id)
+            self._token_text[token_id] = s
+        return s
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """The conversation through the model's chat template, as a pre-tokenized prompt."""
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        import jinja2
+
+        msgs = [m.to_template_dict() for m in req.messages]
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
+
+# ====================================================================== one API request
+class Generation:
+    """The engine requests behind one API request (one per prompt) and their merged outputs."""
+
+    def __init__(self, state: ServerState, prompts: list[Any], params: SamplingParams, request_id: str,
+                 prompt_param: str = "prompt") -> None:
+        self.state = state
+        self.params = params
+        self.request_id = request_id
+        self.arrival = time.monotonic()
+        # Check every prompt before queueing any: a bad one must not leave the others running.
+        try:
+            self.prompts = [state.engine.prepare(p, params) for p in prompts]
+        except ValueError as e:
+            raise APIError.bad_request(e, prompt_param) from None
+        self.streams: list[RequestStream] = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p["prompt_token_ids"]) for p in self.prompts)
+
+    async def start(self) -> None:
+        try:
+            for i, p in enumerate(self.prompts):
+                self.streams.append(await self.state.engine.generate(p, self.params, f"{self.request_id}-{i}"))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for s in self.streams:
+            s.abort()
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``(prompt index, cumulative output)`` as they come, until every prompt finished.
+        Leaving early (error, cancellation, close) aborts what is still running."""
+        timers = [self.state.metrics.timer(self.arrival) for _ in self.streams]
+        merged = _merge(self.streams)
+        try:
+            async for i, out in merged:
+                timers[i].on_output(out)
+                yield i, out
+        finally:
+            self.abort()
+            await merged.aclose()
+
+    async def finals(self) -> list[RequestOutput]:
+        last: list[RequestOutput | None] = [None] * len(self.streams)
+        async for i, out in self.outputs():
+            last[i] = out
+        assert all(o is not None for o in last)
+        return last  # type: ignore[return-value]
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    if len(streams) == 1:  # the common case needs no helper tasks
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            remaining -= item.finished
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up (the body was already read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work`` but cancel it (aborting its requests) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+# ====================================================================== streaming deltas
+@dataclass
+class _ChoiceCursor:
+    """What of one choice was already sent."""
+
+    text: int = 0
+    tokens: int = 0
+    text_offset: int = 0  # legacy logprobs' running character offset
+    done: bool = False
+
+
+@dataclass
+class _Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+def _advance(cur: _ChoiceCursor, c: CompletionOutput, hold: int, want_tokens: bool) -> _Delta | None:
+    """The part of choice ``c`` not sent yet; None when there is nothing worth a chunk.
+
+    While a choice runs, the last ``hold`` characters are kept back: they may be the start of a
+    stop string, which the engine cuts from the text once it completes."""
+    if cur.done:
+        return None
+    end = len(c.text) if c.finished else max(cur.text, len(c.text) - hold)
+    text = c.text[cur.text:end]
+    t0, t1 = cur.tokens, len(c.token_ids)
+    if not (text or c.finished or (want_tokens and t1 > t0)):
+        return None
+    cur.text, cur.tokens, cur.done = max(cur.text, end), t1, c.finished
+    lps = c.logprobs[t0:t1] if c.logprobs is not None else None
+    return _Delta(text, c.token_ids[t0:t1], lps, c.finish_reason, c.stop_reason)
+
+
+def _hold_for(params: SamplingParams) -> int:
+    return max((len(s) for s in params.stop_list), default=1) - 1
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def _sse_error(e: Exception) -> str:
+    err = _to_api_error(e)
+    return _sse(ErrorResponse(error=ErrorInfo(message=err.message, type=err.type, param=err.param,
+                                              code=err.code)).model_dump_json())
+
+
+def _to_api_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), type="server_error", code="engine_unavailable")
+    if isinstance(e, ValueError):
+        return APIError.bad_request(e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+# ====================================================================== logprobs
+def _completion_logprobs(state: ServerState, token_ids: list[int], lps: list[dict[int, float]],
+                         cur: _ChoiceCursor) -> CompletionLogprobs:
+    """OpenAI's legacy format: the sampled token and up to ``logprobs`` alternatives per token."""
+    out = CompletionLogprobs()
+    for tid, d in zip(token_ids, lps):
+        s = state.token_text(tid)
+        out.tokens.append(s)
+        out.token_logprobs.append(d.get(tid))
+        top: dict[str, float] = {}
+        for t, v in sorted(d.items(), key=lambda kv: -kv[1]):
+            top.setdefault(state.token_text(t), v)  # ids sharing a text keep the likelier one
+        out.top_logprobs.append(top)
+        out.text_offset.append(cur.text_offset)
+        cur.text_offset += len(s)
+    return out
+
+
+def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[dict[int, float]], k: int) -> ChatLogprobs:
+    content = []
+    for tid, d in zip(token_ids, lps):
+        top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+        s = state.token_text(tid)
+        content.append(ChatTokenLogprob(
+            token=s, logprob=d[tid], bytes=list(s.encode()),
+            top_logprobs=[TopLogprob(token=(ts := state.token_text(t)), logprob=v, bytes=list(ts.encode()))
+                          for t, v in top],
+        ))
+    return ChatLogprobs(content=content)
+
+
+def _usage(gen: Generation, finals: list[RequestOutput | None]) -> UsageInfo:
+    completion = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
+    return UsageInfo.of(gen.num_prompt_tokens, completion)
+
+
+# ====================================================================== endpoints
+def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generation) -> AsyncIterator[str]:
+    cid, created, n = gen.request_id, now(), req.n
+    hold, want_lp = _hold_for(gen.params), req.logprobs is not None
+    cursors: dict[tuple[int, int], _ChoiceCursor] = {}
+    last: list[RequestOutput | None] = [None] * len(gen.prompts)
+
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        return _sse(CompletionResponse(id=cid, created=created, model=state.model_name, choices=choices,
+                                       usage=usage).model_dump_json())
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for i, out in gen.outputs():
+                last[i] = out
+                for c in out.outputs:
+                    cur = cursors.setdefault((i, c.index), _ChoiceCursor())
+                    d = _advance(cur, c, hold, want_lp)
+                    if d is None:
+                        continue
+                    lp = _completion_logprobs(state, d.token_ids, d.logprobs, cur) if d.logprobs is not None else None
+                    yield chunk([CompletionChoice(index=i * n + c.index, text=d.text, logprobs=lp,
+                                                  finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+            if req.include_usage_in_stream:
+                yield chunk([], _usage(gen, last))
+        except Exception as e:
+            yield _sse_error(e)
+        yield _sse("[DONE]")
+
+    return events()
+
+
+def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation) -> AsyncIterator[str]:
+    cid, created = gen.request_id, now()
+    hold, want_lp = _hold_for(gen.params), req.logprobs
+    k = req.top_logprobs or 0
+    cursors: dict[int, _ChoiceCursor] = {}
+    last: list[RequestOutput | None] = [None]
+    usage_field = req.include_usage_in_stream
+
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        data = ChatCompletionChunk(id=cid, created=created, model=state.model_name, choices=choices,
+                                   usage=usage).model_dump()
+        for ch in data["choices"]:  # a delta carries only what changed, as OpenAI's do
+            ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
+        return _sse(json.dumps(data, ensure_ascii=False))
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            # The role comes first, before any token, as OpenAI does.
+            for j in range(req.n):
+                yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
+            async for _, out in gen.outputs():
+                last[0] = out
+                for c in out.outputs:
+                    cur = cursors.setdefault(c.index, _ChoiceCursor())
+                    d = _advance(cur, c, hold, want_lp)
+                    if d is None:
+                        continue
+                    lp = _chat_logprobs(state, d.token_ids, d.logprobs, k) if d.logprobs is not None else None
+                    yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=d.text), logprobs=lp,
+                                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+            if usage_field:
+                yield chunk([], _usage(gen, last))
+        except Exception as e:
+            yield _sse_error(e)
+        yield _sse("[DONE]")
+
+    return events()
+
+
+def _completion_response(state: ServerState, req: CompletionRequest, gen: Generation,
+                         finals: list[RequestOutput]) -> CompletionResponse:
+    choices = []
+    for i, out in enumerate(finals):
+        for c in out.outputs:
+            lp = None
+            if req.logprobs is not None and c.logprobs is not None:
+                lp = _completion_logprobs(state, c.token_ids, c.logprobs, _ChoiceCursor())
+            choices.append(CompletionChoice(index=i * req.n + c.index, text=c.text, logprobs=lp,
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    choices.sort(key=lambda ch: ch.index)
+    return CompletionResponse(id=gen.request_id, created=now(), model=state.model_name, choices=choices,
+                              usage=_usage(gen, list(finals)))
+
+
+def _chat_response(state: ServerState, req: ChatCompletionRequest, gen: Generation,
+                   final: RequestOutput) -> ChatCompletionResponse:
+    choices = []
+    for c in sorted(final.outputs, key=lambda c: c.index):
+        lp = None
+        if req.logprobs and c.logprobs is not None:
+            lp = _chat_logprobs(state, c.token_ids, c.logprobs, req.top_logprobs or 0)
+        choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=lp,
+                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    return ChatCompletionResponse(id=gen.request_id, created=now(), model=state.model_name, choices=choices,
+                                  usage=_usage(gen, [final]))
+
+
+def _sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    try:
+        return req.to_sampling_params()
+    except UnsupportedFeatureError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    except ValueError as e:
+        raise APIError.bad_request(e) from None
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _respond(raw: Request, gen: Generation, stream: bool,
+                   make_stream: Callable[[], AsyncIterator[str]],
+                   make_body: Callable[[list[RequestOutput]], Any]) -> Response:
+    await gen.start()
+    if stream:
+        async def abort_leftovers() -> None:  # e.g. the client left before the first chunk was sent
+            gen.abort()
+
+        return StreamingResponse(make_stream(), media_type="text/event-stream", headers=_SSE_HEADERS,
+                                 background=BackgroundTask(abort_leftovers))
+    try:
+        finals = await _unless_disconnected(raw, gen.finals())
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; keeps the log honest
+    return JSONResponse(make_body(finals).model_dump(exclude_none=False))
+
+
+# ====================================================================== the app
+def create_app(async_engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
+    """The FastAPI app for one engine.  Its lifespan starts the engine thread and shuts it down."""
+    state = ServerState(async_engine, served_model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(async_engine.shutdown)
+
+    app = FastAPI(title="pagedattn", version=_version(), lifespan=lifespan)
+    app.state.server = state
+    _install_error_handlers(app, state)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.is_running:
+            return JSONResponse({"status": "ok"})
+        return APIError(503, "the engine is not running", type="server_error").response()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        snapshot = await async_engine.get_metrics()
+        return Response(state.metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
+
+    def card() -> ModelCard:
+        return ModelCard(id=served_model_name, max_model_len=async_engine.max_model_len)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> ModelCard:
+        state.check_model(model)
+        return card()
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        state.check_model(req.model)
+        params = _sampling_params(req)
+        gen = Generation(state, req.prompts(), params, new_id("cmpl"))
+        return await _respond(raw, gen, req.stream, lambda: _completions_stream(state, req, gen),
+                              lambda finals: _completion_response(state, req, gen, finals))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        state.check_model(req.model)
+        params = _sampling_params(req)
+        gen = Generation(state, [state.chat_prompt(req)], params, new_id("chatcmpl"), prompt_param="messages")
+        return await _respond(raw, gen, req.stream, lambda: _chat_stream(state, req, gen),
+                              lambda finals: _chat_response(state, req, gen, finals[0]))
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+    def answer(err: APIError) -> JSONResponse:
+        state.metrics.http_errors.labels(status=str(err.status)).inc()
+        return err.response()
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        return answer(_to_api_error(exc))
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return answer(_validation_error(exc))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return answer(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return answer(APIError(500, "internal server error", type="server_error"))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(EngineDeadError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ====================================================================== running it
+def default_model_name(model: str | None, source: Any) -> str:
+    """``--model`` as given, or the default model's GGUF file name without ``.gguf``."""
+    if model:
+        return model
+    gguf = getattr(source, "gguf_file", None)
+    return Path(gguf).name.removesuffix(".gguf") if gguf is not None else Path(source.model_dir).name
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """``pagedattn serve``: load the model, then serve until SIGINT/SIGTERM.
+
+    On a signal uvicorn stops accepting connections and lets running responses finish for up to
+    ``--shutdown-timeout`` seconds (default 10) before cancelling them (which aborts their
+    requests); the app's lifespan then stops the engine thread."""
+    import uvicorn
+
+    from .cli import build_llm
+
+    llm = build_llm(args)
+    engine = AsyncLLMEngine(llm.engine)
+    name = args.served_model_name or default_model_name(args.model, llm.engine.source)
+    app = create_app(engine, name)
+    host, port = getattr(args, "host", "127.0.0.1"), args.port
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info" if getattr(args, "verbose", False) else "warning",
+        access_log=bool(getattr(args, "verbose", False)),
+        timeout_graceful_shutdown=float(getattr(args, "shutdown_timeout", 10.0)),
+    )
+    print(f"pagedattn: serving {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        with _sigterm_returns():
+            uvicorn.Server(config).run()
+    finally:
+        engine.shutdown()  # no-op when the lifespan already did it
+        print("pagedattn: server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _sigterm_returns() -> Iterator[None]:
+    """After a graceful shutdown uvicorn re-raises the signal it caught under the previous handler;
+    for SIGTERM make that handler a no-op so ``serve`` returns (exit status 0) instead of dying
+    by the signal.  SIGINT keeps Python's KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
