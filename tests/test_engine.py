@@ -191,3 +191,31 @@ def test_stream_and_abort(model_dirs):
     assert not llm.engine.has_unfinished_requests()
     assert llm.get_metrics()["kv_blocks_used"] == 0
     llm.engine.check_integrity()
+
+
+def test_async_scheduling_keeps_outputs(model_dirs):
+    """Overlapped decode (step k+1 launched from step k's on-device samples) changes nothing:
+    not greedy tokens, not seeded samples, not preemption, and aborts mid-flight free all."""
+    path = model_dirs["llama3_untied_gqa"]
+    shared = _prompts(7, lens=(37,))[0]
+    prompts = [shared + p for p in _prompts(8, lens=(3, 9, 1, 14))] + _prompts(9, lens=(11, 30))
+    baseline = _greedy(_llm(path, async_scheduling=False), prompts)
+    for kw in (dict(), dict(num_kv_blocks=24), dict(num_kv_blocks=24, preemption_mode="recompute"),
+               dict(max_num_batched_tokens=5)):
+        llm = _llm(path, async_scheduling=True, **kw)
+        assert _greedy(llm, prompts) == baseline, kw
+        assert llm.get_metrics()["kv_blocks_used"] == 0
+        llm.engine.check_integrity()
+    sp = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    sync = _llm(path, async_scheduling=False).generate(prompts[:2], sp, use_tqdm=False)
+    llm = _llm(path, async_scheduling=True)
+    over = llm.generate(prompts[:2], sp, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in over] == [[c.token_ids for c in o.outputs] for o in sync]
+    assert llm.get_metrics()["num_cow_copies"] >= 2
+    it = llm.stream(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(5):
+        next(it)
+    it.close()  # aborts with a step in flight
+    assert llm.get_metrics()["kv_blocks_used"] == 0
+    assert _greedy(llm, prompts) == baseline
+    llm.engine.check_integrity()

@@ -48,10 +48,16 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(mb, w, dtype=torch.int32, device=device)
         self.qsl = torch.arange(mb + 1, dtype=torch.int32, device=device)
-        # Pinned host staging, copied with non-blocking transfers of contiguous rows.
-        self._host = torch.zeros(3, mb, dtype=torch.long, pin_memory=True)
-        self._host_lens = torch.zeros(mb, dtype=torch.int32, pin_memory=True)
-        self._host_bt = torch.zeros(mb, w, dtype=torch.int32, pin_memory=True)
+        # Pinned host staging, copied with non-blocking transfers of contiguous rows.  Two sets,
+        # used in turn: with overlapped steps the CPU fills one while the previous step's
+        # transfers from the other may still be queued.
+        self._staging = [
+            (torch.zeros(3, mb, dtype=torch.long, pin_memory=True),
+             torch.zeros(mb, dtype=torch.int32, pin_memory=True),
+             torch.zeros(mb, w, dtype=torch.int32, pin_memory=True))
+            for _ in range(2)
+        ]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -87,30 +93,37 @@ class DecodeGraphs:
     def can_run(self, n: int, max_blocks: int) -> bool:
         return n <= self.max_batch and max_blocks <= self.width
 
-    def run(self, tokens: list[int], positions: np.ndarray, slots: np.ndarray, seq_lens: list[int],
+    def run(self, tokens: list[int] | torch.Tensor, positions: np.ndarray, slots: np.ndarray, seq_lens: list[int],
             tables: list[list[int]]) -> torch.Tensor:
         """Replay the graph for ``n`` decodes; returns logits ``[n, V]`` (a view of graph memory,
-        valid until the next replay)."""
-        n = len(tokens)
+        valid until the next replay).  ``tokens`` may be a device tensor (the previous step's
+        samples, never seen by the host)."""
+        n = len(tables)
         b = next(x for x in self.buckets if x >= n)
-        host = self._host.numpy()
-        host[0, :n] = tokens
+        host_t, lens_t, bt_t = self._staging[self._turn]
+        self._turn ^= 1
+        host = host_t.numpy()
+        on_device = isinstance(tokens, torch.Tensor)
+        if not on_device:
+            host[0, :n] = tokens
         host[1, :n] = positions
         host[2, :n] = slots
         host[:, n:b] = 0
         host[2, n:b] = -1  # padding rows store nothing ...
-        lens = self._host_lens.numpy()
+        lens = lens_t.numpy()
         lens[:n] = seq_lens
         lens[n:b] = 0  # ... and attend to nothing
-        bt = self._host_bt.numpy()
+        bt = bt_t.numpy()
         # Scatter the ragged tables in one vectorised assignment.
         sizes = np.fromiter(map(len, tables), dtype=np.int64, count=n)
         flat = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=int(sizes.sum()))
         rows = np.repeat(np.arange(n), sizes)
         cols = np.arange(flat.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         bt[rows, cols] = np.maximum(flat, 0)  # window-released entries (-1) are never read
-        self._packed.copy_(self._host, non_blocking=True)
-        self.seq_lens[:b].copy_(self._host_lens[:b], non_blocking=True)
-        self.block_tables[:b].copy_(self._host_bt[:b], non_blocking=True)
+        self._packed.copy_(host_t, non_blocking=True)
+        if on_device:
+            self.input_ids[:n].copy_(tokens)
+        self.seq_lens[:b].copy_(lens_t[:b], non_blocking=True)
+        self.block_tables[:b].copy_(bt_t[:b], non_blocking=True)
         self.graphs[b].replay()
         return self.logits[b][:n]

@@ -41,6 +41,7 @@ class LLM:
         max_model_len: int | None = None,
         attention_backend: str = "auto",
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
         seed: int = 0,
     ) -> None:
         cache = CacheConfig(
@@ -56,7 +57,8 @@ class LLM:
         )
         self.engine = LLMEngine(EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            attention_backend=attention_backend, enforce_eager=enforce_eager, cache=cache, scheduler=sched,
+            attention_backend=attention_backend, enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling, cache=cache, scheduler=sched,
         ))
 
     # ------------------------------------------------------------------ generation

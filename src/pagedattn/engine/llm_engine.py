@@ -24,9 +24,9 @@ from ..models.loader import load_model, load_tokenizer
 from .detokenizer import detokenize_incrementally
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
-from .sampler import Sampler, SamplingRow
+from .sampler import Sampler, SamplingBatch, SamplingRow
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerOutput
+from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class EngineConfig:
     max_model_len: int | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: never capture CUDA graphs
+    # Overlap host work with the device: launch decode step k+1 (its input tokens taken on the
+    # device from step k's samples) before reading step k's tokens.  None: on for CUDA.
+    async_scheduling: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -54,6 +57,18 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+
+
+@dataclass
+class _Inflight:
+    """A launched decode step whose sampled tokens the host has not read yet."""
+
+    sched: SchedulerOutput
+    targets: list[tuple[Sequence, Request]]
+    batch: SamplingBatch
+    tokens: torch.Tensor  # [n] on the device
+    host: torch.Tensor  # [n] pinned copy, valid once ``done`` fires
+    done: torch.cuda.Event | None
 
 
 class LLMEngine:
@@ -97,6 +112,9 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.tracer: Any = None  # a viz.TraceRecorder when tracing is on
+        self.async_scheduling = (self.device.type == "cuda") if config.async_scheduling is None \
+            else config.async_scheduling
+        self._inflight: _Inflight | None = None
         logger.info("KV pool: %d blocks of %d tokens (%.2f GiB), %d CPU swap blocks, backend %s",
                     num_blocks, cc.block_size, self.kv_pool.nbytes / _GIB, num_cpu, self.backend.name)
 
@@ -228,12 +246,25 @@ class LLMEngine:
 
     # ================================================================== the step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and return outputs of requests that changed."""
+        """Schedule, run the model once, sample, and return outputs of requests that changed.
+
+        With async scheduling, a pure-decode step is *launched* and its tokens read back one
+        call later: each call launches step k+1 on the device (inputs: step k's samples, still
+        on the device) and then processes step k's tokens on the host while the device works.
+        """
         if self.tracer is not None:
             self.tracer.begin_step(self.num_steps)
-        sched = self.scheduler.schedule()
-        logits = self.runner.execute(sched)
-        touched = self._process(sched, logits)
+        if self._inflight is None:
+            sched = self.scheduler.schedule()
+            logits = self.runner.execute(sched)
+            if not self._overlappable(sched):
+                return self._end_step(sched, self._process(sched, logits))
+            self._inflight = self._launch(sched, [(s.seq, s.request) for s in sched.scheduled], logits)
+        cur = self._inflight
+        self._inflight = self._launch_lookahead(cur)
+        return self._end_step(cur.sched, self._finish(cur))
+
+    def _end_step(self, sched: SchedulerOutput, touched: list[Request]) -> list[RequestOutput]:
         self.num_steps += 1
         if self.tracer is not None:
             for r in sched.preempted:
@@ -241,6 +272,76 @@ class LLMEngine:
             self.tracer.end_step(self.num_steps - 1, self._step_stats(sched))
         return [self._output(r) for r in touched if r.stream or r.finished]
 
+    # ------------------------------------------------------------------ overlapped decode
+    def _overlappable(self, sched: SchedulerOutput) -> bool:
+        """Pure decode, every sequence samples one token, no logprobs, no fan-out to siblings."""
+        if not self.async_scheduling or sched.is_empty:
+            return False
+        for s in sched.scheduled:
+            if s.num_new_tokens != 1 or not s.samples or s.request.params.logprobs is not None:
+                return False
+            if len(s.request.seqs) > 1 and not s.request.prefill_done:
+                return False
+        return True
+
+    def _launch(self, sched: SchedulerOutput, targets: list[tuple[Sequence, Request]], logits: torch.Tensor,
+                batch: SamplingBatch | None = None) -> _Inflight:
+        batch = batch or self.sampler.prepare([SamplingRow(req.params, seq.generator) for seq, req in targets])
+        tokens = self.sampler.sample(logits, batch)
+        on_cuda = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
+        host.copy_(tokens, non_blocking=on_cuda)
+        done = None
+        if on_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _Inflight(sched, targets, batch, tokens, host, done)
+
+    def _launch_lookahead(self, cur: _Inflight) -> _Inflight | None:
+        """Launch the next decode step for the same sequences, or None when the batch must
+        change first (new or swapped-out requests to admit, a context limit, a full pool)."""
+        sch = self.scheduler
+        if sch.swapped or (sch.waiting and len(sch.running) < self.config.scheduler.max_num_seqs):
+            return None
+        seqs = [seq for seq, _ in cur.targets]
+        for seq, req in cur.targets:
+            if seq.finish_reason is not None or req.request_id not in self.requests:
+                return None
+            if seq.num_computed_tokens + 2 > self.max_model_len:
+                return None
+        bm = self.block_manager
+        for seq in seqs:
+            # Slots for the position after the in-flight token; extra slots left by a bail-out
+            # are harmless (the next schedule reuses them).
+            if not bm.allocate_slots(seq.seq_id, seq.num_computed_tokens + 1, 1):
+                return None
+        copies = bm.take_pending_copies()
+        if copies:  # siblings still sharing their last block
+            self.runner.run_kv_ops([("copy", copies)])
+        logits = self.runner.execute_lookahead(seqs, cur.tokens)
+        sched = SchedulerOutput(scheduled=[ScheduledSeq(req, seq, 1) for seq, req in cur.targets])
+        return self._launch(sched, cur.targets, logits, cur.batch)
+
+    def _finish(self, cur: _Inflight) -> list[Request]:
+        """Read back an in-flight step's tokens and apply them (skipping sequences that
+        finished or were aborted after it was launched)."""
+        if cur.done is not None:
+            cur.done.synchronize()
+        ids = cur.host.tolist()
+        bm = self.block_manager
+        live: list[tuple[Sequence, Request]] = []
+        toks: list[int] = []
+        for (seq, req), tok in zip(cur.targets, ids):
+            if seq.finish_reason is not None:
+                continue
+            seq.num_computed_tokens += 1
+            bm.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            live.append((seq, req))
+            toks.append(tok)
+        n = len(live)
+        return self._apply(live, toks, [None] * n, [None] * n)
+
+    # ------------------------------------------------------------------ synchronous steps
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
         bm = self.block_manager
         sampling = []
@@ -265,9 +366,15 @@ class LLMEngine:
         if len(rows) != len(sampling):
             logits = logits[torch.tensor(rows, device=logits.device)]
         out = self.sampler(logits, [SamplingRow(req.params, seq.generator) for seq, req in targets])
+        return self._apply(targets, out.token_ids, out.logprobs, out.sampled_logprobs)
+
+    def _apply(self, targets: list[tuple[Sequence, Request]], token_ids: list[int],
+               logprobs: list[dict[int, float] | None], sampled_logprobs: list[float | None]) -> list[Request]:
+        """Append sampled tokens, fork siblings on their first token, check stop conditions."""
+        bm = self.block_manager
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for (seq, req), tok, lp, slp in zip(targets, out.token_ids, out.logprobs, out.sampled_logprobs):
+        for (seq, req), tok, lp, slp in zip(targets, token_ids, logprobs, sampled_logprobs):
             if seq.index > 0 and seq.num_output_tokens == 0 and not bm.has_seq(seq.seq_id):
                 parent = req.seqs[0]
                 bm.fork(parent.seq_id, seq.seq_id)

@@ -17,6 +17,7 @@ from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from .cuda_graphs import DecodeGraphs
 from .scheduler import SchedulerOutput
+from .sequence import Sequence
 
 
 class ModelRunner:
@@ -71,15 +72,35 @@ class ModelRunner:
     def _execute_graph(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """A pure-decode step through the captured graphs (every sequence samples); None if
         the batch does not fit the captured sizes."""
-        assert self.graphs is not None
         seqs = [s.seq for s in sched.scheduled]
+        pos = np.fromiter((q.num_computed_tokens for q in seqs), dtype=np.int64, count=len(seqs))
+        tokens = [q.token_ids[p] for q, p in zip(seqs, pos.tolist())]
+        return self._decode_graph(seqs, pos, tokens)
+
+    @torch.inference_mode()
+    def execute_lookahead(self, seqs: list[Sequence], input_ids: torch.Tensor) -> torch.Tensor:
+        """Decode one position past each sequence's in-flight token, whose id exists only on
+        the device (``input_ids [n]``, the previous step's samples): overlapped scheduling."""
+        pos = np.fromiter((q.num_computed_tokens + 1 for q in seqs), dtype=np.int64, count=len(seqs))
+        if self.graphs is not None:
+            logits = self._decode_graph(seqs, pos, input_ids)
+            if logits is not None:
+                return logits
+        tables = [self.bm.block_table(q.seq_id) for q in seqs]
+        n = len(seqs)
+        meta = AttentionMetadata.build([1] * n, (pos + 1).tolist(), tables, self.block_size, self.device)
+        positions = torch.from_numpy(pos).to(self.device, non_blocking=True)
+        ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
+        return self.model.compute_logits(self.model(input_ids, positions, ctx))
+
+    def _decode_graph(self, seqs: list[Sequence], pos: np.ndarray, tokens: list[int] | torch.Tensor
+                      ) -> torch.Tensor | None:
+        assert self.graphs is not None
         table_of = self.bm.block_table
         tables = [table_of(q.seq_id) for q in seqs]
         if not self.graphs.can_run(len(seqs), max(map(len, tables))):
             return None
         bs = self.block_size
-        pos = np.fromiter((q.num_computed_tokens for q in seqs), dtype=np.int64, count=len(seqs))
-        tokens = [q.token_ids[p] for q, p in zip(seqs, pos.tolist())]
         blocks = np.fromiter((t[p] for t, p in zip(tables, (pos // bs).tolist())), dtype=np.int64, count=len(seqs))
         slots = blocks * bs + pos % bs
         return self.graphs.run(tokens, pos, slots, (pos + 1).tolist(), tables)

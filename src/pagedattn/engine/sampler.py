@@ -10,7 +10,7 @@ from ``p`` exactly, and lets seeded and unseeded rows share one code path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,34 @@ class SamplerOutput:
     sampled_logprobs: list[float | None]
 
 
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of one batch, as device tensors built once.
+
+    Building them never waits for the device (pinned memory, non-blocking copies), so a step
+    can be prepared while the previous one is still running; a batch with the same rows can
+    reuse them on the next step.
+    """
+
+    rows: list[SamplingRow]
+    greedy: list[bool]
+    all_greedy: bool
+    want_logprobs: bool
+    temperature: torch.Tensor | None = None  # [n, 1]
+    top_k: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (kmax, k index [n,1], active [n,1])
+    top_p: torch.Tensor | None = None  # [n, 1]
+    min_p: torch.Tensor | None = None  # [n, 1]
+    greedy_mask: torch.Tensor | None = None  # [n]
+    seeded: list[int] = field(default_factory=list)  # rows with their own generator
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -37,58 +65,68 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """``logits [n, V]`` (any float dtype) -> one token per row."""
-        assert logits.shape[0] == len(rows)
-        logits = logits.float()
-        greedy = [r.params.greedy for r in rows]
-        if all(greedy):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, rows, greedy)
-        want_lp = [r.params.logprobs is not None for r in rows]
-        if not any(want_lp):
+        """``logits [n, V]`` (any float dtype) -> one token per row (one host transfer)."""
+        batch = self.prepare(rows)
+        tokens = self.sample(logits, batch)
+        if not batch.want_logprobs:
             ids = tokens.tolist()
             return SamplerOutput(ids, [None] * len(rows), [None] * len(rows))
-        return self._with_logprobs(logits, tokens, rows, want_lp)
+        return self._with_logprobs(logits.float(), tokens, rows)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
-        dev = logits.device
-        vocab = logits.shape[1]
-        temp = torch.tensor([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)], device=dev)
-        scaled = logits / temp[:, None]
+    def prepare(self, rows: list[SamplingRow]) -> SamplingBatch:
+        dev = self.device
+        greedy = [r.params.greedy for r in rows]
+        b = SamplingBatch(rows, greedy, all(greedy), any(r.params.logprobs is not None for r in rows))
+        if b.all_greedy:
+            return b
+        b.temperature = _to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
+                                   torch.float32, dev)[:, None]
         ks = [r.params.top_k if r.params.top_k_active else 0 for r in rows]
         if any(ks):
-            kmax = min(max(ks), vocab)
-            top_vals = scaled.topk(kmax, dim=-1).values
-            k_idx = torch.tensor([min(k, kmax) - 1 if k else kmax - 1 for k in ks], device=dev)
-            thresh = top_vals.gather(1, k_idx[:, None])
-            active = torch.tensor([k > 0 for k in ks], device=dev)[:, None]
+            kmax = max(ks)
+            b.top_k = (kmax, _to_device([min(k, kmax) - 1 if k else kmax - 1 for k in ks], torch.long, dev)[:, None],
+                       _to_device([k > 0 for k in ks], torch.bool, dev)[:, None])
+        if any(r.params.top_p < 1.0 for r in rows):
+            b.top_p = _to_device([r.params.top_p for r in rows], torch.float32, dev)[:, None]
+        if any(r.params.min_p > 0 for r in rows):
+            b.min_p = _to_device([r.params.min_p for r in rows], torch.float32, dev)[:, None]
+        if any(greedy):
+            b.greedy_mask = _to_device(greedy, torch.bool, dev)
+        b.seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if r.generator is not None and not g]
+        return b
+
+    def sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """Tokens ``[n]`` on the device; nothing here waits for the device."""
+        assert logits.shape[0] == len(b.rows)
+        logits = logits.float()
+        if b.all_greedy:
+            return logits.argmax(dim=-1)
+        assert b.temperature is not None
+        scaled = logits / b.temperature
+        if b.top_k is not None:
+            kmax, k_idx, active = b.top_k
+            top_vals = scaled.topk(min(kmax, scaled.shape[1]), dim=-1).values
+            thresh = top_vals.gather(1, k_idx.clamp(max=top_vals.shape[1] - 1))
             scaled = scaled.masked_fill(active & (scaled < thresh), float("-inf"))
         probs = scaled.softmax(dim=-1)
-        top_ps = [r.params.top_p for r in rows]
-        if any(p < 1.0 for p in top_ps):
-            p = torch.tensor(top_ps, device=dev)[:, None]
+        if b.top_p is not None:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             cum = sorted_p.cumsum(dim=-1)
-            drop_sorted = (cum - sorted_p) > p  # keep the smallest prefix reaching top_p
+            drop_sorted = (cum - sorted_p) > b.top_p  # keep the smallest prefix reaching top_p
             drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
-        min_ps = [r.params.min_p for r in rows]
-        if any(m > 0 for m in min_ps):
-            m = torch.tensor(min_ps, device=dev)[:, None]
-            probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
+        if b.min_p is not None:
+            probs = probs.masked_fill(probs < b.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         q = torch.empty_like(probs)
         q.exponential_(generator=self.generator)
-        for i, r in enumerate(rows):
-            if r.generator is not None and not greedy[i]:
-                q[i].exponential_(generator=r.generator)
+        for i in b.seeded:
+            q[i].exponential_(generator=b.rows[i].generator)
         sampled = (probs / q).argmax(dim=-1)
-        if any(greedy):
-            g = torch.tensor(greedy, device=dev)
-            sampled = torch.where(g, logits.argmax(dim=-1), sampled)
+        if b.greedy_mask is not None:
+            sampled = torch.where(b.greedy_mask, logits.argmax(dim=-1), sampled)
         return sampled
 
-    def _with_logprobs(self, logits, tokens, rows, want_lp) -> SamplerOutput:
+    def _with_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         lp = torch.log_softmax(logits, dim=-1)
         k = max(r.params.logprobs or 0 for r in rows)
         chosen = lp.gather(1, tokens[:, None]).squeeze(1)
@@ -99,7 +137,7 @@ class Sampler:
         chosen_l = chosen.tolist()
         out_lp: list[dict[int, float] | None] = []
         for i, r in enumerate(rows):
-            if not want_lp[i]:
+            if r.params.logprobs is None:
                 out_lp.append(None)
                 continue
             d = {ids[i]: chosen_l[i]}
