@@ -115,6 +115,7 @@ class LLMEngine:
         self.async_scheduling = (self.device.type == "cuda") if config.async_scheduling is None \
             else config.async_scheduling
         self._inflight: _Inflight | None = None
+        self._tok_host = [torch.empty(0, dtype=torch.long)] * 2
         logger.info("KV pool: %d blocks of %d tokens (%.2f GiB), %d CPU swap blocks, backend %s",
                     num_blocks, cc.block_size, self.kv_pool.nbytes / _GIB, num_cpu, self.backend.name)
 
@@ -288,13 +289,17 @@ class LLMEngine:
                 batch: SamplingBatch | None = None) -> _Inflight:
         batch = batch or self.sampler.prepare([SamplingRow(req.params, seq.generator) for seq, req in targets])
         tokens = self.sampler.sample(logits, batch)
-        on_cuda = tokens.is_cuda
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
-        host.copy_(tokens, non_blocking=on_cuda)
-        done = None
-        if on_cuda:
-            done = torch.cuda.Event()
-            done.record()
+        if not tokens.is_cuda:
+            return _Inflight(sched, targets, batch, tokens, tokens, None)
+        # Two pinned buffers in turn: the one in use by the step being read back stays intact.
+        n = tokens.shape[0]
+        if self._tok_host[0].shape[0] < n:
+            self._tok_host = [torch.empty(max(n, 256), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._tok_host.reverse()
+        host = self._tok_host[0][:n]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
         return _Inflight(sched, targets, batch, tokens, host, done)
 
     def _launch_lookahead(self, cur: _Inflight) -> _Inflight | None:
