@@ -81,7 +81,8 @@ class Sampler:
             return b
         b.temperature = _to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
                                    torch.float32, dev)[:, None]
-        ks = [r.params.top_k if r.params.top_k_active else 0 for r in rows]
+        # top_k beyond the vocabulary means "no filter"; clamp so huge values cannot overflow.
+        ks = [min(r.params.top_k, 1 << 30) if r.params.top_k_active else 0 for r in rows]
         if any(ks):
             kmax = max(ks)
             b.top_k = (kmax, _to_device([min(k, kmax) - 1 if k else kmax - 1 for k in ks], torch.long, dev)[:, None],

@@ -162,6 +162,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None)
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests get to finish on SIGTERM/SIGINT")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
 

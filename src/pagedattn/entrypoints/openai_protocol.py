@@ -18,8 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
 
+# JSON integers are unbounded; everything that may reach a tensor must fit int64.
+_I64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(ge=-_I64_MAX, le=_I64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=_I64_MAX)]
 # Token ids of one prompt, or a batch of prompts given as text or token ids.
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 PromptField = (
     str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 )
@@ -45,10 +49,10 @@ class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
     model: str
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=_I64_MAX)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -57,11 +61,11 @@ class _SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Engine extras (vLLM's names).
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=_I64_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=_I64_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -100,7 +104,7 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     prompt: PromptField
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=_I64_MAX)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -147,8 +151,8 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=_I64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=_I64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None

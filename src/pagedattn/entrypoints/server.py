@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -106,12 +107,16 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
     # Union members add their type name to the location (e.g. "prompt.str"); keep the field path.
     param = ".".join(p for p in loc if not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool|list|dict", p)) or None
-    where = f"{param}: " if param else ""
-    return APIError(400, f"{where}{err.get('msg', 'invalid value')} (got {_short(err.get('input'))})", param=param)
+    where = f"{param}: " if param else "request body: "
+    got = "" if err.get("type") == "missing" else f" (got {_short(err.get('input'))})"
+    return APIError(400, f"{where}{err.get('msg', 'invalid value')}{got}", param=param)
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    s = json.dumps(value) if not isinstance(value, str) else repr(value)
+    """A bounded, printable rendering of whatever the client sent (JSON values, or raw bytes)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    s = repr(value) if isinstance(value, str) else json.dumps(value, default=repr)
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
@@ -142,8 +147,6 @@ class ServerState:
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        import jinja2
-
         msgs = [m.to_template_dict() for m in req.messages]
         try:
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt)
@@ -402,8 +405,8 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
         data = ChatCompletionChunk(id=cid, created=created, model=state.model_name, choices=choices,
                                    usage=usage).model_dump()
         for ch in data["choices"]:  # a delta carries only what changed, as OpenAI's do
-            ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
-        return _sse(json.dumps(data, ensure_ascii=False))
+            ch["delta"] = {key: v for key, v in ch["delta"].items() if v is not None}
+        return _sse(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -581,11 +584,14 @@ def _version() -> str:
 
 # ====================================================================== running it
 def default_model_name(model: str | None, source: Any) -> str:
-    """``--model`` as given, or the default model's GGUF file name without ``.gguf``."""
+    """``--model`` as given, else the embedded model's name: its GGUF file name without
+    ``.gguf`` and without a trailing quantization tag (``SmolLM2-135M-Instruct``)."""
     if model:
         return model
     gguf = getattr(source, "gguf_file", None)
-    return Path(gguf).name.removesuffix(".gguf") if gguf is not None else Path(source.model_dir).name
+    if gguf is None:
+        return Path(source.model_dir).name
+    return re.sub(r"[.-](?:[QqFf]\d\w*|I[Qq]\d\w*|[Bb][Ff]16)$", "", Path(gguf).name.removesuffix(".gguf"))
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -598,9 +604,9 @@ def run_server(args: argparse.Namespace) -> int:
 
     from .cli import build_llm
 
-    llm = build_llm(args)
-    engine = AsyncLLMEngine(llm.engine)
-    name = args.served_model_name or default_model_name(args.model, llm.engine.source)
+    # Built on the engine thread, so that all torch work of the process happens there.
+    engine = AsyncLLMEngine.from_factory(lambda: build_llm(args).engine)
+    name = args.served_model_name or default_model_name(args.model, engine.engine.source)
     app = create_app(engine, name)
     host, port = getattr(args, "host", "127.0.0.1"), args.port
     config = uvicorn.Config(

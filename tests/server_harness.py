@@ -1,0 +1,92 @@
+"""Shared by the server tests: a tiny chat model and a real uvicorn server in a thread.
+
+The tiny model is a random ``LlamaForCausalLM`` (hidden 64, 2 layers) with the default model's
+real tokenizer and chat template, so the server's text paths (detokenisation, stop strings,
+chat templates) run for real while a step costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import uvicorn
+
+from pagedattn.engine.async_engine import AsyncLLMEngine
+from pagedattn.engine.llm import LLM
+from pagedattn.entrypoints.server import create_app
+
+TINY_MODEL_NAME = "tiny-chat"
+TINY_CONTEXT = 2048
+_BUILT: dict[Path, Path] = {}
+
+
+def make_tiny_chat_model(root: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama with ``tokenizer_dir``'s tokenizer, saved to ``root/tiny-chat``."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=TINY_CONTEXT, initializer_range=0.5,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        # Sharper (tied) output embeddings: greedy margins of >= 1e-2 so batching never flips a
+        # choice, while sampling at temperature 1 stays clearly random (top token p ~ 0.7).
+        model.get_input_embeddings().weight.mul_(4.0)
+    out = root / TINY_MODEL_NAME
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """Build the tiny model once per test session, whichever module asks first."""
+    if tokenizer_dir not in _BUILT:
+        _BUILT[tokenizer_dir] = make_tiny_chat_model(tmp_path_factory.mktemp("server-model"), tokenizer_dir)
+    return _BUILT[tokenizer_dir]
+
+
+def make_async_engine(model_dir: Path, **kw: object) -> AsyncLLMEngine:
+    kw = {"device": "cpu", "block_size": 16, "num_kv_blocks": 512, "swap_space_gib": 0.05, **kw}
+    return AsyncLLMEngine.from_factory(lambda: LLM(str(model_dir), **kw).engine)  # type: ignore[arg-type]
+
+
+class ServerThread:
+    """A uvicorn server for ``app`` on 127.0.0.1 and a free port, in a background thread."""
+
+    def __init__(self, app: object, graceful_s: float = 5.0) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=graceful_s, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RuntimeError("the test server did not stop")
+
+
+def start_server(engine: AsyncLLMEngine, name: str = TINY_MODEL_NAME) -> ServerThread:
+    return ServerThread(create_app(engine, name)).start()

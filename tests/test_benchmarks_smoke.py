@@ -1,0 +1,89 @@
+"""The KV-cache benchmarks start and produce sane figures on the CPU (``--smoke``, a tiny model).
+
+They are GPU benchmarks; this only checks that the code paths run end to end and that the
+numbers they report are consistent, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from .engine_models import make_model_dir
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("models"), "qwen3_qknorm")
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
+    """Import a benchmark script as a module (they import each other by bare name)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a busy machine
+
+    def load(name: str) -> ModuleType:
+        return importlib.import_module(name)
+
+    try:
+        yield load
+    finally:
+        torch.set_num_threads(threads)
+        for name in ("bench_memory", "bench_prefix_cache", "bench_throughput"):
+            sys.modules.pop(name, None)
+
+
+def test_prefix_cache_smoke_reports_hits_only_with_caching(bench, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prefix.json"
+    res = bench("bench_prefix_cache").main(
+        ["--device", "cpu", "--smoke", "--model-dir", str(model_dir), "--out", str(out)])
+    assert json.loads(out.read_text())["throughput_ratio"] == pytest.approx(res["throughput_ratio"])
+    off, on = res["off"], res["on"]
+    for r in (off, on):
+        assert r["output_tokens"] == 6 * 4
+        assert r["output_tok_per_s"] > 0 and r["total_tok_per_s"] > r["output_tok_per_s"]
+        t = r["ttft_ms"]
+        assert 0 < t["p50"] <= t["p90"] and t["mean"] > 0
+    assert off["prefix_cache_hit_rate"] == 0.0 and off["prompt_tokens_computed"] == off["prompt_tokens"]
+    # Requests admitted after the first prefill reuse the 48-token prefix (3 blocks of 16).
+    assert on["prefix_cache_hit_rate"] > 0 and on["prefix_cache_hit_tokens"] % 16 == 0
+    assert on["prompt_tokens_computed"] < off["prompt_tokens_computed"]
+    assert res["commit"] and res["date"] and res["device"]
+
+
+def test_memory_smoke_waste_and_capacity_are_consistent(bench, model_dir: Path) -> None:
+    # Async scheduling on the CPU exercises the tracer's in-flight accounting that CUDA uses.
+    res = bench("bench_memory").main(["--device", "cpu", "--smoke", "--model-dir", str(model_dir),
+                                      "--async-scheduling", "on"])
+    w = res["waste"]
+    # Random prompts share no blocks: held slots never fall below the tokens they store, and
+    # the unused part is at most the last partial block of each sequence.
+    assert 0 <= w["paged_best"] <= w["paged_time_avg"] <= w["paged_worst"] < 1
+    assert w["paged_time_avg"] < w["contiguous_oracle_time_avg"] + 0.1
+    assert w["contiguous_oracle_time_avg"] < w["contiguous_max_len_time_avg"]
+    model = res["capacity"]["model"]
+    assert model["contiguous_max_len"]["seqs"] == pytest.approx(256 / 48)
+    assert model["contiguous_max_len"]["seqs"] < model["paged_final"]["seqs"] < model["paged_steady"]["seqs"]
+    eng = res["capacity"]["engine"]
+    assert eng["num_kv_blocks"] == 256 // 16 and eng["memory_bound_steps"] > 0
+    assert eng["seqs_mean"] > model["contiguous_max_len"]["seqs"]
+
+
+def test_bad_arguments_raise_before_any_work(bench) -> None:
+    with pytest.raises(ValueError, match="suffix_max"):
+        bench("bench_prefix_cache").main(["--device", "cpu", "--smoke", "--suffix-min", "9", "--suffix-max", "3"])
+    with pytest.raises(ValueError, match="capacity_steps"):
+        bench("bench_memory").main(["--device", "cpu", "--smoke", "--capacity-steps", "10"])
+    with pytest.raises(ValueError, match="model_dir"):
+        bench("bench_memory").main(["--device", "cpu", "--smoke", "--model-dir", "/nonexistent"])
