@@ -5,7 +5,10 @@ the embedded default model (SmolLM2-135M) in float32, 2 threads.  Baselines: HF'
 batch ``generate`` (all prompts left-padded into one batch) and, optionally, HF one request at
 a time and HF's continuous batching ``generate_batch``.
 
-    python benchmarks/bench_cpu_throughput.py [--out results.json] [--hf-sequential] [--hf-cb]
+    python benchmarks/bench_cpu_throughput.py [--out results.json] [--hf-sequential] [--hf-cb] [--trace run.jsonl]
+
+``--trace`` records the block pool during our run (``pagedattn viz run.jsonl --html`` draws it);
+recording adds a little host work per step, so leave it off for the numbers you report.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--hf-cb", action="store_true", help="also time HF generate_batch (continuous batching)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--trace", default=None, help="record a block-pool trace of our run (JSON lines) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,7 +98,19 @@ def main() -> None:
     vocab = llm.engine.arch.vocab_size
     prompts = workload(args.num_prompts, args.min_len, args.max_len, vocab, seed=0)
     rows = []
-    dt, n = bench_ours(llm, prompts, args.new_tokens)
+    tracer = None
+    if args.trace:
+        from pagedattn.viz import TraceRecorder
+
+        tracer = TraceRecorder(args.trace)
+        llm.engine.attach_tracer(tracer)
+    try:
+        dt, n = bench_ours(llm, prompts, args.new_tokens)
+    finally:
+        if tracer is not None:  # stop recording before anything else runs on this engine
+            tracer.close()
+            llm.engine.tracer = None
+            print(f"trace written to {args.trace}")
     rows.append(("pagedattn", dt, n))
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
