@@ -4,6 +4,8 @@ laid out for tensor parallelism.
 Numerics follow transformers exactly where it matters for fp32 token parity: RMSNorm does its
 math in fp32 and casts back before the weight multiply; inverse RoPE frequencies are computed
 with the same formulas, dtypes and operation order as ``transformers.modeling_rope_utils``.
+The elementwise ops (RMSNorm, residual add + RMSNorm, SiLU-and-mul, rotary) are in
+:mod:`.fused_ops`: the torch code on the CPU, fused Triton kernels on CUDA.
 
 Tensor-parallel layout (Megatron/vLLM style).  Every linear layer takes ``tp_rank``/``tp_size``
 and holds only its shard:
@@ -29,6 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# The elementwise math lives with its fused GPU kernels; apply_rotary is re-exported from here.
+from .fused_ops import apply_rotary as apply_rotary
+from .fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 
 ShardId = int | str | None
 
@@ -97,10 +103,12 @@ class RMSNorm(nn.Module):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``: one kernel on the GPU, where the decoder
+        carries the residual stream beside the sublayer outputs."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -110,8 +118,7 @@ class SiluAndMul(nn.Module):
     """``silu(x[:, :I]) * x[:, I:]`` for the fused gate/up output ``[T, 2I]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(x)
 
 
 # ---------------------------------------------------------------------- rotary
@@ -233,16 +240,6 @@ class RotaryEmbedding(nn.Module):
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, H, D]`` (NeoX half-split layout, as HF Llama).
-
-    ``x * cat(c, c) + rotate_half(x) * cat(s, s)`` written per half; bit-identical to the HF
-    form since ``a + (-b)*s == a - b*s`` exactly in IEEE arithmetic.
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 # ---------------------------------------------------------------------- linear layers

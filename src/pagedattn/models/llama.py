@@ -25,6 +25,7 @@ from ..attention.backend import AttentionLayerSpec
 from ..cache.kv_pool import KVCacheSpec
 from .config import ModelArchConfig
 from .context import ForwardContext
+from .fused_ops import qk_norm_rope
 from .layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -35,7 +36,6 @@ from .layers import (
     ShardId,
     SiluAndMul,
     VocabParallelEmbedding,
-    apply_rotary,
 )
 
 # Runtime fused parameter -> the checkpoint projections it holds, with their shard ids.
@@ -96,14 +96,10 @@ class LlamaAttention(nn.Module):
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, q + 2 kv]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim))
-            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        else:
-            # q and k heads are adjacent in the fused output: rotate them in one go.
-            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        # Per-head q/k RMSNorm (Qwen3) and rotary: one kernel on the GPU.
+        q_w, k_w = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+        eps = self.q_norm.eps if self.qk_norm else 0.0
+        q, k = qk_norm_rope(qkv, cos, sin, self.num_heads, self.num_kv_heads, q_w, k_w, eps)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.spec)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
@@ -149,10 +145,26 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # Pre-norm residual blocks; the adds go into the fresh sublayer outputs (no extra buffer).
-        h = self.self_attn(self.input_layernorm(hidden), cos, sin, ctx).add_(hidden)
-        return self.mlp(self.post_attention_layernorm(h)).add_(h)
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm residual blocks with the residual stream carried beside the sublayer output
+        (vLLM's layout): ``(mlp_out, residual)`` in, ``(mlp_out, residual)`` out, where the
+        layer's true output is their sum.  Each add is fused into the RMSNorm that follows it;
+        the sums equal HF's ``residual + sublayer_out`` bit for bit (addition commutes), so the
+        numbers match the plain layout exactly.  ``residual`` is None for the first layer."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, ctx)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -172,9 +184,12 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, ctx)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, ctx)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

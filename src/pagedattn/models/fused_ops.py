@@ -1,0 +1,405 @@
+"""Fused elementwise ops of the decoder: torch references, Triton kernels and the dispatcher.
+
+A decode step of a small model is memory-light but launch-heavy: written as torch ops, one
+layer's RMSNorms, residual adds, q/k norms, rotary and SiLU-and-mul are ~50 kernels, each
+reading and writing a few hundred KB.  Here each group is one kernel:
+
+* :func:`fused_add_rms_norm` -- ``residual = x + residual; normed = rms_norm(residual)`` in
+  one pass (the vLLM layout: the decoder carries the residual stream separately), and plain
+  :func:`rms_norm`;
+* :func:`qk_norm_rope` -- per-head RMSNorm of q and k (Qwen3; skipped for the other
+  families) and NeoX rotary, reading the fused qkv projection output;
+* :func:`silu_and_mul` -- ``silu(gate) * up`` over the fused gate/up output.
+
+Numerics.  The torch references are the model's original code (HF-exact in fp32 on the CPU).
+The kernels do their math in fp32 but round to the activation dtype wherever the torch code
+materialises a tensor in that dtype (the normalised value before the weight multiply, each
+rotary product, the SiLU before the multiply), so with bf16/fp16 they agree with the torch
+code to the last bit except where fp32 summation order or ``rsqrt``/``exp`` ulps tip a
+rounding; in fp32 they agree to a few ulps.
+
+Dispatch: the Triton kernels run when the tensor is on CUDA, triton imports and
+``PAGEDATTN_DISABLE_FUSED`` is unset (``1`` gives the torch path, for A/B timing); everything
+else (the CPU path above all) runs the torch references.  The kernels run on CPU tensors only
+under the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported), for tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: the torch references serve every call
+    triton = None
+    tl = None
+
+DISABLE_ENV = "PAGEDATTN_DISABLE_FUSED"
+
+
+# ---------------------------------------------------------------------- dispatch
+def fused_kernels_enabled() -> bool:
+    """Triton is importable and the fused kernels are not switched off by the environment."""
+    if triton is None:
+        return False
+    return os.environ.get(DISABLE_ENV, "0").lower() not in ("1", "true", "yes", "on")
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the ops below run their Triton kernel on ``x`` (CUDA tensors only)."""
+    return x.is_cuda and fused_kernels_enabled()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / rms(x))`` over the last dim."""
+    return rms_norm_triton(x, weight, eps) if use_triton(x) else rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``."""
+    if use_triton(x):
+        return fused_add_rms_norm_triton(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` from ``qkv [T, (Hq + 2 Hkv) D]``: per-head RMSNorm
+    when the weights are given, then rotary with ``cos``/``sin`` ``[T, 1, D/2]``."""
+    if use_triton(qkv):
+        return qk_norm_rope_triton(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps)
+    return qk_norm_rope_ref(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :I]) * x[..., I:]`` for the fused gate/up output ``[T, 2I]``."""
+    return silu_and_mul_triton(x) if use_triton(x) else silu_and_mul_ref(x)
+
+
+# ---------------------------------------------------------------------- torch references
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm``: normalise in fp32, cast back, then the weight multiply."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``x + residual`` in the activation dtype, the same sum HF's ``residual + hidden`` forms.
+    residual = x + residual
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, H, D]`` (NeoX half-split layout, as HF Llama).
+
+    ``x * cat(c, c) + rotate_half(x) * cat(s, s)`` written per half; bit-identical to the HF
+    form since ``a + (-b)*s == a - b*s`` exactly in IEEE arithmetic.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def qk_norm_rope_ref(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    t = qkv.shape[0]
+    head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    if q_weight is not None and k_weight is not None:
+        q = rms_norm_ref(qkv[:, :q_size].view(t, num_heads, head_dim), q_weight, eps)
+        k = rms_norm_ref(qkv[:, q_size : q_size + kv_size].view(t, num_kv_heads, head_dim), k_weight, eps)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    # q and k heads are adjacent in the fused output: rotate them in one go.
+    qk = apply_rotary(qkv[:, : q_size + kv_size].view(t, -1, head_dim), cos, sin)
+    return qk[:, :num_heads], qk[:, num_heads:]
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------- checks shared by the launchers
+def _require_triton() -> None:
+    if triton is None:
+        raise ImportError("the fused Triton kernels need triton; install it or run on the CPU path")
+
+
+def _check_last_dim(name: str, x: torch.Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim")
+
+
+def _check_weight(name: str, weight: torch.Tensor, size: int, x: torch.Tensor) -> None:
+    if tuple(weight.shape) != (size,):
+        raise ValueError(f"{name} must have shape ({size},), got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"{name} is on {weight.device}, the activations on {x.device}")
+    if not weight.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, n]`` (a view whenever the leading dims allow it)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _norm_warps(block: int) -> int:
+    # ~8 elements per thread up to 16 warps: 16-byte vector loads of bf16, no spills.
+    return min(16, max(4, block // 256))
+
+
+# ---------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _round(x, DTYPE: tl.constexpr):
+        """``x`` (fp32) rounded to ``DTYPE`` and back: where the torch code stores an
+        intermediate tensor in the activation dtype (a no-op for fp32)."""
+        return x.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _rms_norm_kernel(
+        X, Res, W, Out, ResOut,
+        stride_x, stride_r, stride_o, stride_ro,
+        n_cols, eps,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program per row: the row stays in registers between the sum of squares and the
+        # scaling, so it is read once and written once (twice with the residual).
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(Res + row * stride_r + offs, mask=mask, other=0.0)
+            # The sum rounded to the activation dtype: the residual stream the torch code keeps.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(ResOut + row * stride_ro + offs, x, mask=mask)
+        h = x.to(tl.float32)
+        var = tl.sum(h * h, axis=0) / n_cols
+        h = _round(h * tl.rsqrt(var + eps), X.dtype.element_ty)
+        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + row * stride_o + offs, (w * h).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_rope_heads(
+        Src, Dst, W, c, s, n_heads, eps,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        NORM: tl.constexpr, DTYPE: tl.constexpr,
+    ):
+        """RMSNorm (if NORM) then rotary of ``n_heads`` consecutive heads ``[n_heads, 2 HALF]``
+        at ``Src``, written to ``Dst``.  ``c``/``s`` are the token's ``[BLOCK_HALF]`` cos/sin."""
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_HALF)
+        d_mask = offs_d < HALF
+        mask = (offs_h < n_heads)[:, None] & d_mask[None, :]
+        at = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+        x1 = tl.load(Src + at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(Src + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            var = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+            r = tl.rsqrt(var + eps)[:, None]
+            w1 = tl.load(W + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            w2 = tl.load(W + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            x1 = _round(w1 * _round(x1 * r, DTYPE), DTYPE)
+            x2 = _round(w2 * _round(x2 * r, DTYPE), DTYPE)
+        # Each product and each sum rounded, as the torch ops (x1*cos - x2*sin, ...) store them.
+        o1 = _round(x1 * c, DTYPE) - _round(x2 * s, DTYPE)
+        o2 = _round(x2 * c, DTYPE) + _round(x1 * s, DTYPE)
+        tl.store(Dst + at, o1.to(DTYPE), mask=mask)
+        tl.store(Dst + at + HALF, o2.to(DTYPE), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(
+        QKV, Cos, Sin, QW, KW, Out,
+        stride_qkv, stride_cos, stride_sin, stride_out,
+        num_heads, num_kv_heads, eps,
+        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        # One program per token: its q heads then its k heads (adjacent in qkv and in Out).
+        tok = tl.program_id(0).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_HALF)
+        d_mask = offs_d < HALF
+        c = tl.load(Cos + tok * stride_cos + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(Sin + tok * stride_sin + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        src = QKV + tok * stride_qkv
+        dst = Out + tok * stride_out
+        k_off = num_heads * 2 * HALF
+        dtype = Out.dtype.element_ty
+        _norm_rope_heads(src, dst, QW, c, s, num_heads, eps, HALF, BLOCK_HQ, BLOCK_HALF, NORM, dtype)
+        _norm_rope_heads(src + k_off, dst + k_off, KW, c, s, num_kv_heads, eps, HALF, BLOCK_HK, BLOCK_HALF,
+                         NORM, dtype)
+
+    @triton.jit
+    def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(X + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        # silu is stored in the activation dtype before the multiply, as F.silu(gate) * up does.
+        act = _round(gate / (1.0 + tl.exp(-gate)), Out.dtype.element_ty)
+        tl.store(Out + row * stride_o + offs, (act * up).to(Out.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------- launchers
+def _launch_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _require_triton()
+    _check_last_dim("x", x)
+    n = x.shape[-1]
+    _check_weight("weight", weight, n, x)
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual must match x ({tuple(x.shape)}, {x.dtype}), got {tuple(residual.shape)}, {residual.dtype}"
+            )
+        _check_last_dim("residual", residual)
+    # The weight multiply promotes like torch's ``weight * h`` (the model keeps both in one dtype).
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    x2 = _rows(x)
+    if x2.shape[0] == 0:
+        return out, res_out
+    r2 = _rows(residual) if residual is not None else x2
+    o2, ro2 = _rows(out), (_rows(res_out) if res_out is not None else x2)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight, o2, ro2,
+        x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
+        n, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        num_warps=_norm_warps(block),
+    )
+    return out, res_out
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch_rms_norm(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, res_out = _launch_rms_norm(x, residual, weight, eps)
+    assert res_out is not None
+    return out, res_out
+
+
+def _check_qk_norm_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+) -> int:
+    """Validates the inputs of :func:`qk_norm_rope_triton`; returns the head dim."""
+    if num_heads < 1 or num_kv_heads < 1:
+        raise ValueError(f"num_heads and num_kv_heads must be >= 1, got {num_heads}, {num_kv_heads}")
+    if qkv.dim() != 2 or qkv.shape[1] % (num_heads + 2 * num_kv_heads):
+        raise ValueError(
+            f"qkv must be [T, (num_heads + 2 num_kv_heads) * head_dim], got {tuple(qkv.shape)} for "
+            f"{num_heads} + 2 x {num_kv_heads} heads"
+        )
+    _check_last_dim("qkv", qkv)
+    head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary, got {head_dim}")
+    for name, cs in (("cos", cos), ("sin", sin)):
+        if tuple(cs.shape) != (qkv.shape[0], 1, head_dim // 2) or cs.stride(-1) != 1:
+            raise ValueError(
+                f"{name} must be [T, 1, head_dim / 2] = {(qkv.shape[0], 1, head_dim // 2)} and contiguous in its "
+                f"last dim, got {tuple(cs.shape)}"
+            )
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("q_weight and k_weight must be given together (or neither)")
+    if q_weight is not None and k_weight is not None:
+        for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+            _check_weight(name, w, head_dim, qkv)
+            if w.dtype != qkv.dtype:
+                raise ValueError(f"{name} dtype {w.dtype} differs from the activations' {qkv.dtype}")
+    return head_dim
+
+
+def qk_norm_rope_triton(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _require_triton()
+    head_dim = _check_qk_norm_rope(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight)
+    t = qkv.shape[0]
+    # q and k rows of one token side by side, as the attention backend takes them (strided views).
+    out = torch.empty(t, num_heads + num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if t:
+        norm = q_weight is not None
+        half = head_dim // 2
+        _qk_norm_rope_kernel[(t,)](
+            qkv, cos, sin, q_weight if norm else qkv, k_weight if norm else qkv, out,
+            qkv.stride(0), cos.stride(0), sin.stride(0), out.stride(0),
+            num_heads, num_kv_heads, eps,
+            HALF=half, BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HALF=triton.next_power_of_2(half), NORM=norm,
+            num_warps=4,
+            # Without this LLVM narrows round(x * c) to a bf16 multiply and then contracts
+            # "ext(x * c) - s" into one FMA, dropping the rounding the torch code does
+            # (a 1-ulp difference in ~25% of bf16 outputs on an H200).
+            enable_fp_fusion=False,
+        )
+    return out[:, :num_heads], out[:, num_heads:]
+
+
+SILU_BLOCK = 1024  # columns per program
+
+
+def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    _require_triton()
+    _check_last_dim("x", x)
+    if x.shape[-1] % 2:
+        raise ValueError(f"x's last dim must be even (gate and up halves), got {x.shape[-1]}")
+    n = x.shape[-1] // 2
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    x2, o2 = _rows(x), _rows(out)
+    if x2.shape[0]:
+        block = min(SILU_BLOCK, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
+            x2, o2, x2.stride(0), o2.stride(0), n, BLOCK=block, num_warps=4,
+        )
+    return out
