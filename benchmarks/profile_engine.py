@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--e2e", action="store_true",
+                    help="the bench_throughput workload (outputs 100..1024); report time per kind of step")
     args = ap.parse_args()
     from pagedattn import LLM, SamplingParams
 
@@ -32,10 +34,13 @@ def main() -> None:
     torch.cuda.empty_cache()
     llm = LLM(str(folder), device="cuda", dtype="bfloat16", max_model_len=2048 + 16, max_num_seqs=256,
               max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
-    prompts, _ = workload(args.num_requests, 100, 1024, QWEN3_0_6B["vocab_size"])
+    prompts, outs = workload(args.num_requests, 100, 1024, QWEN3_0_6B["vocab_size"])
     sp = SamplingParams(temperature=0.6, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
     eng = llm.engine
+    if args.e2e:
+        step_kinds(eng, prompts, outs)
+        return
     timers = {"schedule": 0.0, "execute": 0.0, "process": 0.0}
     orig_sched, orig_exec, orig_proc = eng.scheduler.schedule, eng.runner.execute, eng._process
 
@@ -79,6 +84,43 @@ def main() -> None:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.top)
     print(buf.getvalue())
+
+
+def step_kinds(eng, prompts, outs) -> None:
+    """Drive the engine step by step and split wall time by kind of step."""
+    from pagedattn import SamplingParams
+
+    for p, o in zip(prompts, outs):
+        eng.add_request(p, SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True), stream=False)
+    kinds: dict[str, list[float]] = {}
+    orig = eng.scheduler.schedule
+    seen: list = []
+
+    def sched():
+        out = orig()
+        seen.append(out)
+        return out
+
+    eng.scheduler.schedule = sched
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        seen.clear()
+        t = time.perf_counter()
+        eng.step()
+        dt = time.perf_counter() - t
+        if not seen:
+            kind = "overlapped decode"
+        elif any(s.num_new_tokens > 1 for s in seen[0].scheduled):
+            kind = "with prefill"
+        else:
+            kind = "synchronous decode"
+        kinds.setdefault(kind, []).append(dt)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    print(f"e2e wall {wall:.2f}s, {sum(outs)} tokens, {sum(outs) / wall:.0f} tok/s")
+    for k, v in kinds.items():
+        print(f"  {k:20s} steps {len(v):5d}  total {sum(v):6.2f}s  mean {1e3 * sum(v) / len(v):6.2f} ms")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,11 @@ def test_async_scheduling_keeps_outputs(model_dirs):
         assert _greedy(llm, prompts) == baseline, kw
         assert llm.get_metrics()["kv_blocks_used"] == 0
         llm.engine.check_integrity()
+    # Requests stopping at different steps leave the overlapped batch one by one.
+    ragged = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 24, 7, 1, 16, 11)]
+    got = [o.outputs[0].token_ids for o in _llm(path, async_scheduling=True).generate(prompts, ragged,
+                                                                                       use_tqdm=False)]
+    assert got == [b[:sp.max_tokens] for b, sp in zip(baseline, ragged)]
     sp = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
     sync = _llm(path, async_scheduling=False).generate(prompts[:2], sp, use_tqdm=False)
     llm = _llm(path, async_scheduling=True)

@@ -24,7 +24,7 @@ from ..models.loader import load_model, load_tokenizer
 from .detokenizer import detokenize_incrementally
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
-from .sampler import Sampler, SamplingBatch, SamplingRow
+from .sampler import Sampler, SamplingBatch, SamplingRow, to_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
@@ -308,12 +308,16 @@ class LLMEngine:
         sch = self.scheduler
         if sch.swapped or (sch.waiting and len(sch.running) < self.config.scheduler.max_num_seqs):
             return None
-        seqs = [seq for seq, _ in cur.targets]
-        for seq, req in cur.targets:
-            if seq.finish_reason is not None or req.request_id not in self.requests:
-                return None
-            if seq.num_computed_tokens + 2 > self.max_model_len:
-                return None
+        # Sequences that stopped (or were aborted) before this launch drop out; their rows of
+        # the in-flight samples are skipped with an on-device gather.
+        rows = [i for i, (seq, req) in enumerate(cur.targets)
+                if seq.finish_reason is None and req.request_id in self.requests]
+        if not rows:
+            return None
+        targets = [cur.targets[i] for i in rows]
+        seqs = [seq for seq, _ in targets]
+        if any(seq.num_computed_tokens + 2 > self.max_model_len for seq in seqs):
+            return None
         bm = self.block_manager
         for seq in seqs:
             # Slots for the position after the in-flight token; extra slots left by a bail-out
@@ -323,9 +327,11 @@ class LLMEngine:
         copies = bm.take_pending_copies()
         if copies:  # siblings still sharing their last block
             self.runner.run_kv_ops([("copy", copies)])
-        logits = self.runner.execute_lookahead(seqs, cur.tokens)
-        sched = SchedulerOutput(scheduled=[ScheduledSeq(req, seq, 1) for seq, req in cur.targets])
-        return self._launch(sched, cur.targets, logits, cur.batch)
+        same = len(rows) == len(cur.targets)
+        input_ids = cur.tokens if same else cur.tokens.index_select(0, to_device(rows, torch.long, self.device))
+        logits = self.runner.execute_lookahead(seqs, input_ids)
+        sched = SchedulerOutput(scheduled=[ScheduledSeq(req, seq, 1) for seq, req in targets])
+        return self._launch(sched, targets, logits, cur.batch if same else None)
 
     def _finish(self, cur: _Inflight) -> list[Request]:
         """Read back an in-flight step's tokens and apply them (skipping sequences that

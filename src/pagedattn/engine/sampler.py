@@ -51,7 +51,8 @@ class SamplingBatch:
     seeded: list[int] = field(default_factory=list)  # rows with their own generator
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for it (pinned, non-blocking on CUDA)."""
     t = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
@@ -79,20 +80,20 @@ class Sampler:
         b = SamplingBatch(rows, greedy, all(greedy), any(r.params.logprobs is not None for r in rows))
         if b.all_greedy:
             return b
-        b.temperature = _to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
+        b.temperature = to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
                                    torch.float32, dev)[:, None]
         # top_k beyond the vocabulary means "no filter"; clamp so huge values cannot overflow.
         ks = [min(r.params.top_k, 1 << 30) if r.params.top_k_active else 0 for r in rows]
         if any(ks):
             kmax = max(ks)
-            b.top_k = (kmax, _to_device([min(k, kmax) - 1 if k else kmax - 1 for k in ks], torch.long, dev)[:, None],
-                       _to_device([k > 0 for k in ks], torch.bool, dev)[:, None])
+            b.top_k = (kmax, to_device([min(k, kmax) - 1 if k else kmax - 1 for k in ks], torch.long, dev)[:, None],
+                       to_device([k > 0 for k in ks], torch.bool, dev)[:, None])
         if any(r.params.top_p < 1.0 for r in rows):
-            b.top_p = _to_device([r.params.top_p for r in rows], torch.float32, dev)[:, None]
+            b.top_p = to_device([r.params.top_p for r in rows], torch.float32, dev)[:, None]
         if any(r.params.min_p > 0 for r in rows):
-            b.min_p = _to_device([r.params.min_p for r in rows], torch.float32, dev)[:, None]
+            b.min_p = to_device([r.params.min_p for r in rows], torch.float32, dev)[:, None]
         if any(greedy):
-            b.greedy_mask = _to_device(greedy, torch.bool, dev)
+            b.greedy_mask = to_device(greedy, torch.bool, dev)
         b.seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if r.generator is not None and not g]
         return b
 
