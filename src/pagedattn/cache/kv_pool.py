@@ -66,7 +66,8 @@ class KVCachePool:
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
         shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv = torch.empty(shape, dtype=spec.dtype, device=self.device)
+        # Zeroed, so no slot ever holds NaN/Inf: kernels may load unwritten slots under a mask.
+        self.kv = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         on_cuda = self.device.type == "cuda"
         cpu_shape = (spec.num_layers, 2, num_cpu_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.cpu_kv = torch.empty(cpu_shape, dtype=spec.dtype, pin_memory=on_cuda and num_cpu_blocks > 0)

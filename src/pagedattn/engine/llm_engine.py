@@ -87,7 +87,8 @@ class LLMEngine:
         limit = self.arch.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.eos_token_ids = set(self.source.eos_token_ids)
-        self.backend = get_attention_backend(self.device, config.attention_backend)
+        # The engine's KV pool is zero-initialised, hence always finite.
+        self.backend = get_attention_backend(self.device, config.attention_backend, finite_cache=True)
 
         cc = config.cache
         spec = self.model.kv_cache_spec(cc.block_size, self.dtype)

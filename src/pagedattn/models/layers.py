@@ -89,6 +89,19 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
 
 
 # ---------------------------------------------------------------------- norm / activation
+
+# Below this many rows a CPU matmul is a skinny GEMM, where computing ``(W @ x^T)^T`` runs
+# ~25% faster in MKL than ``x @ W^T`` (measured on the 2-core CI machine, SmolLM2 shapes).
+_CPU_SKINNY_ROWS = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with the faster operand order for decode-sized batches on the CPU."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _CPU_SKINNY_ROWS:
+        y = torch.mm(weight, x.t()).t().contiguous()
+        return y.add_(bias) if bias is not None else y
+    return F.linear(x, weight, bias)
+
 class RMSNorm(nn.Module):
     """``weight * (x / rms(x))`` with the normalisation in fp32, cast back before the weight
     multiply (exactly like ``LlamaRMSNorm``).  Normalises over the last dim, so it also serves
@@ -275,7 +288,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             y = _all_gather_last_dim(y, self.tp_size)
         return y
@@ -443,7 +456,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias, so the cross-rank sum contains it exactly once.
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.reduce_results and self.tp_size > 1:
             y = _all_reduce(y)
         return y
@@ -522,7 +535,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [n, dim]`` -> logits ``[n, vocab]`` (this rank's padded slice if not gathering)."""
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size > 1 and self.gather_output:
             logits = _all_gather_last_dim(logits, self.tp_size)[..., : self.num_embeddings]
         return logits
