@@ -1,0 +1,43 @@
+"""The command line, as a user runs it: `python -m pagedattn generate|chat` on the default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "pagedattn", *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.mark.usefixtures("default_model_dir")
+def test_generate_streams_the_default_model() -> None:
+    r = _run(["generate", "The capital of France is", "--max-tokens", "8", "--device", "cpu", "--metrics"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris.")
+    metrics = json.loads(r.stderr[r.stderr.index("{"):])
+    assert metrics["kv_blocks_used"] == 0 and metrics["num_generated_tokens"] == 8
+
+
+@pytest.mark.usefixtures("default_model_dir")
+def test_generate_json_and_bad_input() -> None:
+    r = _run(["generate", "Hello", "-n", "2", "--temperature", "0.8", "--sample-seed", "3", "--max-tokens", "4",
+              "--json", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["index"] for x in lines] == [0, 1] and all(len(x["token_ids"]) == 4 for x in lines)
+    r = _run(["generate", "Hello", "--max-tokens", "0", "--device", "cpu"])
+    assert r.returncode == 2 and "max_tokens" in r.stderr
+
+
+@pytest.mark.usefixtures("default_model_dir")
+def test_chat_answers_and_quits_on_empty_line() -> None:
+    r = _run(["chat", "--device", "cpu", "--max-tokens", "24"], stdin="What is the capital of France?\n\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
