@@ -108,8 +108,7 @@ def main() -> None:
         dt, n = bench_ours(llm, prompts, args.new_tokens)
     finally:
         if tracer is not None:  # stop recording before anything else runs on this engine
-            tracer.close()
-            llm.engine.tracer = None
+            llm.engine.detach_tracer()
             print(f"trace written to {args.trace}")
     rows.append(("pagedattn", dt, n))
     if not args.skip_hf:

@@ -101,11 +101,16 @@ def bench_ours(folder: Path, prompts, outs, args) -> dict:
     # specialisation chunked prefill and decode will hit is compiled before timing.
     warm, _ = workload(64, args.min_len, args.max_len, QWEN3_0_6B["vocab_size"], seed=1)
     llm.generate(warm, SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    if args.trace:  # recording costs host time: do not report figures from a traced run
+        from pagedattn.viz import TraceRecorder
+
+        llm.engine.attach_tracer(TraceRecorder(args.trace))
     torch.cuda.synchronize()
     t = time.perf_counter()
     res = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
+    llm.engine.detach_tracer()
     n = sum(len(r.outputs[0].token_ids) for r in res)
     assert n == sum(outs), "every request must produce exactly its max_tokens"
     m = llm.get_metrics()
@@ -149,6 +154,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--trace", default=None,
+                    help="record a block-pool trace of the timed run here (pagedattn viz draws it; slows the run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -506,5 +506,13 @@ class LLMEngine:
         self.block_manager.check_integrity()
 
     def attach_tracer(self, tracer: Any) -> None:
+        """Record every block-pool event and a per-step summary (a ``viz.TraceRecorder``)."""
         self.tracer = tracer
         tracer.attach(self.block_manager)
+
+    def detach_tracer(self) -> Any:
+        """Stop recording and close the recorder (writing its file); returns it."""
+        tracer, self.tracer = self.tracer, None
+        if tracer is not None:
+            tracer.close()
+        return tracer

@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 else:
                     print(f"--- prompt: {o.prompt!r} [sample {c.index}, {c.finish_reason}]\n{o.prompt or ''}{c.text}")
     if tracer is not None:
-        tracer.close()
+        llm.engine.detach_tracer()
         print(f"trace written to {args.trace}", file=sys.stderr)
     if args.metrics:
         print(json.dumps(llm.get_metrics(), indent=2), file=sys.stderr)
