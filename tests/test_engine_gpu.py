@@ -43,3 +43,9 @@ def test_gpu_preemption_and_prefix_cache_keep_outputs(tmp_path):
         m = llm.get_metrics()
         assert m["num_preemptions"] > 0 and m["kv_blocks_used"] == 0
         llm.engine.check_integrity()
+
+
+def test_gpu_memory_utilization_too_low_is_a_clear_error(tmp_path):
+    path = make_model_dir(tmp_path, "llama_mqa_tied")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(str(path), device="cuda", gpu_memory_utilization=0.001)
