@@ -10,42 +10,28 @@ bit almost everywhere.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+from .triton_interpreter import (
+    CUDA,
+    DEVICE,
+    rerun_in_fresh_process,
+    seeded_generator,
+    skip_unless_runnable,
+)
 
-
-def _triton_loaded_for_gpu() -> bool:
-    """True if triton was imported before TRITON_INTERPRET was set (transformers does it
-    through ``torch._dynamo``): its jit functions are then compiled-mode only."""
-    if "triton" not in sys.modules:
-        return False
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return not isinstance(tl.cdiv, InterpretedFunction)
-
-
-NEEDS_FRESH_PROCESS = not CUDA and _triton_loaded_for_gpu()
-if not CUDA:
-    # Must be set before triton (and the kernels) are first imported.
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from pagedattn.attention.selector import get_attention_backend  # noqa: E402
-from pagedattn.models import fused_ops as fo  # noqa: E402
-from pagedattn.models.config import ModelArchConfig  # noqa: E402
-from pagedattn.models.layers import RotaryEmbedding  # noqa: E402
-from pagedattn.models.registry import build_model  # noqa: E402
-from pagedattn.models.testing import PagedHarness  # noqa: E402
+from pagedattn.attention.selector import get_attention_backend
+from pagedattn.models import fused_ops as fo
+from pagedattn.models.config import ModelArchConfig
+from pagedattn.models.layers import RotaryEmbedding
+from pagedattn.models.registry import build_model
+from pagedattn.models.testing import PagedHarness
 
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -66,18 +52,12 @@ SIZE = Size(256, 1024, 3072, 16, 8, 128) if CUDA else Size(5, 48, 40, 3, 1, 12)
 
 @pytest.fixture(autouse=True)
 def _interpreter_available(request: pytest.FixtureRequest) -> None:
-    if NEEDS_FRESH_PROCESS and request.node.originalname != "test_fused_ops_in_fresh_interpreter_process":
-        pytest.skip("triton was loaded before TRITON_INTERPRET was set: run by the fresh-process test")
+    skip_unless_runnable(request, "test_fused_ops_in_fresh_interpreter_process")
 
 
 def test_fused_ops_in_fresh_interpreter_process() -> None:
     """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
-    if not NEEDS_FRESH_PROCESS:
-        pytest.skip("kernels run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:
@@ -86,11 +66,7 @@ def _tol(dtype: torch.dtype) -> dict[str, float]:
             torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}[dtype]
 
 
-def _gen(*key: object) -> torch.Generator:
-    """A generator seeded from the test's parameters: fresh inputs per case, reproducible."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(hash(repr(key)) % (2**31))
-    return g
+_gen = seeded_generator
 
 
 def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0,

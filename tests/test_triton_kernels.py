@@ -10,47 +10,32 @@ sliding windows, poisoned (NaN) outputs and NaN in every cache slot no kernel ma
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+from .triton_interpreter import (
+    CUDA,
+    DEVICE,
+    rerun_in_fresh_process,
+    seeded_generator,
+    skip_unless_runnable,
+)
 
-
-def _triton_loaded_for_gpu() -> bool:
-    """True if something (e.g. ``torch._dynamo``, which transformers imports) loaded triton
-    before TRITON_INTERPRET was set: its library functions are then compiled-mode only, and
-    the interpreter needs a fresh process."""
-    if "triton" not in sys.modules:
-        return False
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return not isinstance(tl.cdiv, InterpretedFunction)
-
-
-NEEDS_FRESH_PROCESS = not CUDA and _triton_loaded_for_gpu()
-if not CUDA:
-    # Must be set before triton (and our kernels) are first imported.
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from pagedattn.attention import (  # noqa: E402
+from pagedattn.attention import (
     AttentionLayerSpec,
     AttentionMetadata,
     TorchReferenceBackend,
     paged_attention_ref,
     store_kv_ref,
 )
-from pagedattn.attention import triton_ops as ops  # noqa: E402
-from pagedattn.attention.selector import get_attention_backend  # noqa: E402
-from pagedattn.attention.triton_backend import TritonBackend  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+from pagedattn.attention import triton_ops as ops
+from pagedattn.attention.selector import get_attention_backend
+from pagedattn.attention.triton_backend import TritonBackend
 
 
 @dataclass(frozen=True)
@@ -71,18 +56,12 @@ DEC_CFG = None if CUDA else ops.DecodeConfig(block_n=16)
 
 @pytest.fixture(autouse=True)
 def _interpreter_available(request: pytest.FixtureRequest) -> None:
-    if NEEDS_FRESH_PROCESS and request.node.originalname != "test_kernels_in_fresh_interpreter_process":
-        pytest.skip("triton was loaded before TRITON_INTERPRET was set: run by the fresh-process test")
+    skip_unless_runnable(request, "test_kernels_in_fresh_interpreter_process")
 
 
 def test_kernels_in_fresh_interpreter_process() -> None:
     """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
-    if not NEEDS_FRESH_PROCESS:
-        pytest.skip("kernels run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:
@@ -91,11 +70,7 @@ def _tol(dtype: torch.dtype) -> dict[str, float]:
             torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}[dtype]
 
 
-def _gen(*key: object) -> torch.Generator:
-    """A generator seeded from the test's parameters: fresh inputs per case, reproducible."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(hash(repr(key)) % (2**31))
-    return g
+_gen = seeded_generator
 
 
 def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
