@@ -160,10 +160,22 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        # Digests of full prompt blocks that requests admitted in this step will compute.  A
+        # request whose next uncached block is among them waits one step and then hits the
+        # cache instead of computing the same block again (a shared system prompt arriving
+        # with many requests at once is computed once, not once per request of the step).
+        pending: set[bytes] = set()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             seq = self._active_seqs(req)[0]
             match = self.bm.match_prefix(seq.token_ids, req.extra_key)
+            if self.bm.enable_prefix_caching:
+                keys = self.bm.block_keys(seq.token_ids, (seq.num_tokens - 1) // self.bm.block_size, req.extra_key,
+                                          match.keys)
+                fresh = keys[len(match.keys):]
+                if fresh and fresh[0].digest in pending:
+                    break  # FCFS: later requests wait too
+                pending.update(k.digest for k in fresh)
             n = seq.num_tokens - match.num_tokens
             if n > budget and not self.config.enable_chunked_prefill:
                 break
