@@ -35,6 +35,8 @@ class PrefixMatch:
     num_tokens: int  # prompt tokens whose K/V is already cached (a multiple of block_size)
     blocks: list[int]  # physical ids, NULL_BLOCK where the window makes a block unnecessary
     keys: list[BlockKey]  # keys of every matched logical block (for the hash chain)
+    # Keys of every full prompt block looked up (matched or not): what the prompt will publish.
+    prompt_keys: list[BlockKey] = field(default_factory=list)
 
 
 @dataclass
@@ -186,10 +188,10 @@ class BlockManager:
                 best = n
                 break
         if best == 0:
-            return PrefixMatch(0, [], [])
+            return PrefixMatch(0, [], [], keys)
         lo = self._first_live_block(best * self.block_size) if self.sliding_window else 0
         blocks = [NULL_BLOCK] * lo + [b for b in found[lo:best]]  # type: ignore[misc]
-        return PrefixMatch(best * self.block_size, blocks, keys[:best])
+        return PrefixMatch(best * self.block_size, blocks, keys[:best], keys)
 
     # ================================================================== allocation
     def allocate_slots(self, seq_id: SeqId, num_computed: int, num_new: int,

@@ -169,13 +169,10 @@ class Scheduler:
             req = self.waiting[0]
             seq = self._active_seqs(req)[0]
             match = self.bm.match_prefix(seq.token_ids, req.extra_key)
-            if self.bm.enable_prefix_caching:
-                keys = self.bm.block_keys(seq.token_ids, (seq.num_tokens - 1) // self.bm.block_size, req.extra_key,
-                                          match.keys)
-                fresh = keys[len(match.keys):]
-                if fresh and fresh[0].digest in pending:
-                    break  # FCFS: later requests wait too
-                pending.update(k.digest for k in fresh)
+            fresh = match.prompt_keys[len(match.keys):]
+            if fresh and fresh[0].digest in pending:
+                break  # FCFS: later requests wait too
+            pending.update(k.digest for k in fresh)
             n = seq.num_tokens - match.num_tokens
             if n > budget and not self.config.enable_chunked_prefill:
                 break
