@@ -68,11 +68,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """``logits [n, V]`` (any float dtype) -> one token per row (one host transfer)."""
         batch = self.prepare(rows)
+        logits = logits.float()  # once; sample() and the logprobs share it
         tokens = self.sample(logits, batch)
         if not batch.want_logprobs:
             ids = tokens.tolist()
             return SamplerOutput(ids, [None] * len(rows), [None] * len(rows))
-        return self._with_logprobs(logits.float(), tokens, rows)
+        return self._with_logprobs(logits, tokens, rows)
 
     def prepare(self, rows: list[SamplingRow]) -> SamplingBatch:
         dev = self.device
