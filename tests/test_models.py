@@ -37,6 +37,7 @@ from pagedattn.models.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     apply_rotary,
+    pack_linear_weights_for_cpu,
     rope_inv_freq,
 )
 from pagedattn.models.llama import LlamaForCausalLM
@@ -250,6 +251,23 @@ def test_bfloat16_model_tracks_fp32(build_family: Callable[[str], Family]) -> No
     assert got.dtype == torch.bfloat16
     ref = _hf_logits(fam.hf, ids)
     assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("name", ["llama_mqa_bias_linear_rope", "qwen2_bias_tied_windowed", "llama_untied_llama3_rope"])
+def test_cpu_packed_weights_match_dense(build_family: Callable[[str], Family], name: str) -> None:
+    """The CPU runtime layout (oneDNN-packed linears) computes the same logits as the dense
+    checkpoint layout, for prefill and decode-sized batches, tied and untied heads, with biases."""
+    fam = build_family(name)
+    packed, _ = load_model(fam.path, torch.float32, "cpu")
+    n_linear = sum(isinstance(m, ColumnParallelLinear | RowParallelLinear | ParallelLMHead) for m in packed.modules())
+    assert pack_linear_weights_for_cpu(packed) == n_linear
+    assert pack_linear_weights_for_cpu(packed) == 0  # idempotent
+    assert packed.lm_head.weight.is_mkldnn and not packed.model.embed_tokens.weight.is_mkldnn
+    for seed, n in ((3, SEQ_LEN), (4, 1)):
+        batch = [("a", _ids(seed, n)), ("b", _ids(seed + 10, n))]
+        for got, ref in zip(_harness(packed).step(batch), _harness(fam.ours).step(batch)):
+            _assert_logits_match(got, ref)
 
 
 def test_kv_cache_spec_and_registry(build_family: Callable[[str], Family]) -> None:

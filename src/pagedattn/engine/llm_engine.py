@@ -20,6 +20,7 @@ from ..attention.selector import get_attention_backend
 from ..cache.block_manager import BlockManager, cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
 from ..config import CacheConfig, SchedulerConfig, parse_dtype, resolve_device
+from ..models.layers import pack_linear_weights_for_cpu
 from ..models.loader import load_model, load_tokenizer
 from .detokenizer import detokenize_incrementally
 from .model_runner import ModelRunner
@@ -81,6 +82,8 @@ class LLMEngine:
             self.model, self.source = load_model(config.model, self.dtype, self.device)
         except FileNotFoundError as e:
             raise ValueError(f"model: {e}") from None
+        if self.device.type == "cpu":
+            pack_linear_weights_for_cpu(self.model)  # the runtime layout of the CPU's GEMMs
         self.tokenizer = load_tokenizer(self.source)
         self.arch = self.model.config
         logger.info("loaded %s in %.1fs", self.source.model_dir, time.perf_counter() - t0)
