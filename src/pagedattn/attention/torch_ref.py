@@ -72,10 +72,12 @@ class _GroupPlan:
         self.bsz, self.max_q, self.max_ctx = bsz, max_q, max_ctx
         ql = torch.tensor(query_lens, device=device)
         sl = torch.tensor(seq_lens, device=device)
-        k_pos = torch.arange(max_ctx, device=device)
-        # Flat slot of every (sequence, context position): one gather reads K (or V) for all.
-        blocks = block_tables[:, : -(-max_ctx // block_size)].long()
-        self.slots = (blocks[:, k_pos // block_size] * block_size + k_pos % block_size)  # [B, ctx]
+        # Whole pages are gathered (one index_select of [bs, Hkv, D] rows: ~5x faster on a CPU
+        # than indexing token slots), so the context is padded to a page multiple.
+        num_pages = -(-max_ctx // block_size)
+        self.ctx = num_pages * block_size
+        self.pages = block_tables[:, :num_pages].reshape(-1).long()  # [B * num_pages]
+        k_pos = torch.arange(self.ctx, device=device)
         jq = torch.arange(max_q, device=device)
         self.valid_q = jq[None, :] < ql[:, None]  # [B, max_q]
         starts = torch.cumsum(ql, 0) - ql
@@ -92,7 +94,7 @@ class _GroupPlan:
         lowest = (sl - ql - window + 1).clamp(min=0) if window is not None else torch.zeros_like(sl)
         readable = (k_pos[None, :] < sl[:, None]) & (k_pos[None, :] >= lowest[:, None])
         self.unreadable = ~readable[:, :, None, None]  # [B, ctx, 1, 1]
-        per_q = bsz * max_ctx
+        per_q = bsz * self.ctx
         self.chunk = max(1, _MAX_SCORE_ELEMS // max(per_q, 1))
 
 
@@ -118,8 +120,9 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     hq = q.shape[1]
     g = hq // hkv
     bsz, max_q = plan.bsz, plan.max_q
-    keys = k_cache.view(-1, hkv, d)[plan.slots].float()  # [B, ctx, Hkv, D]: one gather through the page table
-    vals = v_cache.view(-1, hkv, d)[plan.slots].float()
+    # [B, ctx, Hkv, D]: one gather of pages through the page table
+    keys = k_cache.index_select(0, plan.pages).view(bsz, plan.ctx, hkv, d).float()
+    vals = v_cache.index_select(0, plan.pages).view(bsz, plan.ctx, hkv, d).float()
     if clean:
         vals.masked_fill_(plan.unreadable, 0.0)
     if max_q == 1:
