@@ -132,6 +132,27 @@ def test_mixed_batch_decodes_first_then_extends(hq: int, hkv: int, window: int |
     assert rel_err(b.run(), b.oracle()) < 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_runs_split_by_context_length_match_dense(window: int | None) -> None:
+    # Two runs of decodes around an extend, lengths unsorted: each run is cut into a short and a
+    # long group whose rows are scattered back in place.
+    query_lens = [1, 1, 1, 1, 1, 5, 1, 1, 1, 1]
+    seq_lens = [300, 3, 250, 9, 4, 20, 17, 2, 180, 6]
+    b = Batch(77, query_lens, seq_lens, 8, 2, 4, window)
+    plans = torch_ref._make_plans(b.meta.block_tables, query_lens, seq_lens, 4, window, torch.device("cpu"))
+    assert [p.rows.tolist() if p.rows is not None else None for p in plans] == [
+        [1, 4, 3], [2, 0], None, [11, 13, 10], [12]]
+    assert rel_err(b.run(), b.oracle()) < 1e-5
+
+
+def test_split_decodes_only_when_it_saves_enough() -> None:
+    assert torch_ref._split_decodes([10, 10, 10, 10], 4) is None  # nothing to save
+    assert torch_ref._split_decodes([5, 500, 5], 4) is None  # too few rows
+    assert torch_ref._split_decodes([140, 140, 140, 160], 16) is None  # 37 of 40 pages: saves 7.5%
+    short, long = torch_ref._split_decodes([500, 5, 6, 480, 7], 16)
+    assert sorted(short) == [1, 2, 4] and sorted(long) == [0, 3]
+
+
 def test_permuting_physical_blocks_does_not_change_the_result() -> None:
     b = Batch(5, [1, 6], [37, 23], 4, 2, 4)
     out = b.run()
@@ -189,12 +210,9 @@ def test_window_of_one_returns_own_value() -> None:
         assert torch.allclose(out[i], b.v_cache[block, p % 4], atol=1e-6)
 
 
-def test_long_extend_is_chunked_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    b = Batch(11, [64, 1], [200, 90], 8, 2, 16)
-    full = b.run()
-    monkeypatch.setattr(torch_ref, "_MAX_SCORE_ELEMS", 4096)  # forces many query chunks
-    assert torch.equal(b.run(), full)
-    assert rel_err(full, b.oracle()) < 1e-5
+def test_long_extends_of_different_lengths_match_dense() -> None:
+    b = Batch(11, [64, 1, 700, 3], [200, 90, 700, 900], 8, 2, 16)
+    assert rel_err(b.run(), b.oracle()) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
