@@ -30,6 +30,10 @@ class AttentionMetadata:
     # Host-side copies so the CPU reference path never synchronises with the device.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Host copy of the block tables, [B, >= max blocks] with -1 for unused and window-released
+    # entries (``build`` fills it; None when built otherwise): lets a backend find the rows that
+    # share prefix blocks without reading the device tensor back.
+    block_tables_cpu: np.ndarray | None = field(default=None, repr=False, compare=False)
     # Derived per-step data a backend computes on the first layer and reuses in the others
     # (gather indices, masks).  Owned by the backend; never read by the model.
     scratch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -100,6 +104,7 @@ class AttentionMetadata:
             num_decodes=num_decodes,
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
+            block_tables_cpu=bt_np,
         )
 
 

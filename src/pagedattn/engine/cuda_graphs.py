@@ -58,7 +58,7 @@ class DecodeGraphs:
             for _ in range(2)
         ]
         self._turn = 0
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # per bucket, one per backend variant
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
@@ -76,17 +76,22 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         for b in reversed(self.buckets):
             ctx = ForwardContext(self._meta(b), self.kv_caches, self.backend)
-            with self.backend.graph_capture(b):
-                # One eager run first: Triton compiles and autotunes outside the capture.
-                self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
-                torch.cuda.synchronize(self.device)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool):
-                    logits = self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
-            if self.pool is None:
-                self.pool = g.pool()
-            self.graphs[b] = g
-            self.logits[b] = logits
+            self.graphs[b] = []
+            for variant in range(self.backend.graph_variants()):
+                with self.backend.graph_capture(b, variant):
+                    # One eager run first: Triton compiles and autotunes outside the capture.
+                    self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
+                    torch.cuda.synchronize(self.device)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool):
+                        logits = self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
+                        if variant:  # later variants leave their logits in the first one's buffer
+                            self.logits[b].copy_(logits)
+                if self.pool is None:
+                    self.pool = g.pool()
+                self.graphs[b].append(g)
+                if not variant:
+                    self.logits[b] = logits
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
@@ -120,10 +125,13 @@ class DecodeGraphs:
         rows = np.repeat(np.arange(n), sizes)
         cols = np.arange(flat.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         bt[rows, cols] = np.maximum(flat, 0)  # window-released entries (-1) are never read
+        # Backend-owned per-step inputs (cascade decode's shared-prefix groups), planned from the
+        # same host arrays; entries of bt past a row's table length are stale and never read.
+        variant = self.backend.prepare_decode_inputs(bt[:n], lens[:n], self.kv_caches[0][0].shape[1], b)
         self._packed.copy_(host_t, non_blocking=True)
         if on_device:
             self.input_ids[:n].copy_(tokens)
         self.seq_lens[:b].copy_(lens_t[:b], non_blocking=True)
         self.block_tables[:b].copy_(bt_t[:b], non_blocking=True)
-        self.graphs[b].replay()
+        self.graphs[b][variant].replay()
         return self.logits[b][:n]

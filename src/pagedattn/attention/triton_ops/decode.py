@@ -10,6 +10,12 @@ With ``num_splits > 1`` each sequence's key range is cut into that many tile-ali
 each program writes a normalised partial output and its log-sum-exp (base 2) to fp32
 intermediates, and a second kernel merges the splits.  Splits keep the GPU busy when
 ``batch * Hkv`` programs alone would not fill it (small batches, long contexts).
+
+Cascade decode (``cascade=``): rows sharing prefix blocks get their prefix attended by the
+shared-prefix kernel (``cascade.py``), which writes partials into further workspace slots; the
+decode kernel then starts each row at its own tail (``TailStart``) and, unsplit, folds the
+row's prefix partials into its result itself (split, the merge kernel takes them with the
+splits' partials).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .cascade import CascadeInputs, PrefixConfig, prefix_attention
 from .common import LOG2E, dot_dtype, dot_precision
 
 # Upper bound on splits: the merge kernel holds all of one head's partials in one tile.
@@ -69,8 +76,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
 @triton.jit
 def _decode_kernel(
     Q, K, V, Out, MidO, MidLse, BlockTables, SeqLens,
+    TailStart, NumPre,  # cascade only: first own key of each row, prefix partials it merges
     scale_log2,  # softmax scale * log2(e): scores live in the base-2 domain
     num_splits,
+    pre_offset,  # cascade only: slot of a row's first prefix partial
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -83,6 +92,7 @@ def _decode_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,  # 0: no sliding window
     SPLIT: tl.constexpr,  # write fp32 partials instead of the final output
+    CASCADE: tl.constexpr,  # attend keys from TailStart on; unsplit, also merge the prefix partials
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # tl.dot operand type and fp32 precision
 ):
     seq = tl.program_id(0)
@@ -104,6 +114,8 @@ def _decode_kernel(
     # Key range of this split.  With a window the query at p = seq_len - 1 sees p-W+1 .. p.
     seq_len = tl.load(SeqLens + seq)
     lo_all = tl.maximum(seq_len - WINDOW, 0) if WINDOW > 0 else 0
+    if CASCADE:  # keys before TailStart are the group's shared prefix, attended by the prefix kernel
+        lo_all = tl.maximum(lo_all, tl.load(TailStart + seq))
     per_split = tl.cdiv(tl.cdiv(seq_len - lo_all, num_splits), BLOCK_N) * BLOCK_N
     lo = lo_all + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
@@ -134,6 +146,22 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if CASCADE and not SPLIT:
+        # Fold in the prefix partials (written by the prefix kernel, launched first) by their
+        # log-sum-exp: acc and l are scaled by 2^-m, partial s is o_s with weight 2^lse_s.
+        pre = MidO + seq.to(tl.int64) * stride_mt + heads[:, None] * stride_mh + offs_d[None, :]
+        pre_lse = MidLse + seq.to(tl.int64) * stride_lt + heads * stride_lh
+        for s_idx in range(pre_offset, pre_offset + tl.load(NumPre + seq)):
+            lse_s = tl.load(pre_lse + s_idx, mask=h_mask, other=float("-inf"))
+            o_s = tl.load(pre + s_idx * stride_ms, mask=hd_mask, other=0.0)
+            m_new = tl.maximum(m_i, lse_s)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: keep weights 0, not NaN
+            alpha = tl.exp2(m_i - m_new)
+            beta = tl.exp2(lse_s - m_new)
+            acc = acc * alpha[:, None] + o_s * beta[:, None]
+            l_i = l_i * alpha + beta
+            m_i = tl.maximum(m_i, lse_s)
+
     # Empty ranges (seq_len 0 padding, or a split past the end) give l = 0: output zeros.
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -149,29 +177,43 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    MidO, MidLse, Out, num_splits,
+    MidO, MidLse, Out, NumPre, num_splits, pre_offset,
     stride_mt, stride_mh, stride_ms,
     stride_lt, stride_lh,
     stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # > 0 (cascade): also merge NumPre[seq] prefix partials from pre_offset
 ):
     # One program per (sequence, query head): weight each split by exp2(lse_s - max lse).
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     s_mask = offs_s < num_splits
-    lse = tl.load(MidLse + seq * stride_lt + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    lse_row = MidLse + seq * stride_lt + head * stride_lh
+    mid_row = MidO + seq * stride_mt + head * stride_mh
+    lse = tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
+    if BLOCK_P > 0:
+        offs_p = tl.arange(0, BLOCK_P)
+        p_mask = offs_p < tl.load(NumPre + seq)
+        lse_p = tl.load(lse_row + pre_offset + offs_p, mask=p_mask, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse_p, 0))
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)
     total = tl.sum(w, 0)
-    mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    parts = tl.load(MidO + seq * stride_mt + head * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-                    mask=mask, other=0.0)
-    o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(Out + seq * stride_ot + head * stride_oh + offs_d, o.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    parts = tl.load(mid_row + offs_s[:, None] * stride_ms + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+    o = tl.sum(parts * w[:, None], 0)
+    if BLOCK_P > 0:
+        w_p = tl.exp2(lse_p - m)
+        total += tl.sum(w_p, 0)
+        parts_p = tl.load(mid_row + (pre_offset + offs_p[:, None]) * stride_ms + offs_d[None, :],
+                          mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        o += tl.sum(parts_p * w_p[:, None], 0)
+    o = o / tl.where(total > 0, total, 1.0)
+    tl.store(Out + seq * stride_ot + head * stride_oh + offs_d, o.to(Out.dtype.element_ty), mask=d_mask)
 
 
 def decode_attention(
@@ -186,11 +228,18 @@ def decode_attention(
     num_splits: int,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: DecodeConfig | None = None,
+    cascade: CascadeInputs | None = None,
+    prefix_config: PrefixConfig | None = None,
 ) -> None:
     """Launch the decode kernel (and the merge kernel when ``num_splits > 1``).
 
     ``workspace`` = ``(mid_o [>=B, Hq, >=S, D], mid_lse [>=B, Hq, >=S])`` fp32 buffers for the
     partials; allocated here when not given (CUDA-graph capture passes preallocated ones).
+    With ``cascade`` (no sliding window), the shared-prefix kernel runs first and writes each
+    grouped row's prefix partials to slots ``cascade_slot_offset(num_splits)`` on; the decode
+    kernel attends each row's keys from ``cascade.tail_start`` on and merges those partials
+    itself (unsplit) or leaves them to the merge kernel; S must then be at least
+    ``cascade_slots(num_splits, cascade.max_parts)``.
     """
     b, hq, d = q.shape
     if b == 0:
@@ -198,18 +247,30 @@ def decode_attention(
     _, page, hkv, _ = k_cache.shape
     group = hq // hkv
     cfg = config or default_decode_config(k_cache.dtype, d)
+    if cascade is not None and sliding_window is not None:
+        raise ValueError("cascade decode does not support sliding_window layers")
     split = num_splits > 1
-    if split:
+    slots = num_splits if cascade is None else cascade_slots(num_splits, cascade.max_parts)
+    if split or cascade is not None:
         if workspace is None:
-            workspace = (torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device),
-                         torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device))
+            workspace = (torch.empty(b, hq, slots, d, dtype=torch.float32, device=q.device),
+                         torch.empty(b, hq, slots, dtype=torch.float32, device=q.device))
         mid_o, mid_lse = workspace
+        if mid_o.shape[2] < slots or mid_lse.shape[2] < slots:
+            raise ValueError(f"workspace holds {mid_o.shape[2]} slots per head, {slots} needed")
     else:
         mid_o, mid_lse = out, out  # unused: SPLIT is off; any tensor with 3 strides will do
+    pre_offset = cascade_slot_offset(num_splits)
+    if cascade is not None:
+        prefix_attention(q, k_cache, v_cache, block_tables, scale, cascade, mid_o, mid_lse, pre_offset,
+                         prefix_config)
+        tail_start, num_pre = cascade.tail_start, cascade.num_prefix_parts
+    else:
+        tail_start, num_pre = seq_lens, seq_lens  # unused: CASCADE is off
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
     _decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens,
-        scale * LOG2E, num_splits,
+        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, tail_start, num_pre,
+        scale * LOG2E, num_splits, pre_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -220,16 +281,28 @@ def decode_attention(
         HEAD_DIM=d, BLOCK_D=block_d,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         PAGE=page, BLOCK_N=cfg.block_n,
-        WINDOW=sliding_window or 0, SPLIT=split,
+        WINDOW=sliding_window or 0, SPLIT=split, CASCADE=cascade is not None,
         DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
         _merge_splits_kernel[(b, hq)](
-            mid_o, mid_lse, out, num_splits,
+            mid_o, mid_lse, out, num_pre, num_splits, pre_offset,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_P=0 if cascade is None else triton.next_power_of_2(cascade.max_parts),
             num_warps=4,
         )
+
+
+def cascade_slot_offset(num_splits: int) -> int:
+    """Workspace slot of a row's first prefix partial: after the splits' partials, or slot 0
+    when the decode is unsplit (it writes no partials then)."""
+    return num_splits if num_splits > 1 else 0
+
+
+def cascade_slots(num_splits: int, max_parts: int) -> int:
+    """Workspace slots per head a cascade decode with ``num_splits`` splits needs."""
+    return cascade_slot_offset(num_splits) + max_parts
