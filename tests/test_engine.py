@@ -232,3 +232,19 @@ def test_async_scheduling_keeps_outputs(model_dirs):
     assert llm.get_metrics()["kv_blocks_used"] == 0
     assert _greedy(llm, prompts) == baseline
     llm.engine.check_integrity()
+
+
+@pytest.mark.parametrize(("mode", "blocks"), [("swap", 10), ("recompute", 9)])
+def test_request_preempting_itself_after_scheduling_a_sibling_drops_it_from_the_step(model_dirs, mode, blocks):
+    """The newest request's first sample gets its slot, the second does not: the request
+    preempts itself, and its first sample must leave the step with it."""
+    path = model_dirs["llama3_untied_gqa"]
+    prompts = [_prompts(10, lens=(9,))[0], _prompts(11, lens=(6,))[0]]
+    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
+              SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=10, ignore_eos=True)]
+    expected = [[c.token_ids for c in o.outputs] for o in _llm(path).generate(prompts, params, use_tqdm=False)]
+    llm = _llm(path, num_kv_blocks=blocks, preemption_mode=mode)
+    got = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+    assert llm.get_metrics()["num_preemptions"] > 0
+    llm.engine.check_integrity()

@@ -132,6 +132,9 @@ class Scheduler:
                         break
                     got = self._allocate(req, seq, n, out)
                 if not ok:
+                    # The request preempted itself: its sequences scheduled above go with it.
+                    budget += sum(s.num_new_tokens for s in out.scheduled if s.request is req)
+                    out.scheduled[:] = [s for s in out.scheduled if s.request is not req]
                     break
                 out.scheduled.append(ScheduledSeq(req, seq, got))
                 budget -= got
