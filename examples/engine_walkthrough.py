@@ -173,19 +173,20 @@ class Run:
 
     def __post_init__(self) -> None:
         self.engine.attach_tracer(self.recorder)
-        runner = self.engine.runner
-        prepare = runner.prepare
+        builder = self.engine.step_builder
+        build = builder.build
 
-        def recording_prepare(sched: Any) -> Any:
-            # Read-only: call the runner's own prepare and note what it built.
-            out = prepare(sched)
-            meta = out[2]
-            self.forwards.append(Forward(
-                self.engine.num_steps, [s.seq.seq_id for s in sched.scheduled], list(meta.query_lens_cpu),
-                list(meta.seq_lens_cpu), meta.block_tables.tolist()))
-            return out
+        def recording_build(sched: Any) -> Any:
+            # Read-only: call the engine's own step builder and note the metadata the runner makes of it.
+            step = build(sched)
+            if not step.is_empty:
+                meta = self.engine.runner.prepare(step)[2]
+                self.forwards.append(Forward(
+                    self.engine.num_steps, [s.seq.seq_id for s in sched.scheduled], list(meta.query_lens_cpu),
+                    list(meta.seq_lens_cpu), meta.block_tables.tolist()))
+            return step
 
-        runner.prepare = recording_prepare
+        builder.build = recording_build
 
     @property
     def engine(self) -> LLMEngine:

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CacheConfig, SchedulerConfig
+from ..distributed.group import DEFAULT_TIMEOUT_S
 from .llm_engine import EngineConfig, LLMEngine, PromptInput
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -20,6 +21,14 @@ class LLM:
     ``device=None`` picks CUDA when present.  ``num_kv_blocks=None`` sizes the KV pool from
     ``gpu_memory_utilization`` on a GPU (after a warm-up measures peak activation memory) or
     from ``cpu_kv_space_gib`` on the CPU.
+
+    ``tensor_parallel_size=N`` shards the model over N ranks (N GPUs ``cuda:0..N-1``, or N CPU
+    processes): the engine's process is rank 0 and starts the others itself, unless it was
+    launched by ``torchrun`` with ``WORLD_SIZE=N`` (then ranks 1.. serve rank 0 from inside this
+    constructor, which never returns on them).  Memory budgets are per rank.  Call
+    :meth:`shutdown` (or use the object as a context manager) to stop the workers; they are also
+    stopped at interpreter exit.  ``load_format="dummy"`` fills the model with seeded random
+    weights and needs only the folder's ``config.json``.
     """
 
     def __init__(
@@ -43,6 +52,9 @@ class LLM:
         enforce_eager: bool = False,
         async_scheduling: bool | None = None,
         seed: int = 0,
+        tensor_parallel_size: int = 1,
+        distributed_timeout_s: float = DEFAULT_TIMEOUT_S,
+        load_format: str = "auto",
     ) -> None:
         cache = CacheConfig(
             block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -59,7 +71,20 @@ class LLM:
             model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
             attention_backend=attention_backend, enforce_eager=enforce_eager,
             async_scheduling=async_scheduling, cache=cache, scheduler=sched,
+            tensor_parallel_size=tensor_parallel_size, distributed_timeout_s=distributed_timeout_s,
+            load_format=load_format,
         ))
+
+    # ------------------------------------------------------------------ lifecycle
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op for one rank); idempotent."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     # ------------------------------------------------------------------ generation
     def generate(

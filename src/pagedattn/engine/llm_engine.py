@@ -16,19 +16,20 @@ from typing import Any
 
 import torch
 
-from ..attention.selector import get_attention_backend
 from ..cache.block_manager import BlockManager, cdiv
-from ..cache.kv_pool import KVCachePool, KVCacheSpec
 from ..config import CacheConfig, SchedulerConfig, parse_dtype, resolve_device
-from ..models.layers import pack_linear_weights_for_cpu
-from ..models.loader import load_model, load_tokenizer
+from ..distributed.executor import Executor, check_tp_size, make_executor
+from ..distributed.group import DEFAULT_TIMEOUT_S, TorchrunEnv
+from ..distributed.worker_loop import run_torchrun_worker
+from ..models.loader import check_load_format, load_tokenizer, resolve_model_source
 from .detokenizer import detokenize_incrementally
-from .model_runner import ModelRunner
+from .model_runner import StepBuilder
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler, SamplingBatch, SamplingRow, to_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
+from .worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,19 @@ class EngineConfig:
     async_scheduling: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Ranks the model is sharded over (Megatron-style); ranks 1.. run in their own processes.
+    tensor_parallel_size: int = 1
+    # Bound on start-up rendezvous and on waiting for a step of a tensor-parallel group.
+    distributed_timeout_s: float = DEFAULT_TIMEOUT_S
+    load_format: str = "auto"  # "dummy": seeded random weights, only config.json is read
 
     def __post_init__(self) -> None:
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {tp!r}")
+        if not self.distributed_timeout_s > 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s!r}")
+        check_load_format(self.load_format)
         self.torch_dtype = parse_dtype(self.dtype)
         self.torch_device = resolve_device(self.device)
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
@@ -77,26 +89,58 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
+        tp = config.tensor_parallel_size
+        # Launched by torchrun for tensor parallelism: rank 0 is the engine, the others serve it.
+        # (With tp 1 every torchrun process runs an engine of its own.)
+        torchrun = TorchrunEnv.detect() if tp > 1 else None
+        if torchrun is not None and torchrun.world_size > 1:
+            if tp != torchrun.world_size:
+                raise ValueError(f"tensor_parallel_size={tp} but torchrun started WORLD_SIZE={torchrun.world_size} "
+                                 "processes; they must be equal")
+            if torchrun.rank != 0:  # rank 0 runs the engine; this process serves it and never returns
+                run_torchrun_worker(torchrun, self.device.type, config.distributed_timeout_s)
+                raise SystemExit(0)
+        else:
+            torchrun = None
         t0 = time.perf_counter()
         try:
-            self.model, self.source = load_model(config.model, self.dtype, self.device)
+            self.source = resolve_model_source(config.model, config.load_format)
         except FileNotFoundError as e:
             raise ValueError(f"model: {e}") from None
-        if self.device.type == "cpu":
-            pack_linear_weights_for_cpu(self.model)  # the runtime layout of the CPU's GEMMs
-        self.tokenizer = load_tokenizer(self.source)
-        self.arch = self.model.config
-        logger.info("loaded %s in %.1fs", self.source.model_dir, time.perf_counter() - t0)
+        self.arch = self.source.config
         limit = self.arch.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
-        self.eos_token_ids = set(self.source.eos_token_ids)
-        # The engine's KV pool is zero-initialised, hence always finite.
-        self.backend = get_attention_backend(self.device, config.attention_backend, finite_cache=True)
+        check_tp_size(self.arch, tp)  # before any process starts
+        cc, sc = config.cache, config.scheduler
+        worker_config = WorkerConfig(
+            model_dir=str(self.source.model_dir), dtype=self.dtype, device_type=self.device.type,
+            block_size=cc.block_size, max_model_len=self.max_model_len, max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens, num_kv_blocks=cc.num_kv_blocks,
+            gpu_memory_utilization=cc.gpu_memory_utilization, cpu_kv_space_gib=cc.cpu_kv_space_gib,
+            swap_space_gib=cc.swap_space_gib, attention_backend=config.attention_backend,
+            enforce_eager=config.enforce_eager, load_format=config.load_format, seed=config.seed, tp_size=tp,
+        )
+        device = self.device
+        if tp > 1 and device.type == "cuda" and torchrun is None and (device.index or 0) != 0:
+            raise ValueError(f"device: tensor parallelism runs rank r on cuda:r; got device={device}")
+        self.executor: Executor = make_executor(worker_config, device, config.distributed_timeout_s, torchrun)
+        try:
+            self._init_rank0(config, t0)
+        except BaseException:
+            self.executor.shutdown()
+            raise
 
+    def _init_rank0(self, config: EngineConfig, t0: float) -> None:
+        """Everything only the engine's rank has: tokenizer, block manager, scheduler, sampler."""
+        worker = self.executor.worker
+        assert worker.pool is not None and worker.runner is not None
+        self.model, self.backend, self.kv_pool, self.runner = worker.model, worker.backend, worker.pool, worker.runner
+        self.device = worker.device
+        self.tokenizer = load_tokenizer(self.source)
+        logger.info("loaded %s in %.1fs", self.source.model_dir, time.perf_counter() - t0)
+        self.eos_token_ids = set(self.source.eos_token_ids)
         cc = config.cache
-        spec = self.model.kv_cache_spec(cc.block_size, self.dtype)
-        num_blocks = cc.num_kv_blocks or self._blocks_from_memory(spec)
-        num_cpu = int(cc.swap_space_gib * _GIB) // spec.bytes_per_block
+        num_blocks, num_cpu = self.executor.num_blocks, worker.num_cpu_blocks
         windows = set(self.arch.layer_sliding_windows)
         # Blocks can be released only if *every* layer forgets them.
         window = windows.pop() if len(windows) == 1 else None
@@ -104,11 +148,8 @@ class LLMEngine:
             num_blocks, cc.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=cc.enable_prefix_caching,
             sliding_window=window, watermark=cc.watermark,
         )
-        self.kv_pool = KVCachePool(spec, num_blocks, self.device, num_cpu)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_pool, self.backend, self.block_manager)
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_decode_graphs(min(config.scheduler.max_num_seqs, 512), self.max_model_len)
+        self.step_builder = StepBuilder(self.block_manager)
         self.sampler = Sampler(self.device, config.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -120,53 +161,13 @@ class LLMEngine:
             else config.async_scheduling
         self._inflight: _Inflight | None = None
         self._tok_host = [torch.empty(0, dtype=torch.long)] * 2
-        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB), %d CPU swap blocks, backend %s",
-                    num_blocks, cc.block_size, self.kv_pool.nbytes / _GIB, num_cpu, self.backend.name)
+        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB per rank), %d CPU swap blocks, backend %s, "
+                    "tensor parallel size %d", num_blocks, cc.block_size, self.kv_pool.nbytes / _GIB, num_cpu,
+                    self.backend.name, config.tensor_parallel_size)
 
-    # ================================================================== sizing
-    def _blocks_from_memory(self, spec: KVCacheSpec) -> int:
-        if self.device.type != "cuda":
-            return spec.blocks_for_bytes(int(self.config.cache.cpu_kv_space_gib * _GIB), "cpu_kv_space_gib")
-        return spec.blocks_for_bytes(self._profile_gpu_budget(spec), "free GPU memory for the KV cache "
-                                     f"(gpu_memory_utilization={self.config.cache.gpu_memory_utilization})")
-
-    def _profile_gpu_budget(self, spec: KVCacheSpec) -> int:
-        """Run the largest step once with a throwaway pool to measure peak activation memory."""
-        from ..attention.metadata import AttentionMetadata
-        from ..models.context import ForwardContext
-
-        n_tok = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
-        n_blk = cdiv(n_tok, spec.block_size)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        tmp = KVCachePool(spec, n_blk, self.device)
-        meta = AttentionMetadata.build([n_tok], [n_tok], [list(range(n_blk))], spec.block_size, self.device)
-        ctx = ForwardContext(meta, [tmp.layer(i) for i in range(spec.num_layers)], self.backend)
-        ids = torch.randint(0, self.arch.vocab_size, (n_tok,), device=self.device)
-        with torch.inference_mode():
-            h = self.model(ids, torch.arange(n_tok, device=self.device), ctx)
-            self.model.compute_logits(h[-min(n_tok, self.config.scheduler.max_num_seqs):])
-        torch.cuda.synchronize(self.device)
-        peak_act = torch.cuda.max_memory_allocated(self.device) - base - tmp.nbytes
-        del tmp, ctx, meta, h
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        reserved = torch.cuda.memory_reserved(self.device)
-        non_torch = total - free - reserved
-        weights = torch.cuda.memory_allocated(self.device)
-        budget = int(total * self.config.cache.gpu_memory_utilization) - non_torch - weights - peak_act
-        logger.info("GPU memory: total %.1f GiB, weights %.2f GiB, peak activations %.2f GiB, other %.2f GiB "
-                    "-> KV budget %.2f GiB", total / _GIB, weights / _GIB, peak_act / _GIB, non_torch / _GIB,
-                    budget / _GIB)
-        if budget <= 0:
-            raise ValueError(
-                f"gpu_memory_utilization={self.config.cache.gpu_memory_utilization} leaves no room for the KV cache "
-                f"(model weights {weights / _GIB:.2f} GiB, activations {peak_act / _GIB:.2f} GiB, "
-                f"other {non_torch / _GIB:.2f} GiB of {total / _GIB:.1f} GiB); raise it or lower max_num_batched_tokens"
-            )
-        return budget
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (if any); the engine is unusable afterwards.  Idempotent."""
+        self.executor.shutdown()
 
     # ================================================================== requests
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
@@ -261,8 +262,11 @@ class LLMEngine:
             self.tracer.begin_step(self.num_steps)
         if self._inflight is None:
             sched = self.scheduler.schedule()
-            logits = self.runner.execute(sched)
+            logits = self.executor.execute(self.step_builder.build(sched))
             if not self._overlappable(sched):
+                # Under tensor parallelism on CUDA this is where a dead rank is noticed, rather
+                # than in a blocking read of the sampled tokens.
+                self.executor.sync()
                 return self._end_step(sched, self._process(sched, logits))
             self._inflight = self._launch(sched, [(s.seq, s.request) for s in sched.scheduled], logits)
         cur = self._inflight
@@ -328,12 +332,11 @@ class LLMEngine:
             # are harmless (the next schedule reuses them).
             if not bm.allocate_slots(seq.seq_id, seq.num_computed_tokens + 1, 1):
                 return None
-        copies = bm.take_pending_copies()
-        if copies:  # siblings still sharing their last block
-            self.runner.run_kv_ops([("copy", copies)])
+        copies = bm.take_pending_copies()  # siblings still sharing their last block
+        step = self.step_builder.lookahead(seqs, [("copy", copies)] if copies else [])
         same = len(rows) == len(cur.targets)
         input_ids = cur.tokens if same else cur.tokens.index_select(0, to_device(rows, torch.long, self.device))
-        logits = self.runner.execute_lookahead(seqs, input_ids)
+        logits = self.executor.execute(step, input_ids)
         sched = SchedulerOutput(scheduled=[ScheduledSeq(req, seq, 1) for seq, req in targets])
         return self._launch(sched, targets, logits, cur.batch if same else None)
 
@@ -341,7 +344,7 @@ class LLMEngine:
         """Read back an in-flight step's tokens and apply them (skipping sequences that
         finished or were aborted after it was launched)."""
         if cur.done is not None:
-            cur.done.synchronize()
+            self.executor.wait_event(cur.done)
         ids = cur.host.tolist()
         bm = self.block_manager
         live: list[tuple[Sequence, Request]] = []

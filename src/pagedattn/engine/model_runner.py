@@ -1,11 +1,19 @@
 """Model runner: turns a scheduled batch into one forward pass on the paged cache.
 
-It executes the step's block moves (swap-out, copy-on-write, swap-in) in the order the
-scheduler decided them, builds the flattened ragged batch and its :class:`AttentionMetadata`,
-runs the model, and returns the logits of the sequences that sample this step.
+The work is split in two so that tensor parallelism shares everything but the bookkeeping:
+
+* :class:`StepBuilder` (the engine's rank only) reads the scheduler's output and the block
+  manager's tables and writes them down as a :class:`StepInput`: plain lists and ints, the same
+  for every rank, cheap to pickle and broadcast.
+* :class:`ModelRunner` (every rank) executes a :class:`StepInput` on its own model shard and KV
+  pool: the block moves (swap-out, copy-on-write, swap-in, in the order the scheduler decided
+  them), the flattened ragged batch and its :class:`AttentionMetadata`, the forward pass (or a
+  CUDA-graph replay for pure decode steps), and the logits of the rows that sample.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,17 +24,82 @@ from ..cache.block_manager import BlockManager
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from .cuda_graphs import DecodeGraphs
-from .scheduler import SchedulerOutput
+from .scheduler import KVOp, SchedulerOutput
 from .sequence import Sequence
 
 
+@dataclass
+class StepInput:
+    """Everything a rank needs to run one step, decided once by the engine.
+
+    Sequences are in scheduled order (decodes first).  ``token_ids is None`` marks a step whose
+    input ids exist only on the device (the previous step's samples, overlapped scheduling):
+    the caller passes them as a tensor.
+    """
+
+    kv_ops: list[KVOp] = field(default_factory=list)  # block moves to run first, in order
+    query_lens: list[int] = field(default_factory=list)  # new tokens per sequence
+    seq_lens: list[int] = field(default_factory=list)  # tokens with K/V per sequence after the step
+    block_tables: list[list[int]] = field(default_factory=list)  # physical blocks (-1: window-released)
+    token_ids: list[int] | None = field(default_factory=list)  # the new tokens, flattened [sum(query_lens)]
+    sample_rows: list[int] = field(default_factory=list)  # rows of the flattened batch whose logits return
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.query_lens
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence, every one sampling: a step the decode graphs can run."""
+        return bool(self.query_lens) and max(self.query_lens) == 1 and len(self.sample_rows) == len(self.query_lens)
+
+
+class StepBuilder:
+    """Turns the scheduler's decisions into :class:`StepInput` (reads the block manager only)."""
+
+    def __init__(self, block_manager: BlockManager) -> None:
+        self.bm = block_manager
+
+    def build(self, sched: SchedulerOutput) -> StepInput:
+        step = StepInput(kv_ops=list(sched.kv_ops))
+        tokens: list[int] = []
+        assert step.token_ids is not None
+        table_of = self.bm.block_table
+        end = 0
+        for s in sched.scheduled:
+            c, n = s.seq.num_computed_tokens, s.num_new_tokens
+            tokens.extend(s.seq.token_ids[c:c + n])
+            step.query_lens.append(n)
+            step.seq_lens.append(c + n)
+            step.block_tables.append(table_of(s.seq.seq_id))
+            end += n
+            if s.samples:
+                step.sample_rows.append(end - 1)
+        step.token_ids = tokens
+        return step
+
+    def lookahead(self, seqs: list[Sequence], kv_ops: list[KVOp]) -> StepInput:
+        """Decode one position past each sequence's in-flight token, whose id exists only on the
+        device (overlapped scheduling): its position is ``num_computed_tokens + 1``."""
+        n = len(seqs)
+        table_of = self.bm.block_table
+        return StepInput(
+            kv_ops=kv_ops, query_lens=[1] * n, seq_lens=[q.num_computed_tokens + 2 for q in seqs],
+            block_tables=[table_of(q.seq_id) for q in seqs], token_ids=None, sample_rows=list(range(n)),
+        )
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_pool: KVCachePool, backend: AttentionBackend,
-                 block_manager: BlockManager) -> None:
+    """Runs :class:`StepInput` on one rank's model (shard) and KV pool."""
+
+    def __init__(self, model: torch.nn.Module, kv_pool: KVCachePool, backend: AttentionBackend) -> None:
         self.model = model
         self.pool = kv_pool
         self.backend = backend
-        self.bm = block_manager
         self.device = kv_pool.device
         self.block_size = kv_pool.spec.block_size
         self.kv_caches = [kv_pool.layer(i) for i in range(kv_pool.spec.num_layers)]
@@ -41,7 +114,7 @@ class ModelRunner:
                                    self.device)
         self.graphs.capture()
 
-    def run_kv_ops(self, ops: list[tuple[str, list[tuple[int, int]]]]) -> None:
+    def run_kv_ops(self, ops: list[KVOp]) -> None:
         for kind, pairs in ops:
             if kind == "swap_out":
                 self.pool.swap_out(pairs)
@@ -53,77 +126,57 @@ class ModelRunner:
                 raise ValueError(f"unknown KV op {kind!r}")
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step; returns logits ``[num_sampling_seqs, V]`` in scheduled order."""
-        self.run_kv_ops(sched.kv_ops)
-        if sched.is_empty:
-            return torch.empty(0)
-        if self.graphs is not None and all(s.num_new_tokens == 1 for s in sched.scheduled):
-            logits = self._execute_graph(sched)
+    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; returns logits ``[len(step.sample_rows), V]`` in row order.
+
+        ``input_ids`` (int64 ``[num_seqs]`` on the device) is required exactly when
+        ``step.token_ids`` is None."""
+        if (step.token_ids is None) != (input_ids is not None):
+            raise ValueError("input_ids must be given exactly when step.token_ids is None")
+        self.run_kv_ops(step.kv_ops)
+        if step.is_empty:
+            return torch.empty(0, device=self.device)
+        if self.graphs is not None and step.is_decode:
+            logits = self._decode_graph(step, input_ids)
             if logits is not None:
                 return logits
-        input_ids, positions, meta, sample_idx = self.prepare(sched)
+        ids, positions, meta, sample_idx = self.prepare(step, input_ids)
         ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
-        hidden = self.model(input_ids, positions, ctx)
+        hidden = self.model(ids, positions, ctx)
+        if sample_idx is None:
+            return self.model.compute_logits(hidden)
         if sample_idx.numel() == 0:
             return torch.empty(0, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, sample_idx))
 
-    def _execute_graph(self, sched: SchedulerOutput) -> torch.Tensor | None:
-        """A pure-decode step through the captured graphs (every sequence samples); None if
-        the batch does not fit the captured sizes."""
-        seqs = [s.seq for s in sched.scheduled]
-        pos = np.fromiter((q.num_computed_tokens for q in seqs), dtype=np.int64, count=len(seqs))
-        tokens = [q.token_ids[p] for q, p in zip(seqs, pos.tolist())]
-        return self._decode_graph(seqs, pos, tokens)
-
-    @torch.inference_mode()
-    def execute_lookahead(self, seqs: list[Sequence], input_ids: torch.Tensor) -> torch.Tensor:
-        """Decode one position past each sequence's in-flight token, whose id exists only on
-        the device (``input_ids [n]``, the previous step's samples): overlapped scheduling."""
-        pos = np.fromiter((q.num_computed_tokens + 1 for q in seqs), dtype=np.int64, count=len(seqs))
-        if self.graphs is not None:
-            logits = self._decode_graph(seqs, pos, input_ids)
-            if logits is not None:
-                return logits
-        tables = [self.bm.block_table(q.seq_id) for q in seqs]
-        n = len(seqs)
-        meta = AttentionMetadata.build([1] * n, (pos + 1).tolist(), tables, self.block_size, self.device)
-        positions = torch.from_numpy(pos).to(self.device, non_blocking=True)
-        ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
-        return self.model.compute_logits(self.model(input_ids, positions, ctx))
-
-    def _decode_graph(self, seqs: list[Sequence], pos: np.ndarray, tokens: list[int] | torch.Tensor
-                      ) -> torch.Tensor | None:
+    def _decode_graph(self, step: StepInput, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """A pure-decode step through the captured graphs; None if the batch does not fit the
+        captured sizes."""
         assert self.graphs is not None
-        table_of = self.bm.block_table
-        tables = [table_of(q.seq_id) for q in seqs]
-        if not self.graphs.can_run(len(seqs), max(map(len, tables))):
+        tables = step.block_tables
+        if not self.graphs.can_run(len(tables), max(map(len, tables))):
             return None
+        seq_lens = np.asarray(step.seq_lens, dtype=np.int64)
+        pos = seq_lens - 1
         bs = self.block_size
-        blocks = np.fromiter((t[p] for t, p in zip(tables, (pos // bs).tolist())), dtype=np.int64, count=len(seqs))
+        n = len(tables)
+        blocks = np.fromiter((t[p] for t, p in zip(tables, (pos // bs).tolist())), dtype=np.int64, count=n)
         slots = blocks * bs + pos % bs
-        return self.graphs.run(tokens, pos, slots, (pos + 1).tolist(), tables)
+        tokens = step.token_ids if input_ids is None else input_ids
+        assert tokens is not None
+        return self.graphs.run(tokens, pos, slots, step.seq_lens, tables)
 
-    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        tokens: list[int] = []
-        sample_rows: list[int] = []
-        end = 0
-        for s in sched.scheduled:
-            c, n = s.seq.num_computed_tokens, s.num_new_tokens
-            tokens.extend(s.seq.token_ids[c:c + n])
-            query_lens.append(n)
-            seq_lens.append(c + n)
-            tables.append(self.bm.block_table(s.seq.seq_id))
-            end += n
-            if s.samples:
-                sample_rows.append(end - 1)
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
-        pos = token_positions(query_lens, seq_lens)
-        input_ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+    def prepare(self, step: StepInput, input_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
+        """``(input_ids, positions, metadata, sample_idx)`` of an eager step; ``sample_idx`` is
+        None when every token samples (a decode batch)."""
+        meta = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables, self.block_size,
+                                       self.device)
+        pos = token_positions(step.query_lens, step.seq_lens)
+        if input_ids is None:
+            input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.from_numpy(pos).to(self.device, non_blocking=True)
-        sample_idx = torch.from_numpy(np.asarray(sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
+        if len(step.sample_rows) == len(pos):
+            return input_ids, positions, meta, None
+        sample_idx = torch.from_numpy(np.asarray(step.sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
         return input_ids, positions, meta, sample_idx

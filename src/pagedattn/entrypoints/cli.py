@@ -25,6 +25,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over N ranks: N GPUs (cuda:0..N-1) or N CPU processes; started here, "
+                        "or by torchrun (--nproc-per-node N, WORLD_SIZE must equal N)")
+    g.add_argument("--distributed-timeout", type=float, default=None,
+                   help="seconds a tensor-parallel start-up or step may take before it is an error (default 600)")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: seeded random weights from config.json alone (benchmarks)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -42,6 +49,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def build_llm(args: argparse.Namespace) -> Any:
     from ..engine.llm import LLM
 
+    extra = {} if args.distributed_timeout is None else {"distributed_timeout_s": args.distributed_timeout}
     return LLM(
         args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -49,6 +57,7 @@ def build_llm(args: argparse.Namespace) -> Any:
         preemption_mode=args.preemption_mode, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         attention_backend=args.attention_backend, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format, **extra,
     )
 
 
@@ -62,7 +71,11 @@ def _sampling_params(args: argparse.Namespace, n: int = 1) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = build_llm(args)
+    with build_llm(args) as llm:
+        return _generate(llm, args)
+
+
+def _generate(llm: Any, args: argparse.Namespace) -> int:
     params = _sampling_params(args, args.n)
     tracer = None
     if args.trace:
@@ -100,7 +113,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    llm = build_llm(args)
+    with build_llm(args) as llm:
+        return _chat(llm, args)
+
+
+def _chat(llm: Any, args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     history: list[dict[str, str]] = []
     if args.system:
@@ -177,11 +194,31 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _serve_as_torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under ``torchrun``, ranks other than 0 serve rank 0's engine instead of running the
+    command (which only rank 0 does: reading prompts, printing, listening on the port)."""
+    if args.command not in ("generate", "chat", "serve") or args.tensor_parallel_size == 1:
+        return False
+    from ..config import resolve_device
+    from ..distributed import DEFAULT_TIMEOUT_S, TorchrunEnv, run_torchrun_worker
+
+    env = TorchrunEnv.detect()
+    if env is None or env.world_size == 1 or env.rank == 0:
+        return False
+    if args.tensor_parallel_size != env.world_size:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} but torchrun started "
+                         f"WORLD_SIZE={env.world_size} processes; they must be equal")
+    run_torchrun_worker(env, resolve_device(args.device).type, args.distributed_timeout or DEFAULT_TIMEOUT_S)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if _serve_as_torchrun_worker(args):
+            return 0
         return int(args.func(args) or 0)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

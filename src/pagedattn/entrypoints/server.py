@@ -620,6 +620,7 @@ def run_server(args: argparse.Namespace) -> int:
             uvicorn.Server(config).run()
     finally:
         engine.shutdown()  # no-op when the lifespan already did it
+        engine.engine.shutdown()  # tensor-parallel workers (nothing to do for one rank)
         print("pagedattn: server stopped", file=sys.stderr, flush=True)
     return 0
 

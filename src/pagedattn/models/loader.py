@@ -3,7 +3,10 @@
 A reference is ``None`` (the embedded default model), a folder with ``config.json`` and
 ``*.safetensors`` weights (one file, or shards listed in ``model.safetensors.index.json``), or a
 ``.gguf`` file (converted once into a cached folder, see :mod:`.gguf`).  Weights are streamed
-tensor by tensor from the safetensors files straight into the parameters in the target dtype.
+tensor by tensor from the safetensors files straight into the parameters in the target dtype;
+under tensor parallelism each rank's layers copy only their slice of each tensor, so no rank
+ever holds the whole model.  ``load_format="dummy"`` needs only ``config.json``: it fills the
+model with seeded random weights (see :func:`dummy_weights`), for benchmarks of large shapes.
 Nothing here touches the network.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +25,15 @@ import torch
 
 from .config import ModelArchConfig, parse_token_ids
 from .gguf import convert_gguf, default_gguf_path
+from .layers import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    ShardId,
+    VocabParallelEmbedding,
+)
 from .llama import LlamaForCausalLM
 from .registry import build_model
 
@@ -42,6 +55,9 @@ GENERATION_KEYS = (
     "do_sample",
     "max_new_tokens",
 )
+LOAD_FORMATS = ("auto", "dummy")
+# Standard deviation of dummy weights (transformers' default ``initializer_range``).
+DUMMY_STD = 0.02
 
 
 @dataclass(frozen=True)
@@ -59,8 +75,11 @@ class ModelSource:
     gguf_file: Path | None = None  # the original .gguf when model_dir is its conversion
 
 
-def resolve_model_source(model: str | Path | None) -> ModelSource:
-    """Locate and validate everything for ``model`` without loading weights."""
+def resolve_model_source(model: str | Path | None, load_format: str = "auto") -> ModelSource:
+    """Locate and validate everything for ``model`` without loading weights.
+
+    ``load_format="dummy"`` needs no weight files (``weight_files`` is empty)."""
+    check_load_format(load_format)
     gguf_file: Path | None = None
     if model is None:
         gguf_file = default_gguf_path()
@@ -78,7 +97,7 @@ def resolve_model_source(model: str | Path | None) -> ModelSource:
             folder = path.resolve()
     hf_config = _read_json(folder / "config.json", "config.json")
     config = ModelArchConfig.from_hf_config(hf_config)
-    weight_files = find_weight_files(folder)
+    weight_files = find_weight_files(folder) if load_format == "auto" else ()
     gen = _read_generation_config(folder)
     eos = parse_token_ids(gen.get("eos_token_id")) or config.eos_token_ids
     bos = gen.get("bos_token_id", config.bos_token_id)
@@ -128,21 +147,83 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
 
 
 def load_model(
-    model: str | Path | None, dtype: torch.dtype, device: torch.device | str
+    model: str | Path | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> tuple[LlamaForCausalLM, ModelSource]:
     """Build the model for ``model`` (see :func:`resolve_model_source`) on ``device`` in ``dtype``
-    and stream its weights in.  Returns the model (eval mode) and its :class:`ModelSource`."""
+    and stream its weights in.  Returns the model (eval mode) and its :class:`ModelSource`.
+
+    With ``tp_size > 1`` the model is rank ``tp_rank``'s shard: every checkpoint tensor passes
+    through its layer's ``weight_loader``, which keeps this rank's slice only.
+    ``load_format="dummy"`` fills the weights from :func:`dummy_weights` (``seed``) instead."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a torch floating dtype, got {dtype!r}")
-    source = resolve_model_source(model)
+    source = resolve_model_source(model, load_format)
     t0 = time.perf_counter()
-    net = build_model(source.config, dtype, device)
+    net = build_model(source.config, dtype, device, tp_rank=tp_rank, tp_size=tp_size)
+    weights = iter_safetensors(source.weight_files) if load_format == "auto" else dummy_weights(net, seed)
     try:
-        net.load_weights(iter_safetensors(source.weight_files))
+        net.load_weights(weights)
     except ValueError as e:
         raise ValueError(f"{source.model_dir}: {e}") from None
-    logger.info("loaded %s (%s) in %.2f s", source.model_dir, source.config.architecture, time.perf_counter() - t0)
+    logger.info("loaded %s (%s, %s weights, tp rank %d/%d) in %.2f s", source.model_dir, source.config.architecture,
+                load_format, tp_rank, tp_size, time.perf_counter() - t0)
     return net, source
+
+
+def check_load_format(load_format: str) -> None:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
+
+
+def dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random checkpoint tensors for every weight of ``model``, in checkpoint names and shapes.
+
+    Like a fresh transformers model: RMSNorm weights are ones, biases zeros, everything else
+    normal with std :data:`DUMMY_STD`.  Each tensor is drawn from its own generator seeded
+    with ``seed`` and its name, so every rank and every ``tp_size`` sees the same full tensors
+    (made one at a time on the parameter's device) and the shards form one model.
+    """
+    params = dict(model.named_parameters())
+    for name, (pname, shard) in model.checkpoint_names().items():
+        param = params[pname]
+        owner = model.get_submodule(pname.rpartition(".")[0])
+        shape = checkpoint_shape(owner, param, shard)
+        if isinstance(owner, RMSNorm):
+            yield name, torch.ones(shape, dtype=param.dtype, device=param.device)
+        elif param.dim() == 1:
+            yield name, torch.zeros(shape, dtype=param.dtype, device=param.device)
+        else:
+            gen = torch.Generator(device=param.device)
+            gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+            w = torch.empty(shape, dtype=param.dtype, device=param.device)
+            yield name, w.normal_(0.0, DUMMY_STD, generator=gen)
+
+
+def checkpoint_shape(owner: torch.nn.Module, param: torch.nn.Parameter, shard: ShardId) -> tuple[int, ...]:
+    """Shape of the full (unsharded) checkpoint tensor that ``owner.weight_loader`` expects for
+    ``param`` (part ``shard`` of a fused weight)."""
+    if isinstance(owner, VocabParallelEmbedding):
+        return (owner.num_embeddings, owner.embedding_dim)
+    if isinstance(owner, RowParallelLinear):
+        return (owner.output_size, owner.input_size) if param.dim() == 2 else (owner.output_size,)
+    if isinstance(owner, QKVParallelLinear):
+        heads = owner.total_num_heads if shard == "q" else owner.total_num_kv_heads
+        rows = heads * owner.head_size
+    elif isinstance(owner, MergedColumnParallelLinear):
+        assert isinstance(shard, int)
+        rows = owner.output_sizes[shard]
+    elif isinstance(owner, ColumnParallelLinear):
+        rows = owner.output_size
+    else:  # replicated (norms)
+        return tuple(param.shape)
+    return (rows, owner.input_size) if param.dim() == 2 else (rows,)
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase | None:

@@ -1,0 +1,258 @@
+"""Tensor parallelism on GPUs: greedy agreement and decode throughput, TP=1 against TP=2.
+
+Model: the Qwen3-8B architecture (36 layers, hidden 4096, 32 query / 8 KV heads of 128, FFN
+12288, vocabulary 151936) in bf16 with random weights made on each GPU (``load_format="dummy"``:
+no checkpoint is written or read; every rank draws the same full tensors from per-tensor seeds
+and keeps its shard, so every TP size runs the same model).
+
+Workload: 64 requests, prompts of 32..128 random token ids (seed 0), 256 output tokens each,
+greedy, EOS ignored.  Each TP size runs in a fresh child process (a clean GPU and process
+group); the engine itself starts the TP workers.  Measured per TP size: the time to generate
+one token for every request (prefill) and all 256 (prefill + decode); decode tokens/s is
+``64 * 255 / (full - prefill)``.  Greedy agreement: with random weights in bf16, near-ties can
+flip a late token, so the report gives the share of tokens before each request's first
+divergence and where the earliest one is, not only exact matches.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        python benchmarks/bench_tensor_parallel.py --out tp.json
+
+(The three variables keep NVLink multicast off; the script sets them when they are unset.)
+``--smoke`` runs a tiny Qwen3 on the CPU (gloo) to check the script end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ.setdefault(_var, "0" if _var == "NCCL_NVLS_ENABLE" else "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+QWEN3_8B = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+    intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16",
+)
+TINY = dict(QWEN3_8B, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------- one TP size (child process)
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from pagedattn import LLM, SamplingParams
+
+    cuda = args.device == "cuda"
+    vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
+    prompts = workload(args.num_requests, args.min_prompt, args.max_prompt, vocab, seed=0)
+    t0 = time.perf_counter()
+    llm = LLM(args.model_dir, device=args.device, dtype="bfloat16" if cuda else "float32",
+              tensor_parallel_size=args.child, num_kv_blocks=None if cuda else 512,
+              load_format="dummy", seed=args.seed, max_num_seqs=args.num_requests,
+              max_model_len=args.max_prompt + args.output_len + 16, enforce_eager=args.enforce_eager,
+              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
+    init_s = time.perf_counter() - t0
+    try:
+        # Warm-up on the same shapes (another seed): compiles every kernel the timed runs hit.
+        warm = workload(args.num_requests, args.min_prompt, args.max_prompt, vocab, seed=1)
+        llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+
+        def timed(max_tokens: int) -> tuple[float, list[list[int]]]:
+            sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            sync()
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            sync()
+            return time.perf_counter() - t, [o.outputs[0].token_ids for o in outs]
+
+        prefill_s = min(timed(1)[0] for _ in range(2))
+        full_s, tokens = timed(args.output_len)
+        assert all(len(t) == args.output_len for t in tokens), "every request must produce output_len tokens"
+        # The first token's top-5 log-probabilities: shows whether divergences are near-ties.
+        lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
+        first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
+        m = llm.get_metrics()
+    finally:
+        llm.shutdown()
+    n = args.num_requests
+    return {
+        "tp": args.child, "device": torch.cuda.get_device_name() if cuda else "cpu", "init_seconds": init_s,
+        "prefill_seconds": prefill_s, "full_seconds": full_s,
+        "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
+        "output_tok_per_s": n * args.output_len / full_s,
+        "kv_blocks_total": m["kv_blocks_total"], "num_preemptions": m["num_preemptions"], "tokens": tokens,
+        "first_logprobs": first_logprobs,
+    }
+
+
+# ---------------------------------------------------------------------- comparison and report
+def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]:
+    """Per request, the index of the first differing token (None: identical)."""
+    firsts: list[int | None] = []
+    for a, b in zip(ref, got, strict=True):
+        firsts.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None))
+    total = sum(len(a) for a in ref)
+    before = sum(len(a) if f is None else f for a, f in zip(ref, firsts))
+    diverged = [(f, i) for i, f in enumerate(firsts) if f is not None]
+    earliest = min(diverged) if diverged else None
+    return {
+        "identical_requests": sum(f is None for f in firsts), "requests": len(ref),
+        "share_of_tokens_before_divergence": before / total,
+        "share_of_tokens_equal_positionwise": sum(x == y for a, b in zip(ref, got) for x, y in zip(a, b)) / total,
+        "earliest_divergence": None if earliest is None else {"token": earliest[0], "request": earliest[1]},
+        "first_divergence_per_request": firsts,
+    }
+
+
+def logprob_agreement(ref: list[dict[str, float]], got: list[dict[str, float]]) -> dict[str, Any]:
+    """First generated token of every request: same top-1?  How far apart are the
+    log-probabilities of the tokens both runs rank in their top 5, and the top-1 margins?"""
+    same_top1, diffs, margins = 0, [], []
+    for a, b in zip(ref, got, strict=True):
+        top_a, top_b = max(a, key=a.__getitem__), max(b, key=b.__getitem__)
+        same_top1 += top_a == top_b
+        diffs += [abs(a[t] - b[t]) for t in a.keys() & b.keys()]
+        ranked = sorted(a.values(), reverse=True)
+        margins.append(ranked[0] - ranked[1] if len(ranked) > 1 else float("inf"))
+    diffs.sort()
+    return {
+        "same_top1": same_top1, "requests": len(ref),
+        "logprob_abs_diff_median": diffs[len(diffs) // 2] if diffs else None,
+        "logprob_abs_diff_max": diffs[-1] if diffs else None,
+        "top1_margin_median": sorted(margins)[len(margins) // 2],
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (``argv`` as on the command line); returns the summary, with
+    ``failures`` naming TP sizes whose run failed."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tp-sizes", default="1,2", help="comma-separated; the first is the reference")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--min-prompt", type=int, default=32)
+    ap.add_argument("--max-prompt", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--child-timeout", type=float, default=1500, help="seconds one TP size may take")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--smoke", action="store_true", help="a tiny Qwen3 on the CPU, 4 short requests")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.smoke and args.child is None:
+        args.device, args.num_requests, args.min_prompt, args.max_prompt, args.output_len = "cpu", 4, 4, 12, 8
+
+    if args.child is not None:
+        Path(args.result_file).write_text(json.dumps(run_child(args)))
+        return {}
+
+    sizes = [int(s) for s in args.tp_sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="tp-bench-"))
+    (work / "config.json").write_text(json.dumps(TINY if args.smoke else QWEN3_8B))
+    results: dict[int, dict[str, Any]] = {}
+    failures: dict[int, str] = {}
+    for tp in sizes:
+        out = work / f"tp{tp}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(tp), "--model-dir", str(work),
+               "--result-file", str(out), "--num-requests", str(args.num_requests), "--min-prompt",
+               str(args.min_prompt), "--max-prompt", str(args.max_prompt), "--output-len", str(args.output_len),
+               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
+               "--device", args.device]
+        if args.enforce_eager:
+            cmd.append("--enforce-eager")
+        print(f"--- TP={tp}: {' '.join(cmd)}", flush=True)
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, timeout=args.child_timeout)
+            ok = proc.returncode == 0 and out.is_file()
+            if not ok:
+                failures[tp] = f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            ok, failures[tp] = False, f"timed out after {args.child_timeout:.0f} s"
+        if ok:
+            results[tp] = json.loads(out.read_text())
+            out.unlink()
+        print(f"--- TP={tp}: {'done' if ok else 'FAILED (' + failures[tp] + ')'} in {time.perf_counter() - t:.0f} s",
+              flush=True)
+
+    ref_tp = sizes[0]
+    agree = {tp: agreement(results[ref_tp]["tokens"], r["tokens"]) for tp, r in results.items()
+             if tp != ref_tp and ref_tp in results}
+    lp_agree = {tp: logprob_agreement(results[ref_tp]["first_logprobs"], r["first_logprobs"])
+                for tp, r in results.items() if tp != ref_tp and ref_tp in results}
+    base = results.get(ref_tp, {}).get("decode_tok_per_s")
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+        "device": next((r["device"] for r in results.values()), None),
+        "model": "tiny Qwen3, random fp32 weights" if args.smoke else "Qwen3-8B shape, random bf16 weights",
+        "workload": {k: v for k, v in vars(args).items()
+                                                                    if k not in ("child", "model_dir", "result_file")},
+        "results": {str(tp): {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs")}
+                    for tp, r in results.items()},
+        "decode_speedup": {str(tp): r["decode_tok_per_s"] / base for tp, r in results.items()} if base else {},
+        "greedy_agreement": {str(tp): a for tp, a in agree.items()},
+        "first_token_logprobs": {str(tp): a for tp, a in lp_agree.items()},
+        "failures": {str(tp): f for tp, f in failures.items()},
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    summary["results_with_tokens"] = results
+
+    for tp, a in agree.items():
+        e = a["earliest_divergence"]
+        where = "none" if e is None else f"token {e['token']} of request {e['request']}"
+        print(f"\ngreedy agreement TP={tp} vs TP={ref_tp}: {a['identical_requests']}/{a['requests']} requests "
+              "identical, "
+              f"{a['share_of_tokens_before_divergence']:.1%} of tokens before their request's first divergence, "
+              f"earliest divergence: {where}")
+        la = lp_agree[tp]
+        print(f"first token, TP={tp} vs TP={ref_tp}: same top-1 in {la['same_top1']}/{la['requests']}; "
+              f"|logprob difference| of shared top-5 tokens median {la['logprob_abs_diff_median']:.3g}, "
+              f"max {la['logprob_abs_diff_max']:.3g}; median top-1 margin {la['top1_margin_median']:.3g}")
+    for tp, f in failures.items():
+        print(f"TP={tp} FAILED: {f}")
+    print(f"\nDecode throughput, {summary['model']}, {args.num_requests} requests x {args.output_len} tokens "
+          f"on {summary['device']}")
+    print(f"{'TP':>3s} {'init s':>7s} {'prefill s':>9s} {'total s':>8s} {'decode tok/s':>12s} {'output tok/s':>12s} "
+          f"{'speedup':>8s} {'KV blocks':>9s}")
+    for tp, r in results.items():
+        sp = r["decode_tok_per_s"] / base if base else float("nan")
+        print(f"{tp:3d} {r['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} {r['full_seconds']:8.2f} "
+              f"{r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x {r['kv_blocks_total']:9d}")
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(1 if run().get("failures") else 0)

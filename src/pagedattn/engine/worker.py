@@ -1,0 +1,203 @@
+"""One rank's share of the engine: its model shard, its KV pool and the runner over them.
+
+The engine's own process holds rank 0's :class:`Worker`; with tensor parallelism every other
+rank holds one in its own process (see :mod:`pagedattn.distributed`).  All ranks build theirs
+with :func:`start_worker`, in lockstep: the collectives of sizing the KV pool and capturing
+CUDA graphs must line up across ranks.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..attention.backend import AttentionBackend
+from ..attention.metadata import AttentionMetadata
+from ..attention.selector import get_attention_backend
+from ..cache.block_manager import cdiv
+from ..cache.kv_pool import KVCachePool, KVCacheSpec
+from ..models.context import ForwardContext
+from ..models.layers import pack_linear_weights_for_cpu
+from ..models.llama import LlamaForCausalLM
+from ..models.loader import ModelSource, load_model
+from .model_runner import ModelRunner, StepInput
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every rank needs to build its shard and KV pool (picklable: workers receive it).
+
+    Budgets (``gpu_memory_utilization``, ``cpu_kv_space_gib``, ``swap_space_gib``) apply to
+    each rank; ``num_kv_blocks`` is the count of every rank (they all hold the same block ids).
+    """
+
+    model_dir: str  # a resolved HF-style folder (a GGUF file is converted by the engine first)
+    dtype: torch.dtype
+    device_type: str  # "cpu" | "cuda"
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_kv_blocks: int | None = None  # None: sized from memory
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_space_gib: float = 2.0
+    swap_space_gib: float = 4.0
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    seed: int = 0
+    tp_size: int = 1
+
+
+class Collectives(Protocol):
+    """The few cross-rank operations worker start-up needs (no-ops for a single rank)."""
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (raises, naming the rank, if one fails)."""
+
+    def min_int(self, value: int) -> int:
+        """The minimum of ``value`` over all ranks."""
+
+    def wait_device(self) -> None:
+        """Wait for this rank's queued device work (which may contain collectives)."""
+
+
+class SingleRank:
+    """:class:`Collectives` of a world of one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def barrier(self) -> None:
+        pass
+
+    def min_int(self, value: int) -> int:
+        return value
+
+    def wait_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class Worker:
+    """A rank's model shard (loaded, sharded while streaming) and, after :meth:`init_cache`,
+    its KV pool and :class:`ModelRunner`."""
+
+    def __init__(self, config: WorkerConfig, tp_rank: int, device: torch.device) -> None:
+        self.config = config
+        self.tp_rank = tp_rank
+        self.device = device
+        self.model: LlamaForCausalLM
+        self.source: ModelSource
+        self.model, self.source = load_model(
+            config.model_dir, config.dtype, device, tp_rank=tp_rank, tp_size=config.tp_size,
+            load_format=config.load_format, seed=config.seed,
+        )
+        if device.type == "cpu":
+            pack_linear_weights_for_cpu(self.model)  # the runtime layout of the CPU's GEMMs
+        # The engine's KV pool is zero-initialised, hence always finite.
+        self.backend: AttentionBackend = get_attention_backend(device, config.attention_backend, finite_cache=True)
+        self.spec: KVCacheSpec = self.model.kv_cache_spec(config.block_size, config.dtype)
+        self.pool: KVCachePool | None = None
+        self.runner: ModelRunner | None = None
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return int(self.config.swap_space_gib * _GIB) // self.spec.bytes_per_block
+
+    # ------------------------------------------------------------------ sizing
+    def local_num_blocks(self, coll: Collectives) -> int:
+        """How many KV blocks fit on this rank (before agreeing with the others)."""
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if self.device.type != "cuda":
+            return self.spec.blocks_for_bytes(int(cfg.cpu_kv_space_gib * _GIB), "cpu_kv_space_gib")
+        return self.spec.blocks_for_bytes(self._profile_gpu_budget(coll), "free GPU memory for the KV cache "
+                                          f"(gpu_memory_utilization={cfg.gpu_memory_utilization})")
+
+    def _profile_gpu_budget(self, coll: Collectives) -> int:
+        """Run the largest step once with a throwaway pool to measure peak activation memory.
+
+        Every rank runs it (the forward holds collectives); ``coll.wait_device`` waits for it."""
+        cfg, spec, dev = self.config, self.spec, self.device
+        n_tok = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        n_blk = cdiv(n_tok, spec.block_size)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        tmp = KVCachePool(spec, n_blk, dev)
+        meta = AttentionMetadata.build([n_tok], [n_tok], [list(range(n_blk))], spec.block_size, dev)
+        ctx = ForwardContext(meta, [tmp.layer(i) for i in range(spec.num_layers)], self.backend)
+        ids = torch.randint(0, self.model.config.vocab_size, (n_tok,), device=dev)
+        with torch.inference_mode():
+            h = self.model(ids, torch.arange(n_tok, device=dev), ctx)
+            self.model.compute_logits(h[-min(n_tok, cfg.max_num_seqs):])
+        coll.wait_device()
+        peak_act = torch.cuda.max_memory_allocated(dev) - base - tmp.nbytes
+        del tmp, ctx, meta, h
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        reserved = torch.cuda.memory_reserved(dev)
+        non_torch = total - free - reserved
+        weights = torch.cuda.memory_allocated(dev)
+        budget = int(total * cfg.gpu_memory_utilization) - non_torch - weights - peak_act
+        logger.info("GPU memory (rank %d): total %.1f GiB, weights %.2f GiB, peak activations %.2f GiB, "
+                    "other %.2f GiB -> KV budget %.2f GiB", self.tp_rank, total / _GIB, weights / _GIB,
+                    peak_act / _GIB, non_torch / _GIB, budget / _GIB)
+        if budget <= 0:
+            raise ValueError(
+                f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no room for the KV cache "
+                f"(model weights {weights / _GIB:.2f} GiB, activations {peak_act / _GIB:.2f} GiB, "
+                f"other {non_torch / _GIB:.2f} GiB of {total / _GIB:.1f} GiB); raise it or lower max_num_batched_tokens"
+            )
+        return budget
+
+    # ------------------------------------------------------------------ cache and steps
+    def init_cache(self, num_blocks: int) -> None:
+        """Allocate the KV pools and the runner; capture decode graphs on CUDA."""
+        cfg = self.config
+        self.pool = KVCachePool(self.spec, num_blocks, self.device, self.num_cpu_blocks)
+        self.runner = ModelRunner(self.model, self.pool, self.backend)
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            self.runner.capture_decode_graphs(min(cfg.max_num_seqs, 512), cfg.max_model_len)
+
+    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        assert self.runner is not None, "init_cache first"
+        return self.runner.execute(step, input_ids)
+
+    def release_graphs(self) -> None:
+        """Destroy the captured CUDA graphs (waiting for queued work first).  NCCL cannot destroy
+        a communicator while graphs that captured its collectives are alive, so a rank does
+        this before leaving its process group."""
+        if self.runner is None or self.runner.graphs is None:
+            return
+        torch.cuda.synchronize(self.device)
+        self.runner.graphs = None
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+
+
+def start_worker(config: WorkerConfig, tp_rank: int, device: torch.device, coll: Collectives) -> Worker:
+    """Build a rank's worker in lockstep with the other ranks: load the shard, agree on the
+    number of KV blocks (the minimum over ranks, so every rank holds every block id), allocate
+    the pool and capture graphs."""
+    worker = Worker(config, tp_rank, device)
+    coll.barrier()  # every shard loaded: a failed load is reported here, before any collective kernel
+    local = worker.local_num_blocks(coll)
+    coll.barrier()
+    num_blocks = coll.min_int(local)
+    if num_blocks != local:
+        logger.info("rank %d: KV pool of %d blocks (the smallest over ranks; %d fit here)", tp_rank, num_blocks, local)
+    worker.init_cache(num_blocks)
+    coll.barrier()
+    return worker

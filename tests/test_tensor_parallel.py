@@ -1,0 +1,292 @@
+"""Tensor parallelism on the CPU: 2 ranks (gloo), the engine's process and one spawned worker.
+
+Greedy tokens with ``tensor_parallel_size=2`` equal those of one rank in fp32, for every model
+family, with the engine's memory features at work (prefix caching, preemption by swap and by
+recompute, copy-on-write, sliding-window release, overlapped decode).  A worker that fails at
+start-up, fails in a step or is killed stops the engine with a clear error on rank 0 and
+leaves no process behind.  One engine per family serves all of its checks.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedattn import LLM, SamplingParams
+from pagedattn.distributed import TorchrunEnv, WorkerError
+from pagedattn.distributed import executor as executor_mod
+from pagedattn.distributed.worker_loop import spawn_main
+from pagedattn.models.loader import load_model
+
+from .engine_models import FAMILIES, make_model_dir
+
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp-models")
+    return {f: make_model_dir(root, f, seed=3) for f in FAMILIES}
+
+
+def _prompts(seed: int, lens: tuple[int, ...]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 320) for _ in range(n)] for n in lens]
+
+
+def _tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _llm(path: Path, **kw: object) -> LLM:
+    kw = {"device": "cpu", "block_size": 4, "num_kv_blocks": 256, "swap_space_gib": 0.01, **kw}
+    return LLM(str(path), **kw)  # type: ignore[arg-type]
+
+
+def _both(path: Path, prompts: list[list[int]], params: SamplingParams, **kw: object
+          ) -> tuple[list[list[list[int]]], list[list[list[int]]], dict[str, float | int]]:
+    """Tokens with one rank, tokens with two (same engine settings), the 2-rank metrics."""
+    ref = _tokens(_llm(path, **kw), prompts, params)
+    with _llm(path, tensor_parallel_size=2, **kw) as tp:
+        got = _tokens(tp, prompts, params)
+        metrics = tp.get_metrics()
+        tp.engine.check_integrity()
+    return ref, got, metrics
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+def _shared_prefix_prompts() -> list[list[int]]:
+    shared = _prompts(7, (21,))[0]
+    return [shared + p for p in _prompts(8, (3, 9, 1, 14))] + _prompts(9, (11, 30))
+
+
+def test_gqa_prefix_cache_swap_preemption_and_overlapped_decode(model_dirs: dict[str, Path]) -> None:
+    """2 KV heads, one per rank; a pool small enough to swap sequences out and back; the
+    shared prompt prefix hits the cache; decode steps overlap (their input ids go from rank 0's
+    device to the worker with a broadcast)."""
+    ref, got, m = _both(model_dirs["llama3_untied_gqa"], _shared_prefix_prompts(), GREEDY,
+                        num_kv_blocks=16, preemption_mode="swap", async_scheduling=True)
+    assert got == ref
+    assert m["num_swap_preemptions"] > 0 and m["num_swapped_in_blocks"] > 0
+    assert m["prefix_cache_hit_tokens"] >= 3 * 20
+    assert m["kv_blocks_used"] == 0
+
+
+def test_window_recompute_preemption_and_chunked_prefill(model_dirs: dict[str, Path]) -> None:
+    ref, got, m = _both(model_dirs["mistral_window"], _shared_prefix_prompts(), GREEDY, num_kv_blocks=20,
+                        preemption_mode="recompute", enable_prefix_caching=False, max_num_batched_tokens=13)
+    assert got == ref
+    assert m["num_recompute_preemptions"] > 0 and m["num_window_released_blocks"] > 0
+
+
+def test_mqa_replicated_kv_head_and_copy_on_write(model_dirs: dict[str, Path]) -> None:
+    """One KV head for two ranks: each holds a replica.  Seeded samples forked from one prompt
+    write into their shared partial block (copy-on-write runs on both ranks)."""
+    params = SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=MAX_NEW, ignore_eos=True)
+    ref, got, m = _both(model_dirs["llama_mqa_tied"], _prompts(3, (10, 23)), params)
+    assert got == ref
+    assert m["num_cow_copies"] >= 2
+
+
+@pytest.mark.parametrize("family", ["qwen2_bias_tied", "qwen3_qknorm"])
+def test_bias_and_qk_norm_families(model_dirs: dict[str, Path], family: str) -> None:
+    ref, got, _ = _both(model_dirs[family], _prompts(1, (5, 16, 17, 40)), GREEDY, async_scheduling=True)
+    assert got == ref
+
+
+# ---------------------------------------------------------------------- bad input and failures
+def test_tp_size_that_does_not_divide_the_heads_is_a_value_error_before_spawning(
+        model_dirs: dict[str, Path]) -> None:
+    path = model_dirs["qwen3_qknorm"]  # 4 query heads, 2 KV heads
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .*num_heads \(4\) is not divisible"):
+        _llm(path, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive int"):
+        _llm(path, tensor_parallel_size=0)
+    assert multiprocessing.active_children() == []
+
+
+def _assert_gone(pids: list[int]) -> None:
+    assert pids
+    assert multiprocessing.active_children() == []
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_killed_worker_stops_the_engine_with_a_clear_error(model_dirs: dict[str, Path]) -> None:
+    llm = _llm(model_dirs["llama_mqa_tied"], tensor_parallel_size=2)
+    prompts = _prompts(4, (6, 9))
+    assert len(_tokens(llm, prompts, GREEDY)) == 2
+    pids = llm.engine.executor.worker_pids
+    os.kill(pids[0], signal.SIGKILL)
+    with pytest.raises(WorkerError, match=r"rank 1 exited unexpectedly \(killed by SIGKILL\)"):
+        _tokens(llm, prompts, GREEDY)
+    _assert_gone(pids)
+    with pytest.raises(WorkerError, match="stopped after an error"):
+        _tokens(llm, prompts, GREEDY)
+    llm.shutdown()  # harmless after the failure
+
+
+# Worker entry points with a fault planted inside the worker process (the spawned process
+# imports this module to find them; the engine's own rank is untouched).
+def _spawn_main_failing_load(*args: object) -> None:
+    import pagedattn.engine.worker as worker
+
+    def broken_load(*a: object, **k: object) -> None:
+        raise OSError("planted: cannot read the weights on this rank")
+
+    worker.load_model = broken_load  # type: ignore[assignment]
+    spawn_main(*args)  # type: ignore[arg-type]
+
+
+def _spawn_main_failing_third_step(*args: object) -> None:
+    from pagedattn.engine.model_runner import ModelRunner
+
+    real = ModelRunner.execute
+    calls = iter(range(1_000_000))
+
+    def flaky(self: ModelRunner, *a: object, **k: object) -> object:
+        if next(calls) == 2:
+            raise RuntimeError("planted: the third step fails on this rank")
+        return real(self, *a, **k)  # type: ignore[arg-type]
+
+    ModelRunner.execute = flaky  # type: ignore[method-assign]
+    spawn_main(*args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def planted_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    yield monkeypatch
+    assert multiprocessing.active_children() == []
+
+
+def test_worker_failing_at_start_up_is_reported_with_its_traceback(model_dirs: dict[str, Path],
+                                                                   planted_worker: pytest.MonkeyPatch) -> None:
+    planted_worker.setattr(executor_mod, "spawn_main", _spawn_main_failing_load)
+    with pytest.raises(WorkerError, match=r"(?s)rank 1 failed.*OSError: planted: cannot read the weights"):
+        _llm(model_dirs["llama_mqa_tied"], tensor_parallel_size=2)
+
+
+def test_worker_failing_in_a_step_is_reported_with_its_traceback(model_dirs: dict[str, Path],
+                                                                 planted_worker: pytest.MonkeyPatch) -> None:
+    planted_worker.setattr(executor_mod, "spawn_main", _spawn_main_failing_third_step)
+    llm = _llm(model_dirs["llama_mqa_tied"], tensor_parallel_size=2)
+    pids = llm.engine.executor.worker_pids
+    with pytest.raises(WorkerError, match=r"(?s)rank 1 failed.*RuntimeError: planted: the third step fails"):
+        _tokens(llm, _prompts(5, (6, 9)), GREEDY)
+    _assert_gone(pids)
+    assert llm.engine.requests == {}  # the failed generate aborted its requests
+
+
+# ---------------------------------------------------------------------- torchrun
+TORCHRUN_SCRIPT = """
+import json, sys
+from pagedattn import LLM, SamplingParams
+
+if __name__ == "__main__":
+    # Every rank runs this; on ranks 1.. the constructor serves rank 0 and exits the process.
+    with LLM(sys.argv[1], device="cpu", block_size=4, num_kv_blocks=64, swap_space_gib=0.01,
+             tensor_parallel_size=2) as llm:
+        outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)
+        print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
+"""
+
+
+def test_torchrun_launch_rank0_runs_the_engine_the_other_rank_serves_it(model_dirs: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    path = model_dirs["qwen3_qknorm"]
+    prompts = _prompts(6, (7, 12))
+    ref = [t[0] for t in _tokens(_llm(path, num_kv_blocks=64), prompts,
+                                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))]
+    script = tmp_path / "tp_script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         str(path), json.dumps(prompts)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS ")]
+    assert len(lines) == 1  # printed by rank 0 only
+    assert json.loads(lines[0].removeprefix("TOKENS ")) == ref
+
+
+def test_torchrun_environment_is_read_and_checked() -> None:
+    assert TorchrunEnv.detect({}) is None
+    assert TorchrunEnv.detect({"RANK": "1", "WORLD_SIZE": "4"}) == TorchrunEnv(1, 4, 1)
+    assert TorchrunEnv.detect({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == TorchrunEnv(5, 8, 1)
+    with pytest.raises(ValueError, match="must be integers"):
+        TorchrunEnv.detect({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="RANK < WORLD_SIZE"):
+        TorchrunEnv.detect({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+# ---------------------------------------------------------------------- dummy weights
+def test_dummy_weights_shard_into_the_same_model_for_every_tp_size(model_dirs: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """``load_format="dummy"`` reads only config.json; rank r's shards are slices of the tensors
+    one rank gets, so TP sizes are comparable (and seeds reproducible)."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(model_dirs["llama3_untied_gqa"] / "config.json", folder)
+    full, _ = load_model(folder, torch.float32, "cpu", load_format="dummy", seed=5)
+    shards = [load_model(folder, torch.float32, "cpu", tp_rank=r, tp_size=2, load_format="dummy", seed=5)[0]
+              for r in range(2)]
+    fp = dict(full.named_parameters())
+    sp = [dict(m.named_parameters()) for m in shards]
+    torch.testing.assert_close(torch.cat([p["lm_head.weight"] for p in sp]), fp["lm_head.weight"], rtol=0, atol=0)
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    torch.testing.assert_close(torch.cat([p[o_proj] for p in sp], dim=1), fp[o_proj], rtol=0, atol=0)
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"  # [q | k | v] per rank
+    q_full, k_full, _ = fp[qkv].split([64, 32, 32])
+    parts = [p[qkv].split([32, 16, 16]) for p in sp]
+    torch.testing.assert_close(torch.cat([q for q, _, _ in parts]), q_full, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([k for _, k, _ in parts]), k_full, rtol=0, atol=0)
+    assert torch.equal(fp["model.norm.weight"], torch.ones(64))
+    assert 0.015 < fp[o_proj].std().item() < 0.025
+    again, _ = load_model(folder, torch.float32, "cpu", load_format="dummy", seed=5)
+    other, _ = load_model(folder, torch.float32, "cpu", load_format="dummy", seed=6)
+    assert torch.equal(dict(again.named_parameters())[o_proj], fp[o_proj])
+    assert not torch.equal(dict(other.named_parameters())[o_proj], fp[o_proj])
+    with pytest.raises(ValueError, match="load_format"):
+        load_model(folder, torch.float32, "cpu", load_format="npz")
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        load_model(folder, torch.float32, "cpu")
+
+
+def test_cli_passes_the_tensor_parallel_size_and_reports_a_bad_one(model_dirs: dict[str, Path],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pagedattn.entrypoints.cli import main
+
+    rc = main(["generate", "--model", str(model_dirs["qwen3_qknorm"]), "--device", "cpu", "-tp", "3"])
+    assert rc == 2
+    assert "tensor_parallel_size=3" in capsys.readouterr().err
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``benchmarks/bench_tensor_parallel.py --smoke``: a tiny Qwen3 on the CPU, TP=1 and TP=2
+    each in its own process."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_tensor_parallel
+
+    out = tmp_path / "tp.json"
+    res = bench_tensor_parallel.run(["--smoke", "--out", str(out)])
+    assert res["failures"] == {} and json.loads(out.read_text())["results"].keys() == {"1", "2"}
+    assert res["greedy_agreement"]["2"]["identical_requests"] == 4
+    assert res["first_token_logprobs"]["2"]["same_top1"] == 4

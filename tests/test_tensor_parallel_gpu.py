@@ -1,0 +1,70 @@
+"""Tensor parallelism on 2 GPUs (NCCL): token parity with one GPU in fp32, with CUDA graphs
+(collectives captured inside) and without, and a killed worker on the GPU path."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+
+from pagedattn import LLM, SamplingParams
+from pagedattn.distributed import WorkerError
+
+from .engine_models import make_model_dir
+from .test_engine import _prompts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+]
+
+# NVLink multicast stays off (it can take shared GPUs out of service).
+for _var, _val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_var, _val)
+
+
+def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("family", ["llama3_untied_gqa", "llama_mqa_tied", "qwen3_qknorm"])
+def test_gpu_tp2_greedy_matches_tp1(tmp_path, family):
+    path = make_model_dir(tmp_path, family)
+    shared = _prompts(7, lens=(40,))[0]
+    prompts = _prompts(1) + [shared + p for p in _prompts(8, lens=(3, 9, 1))]
+    kw = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=64, max_num_seqs=16, swap_space_gib=0.01)
+    expected = _greedy(LLM(str(path), **kw), prompts)
+    for eager in (False, True):
+        with LLM(str(path), tensor_parallel_size=2, enforce_eager=eager, **kw) as llm:
+            assert (llm.engine.runner.graphs is None) == eager
+            assert _greedy(llm, prompts) == expected, f"eager={eager}"
+            assert llm.get_metrics()["prefix_cache_hit_tokens"] > 0
+
+
+def test_gpu_tp2_pool_sized_from_memory_and_preemption(tmp_path):
+    path = make_model_dir(tmp_path, "llama3_untied_gqa")
+    prompts = _prompts(2, lens=(30, 41, 17, 52))
+    expected = _greedy(LLM(str(path), device="cuda", num_kv_blocks=256, swap_space_gib=0.01), prompts)
+    with LLM(str(path), device="cuda", tensor_parallel_size=2, gpu_memory_utilization=0.3) as llm:
+        assert llm.get_metrics()["kv_blocks_total"] > 64
+        assert _greedy(llm, prompts) == expected
+    with LLM(str(path), device="cuda", tensor_parallel_size=2, block_size=4, num_kv_blocks=24,
+             swap_space_gib=0.01, max_num_batched_tokens=16) as llm:
+        assert _greedy(llm, prompts) == expected
+        assert llm.get_metrics()["num_preemptions"] > 0
+
+
+def test_gpu_killed_worker_is_a_clear_error(tmp_path):
+    path = make_model_dir(tmp_path, "llama_mqa_tied")
+    llm = LLM(str(path), device="cuda", tensor_parallel_size=2, num_kv_blocks=64, swap_space_gib=0.01)
+    _greedy(llm, _prompts(3, lens=(5, 9)))
+    pids = llm.engine.executor.worker_pids
+    os.kill(pids[0], signal.SIGKILL)
+    with pytest.raises(WorkerError, match="rank 1"):
+        _greedy(llm, _prompts(3, lens=(5, 9)))
+    assert multiprocessing.active_children() == []
+    llm.shutdown()
