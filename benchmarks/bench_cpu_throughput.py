@@ -5,7 +5,15 @@ the embedded default model (SmolLM2-135M) in float32, 2 threads.  Baselines: HF'
 batch ``generate`` (all prompts left-padded into one batch) and, optionally, HF one request at
 a time and HF's continuous batching ``generate_batch``.
 
-    python benchmarks/bench_cpu_throughput.py [--out results.json] [--hf-sequential] [--hf-cb] [--trace run.jsonl]
+    python benchmarks/bench_cpu_throughput.py [--repeat 3] [--out results.json] [--hf-sequential] [--hf-cb]
+                                              [--trace run.jsonl]
+
+``--repeat N`` alternates our run and HF's padded batch N times and reports medians: on a shared
+machine one pair of runs can be off by 20%, so the ratio quoted is the median of the ratios of
+back-to-back pairs.  Round ``r`` uses fresh prompts (seed ``r``; round 0 is the workload above),
+so our prefix cache never sees a prompt twice, and both engines first run one untimed round of
+their own (a different seed), so one-time costs (oneDNN's kernel generation for each GEMM shape,
+allocator growth) are left out of every timed round.
 
 ``--trace`` records the block pool during our run (``pagedattn viz run.jsonl --html`` draws it);
 recording adds a little host work per step, so leave it off for the numbers you report.
@@ -18,6 +26,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import time
 
@@ -33,7 +42,6 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]
 
 def bench_ours(llm: LLM, prompts: list[list[int]], new: int) -> tuple[float, int]:
     sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     t = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t
@@ -88,55 +96,83 @@ def main() -> None:
     ap.add_argument("--hf-sequential", action="store_true", help="also time HF one request at a time")
     ap.add_argument("--hf-cb", action="store_true", help="also time HF generate_batch (continuous batching)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="alternate ours / HF padded this many times (medians)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--trace", default=None, help="record a block-pool trace of our run (JSON lines) here")
     args = ap.parse_args()
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     llm = LLM(device="cpu", dtype="float32")
     vocab = llm.engine.arch.vocab_size
-    prompts = workload(args.num_prompts, args.min_len, args.max_len, vocab, seed=0)
-    rows = []
-    tracer = None
-    if args.trace:
-        from pagedattn.viz import TraceRecorder
-
-        tracer = TraceRecorder(args.trace)
-        llm.engine.attach_tracer(tracer)
-    try:
-        dt, n = bench_ours(llm, prompts, args.new_tokens)
-    finally:
-        if tracer is not None:  # stop recording before anything else runs on this engine
-            llm.engine.detach_tracer()
-            print(f"trace written to {args.trace}")
-    rows.append(("pagedattn", dt, n))
+    rounds = [workload(args.num_prompts, args.min_len, args.max_len, vocab, seed=r) for r in range(args.repeat)]
+    warmup = workload(args.num_prompts, args.min_len, args.max_len, vocab, seed=10_000)
+    hf = pad = None
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(llm.engine.source.model_dir, dtype=torch.float32).eval()
         pad = llm.engine.tokenizer.pad_token_id if llm.engine.tokenizer is not None else 0
         pad = 0 if pad is None else pad
-        rows.append(("HF padded batch generate", *bench_hf_padded(hf, prompts, args.new_tokens, pad)))
+    bench_ours(llm, warmup, args.new_tokens)
+    if hf is not None:
+        bench_hf_padded(hf, warmup, args.new_tokens, pad)
+    tracer = None
+    if args.trace:
+        from pagedattn.viz import TraceRecorder
+
+        tracer = TraceRecorder(args.trace)
+        llm.engine.attach_tracer(tracer)
+    ours: list[tuple[float, int]] = []
+    padded: list[tuple[float, int]] = []
+    for prompts in rounds:
+        try:
+            ours.append(bench_ours(llm, prompts, args.new_tokens))
+        finally:
+            if tracer is not None:  # record the first run only, then nothing else on this engine
+                llm.engine.detach_tracer()
+                print(f"trace written to {args.trace}")
+                tracer = None
+        if hf is not None:
+            padded.append(bench_hf_padded(hf, prompts, args.new_tokens, pad))
+    rows = [("pagedattn", *_median_run(ours))]
+    if hf is not None:
+        rows.append(("HF padded batch generate", *_median_run(padded)))
         if args.hf_cb:
-            rows.append(("HF generate_batch (paged)", *bench_hf_cb(hf, prompts, args.new_tokens, pad)))
+            rows.append(("HF generate_batch (paged)", *bench_hf_cb(hf, rounds[0], args.new_tokens, pad)))
         if args.hf_sequential:
-            rows.append(("HF one request at a time", *bench_hf_sequential(hf, prompts, args.new_tokens, pad)))
-    base = next((r for r in rows if r[0].startswith("HF padded")), None)
+            rows.append(("HF one request at a time", *bench_hf_sequential(hf, rounds[0], args.new_tokens, pad)))
+    # Each round's ours/HF ratio from back-to-back runs; the median of those is the figure.
+    pair_ratios = [(n / dt) / (hn / hdt) for (dt, n), (hdt, hn) in zip(ours, padded)]
+    ratio = statistics.median(pair_ratios) if pair_ratios else None
+    base = rows[1] if hf is not None else None
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
         "torch": torch.__version__,
         "commit": _commit(),
         "workload": vars(args),
         "results": [{"name": r[0], "seconds": r[1], "tokens": r[2], "tok_per_s": r[2] / r[1]} for r in rows],
+        "rounds": {"pagedattn_seconds": [r[0] for r in ours], "hf_padded_seconds": [r[0] for r in padded],
+                   "ratios": pair_ratios},
+        "speedup_vs_hf_padded": ratio,
     }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     print(f"\n{'engine':28s} {'tokens':>7s} {'seconds':>8s} {'tok/s':>8s} {'vs HF padded':>13s}")
     for name, dt, n in rows:
-        ratio = f"{(n / dt) / (base[2] / base[1]):.2f}x" if base else "-"
-        print(f"{name:28s} {n:7d} {dt:8.2f} {n / dt:8.1f} {ratio:>13s}")
+        rel = f"{(n / dt) / (base[2] / base[1]):.2f}x" if base else "-"
+        print(f"{name:28s} {n:7d} {dt:8.2f} {n / dt:8.1f} {rel:>13s}")
+    if ratio is not None:
+        print(f"median of {len(pair_ratios)} back-to-back ratios: {ratio:.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in pair_ratios)})")
+
+
+def _median_run(runs: list[tuple[float, int]]) -> tuple[float, int]:
+    """The median time over runs (all runs produce the same token count)."""
+    return statistics.median(dt for dt, _ in runs), runs[0][1]
 
 
 def _commit() -> str:
