@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..cascade import WORK_WIDTH
-from .common import LOG2E, dot_dtype, dot_precision
+from .common import LOG2E, attend_paged_keys, dot_dtype, dot_precision
 
 
 @dataclass(frozen=True)
@@ -95,31 +95,10 @@ def _prefix_kernel(
     q = tl.load(Q + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=md_mask, other=0.0).to(DOT_DTYPE)
 
-    offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    bt_row = BlockTables + rep_row.to(tl.int64) * stride_bt
-    k_head = K + kvh * stride_kh
-    v_head = V + kvh * stride_vh
-    for start in range(lo, hi, BLOCK_N):
-        offs = start + offs_n
-        n_mask = offs < hi
-        page = tl.load(bt_row + offs // PAGE, mask=n_mask, other=0).to(tl.int64)
-        k_rows = page * stride_kb + (offs % PAGE) * stride_kt
-        v_rows = page * stride_vb + (offs % PAGE) * stride_vt
-        kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
-        # Every tile holds >= 1 valid key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = attend_paged_keys(
+        q, K + kvh * stride_kh, V + kvh * stride_vh, BlockTables + rep_row.to(tl.int64) * stride_bt, lo, hi, offs_d,
+        scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
+        BLOCK_M, PAGE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
 
     # The host never plans an empty chunk; an unused item stores nothing (m_mask is empty).
     has = l_i > 0

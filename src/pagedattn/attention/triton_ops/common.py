@@ -1,10 +1,15 @@
-"""Constants and small helpers shared by the attention kernels' launchers."""
+"""Constants and small helpers shared by the attention kernels and their launchers.
+
+The ``@triton.jit`` helpers here are inlined into each kernel that calls them, so sharing them
+costs nothing at run time.
+"""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 # Scores are kept in the base-2 domain (exp2 is one instruction): scale * log2(e).
@@ -31,3 +36,56 @@ def dot_precision(cache_dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact for fp32 operands (tf32 would cost ~3e-4 relative
     error), the default otherwise (ignored for 16-bit operands)."""
     return "ieee" if dot_dtype(cache_dtype) == tl.float32 else "tf32"
+
+
+@triton.jit
+def paged_kv_rows(bt_row, offs, n_mask, PAGE: tl.constexpr, stride_kb, stride_kt, stride_vb, stride_vt):
+    """Element offsets of key rows ``offs`` (``[BLOCK_N]`` positions of one sequence) in the K
+    and V caches: one page lookup per row through the block-table row ``bt_row`` (repeats hit
+    L1), so a tile may span several pages of any power-of-two size."""
+    page = tl.load(bt_row + offs // PAGE, mask=n_mask, other=0).to(tl.int64)
+    in_page = offs % PAGE
+    return page * stride_kb + in_page * stride_kt, page * stride_vb + in_page * stride_vt
+
+
+@triton.jit
+def attend_kv_tile(q, k_ptrs, v_ptrs, kv_mask, n_mask, m_i, l_i, acc, scale_log2,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step (base 2) of queries ``q [M, D]`` over a key tile whose valid
+    columns are ``n_mask``, all of them visible to every query row (decode and shared-prefix
+    tiles: no causal edge).  Every tile holds >= 1 valid key, so the new max is finite.
+    Returns the updated ``(m, l, acc)``."""
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+    s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def attend_paged_keys(q, k_head, v_head, bt_row, lo, hi, offs_d, scale_log2,
+                      stride_kb, stride_kt, stride_vb, stride_vt,
+                      ROWS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Flash-attention of ``q [ROWS, BLOCK_D]`` over keys ``lo .. hi-1`` of one sequence's pages
+    (one KV head: ``k_head``/``v_head`` point at it), every key visible to every row.  Returns
+    the unnormalised ``(m, l, acc)`` (base-2 max, sum, weighted values) for the caller to
+    normalise or to merge with other partials."""
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + offs_n
+        n_mask = offs < hi
+        k_rows, v_rows = paged_kv_rows(bt_row, offs, n_mask, PAGE, stride_kb, stride_kt, stride_vb, stride_vt)
+        kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        m_i, l_i, acc = attend_kv_tile(q, k_head + k_rows[:, None] + offs_d[None, :],
+                                       v_head + v_rows[:, None] + offs_d[None, :], kv_mask, n_mask,
+                                       m_i, l_i, acc, scale_log2, DOT_DTYPE, DOT_PRECISION)
+    return m_i, l_i, acc

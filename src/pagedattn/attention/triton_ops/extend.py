@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_dtype, dot_precision
+from .common import LOG2E, dot_dtype, dot_precision, paged_kv_rows
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,7 @@ def _extend_kernel(
     for start in range(lo, hi, BLOCK_N):
         offs = start + offs_n
         n_mask = offs < hi
-        page = tl.load(bt_row + offs // PAGE, mask=n_mask, other=0).to(tl.int64)
-        k_rows = page * stride_kb + (offs % PAGE) * stride_kt
-        v_rows = page * stride_vb + (offs % PAGE) * stride_vt
+        k_rows, v_rows = paged_kv_rows(bt_row, offs, n_mask, PAGE, stride_kb, stride_kt, stride_vb, stride_vt)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
