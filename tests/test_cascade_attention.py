@@ -19,6 +19,7 @@ import torch
 from .triton_interpreter import (
     CUDA,
     DEVICE,
+    attention_tolerance,
     rerun_in_fresh_process,
     seeded_generator,
     skip_unless_runnable,
@@ -48,13 +49,6 @@ def _interpreter_available(request: pytest.FixtureRequest) -> None:
 def test_cascade_in_fresh_interpreter_process() -> None:
     """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
     rerun_in_fresh_process(__file__)
-
-
-def _tol(dtype: torch.dtype) -> dict[str, float]:
-    # The same tolerances as the decode kernel's tests.
-    return {torch.float32: {"atol": 1e-4, "rtol": 1e-4},
-            torch.float16: {"atol": 4e-3, "rtol": 4e-3},
-            torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}[dtype]
 
 
 def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -110,7 +104,7 @@ def _shared_batch(g: torch.Generator, rows: list[tuple[int | None, int]], prefix
 
 def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert not out.isnan().any(), "output has NaN: an element was never written or poison was read"
-    torch.testing.assert_close(out.float(), ref.float(), **_tol(out.dtype))
+    torch.testing.assert_close(out.float(), ref.float(), **attention_tolerance(out.dtype))
 
 
 def _cascade_inputs(batch: SharedBatch, gqa: int, max_items: int = 64) -> tuple[ops.CascadeInputs, int]:

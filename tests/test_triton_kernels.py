@@ -19,6 +19,7 @@ import torch
 from .triton_interpreter import (
     CUDA,
     DEVICE,
+    attention_tolerance,
     rerun_in_fresh_process,
     seeded_generator,
     skip_unless_runnable,
@@ -62,12 +63,6 @@ def _interpreter_available(request: pytest.FixtureRequest) -> None:
 def test_kernels_in_fresh_interpreter_process() -> None:
     """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
     rerun_in_fresh_process(__file__)
-
-
-def _tol(dtype: torch.dtype) -> dict[str, float]:
-    return {torch.float32: {"atol": 1e-4, "rtol": 1e-4},
-            torch.float16: {"atol": 4e-3, "rtol": 4e-3},
-            torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}[dtype]
 
 
 _gen = seeded_generator
@@ -134,7 +129,7 @@ def _reference(q: torch.Tensor, batch: PagedBatch, layer: AttentionLayerSpec) ->
 
 def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert not out.isnan().any(), "output has NaN: an element was never written or poison was read"
-    torch.testing.assert_close(out.float(), ref.float(), **_tol(out.dtype))
+    torch.testing.assert_close(out.float(), ref.float(), **attention_tolerance(out.dtype))
 
 
 # --------------------------------------------------------------------------- store

@@ -56,3 +56,12 @@ def seeded_generator(*key: object) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(hash(repr(key)) % (2**31))
     return g
+
+
+def attention_tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """``assert_close`` tolerances of an attention kernel's output against the fp32 reference
+    (one rounding of the output, plus 16-bit operands of the dots)."""
+    return {torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+            torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+            torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}[dtype]
+
