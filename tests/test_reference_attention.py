@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from pagedattn.attention import torch_ref
 from pagedattn.attention.backend import AttentionLayerSpec
 from pagedattn.attention.metadata import AttentionMetadata, token_positions
 from pagedattn.attention.torch_ref import TorchReferenceBackend, paged_attention_ref
@@ -130,27 +129,6 @@ def test_mixed_batch_decodes_first_then_extends(hq: int, hkv: int, window: int |
     b = Batch(31 * hq + hkv, query_lens, seq_lens, hq, hkv, 4, window)
     assert b.meta.num_decodes == 3
     assert rel_err(b.run(), b.oracle()) < 1e-5
-
-
-@pytest.mark.parametrize("window", [None, 6])
-def test_decode_runs_split_by_context_length_match_dense(window: int | None) -> None:
-    # Two runs of decodes around an extend, lengths unsorted: each run is cut into a short and a
-    # long group whose rows are scattered back in place.
-    query_lens = [1, 1, 1, 1, 1, 5, 1, 1, 1, 1]
-    seq_lens = [300, 3, 250, 9, 4, 20, 17, 2, 180, 6]
-    b = Batch(77, query_lens, seq_lens, 8, 2, 4, window)
-    plans = torch_ref._make_plans(b.meta.block_tables, query_lens, seq_lens, 4, window, torch.device("cpu"))
-    assert [p.rows.tolist() if p.rows is not None else None for p in plans] == [
-        [1, 4, 3], [2, 0], None, [11, 13, 10], [12]]
-    assert rel_err(b.run(), b.oracle()) < 1e-5
-
-
-def test_split_decodes_only_when_it_saves_enough() -> None:
-    assert torch_ref._split_decodes([10, 10, 10, 10], 4) is None  # nothing to save
-    assert torch_ref._split_decodes([5, 500, 5], 4) is None  # too few rows
-    assert torch_ref._split_decodes([140, 140, 140, 160], 16) is None  # 37 of 40 pages: saves 7.5%
-    short, long = torch_ref._split_decodes([500, 5, 6, 480, 7], 16)
-    assert sorted(short) == [1, 2, 4] and sorted(long) == [0, 3]
 
 
 def test_permuting_physical_blocks_does_not_change_the_result() -> None:

@@ -52,12 +52,8 @@ def paged_attention_ref(
             plan_cache[key] = plans
     out = torch.empty_like(q)
     for plan in plans:
-        if plan.rows is None:
-            out[plan.tok_start:plan.tok_end] = _attend_group(q[plan.tok_start:plan.tok_end], k_cache, v_cache, plan,
-                                                             scale, clean)
-        else:
-            out.index_copy_(0, plan.rows, _attend_group(q.index_select(0, plan.rows), k_cache, v_cache, plan,
-                                                        scale, clean))
+        out[plan.tok_start:plan.tok_end] = _attend_group(q[plan.tok_start:plan.tok_end], k_cache, v_cache, plan,
+                                                         scale, clean)
     return out
 
 
@@ -65,12 +61,10 @@ class _GroupPlan:
     """Everything about one group of sequences that is the same in every layer."""
 
     def __init__(self, tok_start: int, block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int],
-                 block_size: int, window: int | None, device: torch.device, rows: list[int] | None = None) -> None:
+                 block_size: int, window: int | None, device: torch.device) -> None:
         bsz, max_q, max_ctx = len(query_lens), max(query_lens), max(seq_lens)
         self.tok_start = tok_start
         self.tok_end = tok_start + sum(query_lens)
-        # Decode groups may be any subset of the batch's decodes: their token rows, in order.
-        self.rows = None if rows is None else torch.tensor(rows, dtype=torch.long, device=device)
         self.bsz, self.max_q, self.max_ctx = bsz, max_q, max_ctx
         self.query_lens, self.seq_lens = query_lens, seq_lens
         ql = torch.tensor(query_lens, device=device)
@@ -97,7 +91,7 @@ class _GroupPlan:
 
 def _make_plans(block_tables, query_lens, seq_lens, block_size, window, device) -> list[_GroupPlan]:
     """Split the batch into runs of decodes vs. longer queries so short queries are not padded
-    to long ones; one plan per run (a run of decodes may become two, see ``_split_decodes``)."""
+    to long ones; one plan per run."""
     plans = []
     i, tok, b = 0, 0, len(query_lens)
     while i < b:
@@ -105,39 +99,10 @@ def _make_plans(block_tables, query_lens, seq_lens, block_size, window, device) 
         is_decode = query_lens[i] == 1
         while j < b and (query_lens[j] == 1) == is_decode:
             j += 1
-        split = _split_decodes(seq_lens[i:j], block_size) if is_decode else None
-        if split is None:
-            plans.append(_GroupPlan(tok, block_tables[i:j], query_lens[i:j], seq_lens[i:j], block_size, window,
-                                    device))
-        else:
-            for part in split:  # indices into the run; a decode's token row is tok + its index
-                plans.append(_GroupPlan(tok, block_tables[[i + r for r in part]], [1] * len(part),
-                                        [seq_lens[i + r] for r in part], block_size, window, device,
-                                        rows=[tok + r for r in part]))
-        tok += sum(query_lens[i:j])
+        plans.append(_GroupPlan(tok, block_tables[i:j], query_lens[i:j], seq_lens[i:j], block_size, window, device))
+        tok = plans[-1].tok_end
         i = j
     return plans
-
-
-# A run of decodes is padded to its longest context; cutting it in two by context length pays
-# (one more gather and SDPA call per layer) when that removes at least this share of the padded
-# page reads.
-_MIN_DECODE_SPLIT_SAVING = 0.2
-
-
-def _split_decodes(seq_lens: list[int], block_size: int) -> tuple[list[int], list[int]] | None:
-    """The best cut of a run of decodes, sorted by context, into a short and a long group, or
-    None when it saves less than ``_MIN_DECODE_SPLIT_SAVING`` of the pages gathered."""
-    n = len(seq_lens)
-    if n < 4:
-        return None
-    order = sorted(range(n), key=seq_lens.__getitem__)
-    pages = [-(-seq_lens[r] // block_size) for r in order]
-    whole = n * pages[-1]
-    cost, k = min((k * pages[k - 1] + (n - k) * pages[-1], k) for k in range(1, n))
-    if cost > (1 - _MIN_DECODE_SPLIT_SAVING) * whole:
-        return None
-    return order[:k], order[k:]
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _GroupPlan,
