@@ -107,6 +107,17 @@ def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out.float(), ref.float(), **attention_tolerance(out.dtype))
 
 
+def _bucket_arrays(batch: SharedBatch, bucket: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's tables and lengths padded to a graph bucket, as DecodeGraphs holds them:
+    padding rows have no blocks and length 0."""
+    tables = np.zeros((bucket, width), dtype=np.int32)
+    for i, t in enumerate(batch.tables):
+        tables[i, :len(t)] = t
+    lens = np.zeros(bucket, dtype=np.int32)
+    lens[:len(batch.seq_lens)] = batch.seq_lens
+    return tables, lens
+
+
 def _cascade_inputs(batch: SharedBatch, gqa: int, max_items: int = 64) -> tuple[ops.CascadeInputs, int]:
     m = batch.meta()
     plan = build_plan(m.block_tables_cpu, np.asarray(batch.seq_lens), batch.block_size, gqa, max_items, CFG)
@@ -252,12 +263,7 @@ def test_backend_graph_mode_reads_groups_from_the_hook(gqa: int, dtype: torch.dt
             batch = _shared_batch(g, rows, prefix_blocks, bs, dtype)
         assert batch is not None
         n = len(rows)
-        # What DecodeGraphs holds: static tensors of the bucket, stale-free only where valid.
-        tables = np.zeros((bucket, width), dtype=np.int32)
-        for i, t in enumerate(batch.tables):
-            tables[i, :len(t)] = t
-        lens = np.zeros(bucket, dtype=np.int32)
-        lens[:n] = batch.seq_lens
+        tables, lens = _bucket_arrays(batch, bucket, width)
         static = AttentionMetadata(
             slot_mapping=torch.full((bucket,), -1, dtype=torch.long, device=DEVICE),
             query_start_loc=torch.arange(bucket + 1, dtype=torch.int32, device=DEVICE),
@@ -327,11 +333,7 @@ def test_gpu_full_size_cascade_and_cuda_graph(dtype: torch.dtype) -> None:
             with torch.cuda.graph(graphs[-1]):
                 outs.append(backend.attend(q_static, batch.k_cache, batch.v_cache, static, layer))
     n = len(rows)
-    tables = np.zeros((bucket, width), dtype=np.int32)
-    for i, t in enumerate(batch.tables):
-        tables[i, :len(t)] = t
-    lens = np.zeros(bucket, dtype=np.int32)
-    lens[:n] = batch.seq_lens
+    tables, lens = _bucket_arrays(batch, bucket, width)
     static.block_tables.copy_(torch.from_numpy(tables))
     static.seq_lens.copy_(torch.from_numpy(lens))
     q_static.zero_()

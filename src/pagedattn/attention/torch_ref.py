@@ -65,7 +65,7 @@ class _GroupPlan:
         bsz, max_q, max_ctx = len(query_lens), max(query_lens), max(seq_lens)
         self.tok_start = tok_start
         self.tok_end = tok_start + sum(query_lens)
-        self.bsz, self.max_q, self.max_ctx = bsz, max_q, max_ctx
+        self.bsz, self.max_q = bsz, max_q
         self.query_lens, self.seq_lens = query_lens, seq_lens
         ql = torch.tensor(query_lens, device=device)
         sl = torch.tensor(seq_lens, device=device)
@@ -83,7 +83,7 @@ class _GroupPlan:
         self.allowed = mask[:, None]  # [B, 1, max_q, ctx]: True where a query may attend
         # Slots past a sequence's end (and window-released blocks, which read block 0) hold
         # whatever was there before: masking gives them weight 0, but 0 * NaN is NaN, so
-        # gathered values there are cleared (and keys too where the mask is additive).
+        # gathered keys and values there are cleared (unless the caches are known finite).
         lowest = (sl - ql - window + 1).clamp(min=0) if window is not None else torch.zeros_like(sl)
         readable = (k_pos[None, :] < sl[:, None]) & (k_pos[None, :] >= lowest[:, None])
         self.unreadable = ~readable[:, :, None, None]  # [B, ctx, 1, 1]
