@@ -70,6 +70,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
               max_model_len=args.max_prompt + args.output_len + 16, enforce_eager=args.enforce_eager,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
     init_s = time.perf_counter() - t0
+    all_reduce = _all_reduce_kind(llm)
     try:
         # Warm-up on the same shapes (another seed): compiles every kernel the timed runs hit.
         warm = workload(args.num_requests, args.min_prompt, args.max_prompt, vocab, seed=1)
@@ -96,12 +97,25 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     n = args.num_requests
     return {
         "tp": args.child, "device": torch.cuda.get_device_name() if cuda else "cpu", "init_seconds": init_s,
+        "all_reduce": all_reduce,
         "prefill_seconds": prefill_s, "full_seconds": full_s,
         "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
         "output_tok_per_s": n * args.output_len / full_s,
         "kv_blocks_total": m["kv_blocks_total"], "num_preemptions": m["num_preemptions"], "tokens": tokens,
         "first_logprobs": first_logprobs,
     }
+
+
+def _all_reduce_kind(llm: Any) -> str:
+    """What the row-parallel layers sum with on rank 0: "p2p" (one-shot, see
+    ``pagedattn.distributed.all_reduce``), "process group" (NCCL or gloo), or "none" (TP=1)."""
+    from pagedattn.distributed.all_reduce import P2PAllReduce
+    from pagedattn.models.layers import RowParallelLinear
+
+    rows = [m for m in llm.engine.executor.worker.model.modules() if isinstance(m, RowParallelLinear)]
+    if not rows or rows[0].tp_size == 1:
+        return "none"
+    return "p2p" if isinstance(rows[0].all_reduce, P2PAllReduce) else "process group"
 
 
 # ---------------------------------------------------------------------- comparison and report
@@ -244,12 +258,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"TP={tp} FAILED: {f}")
     print(f"\nDecode throughput, {summary['model']}, {args.num_requests} requests x {args.output_len} tokens "
           f"on {summary['device']}")
-    print(f"{'TP':>3s} {'init s':>7s} {'prefill s':>9s} {'total s':>8s} {'decode tok/s':>12s} {'output tok/s':>12s} "
-          f"{'speedup':>8s} {'KV blocks':>9s}")
+    print(f"{'TP':>3s} {'all-reduce':>13s} {'init s':>7s} {'prefill s':>9s} {'total s':>8s} {'decode tok/s':>12s} "
+          f"{'output tok/s':>12s} {'speedup':>8s} {'KV blocks':>9s}")
     for tp, r in results.items():
         sp = r["decode_tok_per_s"] / base if base else float("nan")
-        print(f"{tp:3d} {r['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} {r['full_seconds']:8.2f} "
-              f"{r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x {r['kv_blocks_total']:9d}")
+        print(f"{tp:3d} {r['all_reduce']:>13s} {r['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
+              f"{r['full_seconds']:8.2f} {r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x "
+              f"{r['kv_blocks_total']:9d}")
     shutil.rmtree(work, ignore_errors=True)
     return summary
 

@@ -290,3 +290,44 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
     assert res["failures"] == {} and json.loads(out.read_text())["results"].keys() == {"1", "2"}
     assert res["greedy_agreement"]["2"]["identical_requests"] == 4
     assert res["first_token_logprobs"]["2"]["same_top1"] == 4
+
+
+def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedattn.distributed.all_reduce import DISABLE_ENV, _unsupported_reason
+
+    gpu, one_host = torch.device("cuda", 0), [("node0", 0), ("node0", 1)]
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    assert "not on CUDA" in str(_unsupported_reason(torch.device("cpu"), torch.float32, one_host))
+    assert "float16" in str(_unsupported_reason(gpu, torch.float16, one_host))
+    assert "1 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, one_host[:1]))
+    assert "9 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", i) for i in range(9)]))
+    assert "several hosts" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", 0), ("node1", 0)]))
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    assert DISABLE_ENV in str(_unsupported_reason(gpu, torch.bfloat16, one_host))
+
+
+def test_every_cross_rank_sum_goes_through_the_installed_all_reduce(model_dirs: dict[str, Path]) -> None:
+    """``set_all_reduce`` reaches every layer that sums across ranks (the embedding, the two
+    row-parallel projections of each decoder layer), and those layers call it."""
+    from pagedattn.models.config import ModelArchConfig
+    from pagedattn.models.layers import RowParallelLinear, VocabParallelEmbedding, set_all_reduce
+    from pagedattn.models.registry import build_model
+
+    cfg = ModelArchConfig.from_hf_config(json.loads((model_dirs["llama3_untied_gqa"] / "config.json").read_text()))
+    model = build_model(cfg, torch.float32, "cpu", tp_rank=0, tp_size=2)
+    calls: list[tuple[int, ...]] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return x
+
+    n = set_all_reduce(model, record)
+    assert n == sum(isinstance(m, (RowParallelLinear, VocabParallelEmbedding)) for m in model.modules())
+    assert n >= 2 * cfg.num_layers + 1
+    row = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
+    torch.nn.init.normal_(row.weight)
+    row(torch.randn(3, row.input_size_per_partition))
+    emb = next(m for m in model.modules() if type(m) is VocabParallelEmbedding)
+    torch.nn.init.normal_(emb.weight)
+    emb(torch.randint(0, cfg.vocab_size, (5,)))
+    assert calls == [(3, row.output_size), (5, cfg.hidden_size)]

@@ -68,3 +68,70 @@ def test_gpu_killed_worker_is_a_clear_error(tmp_path):
         _greedy(llm, _prompts(3, lens=(5, 9)))
     assert multiprocessing.active_children() == []
     llm.shutdown()
+
+
+# ---------------------------------------------------------------------- one-shot P2P all-reduce
+def _p2p_all_reduce_worker(rank: int, world: int, rdzv: str) -> None:
+    import torch.distributed as dist
+
+    from pagedattn.distributed.all_reduce import P2PAllReduce
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{rdzv}", rank=rank, world_size=world, device_id=device)
+    try:
+        gen = torch.Generator(device=device).manual_seed(100 + rank)
+        for dtype in (torch.bfloat16, torch.float32):
+            ar = P2PAllReduce.create(device, dtype, max_bytes=1 << 20)
+            assert ar is not None, "P2P all-reduce unavailable on GPUs that NCCL connects"
+            limit = (1 << 20) // dtype.itemsize
+            shapes = [(8,), (3, 1024), (64, 4096 // dtype.itemsize), (limit,), (limit + 8,)]
+            xs = [torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes]
+            want = [x.clone() for x in xs]
+            for w in want:
+                dist.all_reduce(w)
+            # eager; the last shape is past max_bytes and goes to NCCL
+            for x, w in zip(xs, want, strict=True):
+                got = ar(x.clone())
+                assert got.shape == x.shape and torch.equal(got, w), (dtype, x.shape)
+            # many calls back to back inside one CUDA graph, replayed on fresh inputs
+            static = [x.clone() for x in xs[:4]] * 3
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = [ar(x) for x in static]
+            for _ in range(3):
+                fresh = [torch.randn(x.shape, generator=gen, device=device).to(dtype) for x in xs[:4]]
+                for x, f in zip(static[:4], fresh, strict=True):
+                    x.copy_(f)
+                graph.replay()
+                for f in fresh:
+                    dist.all_reduce(f)
+                for out, w in zip(outs, fresh * 3, strict=True):
+                    assert torch.equal(out, w), (dtype, out.shape)
+            del graph
+    finally:
+        dist.destroy_process_group()
+
+
+def test_p2p_all_reduce_equals_nccl_eager_and_in_graphs(tmp_path):
+    """Two ranks: the one-shot sum is bitwise NCCL's (a + b in the tensor's dtype), at sizes up
+    to its limit and past it (NCCL fallback), eagerly and as many calls captured in one graph."""
+    torch.multiprocessing.spawn(_p2p_all_reduce_worker, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
+
+
+def test_gpu_engine_uses_p2p_all_reduce_unless_disabled(tmp_path, monkeypatch):
+    from pagedattn.distributed.all_reduce import DISABLE_ENV, P2PAllReduce
+    from pagedattn.models.layers import RowParallelLinear
+
+    path = make_model_dir(tmp_path, "llama3_untied_gqa")
+    prompts = _prompts(4, lens=(12, 30))
+    kw = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, swap_space_gib=0.01)
+    outs = {}
+    for disabled in (False, True):
+        monkeypatch.setenv(DISABLE_ENV, "1" if disabled else "0")
+        with LLM(str(path), tensor_parallel_size=2, **kw) as llm:
+            rows = [m for m in llm.engine.executor.worker.model.modules() if isinstance(m, RowParallelLinear)]
+            assert rows and all(isinstance(m.all_reduce, P2PAllReduce) != disabled for m in rows)
+            outs[disabled] = _greedy(llm, prompts)
+    assert outs[False] == outs[True]  # two ranks: the same a + b either way

@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 from ..engine.model_runner import StepInput
 from ..engine.worker import SingleRank, Worker, WorkerConfig, start_worker
 from ..models.config import ModelArchConfig
+from ..models.layers import AllReduce
 from ..models.registry import build_model
 from .group import (
     DEFAULT_TIMEOUT_S,
@@ -332,6 +333,9 @@ class _GuardedCollectives:
 
     def min_int(self, value: int) -> int:
         return self.ex.group.min_int(value)
+
+    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
+        return self.ex.group.fast_all_reduce(dtype)
 
     def wait_device(self) -> None:
         if self.ex.device.type == "cuda":

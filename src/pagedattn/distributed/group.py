@@ -29,6 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..models.layers import AllReduce
+from .all_reduce import P2PAllReduce
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -119,6 +122,13 @@ class TPGroup:
     def wait_device(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
+        """On CUDA, the one-shot P2P all-reduce for decode-sized tensors when every rank can use
+        it (see :mod:`.all_reduce`); None elsewhere."""
+        if self.device.type != "cuda":
+            return None
+        return P2PAllReduce.create(self.device, dtype)
 
     # ------------------------------------------------------------------ failure reports
     def report_error(self, text: str) -> None:

@@ -21,7 +21,7 @@ from ..attention.selector import get_attention_backend
 from ..cache.block_manager import cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
 from ..models.context import ForwardContext
-from ..models.layers import pack_linear_weights_for_cpu
+from ..models.layers import AllReduce, pack_linear_weights_for_cpu, set_all_reduce
 from ..models.llama import LlamaForCausalLM
 from ..models.loader import ModelSource, load_model
 from .model_runner import ModelRunner, StepInput
@@ -69,6 +69,10 @@ class Collectives(Protocol):
     def wait_device(self) -> None:
         """Wait for this rank's queued device work (which may contain collectives)."""
 
+    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
+        """A faster all-reduce than the process group's for this group's links (collective:
+        every rank calls it), or None to keep the process group's."""
+
 
 class SingleRank:
     """:class:`Collectives` of a world of one."""
@@ -85,6 +89,9 @@ class SingleRank:
     def wait_device(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
+        return None
 
 
 class Worker:
@@ -193,6 +200,8 @@ def start_worker(config: WorkerConfig, tp_rank: int, device: torch.device, coll:
     the pool and capture graphs."""
     worker = Worker(config, tp_rank, device)
     coll.barrier()  # every shard loaded: a failed load is reported here, before any collective kernel
+    if config.tp_size > 1 and (all_reduce := coll.fast_all_reduce(config.dtype)) is not None:
+        set_all_reduce(worker.model, all_reduce)  # before the warm-up and graph capture use it
     local = worker.local_num_blocks(coll)
     coll.barrier()
     num_blocks = coll.min_int(local)

@@ -25,7 +25,7 @@ slice into ``param``.  With ``tp_size == 1`` no collective is ever called.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,13 +61,29 @@ def _param(shape: Sequence[int], dtype: torch.dtype | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False)
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+# The cross-rank sum of the row-parallel layers and the vocabulary-parallel embedding.  Swappable
+# per layer (:func:`set_all_reduce`) so a process can plug in a faster one for its links.
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def process_group_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the default process group, in place (NCCL on CUDA, gloo on the CPU)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("tp_size > 1 needs an initialised torch.distributed process group")
     dist.all_reduce(x)
     return x
+
+
+def set_all_reduce(model: nn.Module, all_reduce: AllReduce) -> int:
+    """Make every layer of ``model`` that sums across ranks use ``all_reduce``; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (RowParallelLinear, VocabParallelEmbedding)):
+            m.all_reduce = all_reduce
+            n += 1
+    return n
 
 
 def _all_gather_last_dim(x: torch.Tensor, tp_size: int) -> torch.Tensor:
@@ -478,6 +494,7 @@ class RowParallelLinear(nn.Module):
         self.output_size = output_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.reduce_results = reduce_results
+        self.all_reduce: AllReduce = process_group_all_reduce
         self.input_size_per_partition = divide(input_size, tp_size, "input_size")
         self.weight = _param((output_size, self.input_size_per_partition), params_dtype)
         self.bias = _param((output_size,), params_dtype) if bias else None
@@ -496,7 +513,7 @@ class RowParallelLinear(nn.Module):
         # Only rank 0 adds the bias, so the cross-rank sum contains it exactly once.
         y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.reduce_results and self.tp_size > 1:
-            y = _all_reduce(y)
+            y = self.all_reduce(y)
         return y
 
     def extra_repr(self) -> str:
@@ -526,6 +543,7 @@ class VocabParallelEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.reduce_results = reduce_results
+        self.all_reduce: AllReduce = process_group_all_reduce
         self.num_embeddings_per_partition = -(-num_embeddings // tp_size)
         self.vocab_start = tp_rank * self.num_embeddings_per_partition
         self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
@@ -546,7 +564,7 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (input_ids - self.vocab_start) * in_shard
         out = F.embedding(local_ids, self.weight)
         out.masked_fill_(~in_shard.unsqueeze(-1), 0)
-        return _all_reduce(out) if self.reduce_results else out
+        return self.all_reduce(out) if self.reduce_results else out
 
     def extra_repr(self) -> str:
         return (
