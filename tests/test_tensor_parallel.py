@@ -295,13 +295,14 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from pagedattn.distributed.all_reduce import DISABLE_ENV, _unsupported_reason
 
-    gpu, one_host = torch.device("cuda", 0), [("node0", 0), ("node0", 1)]
+    gpu, one_host = torch.device("cuda", 0), [("node0", 0, 0), ("node0", 1, 0)]
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     assert "not on CUDA" in str(_unsupported_reason(torch.device("cpu"), torch.float32, one_host))
     assert "float16" in str(_unsupported_reason(gpu, torch.float16, one_host))
     assert "1 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, one_host[:1]))
-    assert "9 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", i) for i in range(9)]))
-    assert "several hosts" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", 0), ("node1", 0)]))
+    assert "9 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", i, 0) for i in range(9)]))
+    assert "several hosts" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", 0, 0), ("node1", 0, 0)]))
+    assert "earlier tensor-parallel engine" in str(_unsupported_reason(gpu, torch.bfloat16, [("n", 0, 1), ("n", 1, 0)]))
     monkeypatch.setenv(DISABLE_ENV, "1")
     assert DISABLE_ENV in str(_unsupported_reason(gpu, torch.bfloat16, one_host))
 

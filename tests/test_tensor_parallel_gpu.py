@@ -120,18 +120,46 @@ def test_p2p_all_reduce_equals_nccl_eager_and_in_graphs(tmp_path):
     torch.multiprocessing.spawn(_p2p_all_reduce_worker, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
 
 
-def test_gpu_engine_uses_p2p_all_reduce_unless_disabled(tmp_path, monkeypatch):
-    from pagedattn.distributed.all_reduce import DISABLE_ENV, P2PAllReduce
-    from pagedattn.models.layers import RowParallelLinear
+_ENGINE_SCRIPT = """
+import json, sys
+from pagedattn import LLM, SamplingParams
+from pagedattn.distributed.all_reduce import P2PAllReduce
+from pagedattn.models.layers import RowParallelLinear
+
+def main():
+    path, prompts = sys.argv[1], json.loads(sys.argv[2])
+    with LLM(path, device="cuda", dtype="bfloat16", tensor_parallel_size=2, num_kv_blocks=64,
+             swap_space_gib=0.01) as llm:
+        rows = [m for m in llm.engine.executor.worker.model.modules() if isinstance(m, RowParallelLinear)]
+        p2p = [isinstance(m.all_reduce, P2PAllReduce) for m in rows]
+        sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    print(json.dumps({"p2p": p2p, "tokens": tokens}))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_gpu_engine_uses_p2p_all_reduce_unless_disabled(tmp_path):
+    """Each engine in a fresh process (a process can pair P2P memory with one set of workers)."""
+    import json
+    import subprocess
+    import sys
+
+    from pagedattn.distributed.all_reduce import DISABLE_ENV
 
     path = make_model_dir(tmp_path, "llama3_untied_gqa")
-    prompts = _prompts(4, lens=(12, 30))
-    kw = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, swap_space_gib=0.01)
-    outs = {}
+    script = tmp_path / "engine.py"
+    script.write_text(_ENGINE_SCRIPT)
+    prompts = json.dumps(_prompts(4, lens=(12, 30)))
+    runs = {}
     for disabled in (False, True):
-        monkeypatch.setenv(DISABLE_ENV, "1" if disabled else "0")
-        with LLM(str(path), tensor_parallel_size=2, **kw) as llm:
-            rows = [m for m in llm.engine.executor.worker.model.modules() if isinstance(m, RowParallelLinear)]
-            assert rows and all(isinstance(m.all_reduce, P2PAllReduce) != disabled for m in rows)
-            outs[disabled] = _greedy(llm, prompts)
-    assert outs[False] == outs[True]  # two ranks: the same a + b either way
+        env = {**os.environ, DISABLE_ENV: "1" if disabled else "0"}
+        proc = subprocess.run([sys.executable, str(script), str(path), prompts], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[disabled] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs[False]["p2p"] and all(runs[False]["p2p"])
+    assert runs[True]["p2p"] and not any(runs[True]["p2p"])
+    assert runs[False]["tokens"] == runs[True]["tokens"]  # two ranks: the same a + b either way

@@ -33,6 +33,10 @@ DISABLE_ENV = "PAGEDATTN_DISABLE_P2P_ALL_REDUCE"
 DEFAULT_MAX_BYTES = 4 << 20
 _DTYPES = (torch.float32, torch.bfloat16)
 _ALIGN = 16  # bytes: the one-shot kernel moves 16-byte vectors
+# torch pairs the ranks of a symmetric-memory rendezvous by a per-process sequence number, so
+# ranks must have made equally many: a second engine in a process whose first one used P2P
+# memory has fresh workers, which could never pair with it (they fall back to NCCL instead).
+_rendezvous_count = 0
 
 
 class P2PAllReduce:
@@ -53,8 +57,9 @@ class P2PAllReduce:
         """Collective over the default group: every rank gets a working instance, or every rank
         gets None (with the reason logged) and keeps NCCL."""
         world_size = dist.get_world_size()
-        places: list[tuple[str, int] | None] = [None] * world_size
-        dist.all_gather_object(places, (socket.gethostname(), device.index if device.type == "cuda" else -1))
+        places: list[tuple[str, int, int] | None] = [None] * world_size
+        here = (socket.gethostname(), device.index if device.type == "cuda" else -1, _rendezvous_count)
+        dist.all_gather_object(places, here)
         reason = _unsupported_reason(device, dtype, places)
         inst: P2PAllReduce | None = None
         if reason is None:
@@ -78,12 +83,12 @@ class P2PAllReduce:
     def _allocate(cls, device: torch.device, dtype: torch.dtype, max_bytes: int) -> P2PAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
+        global _rendezvous_count
+
         group = dist.group.WORLD
         assert group is not None
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # required by older torch, harmless where it is the default
-            enable(group.group_name)
         buf = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+        _rendezvous_count += 1
         symm_mem.rendezvous(buf, group)
         return cls(buf, group.group_name)
 
@@ -114,9 +119,10 @@ class P2PAllReduce:
         return bool(torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2))
 
 
-def _unsupported_reason(device: torch.device, dtype: torch.dtype, places: list[tuple[str, int] | None]) -> str | None:
+def _unsupported_reason(device: torch.device, dtype: torch.dtype,
+                        places: list[tuple[str, int, int] | None]) -> str | None:
     """Why this rank cannot take part in a one-shot all-reduce (None if it can); ``places``
-    holds every rank's (host name, CUDA device index)."""
+    holds every rank's (host name, CUDA device index, symmetric-memory rendezvous made so far)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"{DISABLE_ENV} is set"
     if device.type != "cuda":
@@ -127,6 +133,9 @@ def _unsupported_reason(device: torch.device, dtype: torch.dtype, places: list[t
         return f"{len(places)} ranks (one-shot needs 2..8)"
     if len({p[0] for p in places if p is not None}) != 1:
         return "the ranks span several hosts"
+    if len({p[2] for p in places if p is not None}) != 1:
+        return ("an earlier tensor-parallel engine in this process used P2P memory, and torch cannot pair "
+                "its rendezvous with new workers")
     if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
         return "this torch has no symmetric-memory all-reduce"
     me = device.index if device.index is not None else torch.cuda.current_device()
