@@ -2,6 +2,12 @@
 times a replay of the captured decode graph, so host overhead and device time can be compared.
 
     python benchmarks/profile_engine.py [--num-requests 256] [--output-len 256]
+    python benchmarks/profile_engine.py --cpu [--threads 2]
+
+``--cpu`` profiles the CPU throughput workload instead (``bench_cpu_throughput.py``: 16 prompts,
+64 greedy tokens, the embedded model in fp32): the prefill step, the median decode step split
+into scheduling, the forward pass and the host work after it, and the operators of a few decode
+steps under ``torch.profiler`` (self time: on a CPU the small ops' dispatch shows up here).
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--e2e", action="store_true",
                     help="the bench_throughput workload (outputs 100..1024); report time per kind of step")
+    ap.add_argument("--cpu", action="store_true", help="profile the CPU throughput workload (see above)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for --cpu")
     args = ap.parse_args()
+    if args.cpu:
+        profile_cpu(args.threads, args.top)
+        return
     from pagedattn import LLM, SamplingParams
 
     folder = Path(tempfile.mkdtemp(prefix="qwen3-prof-"))
@@ -84,6 +95,62 @@ def main() -> None:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.top)
     print(buf.getvalue())
+
+
+def profile_cpu(threads: int, top: int) -> None:
+    """The CPU throughput workload, one step at a time (one untimed round first)."""
+    import os
+    import statistics
+
+    from bench_cpu_throughput import workload as cpu_workload
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedattn import LLM, SamplingParams
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    llm = LLM(device="cpu", dtype="float32")
+    eng = llm.engine
+    vocab = eng.arch.vocab_size
+    sp = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    llm.generate(cpu_workload(16, 16, 128, vocab, seed=10_000), sp, use_tqdm=False)
+    parts: dict[str, list[float]] = {"schedule": [], "execute": [], "process": []}
+    orig = {"schedule": eng.scheduler.schedule, "execute": eng.executor.execute, "process": eng._process}
+
+    def timed(name, fn):
+        def wrap(*a, **k):
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            parts[name].append(time.perf_counter() - t)
+            return r
+        return wrap
+
+    eng.scheduler.schedule = timed("schedule", orig["schedule"])
+    eng.executor.execute = timed("execute", orig["execute"])
+    eng._process = timed("process", orig["process"])
+    for p in cpu_workload(16, 16, 128, vocab, seed=0):
+        eng.add_request(p, sp, stream=False)
+    steps = []
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        eng.step()
+        steps.append(time.perf_counter() - t)
+    eng.scheduler.schedule, eng.executor.execute, eng._process = orig["schedule"], orig["execute"], orig["process"]
+    decode_ms = 1e3 * statistics.median(steps[1:])
+    print(f"prefill step {steps[0]:.3f}s; {len(steps) - 1} decode steps, median {decode_ms:.2f} ms")
+    for name, ts in parts.items():
+        print(f"  {name:9s} median {1e3 * statistics.median(ts[1:]):7.3f} ms per decode step")
+    for p in cpu_workload(16, 16, 128, vocab, seed=1):
+        eng.add_request(p, sp, stream=False)
+    for _ in range(20):  # the prefill, then decodes with some context behind them
+        eng.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            eng.step()
+    while eng.has_unfinished_requests():
+        eng.step()
+    print("5 decode steps (profiler overhead included):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def step_kinds(eng, prompts, outs) -> None:

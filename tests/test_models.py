@@ -35,6 +35,7 @@ from pagedattn.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
+    SiluAndMul,
     VocabParallelEmbedding,
     apply_rotary,
     pack_linear_weights_for_cpu,
@@ -264,6 +265,10 @@ def test_cpu_packed_weights_match_dense(build_family: Callable[[str], Family], n
     assert pack_linear_weights_for_cpu(packed) == n_linear
     assert pack_linear_weights_for_cpu(packed) == 0  # idempotent
     assert packed.lm_head.weight.is_mkldnn and not packed.model.embed_tokens.weight.is_mkldnn
+    x = torch.randn(2, 3, COMMON["hidden_size"], generator=torch.Generator().manual_seed(7))
+    qkv = packed.model.layers[0].self_attn.qkv_proj
+    dense_qkv = fam.ours.model.layers[0].self_attn.qkv_proj
+    torch.testing.assert_close(qkv(x), dense_qkv(x))  # leading dims around a packed weight
     for seed, n in ((3, SEQ_LEN), (4, 1)):
         batch = [("a", _ids(seed, n)), ("b", _ids(seed + 10, n))]
         for got, ref in zip(_harness(packed).step(batch), _harness(fam.ours).step(batch)):
@@ -320,14 +325,32 @@ def test_load_weights_errors_name_the_tensor(build_family: Callable[[str], Famil
 
 # ---------------------------------------------------------------------- norm and rotary vs HF
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_is_bitwise_hf(dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(7, 3, 48, generator=gen) * 3).to(dtype)
-    w = (1 + 0.3 * torch.randn(48, generator=gen)).to(dtype)
-    ours, ref = RMSNorm(48, 1e-5, dtype), LlamaRMSNorm(48, eps=1e-5).to(dtype)
+@pytest.mark.parametrize(("shape", "eps"), [((7, 3, 48), 1e-5), ((16, 576), 1e-5), ((300, 100), 1e-6)])
+def test_rmsnorm_is_bitwise_hf(dtype: torch.dtype, shape: tuple[int, ...], eps: float) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    n = shape[-1]
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    res = torch.randn(*shape, generator=gen).to(dtype)
+    w = (1 + 0.3 * torch.randn(n, generator=gen)).to(dtype)
+    ours, ref = RMSNorm(n, eps, dtype), LlamaRMSNorm(n, eps=eps).to(dtype)
     ours.weight.data.copy_(w)
     ref.weight.data.copy_(w)
     assert torch.equal(ours(x), ref(x))
+    # The residual form: HF adds the sublayer output to the residual stream, then normalises.
+    normed, summed = ours.add_and_norm(x, res)
+    assert torch.equal(summed, res + x)
+    assert torch.equal(normed, ref(res + x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_is_bitwise_torch(dtype: torch.dtype) -> None:
+    """SiLU-and-mul (in place on SiLU's output on the CPU) is HF's ``act(gate) * up``, and
+    leaves the fused gate/up input as it was."""
+    gate_up = (torch.randn(9, 2 * 40, generator=torch.Generator().manual_seed(5)) * 4).to(dtype)
+    before = gate_up.clone()
+    gate, up = gate_up.chunk(2, -1)
+    assert torch.equal(SiluAndMul()(gate_up), torch.nn.functional.silu(gate) * up)
+    assert torch.equal(gate_up, before)
 
 
 ROPES: dict[str, dict[str, Any] | None] = {
@@ -379,6 +402,11 @@ def test_rotary_embedding_is_bitwise_hf(name: str, dtype: torch.dtype) -> None:
     ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], ref_cos, ref_sin)
     assert torch.equal(apply_rotary(q, cos, sin), ref_q[0].transpose(0, 1))
     assert torch.equal(apply_rotary(k, cos, sin), ref_k[0].transpose(0, 1))
+    # The model rotates q and k as one strided view of the fused qkv projection output.
+    qkv = torch.cat([q.flatten(1), k.flatten(1), torch.randn(11, 64, generator=gen).to(dtype)], -1)
+    qk = qkv[:, :6 * 32].view(11, 6, 32)
+    assert not qk.is_contiguous()
+    assert torch.equal(apply_rotary(qk, cos, sin), torch.cat([ref_q[0], ref_k[0]]).transpose(0, 1))
 
 
 # ---------------------------------------------------------------------- tensor-parallel shards

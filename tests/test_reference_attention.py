@@ -131,6 +131,15 @@ def test_mixed_batch_decodes_first_then_extends(hq: int, hkv: int, window: int |
     assert rel_err(b.run(), b.oracle()) < 1e-5
 
 
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (8, 1)])
+@pytest.mark.parametrize("window", [None, 9, 700])
+def test_whole_sequence_prefills_match_dense(hq: int, hkv: int, window: int | None) -> None:
+    """Prompts with no cached context: plain causal attention (no mask) unless the window binds."""
+    lens = [1, 2, 9, 40, 257]
+    b = Batch(3 * hq + hkv, lens, lens, hq, hkv, 16, window)
+    assert rel_err(b.run(), b.oracle()) < 1e-5
+
+
 def test_permuting_physical_blocks_does_not_change_the_result() -> None:
     b = Batch(5, [1, 6], [37, 23], 4, 2, 4)
     out = b.run()

@@ -20,8 +20,10 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                  slot_mapping: torch.Tensor) -> None:
     """One scatter per tensor: ``cache.view(N*bs, H, D)[slot_mapping] = k``."""
     n, bs, h, d = k_cache.shape
-    k_cache.view(n * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(n * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(n * bs, h, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(n * bs, h, d).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention_ref(
@@ -50,6 +52,8 @@ def paged_attention_ref(
         plans = _make_plans(block_tables, query_lens, seq_lens, k_cache.shape[1], sliding_window, q.device)
         if plan_cache is not None:
             plan_cache[key] = plans
+    if len(plans) == 1:  # only decodes or only longer queries: no output to assemble
+        return _attend_group(q, k_cache, v_cache, plans[0], scale, clean)
     out = torch.empty_like(q)
     for plan in plans:
         out[plan.tok_start:plan.tok_end] = _attend_group(q[plan.tok_start:plan.tok_end], k_cache, v_cache, plan,
@@ -81,6 +85,16 @@ class _GroupPlan:
         if window is not None:
             mask &= (q_pos - k_pos) < window
         self.allowed = mask[:, None]  # [B, 1, max_q, ctx]: True where a query may attend
+        # Decodes pass the mask as the additive bias SDPA would otherwise build from it in
+        # every layer (0 where allowed, -inf elsewhere): [B, 1, 1, ctx], built once per step.
+        self.bias: torch.Tensor | None = None
+        if max_q == 1:
+            self.bias = torch.zeros(self.allowed.shape, dtype=torch.float32, device=device)
+            self.bias.masked_fill_(~self.allowed, float("-inf"))
+        # A query run that is a whole sequence (no cached context) under no binding window is
+        # plain causal attention: SDPA's ``is_causal`` needs no mask and skips the blocks
+        # above the diagonal.
+        self.plain_causal = [ql == sl and (window is None or window >= sl) for ql, sl in zip(query_lens, seq_lens)]
         # Slots past a sequence's end (and window-released blocks, which read block 0) hold
         # whatever was there before: masking gives them weight 0, but 0 * NaN is NaN, so
         # gathered keys and values there are cleared (unless the caches are known finite).
@@ -123,17 +137,18 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if plan.max_q == 1:
         out = F.scaled_dot_product_attention(
             q.float().view(bsz, hq, 1, d), keys.transpose(1, 2), vals.transpose(1, 2),
-            attn_mask=plan.allowed, scale=scale, enable_gqa=True)
+            attn_mask=plan.bias, scale=scale, enable_gqa=True)
         return out.view(bsz, hq, d).to(q.dtype)
     # Longer queries one sequence at a time, so none is padded to the longest.
     out = torch.empty_like(q)
     start = 0
     for b, (ql, sl) in enumerate(zip(plan.query_lens, plan.seq_lens)):
         # 4-D operands: with 3-D ones SDPA falls back to its (1.5x slower) math path on a CPU.
+        causal = plan.plain_causal[b]
         o = F.scaled_dot_product_attention(
             q[None, start:start + ql].float().transpose(1, 2), keys[b:b + 1, :sl].transpose(1, 2),
-            vals[b:b + 1, :sl].transpose(1, 2), attn_mask=plan.allowed[b:b + 1, :, :ql, :sl], scale=scale,
-            enable_gqa=True)  # [1, Hq, ql, D]
+            vals[b:b + 1, :sl].transpose(1, 2), attn_mask=None if causal else plan.allowed[b:b + 1, :, :ql, :sl],
+            is_causal=causal, scale=scale, enable_gqa=True)  # [1, Hq, ql, D]
         out[start:start + ql] = o[0].transpose(0, 1)
         start += ql
     return out

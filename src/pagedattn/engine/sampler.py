@@ -51,6 +51,25 @@ class SamplingBatch:
     seeded: list[int] = field(default_factory=list)  # rows with their own generator
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of ``[n, V]`` logits: the same indices (the first maximum, NaN
+    counting as the maximum), fast on a CPU.
+
+    There torch's argmax is a scalar loop, ~0.4 ms for 16 rows of a 49k vocabulary, while
+    ``amax`` is vectorised (~20x faster).  So: the max of each block of columns, the first
+    block holding its row's maximum (argmax over a few hundred block maxima), then the
+    argmax within that block.  Elsewhere, or when no block size divides ``V``, plain argmax.
+    """
+    n, v = logits.shape
+    block = next((b for b in (256, 128, 64) if v % b == 0), 0)
+    if logits.device.type != "cpu" or not block or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    blocks = logits.view(n, v // block, block)
+    best = blocks.amax(dim=-1).argmax(dim=-1)  # [n]: the first block holding the row's max
+    inner = blocks[torch.arange(n, device=logits.device), best].argmax(dim=-1)
+    return best * block + inner
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on ``device`` without waiting for it (pinned, non-blocking on CUDA)."""
     t = torch.tensor(values, dtype=dtype)
@@ -103,7 +122,7 @@ class Sampler:
         assert logits.shape[0] == len(b.rows)
         logits = logits.float()
         if b.all_greedy:
-            return logits.argmax(dim=-1)
+            return argmax_rows(logits)
         assert b.temperature is not None
         scaled = logits / b.temperature
         if b.top_k is not None:
@@ -126,7 +145,7 @@ class Sampler:
             q[i].exponential_(generator=b.rows[i].generator)
         sampled = (probs / q).argmax(dim=-1)
         if b.greedy_mask is not None:
-            sampled = torch.where(b.greedy_mask, logits.argmax(dim=-1), sampled)
+            sampled = torch.where(b.greedy_mask, argmax_rows(logits), sampled)
         return sampled
 
     def _with_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:

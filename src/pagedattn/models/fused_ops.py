@@ -26,6 +26,7 @@ under the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported),
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -91,9 +92,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- torch references
+@functools.cache
+def _cpu_scalar(value: float) -> torch.Tensor:
+    """``value`` as a 0-dim fp32 CPU tensor, made once: adding it skips wrapping a Python number."""
+    return torch.tensor(value, dtype=torch.float32, device="cpu")
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm``: normalise in fp32, cast back, then the weight multiply."""
     dtype = x.dtype
+    if dtype == torch.float32 and weight.dtype == torch.float32 and x.is_cpu:
+        # The same ops in fewer calls, for a CPU decode step pays per call, not per element:
+        # both casts are no-ops, ``x * x`` is what ``pow(2)`` computes, eps is added from a
+        # cached fp32 scalar tensor (the value a Python float is rounded to) in place, and the
+        # weight multiplies in place (the same product: multiplication commutes).
+        var = (x * x).mean(-1, keepdim=True).add_(_cpu_scalar(eps)).rsqrt_()
+        return (x * var).mul_(weight)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
@@ -108,13 +122,17 @@ def fused_add_rms_norm_ref(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, H, D]`` (NeoX half-split layout, as HF Llama).
+    """Rotate ``x [T, H, D]`` (NeoX half-split layout, as HF Llama) by ``cos``/``sin`` ``[T, 1, D/2]``.
 
-    ``x * cat(c, c) + rotate_half(x) * cat(s, s)`` written per half; bit-identical to the HF
-    form since ``a + (-b)*s == a - b*s`` exactly in IEEE arithmetic.
+    HF's ``x * cat(c, c) + rotate_half(x) * cat(s, s)`` with ``rotate_half(x) = cat(-x2, x1)``,
+    its sign moved into the table: ``roll(x, D/2) * cat(-s, s)`` holds the same products
+    (negation is exact), so the result is bit-identical.  Four kernels on ``x`` and three on
+    the small tables, in fewer calls than per-half products and a concatenation: on a CPU, where
+    a decode step's tensors are tiny, the call count is the cost.
     """
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    cos2 = torch.cat((cos, cos), dim=-1)
+    sin2 = torch.cat((-sin, sin), dim=-1)
+    return (x * cos2).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin2))
 
 
 def qk_norm_rope_ref(
@@ -135,13 +153,15 @@ def qk_norm_rope_ref(
         k = rms_norm_ref(qkv[:, q_size : q_size + kv_size].view(t, num_kv_heads, head_dim), k_weight, eps)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     # q and k heads are adjacent in the fused output: rotate them in one go.
-    qk = apply_rotary(qkv[:, : q_size + kv_size].view(t, -1, head_dim), cos, sin)
-    return qk[:, :num_heads], qk[:, num_heads:]
+    qk = apply_rotary(qkv.narrow(1, 0, q_size + kv_size).view(t, num_heads + num_kv_heads, head_dim), cos, sin)
+    return qk.narrow(1, 0, num_heads), qk.narrow(1, num_heads, num_kv_heads)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    n = x.shape[-1] // 2
+    # In place on SiLU's fresh output: one [T, I] tensor less to allocate (and fault in, for
+    # a prefill's megabytes), the same numbers as ``F.silu(gate) * up``.
+    return F.silu(x.narrow(-1, 0, n)).mul_(x.narrow(-1, n, n))
 
 
 # ---------------------------------------------------------------------- checks shared by the launchers

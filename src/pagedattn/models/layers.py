@@ -119,11 +119,19 @@ _CPU_ONEDNN = _onednn_linear_available()
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+# The op overload itself rather than the op packet, which resolves it again on every call (a
+# CPU decode step makes 121 of them).  Weights are packed only where it exists.
+_ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if _CPU_ONEDNN else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``; ``weight`` may be a oneDNN-packed CPU weight (see :func:`pack_linear_weights_for_cpu`)."""
     if weight.is_mkldnn:
+        assert _ONEDNN_LINEAR is not None
+        if x.dim() == 2:  # the model's activations: no reshaping on the way in or out
+            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
         lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        y = _ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
         return y.view(*lead, y.shape[-1])
     if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _CPU_SKINNY_ROWS:
         y = torch.mm(weight, x.t()).t().contiguous()

@@ -1,0 +1,51 @@
+"""Greedy sampling: the CPU's blocked argmax picks exactly what ``torch.argmax`` picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedattn.engine.sampler import Sampler, SamplingRow, argmax_rows
+from pagedattn.engine.sampling_params import SamplingParams
+
+
+def _logits(seed: int, n: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Rounded to a coarse grid so rows hold many exactly equal maxima (ties across blocks).
+    return (torch.randn(n, vocab, generator=g) * 2).round()
+
+
+@pytest.mark.parametrize("vocab", [49152, 384, 64 * 7, 1000, 997])
+def test_argmax_rows_is_torch_argmax(vocab: int) -> None:
+    for seed in range(20):
+        logits = _logits(seed * 1000 + vocab, 6, vocab)
+        assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+
+
+def test_argmax_rows_nan_inf_and_ties_follow_torch() -> None:
+    logits = _logits(1, 5, 1024)
+    logits[0, 700] = logits[0, 900] = float("inf")  # equal infinities: the first one
+    logits[1, 300] = float("nan")  # NaN counts as the maximum
+    logits[1, 800] = float("nan")
+    logits[2] = float("-inf")  # nothing but -inf: index 0
+    logits[3, 5] = logits[3, 1000] = logits[3].max() + 1  # a tie in different blocks
+    expected = logits.argmax(dim=-1)
+    assert expected.tolist()[:4] == [700, 300, 0, 5]
+    assert torch.equal(argmax_rows(logits), expected)
+
+
+def test_argmax_rows_non_contiguous_falls_back() -> None:
+    logits = _logits(2, 4, 2048)[:, :1536]
+    assert not logits.is_contiguous()
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+
+
+def test_greedy_sampler_picks_the_argmax() -> None:
+    logits = torch.randn(8, 4096, generator=torch.Generator().manual_seed(3))
+    rows = [SamplingRow(SamplingParams(temperature=0.0), None) for _ in range(8)]
+    out = Sampler(torch.device("cpu"), seed=0)(logits, rows)
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    # A greedy row in a mixed batch takes the same path.
+    mixed = [*rows[:4], SamplingRow(SamplingParams(temperature=0.8, seed=1), torch.Generator().manual_seed(1))]
+    tokens = Sampler(torch.device("cpu"), seed=0)(logits[:5], mixed).token_ids
+    assert tokens[:4] == logits[:4].argmax(dim=-1).tolist()
