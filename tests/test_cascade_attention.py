@@ -20,6 +20,7 @@ from .triton_interpreter import (
     CUDA,
     DEVICE,
     attention_tolerance,
+    randn,
     rerun_in_fresh_process,
     seeded_generator,
     skip_unless_runnable,
@@ -49,10 +50,6 @@ def _interpreter_available(request: pytest.FixtureRequest) -> None:
 def test_cascade_in_fresh_interpreter_process() -> None:
     """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
     rerun_in_fresh_process(__file__)
-
-
-def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
 
 
 @dataclass
@@ -97,7 +94,7 @@ def _shared_batch(g: torch.Generator, rows: list[tuple[int | None, int]], prefix
     for bt, sl in zip(tables, lens):
         pos = torch.arange(sl)
         slots = (torch.tensor(bt)[pos // bs] * bs + pos % bs).to(DEVICE)
-        kv = _randn(g, 2, sl, HKV, D, dtype=dtype)  # shared slots: the last row's values stay
+        kv = randn(g, 2, sl, HKV, D, dtype=dtype)  # shared slots: the last row's values stay
         store_kv_ref(kv[0], kv[1], k_cache, v_cache, slots)
     return SharedBatch(tables, lens, k_cache, v_cache, bs)
 
@@ -152,7 +149,7 @@ def test_cascade_decode_matches_reference(rows: list[tuple[int | None, int]], pr
     cascade, n_groups = _cascade_inputs(batch, gqa)
     assert n_groups == len(prefix_blocks)
     assert cascade.max_parts > 1, "the prefix should be cut into several chunks"
-    q = _randn(g, len(rows), HKV * gqa, D, dtype=dtype)
+    q = randn(g, len(rows), HKV * gqa, D, dtype=dtype)
     out = torch.full_like(q, float("nan"))
     m = batch.meta()
     ops.decode_attention(q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, D**-0.5, None, out, splits,
@@ -168,7 +165,7 @@ def test_cascade_unused_work_items_and_rows_without_groups() -> None:
     batch = _shared_batch(g, _MIXED[0], _MIXED[1], 4, dtype)
     m = batch.meta()
     plan = build_plan(m.block_tables_cpu, np.asarray(batch.seq_lens), 4, gqa, 64, CFG)
-    q = _randn(g, len(batch.seq_lens), HKV * gqa, D, dtype=dtype)
+    q = randn(g, len(batch.seq_lens), HKV * gqa, D, dtype=dtype)
     ref = batch.reference(q, 0.3)
     layout = PackedLayout(len(batch.seq_lens) + 2, plan.num_items + 5)
     for active in (True, False):
@@ -186,7 +183,7 @@ def test_cascade_rejects_sliding_window_and_small_workspace() -> None:
     g = seeded_generator("cascade-bad")
     batch = _shared_batch(g, _ONE_GROUP[0], _ONE_GROUP[1], 4, torch.float32)
     cascade, _ = _cascade_inputs(batch, 1)
-    q = _randn(g, 4, HKV, D, dtype=torch.float32)
+    q = randn(g, 4, HKV, D, dtype=torch.float32)
     m = batch.meta()
     with pytest.raises(ValueError, match="sliding_window"):
         ops.decode_attention(q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, 0.3, 8, q.clone(), 1,
@@ -215,7 +212,7 @@ def test_backend_eager_cascade_in_a_mixed_batch(gqa: int, dtype: torch.dtype, wi
     query_lens = [1] * len(rows) + [5]
     m = AttentionMetadata.build(query_lens, batch.seq_lens, batch.tables, bs, device=DEVICE)
     layer = AttentionLayerSpec(HKV * gqa, HKV, D, D**-0.5, window)
-    q = _randn(g, sum(query_lens), HKV * gqa, D, dtype=dtype)
+    q = randn(g, sum(query_lens), HKV * gqa, D, dtype=dtype)
     backend = TritonBackend(cascade=CFG, prefix_config=PREFIX_CFG)
     out = backend.attend(q, batch.k_cache, batch.v_cache, m, layer)
     planned = [v for k, v in m.scratch.items() if k[0] == "cascade"]
@@ -272,7 +269,7 @@ def test_backend_graph_mode_reads_groups_from_the_hook(gqa: int, dtype: torch.dt
             seq_lens_cpu=[width * bs] * bucket)
         variant = backend.prepare_decode_inputs(tables[:n], lens[:n], bs, bucket)
         assert variant == (1 if prefix_blocks else 0)  # no group: the plain decode's graph
-        q = _randn(g, bucket, HKV * gqa, D, dtype=dtype)
+        q = randn(g, bucket, HKV * gqa, D, dtype=dtype)
         with backend.graph_capture(bucket, variant):
             assert (backend._graph_splits(layer) > 1) == (num_sms == 64)
             out = backend.attend(q, batch.k_cache, batch.v_cache, static, layer)
@@ -312,7 +309,7 @@ def test_gpu_full_size_cascade_and_cuda_graph(dtype: torch.dtype) -> None:
     rows = [(groups[i], tails[i]) for i in order]
     batch = _shared_batch(g, rows, [128, 40], bs, dtype)
     layer = AttentionLayerSpec(HKV * gqa, HKV, D, D**-0.5)
-    q = _randn(g, len(rows), HKV * gqa, D, dtype=dtype)
+    q = randn(g, len(rows), HKV * gqa, D, dtype=dtype)
     ref = batch.reference(q, layer.scale)
     backend = TritonBackend()
     m = batch.meta()

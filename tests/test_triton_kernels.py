@@ -20,6 +20,7 @@ from .triton_interpreter import (
     CUDA,
     DEVICE,
     attention_tolerance,
+    randn,
     rerun_in_fresh_process,
     seeded_generator,
     skip_unless_runnable,
@@ -68,10 +69,6 @@ def test_kernels_in_fresh_interpreter_process() -> None:
 _gen = seeded_generator
 
 
-def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
-
-
 def _ragged_lens(block_size: int, long_ctx: int) -> list[int]:
     """Context lengths around page boundaries: 1, bs-1, bs, bs+1, a few pages, long."""
     lens = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5, long_ctx]
@@ -116,7 +113,7 @@ def _paged_batch(g: torch.Generator, query_lens: list[int], seq_lens: list[int],
         if len(pos) == 0:
             continue
         slots = (torch.tensor(bt)[pos // block_size] * block_size + pos % block_size).to(DEVICE)
-        kv = _randn(g, 2, len(pos), num_kv_heads, head_dim, dtype=dtype)
+        kv = randn(g, 2, len(pos), num_kv_heads, head_dim, dtype=dtype)
         store_kv_ref(kv[0], kv[1], k_cache, v_cache, slots)
     return PagedBatch(meta, k_cache, v_cache, block_size)
 
@@ -140,12 +137,12 @@ def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
 def test_store_kv_scatters_and_skips_padding(block_size: int, dtype: torch.dtype) -> None:
     g = _gen("store", block_size, dtype)
     h, d, n_blocks, t = SIZE.num_kv_heads, SIZE.head_dim, 13, 9
-    k_cache = _randn(g, n_blocks, block_size, h, d, dtype=dtype)
-    v_cache = _randn(g, n_blocks, block_size, h, d, dtype=dtype)
+    k_cache = randn(g, n_blocks, block_size, h, d, dtype=dtype)
+    v_cache = randn(g, n_blocks, block_size, h, d, dtype=dtype)
     slots = torch.randperm(n_blocks * block_size, generator=g)[:t]
     slots[[1, 5]] = -1  # CUDA-graph padding
     # k/v as strided views of a fused projection, as a model produces them.
-    fused = _randn(g, t, 3 * h, d, dtype=dtype)
+    fused = randn(g, t, 3 * h, d, dtype=dtype)
     k, v = fused[:, h:2 * h], fused[:, 2 * h:]
     want_k, want_v = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
@@ -174,7 +171,7 @@ def test_decode_matches_reference(block_size: int, gqa: int, window: int | None,
     b = len(seq_lens)
     batch = _paged_batch(g, [1] * b, seq_lens, block_size, hkv, d, dtype, window)
     layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
-    q = _randn(g, b, hkv * gqa, d, dtype=dtype)
+    q = randn(g, b, hkv * gqa, d, dtype=dtype)
     out = torch.full_like(q, float("nan"))
 
     ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, batch.meta.seq_lens,
@@ -190,7 +187,7 @@ def test_decode_split_counts_agree(splits: int) -> None:
     seq_lens = [3, SIZE.long_ctx, 17]
     batch = _paged_batch(g, [1] * 3, seq_lens, 4, hkv, d, dtype)
     layer = AttentionLayerSpec(hkv * gqa, hkv, d, 0.3)
-    q = _randn(g, 3, hkv * gqa, d, dtype=dtype)
+    q = randn(g, 3, hkv * gqa, d, dtype=dtype)
     out = torch.full_like(q, float("nan"))
     ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, batch.meta.seq_lens,
                          layer.scale, None, out, splits, config=DEC_CFG)
@@ -203,7 +200,7 @@ def test_decode_zero_length_padding_rows_are_zero() -> None:
     batch = _paged_batch(g, [1, 1], [5, 9], 4, hkv, d, torch.float32)
     seq_lens = batch.meta.seq_lens.clone()
     seq_lens[1] = 0  # a padded row of a CUDA-graph batch
-    q = _randn(g, 2, hkv * 2, d, dtype=torch.float32)
+    q = randn(g, 2, hkv * 2, d, dtype=torch.float32)
     for splits in (1, 3):
         out = torch.full_like(q, float("nan"))
         ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, seq_lens, 0.2, None,
@@ -238,7 +235,7 @@ def test_extend_matches_reference(block_size: int, gqa: int, window: int | None,
     query_lens, seq_lens = _extend_shapes(block_size)
     batch = _paged_batch(g, query_lens, seq_lens, block_size, hkv, d, dtype, window)
     layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
-    q = _randn(g, sum(query_lens), hkv * gqa, d, dtype=dtype)
+    q = randn(g, sum(query_lens), hkv * gqa, d, dtype=dtype)
     out = torch.full_like(q, float("nan"))
     m = batch.meta
     ops.extend_attention(q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
@@ -265,8 +262,8 @@ def test_backend_forward_mixed_batch_matches_reference(block_size: int, window: 
     assert batch.meta.num_decodes == 3
     layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
     t = sum(query_lens)
-    q = _randn(g, t, hkv * gqa, d, dtype=dtype)
-    k, v = _randn(g, 2, t, hkv, d, dtype=dtype)
+    q = randn(g, t, hkv * gqa, d, dtype=dtype)
+    k, v = randn(g, 2, t, hkv, d, dtype=dtype)
 
     ref_k, ref_v = batch.clean()
     ref = TorchReferenceBackend().forward(q, k, v, ref_k, ref_v, batch.meta, layer)
@@ -282,14 +279,14 @@ def test_backend_graph_mode_uses_fixed_splits_and_workspace() -> None:
     hkv, d = SIZE.num_kv_heads, SIZE.head_dim
     layer = AttentionLayerSpec(hkv * 2, hkv, d, 0.25)
     batch = _paged_batch(g, [1] * 3, [2, SIZE.long_ctx, 9], 4, hkv, d, torch.float32)
-    q = _randn(g, 3, hkv * 2, d, dtype=torch.float32)
+    q = randn(g, 3, hkv * 2, d, dtype=torch.float32)
     backend = TritonBackend()
     backend.prepare_graph_capture(max_batch_size=8, max_seq_len=4096, layer=layer, device=DEVICE)
     with backend.graph_capture(3):
         out = backend.attend(q, batch.k_cache, batch.v_cache, batch.meta, layer)
         with pytest.raises(ValueError, match="num_decodes"):
             mixed = _paged_batch(g, [1, 2], [3, 4], 4, hkv, d, torch.float32)
-            backend.attend(_randn(g, 3, hkv * 2, d, dtype=torch.float32), mixed.k_cache, mixed.v_cache,
+            backend.attend(randn(g, 3, hkv * 2, d, dtype=torch.float32), mixed.k_cache, mixed.v_cache,
                            mixed.meta, layer)
     _assert_matches(out, _reference(q, batch, layer))
     with pytest.raises(ValueError, match="batch_size"):
@@ -302,7 +299,7 @@ def test_backend_rejects_bad_input() -> None:
     batch = _paged_batch(g, [1, 2], [3, 4], 4, hkv, d, torch.float32)
     layer = AttentionLayerSpec(hkv * 2, hkv, d, 0.25)
     backend = TritonBackend()
-    q = _randn(g, 3, hkv * 2, d, dtype=torch.float32)
+    q = randn(g, 3, hkv * 2, d, dtype=torch.float32)
     with pytest.raises(ValueError, match="q must be"):
         backend.attend(q[:2], batch.k_cache, batch.v_cache, batch.meta, layer)
     with pytest.raises(ValueError, match="v_cache"):
@@ -364,8 +361,8 @@ def test_gpu_long_context_decode_and_extend(gqa: int, window: int | None, dtype:
     batch = _paged_batch(g, query_lens, seq_lens, bs, hkv, d, dtype, window, cached_upto=cached)
     layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
     t = sum(query_lens)
-    q = _randn(g, t, hkv * gqa, d, dtype=dtype)
-    k, v = _randn(g, 2, t, hkv, d, dtype=dtype)
+    q = randn(g, t, hkv * gqa, d, dtype=dtype)
+    k, v = randn(g, 2, t, hkv, d, dtype=dtype)
     ref_k, ref_v = batch.clean()
     ref = TorchReferenceBackend().forward(q, k, v, ref_k, ref_v, batch.meta, layer)
     out = TritonBackend().forward(q, k, v, batch.k_cache, batch.v_cache, batch.meta, layer)
@@ -380,8 +377,8 @@ def test_gpu_cuda_graph_capture_and_replay_with_new_metadata() -> None:
     layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5)
     max_blocks = 256
     n_blocks = 2 * bucket * max_blocks
-    k_cache = _randn(g, n_blocks, bs, hkv, d, dtype=dtype)
-    v_cache = _randn(g, n_blocks, bs, hkv, d, dtype=dtype)
+    k_cache = randn(g, n_blocks, bs, hkv, d, dtype=dtype)
+    v_cache = randn(g, n_blocks, bs, hkv, d, dtype=dtype)
     # Static metadata tensors the graph reads; replays copy new values into them.
     static = AttentionMetadata.build([1] * bucket, [1] * bucket, [[0]] * bucket, bs, device=DEVICE,
                                      pad_blocks_to=max_blocks)
@@ -403,7 +400,7 @@ def test_gpu_cuda_graph_capture_and_replay_with_new_metadata() -> None:
                                        pad_blocks_to=max_blocks)
         static.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         static.block_tables.copy_(torch.tensor(tables, dtype=torch.int32))
-        q = _randn(g, bucket, hkv * gqa, d, dtype=dtype)
+        q = randn(g, bucket, hkv * gqa, d, dtype=dtype)
         q_static.copy_(q)
         graph.replay()
         ref = paged_attention_ref(q[:-1], k_cache, v_cache, live.block_tables, live.query_lens_cpu,

@@ -58,6 +58,11 @@ def seeded_generator(*key: object) -> torch.Generator:
     return g
 
 
+def randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """Standard-normal values from ``g`` (drawn on the CPU, so the same on every device) on DEVICE."""
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
+
+
 def attention_tolerance(dtype: torch.dtype) -> dict[str, float]:
     """``assert_close`` tolerances of an attention kernel's output against the fp32 reference
     (one rounding of the output, plus 16-bit operands of the dots)."""
