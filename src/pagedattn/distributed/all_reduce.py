@@ -49,7 +49,6 @@ class P2PAllReduce:
         self.max_bytes = buffer.numel() * buffer.element_size()
         self.dtype = buffer.dtype
         self.fallback = fallback
-        self._copy_op = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy", None)
 
     @classmethod
     def create(cls, device: torch.device, dtype: torch.dtype,
@@ -100,13 +99,8 @@ class P2PAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.supports(x):
             return self.fallback(x)
-        buf = self.buffer[: x.numel()]
-        flat = x.view(-1)
-        if self._copy_op is not None:  # the copy into the shared buffer fused into the kernel
-            out = self._copy_op(buf, flat, "sum", self.group_name)
-        else:
-            buf.copy_(flat)
-            out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.group_name)
+        # The copy of x into the shared buffer happens inside the kernel, before its barrier.
+        out = torch.ops.symm_mem.one_shot_all_reduce_copy(self.buffer[: x.numel()], x.view(-1), "sum", self.group_name)
         return out.view_as(x)
 
     def self_test(self) -> bool:
@@ -136,7 +130,7 @@ def _unsupported_reason(device: torch.device, dtype: torch.dtype,
     if len({p[2] for p in places if p is not None}) != 1:
         return ("an earlier tensor-parallel engine in this process used P2P memory, and torch cannot pair "
                 "its rendezvous with new workers")
-    if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
+    if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
         return "this torch has no symmetric-memory all-reduce"
     me = device.index if device.index is not None else torch.cuda.current_device()
     others = [p[1] for p in places if p is not None and p[1] != me]
