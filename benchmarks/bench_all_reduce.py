@@ -1,10 +1,18 @@
-"""All-reduce latency on the GPUs of one host: NCCL against the one-shot P2P all-reduce.
+"""All-reduce latency on the GPUs of one host: NCCL against the P2P all-reduce.
 
-For each size (bf16 by default), both all-reduces run as the engine runs them in decode steps:
+For each size (bf16 by default), each variant runs as the engine runs it in decode steps:
 ``--calls`` back-to-back calls captured in one CUDA graph, replayed ``--replays`` times; the
-time per call is the median replay time divided by the number of calls.  Also reported: the
-algorithm bandwidth (bytes of the tensor / time per call) and whether the two sums agree
-bitwise (last call of the graph against an eager NCCL sum).  One process per GPU (started here), NVLink multicast off.
+time per call is the median replay time divided by the number of calls.
+
+* Plain sums: NCCL against the one-shot P2P all-reduce, with the algorithm bandwidth (bytes of
+  the tensor / time per call) and whether the two sums agree bitwise (last call of the graph
+  against an eager NCCL sum).
+* What follows a row-parallel layer, the sum plus the residual add and RMSNorm over rows of
+  ``--hidden`` (a chain of calls, each one's residual output the next one's input): NCCL then
+  the add + RMSNorm kernel; the one-shot sum then that kernel; the fused P2P reduction (the
+  partial sums already in the shared buffer, as the row-parallel GEMM leaves them).
+
+One process per GPU (started here), NVLink multicast off.
 
     python benchmarks/bench_all_reduce.py [--gpus 2] [--sizes-kib 16,64,...] [--out ar.json]
 """
@@ -51,6 +59,59 @@ def _time_graph(fn: Any, xs: list[torch.Tensor], replays: int) -> tuple[float, l
     return statistics.median(times) / len(xs), outs
 
 
+def _time_add_norm(step: Any, rows: int, cols: int, dtype: torch.dtype, calls: int, replays: int,
+                   device: torch.device) -> float:
+    """Median seconds per call of ``step(i, residual) -> (normed, residual)`` chained ``calls``
+    times in one graph."""
+    res0 = torch.randn(rows, cols, device=device).to(dtype)
+    step(0, res0.clone())  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        residual = res0
+        for i in range(calls):
+            _, residual = step(i, residual)
+    times = []
+    for _ in range(replays):
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return statistics.median(times) / calls
+
+
+def _add_norm_row(p2p: Any, kib: int, args: argparse.Namespace, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, Any]:
+    from pagedattn.models.fused_ops import fused_add_rms_norm
+    from pagedattn.models.layers import process_group_all_reduce
+
+    cols = args.hidden
+    rows = max(1, (kib << 10) // (dtype.itemsize * cols))
+    gen = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
+    weight = (torch.rand(cols, device=device) + 0.5).to(dtype)
+    xs = [torch.randn(rows, cols, generator=gen, device=device).to(dtype) for _ in range(args.calls)]
+    eps = 1e-6
+    row: dict[str, Any] = {"rows": rows}
+    row["nccl_norm_us"] = 1e6 * _time_add_norm(
+        lambda i, r: fused_add_rms_norm(process_group_all_reduce(xs[i]), r, weight, eps),
+        rows, cols, dtype, args.calls, args.replays, device)
+    if p2p is not None:
+        row["p2p_norm_us"] = 1e6 * _time_add_norm(
+            lambda i, r: fused_add_rms_norm(p2p(xs[i]), r, weight, eps), rows, cols, dtype, args.calls, args.replays,
+            device)
+        bufs = [p2p.partials_buffer(rows, cols, dtype, i % 2) for i in range(args.calls)]
+        if all(b is not None for b in bufs):
+            xs = [b.copy_(x) for b, x in zip(bufs, xs, strict=True)]  # type: ignore[union-attr]
+            row["fused_us"] = 1e6 * _time_add_norm(
+                lambda i, r: p2p.add_rms_norm(xs[i], r, weight, eps), rows, cols, dtype, args.calls, args.replays,
+                device)
+    return row
+
+
 def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, result: str) -> None:
     from pagedattn.distributed.all_reduce import P2PAllReduce
     from pagedattn.models.layers import process_group_all_reduce
@@ -73,6 +134,7 @@ def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, result: st
             p2p_s, p2p_out = _time_graph(p2p, xs, args.replays)
             want = process_group_all_reduce(xs[-1].clone())
             row.update(p2p_us=p2p_s * 1e6, bitwise_equal=bool(torch.equal(p2p_out[-1], want)))
+        row["add_norm"] = _add_norm_row(p2p, kib, args, dtype, device)
         rows.append(row)
     if rank == 0:
         Path(result).write_text(json.dumps({"rows": rows, "p2p_available": p2p is not None,
@@ -88,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--calls", type=int, default=32, help="all-reduces captured in one graph")
     ap.add_argument("--replays", type=int, default=30)
+    ap.add_argument("--hidden", type=int, default=4096, help="row width of the add + RMSNorm variants")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.sizes_kib = [int(s) for s in args.sizes_kib.split(",")]
@@ -111,6 +174,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{r['kib']:6d} {r['nccl_us']:8.1f} {gb / (r['nccl_us'] * 1e-6):6.0f} "
               + (f"{p2p:8.1f} {gb / (p2p * 1e-6):6.0f} {r['nccl_us'] / p2p:7.2f}x {r['bitwise_equal']!s:>7s}"
                  if p2p is not None else "     n/a"))
+    print(f"\nAll-reduce + residual add + RMSNorm per call, rows of {args.hidden}")
+    print(f"{'KiB':>6s} {'rows':>5s} {'NCCL+norm':>9s} {'P2P+norm':>9s} {'fused':>7s} {'NCCL+norm/fused':>15s}")
+    for r in data["rows"]:
+        a = r["add_norm"]
+        fused = a.get("fused_us")
+        cells = [f"{a.get(k, float('nan')):9.1f}" for k in ("nccl_norm_us", "p2p_norm_us")]
+        print(f"{r['kib']:6d} {a['rows']:5d} " + " ".join(cells)
+              + (f" {fused:7.1f} {a['nccl_norm_us'] / fused:14.2f}x" if fused else "     n/a"))
     return data
 
 

@@ -118,6 +118,30 @@ def test_fused_add_rms_norm_matches_reference(dtype: torch.dtype) -> None:
     assert torch.equal(x, x0) and torch.equal(res, res0), "inputs must not be modified"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_reduce_add_rms_norm_sums_the_parts_then_adds_and_norms(dtype: torch.dtype, world: int) -> None:
+    """The fused cross-rank reduction: the parts (found through their addresses) summed, then
+    exactly the add + RMSNorm kernel on that sum; the parts are left as they were."""
+    g = _gen("reduce", dtype, world)
+    parts = [_randn(g, SIZE.tokens, SIZE.hidden, dtype=dtype) for _ in range(world)]
+    before = [p.clone() for p in parts]
+    residual = _randn(g, SIZE.tokens, SIZE.hidden, dtype=dtype)
+    w = _norm_weight(g, SIZE.hidden, dtype)
+    table = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64, device=DEVICE)
+    out, res_out = fo.reduce_add_rms_norm_triton(table, residual, w, 1e-6)
+    summed = torch.stack([p.float() for p in parts]).sum(0).to(dtype)
+    if dtype == torch.float32 or CUDA:  # the interpreter truncates where the GPU rounds the sum to 16 bits
+        want_out, want_res = fo.fused_add_rms_norm_triton(summed, residual, w, 1e-6)
+        assert torch.equal(out, want_out) and torch.equal(res_out, want_res)
+    want_out, want_res = fo.fused_add_rms_norm_ref(summed, residual, w, 1e-6)
+    torch.testing.assert_close(res_out, want_res, **_tol(dtype))
+    torch.testing.assert_close(out, want_out, **_tol(dtype))
+    assert all(torch.equal(p, b) for p, b in zip(parts, before, strict=True))
+    with pytest.raises(ValueError, match="int64"):
+        fo.reduce_add_rms_norm_triton(table.int(), residual, w, 1e-6)
+
+
 def test_rms_norm_strided_rows_and_weight_promotion() -> None:
     """Rows with a stride (a column slice) and an fp32 weight on bf16 activations, which
     promotes the output to fp32 as torch's ``weight * h`` does."""

@@ -49,3 +49,16 @@ def test_greedy_sampler_picks_the_argmax() -> None:
     mixed = [*rows[:4], SamplingRow(SamplingParams(temperature=0.8, seed=1), torch.Generator().manual_seed(1))]
     tokens = Sampler(torch.device("cpu"), seed=0)(logits[:5], mixed).token_ids
     assert tokens[:4] == logits[:4].argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_sampler_on_half_precision_logits_picks_the_fp32_argmax(dtype: torch.dtype) -> None:
+    """An all-greedy batch samples the model-dtype logits without widening them: the indices are
+    those of the fp32 copy (widening is exact and keeps the order, ties and NaN included)."""
+    logits = _logits(4, 6, 4096).to(dtype)
+    logits[0, 10] = logits[0, 3000] = logits[0].max() + 1
+    logits[1, 77] = float("nan")
+    rows = [SamplingRow(SamplingParams(temperature=0.0), None) for _ in range(6)]
+    out = Sampler(torch.device("cpu"), seed=0)(logits, rows)
+    assert out.token_ids == logits.float().argmax(dim=-1).tolist()
+    assert out.token_ids[:2] == [10, 77]

@@ -307,28 +307,59 @@ def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
     assert DISABLE_ENV in str(_unsupported_reason(gpu, torch.bfloat16, one_host))
 
 
-def test_every_cross_rank_sum_goes_through_the_installed_all_reduce(model_dirs: dict[str, Path]) -> None:
-    """``set_all_reduce`` reaches every layer that sums across ranks (the embedding, the two
-    row-parallel projections of each decoder layer), and those layers call it."""
+def test_every_cross_rank_sum_goes_through_the_installed_all_reduce(model_dirs: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``set_all_reduce`` reaches every layer that sums across ranks, and a forward pass of a
+    shard sums exactly the embedding and, through the norm after each, the two row-parallel
+    projections of every layer; their partial sums land in the buffers the all-reduce hands out,
+    in alternating slots."""
+    from pagedattn.attention.selector import get_attention_backend
+    from pagedattn.models import layers
     from pagedattn.models.config import ModelArchConfig
-    from pagedattn.models.layers import RowParallelLinear, VocabParallelEmbedding, set_all_reduce
+    from pagedattn.models.layers import AllReduce, RMSNorm, RowParallelLinear, VocabParallelEmbedding, set_all_reduce
     from pagedattn.models.registry import build_model
+    from pagedattn.models.testing import PagedHarness
 
     cfg = ModelArchConfig.from_hf_config(json.loads((model_dirs["llama3_untied_gqa"] / "config.json").read_text()))
     model = build_model(cfg, torch.float32, "cpu", tp_rank=0, tp_size=2)
-    calls: list[tuple[int, ...]] = []
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
-    def record(x: torch.Tensor) -> torch.Tensor:
-        calls.append(tuple(x.shape))
-        return x
+    class Recording(AllReduce):
+        """A world whose other ranks contribute zeros; it hands out its own partial-sum buffers."""
 
+        def __init__(self) -> None:
+            self.sums: list[tuple[int, ...]] = []
+            self.slots: list[int] = []
+            self.buffers: list[torch.Tensor] = []
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            self.sums.append(tuple(x.shape))
+            return x
+
+        def partials_buffer(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
+            self.slots.append(slot)
+            self.buffers.append(torch.full((rows, cols), float("nan"), dtype=dtype))
+            return self.buffers[-1]
+
+        def add_rms_norm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            assert partial.data_ptr() == self.buffers[-1].data_ptr(), "partial sums not in the buffer handed out"
+            return super().add_rms_norm(partial, residual, weight, eps)
+
+    record = Recording()
+    monkeypatch.setattr(layers, "_all_gather_last_dim", lambda x, n: torch.cat([x] * n, dim=-1))  # the LM head's
     n = set_all_reduce(model, record)
-    assert n == sum(isinstance(m, (RowParallelLinear, VocabParallelEmbedding)) for m in model.modules())
-    assert n >= 2 * cfg.num_layers + 1
+    assert n == sum(isinstance(m, (RowParallelLinear, VocabParallelEmbedding, RMSNorm)) for m in model.modules())
+    h = PagedHarness(model, num_blocks=8, block_size=4, device=torch.device("cpu"),
+                     backend=get_attention_backend("cpu", "torch"))
+    logits = torch.cat(h.step([("a", [3, 1, 4, 1, 5]), ("b", [9, 2])]))
+    assert torch.isfinite(logits).all()
+    layers = cfg.num_layers
+    assert record.sums == [(7, cfg.hidden_size)] * (2 * layers + 1)  # the embedding, then two per layer
+    assert record.slots == [0, 1] * layers
     row = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
-    torch.nn.init.normal_(row.weight)
-    row(torch.randn(3, row.input_size_per_partition))
-    emb = next(m for m in model.modules() if type(m) is VocabParallelEmbedding)
-    torch.nn.init.normal_(emb.weight)
-    emb(torch.randint(0, cfg.vocab_size, (5,)))
-    assert calls == [(3, row.output_size), (5, cfg.hidden_size)]
+    x = torch.randn(3, row.input_size_per_partition, generator=g)
+    torch.testing.assert_close(row(x), torch.nn.functional.linear(x, row.weight), rtol=0, atol=0)

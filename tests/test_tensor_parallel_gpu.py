@@ -114,6 +114,84 @@ def _p2p_all_reduce_worker(rank: int, world: int, rdzv: str) -> None:
         dist.destroy_process_group()
 
 
+def _nccl_then_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    import torch.distributed as dist
+
+    from pagedattn.models.fused_ops import fused_add_rms_norm
+
+    summed = partial.clone()
+    dist.all_reduce(summed)
+    return fused_add_rms_norm(summed, residual, weight, 1e-6)
+
+
+def _fused_chain_in_graph(ar: object, weight: torch.Tensor, gen: torch.Generator, same: torch.Generator,
+                          rows: int = 64, n_calls: int = 12) -> None:
+    """A decoder's worth of fused reductions captured in one graph (slots alternating, the
+    residual carried from one to the next), replayed on fresh inputs against NCCL + norm."""
+    device, dtype, cols = weight.device, weight.dtype, weight.numel()
+    bufs = [ar.partials_buffer(rows, cols, dtype, i % 2) for i in range(n_calls)]  # type: ignore[attr-defined]
+    parts = [torch.empty(rows, cols, device=device, dtype=dtype) for _ in range(n_calls)]
+    res0 = torch.empty(rows, cols, device=device, dtype=dtype)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        residual, outs = res0, []
+        for buf, part in zip(bufs, parts, strict=True):
+            buf.copy_(part)  # stands in for the row-parallel GEMM writing its output there
+            normed, residual = ar.add_rms_norm(buf, residual, weight, 1e-6)  # type: ignore[attr-defined]
+            outs += [normed, residual]
+    for _ in range(3):
+        for t in parts:
+            t.copy_(torch.randn(t.shape, generator=gen, device=device))
+        res0.copy_(torch.randn(res0.shape, generator=same, device=device))
+        graph.replay()
+        residual, want = res0, []
+        for part in parts:
+            normed, residual = _nccl_then_norm(part, residual, weight)
+            want += [normed, residual]
+        assert all(torch.equal(o, w) for o, w in zip(outs, want, strict=True)), dtype
+    del graph
+
+
+def _p2p_fused_worker(rank: int, world: int, rdzv: str) -> None:
+    import torch.distributed as dist
+
+    from pagedattn.distributed.all_reduce import P2PAllReduce
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{rdzv}", rank=rank, world_size=world, device_id=device)
+    try:
+        gen = torch.Generator(device=device).manual_seed(200 + rank)  # partial sums differ per rank
+        same = torch.Generator(device=device).manual_seed(7)  # residual stream and weights are replicated
+        for dtype in (torch.bfloat16, torch.float32):
+            ar = P2PAllReduce.create(device, dtype, max_bytes=1 << 20)
+            assert ar is not None
+            cols = 4096
+            limit = (1 << 20) // (dtype.itemsize * cols)
+            weight = (torch.rand(cols, generator=same, device=device) + 0.5).to(dtype)
+            for rows in (1, 37, limit, limit + 1):
+                partial = torch.randn(rows, cols, generator=gen, device=device).to(dtype)
+                residual = torch.randn(rows, cols, generator=same, device=device).to(dtype)
+                want = _nccl_then_norm(partial, residual, weight)
+                buf = ar.partials_buffer(rows, cols, dtype, rows % 2)
+                assert (buf is None) == (rows > limit), (rows, limit)
+                src = partial.clone() if buf is None else buf.copy_(partial)
+                got = ar.add_rms_norm(src, residual, weight, 1e-6)
+                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), (dtype, rows)
+            _fused_chain_in_graph(ar, weight, gen, same)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_p2p_fused_add_rms_norm_equals_nccl_then_norm(tmp_path):
+    """Two ranks: the sum fused with the residual add and RMSNorm equals NCCL's all-reduce followed
+    by the add + RMSNorm kernel bit for bit, eagerly and as a chain of reductions alternating
+    between the buffer slots in one CUDA graph replayed on fresh inputs; past the buffer it
+    falls back."""
+    torch.multiprocessing.spawn(_p2p_fused_worker, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
+
+
 def test_p2p_all_reduce_equals_nccl_eager_and_in_graphs(tmp_path):
     """Two ranks: the one-shot sum is bitwise NCCL's (a + b in the tensor's dtype), at sizes up
     to its limit and past it (NCCL fallback), eagerly and as many calls captured in one graph."""
@@ -124,13 +202,13 @@ _ENGINE_SCRIPT = """
 import json, sys
 from pagedattn import LLM, SamplingParams
 from pagedattn.distributed.all_reduce import P2PAllReduce
-from pagedattn.models.layers import RowParallelLinear
+from pagedattn.models.layers import RMSNorm, RowParallelLinear
 
 def main():
     path, prompts = sys.argv[1], json.loads(sys.argv[2])
     with LLM(path, device="cuda", dtype="bfloat16", tensor_parallel_size=2, num_kv_blocks=64,
              swap_space_gib=0.01) as llm:
-        rows = [m for m in llm.engine.executor.worker.model.modules() if isinstance(m, RowParallelLinear)]
+        rows = [m for m in llm.engine.executor.worker.model.modules() if isinstance(m, (RowParallelLinear, RMSNorm))]
         p2p = [isinstance(m.all_reduce, P2PAllReduce) for m in rows]
         sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
         tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]

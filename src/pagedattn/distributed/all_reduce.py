@@ -1,17 +1,26 @@
 """The all-reduce of the row-parallel layers, and a faster one for small tensors on NVLink.
 
 A decode step of a tensor-parallel model all-reduces two activations of ``[tokens, hidden]``
-per layer; at decode sizes (a few hundred KiB) an NCCL all-reduce is latency-bound (~20 us on
-an H200 pair, whatever the size), which is a large share of a step that is itself only a few
-milliseconds.  :class:`P2PAllReduce` does the **one-shot** algorithm instead: every rank copies
-its tensor into a buffer the other GPUs can address (torch's symmetric memory, peer-to-peer
-over NVLink), waits at a barrier of signal flags, and reads and sums all the buffers itself.
-One kernel, one barrier, ``world_size - 1`` peer reads: the least latency there is, at the cost
-of every rank reading everything, so it is used up to ``max_bytes`` and NCCL above.  It does
-not use NVLink multicast (``multimem`` instructions).
+per layer; at decode sizes (a few hundred KiB) an NCCL all-reduce is latency-bound (~14 us in a
+CUDA graph on an H200 pair, whatever the size), which is a large share of a step that is itself
+only a few milliseconds.  :class:`P2PAllReduce` works on buffers every GPU of the group can
+address (torch's symmetric memory, peer-to-peer over NVLink; no NVLink multicast) in two ways:
 
-Both are captured by CUDA graphs.  One buffer serves every call: the kernel ends with a second
-barrier, so no rank's next call overwrites its buffer while a peer is still reading it.
+* **plain sums** (the embedding's): torch's one-shot all-reduce, one kernel that copies the
+  tensor into this rank's buffer, waits at a barrier of signal flags, reads and sums every
+  rank's buffer, and waits at a second barrier before the buffer can be reused;
+* **sums fused with the residual add and RMSNorm** after a row-parallel layer
+  (:meth:`P2PAllReduce.add_rms_norm`): the layer's GEMM writes its partial sums straight into
+  this rank's buffer (:meth:`P2PAllReduce.partials_buffer`), torch's symmetric-memory barrier
+  makes every rank's partial sums visible, and one Triton kernel reads them all from the
+  buffers, sums them in rank order (the same bits on every rank), adds the residual and
+  normalises.  No copy, one barrier, one kernel for what was an all-reduce and a norm.  The
+  two reductions of a decoder layer alternate between two slots of the buffer, so the single
+  barrier suffices: a rank can only be writing slot ``s`` again after the barrier of the
+  reduction in between, which every peer passes only once done reading slot ``s``.
+
+Every rank reads every rank's data, so the P2P paths serve tensors up to ``max_bytes`` and NCCL
+the larger ones (prefills).  All of it is captured by CUDA graphs.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ..models.fused_ops import fused_kernels_enabled, reduce_add_rms_norm_triton
 from ..models.layers import AllReduce, process_group_all_reduce
 
 logger = logging.getLogger(__name__)
@@ -39,16 +49,28 @@ _ALIGN = 16  # bytes: the one-shot kernel moves 16-byte vectors
 _rendezvous_count = 0
 
 
-class P2PAllReduce:
-    """One-shot all-reduce through peer-to-peer symmetric memory for tensors of ``dtype`` up to
-    ``max_bytes``; anything else goes to ``fallback``.  Build it with :meth:`create`."""
+class P2PAllReduce(AllReduce):
+    """All-reduce through peer-to-peer symmetric memory for tensors of ``dtype`` up to
+    ``max_bytes`` (see the module notes); anything else goes to the process group's all-reduce
+    (NCCL).  Build it with :meth:`create`.
 
-    def __init__(self, buffer: torch.Tensor, group_name: str, fallback: AllReduce = process_group_all_reduce) -> None:
-        self.buffer = buffer  # 1-D, in symmetric memory
+    ``buffer`` (1-D, in symmetric memory, ``3 * max_bytes``) holds three slots: the plain sums'
+    and the two of the fused reductions; ``handle`` is its rendezvous handle."""
+
+    def __init__(self, buffer: torch.Tensor, handle: object, group_name: str) -> None:
+        self.buffer = buffer
+        self.handle = handle
         self.group_name = group_name
-        self.max_bytes = buffer.numel() * buffer.element_size()
         self.dtype = buffer.dtype
-        self.fallback = fallback
+        self.slot_numel = buffer.numel() // 3
+        self.max_bytes = self.slot_numel * buffer.element_size()
+        slot_bytes = self.max_bytes
+        # Where each rank's slots 0 and 1 of the fused reductions are, as this GPU addresses
+        # them: the same offset into every rank's allocation (that is what symmetric means).
+        ptrs: list[int] = list(handle.buffer_ptrs)  # type: ignore[attr-defined]
+        offset = buffer.data_ptr() - ptrs[handle.rank]  # type: ignore[attr-defined]
+        self._fused_ptrs = [[p + offset + (1 + s) * slot_bytes for p in ptrs] for s in (0, 1)]
+        self._fused_tables = torch.tensor(self._fused_ptrs, dtype=torch.int64, device=buffer.device)  # [2, world]
 
     @classmethod
     def create(cls, device: torch.device, dtype: torch.dtype,
@@ -72,8 +94,8 @@ class P2PAllReduce:
         flag = torch.tensor([int(reason is None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if int(flag.item()) == 1:
-            logger.info("all-reduce: one-shot over P2P memory up to %d KiB (%s, %d ranks), NCCL above",
-                        max_bytes >> 10, dtype, world_size)
+            logger.info("all-reduce: over P2P memory up to %d KiB (%s, %d ranks; fused with add + RMSNorm after "
+                        "row-parallel layers), NCCL above", max_bytes >> 10, dtype, world_size)
             return inst
         logger.info("all-reduce stays on NCCL: %s", reason or "another rank cannot use P2P memory")
         return None
@@ -86,10 +108,11 @@ class P2PAllReduce:
 
         group = dist.group.WORLD
         assert group is not None
-        buf = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+        numel = max_bytes // dtype.itemsize
+        buf = symm_mem.empty(3 * numel, dtype=dtype, device=device)
         _rendezvous_count += 1
-        symm_mem.rendezvous(buf, group)
-        return cls(buf, group.group_name)
+        handle = symm_mem.rendezvous(buf, group)
+        return cls(buf, handle, group.group_name)
 
     def supports(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -98,19 +121,56 @@ class P2PAllReduce:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.supports(x):
-            return self.fallback(x)
-        # The copy of x into the shared buffer happens inside the kernel, before its barrier.
+            return super().__call__(x)
+        # The copy of x into the shared buffer (slot "plain", at offset 0) happens inside the
+        # kernel, before its barrier.
         out = torch.ops.symm_mem.one_shot_all_reduce_copy(self.buffer[: x.numel()], x.view(-1), "sum", self.group_name)
         return out.view_as(x)
 
+    def partials_buffer(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
+        n = rows * cols
+        if dtype != self.dtype or not 0 < n <= self.slot_numel or not fused_kernels_enabled():
+            return None
+        start = (1 + slot) * self.slot_numel
+        return self.buffer[start : start + n].view(rows, cols)
+
+    def add_rms_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self._fused_slot(partial)
+        if slot is None or residual.shape != partial.shape or residual.dtype != partial.dtype:
+            return super().add_rms_norm(partial, residual, weight, eps)
+        self.handle.barrier(channel=0)  # type: ignore[attr-defined]  # every rank's partial sums are in place
+        return reduce_add_rms_norm_triton(self._fused_tables[slot], residual.contiguous(), weight, eps)
+
+    def _fused_slot(self, partial: torch.Tensor) -> int | None:
+        """The slot ``partial`` was written into by :meth:`partials_buffer` (None: elsewhere)."""
+        if partial.dim() != 2 or not partial.is_contiguous() or partial.dtype != self.dtype:
+            return None
+        ptr = partial.data_ptr()
+        mine = self.handle.rank  # type: ignore[attr-defined]
+        for slot in (0, 1):
+            if ptr == self._fused_ptrs[slot][mine]:
+                return slot
+        return None
+
     def self_test(self) -> bool:
-        """One reduction of rank-dependent random data against NCCL's; True if they agree."""
+        """A plain and a fused reduction of rank-dependent random data against NCCL's; True if
+        they agree."""
         device = self.buffer.device
         gen = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
         x = torch.randn(3, 1024, generator=gen, device=device).to(self.dtype)
-        got = self(x.clone())
-        want = process_group_all_reduce(x.float())
-        return bool(torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2))
+        ok = torch.allclose(self(x.clone()).float(), process_group_all_reduce(x.float()), rtol=1e-2, atol=1e-2)
+        buf = self.partials_buffer(3, 1024, self.dtype, 0)
+        if buf is not None:
+            same = torch.Generator(device=device).manual_seed(99)  # the residual stream is replicated
+            residual = torch.randn(3, 1024, generator=same, device=device).to(self.dtype)
+            weight = torch.rand(1024, generator=same, device=device).to(self.dtype) + 0.5
+            buf.copy_(x)
+            got = self.add_rms_norm(buf, residual, weight, 1e-6)
+            want = process_group_all_reduce.add_rms_norm(x.clone(), residual, weight, 1e-6)
+            ok = ok and all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want))
+        return bool(ok)
 
 
 def _unsupported_reason(device: torch.device, dtype: torch.dtype,

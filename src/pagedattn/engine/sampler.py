@@ -87,7 +87,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """``logits [n, V]`` (any float dtype) -> one token per row (one host transfer)."""
         batch = self.prepare(rows)
-        logits = logits.float()  # once; sample() and the logprobs share it
+        if batch.want_logprobs:
+            logits = logits.float()  # once; sample() and the logprobs share it
         tokens = self.sample(logits, batch)
         if not batch.want_logprobs:
             ids = tokens.tolist()
@@ -120,9 +121,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """Tokens ``[n]`` on the device; nothing here waits for the device."""
         assert logits.shape[0] == len(b.rows)
-        logits = logits.float()
         if b.all_greedy:
+            # In the model's dtype: widening to fp32 is exact and order-preserving, so the
+            # indices are the same, without a copy of the logits.
             return argmax_rows(logits)
+        logits = logits.float()
         assert b.temperature is not None
         scaled = logits / b.temperature
         if b.top_k is not None:

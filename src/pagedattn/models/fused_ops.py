@@ -218,16 +218,48 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+        _add_rms_norm_row(x, Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro, n_cols, eps,
+                          HAS_RESIDUAL)
+
+    @triton.jit
+    def _add_rms_norm_row(
+        x, Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro, n_cols, eps,
+        HAS_RESIDUAL: tl.constexpr,
+    ):
+        """Row ``row`` of ``(rms_norm(x + residual), x + residual)`` from ``x`` (``[BLOCK]``, the
+        activation dtype) already in registers."""
         if HAS_RESIDUAL:
             r = tl.load(Res + row * stride_r + offs, mask=mask, other=0.0)
             # The sum rounded to the activation dtype: the residual stream the torch code keeps.
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
             tl.store(ResOut + row * stride_ro + offs, x, mask=mask)
         h = x.to(tl.float32)
         var = tl.sum(h * h, axis=0) / n_cols
-        h = _round(h * tl.rsqrt(var + eps), X.dtype.element_ty)
+        h = _round(h * tl.rsqrt(var + eps), x.dtype)
         w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Out + row * stride_o + offs, (w * h).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _reduce_add_rms_norm_kernel(
+        Parts, Res, W, Out, ResOut,
+        stride_r, stride_o, stride_ro,
+        n_cols, eps,
+        WORLD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # ``Parts`` holds WORLD addresses of contiguous ``[rows, n_cols]`` partial sums (the
+        # ranks' buffers, peers' ones mapped into this GPU's address space).  They are summed
+        # in fp32 in rank order, so every rank computes the same bits, and rounded to the
+        # activation dtype as an all-reduce's result is, before the residual add.
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        dtype = Res.dtype.element_ty
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            part = tl.load(Parts + r).to(tl.pointer_type(dtype))
+            acc += tl.load(part + row * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        _add_rms_norm_row(acc.to(dtype), Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro,
+                          n_cols, eps, True)
 
     @triton.jit
     def _norm_rope_heads(
@@ -333,6 +365,37 @@ def fused_add_rms_norm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, res_out = _launch_rms_norm(x, residual, weight, eps)
     assert res_out is not None
+    return out, res_out
+
+
+def reduce_add_rms_norm_triton(
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(s + residual), s + residual)`` where ``s`` is the sum of the ``[rows, n]``
+    tensors (``residual``'s shape and dtype, contiguous) whose addresses ``parts`` (int64
+    ``[world]``, on ``residual``'s device) holds: a cross-rank reduction fused with what follows
+    it, for tensor-parallel ranks whose partial sums every GPU can read.  The caller makes sure
+    the partial sums are complete and visible before this runs."""
+    _require_triton()
+    _check_last_dim("residual", residual)
+    n = residual.shape[-1]
+    _check_weight("weight", weight, n, residual)
+    if parts.dim() != 1 or parts.dtype != torch.int64 or parts.device != residual.device or parts.numel() < 1:
+        raise ValueError(f"parts must be a 1-D int64 tensor of addresses on {residual.device}, got "
+                         f"{tuple(parts.shape)} {parts.dtype} on {parts.device}")
+    out = torch.empty(residual.shape, dtype=torch.promote_types(weight.dtype, residual.dtype), device=residual.device)
+    res_out = torch.empty_like(residual)
+    r2, o2, ro2 = _rows(residual), _rows(out), _rows(res_out)
+    if r2.shape[0] == 0:
+        return out, res_out
+    block = triton.next_power_of_2(n)
+    _reduce_add_rms_norm_kernel[(r2.shape[0],)](
+        parts, r2, weight, o2, ro2,
+        r2.stride(0), o2.stride(0), ro2.stride(0),
+        n, eps,
+        WORLD=parts.numel(), BLOCK=block,
+        num_warps=_norm_warps(block),
+    )
     return out, res_out
 
 

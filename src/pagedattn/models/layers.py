@@ -25,7 +25,7 @@ slice into ``param``.  With ``tp_size == 1`` no collective is ever called.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,26 +61,49 @@ def _param(shape: Sequence[int], dtype: torch.dtype | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False)
 
 
-# The cross-rank sum of the row-parallel layers and the vocabulary-parallel embedding.  Swappable
-# per layer (:func:`set_all_reduce`) so a process can plug in a faster one for its links.
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
+class AllReduce:
+    """The cross-rank sum of the row-parallel layers and the vocabulary-parallel embedding: the
+    default process group's all-reduce (NCCL on CUDA, gloo on the CPU).
+
+    Swappable per layer (:func:`set_all_reduce`) so a process can plug in a faster one for its
+    links.  Besides the plain sum it offers the sum fused with what always follows a row-parallel
+    layer in a pre-norm decoder, the residual add and the next RMSNorm (:meth:`add_rms_norm`),
+    and a place for the row-parallel GEMM to write its partial sums (:meth:`partials_buffer`),
+    so a subclass can do all three without copying the activations around.
+    """
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("tp_size > 1 needs an initialised torch.distributed process group")
+        dist.all_reduce(x)
+        return x
+
+    def partials_buffer(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
+        """A ``[rows, cols]`` tensor for a row-parallel layer to write partial sums into, which
+        :meth:`add_rms_norm` then reduces where they lie; None: write them anywhere.  ``slot``
+        (0 or 1) tells apart the two reductions of a decoder layer: consecutive reductions use
+        different slots, so a rank writing the next partial sums never overwrites ones a peer is
+        still reading."""
+        return None
+
+    def add_rms_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rms_norm(s + residual), s + residual)`` where ``s`` is ``partial`` summed over ranks."""
+        return fused_add_rms_norm(self(partial), residual, weight, eps)
 
 
-def process_group_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the default process group, in place (NCCL on CUDA, gloo on the CPU)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("tp_size > 1 needs an initialised torch.distributed process group")
-    dist.all_reduce(x)
-    return x
+process_group_all_reduce = AllReduce()
 
 
 def set_all_reduce(model: nn.Module, all_reduce: AllReduce) -> int:
     """Make every layer of ``model`` that sums across ranks use ``all_reduce``; returns how many."""
     n = 0
     for m in model.modules():
-        if isinstance(m, (RowParallelLinear, VocabParallelEmbedding)):
+        if isinstance(m, (RowParallelLinear, VocabParallelEmbedding, RMSNorm)):
             m.all_reduce = all_reduce
             n += 1
     return n
@@ -169,10 +192,15 @@ class RMSNorm(nn.Module):
     multiply (exactly like ``LlamaRMSNorm``).  Normalises over the last dim, so it also serves
     as the per-head q/k norm of Qwen3 on ``[T, H, D]``."""
 
-    def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype | None = None, *,
+                 reduce_input: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype), requires_grad=False)
+        # add_and_norm's x arrives as per-rank partial sums (a row-parallel layer's output) and is
+        # summed across ranks first, by the all-reduce, fused with the add and the norm when it can.
+        self.reduce_input = reduce_input
+        self.all_reduce: AllReduce = process_group_all_reduce
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None:
         default_weight_loader(param, loaded_weight, shard_id)
@@ -182,7 +210,10 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(x + residual), x + residual)``: one kernel on the GPU, where the decoder
-        carries the residual stream beside the sublayer outputs."""
+        carries the residual stream beside the sublayer outputs.  With ``reduce_input``, ``x`` is
+        first summed across ranks."""
+        if self.reduce_input:
+            return self.all_reduce.add_rms_norm(x, residual, self.weight, self.eps)
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
@@ -483,6 +514,8 @@ class RowParallelLinear(nn.Module):
 
     Each rank's input is its slice of the features (the output of a column-parallel layer), so
     the full result is the sum over ranks; ``reduce_results`` does that sum with an all-reduce.
+    Without it the layer returns this rank's partial sums, written where the all-reduce asks
+    (:meth:`AllReduce.partials_buffer` with ``buffer_slot``) for whoever reduces them later.
     """
 
     def __init__(
@@ -492,16 +525,20 @@ class RowParallelLinear(nn.Module):
         bias: bool = False,
         *,
         reduce_results: bool = True,
+        buffer_slot: int = 0,
         tp_rank: int = 0,
         tp_size: int = 1,
         params_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         _check_tp(tp_rank, tp_size)
+        if buffer_slot not in (0, 1):
+            raise ValueError(f"buffer_slot must be 0 or 1, got {buffer_slot}")
         self.input_size = input_size
         self.output_size = output_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.reduce_results = reduce_results
+        self.buffer_slot = buffer_slot
         self.all_reduce: AllReduce = process_group_all_reduce
         self.input_size_per_partition = divide(input_size, tp_size, "input_size")
         self.weight = _param((output_size, self.input_size_per_partition), params_dtype)
@@ -519,10 +556,19 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias, so the cross-rank sum contains it exactly once.
-        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        if self.reduce_results and self.tp_size > 1:
-            y = self.all_reduce(y)
-        return y
+        bias = self.bias if self.tp_rank == 0 else None
+        if self.tp_size == 1:
+            return linear(x, self.weight, bias)
+        if self.reduce_results:
+            return self.all_reduce(linear(x, self.weight, bias))
+        out = None if x.dim() != 2 else self.all_reduce.partials_buffer(x.shape[0], self.output_size, x.dtype,
+                                                                          self.buffer_slot)
+        if out is None:
+            return linear(x, self.weight, bias)
+        # The same GEMM as F.linear, its result written straight into the buffer.
+        if bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(bias, x, self.weight.t(), out=out)
 
     def extra_repr(self) -> str:
         return (

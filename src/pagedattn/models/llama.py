@@ -72,10 +72,13 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        # Partial sums out: post_attention_layernorm reduces them.
         self.o_proj = RowParallelLinear(
             cfg.q_size,
             cfg.hidden_size,
             bias=cfg.o_proj_bias,
+            reduce_results=False,
+            buffer_slot=0,
             tp_rank=tp_rank,
             tp_size=tp_size,
             params_dtype=params_dtype,
@@ -116,10 +119,13 @@ class LlamaMLP(nn.Module):
             tp_size=tp_size,
             params_dtype=params_dtype,
         )
+        # Partial sums out: the next layer's input_layernorm (or the final norm) reduces them.
         self.down_proj = RowParallelLinear(
             cfg.intermediate_size,
             cfg.hidden_size,
             bias=cfg.mlp_bias,
+            reduce_results=False,
+            buffer_slot=1,
             tp_rank=tp_rank,
             tp_size=tp_size,
             params_dtype=params_dtype,
@@ -142,8 +148,9 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer_idx, params_dtype, tp_rank, tp_size)
         self.mlp = LlamaMLP(cfg, params_dtype, tp_rank, tp_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype)
+        tp = tp_size > 1
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype, reduce_input=tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype, reduce_input=tp)
 
     def forward(
         self,
@@ -157,7 +164,12 @@ class LlamaDecoderLayer(nn.Module):
         (vLLM's layout): ``(mlp_out, residual)`` in, ``(mlp_out, residual)`` out, where the
         layer's true output is their sum.  Each add is fused into the RMSNorm that follows it;
         the sums equal HF's ``residual + sublayer_out`` bit for bit (addition commutes), so the
-        numbers match the plain layout exactly.  ``residual`` is None for the first layer."""
+        numbers match the plain layout exactly.  ``residual`` is None for the first layer.
+
+        With tensor parallelism the row-parallel o_proj and down_proj return per-rank partial
+        sums and the norm after each sums them across ranks (``reduce_input``), so the
+        all-reduce, the residual add and the RMSNorm can be one fused step.  The two
+        reductions of a layer alternate between buffer slots 0 (o_proj) and 1 (down_proj)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -176,7 +188,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, i, params_dtype, tp_rank, tp_size) for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, params_dtype, reduce_input=tp_size > 1)
         self.rotary_emb = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, params_dtype
         )
