@@ -78,8 +78,9 @@ class P2PAllReduce(AllReduce):
         """Collective over the default group: every rank gets a working instance, or every rank
         gets None (with the reason logged) and keeps NCCL."""
         world_size = dist.get_world_size()
-        places: list[tuple[str, int, int] | None] = [None] * world_size
-        here = (socket.gethostname(), device.index if device.type == "cuda" else -1, _rendezvous_count)
+        places: list[tuple[str, int, int, bool] | None] = [None] * world_size
+        here = (socket.gethostname(), device.index if device.type == "cuda" else -1, _rendezvous_count,
+                fused_kernels_enabled())
         dist.all_gather_object(places, here)
         reason = _unsupported_reason(device, dtype, places)
         inst: P2PAllReduce | None = None
@@ -174,9 +175,10 @@ class P2PAllReduce(AllReduce):
 
 
 def _unsupported_reason(device: torch.device, dtype: torch.dtype,
-                        places: list[tuple[str, int, int] | None]) -> str | None:
-    """Why this rank cannot take part in a one-shot all-reduce (None if it can); ``places``
-    holds every rank's (host name, CUDA device index, symmetric-memory rendezvous made so far)."""
+                        places: list[tuple[str, int, int, bool] | None]) -> str | None:
+    """Why this rank cannot take part in a P2P all-reduce (None if it can); ``places`` holds every
+    rank's (host name, CUDA device index, symmetric-memory rendezvous made so far, whether the
+    fused Triton kernels run)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"{DISABLE_ENV} is set"
     if device.type != "cuda":
@@ -187,6 +189,10 @@ def _unsupported_reason(device: torch.device, dtype: torch.dtype,
         return f"{len(places)} ranks (one-shot needs 2..8)"
     if len({p[0] for p in places if p is not None}) != 1:
         return "the ranks span several hosts"
+    if len({p[3] for p in places if p is not None}) != 1:
+        # One rank reducing through the fused kernel and another through the plain sum would
+        # wait for each other at different barriers.
+        return "the ranks disagree on whether the fused Triton kernels run (PAGEDATTN_DISABLE_FUSED)"
     if len({p[2] for p in places if p is not None}) != 1:
         return ("an earlier tensor-parallel engine in this process used P2P memory, and torch cannot pair "
                 "its rendezvous with new workers")
