@@ -18,6 +18,9 @@ divergence and where the earliest one is, not only exact matches.
 
 (The three variables keep NVLink multicast off; the script sets them when they are unset.)
 ``--smoke`` runs a tiny Qwen3 on the CPU (gloo) to check the script end to end.
+``--profile-steps K`` also profiles K pure decode steps on rank 0's GPU (torch.profiler) and
+prints the step period, the GPU's busy time and kernel time per kind of work (GEMMs, attention,
+cross-rank sums, ...) for each TP size.
 """
 
 from __future__ import annotations
@@ -92,10 +95,12 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
         first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
         m = llm.get_metrics()
+        breakdown = profile_decode(llm, prompts, args.profile_steps) if args.profile_steps and cuda else None
     finally:
         llm.shutdown()
     n = args.num_requests
     return {
+        "decode_step_profile": breakdown,
         "tp": args.child, "device": torch.cuda.get_device_name() if cuda else "cpu", "init_seconds": init_s,
         "all_reduce": all_reduce,
         "prefill_seconds": prefill_s, "full_seconds": full_s,
@@ -104,6 +109,53 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         "kv_blocks_total": m["kv_blocks_total"], "num_preemptions": m["num_preemptions"], "tokens": tokens,
         "first_logprobs": first_logprobs,
     }
+
+
+# Kernel name fragments per kind of work, first match wins (cuBLAS names its Hopper GEMMs nvjet).
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("cross-rank sums (+ add & norm)", ("_reduce_add_rms_norm", "barrier_kernel", "all_reduce", "AllReduce")),
+    ("logits all-gather", ("AllGather", "CatArrayBatchedCopy")),
+    ("GEMMs", ("nvjet", "gemm", "xmma", "cutlass", "splitKreduce")),
+    ("paged attention", ("_decode_kernel", "_merge_splits", "_cascade", "_extend")),
+    ("norm, rotary, SiLU, KV store", ("_rms_norm", "_qk_norm_rope", "_silu_and_mul", "_store_kv")),
+)
+
+
+def profile_decode(llm: Any, prompts: list[list[int]], steps: int) -> dict[str, Any]:
+    """Device time of ``steps`` pure decode steps under torch.profiler (this process's GPU, i.e.
+    rank 0): the step period, busy time and kernel time per kind of work, per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedattn import SamplingParams
+
+    eng = llm.engine
+    for p in prompts:
+        eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+    while eng.scheduler.waiting or not all(r.prefill_done for r in eng.scheduler.running):
+        eng.step()
+    eng.step()  # the first overlapped launch
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    while eng.has_unfinished_requests():
+        eng.step()
+    trace = Path(tempfile.mkdtemp(prefix="tp-profile-")) / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    kernels = sorted((e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"),
+                     key=lambda e: e["ts"])
+    shutil.rmtree(trace.parent, ignore_errors=True)
+    span_us = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    per_kind: dict[str, float] = {kind: 0.0 for kind, _ in KERNEL_KINDS}
+    per_kind["other"] = 0.0
+    for e in kernels:
+        kind = next((k for k, frags in KERNEL_KINDS if any(f in e["name"] for f in frags)), "other")
+        per_kind[kind] += e["dur"]
+    busy_us = sum(per_kind.values())
+    return {"steps": steps, "batch": len(prompts), "period_ms": span_us / steps / 1e3,
+            "busy_ms": busy_us / steps / 1e3, "kernel_ms": {k: v / steps / 1e3 for k, v in per_kind.items()}}
 
 
 def _all_reduce_kind(llm: Any) -> str:
@@ -176,6 +228,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="also profile this many decode steps on rank 0's GPU and print where their time goes")
     ap.add_argument("--child-timeout", type=float, default=1500, help="seconds one TP size may take")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--smoke", action="store_true", help="a tiny Qwen3 on the CPU, 4 short requests")
@@ -202,7 +256,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                "--result-file", str(out), "--num-requests", str(args.num_requests), "--min-prompt",
                str(args.min_prompt), "--max-prompt", str(args.max_prompt), "--output-len", str(args.output_len),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
-               "--device", args.device]
+               "--device", args.device, "--profile-steps", str(args.profile_steps)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
         print(f"--- TP={tp}: {' '.join(cmd)}", flush=True)
@@ -265,6 +319,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{tp:3d} {r['all_reduce']:>13s} {r['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
               f"{r['full_seconds']:8.2f} {r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x "
               f"{r['kv_blocks_total']:9d}")
+    profiled = {tp: r["decode_step_profile"] for tp, r in results.items() if r.get("decode_step_profile")}
+    if profiled:
+        first = next(iter(profiled.values()))
+        print(f"\nA decode step on rank 0's GPU, ms ({first['steps']} steps of {first['batch']} sequences profiled)")
+        print(f"{'':32s}" + "".join(f"{'TP=' + str(tp):>9s}" for tp in profiled))
+        rows = [("step period", "period_ms"), ("GPU busy", "busy_ms")]
+        for label, key in rows:
+            print(f"{label:32s}" + "".join(f"{b[key]:9.3f}" for b in profiled.values()))
+        for kind in first["kernel_ms"]:
+            print(f"  {kind:30s}" + "".join(f"{b['kernel_ms'][kind]:9.3f}" for b in profiled.values()))
     shutil.rmtree(work, ignore_errors=True)
     return summary
 
