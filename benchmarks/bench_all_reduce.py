@@ -34,6 +34,7 @@ for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DI
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from bench_common import git_commit  # noqa: E402
 
 SIZES_KIB = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.multiprocessing.spawn(_rank, args=(args.gpus, str(work / "rdzv"), args, str(result)), nprocs=args.gpus,
                                 join=True)
     data = json.loads(result.read_text())
-    data.update(date=time.strftime("%Y-%m-%d"), commit=os.environ.get("GIT_COMMIT", "unknown"), gpus=args.gpus,
+    data.update(date=time.strftime("%Y-%m-%d"), commit=git_commit(), gpus=args.gpus,
                 dtype=args.dtype, torch=torch.__version__, nccl=".".join(map(str, torch.cuda.nccl.version())))
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=2))

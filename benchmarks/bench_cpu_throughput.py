@@ -27,10 +27,10 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import time
 
 import torch
+from bench_common import git_commit
 
 from pagedattn import LLM, SamplingParams
 
@@ -151,7 +151,7 @@ def main() -> None:
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": git_commit(),
         "workload": vars(args),
         "results": [{"name": r[0], "seconds": r[1], "tokens": r[2], "tok_per_s": r[2] / r[1]} for r in rows],
         "rounds": {"pagedattn_seconds": [r[0] for r in ours], "hf_padded_seconds": [r[0] for r in padded],
@@ -174,12 +174,6 @@ def _median_run(runs: list[tuple[float, int]]) -> tuple[float, int]:
     """The median time over runs (all runs produce the same token count)."""
     return statistics.median(dt for dt, _ in runs), runs[0][1]
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 if __name__ == "__main__":

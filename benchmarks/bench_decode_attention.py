@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from bench_common import git_commit
 
 from pagedattn.attention import AttentionLayerSpec, AttentionMetadata
 from pagedattn.attention import triton_ops as ops
@@ -184,11 +185,7 @@ def main() -> None:
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "copy_gbps": bw, "shapes": [], "sweep": {}}
-    try:
-        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                          text=True, check=False).stdout.strip()
-    except OSError:
-        result["commit"] = "unknown"
+    result["commit"] = git_commit()
     for b, c in shapes:
         p = build(b, c)
         result["shapes"].append(run_shape(p, bw))

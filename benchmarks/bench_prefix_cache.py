@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_throughput import _commit, make_model
+from bench_common import git_commit
+from bench_throughput import make_model
 
 # A Qwen3 small enough to run the smoke settings on a CPU in well under a second.
 TINY_QWEN3 = dict(
@@ -133,8 +134,7 @@ def run_info(device: torch.device) -> dict[str, Any]:
         card = torch.cuda.get_device_name(device)
     else:
         card = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-    # GIT_COMMIT first: machines that run the benchmark may have the files but no git metadata.
-    commit = os.environ.get("GIT_COMMIT") or _commit()
+    commit = git_commit()
     info: dict[str, Any] = {"device": card, "date": time.strftime("%Y-%m-%d"), "commit": commit,
                             "torch": torch.__version__}
     try:

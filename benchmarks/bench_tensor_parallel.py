@@ -41,6 +41,8 @@ for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DI
     os.environ.setdefault(_var, "0" if _var == "NCCL_NVLS_ENABLE" else "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench_common import git_commit  # noqa: E402
+
 QWEN3_8B = dict(
     architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -208,13 +210,6 @@ def logprob_agreement(ref: list[dict[str, float]], got: list[dict[str, float]]) 
     }
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("GIT_COMMIT", "unknown")
-
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (``argv`` as on the command line); returns the summary, with
@@ -281,7 +276,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 for tp, r in results.items() if tp != ref_tp and ref_tp in results}
     base = results.get(ref_tp, {}).get("decode_tok_per_s")
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
         "device": next((r["device"] for r in results.values()), None),
         "model": "tiny Qwen3, random fp32 weights" if args.smoke else "Qwen3-8B shape, random bf16 weights",
         "workload": {k: v for k, v in vars(args).items()

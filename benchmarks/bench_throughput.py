@@ -18,12 +18,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_common import git_commit
 
 QWEN3_0_6B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -179,7 +179,7 @@ def main() -> None:
             hf_res = None
     result = {
         "device": torch.cuda.get_device_name(),
-        "commit": _commit(),
+        "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "copy_bandwidth_GBps": bw / 1e9,
         "weight_bytes": weight_bytes,
@@ -203,12 +203,6 @@ def main() -> None:
     print(f"share of roofline: {result['share_of_roofline']:.1%}"
           + (f"   speedup vs HF: {result['speedup_vs_hf']:.1f}x" if hf_res else ""))
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return os.environ.get("GIT_COMMIT", "unknown")
 
 
 if __name__ == "__main__":

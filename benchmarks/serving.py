@@ -25,7 +25,6 @@ import json
 import math
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from bench_common import git_commit
 
 _WORD_TEXT = ("time year people way day man thing woman life child world school state family student group country "
          "problem hand part place case week company system program question work government number night point "
@@ -211,14 +211,6 @@ def table(summary: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # ====================================================================== main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -270,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         if not math.isfinite(args.request_rate):
             config["request_rate"] = "inf"
-        result = {"model": model, "config": config, "git": _git_rev(), "machine": platform.platform(),
+        result = {"model": model, "config": config, "git": git_commit(), "machine": platform.platform(),
                   "date": time.strftime("%Y-%m-%d"), "summary": summary,
                   "requests": [asdict(r) for r in records]}
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
