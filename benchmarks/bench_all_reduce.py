@@ -107,9 +107,12 @@ def _add_norm_row(p2p: Any, kib: int, args: argparse.Namespace, dtype: torch.dty
         bufs = [p2p.partials_buffer(rows, cols, dtype, i % 2) for i in range(args.calls)]
         if all(b is not None for b in bufs):
             xs = [b.copy_(x) for b, x in zip(bufs, xs, strict=True)]  # type: ignore[union-attr]
-            row["fused_us"] = 1e6 * _time_add_norm(
-                lambda i, r: p2p.add_rms_norm(xs[i], r, weight, eps), rows, cols, dtype, args.calls, args.replays,
-                device)
+            for warps in [None, *args.fused_warps]:
+                p2p.fused_num_warps = warps
+                row["fused_us" if warps is None else f"fused_us_w{warps}"] = 1e6 * _time_add_norm(
+                    lambda i, r: p2p.add_rms_norm(xs[i], r, weight, eps), rows, cols, dtype, args.calls,
+                    args.replays, device)
+            p2p.fused_num_warps = None
     return row
 
 
@@ -152,9 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--calls", type=int, default=32, help="all-reduces captured in one graph")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--hidden", type=int, default=4096, help="row width of the add + RMSNorm variants")
+    ap.add_argument("--fused-warps", default="", help="also time the fused kernel with these num_warps (tuning)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.sizes_kib = [int(s) for s in args.sizes_kib.split(",")]
+    args.fused_warps = [int(w) for w in args.fused_warps.split(",") if w]
     if torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"needs {args.gpus} CUDA GPUs, found {torch.cuda.device_count()}")
     work = Path(tempfile.mkdtemp(prefix="ar-bench-"))
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fused = a.get("fused_us")
         cells = [f"{a.get(k, float('nan')):9.1f}" for k in ("nccl_norm_us", "p2p_norm_us")]
         print(f"{r['kib']:6d} {a['rows']:5d} " + " ".join(cells)
-              + (f" {fused:7.1f} {a['nccl_norm_us'] / fused:14.2f}x" if fused else "     n/a"))
+              + (f" {fused:7.1f} {a['nccl_norm_us'] / fused:14.2f}x" if fused else "     n/a")
+              + "".join(f"  w{w}: {a[f'fused_us_w{w}']:.1f}" for w in args.fused_warps if f"fused_us_w{w}" in a))
     return data
 
 

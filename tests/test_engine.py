@@ -248,3 +248,37 @@ def test_request_preempting_itself_after_scheduling_a_sibling_drops_it_from_the_
     assert got == expected
     assert llm.get_metrics()["num_preemptions"] > 0
     llm.engine.check_integrity()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_steps_take_tokens_from_the_runner_mixed_steps_sample_logits(model_dirs, monkeypatch,
+                                                                            async_scheduling):
+    """A step whose sampling rows are all greedy without log-probabilities gets its tokens
+    from the runner (the argmax of the logits); a step with any other row samples the logits.
+    Either way the greedy requests' tokens are the same."""
+    import torch
+
+    llm = _llm(model_dirs["llama3_untied_gqa"], async_scheduling=async_scheduling)
+    prompts = _prompts(4)
+    want = _greedy(llm, prompts)
+    seen: list[tuple[bool, torch.dtype, int]] = []
+    real = llm.engine.executor.execute
+
+    def spy(step, *args):
+        out = real(step, *args)
+        if step.sample_rows:
+            seen.append((step.greedy, out.dtype, out.dim()))
+        return out
+
+    monkeypatch.setattr(llm.engine.executor, "execute", spy)
+    assert _greedy(llm, prompts) == want
+    assert seen and all(g and dtype == torch.int64 and dim == 1 for g, dtype, dim in seen)
+    seen.clear()
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    mixed = [greedy, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2),
+             SamplingParams(temperature=0.8, seed=3, max_tokens=MAX_NEW, ignore_eos=True), greedy]
+    outs = llm.generate(prompts, mixed, use_tqdm=False)
+    assert [outs[i].outputs[0].token_ids for i in (0, 1, 3)] == [want[i] for i in (0, 1, 3)]
+    assert all(2 <= len(lp) <= 3 for lp in outs[1].outputs[0].logprobs)  # the top 2 and the sampled token
+    assert seen and not any(g for g, _, _ in seen)
+    assert all(dtype.is_floating_point and dim == 2 for _, dtype, dim in seen)

@@ -367,3 +367,40 @@ def test_every_cross_rank_sum_goes_through_the_installed_all_reduce(model_dirs: 
     row = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
     x = torch.randn(3, row.input_size_per_partition, generator=g)
     torch.testing.assert_close(row(x), torch.nn.functional.linear(x, row.weight), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- greedy tokens from vocabulary slices
+def _greedy_tokens_rank(rank: int, world: int, rdzv: str) -> None:
+    import torch.distributed as dist
+
+    from pagedattn.models.layers import ParallelLMHead
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    try:
+        vocab = 37  # not a multiple of the ranks: the last slice is padded
+        head = ParallelLMHead(vocab, 8, tp_rank=rank, tp_size=world)
+        per = head.num_embeddings_per_partition
+        g = torch.Generator().manual_seed(5)  # every rank draws the same full logits
+        full = (torch.randn(9, vocab, generator=g) * 2).round()  # coarse grid: ties within a slice
+        full[1, 3] = full[1, 30] = full[1].max() + 1  # a tie across slices: the lower id
+        full[2, 25] = float("nan")  # NaN counts as the maximum
+        full[3] = float("-inf")  # nothing but -inf: id 0
+        full[4, 36] = full[4].max() + 1  # the maximum in the last slice, just before its padding
+        full[5, 10] = full[5, 12] = float("nan")  # the first NaN
+        padded = torch.cat([full, torch.full((9, per * world - vocab), 1e9)], dim=1)  # padding never wins
+        local = padded[:, rank * per:(rank + 1) * per].contiguous()
+        got = head.greedy_tokens(local)
+        want = full.argmax(dim=-1)
+        assert torch.equal(got, want), (got.tolist(), want.tolist())
+        torch.testing.assert_close(head.gather(local), full, rtol=0, atol=0, equal_nan=True)
+        assert got[1] == 3 and got[2] == 25 and got[3] == 0 and got[4] == 36 and got[5] == 10
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_greedy_tokens_from_vocabulary_slices_equal_the_full_argmax(tmp_path: Path, world: int) -> None:
+    """Each rank reduces its slice of the logits to (maximum, id) and the ranks exchange those:
+    the same ids as the argmax of the gathered logits, with ties across slices, NaN, rows of
+    -inf and the padded last slice."""
+    torch.multiprocessing.spawn(_greedy_tokens_rank, args=(world, str(tmp_path / "rdzv")), nprocs=world, join=True)

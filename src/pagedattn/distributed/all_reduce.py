@@ -62,6 +62,7 @@ class P2PAllReduce(AllReduce):
         self.handle = handle
         self.group_name = group_name
         self.dtype = buffer.dtype
+        self.fused_num_warps: int | None = None  # None: the norm kernels' default (for tuning)
         self.slot_numel = buffer.numel() // 3
         self.max_bytes = self.slot_numel * buffer.element_size()
         slot_bytes = self.max_bytes
@@ -142,7 +143,8 @@ class P2PAllReduce(AllReduce):
         if slot is None or residual.shape != partial.shape or residual.dtype != partial.dtype:
             return super().add_rms_norm(partial, residual, weight, eps)
         self.handle.barrier(channel=0)  # type: ignore[attr-defined]  # every rank's partial sums are in place
-        return reduce_add_rms_norm_triton(self._fused_tables[slot], residual.contiguous(), weight, eps)
+        return reduce_add_rms_norm_triton(self._fused_tables[slot], residual.contiguous(), weight, eps,
+                                          self.fused_num_warps)
 
     def _fused_slot(self, partial: torch.Tensor) -> int | None:
         """The slot ``partial`` was written into by :meth:`partials_buffer` (None: elsewhere)."""

@@ -80,11 +80,14 @@ class DecodeGraphs:
             for variant in range(self.backend.graph_variants()):
                 with self.backend.graph_capture(b, variant):
                     # One eager run first: Triton compiles and autotunes outside the capture.
-                    self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
+                    self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx), gather=False)
                     torch.cuda.synchronize(self.device)
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=self.pool):
-                        logits = self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], ctx))
+                        # This rank's vocabulary slice: the runner gathers it, or reduces it to
+                        # the greedy tokens, outside the graph (tensor parallelism).
+                        hidden = self.model(self.input_ids[:b], self.positions[:b], ctx)
+                        logits = self.model.compute_logits(hidden, gather=False)
                         if variant:  # later variants leave their logits in the first one's buffer
                             self.logits[b].copy_(logits)
                 if self.pool is None:
@@ -100,9 +103,9 @@ class DecodeGraphs:
 
     def run(self, tokens: list[int] | torch.Tensor, positions: np.ndarray, slots: np.ndarray, seq_lens: list[int],
             tables: list[list[int]]) -> torch.Tensor:
-        """Replay the graph for ``n`` decodes; returns logits ``[n, V]`` (a view of graph memory,
-        valid until the next replay).  ``tokens`` may be a device tensor (the previous step's
-        samples, never seen by the host)."""
+        """Replay the graph for ``n`` decodes; returns logits ``[n, V]`` (with tensor parallelism
+        this rank's vocabulary slice; a view of graph memory, valid until the next replay).
+        ``tokens`` may be a device tensor (the previous step's samples, never seen by the host)."""
         n = len(tables)
         b = next(x for x in self.buckets if x >= n)
         host_t, lens_t, bt_t = self._staging[self._turn]

@@ -262,13 +262,14 @@ class LLMEngine:
             self.tracer.begin_step(self.num_steps)
         if self._inflight is None:
             sched = self.scheduler.schedule()
-            logits = self.executor.execute(self.step_builder.build(sched))
+            step = self.step_builder.build(sched)
+            out = self.executor.execute(step)  # logits, or with step.greedy the sampled tokens
             if not self._overlappable(sched):
                 # Under tensor parallelism on CUDA this is where a dead rank is noticed, rather
                 # than in a blocking read of the sampled tokens.
                 self.executor.sync()
-                return self._end_step(sched, self._process(sched, logits))
-            self._inflight = self._launch(sched, [(s.seq, s.request) for s in sched.scheduled], logits)
+                return self._end_step(sched, self._process(sched, out, step.greedy))
+            self._inflight = self._launch(sched, [(s.seq, s.request) for s in sched.scheduled], out, step.greedy)
         cur = self._inflight
         self._inflight = self._launch_lookahead(cur)
         return self._end_step(cur.sched, self._finish(cur))
@@ -293,10 +294,11 @@ class LLMEngine:
                 return False
         return True
 
-    def _launch(self, sched: SchedulerOutput, targets: list[tuple[Sequence, Request]], logits: torch.Tensor,
-                batch: SamplingBatch | None = None) -> _Inflight:
+    def _launch(self, sched: SchedulerOutput, targets: list[tuple[Sequence, Request]], out: torch.Tensor,
+                greedy: bool, batch: SamplingBatch | None = None) -> _Inflight:
+        """Sample the step's logits ``out`` (or take its greedy tokens) and start their copy to the host."""
         batch = batch or self.sampler.prepare([SamplingRow(req.params, seq.generator) for seq, req in targets])
-        tokens = self.sampler.sample(logits, batch)
+        tokens = out if greedy else self.sampler.sample(out, batch)
         if not tokens.is_cuda:
             return _Inflight(sched, targets, batch, tokens, tokens, None)
         # Two pinned buffers in turn: the one in use by the step being read back stays intact.
@@ -333,12 +335,13 @@ class LLMEngine:
             if not bm.allocate_slots(seq.seq_id, seq.num_computed_tokens + 1, 1):
                 return None
         copies = bm.take_pending_copies()  # siblings still sharing their last block
-        step = self.step_builder.lookahead(seqs, [("copy", copies)] if copies else [])
+        greedy = cur.batch.all_greedy and not cur.batch.want_logprobs
+        step = self.step_builder.lookahead(seqs, [("copy", copies)] if copies else [], greedy)
         same = len(rows) == len(cur.targets)
         input_ids = cur.tokens if same else cur.tokens.index_select(0, to_device(rows, torch.long, self.device))
-        logits = self.executor.execute(step, input_ids)
+        out = self.executor.execute(step, input_ids)
         sched = SchedulerOutput(scheduled=[ScheduledSeq(req, seq, 1) for seq, req in targets])
-        return self._launch(sched, targets, logits, cur.batch if same else None)
+        return self._launch(sched, targets, out, greedy, cur.batch if same else None)
 
     def _finish(self, cur: _Inflight) -> list[Request]:
         """Read back an in-flight step's tokens and apply them (skipping sequences that
@@ -360,7 +363,9 @@ class LLMEngine:
         return self._apply(live, toks, [None] * n, [None] * n)
 
     # ------------------------------------------------------------------ synchronous steps
-    def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
+    def _process(self, sched: SchedulerOutput, out: torch.Tensor, greedy: bool) -> list[Request]:
+        """Apply a synchronous step: ``out`` holds the sampling rows' logits, or with ``greedy``
+        their tokens."""
         bm = self.block_manager
         sampling = []
         for s in sched.scheduled:
@@ -382,9 +387,12 @@ class LLMEngine:
                 rows.append(r)
                 targets.append((s.seq, req))
         if len(rows) != len(sampling):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        out = self.sampler(logits, [SamplingRow(req.params, seq.generator) for seq, req in targets])
-        return self._apply(targets, out.token_ids, out.logprobs, out.sampled_logprobs)
+            out = out[torch.tensor(rows, device=out.device)]
+        if greedy:
+            n = len(targets)
+            return self._apply(targets, out.tolist(), [None] * n, [None] * n)
+        sampled = self.sampler(out, [SamplingRow(req.params, seq.generator) for seq, req in targets])
+        return self._apply(targets, sampled.token_ids, sampled.logprobs, sampled.sampled_logprobs)
 
     def _apply(self, targets: list[tuple[Sequence, Request]], token_ids: list[int],
                logprobs: list[dict[int, float] | None], sampled_logprobs: list[float | None]) -> list[Request]:

@@ -24,6 +24,7 @@ from ..cache.block_manager import BlockManager
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from .cuda_graphs import DecodeGraphs
+from .sampler import argmax_rows
 from .scheduler import KVOp, SchedulerOutput
 from .sequence import Sequence
 
@@ -43,6 +44,10 @@ class StepInput:
     block_tables: list[list[int]] = field(default_factory=list)  # physical blocks (-1: window-released)
     token_ids: list[int] | None = field(default_factory=list)  # the new tokens, flattened [sum(query_lens)]
     sample_rows: list[int] = field(default_factory=list)  # rows of the flattened batch whose logits return
+    # Every sampled row is greedy and wants no log-probabilities: return their argmax token ids
+    # instead of the logits (with tensor parallelism, from each rank's vocabulary slice, without
+    # gathering the logits).
+    greedy: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -66,6 +71,8 @@ class StepBuilder:
 
     def build(self, sched: SchedulerOutput) -> StepInput:
         step = StepInput(kv_ops=list(sched.kv_ops))
+        step.greedy = all(s.request.params.greedy and s.request.params.logprobs is None
+                          for s in sched.scheduled if s.samples)
         tokens: list[int] = []
         assert step.token_ids is not None
         table_of = self.bm.block_table
@@ -82,7 +89,7 @@ class StepBuilder:
         step.token_ids = tokens
         return step
 
-    def lookahead(self, seqs: list[Sequence], kv_ops: list[KVOp]) -> StepInput:
+    def lookahead(self, seqs: list[Sequence], kv_ops: list[KVOp], greedy: bool = False) -> StepInput:
         """Decode one position past each sequence's in-flight token, whose id exists only on the
         device (overlapped scheduling): its position is ``num_computed_tokens + 1``."""
         n = len(seqs)
@@ -90,6 +97,7 @@ class StepBuilder:
         return StepInput(
             kv_ops=kv_ops, query_lens=[1] * n, seq_lens=[q.num_computed_tokens + 2 for q in seqs],
             block_tables=[table_of(q.seq_id) for q in seqs], token_ids=None, sample_rows=list(range(n)),
+            greedy=greedy,
         )
 
 
@@ -127,7 +135,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step; returns logits ``[len(step.sample_rows), V]`` in row order.
+        """Run one step; returns logits ``[len(step.sample_rows), V]`` in row order, or with
+        ``step.greedy`` their argmax token ids (int64 ``[len(step.sample_rows)]``).
 
         ``input_ids`` (int64 ``[num_seqs]`` on the device) is required exactly when
         ``step.token_ids`` is None."""
@@ -139,15 +148,23 @@ class ModelRunner:
         if self.graphs is not None and step.is_decode:
             logits = self._decode_graph(step, input_ids)
             if logits is not None:
-                return logits
+                return self._sampled(logits, step)
         ids, positions, meta, sample_idx = self.prepare(step, input_ids)
         ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
         hidden = self.model(ids, positions, ctx)
-        if sample_idx is None:
-            return self.model.compute_logits(hidden)
-        if sample_idx.numel() == 0:
-            return torch.empty(0, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, sample_idx))
+        if sample_idx is not None:
+            if sample_idx.numel() == 0:
+                return torch.empty(0, device=self.device)
+            hidden = hidden.index_select(0, sample_idx)
+        return self._sampled(self.model.compute_logits(hidden, gather=False), step)
+
+    def _sampled(self, logits: torch.Tensor, step: StepInput) -> torch.Tensor:
+        """This rank's (vocabulary slice of the) logits -> what :meth:`execute` returns; every
+        rank runs the same collectives here."""
+        head = self.model.lm_head
+        if not step.greedy:
+            return head.gather(logits)
+        return argmax_rows(logits) if head.tp_size == 1 else head.greedy_tokens(logits)
 
     def _decode_graph(self, step: StepInput, input_ids: torch.Tensor | None) -> torch.Tensor | None:
         """A pure-decode step through the captured graphs; None if the batch does not fit the

@@ -369,7 +369,7 @@ def fused_add_rms_norm_triton(
 
 
 def reduce_add_rms_norm_triton(
-    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, num_warps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(s + residual), s + residual)`` where ``s`` is the sum of the ``[rows, n]``
     tensors (``residual``'s shape and dtype, contiguous) whose addresses ``parts`` (int64
@@ -394,7 +394,7 @@ def reduce_add_rms_norm_triton(
         r2.stride(0), o2.stride(0), ro2.stride(0),
         n, eps,
         WORLD=parts.numel(), BLOCK=block,
-        num_warps=_norm_warps(block),
+        num_warps=num_warps or _norm_warps(block),
     )
     return out, res_out
 

@@ -643,9 +643,36 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim, tp_rank=tp_rank, tp_size=tp_size, params_dtype=params_dtype)
         self.gather_output = gather_output
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [n, dim]`` -> logits ``[n, vocab]`` (this rank's padded slice if not gathering)."""
+    def forward(self, hidden: torch.Tensor, gather: bool | None = None) -> torch.Tensor:
+        """``hidden [n, dim]`` -> logits ``[n, vocab]``, or this rank's padded slice
+        ``[n, vocab / tp]`` when not gathering (``gather`` None: ``gather_output``)."""
         logits = linear(hidden, self.weight)
-        if self.tp_size > 1 and self.gather_output:
-            logits = _all_gather_last_dim(logits, self.tp_size)[..., : self.num_embeddings]
-        return logits
+        return self.gather(logits) if (self.gather_output if gather is None else gather) else logits
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice ``[n, vocab / tp]`` -> the full logits ``[n, vocab]`` (collective)."""
+        if self.tp_size == 1:
+            return logits
+        return _all_gather_last_dim(logits, self.tp_size)[..., : self.num_embeddings]
+
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax over the whole vocabulary, int64 ``[n]``, from every rank's slice ``[n, vocab / tp]``
+        (collective), exchanging two numbers per row instead of the logits: each rank takes its
+        slice's first maximum, then every rank picks the first rank holding the largest.  The
+        same index as ``gather(logits).argmax(-1)``: the first maximum, NaN counting as largest.
+        """
+        if self.tp_size == 1:
+            return logits.argmax(dim=-1)
+        valid = self.vocab_end - self.vocab_start  # the last slice's tail pads the vocabulary
+        n = logits.shape[0]
+        if valid > 0:
+            idx = logits[:, :valid].argmax(dim=-1)
+            val = logits.gather(1, idx[:, None]).squeeze(1).float()
+        else:
+            idx = torch.zeros(n, dtype=torch.long, device=logits.device)
+            val = torch.full((n,), float("-inf"), device=logits.device)
+        # ids as fp32 are exact below 2^24 (vocabularies are far smaller).
+        mine = torch.stack([val, (idx + self.vocab_start).float()], dim=-1)  # [n, 2]
+        parts = _all_gather_last_dim(mine, self.tp_size).view(n, self.tp_size, 2)
+        best = parts[..., 0].argmax(dim=-1, keepdim=True)  # [n, 1]: ties -> the lower rank (lower ids)
+        return parts[..., 1].gather(1, best).squeeze(1).long()

@@ -240,9 +240,11 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"ctx.kv_caches has {len(ctx.kv_caches)} layers, the model has {self.config.num_layers}")
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [n, hidden_size]`` -> logits ``[n, vocab_size]`` in the model dtype."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """``hidden [n, hidden_size]`` -> logits ``[n, vocab_size]`` in the model dtype; with
+        ``gather=False`` and tensor parallelism, this rank's vocabulary slice ``[n, vocab / tp]``
+        (see ``lm_head.gather`` and ``lm_head.greedy_tokens``)."""
+        return self.lm_head(hidden, gather)
 
     def kv_cache_spec(self, block_size: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
         """Shape of this rank's KV pool (its share of the KV heads)."""
