@@ -39,14 +39,8 @@ from bench_common import git_commit  # noqa: E402
 SIZES_KIB = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-def _time_graph(fn: Any, xs: list[torch.Tensor], replays: int) -> tuple[float, list[torch.Tensor]]:
-    """Median seconds per call of ``fn`` over ``xs`` captured in one graph, and the outputs."""
-    for x in xs[:2]:  # warm up outside the capture (lazy init, kernel loading)
-        fn(x.clone())
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [fn(x) for x in xs]
+def _median_replay_s(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Median seconds of one replay of ``graph``, the ranks lined up before each."""
     times = []
     for _ in range(replays):
         dist.barrier()
@@ -56,8 +50,18 @@ def _time_graph(fn: Any, xs: list[torch.Tensor], replays: int) -> tuple[float, l
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times) / len(xs), outs
+    return statistics.median(times)
+
+
+def _time_graph(fn: Any, xs: list[torch.Tensor], replays: int) -> tuple[float, list[torch.Tensor]]:
+    """Median seconds per call of ``fn`` over ``xs`` captured in one graph, and the outputs."""
+    for x in xs[:2]:  # warm up outside the capture (lazy init, kernel loading)
+        fn(x.clone())
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn(x) for x in xs]
+    return _median_replay_s(graph, replays) / len(xs), outs
 
 
 def _time_add_norm(step: Any, rows: int, cols: int, dtype: torch.dtype, calls: int, replays: int,
@@ -72,17 +76,7 @@ def _time_add_norm(step: Any, rows: int, cols: int, dtype: torch.dtype, calls: i
         residual = res0
         for i in range(calls):
             _, residual = step(i, residual)
-    times = []
-    for _ in range(replays):
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times) / calls
+    return _median_replay_s(graph, replays) / calls
 
 
 def _add_norm_row(p2p: Any, kib: int, args: argparse.Namespace, dtype: torch.dtype,
