@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,11 +38,11 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     generator: torch.Generator | None = None
-    # Incremental detokenisation state.
+    # Incremental detokenisation state (see .detokenizer).
     text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
-    tokens_text: list[str] = field(default_factory=list)
+    decode_stream: Any = field(default=None, repr=False, compare=False)  # DecodeStream; False: offsets
     stop_checked_len: int = 0  # characters of ``text`` already checked for stop strings
 
     @property
