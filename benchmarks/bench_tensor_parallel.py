@@ -5,13 +5,15 @@ Model: the Qwen3-8B architecture (36 layers, hidden 4096, 32 query / 8 KV heads 
 no checkpoint is written or read; every rank draws the same full tensors from per-tensor seeds
 and keeps its shard, so every TP size runs the same model).
 
-Workload: 64 requests, prompts of 32..128 random token ids (seed 0), 256 output tokens each,
-greedy, EOS ignored.  Each TP size runs in a fresh child process (a clean GPU and process
-group); the engine itself starts the TP workers.  Measured per TP size: the time to generate
-one token for every request (prefill) and all 256 (prefill + decode); decode tokens/s is
-``64 * 255 / (full - prefill)``.  Greedy agreement: with random weights in bf16, near-ties can
-flip a late token, so the report gives the share of tokens before each request's first
-divergence and where the earliest one is, not only exact matches.
+Workload: N = 64 requests, prompts of 32..128 random token ids (seed 0), 256 output tokens
+each, greedy, EOS ignored; ``--num-requests 16,64,256,512`` runs several counts one after
+another on each engine (sized for the largest, so it starts once).  Each TP size runs in a
+fresh child process (a clean GPU and process group); the engine itself starts the TP workers.
+Measured per TP size and count: the time to generate one token for every request (prefill)
+and all 256 (prefill + decode); decode tokens/s is ``N * 255 / (full - prefill)``.  Greedy
+agreement: with random weights in bf16, near-ties can flip a late token, so the report gives
+the share of tokens before each request's first divergence and where the earliest one is, not
+only exact matches.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
         python benchmarks/bench_tensor_parallel.py --out tp.json
@@ -61,56 +63,73 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]
 
 # ---------------------------------------------------------------------- one TP size (child process)
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    """One TP size: one engine (sized for the largest request count), every request count in turn."""
     import torch
 
-    from pagedattn import LLM, SamplingParams
+    from pagedattn import LLM
 
     cuda = args.device == "cuda"
     vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
-    prompts = workload(args.num_requests, args.min_prompt, args.max_prompt, vocab, seed=0)
+    counts = request_counts(args.num_requests)
     t0 = time.perf_counter()
     llm = LLM(args.model_dir, device=args.device, dtype="bfloat16" if cuda else "float32",
               tensor_parallel_size=args.child, num_kv_blocks=None if cuda else 512,
-              load_format="dummy", seed=args.seed, max_num_seqs=args.num_requests,
+              load_format="dummy", seed=args.seed, max_num_seqs=max(counts),
               max_model_len=args.max_prompt + args.output_len + 16, enforce_eager=args.enforce_eager,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
     init_s = time.perf_counter() - t0
-    all_reduce = _all_reduce_kind(llm)
     try:
-        # Warm-up on the same shapes (another seed): compiles every kernel the timed runs hit.
-        warm = workload(args.num_requests, args.min_prompt, args.max_prompt, vocab, seed=1)
-        llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-
-        def timed(max_tokens: int) -> tuple[float, list[list[int]]]:
-            sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-            sync = torch.cuda.synchronize if cuda else (lambda: None)
-            sync()
-            t = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            sync()
-            return time.perf_counter() - t, [o.outputs[0].token_ids for o in outs]
-
-        prefill_s = min(timed(1)[0] for _ in range(2))
-        full_s, tokens = timed(args.output_len)
-        assert all(len(t) == args.output_len for t in tokens), "every request must produce output_len tokens"
-        # The first token's top-5 log-probabilities: shows whether divergences are near-ties.
-        lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
-        first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
+        runs = {str(n): _run_count(llm, args, n, vocab, cuda) for n in counts}
         m = llm.get_metrics()
-        breakdown = profile_decode(llm, prompts, args.profile_steps) if args.profile_steps and cuda else None
+        all_reduce = _all_reduce_kind(llm)
     finally:
         llm.shutdown()
-    n = args.num_requests
+    return {"tp": args.child, "device": torch.cuda.get_device_name() if cuda else "cpu", "init_seconds": init_s,
+            "all_reduce": all_reduce, "kv_blocks_total": m["kv_blocks_total"],
+            "num_preemptions": m["num_preemptions"], "runs": runs}
+
+
+def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: bool) -> dict[str, Any]:
+    """The timed runs of ``n`` requests on a warm engine."""
+    import torch
+
+    from pagedattn import SamplingParams
+
+    prompts = workload(n, args.min_prompt, args.max_prompt, vocab, seed=0)
+    # Warm-up on the same shapes (another seed): compiles every kernel the timed runs hit.
+    warm = workload(n, args.min_prompt, args.max_prompt, vocab, seed=1)
+    llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+
+    def timed(max_tokens: int) -> tuple[float, list[list[int]]]:
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        sync()
+        return time.perf_counter() - t, [o.outputs[0].token_ids for o in outs]
+
+    prefill_s = min(timed(1)[0] for _ in range(2))
+    full_s, tokens = timed(args.output_len)
+    assert all(len(t) == args.output_len for t in tokens), "every request must produce output_len tokens"
+    # The first token's top-5 log-probabilities: shows whether divergences are near-ties.
+    lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
+    first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
+    profiled = profile_decode(llm, prompts, args.profile_steps) if args.profile_steps and cuda else None
     return {
-        "decode_step_profile": breakdown,
-        "tp": args.child, "device": torch.cuda.get_device_name() if cuda else "cpu", "init_seconds": init_s,
-        "all_reduce": all_reduce,
         "prefill_seconds": prefill_s, "full_seconds": full_s,
         "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
         "output_tok_per_s": n * args.output_len / full_s,
-        "kv_blocks_total": m["kv_blocks_total"], "num_preemptions": m["num_preemptions"], "tokens": tokens,
-        "first_logprobs": first_logprobs,
+        "decode_step_profile": profiled,
+        "tokens": tokens, "first_logprobs": first_logprobs,
     }
+
+
+def request_counts(spec: str) -> list[int]:
+    counts = [int(c) for c in spec.split(",") if c.strip()]
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--num-requests takes positive counts, got {spec!r}")
+    return counts
 
 
 # Kernel name fragments per kind of work, first match wins (cuBLAS names its Hopper GEMMs nvjet).
@@ -216,7 +235,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ``failures`` naming TP sizes whose run failed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp-sizes", default="1,2", help="comma-separated; the first is the reference")
-    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--num-requests", default=None,
+                    help="concurrent requests (default 64, 4 with --smoke); comma-separated counts run one after "
+                    "another on each engine")
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
@@ -234,7 +255,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke and args.child is None:
-        args.device, args.num_requests, args.min_prompt, args.max_prompt, args.output_len = "cpu", 4, 4, 12, 8
+        args.device, args.min_prompt, args.max_prompt, args.output_len = "cpu", 4, 12, 8
+    args.num_requests = args.num_requests or ("4" if args.smoke else "64")
 
     if args.child is not None:
         Path(args.result_file).write_text(json.dumps(run_child(args)))
@@ -248,7 +270,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for tp in sizes:
         out = work / f"tp{tp}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(tp), "--model-dir", str(work),
-               "--result-file", str(out), "--num-requests", str(args.num_requests), "--min-prompt",
+               "--result-file", str(out), "--num-requests", args.num_requests, "--min-prompt",
                str(args.min_prompt), "--max-prompt", str(args.max_prompt), "--output-len", str(args.output_len),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
                "--device", args.device, "--profile-steps", str(args.profile_steps)]
@@ -270,62 +292,81 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
               flush=True)
 
     ref_tp = sizes[0]
-    agree = {tp: agreement(results[ref_tp]["tokens"], r["tokens"]) for tp, r in results.items()
-             if tp != ref_tp and ref_tp in results}
-    lp_agree = {tp: logprob_agreement(results[ref_tp]["first_logprobs"], r["first_logprobs"])
-                for tp, r in results.items() if tp != ref_tp and ref_tp in results}
-    base = results.get(ref_tp, {}).get("decode_tok_per_s")
-    summary = {
+    summary: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
         "device": next((r["device"] for r in results.values()), None),
         "model": "tiny Qwen3, random fp32 weights" if args.smoke else "Qwen3-8B shape, random bf16 weights",
-        "workload": {k: v for k, v in vars(args).items()
-                                                                    if k not in ("child", "model_dir", "result_file")},
-        "results": {str(tp): {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs")}
-                    for tp, r in results.items()},
-        "decode_speedup": {str(tp): r["decode_tok_per_s"] / base for tp, r in results.items()} if base else {},
-        "greedy_agreement": {str(tp): a for tp, a in agree.items()},
-        "first_token_logprobs": {str(tp): a for tp, a in lp_agree.items()},
+        "workload": {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "result_file")},
+        "engines": {str(tp): {k: v for k, v in r.items() if k != "runs"} for tp, r in results.items()},
+        "runs": {n: compare(results, n, ref_tp) for n in map(str, request_counts(args.num_requests))},
         "failures": {str(tp): f for tp, f in failures.items()},
     }
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
+    for n, run_ in summary["runs"].items():
+        report(summary, results, n, run_, ref_tp, args.output_len)
+    for tp, f in failures.items():
+        print(f"TP={tp} FAILED: {f}")
+    if len(summary["runs"]) > 1 and len(results) > 1:
+        print(f"\nDecode tok/s on {summary['device']}, {summary['model']}, {args.output_len} tokens a request")
+        print(f"{'requests':>8s}" + "".join(f"{'TP=' + str(tp):>9s}" for tp in results) + f"{'speedup':>9s}")
+        for n, run_ in summary["runs"].items():
+            last = list(results)[-1]
+            print(f"{n:>8s}" + "".join(f"{r['runs'][n]['decode_tok_per_s']:9.0f}" for r in results.values())
+                  + f"{run_['decode_speedup'].get(str(last), float('nan')):8.2f}x")
     summary["results_with_tokens"] = results
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
 
-    for tp, a in agree.items():
+
+def compare(results: dict[int, dict[str, Any]], n: str, ref_tp: int) -> dict[str, Any]:
+    """One request count across TP sizes: throughput, speed-up over ``ref_tp``, agreement with it."""
+    runs = {tp: r["runs"][n] for tp, r in results.items()}
+    ref = runs.get(ref_tp)
+    others = {tp: r for tp, r in runs.items() if tp != ref_tp and ref is not None}
+    return {
+        "results": {str(tp): {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs")}
+                    for tp, r in runs.items()},
+        "decode_speedup": {str(tp): r["decode_tok_per_s"] / ref["decode_tok_per_s"] for tp, r in runs.items()}
+        if ref else {},
+        "greedy_agreement": {str(tp): agreement(ref["tokens"], r["tokens"]) for tp, r in others.items()},
+        "first_token_logprobs": {str(tp): logprob_agreement(ref["first_logprobs"], r["first_logprobs"])
+                                 for tp, r in others.items()},
+    }
+
+
+def report(summary: dict[str, Any], results: dict[int, dict[str, Any]], n: str, run_: dict[str, Any], ref_tp: int,
+           output_len: int) -> None:
+    """Print one request count's agreement, throughput and (if profiled) step breakdown."""
+    for tp, a in run_["greedy_agreement"].items():
         e = a["earliest_divergence"]
         where = "none" if e is None else f"token {e['token']} of request {e['request']}"
-        print(f"\ngreedy agreement TP={tp} vs TP={ref_tp}: {a['identical_requests']}/{a['requests']} requests "
-              "identical, "
-              f"{a['share_of_tokens_before_divergence']:.1%} of tokens before their request's first divergence, "
-              f"earliest divergence: {where}")
-        la = lp_agree[tp]
+        print(f"\n{n} requests, greedy agreement TP={tp} vs TP={ref_tp}: {a['identical_requests']}/{a['requests']} "
+              f"requests identical, {a['share_of_tokens_before_divergence']:.1%} of tokens before their request's "
+              f"first divergence, earliest divergence: {where}")
+        la = run_["first_token_logprobs"][tp]
         print(f"first token, TP={tp} vs TP={ref_tp}: same top-1 in {la['same_top1']}/{la['requests']}; "
               f"|logprob difference| of shared top-5 tokens median {la['logprob_abs_diff_median']:.3g}, "
               f"max {la['logprob_abs_diff_max']:.3g}; median top-1 margin {la['top1_margin_median']:.3g}")
-    for tp, f in failures.items():
-        print(f"TP={tp} FAILED: {f}")
-    print(f"\nDecode throughput, {summary['model']}, {args.num_requests} requests x {args.output_len} tokens "
-          f"on {summary['device']}")
+    print(f"\nDecode throughput, {summary['model']}, {n} requests x {output_len} tokens on {summary['device']}")
     print(f"{'TP':>3s} {'all-reduce':>13s} {'init s':>7s} {'prefill s':>9s} {'total s':>8s} {'decode tok/s':>12s} "
           f"{'output tok/s':>12s} {'speedup':>8s} {'KV blocks':>9s}")
-    for tp, r in results.items():
-        sp = r["decode_tok_per_s"] / base if base else float("nan")
-        print(f"{tp:3d} {r['all_reduce']:>13s} {r['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
+    for tp, e in results.items():
+        r = e["runs"][n]
+        sp = run_["decode_speedup"].get(str(tp), float("nan"))
+        print(f"{tp:3d} {e['all_reduce']:>13s} {e['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
               f"{r['full_seconds']:8.2f} {r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x "
-              f"{r['kv_blocks_total']:9d}")
-    profiled = {tp: r["decode_step_profile"] for tp, r in results.items() if r.get("decode_step_profile")}
+              f"{e['kv_blocks_total']:9d}")
+    profiled = {tp: e["runs"][n]["decode_step_profile"] for tp, e in results.items()
+                if e["runs"][n].get("decode_step_profile")}
     if profiled:
         first = next(iter(profiled.values()))
         print(f"\nA decode step on rank 0's GPU, ms ({first['steps']} steps of {first['batch']} sequences profiled)")
         print(f"{'':32s}" + "".join(f"{'TP=' + str(tp):>9s}" for tp in profiled))
-        rows = [("step period", "period_ms"), ("GPU busy", "busy_ms")]
-        for label, key in rows:
+        for label, key in (("step period", "period_ms"), ("GPU busy", "busy_ms")):
             print(f"{label:32s}" + "".join(f"{b[key]:9.3f}" for b in profiled.values()))
         for kind in first["kernel_ms"]:
             print(f"  {kind:30s}" + "".join(f"{b['kernel_ms'][kind]:9.3f}" for b in profiled.values()))
-    shutil.rmtree(work, ignore_errors=True)
-    return summary
 
 
 if __name__ == "__main__":

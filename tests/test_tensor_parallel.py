@@ -286,10 +286,13 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
     import bench_tensor_parallel
 
     out = tmp_path / "tp.json"
-    res = bench_tensor_parallel.run(["--smoke", "--out", str(out)])
-    assert res["failures"] == {} and json.loads(out.read_text())["results"].keys() == {"1", "2"}
-    assert res["greedy_agreement"]["2"]["identical_requests"] == 4
-    assert res["first_token_logprobs"]["2"]["same_top1"] == 4
+    res = bench_tensor_parallel.run(["--smoke", "--num-requests", "4,2", "--out", str(out)])
+    assert res["failures"] == {} and json.loads(out.read_text())["runs"].keys() == {"4", "2"}
+    for n in (4, 2):
+        run = res["runs"][str(n)]
+        assert run["results"].keys() == {"1", "2"} and run["decode_speedup"]["1"] == 1.0
+        assert run["greedy_agreement"]["2"]["identical_requests"] == n
+        assert run["first_token_logprobs"]["2"]["same_top1"] == n
 
 
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
