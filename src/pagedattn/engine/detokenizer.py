@@ -6,8 +6,8 @@ decoding everything each step is quadratic.  Two ways, with the same text as a r
 * fast tokenizers: ``tokenizers``' own :class:`~tokenizers.decoders.DecodeStream` (Rust), one
   per sequence, primed with the prompt's last tokens so the first output token's leading space
   (or its merge with the prompt) decodes as it will in the full text; it yields text only once
-  the tokens fed so far end on a whole character.  ~1 us a token instead of two Python-level
-  ``decode`` calls.
+  the tokens fed so far end on a whole character: ~3 us a token on a 2-core CPU against
+  ~6.5 us for two Python-level ``decode`` calls.
 * otherwise (a slow tokenizer, or one whose ``decode`` cleans up spaces, which the stream does
   not do): two offsets into the token list, as vLLM and TGI do: text is emitted only once the
   tokens after ``read_offset`` decode to something that does not end in an incomplete
@@ -25,7 +25,7 @@ from .sequence import Sequence
 
 try:
     from tokenizers.decoders import DecodeStream
-except ImportError:  # tokenizers older than 0.21
+except ImportError:  # a tokenizers without DecodeStream
     DecodeStream = None
 
 _LEFT_CONTEXT = 5
