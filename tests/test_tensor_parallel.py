@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +28,8 @@ import torch
 from pagedattn import LLM, SamplingParams
 from pagedattn.distributed import TorchrunEnv, WorkerError
 from pagedattn.distributed import executor as executor_mod
+from pagedattn.distributed import group as group_mod
+from pagedattn.distributed.group import init_tp_group
 from pagedattn.distributed.worker_loop import spawn_main
 from pagedattn.models.loader import load_model
 
@@ -99,6 +103,33 @@ def test_mqa_replicated_kv_head_and_copy_on_write(model_dirs: dict[str, Path]) -
     ref, got, m = _both(model_dirs["llama_mqa_tied"], _prompts(3, (10, 23)), params)
     assert got == ref
     assert m["num_cow_copies"] >= 2
+
+
+def test_overlapped_decode_takes_greedy_ids_locally_and_broadcasts_sampled_ones(model_dirs: dict[str, Path]) -> None:
+    """Overlapped decode steps whose previous step was greedy take their input ids from each
+    rank's own copy of that step's tokens (also when finished rows drop out); after a step with
+    sampled rows rank 0 broadcasts them.  Either way the tokens equal one rank's."""
+    path = model_dirs["llama3_untied_gqa"]
+    prompts = _prompts(12, (7, 19, 4, 30, 11))
+    greedy = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (9, 16, 5, 12, 16)]
+    mixed = [*greedy[:4], SamplingParams(temperature=0.9, seed=5, max_tokens=7, ignore_eos=True)]
+    kw = {"async_scheduling": True}
+
+    def run(llm: LLM, params: list[SamplingParams]) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    one = _llm(path, **kw)
+    ref = [run(one, greedy), run(one, mixed)]
+    with _llm(path, tensor_parallel_size=2, **kw) as tp:
+        group = tp.engine.executor.group
+        sent: list[int] = []
+        send = group.broadcast_tensor
+        group.broadcast_tensor = lambda t: (sent.append(t.numel()), send(t))[1]  # type: ignore[method-assign]
+        assert run(tp, greedy) == ref[0]
+        assert sent == []  # every overlapped step followed a greedy one
+        assert run(tp, mixed) == ref[1]
+        assert sent and max(sent) == 5  # steps after the sampled row's: the ids came from rank 0
+        tp.engine.check_integrity()
 
 
 @pytest.mark.parametrize("family", ["qwen2_bias_tied", "qwen3_qknorm"])
@@ -223,6 +254,43 @@ def test_torchrun_launch_rank0_runs_the_engine_the_other_rank_serves_it(model_di
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS ")]
     assert len(lines) == 1  # printed by rank 0 only
     assert json.loads(lines[0].removeprefix("TOKENS ")) == ref
+
+
+def _payload_of_pickled_size(size: int, seed: int) -> bytes:
+    """Random bytes whose pickle is exactly ``size`` bytes long."""
+    n = size
+    while len(pickle.dumps(bytes(n), protocol=pickle.HIGHEST_PROTOCOL)) > size:
+        n -= 1
+    assert len(pickle.dumps(bytes(n), protocol=pickle.HIGHEST_PROTOCOL)) == size
+    return random.Random(seed).randbytes(n)
+
+
+def _control_messages(seed: int) -> list[object]:
+    first = group_mod._FIRST_MESSAGE_BYTES
+    msgs: list[object] = [_payload_of_pickled_size(s, seed + i) for i, s in enumerate(
+        (first - 8, first - 7, 5 * first, 100, 5 * first + 3, 9 * first))]
+    msgs.insert(3, {"nested": [list(range(50)), "text"], "seed": seed})
+    return msgs
+
+
+def _exchange_control_messages(rank: int, port: int, seed: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    group = init_tp_group(rank, 2, rank, "cpu", 60.0)
+    try:
+        for want in _control_messages(seed):
+            got = group.broadcast_object(want if rank == 0 else None)
+            assert got == want, f"rank {rank}: a {len(pickle.dumps(want))}-byte message arrived changed"
+    finally:
+        group.destroy()
+
+
+def test_control_messages_of_any_size_arrive_intact() -> None:
+    """Step messages travel in a buffer of a size both ranks know; pickles that fill it exactly,
+    overflow it by one byte or are several times larger (growing it) arrive unchanged."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_exchange_control_messages, args=(port, random.randrange(1 << 30)), nprocs=2)
 
 
 def test_torchrun_environment_is_read_and_checked() -> None:

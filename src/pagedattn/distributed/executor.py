@@ -207,7 +207,7 @@ class TensorParallelExecutor:
         try:
             with self._lock:
                 self.group.broadcast_object(step)
-                if input_ids is not None:
+                if input_ids is not None and step.prev_rows is None:
                     self.group.broadcast_tensor(input_ids)
                 return self.worker.execute(step, input_ids)
         except BaseException as e:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -39,6 +41,7 @@ DEFAULT_TIMEOUT_S = 600.0
 _CONTROL_TIMEOUT = timedelta(days=365)
 _ERROR_KEY = "pagedattn/error/"
 _ALIVE_KEY = "pagedattn/alive/"
+_FIRST_MESSAGE_BYTES = 16 << 10  # a step of ~250 decodes; larger messages grow the buffer
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,36 @@ class TPGroup:
         self.control = control
         self.store = store
         self.timeout = timedelta(seconds=timeout_s)
+        self._msg_buf = torch.zeros(_FIRST_MESSAGE_BYTES, dtype=torch.uint8)  # see broadcast_object
 
     # ------------------------------------------------------------------ rank 0 -> workers
     def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0 sends ``obj``; every other rank receives and returns it (blocks until it comes)."""
-        box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
+        """Rank 0 sends ``obj``; every other rank receives and returns it (blocks until it comes).
+
+        One message a step, so it is made cheap: the pickle travels in a buffer of a size both
+        sides know (its first 8 bytes give the length), one broadcast in all, where
+        ``broadcast_object_list`` needs two plus tensor conversions.  A larger pickle follows in
+        a second broadcast of the announced length, and both sides grow the buffer to fit the
+        next one."""
+        buf = self._msg_buf
+        head = buf.numpy()
+        data = b""
+        if self.rank == 0:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            head[:8].view(np.int64)[0] = len(data)
+            if len(data) <= buf.numel() - 8:
+                head[8:8 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        dist.broadcast(buf, src=0, group=self.control)
+        n = int(head[:8].view(np.int64)[0])
+        if n <= buf.numel() - 8:
+            payload = head[8:8 + n]
+        else:
+            big = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 \
+                else torch.empty(n, dtype=torch.uint8)
+            dist.broadcast(big, src=0, group=self.control)
+            payload = big.numpy()
+            self._msg_buf = torch.zeros(1 << (n + 8 - 1).bit_length(), dtype=torch.uint8)
+        return obj if self.rank == 0 else pickle.loads(payload)
 
     def broadcast_tensor(self, tensor: torch.Tensor) -> None:
         """Rank 0's ``tensor`` into every rank's (same shape and dtype) over the default group:

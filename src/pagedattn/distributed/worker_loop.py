@@ -46,6 +46,7 @@ def serve_steps(group: TPGroup) -> None:
         # The ranks share the machine's cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world_size))
     worker = start_worker(config, group.rank, group.device, group)
+    greedy_tokens: torch.Tensor | None = None  # the last step's, when it was greedy
     while True:
         msg = group.broadcast_object()
         if isinstance(msg, Shutdown):
@@ -53,11 +54,24 @@ def serve_steps(group: TPGroup) -> None:
             return
         if not isinstance(msg, StepInput):
             raise RuntimeError(f"unexpected message from rank 0: {type(msg).__name__}")
-        input_ids = None
-        if msg.token_ids is None:  # overlapped decode: the ids come from rank 0's device
-            input_ids = torch.empty(msg.num_seqs, dtype=torch.long, device=group.device)
-            group.broadcast_tensor(input_ids)
-        worker.execute(msg, input_ids)
+        input_ids = None if msg.token_ids is not None else _overlapped_input_ids(msg, greedy_tokens, group)
+        out = worker.execute(msg, input_ids)
+        greedy_tokens = out if msg.greedy else None
+
+
+def _overlapped_input_ids(step: StepInput, greedy_tokens: torch.Tensor | None, group: TPGroup) -> torch.Tensor:
+    """The input ids of an overlapped decode step: the previous step's samples, which exist on
+    rank 0's device -- and, when that step was greedy, on this rank's as well."""
+    if step.prev_rows is None:
+        ids = torch.empty(step.num_seqs, dtype=torch.long, device=group.device)
+        group.broadcast_tensor(ids)
+        return ids
+    if greedy_tokens is None or len(step.prev_rows) != step.num_seqs or \
+            (step.prev_rows and max(step.prev_rows) >= greedy_tokens.shape[0]):
+        raise RuntimeError("an overlapped step takes its ids from a previous greedy step this rank did not run")
+    if len(step.prev_rows) == greedy_tokens.shape[0] and step.prev_rows == list(range(step.num_seqs)):
+        return greedy_tokens
+    return greedy_tokens.index_select(0, torch.tensor(step.prev_rows, dtype=torch.long).to(group.device))
 
 
 def spawn_main(rank: int, world_size: int, rendezvous: Rendezvous, device_type: str, timeout_s: float,

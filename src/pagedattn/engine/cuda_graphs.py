@@ -60,6 +60,9 @@ class DecodeGraphs:
         self._turn = 0
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # per bucket, one per backend variant
         self.logits: dict[int, torch.Tensor] = {}
+        # Per bucket, a second small graph: the greedy tokens of the logits (with tensor
+        # parallelism the per-rank maxima and their exchange), replayed only for greedy steps.
+        self.greedy: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -95,16 +98,27 @@ class DecodeGraphs:
                 self.graphs[b].append(g)
                 if not variant:
                     self.logits[b] = logits
+            self.greedy[b] = self._capture_greedy(self.logits[b])
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def _capture_greedy(self, logits: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        head = self.model.lm_head
+        head.greedy_tokens(logits)  # eagerly first: the collective's set-up stays outside the capture
+        torch.cuda.synchronize(self.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            tokens = head.greedy_tokens(logits)
+        return g, tokens
 
     def can_run(self, n: int, max_blocks: int) -> bool:
         return n <= self.max_batch and max_blocks <= self.width
 
     def run(self, tokens: list[int] | torch.Tensor, positions: np.ndarray, slots: np.ndarray, seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]], greedy: bool = False) -> torch.Tensor:
         """Replay the graph for ``n`` decodes; returns logits ``[n, V]`` (with tensor parallelism
-        this rank's vocabulary slice; a view of graph memory, valid until the next replay).
+        this rank's vocabulary slice), or with ``greedy`` their argmax over the whole vocabulary
+        (int64 ``[n]``): a view of graph memory, valid until the next replay of this batch size.
         ``tokens`` may be a device tensor (the previous step's samples, never seen by the host)."""
         n = len(tables)
         b = next(x for x in self.buckets if x >= n)
@@ -137,4 +151,8 @@ class DecodeGraphs:
         self.seq_lens[:b].copy_(lens_t[:b], non_blocking=True)
         self.block_tables[:b].copy_(bt_t[:b], non_blocking=True)
         self.graphs[b][variant].replay()
-        return self.logits[b][:n]
+        if not greedy:
+            return self.logits[b][:n]
+        tail, ids = self.greedy[b]
+        tail.replay()
+        return ids[:n]

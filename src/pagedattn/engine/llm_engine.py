@@ -82,6 +82,7 @@ class _Inflight:
     tokens: torch.Tensor  # [n] on the device
     host: torch.Tensor  # [n] pinned copy, valid once ``done`` fires
     done: torch.cuda.Event | None
+    greedy: bool  # ``tokens`` came from the runner's greedy path: every rank holds them
 
 
 class LLMEngine:
@@ -300,7 +301,7 @@ class LLMEngine:
         batch = batch or self.sampler.prepare([SamplingRow(req.params, seq.generator) for seq, req in targets])
         tokens = out if greedy else self.sampler.sample(out, batch)
         if not tokens.is_cuda:
-            return _Inflight(sched, targets, batch, tokens, tokens, None)
+            return _Inflight(sched, targets, batch, tokens, tokens, None, greedy)
         # Two pinned buffers in turn: the one in use by the step being read back stays intact.
         n = tokens.shape[0]
         if self._tok_host[0].shape[0] < n:
@@ -310,7 +311,7 @@ class LLMEngine:
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return _Inflight(sched, targets, batch, tokens, host, done)
+        return _Inflight(sched, targets, batch, tokens, host, done, greedy)
 
     def _launch_lookahead(self, cur: _Inflight) -> _Inflight | None:
         """Launch the next decode step for the same sequences, or None when the batch must
@@ -336,7 +337,9 @@ class LLMEngine:
                 return None
         copies = bm.take_pending_copies()  # siblings still sharing their last block
         greedy = cur.batch.all_greedy and not cur.batch.want_logprobs
-        step = self.step_builder.lookahead(seqs, [("copy", copies)] if copies else [], greedy)
+        # After a greedy step every rank holds its tokens: they need not be sent again.
+        step = self.step_builder.lookahead(seqs, [("copy", copies)] if copies else [], greedy,
+                                           prev_rows=rows if cur.greedy else None)
         same = len(rows) == len(cur.targets)
         input_ids = cur.tokens if same else cur.tokens.index_select(0, to_device(rows, torch.long, self.device))
         out = self.executor.execute(step, input_ids)

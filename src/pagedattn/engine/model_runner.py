@@ -35,7 +35,9 @@ class StepInput:
 
     Sequences are in scheduled order (decodes first).  ``token_ids is None`` marks a step whose
     input ids exist only on the device (the previous step's samples, overlapped scheduling):
-    the caller passes them as a tensor.
+    the caller passes them as a tensor.  When the previous step was greedy every rank computed
+    those samples itself, and ``prev_rows`` says which of them are this step's input ids, so
+    nothing needs to travel between ranks; otherwise (``prev_rows is None``) rank 0 sends them.
     """
 
     kv_ops: list[KVOp] = field(default_factory=list)  # block moves to run first, in order
@@ -48,6 +50,9 @@ class StepInput:
     # instead of the logits (with tensor parallelism, from each rank's vocabulary slice, without
     # gathering the logits).
     greedy: bool = False
+    # With token_ids None: the rows of the previous step's greedy tokens, held by every rank,
+    # that are this step's input ids (None: rank 0 broadcasts the ids).
+    prev_rows: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -89,15 +94,17 @@ class StepBuilder:
         step.token_ids = tokens
         return step
 
-    def lookahead(self, seqs: list[Sequence], kv_ops: list[KVOp], greedy: bool = False) -> StepInput:
+    def lookahead(self, seqs: list[Sequence], kv_ops: list[KVOp], greedy: bool = False,
+                  prev_rows: list[int] | None = None) -> StepInput:
         """Decode one position past each sequence's in-flight token, whose id exists only on the
-        device (overlapped scheduling): its position is ``num_computed_tokens + 1``."""
+        device (overlapped scheduling): its position is ``num_computed_tokens + 1``.
+        ``prev_rows``: see :class:`StepInput` (only when the in-flight step was greedy)."""
         n = len(seqs)
         table_of = self.bm.block_table
         return StepInput(
             kv_ops=kv_ops, query_lens=[1] * n, seq_lens=[q.num_computed_tokens + 2 for q in seqs],
             block_tables=[table_of(q.seq_id) for q in seqs], token_ids=None, sample_rows=list(range(n)),
-            greedy=greedy,
+            greedy=greedy, prev_rows=prev_rows,
         )
 
 
@@ -146,9 +153,9 @@ class ModelRunner:
         if step.is_empty:
             return torch.empty(0, device=self.device)
         if self.graphs is not None and step.is_decode:
-            logits = self._decode_graph(step, input_ids)
-            if logits is not None:
-                return self._sampled(logits, step)
+            out = self._decode_graph(step, input_ids)  # with step.greedy already the token ids
+            if out is not None:
+                return out if step.greedy else self._sampled(out, step)
         ids, positions, meta, sample_idx = self.prepare(step, input_ids)
         ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
         hidden = self.model(ids, positions, ctx)
@@ -167,8 +174,8 @@ class ModelRunner:
         return argmax_rows(logits) if head.tp_size == 1 else head.greedy_tokens(logits)
 
     def _decode_graph(self, step: StepInput, input_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """A pure-decode step through the captured graphs; None if the batch does not fit the
-        captured sizes."""
+        """A pure-decode step through the captured graphs (its logits, or with ``step.greedy``
+        its token ids); None if the batch does not fit the captured sizes."""
         assert self.graphs is not None
         tables = step.block_tables
         if not self.graphs.can_run(len(tables), max(map(len, tables))):
@@ -181,7 +188,7 @@ class ModelRunner:
         slots = blocks * bs + pos % bs
         tokens = step.token_ids if input_ids is None else input_ids
         assert tokens is not None
-        return self.graphs.run(tokens, pos, slots, step.seq_lens, tables)
+        return self.graphs.run(tokens, pos, slots, step.seq_lens, tables, greedy=step.greedy)
 
     def prepare(self, step: StepInput, input_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
