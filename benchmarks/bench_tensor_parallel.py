@@ -10,7 +10,8 @@ each, greedy, EOS ignored; ``--num-requests 16,64,256,512`` runs several counts 
 another on each engine (sized for the largest, so it starts once).  Each TP size runs in a
 fresh child process (a clean GPU and process group); the engine itself starts the TP workers.
 Measured per TP size and count: the time to generate one token for every request (prefill)
-and all 256 (prefill + decode); decode tokens/s is ``N * 255 / (full - prefill)``.  Greedy
+and all 256 (prefill + decode; ``--repeat R`` times, the median counts); decode tokens/s is
+``N * 255 / (full - prefill)``.  Greedy
 agreement: with random weights in bf16, near-ties can flip a late token, so the report gives
 the share of tokens before each request's first divergence and where the earliest one is, not
 only exact matches.
@@ -32,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,14 +112,18 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
         return time.perf_counter() - t, [o.outputs[0].token_ids for o in outs]
 
     prefill_s = min(timed(1)[0] for _ in range(2))
-    full_s, tokens = timed(args.output_len)
+    full_runs = [timed(args.output_len) for _ in range(args.repeat)]
+    tokens = full_runs[0][1]
+    fulls = [t for t, _ in full_runs]
+    full_s = statistics.median(fulls)
     assert all(len(t) == args.output_len for t in tokens), "every request must produce output_len tokens"
     # The first token's top-5 log-probabilities: shows whether divergences are near-ties.
     lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
     first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
     profiled = profile_decode(llm, prompts, args.profile_steps) if args.profile_steps and cuda else None
     return {
-        "prefill_seconds": prefill_s, "full_seconds": full_s,
+        "prefill_seconds": prefill_s, "full_seconds": full_s, "full_seconds_per_repeat": fulls,
+        "repeats_identical": all(r[1] == tokens for r in full_runs),
         "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
         "output_tok_per_s": n * args.output_len / full_s,
         "decode_step_profile": profiled,
@@ -241,6 +247,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="timed generations per count; the median is reported (all are kept in the JSON)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -257,6 +265,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke and args.child is None:
         args.device, args.min_prompt, args.max_prompt, args.output_len = "cpu", 4, 12, 8
     args.num_requests = args.num_requests or ("4" if args.smoke else "64")
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
 
     if args.child is not None:
         Path(args.result_file).write_text(json.dumps(run_child(args)))
@@ -273,7 +283,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                "--result-file", str(out), "--num-requests", args.num_requests, "--min-prompt",
                str(args.min_prompt), "--max-prompt", str(args.max_prompt), "--output-len", str(args.output_len),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
-               "--device", args.device, "--profile-steps", str(args.profile_steps)]
+               "--device", args.device, "--profile-steps", str(args.profile_steps), "--repeat", str(args.repeat)]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
         print(f"--- TP={tp}: {' '.join(cmd)}", flush=True)

@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -354,13 +355,17 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
     import bench_tensor_parallel
 
     out = tmp_path / "tp.json"
-    res = bench_tensor_parallel.run(["--smoke", "--num-requests", "4,2", "--out", str(out)])
+    res = bench_tensor_parallel.run(["--smoke", "--num-requests", "4,2", "--repeat", "2", "--out", str(out)])
     assert res["failures"] == {} and json.loads(out.read_text())["runs"].keys() == {"4", "2"}
     for n in (4, 2):
         run = res["runs"][str(n)]
         assert run["results"].keys() == {"1", "2"} and run["decode_speedup"]["1"] == 1.0
         assert run["greedy_agreement"]["2"]["identical_requests"] == n
         assert run["first_token_logprobs"]["2"]["same_top1"] == n
+        for tp in ("1", "2"):
+            r = run["results"][tp]
+            assert len(r["full_seconds_per_repeat"]) == 2 and r["repeats_identical"]
+            assert r["full_seconds"] == statistics.median(r["full_seconds_per_repeat"])
 
 
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
