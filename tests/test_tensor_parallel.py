@@ -9,6 +9,7 @@ leaves no process behind.  One engine per family serves all of its checks.
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,9 +169,29 @@ def test_killed_worker_stops_the_engine_with_a_clear_error(model_dirs: dict[str,
     with pytest.raises(WorkerError, match=r"rank 1 exited unexpectedly \(killed by SIGKILL\)"):
         _tokens(llm, prompts, GREEDY)
     _assert_gone(pids)
-    with pytest.raises(WorkerError, match="stopped after an error"):
+    with pytest.raises(WorkerError, match="stopped after an error: tensor-parallel rank 1 exited"):
         _tokens(llm, prompts, GREEDY)
     llm.shutdown()  # harmless after the failure
+
+
+def test_failed_engine_is_freed_when_dropped(model_dirs: dict[str, Path]) -> None:
+    """A failed engine holds nothing in a reference cycle: dropping it frees its KV pool at once
+    (on a GPU, most of the memory) rather than whenever the garbage collector runs."""
+    gc.collect()
+    gc.disable()
+    try:
+        llm = _llm(model_dirs["llama_mqa_tied"], tensor_parallel_size=2)
+        prompts = _prompts(4, (6, 9))
+        _tokens(llm, prompts, GREEDY)
+        os.kill(llm.engine.executor.worker_pids[0], signal.SIGKILL)
+        for _ in range(2):  # the failure, then the refusal of a stopped engine
+            with pytest.raises(WorkerError):
+                _tokens(llm, prompts, GREEDY)
+        pool = weakref.ref(llm.engine.kv_pool)
+        del llm
+        assert pool() is None
+    finally:
+        gc.enable()
 
 
 # Worker entry points with a fault planted inside the worker process (the spawned process

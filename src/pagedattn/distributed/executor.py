@@ -153,7 +153,10 @@ class TensorParallelExecutor:
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.release, self._res)
         self._lock = threading.Lock()  # one message on the control channel at a time
-        self._error: BaseException | None = None
+        # What stopped the engine, as text: the exception itself would hold its traceback's
+        # frames, which hold this executor -- a cycle that keeps a failed engine (its KV pool,
+        # its graphs) alive until the garbage collector happens to run.
+        self._error: str | None = None
         self._closed = False
         self._store: object = None  # where failing workers leave their tracebacks
         local_rank = torchrun.local_rank if torchrun is not None else 0
@@ -245,7 +248,7 @@ class TensorParallelExecutor:
     # ================================================================== health
     def _check_usable(self) -> None:
         if self._error is not None:
-            raise WorkerError(f"the tensor-parallel engine stopped after an error: {self._error}") from self._error
+            raise WorkerError(f"the tensor-parallel engine stopped after an error: {self._error}")
         if self._closed:
             raise WorkerError("the tensor-parallel engine is shut down")
         self._check_processes()
@@ -270,7 +273,7 @@ class TensorParallelExecutor:
         """Stop every rank after ``cause`` and return the exception to raise: a
         :class:`WorkerError` explaining a worker's failure when there was one, else ``cause``."""
         if self._error is None:
-            self._error = cause
+            self._error = str(cause) or repr(cause)
         explanation = self._explain_worker_failure()
         self._closed = True
         self._res.failed = True
@@ -280,7 +283,7 @@ class TensorParallelExecutor:
         if isinstance(cause, WorkerError) and str(cause) == explanation:
             return cause
         err = WorkerError(f"{explanation}\n(rank 0 was in {during}: {cause!r})")
-        self._error = err
+        self._error = str(err)
         return err
 
     def _explain_worker_failure(self) -> str | None:
