@@ -7,7 +7,9 @@ block release, forked samples) must leave greedy outputs token-for-token unchang
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 
@@ -199,6 +201,23 @@ def test_stream_and_abort(model_dirs):
     assert not llm.engine.has_unfinished_requests()
     assert llm.get_metrics()["kv_blocks_used"] == 0
     llm.engine.check_integrity()
+
+
+def test_start_up_objects_leave_the_collectors_generations(model_dirs):
+    """After start-up the engine's long-lived objects sit in the collector's permanent
+    generation (full collections would otherwise walk them every few seconds while serving)
+    until shutdown, and a dropped engine is still freed: reference counting frees it."""
+    before = gc.get_freeze_count()
+    llm = _llm(model_dirs["llama3_untied_gqa"])
+    assert gc.get_freeze_count() > before
+    model = llm.engine.model
+    assert not any(o is model for o in gc.get_objects())
+    assert _greedy(llm, _prompts(3, lens=(6,)), max_new=4)
+    gone = weakref.ref(model.lm_head.weight)
+    llm.shutdown()  # gives the frozen objects back to the collector
+    assert gc.get_freeze_count() == 0
+    del llm, model
+    assert gone() is None
 
 
 def test_async_scheduling_keeps_outputs(model_dirs):

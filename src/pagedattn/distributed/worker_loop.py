@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.model_runner import StepInput
-from ..engine.worker import WorkerConfig, start_worker
+from ..engine.worker import WorkerConfig, freeze_startup_heap, release_startup_heap, start_worker
 from .group import Rendezvous, TorchrunEnv, TPGroup, init_tp_group, make_store, mark_alive, report_error
 
 logger = logging.getLogger(__name__)
@@ -46,11 +46,13 @@ def serve_steps(group: TPGroup) -> None:
         # The ranks share the machine's cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world_size))
     worker = start_worker(config, group.rank, group.device, group)
+    freeze_startup_heap()
     greedy_tokens: torch.Tensor | None = None  # the last step's, when it was greedy
     while True:
         msg = group.broadcast_object()
         if isinstance(msg, Shutdown):
             worker.release_graphs()  # before the group goes: see Worker.release_graphs
+            release_startup_heap()
             return
         if not isinstance(msg, StepInput):
             raise RuntimeError(f"unexpected message from rank 0: {type(msg).__name__}")

@@ -29,7 +29,7 @@ from .sampler import Sampler, SamplingBatch, SamplingRow, to_device
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
-from .worker import WorkerConfig
+from .worker import WorkerConfig, freeze_startup_heap, release_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +165,12 @@ class LLMEngine:
         logger.info("KV pool: %d blocks of %d tokens (%.2f GiB per rank), %d CPU swap blocks, backend %s, "
                     "tensor parallel size %d", num_blocks, cc.block_size, self.kv_pool.nbytes / _GIB, num_cpu,
                     self.backend.name, config.tensor_parallel_size)
+        freeze_startup_heap()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (if any); the engine is unusable afterwards.  Idempotent."""
         self.executor.shutdown()
+        release_startup_heap()
 
     # ================================================================== requests
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
