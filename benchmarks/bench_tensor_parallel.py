@@ -29,6 +29,7 @@ cross-rank sums, ...) for each TP size.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -91,6 +92,30 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             "num_preemptions": m["num_preemptions"], "runs": runs}
 
 
+class FullCollections:
+    """Counts this process's full (generation 2) garbage collections and their total time:
+    pauses in which rank 0 launches no step."""
+
+    def __init__(self) -> None:
+        self.count, self.seconds, self._t0 = 0, 0.0, 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._t0
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.count, self.seconds
+
+
+_FULL_GC = FullCollections()
+
+
 def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: bool) -> dict[str, Any]:
     """The timed runs of ``n`` requests on a warm engine."""
     import torch
@@ -112,7 +137,9 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
         return time.perf_counter() - t, [o.outputs[0].token_ids for o in outs]
 
     prefill_s = min(timed(1)[0] for _ in range(2))
+    gc_before = _FULL_GC.snapshot()
     full_runs = [timed(args.output_len) for _ in range(args.repeat)]
+    gc_after = _FULL_GC.snapshot()
     tokens = full_runs[0][1]
     fulls = [t for t, _ in full_runs]
     full_s = statistics.median(fulls)
@@ -124,6 +151,8 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
     return {
         "prefill_seconds": prefill_s, "full_seconds": full_s, "full_seconds_per_repeat": fulls,
         "repeats_identical": all(r[1] == tokens for r in full_runs),
+        # rank 0's full garbage collections during the timed generations, all repeats together
+        "full_gc_count": gc_after[0] - gc_before[0], "full_gc_seconds": gc_after[1] - gc_before[1],
         "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
         "output_tok_per_s": n * args.output_len / full_s,
         "decode_step_profile": profiled,
@@ -360,13 +389,13 @@ def report(summary: dict[str, Any], results: dict[int, dict[str, Any]], n: str, 
               f"max {la['logprob_abs_diff_max']:.3g}; median top-1 margin {la['top1_margin_median']:.3g}")
     print(f"\nDecode throughput, {summary['model']}, {n} requests x {output_len} tokens on {summary['device']}")
     print(f"{'TP':>3s} {'all-reduce':>13s} {'init s':>7s} {'prefill s':>9s} {'total s':>8s} {'decode tok/s':>12s} "
-          f"{'output tok/s':>12s} {'speedup':>8s} {'KV blocks':>9s}")
+          f"{'output tok/s':>12s} {'speedup':>8s} {'KV blocks':>9s} {'full GCs (s)':>12s}")
     for tp, e in results.items():
         r = e["runs"][n]
         sp = run_["decode_speedup"].get(str(tp), float("nan"))
         print(f"{tp:3d} {e['all_reduce']:>13s} {e['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
               f"{r['full_seconds']:8.2f} {r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x "
-              f"{e['kv_blocks_total']:9d}")
+              f"{e['kv_blocks_total']:9d} {r.get('full_gc_count', 0):5d} ({r.get('full_gc_seconds', 0.0):.2f})")
     profiled = {tp: e["runs"][n]["decode_step_profile"] for tp, e in results.items()
                 if e["runs"][n].get("decode_step_profile")}
     if profiled:
