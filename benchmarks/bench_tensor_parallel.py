@@ -11,7 +11,10 @@ another on each engine (sized for the largest, so it starts once).  Each TP size
 fresh child process (a clean GPU and process group); the engine itself starts the TP workers.
 Measured per TP size and count: the time to generate one token for every request (prefill)
 and all 256 (prefill + decode; ``--repeat R`` times, the median counts); decode tokens/s is
-``N * 255 / (full - prefill)``.  Greedy
+``N * 255 / (full - prefill)``.  "Pure decode" tokens/s comes from one more run through
+``LLMEngine.step()`` whose clock starts once every request has its first token: no prefill step
+in it and no separately timed prefill subtracted (with long prompts that difference of two large
+times is noisy).  Greedy
 agreement: with random weights in bf16, near-ties can flip a late token, so the report gives
 the share of tokens before each request's first divergence and where the earliest one is, not
 only exact matches.
@@ -144,6 +147,7 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
     fulls = [t for t, _ in full_runs]
     full_s = statistics.median(fulls)
     assert all(len(t) == args.output_len for t in tokens), "every request must produce output_len tokens"
+    phase = decode_phase(llm, prompts, args.output_len, cuda)
     # The first token's top-5 log-probabilities: shows whether divergences are near-ties.
     lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
     first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
@@ -155,9 +159,38 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
         "full_gc_count": gc_after[0] - gc_before[0], "full_gc_seconds": gc_after[1] - gc_before[1],
         "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
         "output_tok_per_s": n * args.output_len / full_s,
-        "decode_step_profile": profiled,
+        "decode_step_profile": profiled, **phase,
         "tokens": tokens, "first_logprobs": first_logprobs,
     }
+
+
+def decode_phase(llm: Any, prompts: list[list[int]], output_len: int, cuda: bool) -> dict[str, Any]:
+    """Throughput of the pure decode steps: the requests run through ``LLMEngine.step()`` and the
+    clock starts once every one has its first token (no prefill left), so no separately timed
+    prefill is subtracted.  Counts the tokens generated after that point."""
+    import torch
+
+    from pagedattn import SamplingParams
+
+    eng = llm.engine
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for p in prompts:
+        eng.add_request(p, params, stream=False)
+    sched = eng.scheduler
+    while sched.waiting or sched.swapped or not all(r.prefill_done for r in sched.running):
+        eng.step()
+    sync()
+    before = sum(s.num_output_tokens for r in sched.running for s in r.seqs)
+    t, steps = time.perf_counter(), 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        steps += 1
+    sync()
+    seconds = time.perf_counter() - t
+    tokens = len(prompts) * output_len - before
+    return {"decode_phase_seconds": seconds, "decode_phase_tokens": tokens, "decode_phase_steps": steps,
+            "decode_phase_tok_per_s": tokens / max(seconds, 1e-9)}
 
 
 def request_counts(spec: str) -> list[int]:
@@ -346,13 +379,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         report(summary, results, n, run_, ref_tp, args.output_len)
     for tp, f in failures.items():
         print(f"TP={tp} FAILED: {f}")
-    if len(summary["runs"]) > 1 and len(results) > 1:
-        print(f"\nDecode tok/s on {summary['device']}, {summary['model']}, {args.output_len} tokens a request")
-        print(f"{'requests':>8s}" + "".join(f"{'TP=' + str(tp):>9s}" for tp in results) + f"{'speedup':>9s}")
+    if len(results) > 1:
+        last = list(results)[-1]
+        print(f"\nDecode tok/s on {summary['device']}, {summary['model']}, {args.output_len} tokens a request: "
+              f"(N x {args.output_len - 1}) / (full - prefill) times, and the pure decode steps after every "
+              "request's first token")
+        print(f"{'requests':>8s}" + "".join(f"{'TP=' + str(tp):>9s}" for tp in results) + f"{'speedup':>9s}"
+              + "".join(f"{'pure TP=' + str(tp):>12s}" for tp in results) + f"{'speedup':>9s}")
         for n, run_ in summary["runs"].items():
-            last = list(results)[-1]
             print(f"{n:>8s}" + "".join(f"{r['runs'][n]['decode_tok_per_s']:9.0f}" for r in results.values())
-                  + f"{run_['decode_speedup'].get(str(last), float('nan')):8.2f}x")
+                  + f"{run_['decode_speedup'].get(str(last), float('nan')):8.2f}x"
+                  + "".join(f"{r['runs'][n]['decode_phase_tok_per_s']:12.0f}" for r in results.values())
+                  + f"{run_['decode_phase_speedup'].get(str(last), float('nan')):8.2f}x")
     summary["results_with_tokens"] = results
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -368,6 +406,8 @@ def compare(results: dict[int, dict[str, Any]], n: str, ref_tp: int) -> dict[str
                     for tp, r in runs.items()},
         "decode_speedup": {str(tp): r["decode_tok_per_s"] / ref["decode_tok_per_s"] for tp, r in runs.items()}
         if ref else {},
+        "decode_phase_speedup": {str(tp): r["decode_phase_tok_per_s"] / ref["decode_phase_tok_per_s"]
+                                 for tp, r in runs.items()} if ref else {},
         "greedy_agreement": {str(tp): agreement(ref["tokens"], r["tokens"]) for tp, r in others.items()},
         "first_token_logprobs": {str(tp): logprob_agreement(ref["first_logprobs"], r["first_logprobs"])
                                  for tp, r in others.items()},
@@ -389,12 +429,15 @@ def report(summary: dict[str, Any], results: dict[int, dict[str, Any]], n: str, 
               f"max {la['logprob_abs_diff_max']:.3g}; median top-1 margin {la['top1_margin_median']:.3g}")
     print(f"\nDecode throughput, {summary['model']}, {n} requests x {output_len} tokens on {summary['device']}")
     print(f"{'TP':>3s} {'all-reduce':>13s} {'init s':>7s} {'prefill s':>9s} {'total s':>8s} {'decode tok/s':>12s} "
-          f"{'output tok/s':>12s} {'speedup':>8s} {'KV blocks':>9s} {'full GCs (s)':>12s}")
+          f"{'output tok/s':>12s} {'speedup':>8s} {'pure decode':>11s} {'speedup':>8s} {'KV blocks':>9s} "
+          f"{'full GCs (s)':>12s}")
     for tp, e in results.items():
         r = e["runs"][n]
         sp = run_["decode_speedup"].get(str(tp), float("nan"))
+        pure_sp = run_["decode_phase_speedup"].get(str(tp), float("nan"))
         print(f"{tp:3d} {e['all_reduce']:>13s} {e['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
               f"{r['full_seconds']:8.2f} {r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x "
+              f"{r['decode_phase_tok_per_s']:11.0f} {pure_sp:7.2f}x "
               f"{e['kv_blocks_total']:9d} {r.get('full_gc_count', 0):5d} ({r.get('full_gc_seconds', 0.0):.2f})")
     profiled = {tp: e["runs"][n]["decode_step_profile"] for tp, e in results.items()
                 if e["runs"][n].get("decode_step_profile")}

@@ -388,6 +388,10 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
             r = run["results"][tp]
             assert len(r["full_seconds_per_repeat"]) == 2 and r["repeats_identical"]
             assert r["full_seconds"] == statistics.median(r["full_seconds_per_repeat"])
+            # The pure decode run starts its clock after every request's first token (8 each).
+            assert 0 < r["decode_phase_tokens"] <= n * 7 and r["decode_phase_steps"] >= 1
+            assert r["decode_phase_tok_per_s"] > 0 and r["full_gc_count"] >= 0
+        assert run["decode_phase_speedup"]["1"] == 1.0
 
 
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
