@@ -181,14 +181,14 @@ def decode_phase(llm: Any, prompts: list[list[int]], output_len: int, cuda: bool
     while sched.waiting or sched.swapped or not all(r.prefill_done for r in sched.running):
         eng.step()
     sync()
-    before = sum(s.num_output_tokens for r in sched.running for s in r.seqs)
+    # Every request makes exactly output_len tokens (EOS ignored): what the running ones still owe.
+    tokens = sum(output_len - s.num_output_tokens for r in sched.running for s in r.seqs)
     t, steps = time.perf_counter(), 0
     while eng.has_unfinished_requests():
         eng.step()
         steps += 1
     sync()
     seconds = time.perf_counter() - t
-    tokens = len(prompts) * output_len - before
     return {"decode_phase_seconds": seconds, "decode_phase_tokens": tokens, "decode_phase_steps": steps,
             "decode_phase_tok_per_s": tokens / max(seconds, 1e-9)}
 
