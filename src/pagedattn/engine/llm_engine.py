@@ -338,10 +338,11 @@ class LLMEngine:
             if not bm.allocate_slots(seq.seq_id, seq.num_computed_tokens + 1, 1):
                 return None
         copies = bm.take_pending_copies()  # siblings still sharing their last block
-        greedy = cur.batch.all_greedy and not cur.batch.want_logprobs
-        # After a greedy step every rank holds its tokens: they need not be sent again.
+        # The rows are (a subset of) the in-flight step's, so its greediness carries over; after
+        # a greedy step every rank holds its tokens, and they need not be sent again.
+        greedy = cur.greedy
         step = self.step_builder.lookahead(seqs, [("copy", copies)] if copies else [], greedy,
-                                           prev_rows=rows if cur.greedy else None)
+                                           prev_rows=rows if greedy else None)
         same = len(rows) == len(cur.targets)
         input_ids = cur.tokens if same else cur.tokens.index_select(0, to_device(rows, torch.long, self.device))
         out = self.executor.execute(step, input_ids)
