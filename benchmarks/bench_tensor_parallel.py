@@ -119,6 +119,32 @@ class FullCollections:
 _FULL_GC = FullCollections()
 
 
+class TritonCompiles:
+    """Names of the Triton kernels this process (rank 0) compiles: a compilation inside a timed
+    run is a stall the warm-up should have taken (ranks run the same kernels, so rank 0 stands
+    for all).  Uses Triton's post-compile hook; without Triton (CPU-only installs) it sees none."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        try:
+            import triton
+        except ImportError:
+            return
+        runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+        if runtime is not None and hasattr(runtime, "jit_post_compile_hook"):
+            runtime.jit_post_compile_hook = self._on_compile
+
+    def _on_compile(self, **kwargs: Any) -> None:
+        # "name[num_warps=...](arg: type, ...)": the types show the specialisation that was new
+        self.names.append(str(kwargs.get("repr", "?")))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+_COMPILES = TritonCompiles()
+
+
 def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: bool) -> dict[str, Any]:
     """The timed runs of ``n`` requests on a warm engine."""
     import torch
@@ -140,7 +166,7 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
         return time.perf_counter() - t, [o.outputs[0].token_ids for o in outs]
 
     prefill_s = min(timed(1)[0] for _ in range(2))
-    gc_before = _FULL_GC.snapshot()
+    gc_before, compiled_before = _FULL_GC.snapshot(), len(_COMPILES)
     full_runs = [timed(args.output_len) for _ in range(args.repeat)]
     gc_after = _FULL_GC.snapshot()
     tokens = full_runs[0][1]
@@ -148,6 +174,7 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
     full_s = statistics.median(fulls)
     assert all(len(t) == args.output_len for t in tokens), "every request must produce output_len tokens"
     phase = decode_phase(llm, prompts, args.output_len, cuda)
+    compiled_in_timed = _COMPILES.names[compiled_before:]
     # The first token's top-5 log-probabilities: shows whether divergences are near-ties.
     lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
     first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
@@ -157,6 +184,9 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
         "repeats_identical": all(r[1] == tokens for r in full_runs),
         # rank 0's full garbage collections during the timed generations, all repeats together
         "full_gc_count": gc_after[0] - gc_before[0], "full_gc_seconds": gc_after[1] - gc_before[1],
+        # Triton kernels rank 0 compiled in the timed generations and the pure decode run (the
+        # warm-up should leave none)
+        "triton_compiles_in_timed_runs": compiled_in_timed,
         "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
         "output_tok_per_s": n * args.output_len / full_s,
         "decode_step_profile": profiled, **phase,
@@ -430,7 +460,7 @@ def report(summary: dict[str, Any], results: dict[int, dict[str, Any]], n: str, 
     print(f"\nDecode throughput, {summary['model']}, {n} requests x {output_len} tokens on {summary['device']}")
     print(f"{'TP':>3s} {'all-reduce':>13s} {'init s':>7s} {'prefill s':>9s} {'total s':>8s} {'decode tok/s':>12s} "
           f"{'output tok/s':>12s} {'speedup':>8s} {'pure decode':>11s} {'speedup':>8s} {'KV blocks':>9s} "
-          f"{'full GCs (s)':>12s}")
+          f"{'full GCs (s)':>12s} {'compiles':>8s}")
     for tp, e in results.items():
         r = e["runs"][n]
         sp = run_["decode_speedup"].get(str(tp), float("nan"))
@@ -438,7 +468,10 @@ def report(summary: dict[str, Any], results: dict[int, dict[str, Any]], n: str, 
         print(f"{tp:3d} {e['all_reduce']:>13s} {e['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
               f"{r['full_seconds']:8.2f} {r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x "
               f"{r['decode_phase_tok_per_s']:11.0f} {pure_sp:7.2f}x "
-              f"{e['kv_blocks_total']:9d} {r.get('full_gc_count', 0):5d} ({r.get('full_gc_seconds', 0.0):.2f})")
+              f"{e['kv_blocks_total']:9d} {r.get('full_gc_count', 0):5d} ({r.get('full_gc_seconds', 0.0):.2f}) "
+              f"{len(r.get('triton_compiles_in_timed_runs', [])):8d}")
+        for name in r.get("triton_compiles_in_timed_runs", []):
+            print(f"    TP={tp} compiled after the warm-up: {name}")
     profiled = {tp: e["runs"][n]["decode_step_profile"] for tp, e in results.items()
                 if e["runs"][n].get("decode_step_profile")}
     if profiled:
