@@ -179,6 +179,9 @@ def test_bad_input_is_rejected_before_work(model_dirs, tmp_path):
         LLM(str(tmp_path / "nope"), device="cpu")
     with pytest.raises(ValueError, match="block_size"):
         _llm(model_dirs["llama_mqa_tied"], block_size=3)
+    for bad in (0, -16, 1.5, True):
+        with pytest.raises(ValueError, match="cuda_graph_max_batch"):
+            _llm(model_dirs["llama_mqa_tied"], cuda_graph_max_batch=bad)
     # The engine is unharmed: a good request still runs.
     assert len(_greedy(llm, [good], 4)[0]) == 4
     assert llm.get_metrics()["kv_blocks_used"] == 0
@@ -301,3 +304,16 @@ def test_greedy_steps_take_tokens_from_the_runner_mixed_steps_sample_logits(mode
     assert all(2 <= len(lp) <= 3 for lp in outs[1].outputs[0].logprobs)  # the top 2 and the sampled token
     assert seen and not any(g for g, _, _ in seen)
     assert all(dtype.is_floating_point and dim == 2 for _, dtype, dim in seen)
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8, 17, 512, 513, 600, 1024, 2000])
+def test_cuda_graph_buckets_cover_every_batch_with_bounded_padding(max_batch):
+    from pagedattn.engine.cuda_graphs import batch_buckets
+
+    buckets = batch_buckets(max_batch)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch and buckets[0] == 1
+    for n in range(1, max_batch + 1):
+        b = next(x for x in buckets if x >= n)
+        # at most 15 padded rows up to 512, under 12.5% of the batch above it
+        assert b - n <= 15 if b <= 512 else (b - n) / n < 0.125
+

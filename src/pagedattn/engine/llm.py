@@ -21,6 +21,8 @@ class LLM:
     ``device=None`` picks CUDA when present.  ``num_kv_blocks=None`` sizes the KV pool from
     ``gpu_memory_utilization`` on a GPU (after a warm-up measures peak activation memory) or
     from ``cpu_kv_space_gib`` on the CPU.
+    On CUDA, decode batches up to ``min(max_num_seqs, cuda_graph_max_batch)`` run as captured
+    CUDA graphs (``enforce_eager=True``: none); larger ones run eagerly.
 
     ``tensor_parallel_size=N`` shards the model over N ranks (N GPUs ``cuda:0..N-1``, or N CPU
     processes): the engine's process is rank 0 and starts the others itself, unless it was
@@ -50,6 +52,7 @@ class LLM:
         max_model_len: int | None = None,
         attention_backend: str = "auto",
         enforce_eager: bool = False,
+        cuda_graph_max_batch: int = 1024,
         async_scheduling: bool | None = None,
         seed: int = 0,
         tensor_parallel_size: int = 1,
@@ -70,7 +73,7 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
             attention_backend=attention_backend, enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling, cache=cache, scheduler=sched,
+            cuda_graph_max_batch=cuda_graph_max_batch, async_scheduling=async_scheduling, cache=cache, scheduler=sched,
             tensor_parallel_size=tensor_parallel_size, distributed_timeout_s=distributed_timeout_s,
             load_format=load_format,
         ))

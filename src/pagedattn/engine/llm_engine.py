@@ -46,6 +46,9 @@ class EngineConfig:
     max_model_len: int | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: never capture CUDA graphs
+    # Largest decode batch captured as a CUDA graph (capped by max_num_seqs); larger batches run
+    # eagerly.  Each captured size costs start-up time and a little memory.
+    cuda_graph_max_batch: int = 1024
     # Overlap host work with the device: launch decode step k+1 (its input tokens taken on the
     # device from step k's samples) before reading step k's tokens.  None: on for CUDA.
     async_scheduling: bool | None = None
@@ -68,6 +71,9 @@ class EngineConfig:
         self.torch_device = resolve_device(self.device)
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
+        cg = self.cuda_graph_max_batch
+        if isinstance(cg, bool) or not isinstance(cg, int) or cg < 1:
+            raise ValueError(f"cuda_graph_max_batch must be a positive int, got {cg!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
 
@@ -119,7 +125,8 @@ class LLMEngine:
             max_num_batched_tokens=sc.max_num_batched_tokens, num_kv_blocks=cc.num_kv_blocks,
             gpu_memory_utilization=cc.gpu_memory_utilization, cpu_kv_space_gib=cc.cpu_kv_space_gib,
             swap_space_gib=cc.swap_space_gib, attention_backend=config.attention_backend,
-            enforce_eager=config.enforce_eager, load_format=config.load_format, seed=config.seed, tp_size=tp,
+            enforce_eager=config.enforce_eager, cuda_graph_max_batch=config.cuda_graph_max_batch,
+            load_format=config.load_format, seed=config.seed, tp_size=tp,
         )
         device = self.device
         if tp > 1 and device.type == "cuda" and torchrun is None and (device.index or 0) != 0:

@@ -54,6 +54,7 @@ class WorkerConfig:
     swap_space_gib: float = 4.0
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    cuda_graph_max_batch: int = 1024
     load_format: str = "auto"
     seed: int = 0
     tp_size: int = 1
@@ -178,7 +179,7 @@ class Worker:
         self.pool = KVCachePool(self.spec, num_blocks, self.device, self.num_cpu_blocks)
         self.runner = ModelRunner(self.model, self.pool, self.backend)
         if self.device.type == "cuda" and not cfg.enforce_eager:
-            self.runner.capture_decode_graphs(min(cfg.max_num_seqs, 512), cfg.max_model_len)
+            self.runner.capture_decode_graphs(min(cfg.max_num_seqs, cfg.cuda_graph_max_batch), cfg.max_model_len)
 
     def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         assert self.runner is not None, "init_cache first"
