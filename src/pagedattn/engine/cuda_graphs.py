@@ -26,7 +26,7 @@ def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, every 16 up to 512 (vLLM's ladder), then every 64 up to ``max_batch``: above
     512 rows a bucket pads a batch by under 12.5%, and each one captured costs start-up time."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, min(max_batch, 513), 16))
-    sizes += list(range(576, max_batch, 64)) + [max_batch]
+    sizes += [*range(576, max_batch, 64), max_batch]
     return sorted(set(sizes))
 
 
