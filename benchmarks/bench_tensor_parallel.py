@@ -14,7 +14,9 @@ and all 256 (prefill + decode; ``--repeat R`` times, the median counts); decode 
 ``N * 255 / (full - prefill)``.  "Pure decode" tokens/s comes from one more run through
 ``LLMEngine.step()`` whose clock starts once every request has its first token: no prefill step
 in it and no separately timed prefill subtracted (with long prompts that difference of two large
-times is noisy).  Greedy
+times is noisy).  "Full-batch" tokens/s counts only that run's steps before the first request
+finishes: a decode batch of fixed size N (with long prompts, requests prefilled early finish
+early, and the tail of smaller batches would otherwise weigh in).  Greedy
 agreement: with random weights in bf16, near-ties can flip a late token, so the report gives
 the share of tokens before each request's first divergence and where the earliest one is, not
 only exact matches.
@@ -213,14 +215,23 @@ def decode_phase(llm: Any, prompts: list[list[int]], output_len: int, cuda: bool
     sync()
     # Every request makes exactly output_len tokens (EOS ignored): what the running ones still owe.
     tokens = sum(output_len - s.num_output_tokens for r in sched.running for s in r.seqs)
+    batch = sum(len(r.seqs) for r in sched.running)
     t, steps = time.perf_counter(), 0
+    full_steps, full_seconds = 0, 0.0
     while eng.has_unfinished_requests():
-        eng.step()
+        finished = eng.step()  # (streaming off) the requests that finished in this step
         steps += 1
+        if finished and not full_steps:
+            # Up to here every sequence made one token a step: a decode batch of fixed size.
+            # (``step()`` has read this step's tokens, so the device is done with it.)
+            full_steps, full_seconds = steps, time.perf_counter() - t
     sync()
     seconds = time.perf_counter() - t
     return {"decode_phase_seconds": seconds, "decode_phase_tokens": tokens, "decode_phase_steps": steps,
-            "decode_phase_tok_per_s": tokens / max(seconds, 1e-9)}
+            "decode_phase_tok_per_s": tokens / max(seconds, 1e-9),
+            # The steps before the first request finishes: all ``batch`` sequences decode in each.
+            "full_batch_steps": full_steps, "full_batch_size": batch,
+            "full_batch_tok_per_s": batch * full_steps / full_seconds if full_seconds > 0 else None}
 
 
 def request_counts(spec: str) -> list[int]:
@@ -411,16 +422,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"TP={tp} FAILED: {f}")
     if len(results) > 1:
         last = list(results)[-1]
-        print(f"\nDecode tok/s on {summary['device']}, {summary['model']}, {args.output_len} tokens a request: "
-              f"(N x {args.output_len - 1}) / (full - prefill) times, and the pure decode steps after every "
-              "request's first token")
-        print(f"{'requests':>8s}" + "".join(f"{'TP=' + str(tp):>9s}" for tp in results) + f"{'speedup':>9s}"
-              + "".join(f"{'pure TP=' + str(tp):>12s}" for tp in results) + f"{'speedup':>9s}")
+        print(f"\nDecode tok/s on {summary['device']}, {summary['model']}, prompts of {args.min_prompt}.."
+              f"{args.max_prompt} tokens, {args.output_len} output tokens a request: (N x {args.output_len - 1}) / "
+              "(full - prefill) times; the pure decode steps after every request's first token; the full-batch "
+              "steps among those (before any request finishes)")
+        cols = (("", "decode_tok_per_s", "decode_speedup"), ("pure ", "decode_phase_tok_per_s", "decode_phase_speedup"),
+                ("full ", "full_batch_tok_per_s", "full_batch_speedup"))
+        print(f"{'requests':>8s}" + "".join("".join(f"{label + 'TP=' + str(tp):>12s}" for tp in results)
+                                           + f"{'speedup':>9s}" for label, _, _ in cols))
         for n, run_ in summary["runs"].items():
-            print(f"{n:>8s}" + "".join(f"{r['runs'][n]['decode_tok_per_s']:9.0f}" for r in results.values())
-                  + f"{run_['decode_speedup'].get(str(last), float('nan')):8.2f}x"
-                  + "".join(f"{r['runs'][n]['decode_phase_tok_per_s']:12.0f}" for r in results.values())
-                  + f"{run_['decode_phase_speedup'].get(str(last), float('nan')):8.2f}x")
+            print(f"{n:>8s}" + "".join(
+                "".join(f"{r['runs'][n][key] or float('nan'):12.0f}" for r in results.values())
+                + f"{run_[sp_key].get(str(last), float('nan')):8.2f}x" for _, key, sp_key in cols))
     summary["results_with_tokens"] = results
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -438,6 +451,9 @@ def compare(results: dict[int, dict[str, Any]], n: str, ref_tp: int) -> dict[str
         if ref else {},
         "decode_phase_speedup": {str(tp): r["decode_phase_tok_per_s"] / ref["decode_phase_tok_per_s"]
                                  for tp, r in runs.items()} if ref else {},
+        "full_batch_speedup": {str(tp): r["full_batch_tok_per_s"] / ref["full_batch_tok_per_s"]
+                               for tp, r in runs.items() if r["full_batch_tok_per_s"] and ref["full_batch_tok_per_s"]}
+        if ref else {},
         "greedy_agreement": {str(tp): agreement(ref["tokens"], r["tokens"]) for tp, r in others.items()},
         "first_token_logprobs": {str(tp): logprob_agreement(ref["first_logprobs"], r["first_logprobs"])
                                  for tp, r in others.items()},

@@ -391,7 +391,10 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
             # The pure decode run starts its clock after every request's first token (8 each).
             assert 0 < r["decode_phase_tokens"] <= n * 7 and r["decode_phase_steps"] >= 1
             assert r["decode_phase_tok_per_s"] > 0 and r["full_gc_count"] >= 0
-        assert run["decode_phase_speedup"]["1"] == 1.0
+            # Its full-batch window: the steps up to the first finish, all n sequences decoding.
+            assert r["full_batch_size"] == n and 1 <= r["full_batch_steps"] <= r["decode_phase_steps"]
+            assert r["full_batch_tok_per_s"] > 0 and isinstance(r["triton_compiles_in_timed_runs"], list)
+        assert run["decode_phase_speedup"]["1"] == 1.0 and run["full_batch_speedup"]["1"] == 1.0
 
 
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
