@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..transfer import upload
+
 
 @dataclass
 class AttentionMetadata:
@@ -60,7 +62,8 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
         pad_blocks_to: int | None = None,
     ) -> AttentionMetadata:
-        """Build metadata from host lists (tests and the CPU runner use this).
+        """Build metadata from host lists (eager steps; tests).  The copies to ``device`` do not
+        wait for queued device work.
 
         Negative block ids in ``block_tables`` (window-released blocks) become 0: they lie wholly
         outside the window, so no kernel ever reads them.
@@ -95,10 +98,10 @@ class AttentionMetadata:
         qsl = np.concatenate([[0], np.cumsum(ql_np)])
         bt_host = torch.from_numpy(np.maximum(bt_np, 0).astype(np.int32))
         return cls(
-            slot_mapping=torch.from_numpy(slots).to(device),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=bt_host.to(device),
+            slot_mapping=upload(torch.from_numpy(slots), device),
+            query_start_loc=upload(torch.from_numpy(qsl.astype(np.int32)), device),
+            seq_lens=upload(torch.tensor(seq_lens, dtype=torch.int32), device),
+            block_tables=upload(bt_host, device),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             num_decodes=num_decodes,

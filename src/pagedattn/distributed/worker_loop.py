@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.model_runner import StepInput
+from ..engine.sampler import to_device
 from ..engine.worker import WorkerConfig, freeze_startup_heap, release_startup_heap, start_worker
 from .group import Rendezvous, TorchrunEnv, TPGroup, init_tp_group, make_store, mark_alive, report_error
 
@@ -73,7 +74,8 @@ def _overlapped_input_ids(step: StepInput, greedy_tokens: torch.Tensor | None, g
         raise RuntimeError("an overlapped step takes its ids from a previous greedy step this rank did not run")
     if len(step.prev_rows) == greedy_tokens.shape[0] and step.prev_rows == list(range(step.num_seqs)):
         return greedy_tokens
-    return greedy_tokens.index_select(0, torch.tensor(step.prev_rows, dtype=torch.long).to(group.device))
+    # Not a plain .to(): that would wait for the step still running on this GPU (see upload).
+    return greedy_tokens.index_select(0, to_device(step.prev_rows, torch.long, group.device))
 
 
 def spawn_main(rank: int, world_size: int, rendezvous: Rendezvous, device_type: str, timeout_s: float,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..transfer import upload
 from .sampling_params import SamplingParams
 
 
@@ -71,11 +72,8 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on ``device`` without waiting for it (pinned, non-blocking on CUDA)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    """A small host list on ``device`` without waiting for it (see :func:`upload`)."""
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 class Sampler:
