@@ -25,7 +25,9 @@ only exact matches.
         python benchmarks/bench_tensor_parallel.py --out tp.json
 
 (The three variables keep NVLink multicast off; the script sets them when they are unset.)
-``--smoke`` runs a tiny Qwen3 on the CPU (gloo) to check the script end to end.
+``--smoke`` runs a tiny Qwen3 on the CPU (gloo) to check the script end to end.  ``--dtype
+float32`` runs the GPU model in fp32, where TP=2's greedy tokens must equal TP=1's exactly (in
+bf16 the random model's near-ties let the two summation orders pick different tokens).
 ``--profile-steps K`` also profiles K pure decode steps on rank 0's GPU (torch.profiler) and
 prints the step period, the GPU's busy time and kernel time per kind of work (GEMMs, attention,
 cross-rank sums, ...) for each TP size.
@@ -80,7 +82,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
     counts = request_counts(args.num_requests)
     t0 = time.perf_counter()
-    llm = LLM(args.model_dir, device=args.device, dtype="bfloat16" if cuda else "float32",
+    llm = LLM(args.model_dir, device=args.device, dtype=args.dtype or ("bfloat16" if cuda else "float32"),
               tensor_parallel_size=args.child, num_kv_blocks=None if cuda else 512,
               load_format="dummy", seed=args.seed, max_num_seqs=max(counts),
               max_model_len=args.max_prompt + args.output_len + 16, enforce_eager=args.enforce_eager,
@@ -354,6 +356,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     help="timed generations per count; the median is reported (all are kept in the JSON)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="default: bfloat16 on CUDA, float32 on the CPU; float32 checks greedy agreement exactly")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="also profile this many decode steps on rank 0's GPU and print where their time goes")
@@ -387,6 +391,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                str(args.min_prompt), "--max-prompt", str(args.max_prompt), "--output-len", str(args.output_len),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
                "--device", args.device, "--profile-steps", str(args.profile_steps), "--repeat", str(args.repeat)]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
         print(f"--- TP={tp}: {' '.join(cmd)}", flush=True)
@@ -405,10 +411,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
               flush=True)
 
     ref_tp = sizes[0]
+    weights = "fp32" if (args.dtype or ("float32" if args.smoke else "bfloat16")) == "float32" else "bf16"
     summary: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
         "device": next((r["device"] for r in results.values()), None),
-        "model": "tiny Qwen3, random fp32 weights" if args.smoke else "Qwen3-8B shape, random bf16 weights",
+        "model": f"{'tiny Qwen3' if args.smoke else 'Qwen3-8B shape'}, random {weights} weights",
         "workload": {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "result_file")},
         "engines": {str(tp): {k: v for k, v in r.items() if k != "runs"} for tp, r in results.items()},
         "runs": {n: compare(results, n, ref_tp) for n in map(str, request_counts(args.num_requests))},
