@@ -34,6 +34,8 @@ def test_generate_json_and_bad_input() -> None:
     assert [x["index"] for x in lines] == [0, 1] and all(len(x["token_ids"]) == 4 for x in lines)
     r = _run(["generate", "Hello", "--max-tokens", "0", "--device", "cpu"])
     assert r.returncode == 2 and "max_tokens" in r.stderr
+    r = _run(["generate", "Hello", "--cuda-graph-max-batch", "0", "--device", "cpu"])
+    assert r.returncode == 2 and "cuda_graph_max_batch" in r.stderr
 
 
 @pytest.mark.usefixtures("default_model_dir")

@@ -24,6 +24,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+    g.add_argument("--cuda-graph-max-batch", type=int, default=1024,
+                   help="largest decode batch run as a CUDA graph (capped by --max-num-seqs); larger ones run eagerly")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
                    help="shard the model over N ranks: N GPUs (cuda:0..N-1) or N CPU processes; started here, "
@@ -56,7 +59,8 @@ def build_llm(args: argparse.Namespace) -> Any:
         swap_space_gib=args.swap_space_gib, enable_prefix_caching=not args.no_prefix_caching,
         preemption_mode=args.preemption_mode, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        attention_backend=args.attention_backend, seed=args.seed,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        cuda_graph_max_batch=args.cuda_graph_max_batch, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format, **extra,
     )
 
