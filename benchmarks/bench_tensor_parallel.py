@@ -19,7 +19,9 @@ finishes: a decode batch of fixed size N (with long prompts, requests prefilled 
 early, and the tail of smaller batches would otherwise weigh in).  Greedy
 agreement: with random weights in bf16, near-ties can flip a late token, so the report gives
 the share of tokens before each request's first divergence and where the earliest one is, not
-only exact matches.
+only exact matches, and a near-tie check on a greedy run with top-5 log-probabilities
+(``--check-tokens`` tokens): at each request's first divergence, is each size's token among the
+other's top 5?  A token outside is a mismatch.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
         python benchmarks/bench_tensor_parallel.py --out tp.json
@@ -179,9 +181,12 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
     assert all(len(t) == args.output_len for t in tokens), "every request must produce output_len tokens"
     phase = decode_phase(llm, prompts, args.output_len, cuda)
     compiled_in_timed = _COMPILES.names[compiled_before:]
-    # The first token's top-5 log-probabilities: shows whether divergences are near-ties.
-    lp = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)
-    first_logprobs = [{str(k): v for k, v in o.outputs[0].logprobs[0].items()} for o in lp]
+    # Greedy tokens with every position's top-5 log-probabilities: shows whether the TP sizes'
+    # divergences are near-ties (see near_tie_agreement).
+    check = SamplingParams(temperature=0.0, max_tokens=min(args.check_tokens, args.output_len), logprobs=5)
+    lp = llm.generate(prompts, check, use_tqdm=False)
+    checked = [{"tokens": o.outputs[0].token_ids,
+                "top5": [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]} for o in lp]
     profiled = profile_decode(llm, prompts, args.profile_steps) if args.profile_steps and cuda else None
     return {
         "prefill_seconds": prefill_s, "full_seconds": full_s, "full_seconds_per_repeat": fulls,
@@ -194,7 +199,7 @@ def _run_count(llm: Any, args: argparse.Namespace, n: int, vocab: int, cuda: boo
         "decode_tok_per_s": n * (args.output_len - 1) / max(full_s - prefill_s, 1e-9),
         "output_tok_per_s": n * args.output_len / full_s,
         "decode_step_profile": profiled, **phase,
-        "tokens": tokens, "first_logprobs": first_logprobs,
+        "tokens": tokens, "first_logprobs": [c["top5"][0] for c in checked], "checked": checked,
     }
 
 
@@ -321,6 +326,31 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]:
     }
 
 
+def near_tie_agreement(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, Any]:
+    """Greedy runs with top-5 log-probabilities, compared the way vLLM compares runs that may
+    round differently: per request, the tokens are identical, or at the first position where
+    they differ each run's token is among the other's top 5 (a near-tie that a different
+    summation order may break either way; after it the contexts differ, so nothing later is
+    compared).  Anything else is a mismatch: a real disagreement.  ``gap`` is how much more
+    likely the reference found its own token than the other run's, in nats."""
+    identical, near, mismatched, gaps = 0, 0, [], []
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        pos = next((j for j, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
+        if pos is None:
+            identical += 1
+            continue
+        ta, tb = str(a["tokens"][pos]), str(b["tokens"][pos])
+        top_a, top_b = a["top5"][pos], b["top5"][pos]
+        if tb in top_a and ta in top_b:
+            near += 1
+            gaps.append(top_a[ta] - top_a[tb])
+        else:
+            mismatched.append({"request": i, "token": pos})
+    return {"requests": len(ref), "identical": identical, "near_ties": near, "mismatches": mismatched,
+            "near_tie_gap_max": max(gaps) if gaps else None,
+            "near_tie_gap_median": sorted(gaps)[len(gaps) // 2] if gaps else None}
+
+
 def logprob_agreement(ref: list[dict[str, float]], got: list[dict[str, float]]) -> dict[str, Any]:
     """First generated token of every request: same top-1?  How far apart are the
     log-probabilities of the tokens both runs rank in their top 5, and the top-1 margins?"""
@@ -352,6 +382,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--check-tokens", type=int, default=32,
+                    help="tokens per request of the greedy run with top-5 log-probabilities (near-tie check)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="timed generations per count; the median is reported (all are kept in the JSON)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -372,8 +404,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke and args.child is None:
         args.device, args.min_prompt, args.max_prompt, args.output_len = "cpu", 4, 12, 8
     args.num_requests = args.num_requests or ("4" if args.smoke else "64")
-    if args.repeat < 1:
-        raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
+    if args.repeat < 1 or args.check_tokens < 1:
+        raise SystemExit(f"--repeat and --check-tokens must be >= 1, got {args.repeat} and {args.check_tokens}")
 
     if args.child is not None:
         Path(args.result_file).write_text(json.dumps(run_child(args)))
@@ -390,7 +422,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                "--result-file", str(out), "--num-requests", args.num_requests, "--min-prompt",
                str(args.min_prompt), "--max-prompt", str(args.max_prompt), "--output-len", str(args.output_len),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
-               "--device", args.device, "--profile-steps", str(args.profile_steps), "--repeat", str(args.repeat)]
+               "--device", args.device, "--profile-steps", str(args.profile_steps), "--repeat", str(args.repeat),
+               "--check-tokens", str(args.check_tokens)]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
         if args.enforce_eager:
@@ -452,7 +485,7 @@ def compare(results: dict[int, dict[str, Any]], n: str, ref_tp: int) -> dict[str
     ref = runs.get(ref_tp)
     others = {tp: r for tp, r in runs.items() if tp != ref_tp and ref is not None}
     return {
-        "results": {str(tp): {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs")}
+        "results": {str(tp): {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs", "checked")}
                     for tp, r in runs.items()},
         "decode_speedup": {str(tp): r["decode_tok_per_s"] / ref["decode_tok_per_s"] for tp, r in runs.items()}
         if ref else {},
@@ -462,6 +495,7 @@ def compare(results: dict[int, dict[str, Any]], n: str, ref_tp: int) -> dict[str
                                for tp, r in runs.items() if r["full_batch_tok_per_s"] and ref["full_batch_tok_per_s"]}
         if ref else {},
         "greedy_agreement": {str(tp): agreement(ref["tokens"], r["tokens"]) for tp, r in others.items()},
+        "near_tie_agreement": {str(tp): near_tie_agreement(ref["checked"], r["checked"]) for tp, r in others.items()},
         "first_token_logprobs": {str(tp): logprob_agreement(ref["first_logprobs"], r["first_logprobs"])
                                  for tp, r in others.items()},
     }
@@ -476,6 +510,12 @@ def report(summary: dict[str, Any], results: dict[int, dict[str, Any]], n: str, 
         print(f"\n{n} requests, greedy agreement TP={tp} vs TP={ref_tp}: {a['identical_requests']}/{a['requests']} "
               f"requests identical, {a['share_of_tokens_before_divergence']:.1%} of tokens before their request's "
               f"first divergence, earliest divergence: {where}")
+        nt = run_["near_tie_agreement"][tp]
+        gap = "" if nt["near_tie_gap_max"] is None else (
+            f" (TP={ref_tp}'s log-probability gap between the two tokens: median {nt['near_tie_gap_median']:.3g}, "
+            f"max {nt['near_tie_gap_max']:.3g})")
+        print(f"near-tie check over {nt['requests']} requests: {nt['identical']} identical, {nt['near_ties']} first "
+              f"differ where each token is in the other's top 5{gap}, {len(nt['mismatches'])} mismatches")
         la = run_["first_token_logprobs"][tp]
         print(f"first token, TP={tp} vs TP={ref_tp}: same top-1 in {la['same_top1']}/{la['requests']}; "
               f"|logprob difference| of shared top-5 tokens median {la['logprob_abs_diff_median']:.3g}, "

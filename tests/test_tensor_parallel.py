@@ -384,6 +384,7 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
         assert run["results"].keys() == {"1", "2"} and run["decode_speedup"]["1"] == 1.0
         assert run["greedy_agreement"]["2"]["identical_requests"] == n
         assert run["first_token_logprobs"]["2"]["same_top1"] == n
+        assert run["near_tie_agreement"]["2"]["identical"] == n
         for tp in ("1", "2"):
             r = run["results"][tp]
             assert len(r["full_seconds_per_repeat"]) == 2 and r["repeats_identical"]
@@ -395,6 +396,25 @@ def test_benchmark_smoke_runs_both_sizes_and_agrees(monkeypatch: pytest.MonkeyPa
             assert r["full_batch_size"] == n and 1 <= r["full_batch_steps"] <= r["decode_phase_steps"]
             assert r["full_batch_tok_per_s"] > 0 and isinstance(r["triton_compiles_in_timed_runs"], list)
         assert run["decode_phase_speedup"]["1"] == 1.0 and run["full_batch_speedup"]["1"] == 1.0
+
+
+def test_benchmark_near_tie_check_tells_near_ties_from_mismatches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_tensor_parallel import near_tie_agreement
+
+    def run(tokens: list[int], tops: list[dict[int, float]]) -> dict:
+        return {"tokens": tokens, "top5": [{str(k): v for k, v in t.items()} for t in tops]}
+
+    same = [{5: -0.1, 6: -2.0}, {7: -0.2, 8: -1.9}]
+    ref = [run([5, 7], same), run([5, 7], same), run([5, 7], same)]
+    got = [
+        run([5, 7], same),  # identical
+        run([5, 8], [same[0], {8: -0.21, 7: -0.22}]),  # second token: each in the other's top 5
+        run([6, 7], [{6: -0.3, 9: -0.4}, same[1]]),  # first token: 5 is not in this run's top 5
+    ]
+    res = near_tie_agreement(ref, got)
+    assert (res["identical"], res["near_ties"], res["mismatches"]) == (1, 1, [{"request": 2, "token": 0}])
+    assert res["near_tie_gap_max"] == pytest.approx(-0.2 - -1.9)
 
 
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
