@@ -25,8 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:  # the planner itself runs on the host, without torch
+    import torch
+
+_Buf = TypeVar("_Buf", np.ndarray, "torch.Tensor")
 
 # Fields of one work item of the prefix kernel, in order (int32 each).
 WORK_FIELDS = ("rep_row", "member_start", "num_pairs", "pair_start", "key_lo", "key_hi", "slot", "unused")
@@ -395,8 +401,9 @@ class PackedLayout:
     def size(self) -> int:
         return 3 * self.rows + WORK_WIDTH * self.items
 
-    def views(self, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(tail_start, num_prefix_parts, members, work)`` views of ``buf``."""
+    def views(self, buf: _Buf) -> tuple[_Buf, _Buf, _Buf, _Buf]:
+        """``(tail_start, num_prefix_parts, members, work)`` views of ``buf`` (the host array or
+        its copy on the device)."""
         r = self.rows
         return buf[:r], buf[r:2 * r], buf[2 * r:3 * r], buf[3 * r:self.size].reshape(self.items, WORK_WIDTH)
 

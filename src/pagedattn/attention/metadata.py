@@ -38,7 +38,7 @@ class AttentionMetadata:
     block_tables_cpu: np.ndarray | None = field(default=None, repr=False, compare=False)
     # Derived per-step data a backend computes on the first layer and reuses in the others
     # (gather indices, masks).  Owned by the backend; never read by the model.
-    scratch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

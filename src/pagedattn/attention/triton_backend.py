@@ -200,6 +200,7 @@ class TritonBackend(AttentionBackend):
     def _plan_eager(meta: AttentionMetadata, page: int, gqa: int, num_kv_heads: int, device: torch.device,
                     cfg: CascadeConfig) -> tuple[ops.CascadeInputs, int] | None:
         nd = meta.num_decodes
+        assert meta.block_tables_cpu is not None
         lens = np.asarray(meta.seq_lens_cpu[:nd], dtype=np.int64)
         max_items = max_work_items(nd, gqa, num_kv_heads, _num_sms(device), cfg)
         plan = build_plan(meta.block_tables_cpu[:nd], lens, page, gqa, max_items, cfg)

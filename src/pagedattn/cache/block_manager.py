@@ -190,7 +190,7 @@ class BlockManager:
         if best == 0:
             return PrefixMatch(0, [], [], keys)
         lo = self._first_live_block(best * self.block_size) if self.sliding_window else 0
-        blocks = [NULL_BLOCK] * lo + [b for b in found[lo:best]]  # type: ignore[misc]
+        blocks = [NULL_BLOCK] * lo + [b for b in found[lo:best] if b is not None]  # all found (see above)
         return PrefixMatch(best * self.block_size, blocks, keys[:best], keys)
 
     # ================================================================== allocation

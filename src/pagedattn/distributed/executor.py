@@ -26,9 +26,11 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..engine.model_runner import StepInput
@@ -104,7 +106,7 @@ class _Resources:
     after a failure, or by the finaliser at garbage collection or interpreter exit (which must
     not hold the executor itself)."""
 
-    procs: list[mp.Process] = field(default_factory=list)
+    procs: list[BaseProcess] = field(default_factory=list)
     group: TPGroup | None = None
     worker: Worker | None = None  # rank 0's, whose CUDA graphs must go before the group
     failed: bool = False  # a rank failed: nothing may wait on the others or on the device
@@ -158,7 +160,7 @@ class TensorParallelExecutor:
         # its graphs) alive until the garbage collector happens to run.
         self._error: str | None = None
         self._closed = False
-        self._store: object = None  # where failing workers leave their tracebacks
+        self._store: dist.Store | None = None  # where failing workers leave their tracebacks
         local_rank = torchrun.local_rank if torchrun is not None else 0
         self.device = rank_device(device_type, local_rank)
         try:
@@ -177,7 +179,7 @@ class TensorParallelExecutor:
                     "torchrun" if self.is_torchrun else "spawned workers", self.num_blocks)
 
     # ================================================================== start-up
-    def _spawn_workers(self, device_type: str) -> object:
+    def _spawn_workers(self, device_type: str) -> dist.TCPStore:
         if device_type == "cuda" and torch.cuda.device_count() < self.tp_size:
             raise ValueError(f"tensor_parallel_size={self.tp_size} needs {self.tp_size} GPUs, "
                              f"{torch.cuda.device_count()} are visible")
@@ -260,7 +262,7 @@ class TensorParallelExecutor:
                 raise WorkerError(f"tensor-parallel rank {rank} exited unexpectedly ({_describe_exit(p.exitcode)})")
 
     def _reports(self) -> dict[int, str]:
-        return read_error_reports(self._store, self.tp_size)  # type: ignore[arg-type]
+        return read_error_reports(self._store, self.tp_size)
 
     def _check_workers(self) -> None:
         self._check_processes()
@@ -357,7 +359,7 @@ def _describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def _stop_processes(procs: list[mp.Process], grace_s: float) -> None:
+def _stop_processes(procs: list[BaseProcess], grace_s: float) -> None:
     """Join, then terminate, then kill: nothing is left running."""
     deadline = time.monotonic() + grace_s
     for p in procs:

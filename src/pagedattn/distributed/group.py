@@ -128,7 +128,7 @@ class TPGroup:
             dist.broadcast(big, src=0, group=self.control)
             payload = big.numpy()
             self._msg_buf = torch.zeros(1 << (n + 8 - 1).bit_length(), dtype=torch.uint8)
-        return obj if self.rank == 0 else pickle.loads(payload)
+        return obj if self.rank == 0 else pickle.loads(payload.data)
 
     def broadcast_tensor(self, tensor: torch.Tensor) -> None:
         """Rank 0's ``tensor`` into every rank's (same shape and dtype) over the default group:

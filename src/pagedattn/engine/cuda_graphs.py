@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch
 from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata
 from ..models.context import ForwardContext
+from ..models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, backend: AttentionBackend,
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch: int, max_blocks_per_seq: int,
                  max_seq_len: int, device: torch.device) -> None:
         self.model = model
@@ -65,7 +67,7 @@ class DecodeGraphs:
         # Per bucket, a second small graph: the greedy tokens of the logits (with tensor
         # parallelism the per-rank maxima and their exchange), replayed only for greedy steps.
         self.greedy: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+        self.pool: Any = None  # torch's graph memory-pool handle, shared by every capture
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -76,7 +78,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        layer = self.model.model.layers[0].self_attn.spec
+        layer = self.model.model.first_attention().spec
         self.backend.prepare_graph_capture(self.max_batch, self.max_seq_len, layer, self.device)
         torch.cuda.synchronize(self.device)
         for b in reversed(self.buckets):
@@ -127,8 +129,7 @@ class DecodeGraphs:
         host_t, lens_t, bt_t = self._staging[self._turn]
         self._turn ^= 1
         host = host_t.numpy()
-        on_device = isinstance(tokens, torch.Tensor)
-        if not on_device:
+        if not isinstance(tokens, torch.Tensor):
             host[0, :n] = tokens
         host[1, :n] = positions
         host[2, :n] = slots
@@ -148,7 +149,7 @@ class DecodeGraphs:
         # same host arrays; entries of bt past a row's table length are stale and never read.
         variant = self.backend.prepare_decode_inputs(bt[:n], lens[:n], self.kv_caches[0][0].shape[1], b)
         self._packed.copy_(host_t, non_blocking=True)
-        if on_device:
+        if isinstance(tokens, torch.Tensor):
             self.input_ids[:n].copy_(tokens)
         self.seq_lens[:b].copy_(lens_t[:b], non_blocking=True)
         self.block_tables[:b].copy_(bt_t[:b], non_blocking=True)

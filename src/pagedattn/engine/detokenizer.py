@@ -26,7 +26,7 @@ from .sequence import Sequence
 try:
     from tokenizers.decoders import DecodeStream
 except ImportError:  # a tokenizers without DecodeStream
-    DecodeStream = None
+    DecodeStream = None  # type: ignore[assignment,misc]
 
 _LEFT_CONTEXT = 5
 
@@ -64,6 +64,12 @@ def _new_stream(tok: PreTrainedTokenizerBase, seq: Sequence, skip_special_tokens
     return stream
 
 
+def _decode(tok: PreTrainedTokenizerBase, ids: list[int], skip_special_tokens: bool) -> str:
+    text = tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str)  # one flat list of ids decodes to one string
+    return text
+
+
 def _detokenize_by_offsets(tok: PreTrainedTokenizerBase, seq: Sequence, skip_special_tokens: bool) -> str:
     ids = seq.token_ids
     if seq.read_offset == 0 and seq.prefix_offset == 0:
@@ -71,8 +77,8 @@ def _detokenize_by_offsets(tok: PreTrainedTokenizerBase, seq: Sequence, skip_spe
         # space (or its merge with the prompt) decodes as it will in the full text.
         seq.read_offset = seq.prompt_len
         seq.prefix_offset = max(0, seq.prompt_len - _LEFT_CONTEXT)
-    prefix_text = tok.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip_special_tokens)
-    full_text = tok.decode(ids[seq.prefix_offset:], skip_special_tokens=skip_special_tokens)
+    prefix_text = _decode(tok, ids[seq.prefix_offset:seq.read_offset], skip_special_tokens)
+    full_text = _decode(tok, ids[seq.prefix_offset:], skip_special_tokens)
     if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
         new = full_text[len(prefix_text):]
         seq.prefix_offset = seq.read_offset

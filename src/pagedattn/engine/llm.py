@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -145,7 +145,10 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        if messages and isinstance(messages[0], dict):
+            convs = [messages]
+        else:
+            convs = cast(list[list[dict[str, str]]], messages)
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)} for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

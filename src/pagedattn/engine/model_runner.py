@@ -23,6 +23,7 @@ from ..attention.metadata import AttentionMetadata, token_positions
 from ..cache.block_manager import BlockManager
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
+from ..models.llama import LlamaForCausalLM
 from .cuda_graphs import DecodeGraphs
 from .sampler import argmax_rows
 from .scheduler import KVOp, SchedulerOutput
@@ -111,7 +112,7 @@ class StepBuilder:
 class ModelRunner:
     """Runs :class:`StepInput` on one rank's model (shard) and KV pool."""
 
-    def __init__(self, model: torch.nn.Module, kv_pool: KVCachePool, backend: AttentionBackend) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_pool: KVCachePool, backend: AttentionBackend) -> None:
         self.model = model
         self.pool = kv_pool
         self.backend = backend

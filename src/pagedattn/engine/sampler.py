@@ -153,9 +153,11 @@ class Sampler:
         lp = torch.log_softmax(logits, dim=-1)
         k = max(r.params.logprobs or 0 for r in rows)
         chosen = lp.gather(1, tokens[:, None]).squeeze(1)
+        top_v: list[list[float]] = []
+        top_i: list[list[int]] = []
         if k > 0:
-            top_v, top_i = lp.topk(k, dim=-1)
-            top_v, top_i = top_v.tolist(), top_i.tolist()
+            values, indices = lp.topk(k, dim=-1)
+            top_v, top_i = values.tolist(), indices.tolist()
         ids = tokens.tolist()
         chosen_l = chosen.tolist()
         out_lp: list[dict[int, float] | None] = []

@@ -131,7 +131,7 @@ class Scheduler:
                         ok = False
                         break
                     got = self._allocate(req, seq, n, out)
-                if not ok:
+                if got is None:
                     # The request preempted itself: its sequences scheduled above go with it.
                     budget += sum(s.num_new_tokens for s in out.scheduled if s.request is req)
                     out.scheduled[:] = [s for s in out.scheduled if s.request is not req]

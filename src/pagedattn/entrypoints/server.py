@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,7 @@ class Generation:
         return last  # type: ignore[return-value]
 
 
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merge(streams: list[RequestStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     if len(streams) == 1:  # the common case needs no helper tasks
         async for out in streams[0]:
             yield 0, out
@@ -612,7 +613,7 @@ def run_server(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info" if getattr(args, "verbose", False) else "warning",
         access_log=bool(getattr(args, "verbose", False)),
-        timeout_graceful_shutdown=float(getattr(args, "shutdown_timeout", 10.0)),
+        timeout_graceful_shutdown=math.ceil(getattr(args, "shutdown_timeout", 10.0)),  # whole seconds
     )
     print(f"pagedattn: serving {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,12 @@ from .fused_ops import apply_rotary as apply_rotary
 from .fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 
 ShardId = int | str | None
+
+
+class WeightLoading(Protocol):
+    """A module that copies a checkpoint tensor into (its shard of) one of its parameters."""
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None: ...
 
 
 # ---------------------------------------------------------------------- helpers
@@ -321,6 +327,8 @@ class RotaryEmbedding(nn.Module):
     than one projection and needs no ``[max_positions, D]`` cache.  The values equal
     transformers' ``LlamaRotaryEmbedding`` (same fp32 product, then cast to the model dtype).
     """
+
+    inv_freq: torch.Tensor  # [D/2] fp32, a non-persistent buffer
 
     def __init__(
         self,

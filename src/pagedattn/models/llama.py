@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from .layers import (
     ShardId,
     SiluAndMul,
     VocabParallelEmbedding,
+    WeightLoading,
 )
 
 # Runtime fused parameter -> the checkpoint projections it holds, with their shard ids.
@@ -193,6 +195,10 @@ class LlamaModel(nn.Module):
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, params_dtype
         )
 
+    def first_attention(self) -> LlamaAttention:
+        """Layer 0's attention (every layer's has the same heads on this rank)."""
+        return cast(LlamaDecoderLayer, self.layers[0]).self_attn
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
@@ -248,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
 
     def kv_cache_spec(self, block_size: int, dtype: torch.dtype | None = None) -> KVCacheSpec:
         """Shape of this rank's KV pool (its share of the KV heads)."""
-        attn = self.model.layers[0].self_attn
+        attn = self.model.first_attention()
         return KVCacheSpec(
             num_layers=self.config.num_layers,
             num_kv_heads=attn.num_kv_heads,
@@ -291,7 +297,7 @@ class LlamaForCausalLM(nn.Module):
                     f"unexpected weight {name!r} in checkpoint for {self.config.architecture} (no matching parameter)"
                 )
             pname, shard = expected[name]
-            owner = self.get_submodule(pname.rpartition(".")[0])
+            owner = cast(WeightLoading, self.get_submodule(pname.rpartition(".")[0]))
             try:
                 owner.weight_loader(params[pname], tensor, shard)
             except ValueError as e:

@@ -64,7 +64,10 @@ class PagedHarness:
         sequence's logits ``[len(tokens), vocab]`` for every new token."""
         if not batch:
             raise ValueError("batch must not be empty")
-        query_lens, seq_lens, tables, ids = [], [], [], []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        ids: list[int] = []
         for seq_id, tokens in batch:
             if len(tokens) == 0:
                 raise ValueError(f"sequence {seq_id!r} has no new tokens")
