@@ -103,7 +103,8 @@ class _GroupPlan:
         self.unreadable = ~readable[:, :, None, None]  # [B, ctx, 1, 1]
 
 
-def _make_plans(block_tables, query_lens, seq_lens, block_size, window, device) -> list[_GroupPlan]:
+def _make_plans(block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int], block_size: int,
+                window: int | None, device: torch.device) -> list[_GroupPlan]:
     """Split the batch into runs of decodes vs. longer queries so short queries are not padded
     to long ones; one plan per run."""
     plans = []
@@ -167,10 +168,12 @@ class TorchReferenceBackend(AttentionBackend):
     def __init__(self, finite_cache: bool = False) -> None:
         self.finite_cache = finite_cache
 
-    def store_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
         store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, layer: AttentionLayerSpec) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               layer: AttentionLayerSpec) -> torch.Tensor:
         return paged_attention_ref(
             q, k_cache, v_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu,
             layer.scale, layer.sliding_window, plan_cache=meta.scratch, clean=not self.finite_cache,

@@ -166,7 +166,8 @@ class LLM:
     def get_metrics(self) -> dict[str, float | int]:
         return self.engine.get_metrics()
 
-    def _add_all(self, prompts, sampling_params, stream: bool = True) -> list[str]:
+    def _add_all(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None, stream: bool = True) -> list[str]:
         plist = _as_prompt_list(prompts)
         if sampling_params is None:
             params = [SamplingParams()] * len(plist)
