@@ -84,7 +84,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
     counts = request_counts(args.num_requests)
     t0 = time.perf_counter()
-    llm = LLM(args.model_dir, device=args.device, dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+    llm = LLM(args.model_dir, device=args.device, dtype=args.dtype,
               tensor_parallel_size=args.child, num_kv_blocks=None if cuda else 512,
               load_format="dummy", seed=args.seed, max_num_seqs=max(counts),
               max_model_len=args.max_prompt + args.output_len + 16, enforce_eager=args.enforce_eager,
@@ -404,6 +404,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke and args.child is None:
         args.device, args.min_prompt, args.max_prompt, args.output_len = "cpu", 4, 12, 8
     args.num_requests = args.num_requests or ("4" if args.smoke else "64")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.repeat < 1 or args.check_tokens < 1:
         raise SystemExit(f"--repeat and --check-tokens must be >= 1, got {args.repeat} and {args.check_tokens}")
 
@@ -423,9 +424,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                str(args.min_prompt), "--max-prompt", str(args.max_prompt), "--output-len", str(args.output_len),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed),
                "--device", args.device, "--profile-steps", str(args.profile_steps), "--repeat", str(args.repeat),
-               "--check-tokens", str(args.check_tokens)]
-        if args.dtype:
-            cmd += ["--dtype", args.dtype]
+               "--check-tokens", str(args.check_tokens), "--dtype", args.dtype]
         if args.enforce_eager:
             cmd.append("--enforce-eager")
         print(f"--- TP={tp}: {' '.join(cmd)}", flush=True)
@@ -444,7 +443,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
               flush=True)
 
     ref_tp = sizes[0]
-    weights = "fp32" if (args.dtype or ("float32" if args.smoke else "bfloat16")) == "float32" else "bf16"
+    weights = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     summary: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
         "device": next((r["device"] for r in results.values()), None),
@@ -531,9 +530,9 @@ def report(summary: dict[str, Any], results: dict[int, dict[str, Any]], n: str, 
         print(f"{tp:3d} {e['all_reduce']:>13s} {e['init_seconds']:7.1f} {r['prefill_seconds']:9.3f} "
               f"{r['full_seconds']:8.2f} {r['decode_tok_per_s']:12.0f} {r['output_tok_per_s']:12.0f} {sp:7.2f}x "
               f"{r['decode_phase_tok_per_s']:11.0f} {pure_sp:7.2f}x "
-              f"{e['kv_blocks_total']:9d} {r.get('full_gc_count', 0):5d} ({r.get('full_gc_seconds', 0.0):.2f}) "
-              f"{len(r.get('triton_compiles_in_timed_runs', [])):8d}")
-        for name in r.get("triton_compiles_in_timed_runs", []):
+              f"{e['kv_blocks_total']:9d} {r['full_gc_count']:5d} ({r['full_gc_seconds']:.2f}) "
+              f"{len(r['triton_compiles_in_timed_runs']):8d}")
+        for name in r["triton_compiles_in_timed_runs"]:
             print(f"    TP={tp} compiled after the warm-up: {name}")
     profiled = {tp: e["runs"][n]["decode_step_profile"] for tp, e in results.items()
                 if e["runs"][n].get("decode_step_profile")}
