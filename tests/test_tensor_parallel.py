@@ -417,6 +417,16 @@ def test_benchmark_near_tie_check_tells_near_ties_from_mismatches(monkeypatch: p
     assert res["near_tie_gap_max"] == pytest.approx(-0.2 - -1.9)
 
 
+def test_p2p_sums_cover_the_decode_graphs_with_two_ranks_only() -> None:
+    from pagedattn.distributed.all_reduce import DEFAULT_MAX_BYTES, p2p_max_bytes
+
+    eight_mib = 1024 * 4096 * 2  # 1024 decode rows of a 4096-wide bf16 model
+    assert p2p_max_bytes(2, eight_mib) == eight_mib
+    assert p2p_max_bytes(2, 0) == p2p_max_bytes(2, 1000) == DEFAULT_MAX_BYTES  # never below the default
+    assert p2p_max_bytes(2, DEFAULT_MAX_BYTES + 3) % 16 == 0  # the one-shot kernel's 16-byte vectors
+    assert p2p_max_bytes(4, eight_mib) == p2p_max_bytes(8, eight_mib) == DEFAULT_MAX_BYTES
+
+
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from pagedattn.distributed.all_reduce import DISABLE_ENV, _unsupported_reason
 

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 # A/B switch: the engine keeps NCCL for every all-reduce when set.
 DISABLE_ENV = "PAGEDATTN_DISABLE_P2P_ALL_REDUCE"
-# One-shot reads world_size x the bytes on every rank; past a few MiB NCCL's ring is faster.
+# One-shot reads world_size x the bytes on every rank; past a few MiB NCCL's ring is faster
+# (with more than two ranks, see p2p_max_bytes).
 DEFAULT_MAX_BYTES = 4 << 20
 _DTYPES = (torch.float32, torch.bfloat16)
 _ALIGN = 16  # bytes: the one-shot kernel moves 16-byte vectors
@@ -47,6 +48,19 @@ _ALIGN = 16  # bytes: the one-shot kernel moves 16-byte vectors
 # ranks must have made equally many: a second engine in a process whose first one used P2P
 # memory has fresh workers, which could never pair with it (they fall back to NCCL instead).
 _rendezvous_count = 0
+
+
+def p2p_max_bytes(world_size: int, decode_bytes: int) -> int:
+    """The largest tensor the P2P paths take, for decode activations of up to ``decode_bytes``.
+
+    With two ranks a one-shot sum moves as many bytes over each direction of the link as NCCL's
+    ring all-reduce (each rank needs the other's whole tensor either way) and the fused path
+    saves NCCL's copies and the separate norm kernel, so it takes every decode step the graphs
+    capture.  With more ranks one-shot reads ``world_size - 1`` times the tensor on every rank
+    against the ring's ``2 (world_size - 1) / world_size``: it stays at DEFAULT_MAX_BYTES."""
+    if world_size == 2:
+        return max(DEFAULT_MAX_BYTES, -(-decode_bytes // _ALIGN) * _ALIGN)
+    return DEFAULT_MAX_BYTES
 
 
 class P2PAllReduce(AllReduce):

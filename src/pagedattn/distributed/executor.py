@@ -339,8 +339,8 @@ class _GuardedCollectives:
     def min_int(self, value: int) -> int:
         return self.ex.group.min_int(value)
 
-    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
-        return self.ex.group.fast_all_reduce(dtype)
+    def fast_all_reduce(self, dtype: torch.dtype, decode_bytes: int) -> AllReduce | None:
+        return self.ex.group.fast_all_reduce(dtype, decode_bytes)
 
     def wait_device(self) -> None:
         if self.ex.device.type == "cuda":

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.layers import AllReduce
-from .all_reduce import P2PAllReduce
+from .all_reduce import P2PAllReduce, p2p_max_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +149,12 @@ class TPGroup:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
-        """On CUDA, the one-shot P2P all-reduce for decode-sized tensors when every rank can use
-        it (see :mod:`.all_reduce`); None elsewhere."""
+    def fast_all_reduce(self, dtype: torch.dtype, decode_bytes: int) -> AllReduce | None:
+        """On CUDA, the one-shot P2P all-reduce (up to :func:`.all_reduce.p2p_max_bytes`) when
+        every rank can use it (see :mod:`.all_reduce`); None elsewhere."""
         if self.device.type != "cuda":
             return None
-        return P2PAllReduce.create(self.device, dtype)
+        return P2PAllReduce.create(self.device, dtype, max_bytes=p2p_max_bytes(self.world_size, decode_bytes))
 
     # ------------------------------------------------------------------ failure reports
     def report_error(self, text: str) -> None:

@@ -72,9 +72,10 @@ class Collectives(Protocol):
     def wait_device(self) -> None:
         """Wait for this rank's queued device work (which may contain collectives)."""
 
-    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
+    def fast_all_reduce(self, dtype: torch.dtype, decode_bytes: int) -> AllReduce | None:
         """A faster all-reduce than the process group's for this group's links (collective:
-        every rank calls it), or None to keep the process group's."""
+        every rank calls it), or None to keep the process group's.  ``decode_bytes``: the
+        largest decode step's activations, which it should cover if that pays on these links."""
 
 
 class SingleRank:
@@ -93,7 +94,7 @@ class SingleRank:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def fast_all_reduce(self, dtype: torch.dtype) -> AllReduce | None:
+    def fast_all_reduce(self, dtype: torch.dtype, decode_bytes: int) -> AllReduce | None:
         return None
 
 
@@ -226,13 +227,21 @@ def release_startup_heap() -> None:
         gc.collect()
 
 
+def _decode_bytes(worker: Worker) -> int:
+    """Bytes of a decode step's activations ``[rows, hidden]`` at the largest batch captured
+    as a CUDA graph (0 without graphs)."""
+    cfg = worker.config
+    rows = 0 if cfg.enforce_eager else min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
+    return rows * worker.model.config.hidden_size * cfg.dtype.itemsize
+
+
 def start_worker(config: WorkerConfig, tp_rank: int, device: torch.device, coll: Collectives) -> Worker:
     """Build a rank's worker in lockstep with the other ranks: load the shard, agree on the
     number of KV blocks (the minimum over ranks, so every rank holds every block id), allocate
     the pool and capture graphs."""
     worker = Worker(config, tp_rank, device)
     coll.barrier()  # every shard loaded: a failed load is reported here, before any collective kernel
-    if config.tp_size > 1 and (all_reduce := coll.fast_all_reduce(config.dtype)) is not None:
+    if config.tp_size > 1 and (all_reduce := coll.fast_all_reduce(config.dtype, _decode_bytes(worker))) is not None:
         set_all_reduce(worker.model, all_reduce)  # before the warm-up and graph capture use it
     local = worker.local_num_blocks(coll)
     coll.barrier()
