@@ -10,7 +10,9 @@ time per call is the median replay time divided by the number of calls.
 * What follows a row-parallel layer, the sum plus the residual add and RMSNorm over rows of
   ``--hidden`` (a chain of calls, each one's residual output the next one's input): NCCL then
   the add + RMSNorm kernel; the one-shot sum then that kernel; the fused P2P reduction (the
-  partial sums already in the shared buffer, as the row-parallel GEMM leaves them).
+  partial sums already in the shared buffer, as the row-parallel GEMM leaves them), which
+  waits for the other ranks inside its kernel, and the same reduction after torch's
+  symmetric-memory barrier kernel instead ("torch barrier").
 
 One process per GPU (started here), NVLink multicast off.
 
@@ -107,6 +109,11 @@ def _add_norm_row(p2p: Any, kib: int, args: argparse.Namespace, dtype: torch.dty
                     lambda i, r: p2p.add_rms_norm(xs[i], r, weight, eps), rows, cols, dtype, args.calls,
                     args.replays, device)
             p2p.fused_num_warps = None
+            p2p.in_kernel_barrier = False  # torch's barrier kernel, then the reduction
+            row["fused_torch_barrier_us"] = 1e6 * _time_add_norm(
+                lambda i, r: p2p.add_rms_norm(xs[i], r, weight, eps), rows, cols, dtype, args.calls, args.replays,
+                device)
+            p2p.in_kernel_barrier = True
     return row
 
 
@@ -175,13 +182,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + (f"{p2p:8.1f} {gb / (p2p * 1e-6):6.0f} {r['nccl_us'] / p2p:7.2f}x {r['bitwise_equal']!s:>7s}"
                  if p2p is not None else "     n/a"))
     print(f"\nAll-reduce + residual add + RMSNorm per call, rows of {args.hidden}")
-    print(f"{'KiB':>6s} {'rows':>5s} {'NCCL+norm':>9s} {'P2P+norm':>9s} {'fused':>7s} {'NCCL+norm/fused':>15s}")
+    print(f"{'KiB':>6s} {'rows':>5s} {'NCCL+norm':>9s} {'P2P+norm':>9s} {'fused':>7s} {'NCCL+norm/fused':>15s} "
+          f"{'torch barrier':>13s}")
     for r in data["rows"]:
         a = r["add_norm"]
         fused = a.get("fused_us")
         cells = [f"{a.get(k, float('nan')):9.1f}" for k in ("nccl_norm_us", "p2p_norm_us")]
         print(f"{r['kib']:6d} {a['rows']:5d} " + " ".join(cells)
-              + (f" {fused:7.1f} {a['nccl_norm_us'] / fused:14.2f}x" if fused else "     n/a")
+              + (f" {fused:7.1f} {a['nccl_norm_us'] / fused:14.2f}x {a['fused_torch_barrier_us']:13.1f}"
+                 if fused else "     n/a")
               + "".join(f"  w{w}: {a[f'fused_us_w{w}']:.1f}" for w in args.fused_warps if f"fused_us_w{w}" in a))
     return data
 

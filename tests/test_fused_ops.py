@@ -142,6 +142,39 @@ def test_reduce_add_rms_norm_sums_the_parts_then_adds_and_norms(dtype: torch.dty
         fo.reduce_add_rms_norm_triton(table.int(), residual, w, 1e-6)
 
 
+@pytest.mark.parametrize("programs", [1, 2, 64])
+def test_reduce_with_rank_barrier_announces_waits_and_loops_over_rows(programs: int) -> None:
+    """The reduction that waits for its peers itself, seen from rank 0 of two with the peer's
+    announcements already in place (a real peer needs a second GPU): the same results as
+    without the barrier whatever the grid (each program takes every ``grid``-th row), every
+    program that ran announced its epoch in the peer's flags and bumped its own counter, and
+    the next call moves on to the next epoch."""
+    g = _gen("reduce-barrier", torch.float32, programs)
+    world, cap = 2, programs
+    parts = [_randn(g, SIZE.tokens, SIZE.hidden, dtype=torch.float32) for _ in range(world)]
+    residual = _randn(g, SIZE.tokens, SIZE.hidden, dtype=torch.float32)
+    w = _norm_weight(g, SIZE.hidden, torch.float32)
+    table = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64, device=DEVICE)
+    flags = [torch.zeros(world, cap, dtype=torch.int64, device=DEVICE) for _ in range(world)]
+    flags[0][1] = 2  # rank 1's programs have announced epochs 1 and 2 already
+    barrier = fo.RankBarrier(torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64, device=DEVICE), 0, cap)
+    want = fo.reduce_add_rms_norm_triton(table, residual, w, 1e-6)
+    grid = min(SIZE.tokens, cap)
+    for epoch in (1, 2):
+        got = fo.reduce_add_rms_norm_triton(table, residual, w, 1e-6, barrier=barrier)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        ran = torch.tensor([epoch] * grid + [0] * (cap - grid), dtype=torch.int64, device=DEVICE)
+        assert torch.equal(flags[0][0], ran), "own epoch counters"
+        assert torch.equal(flags[1][0], ran), "announcements in the peer's flags"
+        assert torch.equal(flags[1][1], torch.zeros_like(ran)) and torch.equal(flags[0][1], torch.full_like(ran, 2))
+    with pytest.raises(ValueError, match="match parts"):
+        fo.reduce_add_rms_norm_triton(table[:1], residual, w, 1e-6, barrier=barrier)
+    with pytest.raises(ValueError, match="rank 2"):
+        fo.RankBarrier(barrier.flags, 2, cap)
+    with pytest.raises(ValueError, match="max_programs"):
+        fo.RankBarrier(barrier.flags, 0, 0)
+
+
 def test_rms_norm_strided_rows_and_weight_promotion() -> None:
     """Rows with a stride (a column slice) and an fp32 weight on bf16 activations, which
     promotes the output to fp32 as torch's ``weight * h`` does."""

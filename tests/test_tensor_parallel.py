@@ -430,17 +430,17 @@ def test_p2p_sums_cover_the_decode_graphs_with_two_ranks_only() -> None:
 def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from pagedattn.distributed.all_reduce import DISABLE_ENV, _unsupported_reason
 
-    gpu, one_host = torch.device("cuda", 0), [("node0", 0, 0, True), ("node0", 1, 0, True)]
+    gpu, one_host = torch.device("cuda", 0), [("node0", 0, 0, True, 132), ("node0", 1, 0, True, 132)]
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     assert "not on CUDA" in str(_unsupported_reason(torch.device("cpu"), torch.float32, one_host))
     assert "float16" in str(_unsupported_reason(gpu, torch.float16, one_host))
     assert "1 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, one_host[:1]))
-    assert "9 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", i, 0, True) for i in range(9)]))
-    two_hosts = [("node0", 0, 0, True), ("node1", 0, 0, True)]
+    assert "9 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, [("node0", i, 0, True, 132) for i in range(9)]))
+    two_hosts = [("node0", 0, 0, True, 132), ("node1", 0, 0, True, 132)]
     assert "several hosts" in str(_unsupported_reason(gpu, torch.bfloat16, two_hosts))
-    second = [("n", 0, 1, True), ("n", 1, 0, True)]
+    second = [("n", 0, 1, True, 132), ("n", 1, 0, True, 132)]
     assert "earlier tensor-parallel engine" in str(_unsupported_reason(gpu, torch.bfloat16, second))
-    mixed = [("n", 0, 0, True), ("n", 1, 0, False)]
+    mixed = [("n", 0, 0, True, 132), ("n", 1, 0, False, 132)]
     assert "PAGEDATTN_DISABLE_FUSED" in str(_unsupported_reason(gpu, torch.bfloat16, mixed))
     monkeypatch.setenv(DISABLE_ENV, "1")
     assert DISABLE_ENV in str(_unsupported_reason(gpu, torch.bfloat16, one_host))

@@ -165,21 +165,25 @@ def _p2p_fused_worker(rank: int, world: int, rdzv: str) -> None:
         gen = torch.Generator(device=device).manual_seed(200 + rank)  # partial sums differ per rank
         same = torch.Generator(device=device).manual_seed(7)  # residual stream and weights are replicated
         for dtype in (torch.bfloat16, torch.float32):
-            ar = P2PAllReduce.create(device, dtype, max_bytes=1 << 20)
+            # 4 MiB: up to 512 / 256 rows, more than an SM each (the in-kernel barrier caps the grid)
+            ar = P2PAllReduce.create(device, dtype, max_bytes=4 << 20)
             assert ar is not None
             cols = 4096
-            limit = (1 << 20) // (dtype.itemsize * cols)
+            limit = (4 << 20) // (dtype.itemsize * cols)
             weight = (torch.rand(cols, generator=same, device=device) + 0.5).to(dtype)
-            for rows in (1, 37, limit, limit + 1):
-                partial = torch.randn(rows, cols, generator=gen, device=device).to(dtype)
-                residual = torch.randn(rows, cols, generator=same, device=device).to(dtype)
-                want = _nccl_then_norm(partial, residual, weight)
-                buf = ar.partials_buffer(rows, cols, dtype, rows % 2)
-                assert (buf is None) == (rows > limit), (rows, limit)
-                src = partial.clone() if buf is None else buf.copy_(partial)
-                got = ar.add_rms_norm(src, residual, weight, 1e-6)
-                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), (dtype, rows)
-            _fused_chain_in_graph(ar, weight, gen, same)
+            for in_kernel in (True, False):
+                ar.in_kernel_barrier = in_kernel
+                for rows in (1, 37, limit, limit + 1):
+                    partial = torch.randn(rows, cols, generator=gen, device=device).to(dtype)
+                    residual = torch.randn(rows, cols, generator=same, device=device).to(dtype)
+                    want = _nccl_then_norm(partial, residual, weight)
+                    buf = ar.partials_buffer(rows, cols, dtype, rows % 2)
+                    assert (buf is None) == (rows > limit), (rows, limit)
+                    src = partial.clone() if buf is None else buf.copy_(partial)
+                    got = ar.add_rms_norm(src, residual, weight, 1e-6)
+                    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), (dtype, rows, in_kernel)
+                for rows in (64, 200):
+                    _fused_chain_in_graph(ar, weight, gen, same, rows=rows)
     finally:
         dist.destroy_process_group()
 
@@ -187,8 +191,9 @@ def _p2p_fused_worker(rank: int, world: int, rdzv: str) -> None:
 def test_p2p_fused_add_rms_norm_equals_nccl_then_norm(tmp_path):
     """Two ranks: the sum fused with the residual add and RMSNorm equals NCCL's all-reduce followed
     by the add + RMSNorm kernel bit for bit, eagerly and as a chain of reductions alternating
-    between the buffer slots in one CUDA graph replayed on fresh inputs; past the buffer it
-    falls back."""
+    between the buffer slots in one CUDA graph replayed on fresh inputs, with the kernel's own
+    barrier (grids capped at the SM count, so some programs take several rows) and with torch's;
+    past the buffer it falls back."""
     torch.multiprocessing.spawn(_p2p_fused_worker, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
 
 

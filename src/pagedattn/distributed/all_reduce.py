@@ -11,13 +11,17 @@ address (torch's symmetric memory, peer-to-peer over NVLink; no NVLink multicast
   rank's buffer, and waits at a second barrier before the buffer can be reused;
 * **sums fused with the residual add and RMSNorm** after a row-parallel layer
   (:meth:`P2PAllReduce.add_rms_norm`): the layer's GEMM writes its partial sums straight into
-  this rank's buffer (:meth:`P2PAllReduce.partials_buffer`), torch's symmetric-memory barrier
-  makes every rank's partial sums visible, and one Triton kernel reads them all from the
-  buffers, sums them in rank order (the same bits on every rank), adds the residual and
-  normalises.  No copy, one barrier, one kernel for what was an all-reduce and a norm.  The
-  two reductions of a decoder layer alternate between two slots of the buffer, so the single
-  barrier suffices: a rank can only be writing slot ``s`` again after the barrier of the
-  reduction in between, which every peer passes only once done reading slot ``s``.
+  this rank's buffer (:meth:`P2PAllReduce.partials_buffer`), and one Triton kernel waits
+  until every rank's partial sums are in place, reads them all from the buffers, sums them in
+  rank order (the same bits on every rank), adds the residual and normalises.  No copy, one
+  kernel for what was an all-reduce and a norm.  The wait is inside the kernel: program ``i``
+  of each rank announces itself to program ``i`` of every other rank through flags in
+  symmetric memory and waits for their announcements (``fused_ops._rank_barrier``), which
+  saves the separate barrier kernel of torch's symmetric memory (``in_kernel_barrier =
+  False`` restores it, for A/B timing).  The two reductions of a decoder layer alternate
+  between two slots of the buffer, so one barrier per reduction suffices: a rank can only be
+  writing slot ``s`` again after the barrier of the reduction in between, which every peer
+  passes only once done reading slot ``s`` (its kernels run in stream order).
 
 Every rank reads every rank's data, so the P2P paths serve tensors up to ``max_bytes`` and NCCL
 the larger ones (prefills).  All of it is captured by CUDA graphs.
@@ -32,7 +36,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from ..models.fused_ops import fused_kernels_enabled, reduce_add_rms_norm_triton
+from ..models.fused_ops import RankBarrier, fused_kernels_enabled, reduce_add_rms_norm_triton
 from ..models.layers import AllReduce, process_group_all_reduce
 
 logger = logging.getLogger(__name__)
@@ -69,14 +73,23 @@ class P2PAllReduce(AllReduce):
     (NCCL).  Build it with :meth:`create`.
 
     ``buffer`` (1-D, in symmetric memory, ``3 * max_bytes``) holds three slots: the plain sums'
-    and the two of the fused reductions; ``handle`` is its rendezvous handle."""
+    and the two of the fused reductions; ``handle`` is its rendezvous handle.  ``flags`` (int64
+    ``[world, max_programs]``, in symmetric memory, zeroed before its rendezvous) and its handle
+    serve the fused kernel's own barrier, whose grid is at most ``max_programs`` (the smallest
+    SM count of the group: every rank must launch the same grid)."""
 
-    def __init__(self, buffer: torch.Tensor, handle: object, group_name: str) -> None:
+    def __init__(self, buffer: torch.Tensor, handle: object, group_name: str, flags: torch.Tensor,
+                 flags_handle: object, max_programs: int) -> None:
         self.buffer = buffer
         self.handle = handle
         self.group_name = group_name
         self.dtype = buffer.dtype
         self.fused_num_warps: int | None = None  # None: the norm kernels' default (for tuning)
+        self.in_kernel_barrier = True  # False: torch's barrier kernel before the reduction (for A/B timing)
+        self._flags = flags
+        flag_ptrs: list[int] = list(flags_handle.buffer_ptrs)  # type: ignore[attr-defined]
+        self._barrier = RankBarrier(torch.tensor(flag_ptrs, dtype=torch.int64, device=buffer.device),
+                                    handle.rank, max_programs)  # type: ignore[attr-defined]
         self.slot_numel = buffer.numel() // 3
         self.max_bytes = self.slot_numel * buffer.element_size()
         slot_bytes = self.max_bytes
@@ -93,15 +106,16 @@ class P2PAllReduce(AllReduce):
         """Collective over the default group: every rank gets a working instance, or every rank
         gets None (with the reason logged) and keeps NCCL."""
         world_size = dist.get_world_size()
-        places: list[tuple[str, int, int, bool] | None] = [None] * world_size
-        here = (socket.gethostname(), device.index if device.type == "cuda" else -1, _rendezvous_count,
-                fused_kernels_enabled())
+        places: list[tuple[str, int, int, bool, int] | None] = [None] * world_size
+        on_cuda = device.type == "cuda"
+        here = (socket.gethostname(), device.index if on_cuda else -1, _rendezvous_count, fused_kernels_enabled(),
+                torch.cuda.get_device_properties(device).multi_processor_count if on_cuda else 0)
         dist.all_gather_object(places, here)
         reason = _unsupported_reason(device, dtype, places)
         inst: P2PAllReduce | None = None
         if reason is None:
             try:
-                inst = cls._allocate(device, dtype, max_bytes)
+                inst = cls._allocate(device, dtype, max_bytes, min(p[4] for p in places if p is not None))
                 if not inst.self_test():
                     reason = "its self-test disagreed with NCCL"
             except Exception as e:  # no P2P mapping between these GPUs, a torch without symmetric memory...
@@ -117,7 +131,7 @@ class P2PAllReduce(AllReduce):
         return None
 
     @classmethod
-    def _allocate(cls, device: torch.device, dtype: torch.dtype, max_bytes: int) -> P2PAllReduce:
+    def _allocate(cls, device: torch.device, dtype: torch.dtype, max_bytes: int, max_programs: int) -> P2PAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         global _rendezvous_count
@@ -126,9 +140,16 @@ class P2PAllReduce(AllReduce):
         assert group is not None
         numel = max_bytes // dtype.itemsize
         buf = symm_mem.empty(3 * numel, dtype=dtype, device=device)
+        flags = symm_mem.empty(group.size() * max_programs, dtype=torch.int64, device=device)
+        # Zeroed before the rendezvous, which no rank leaves before every rank has entered it:
+        # no peer's first announcement can land before the zeros.
+        flags.zero_()
+        torch.cuda.synchronize(device)
         _rendezvous_count += 1
         handle = symm_mem.rendezvous(buf, group)
-        return cls(buf, handle, group.group_name)
+        _rendezvous_count += 1
+        flags_handle = symm_mem.rendezvous(flags, group)
+        return cls(buf, handle, group.group_name, flags, flags_handle, max_programs)
 
     def supports(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -156,6 +177,9 @@ class P2PAllReduce(AllReduce):
         slot = self._fused_slot(partial)
         if slot is None or residual.shape != partial.shape or residual.dtype != partial.dtype:
             return super().add_rms_norm(partial, residual, weight, eps)
+        if self.in_kernel_barrier:
+            return reduce_add_rms_norm_triton(self._fused_tables[slot], residual.contiguous(), weight, eps,
+                                              self.fused_num_warps, self._barrier)
         self.handle.barrier(channel=0)  # type: ignore[attr-defined]  # every rank's partial sums are in place
         return reduce_add_rms_norm_triton(self._fused_tables[slot], residual.contiguous(), weight, eps,
                                           self.fused_num_warps)
@@ -191,10 +215,10 @@ class P2PAllReduce(AllReduce):
 
 
 def _unsupported_reason(device: torch.device, dtype: torch.dtype,
-                        places: list[tuple[str, int, int, bool] | None]) -> str | None:
+                        places: list[tuple[str, int, int, bool, int] | None]) -> str | None:
     """Why this rank cannot take part in a P2P all-reduce (None if it can); ``places`` holds every
     rank's (host name, CUDA device index, symmetric-memory rendezvous made so far, whether the
-    fused Triton kernels run)."""
+    fused Triton kernels run, SM count)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"{DISABLE_ENV} is set"
     if device.type != "cuda":

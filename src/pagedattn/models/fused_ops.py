@@ -26,6 +26,7 @@ under the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported),
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -240,26 +241,64 @@ if triton is not None:
         tl.store(Out + row * stride_o + offs, (w * h).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rank_barrier(Flags, pid, ME: tl.constexpr, WORLD: tl.constexpr, MAX_PROGRAMS: tl.constexpr):
+        """Program ``pid`` meets program ``pid`` of every other rank: it returns once each of
+        them has reached this point in the same reduction, so what they wrote before (their
+        partial sums) is visible here.
+
+        ``Flags`` holds WORLD addresses of every rank's int64 ``[WORLD, MAX_PROGRAMS]`` flags.  In
+        rank ``me``'s flags, row ``s != me`` holds the latest epoch rank ``s``'s programs
+        announced, and row ``me`` its own programs' epoch counters: every reduction bumps the
+        counter of each program that runs.  The ranks launch the same grids in the same order,
+        so program ``pid``'s epoch agrees across ranks, and a flag that has moved past the
+        epoch awaited (a fast peer already in its next reduction) also means "arrived".  The
+        counter lives in device memory, not in a kernel argument, so a CUDA graph replays this
+        correctly.  The release store (after the CTA barrier, so it covers every thread's
+        earlier writes) and the acquire loads are at system scope: the flags are written over
+        NVLink."""
+        mine = tl.load(Flags + ME).to(tl.pointer_type(tl.int64))
+        epoch = tl.load(mine + ME * MAX_PROGRAMS + pid) + 1
+        tl.store(mine + ME * MAX_PROGRAMS + pid, epoch)
+        tl.debug_barrier()
+        for r in tl.static_range(WORLD):
+            if r != ME:
+                peer = tl.load(Flags + r).to(tl.pointer_type(tl.int64))
+                tl.atomic_xchg(peer + ME * MAX_PROGRAMS + pid, epoch, sem="release", scope="sys")
+        for r in tl.static_range(WORLD):
+            if r != ME:
+                while tl.atomic_add(mine + r * MAX_PROGRAMS + pid, 0, sem="acquire", scope="sys") < epoch:
+                    pass
+        tl.debug_barrier()
+
+    @triton.jit
     def _reduce_add_rms_norm_kernel(
-        Parts, Res, W, Out, ResOut,
-        stride_r, stride_o, stride_ro,
+        Parts, Flags, Res, W, Out, ResOut,
+        n_rows, stride_r, stride_o, stride_ro,
         n_cols, eps,
         WORLD: tl.constexpr, BLOCK: tl.constexpr,
+        SYNC: tl.constexpr, ME: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
     ):
         # ``Parts`` holds WORLD addresses of contiguous ``[rows, n_cols]`` partial sums (the
         # ranks' buffers, peers' ones mapped into this GPU's address space).  They are summed
         # in fp32 in rank order, so every rank computes the same bits, and rounded to the
-        # activation dtype as an all-reduce's result is, before the residual add.
-        row = tl.program_id(0).to(tl.int64)
+        # activation dtype as an all-reduce's result is, before the residual add.  With SYNC
+        # the grid is at most one program per SM (all resident at once, so the spin-waits of
+        # the barrier cannot starve a peer's program of its turn) and each program takes rows
+        # pid, pid + grid, ...; without it, one program per row.
+        pid = tl.program_id(0)
+        if SYNC:
+            _rank_barrier(Flags, pid, ME, WORLD, MAX_PROGRAMS)
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
         dtype = Res.dtype.element_ty
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in tl.static_range(WORLD):
-            part = tl.load(Parts + r).to(tl.pointer_type(dtype))
-            acc += tl.load(part + row * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-        _add_rms_norm_row(acc.to(dtype), Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro,
-                          n_cols, eps, True)
+        # int64 rows (from an int64 start): offsets past 2**31 elements stay right.
+        for row64 in range(pid.to(tl.int64), n_rows, tl.num_programs(0)):
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for r in tl.static_range(WORLD):
+                part = tl.load(Parts + r).to(tl.pointer_type(dtype))
+                acc += tl.load(part + row64 * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+            _add_rms_norm_row(acc.to(dtype), Res, W, Out, ResOut, row64, offs, mask, stride_r, stride_o, stride_ro,
+                              n_cols, eps, True)
 
     @triton.jit
     def _norm_rope_heads(
@@ -368,14 +407,38 @@ def fused_add_rms_norm_triton(
     return out, res_out
 
 
+@dataclasses.dataclass(frozen=True)
+class RankBarrier:
+    """What :func:`reduce_add_rms_norm_triton` needs to wait for the other ranks itself: ``flags``
+    (int64 ``[world]`` on the device: the address of every rank's int64 ``[world,
+    max_programs]`` flags, zeroed before first use, as every GPU addresses them), this rank's
+    index, and the grid's cap (at most the number of SMs, so all programs are resident)."""
+
+    flags: torch.Tensor
+    rank: int
+    max_programs: int
+
+    def __post_init__(self) -> None:
+        if self.flags.dim() != 1 or self.flags.dtype != torch.int64:
+            raise ValueError(f"flags must be a 1-D int64 tensor of addresses, got {tuple(self.flags.shape)} "
+                             f"{self.flags.dtype}")
+        if not 0 <= self.rank < self.flags.numel():
+            raise ValueError(f"rank {self.rank} is not one of the {self.flags.numel()} ranks")
+        if self.max_programs < 1:
+            raise ValueError(f"max_programs must be positive, got {self.max_programs}")
+
+
 def reduce_add_rms_norm_triton(
-    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, num_warps: int | None = None
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, num_warps: int | None = None,
+    barrier: RankBarrier | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(s + residual), s + residual)`` where ``s`` is the sum of the ``[rows, n]``
     tensors (``residual``'s shape and dtype, contiguous) whose addresses ``parts`` (int64
     ``[world]``, on ``residual``'s device) holds: a cross-rank reduction fused with what follows
-    it, for tensor-parallel ranks whose partial sums every GPU can read.  The caller makes sure
-    the partial sums are complete and visible before this runs."""
+    it, for tensor-parallel ranks whose partial sums every GPU can read.  Without ``barrier``
+    the caller makes sure the partial sums are complete and visible before this runs; with it
+    the kernel's programs wait for their peers themselves (see ``_rank_barrier``), every rank
+    calling this at the same point with the same shapes."""
     _require_triton()
     _check_last_dim("residual", residual)
     n = residual.shape[-1]
@@ -383,17 +446,24 @@ def reduce_add_rms_norm_triton(
     if parts.dim() != 1 or parts.dtype != torch.int64 or parts.device != residual.device or parts.numel() < 1:
         raise ValueError(f"parts must be a 1-D int64 tensor of addresses on {residual.device}, got "
                          f"{tuple(parts.shape)} {parts.dtype} on {parts.device}")
+    if barrier is not None and (barrier.flags.numel() != parts.numel() or barrier.flags.device != parts.device):
+        raise ValueError(f"barrier flags must match parts ({parts.numel()} ranks on {parts.device}), got "
+                         f"{barrier.flags.numel()} on {barrier.flags.device}")
     out = torch.empty(residual.shape, dtype=torch.promote_types(weight.dtype, residual.dtype), device=residual.device)
     res_out = torch.empty_like(residual)
     r2, o2, ro2 = _rows(residual), _rows(out), _rows(res_out)
-    if r2.shape[0] == 0:
+    rows = r2.shape[0]
+    if rows == 0:
         return out, res_out
     block = triton.next_power_of_2(n)
-    _reduce_add_rms_norm_kernel[(r2.shape[0],)](
-        parts, r2, weight, o2, ro2,
-        r2.stride(0), o2.stride(0), ro2.stride(0),
+    grid = rows if barrier is None else min(rows, barrier.max_programs)
+    _reduce_add_rms_norm_kernel[(grid,)](
+        parts, parts if barrier is None else barrier.flags, r2, weight, o2, ro2,
+        rows, r2.stride(0), o2.stride(0), ro2.stride(0),
         n, eps,
         WORLD=parts.numel(), BLOCK=block,
+        SYNC=barrier is not None, ME=0 if barrier is None else barrier.rank,
+        MAX_PROGRAMS=1 if barrier is None else barrier.max_programs,
         num_warps=num_warps or _norm_warps(block),
     )
     return out, res_out
