@@ -89,7 +89,7 @@ class P2PAllReduce(AllReduce):
         self.dtype = buffer.dtype
         self.fused_num_warps: int | None = None  # None: the norm kernels' default (for tuning)
         self.in_kernel_barrier = True  # False: torch's barrier kernel before the reduction (for A/B timing)
-        self._flags = flags
+        self._flags = flags  # held: peers write into it for as long as this instance serves
         flag_ptrs: list[int] = list(flags_handle.buffer_ptrs)  # type: ignore[attr-defined]
         self._barrier = RankBarrier(torch.tensor(flag_ptrs, dtype=torch.int64, device=buffer.device),
                                     handle.rank, max_programs)  # type: ignore[attr-defined]
