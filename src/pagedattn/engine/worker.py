@@ -59,6 +59,11 @@ class WorkerConfig:
     seed: int = 0
     tp_size: int = 1
 
+    @property
+    def graph_max_batch(self) -> int:
+        """The largest decode batch captured as a CUDA graph on a GPU (0: none, eager only)."""
+        return 0 if self.enforce_eager else min(self.max_num_seqs, self.cuda_graph_max_batch)
+
 
 class Collectives(Protocol):
     """The few cross-rank operations worker start-up needs (no-ops for a single rank)."""
@@ -179,8 +184,8 @@ class Worker:
         cfg = self.config
         self.pool = KVCachePool(self.spec, num_blocks, self.device, self.num_cpu_blocks)
         self.runner = ModelRunner(self.model, self.pool, self.backend)
-        if self.device.type == "cuda" and not cfg.enforce_eager:
-            self.runner.capture_decode_graphs(min(cfg.max_num_seqs, cfg.cuda_graph_max_batch), cfg.max_model_len)
+        if self.device.type == "cuda" and cfg.graph_max_batch:
+            self.runner.capture_decode_graphs(cfg.graph_max_batch, cfg.max_model_len)
 
     def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         assert self.runner is not None, "init_cache first"
@@ -231,8 +236,7 @@ def _decode_bytes(worker: Worker) -> int:
     """Bytes of a decode step's activations ``[rows, hidden]`` at the largest batch captured
     as a CUDA graph (0 without graphs)."""
     cfg = worker.config
-    rows = 0 if cfg.enforce_eager else min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
-    return rows * worker.model.config.hidden_size * cfg.dtype.itemsize
+    return cfg.graph_max_batch * worker.model.config.hidden_size * cfg.dtype.itemsize
 
 
 def start_worker(config: WorkerConfig, tp_rank: int, device: torch.device, coll: Collectives) -> Worker:
