@@ -478,6 +478,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def _speedups(runs: dict[int, dict[str, Any]], ref: dict[str, Any] | None, key: str) -> dict[str, float]:
+    """``runs[tp][key] / ref[key]`` per TP size, where both figures exist (a run with no request
+    finishing has no full-batch figure)."""
+    if not ref or not ref[key]:
+        return {}
+    return {str(tp): r[key] / ref[key] for tp, r in runs.items() if r[key]}
+
+
 def compare(results: dict[int, dict[str, Any]], n: str, ref_tp: int) -> dict[str, Any]:
     """One request count across TP sizes: throughput, speed-up over ``ref_tp``, agreement with it."""
     runs = {tp: r["runs"][n] for tp, r in results.items()}
@@ -486,13 +494,9 @@ def compare(results: dict[int, dict[str, Any]], n: str, ref_tp: int) -> dict[str
     return {
         "results": {str(tp): {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs", "checked")}
                     for tp, r in runs.items()},
-        "decode_speedup": {str(tp): r["decode_tok_per_s"] / ref["decode_tok_per_s"] for tp, r in runs.items()}
-        if ref else {},
-        "decode_phase_speedup": {str(tp): r["decode_phase_tok_per_s"] / ref["decode_phase_tok_per_s"]
-                                 for tp, r in runs.items()} if ref else {},
-        "full_batch_speedup": {str(tp): r["full_batch_tok_per_s"] / ref["full_batch_tok_per_s"]
-                               for tp, r in runs.items() if r["full_batch_tok_per_s"] and ref["full_batch_tok_per_s"]}
-        if ref else {},
+        "decode_speedup": _speedups(runs, ref, "decode_tok_per_s"),
+        "decode_phase_speedup": _speedups(runs, ref, "decode_phase_tok_per_s"),
+        "full_batch_speedup": _speedups(runs, ref, "full_batch_tok_per_s"),
         "greedy_agreement": {str(tp): agreement(ref["tokens"], r["tokens"]) for tp, r in others.items()},
         "near_tie_agreement": {str(tp): near_tie_agreement(ref["checked"], r["checked"]) for tp, r in others.items()},
         "first_token_logprobs": {str(tp): logprob_agreement(ref["first_logprobs"], r["first_logprobs"])
