@@ -265,6 +265,27 @@ class PagedKVMachine(RuleBasedStateMachine):
         for s in group:
             self.seqs[s].on_cpu = False
 
+    @precondition(lambda self: self._ids(on_cpu=True))
+    @rule(data=st.data())
+    def resume(self, data: st.DataObject) -> None:
+        """Swap a group back in and give each sequence the slot of one more token: it takes
+        the blocks ``blocks_to_resume`` says (the scheduler's admission check), exactly where no
+        sliding window releases blocks on the way."""
+        group = data.draw(st.lists(st.sampled_from(sorted(self._ids(on_cpu=True))),
+                                   min_size=1, max_size=3, unique=True))
+        need = self.bm.blocks_to_resume(group, [self.seqs[s].computed for s in group])
+        free = self.bm.num_free_blocks
+        if need > free:
+            return
+        self.pool.swap_in(self.bm.swap_in(group))
+        for s in group:
+            self.seqs[s].on_cpu = False
+            assert self._grow(s, [data.draw(st.integers(0, VOCAB - 1))])
+        if self.window is None:
+            assert free - self.bm.num_free_blocks == need
+        else:  # blocks that leave the window on the way may come back to the pool
+            assert free - self.bm.num_free_blocks <= need
+
     @rule(data=st.data(), extra_key=st.sampled_from([None, "lora"]))
     def lookup(self, data: st.DataObject, extra_key: object) -> None:
         self._check_match(self._prompt(data), extra_key)

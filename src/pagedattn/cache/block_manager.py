@@ -316,11 +316,40 @@ class BlockManager:
         return len(self._unique_blocks(seq_ids)) <= self.cpu.num_free
 
     def can_swap_in(self, seq_ids: Sequence[SeqId]) -> bool:
-        return self.num_swap_blocks(seq_ids) <= self.num_free_blocks
+        return self._swap_in_cost(self._unique_blocks(seq_ids), self._cached_twins(seq_ids)) <= self.num_free_blocks
 
-    def num_swap_blocks(self, seq_ids: Sequence[SeqId]) -> int:
-        """Distinct blocks a swap of this group moves (shared blocks count once)."""
-        return len(self._unique_blocks(seq_ids))
+    def _swap_in_cost(self, cpu_blocks: list[int], twins: dict[int, int]) -> int:
+        """Blocks a swap-in takes from the pool: a fresh one per CPU block whose contents the
+        prefix cache no longer holds, and each parked twin it revives."""
+        return sum(b not in twins for b in cpu_blocks) + sum(self.cache.is_parked(t) for t in set(twins.values()))
+
+    def blocks_to_resume(self, seq_ids: Sequence[SeqId], positions: Sequence[int]) -> int:
+        """Blocks that swapping this group back in, then making position ``positions[i]``
+        writable for sequence ``seq_ids[i]``, takes from the pool: exact, so a group that needs
+        the whole pool is not kept waiting for more than it has.
+
+        Fresh blocks for the swapped contents (not for those the prefix cache still holds on the
+        GPU, unless parked there), a new block where a position starts one, and a copy-on-write
+        copy for each writer of a shared block (the last writer of a block shared only inside
+        the group writes in place)."""
+        twins = self._cached_twins(seq_ids)
+        need = self._swap_in_cost(self._unique_blocks(seq_ids), twins)
+        refs: dict[int, int] = {}
+        writers: dict[int, int] = {}
+        for s, pos in zip(seq_ids, positions):
+            blocks = self._seqs[s].blocks
+            for b in blocks:
+                if b != NULL_BLOCK:
+                    refs[b] = refs.get(b, 0) + 1
+            i = pos // self.block_size
+            if i >= len(blocks):
+                need += 1
+            elif blocks[i] != NULL_BLOCK:
+                writers[blocks[i]] = writers.get(blocks[i], 0) + 1
+        for b, w in writers.items():
+            held_elsewhere = b in twins and not self.cache.is_parked(twins[b])
+            need += w if held_elsewhere or refs[b] > w else w - 1
+        return need
 
     def swap_out(self, seq_ids: Sequence[SeqId]) -> list[tuple[int, int]]:
         """Move a group of sequences (e.g. siblings of one request) to the CPU pool.
@@ -339,12 +368,13 @@ class BlockManager:
             if self._seqs[s].on_cpu == to_cpu:
                 raise RuntimeError(f"sequence {s!r} is already on the {'cpu' if to_cpu else 'gpu'}")
         src_blocks = self._unique_blocks(seq_ids)
+        cached = {} if to_cpu else self._cached_twins(seq_ids)
+        need = len(src_blocks) if to_cpu else self._swap_in_cost(src_blocks, cached)
         room = self.cpu.num_free if to_cpu else self.num_free_blocks
-        if len(src_blocks) > room:
-            raise OutOfBlocksError(len(src_blocks), room, "cpu" if to_cpu else "gpu")
+        if need > room:
+            raise OutOfBlocksError(need, room, "cpu" if to_cpu else "gpu")
         mapping: dict[int, int] = {}
         copies: list[tuple[int, int]] = []
-        cached = {} if to_cpu else self._cached_twins(seq_ids)
         # Identical contents are still on the GPU: share, don't copy.  Pin every twin before
         # taking any fresh block, or _take_fresh could evict a parked twin and hand it out as
         # the copy target of another block.  Two CPU blocks may share one twin (equal blocks

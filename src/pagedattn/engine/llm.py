@@ -173,10 +173,13 @@ class LLM:
             params = [SamplingParams()] * len(plist)
         elif isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(plist)
-        else:
+        elif isinstance(sampling_params, (list, tuple)) and all(isinstance(p, SamplingParams) for p in sampling_params):
             params = list(sampling_params)
             if len(params) != len(plist):
                 raise ValueError(f"sampling_params: got {len(params)} for {len(plist)} prompts")
+        else:
+            raise ValueError("sampling_params: must be a SamplingParams or a list of them, "
+                             f"got {type(sampling_params).__name__}")
         # Validate everything before queueing anything: a bad prompt must not leave others half-run.
         tokenized = []
         for i, (p, sp) in enumerate(zip(plist, params)):

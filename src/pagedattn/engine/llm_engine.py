@@ -183,20 +183,23 @@ class LLMEngine:
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("prompt dict needs 'prompt_token_ids' or 'prompt'")
+                text = prompt.get("prompt")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"prompt: must be a string, got {type(text).__name__}")
+                return text, _token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
+            if "prompt" not in prompt:
+                raise ValueError("prompt: a prompt dict needs 'prompt_token_ids' or 'prompt'")
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: empty string")
+            _check_unicode(prompt, "prompt")
             if self.tokenizer is None:
                 raise ValueError("prompt: this model folder has no tokenizer; pass token ids instead")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string, a list of token ids or a dict; got {type(prompt).__name__}")
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_ids(prompt, "prompt")
+        raise ValueError(f"prompt: must be a string, a list of token ids or a dict; got {type(prompt).__name__}")
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Every check a request must pass, before it touches any engine state."""
@@ -208,6 +211,11 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.stop_token_ids or () if t >= vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"SamplingParams.logprobs: {params.logprobs} is more than the vocabulary's {vocab} tokens")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt: {len(prompt_ids)} tokens does not fit the model's context of {self.max_model_len} "
@@ -294,11 +302,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ overlapped decode
     def _overlappable(self, sched: SchedulerOutput) -> bool:
-        """Pure decode, every sequence samples one token, no logprobs, no fan-out to siblings."""
+        """Pure decode, every sequence samples one token, no logprobs, no fan-out to siblings, no
+        token masked (min_tokens reached: it stays reached for the lookahead steps that follow)."""
         if not self.async_scheduling or sched.is_empty:
             return False
         for s in sched.scheduled:
             if s.num_new_tokens != 1 or not s.samples or s.request.params.logprobs is not None:
+                return False
+            if s.seq.num_output_tokens < s.request.params.min_tokens:
                 return False
             if len(s.request.seqs) > 1 and not s.request.prefill_done:
                 return False
@@ -307,7 +318,7 @@ class LLMEngine:
     def _launch(self, sched: SchedulerOutput, targets: list[tuple[Sequence, Request]], out: torch.Tensor,
                 greedy: bool, batch: SamplingBatch | None = None) -> _Inflight:
         """Sample the step's logits ``out`` (or take its greedy tokens) and start their copy to the host."""
-        batch = batch or self.sampler.prepare([SamplingRow(req.params, seq.generator) for seq, req in targets])
+        batch = batch or self.sampler.prepare([self._sampling_row(seq, req) for seq, req in targets])
         tokens = out if greedy else self.sampler.sample(out, batch)
         if not tokens.is_cuda:
             return _Inflight(sched, targets, batch, tokens, tokens, None, greedy)
@@ -404,35 +415,94 @@ class LLMEngine:
         if greedy:
             n = len(targets)
             return self._apply(targets, out.tolist(), [None] * n, [None] * n)
-        sampled = self.sampler(out, [SamplingRow(req.params, seq.generator) for seq, req in targets])
+        rows_in = [self._sampling_row(seq, req) for seq, req in targets]
+        try:
+            sampled = self.sampler(out, rows_in)
+        except Exception:  # find the row at fault: sample each alone, fail only the ones that raise
+            return self._sample_rows_alone(targets, out, rows_in)
         return self._apply(targets, sampled.token_ids, sampled.logprobs, sampled.sampled_logprobs)
+
+    def _sampling_row(self, seq: Sequence, req: Request) -> SamplingRow:
+        p = req.params
+        banned: list[int] = []
+        if seq.num_output_tokens < p.min_tokens:
+            banned = [*(() if p.ignore_eos else sorted(self.eos_token_ids)), *(p.stop_token_ids or ())]
+        return SamplingRow(p, seq.generator, banned)
+
+    def _sample_rows_alone(self, targets: list[tuple[Sequence, Request]], out: torch.Tensor,
+                           rows: list[SamplingRow]) -> list[Request]:
+        ok: list[tuple[Sequence, Request]] = []
+        toks: list[int] = []
+        lps: list[dict[int, float] | None] = []
+        slps: list[float | None] = []
+        for i, ((seq, req), row) in enumerate(zip(targets, rows)):
+            try:
+                one = self.sampler(out[i:i + 1], [row])
+            except Exception as e:
+                self._fail(req, e)
+                continue
+            ok.append((seq, req))
+            toks.append(one.token_ids[0])
+            lps.append(one.logprobs[0])
+            slps.append(one.sampled_logprobs[0])
+        touched = {r.request_id: r for r in self._apply(ok, toks, lps, slps)}
+        touched.update((req.request_id, req) for _, req in targets if req.error is not None)
+        return list(touched.values())
 
     def _apply(self, targets: list[tuple[Sequence, Request]], token_ids: list[int],
                logprobs: list[dict[int, float] | None], sampled_logprobs: list[float | None]) -> list[Request]:
-        """Append sampled tokens, fork siblings on their first token, check stop conditions."""
-        bm = self.block_manager
+        """Append sampled tokens, fork siblings on their first token, check stop conditions.
+
+        What goes wrong with one sequence (its detokenizer, its stop check) fails its request
+        alone: the request finishes with ``finish_reason="error"``, its blocks are freed and the
+        other requests of the step go on."""
+        self._fork_new_siblings(targets)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for (seq, req), tok, lp, slp in zip(targets, token_ids, logprobs, sampled_logprobs):
-            if seq.index > 0 and seq.num_output_tokens == 0 and not bm.has_seq(seq.seq_id):
-                parent = req.seqs[0]
-                bm.fork(parent.seq_id, seq.seq_id)
-                seq.num_computed_tokens = parent.num_computed_tokens
-            seq.token_ids.append(tok)
-            if lp is not None:
-                seq.logprobs.append(lp)
-                seq.cumulative_logprob += slp or 0.0
-            if req.first_token_time is None:
-                req.first_token_time = now
-            self._check_stop(req, seq, tok)
+            touched[req.request_id] = req
+            if req.error is not None:
+                continue
+            try:
+                self._append(req, seq, tok, lp, slp, now)
+            except Exception as e:
+                self._fail(req, e)
             if seq.finish_reason is not None:
                 self.scheduler.free_seq(seq)
-            touched[req.request_id] = req
         self.num_generated_tokens += len(targets)
         for req in touched.values():
             if req.finished:
                 self.scheduler.finish(req)
         return list(touched.values())
+
+    def _fork_new_siblings(self, targets: list[tuple[Sequence, Request]]) -> None:
+        """Samples 1..n-1 share sample 0's prompt blocks: fork them all before any sample's
+        token is applied (sample 0 may finish on its first token and free its blocks)."""
+        bm = self.block_manager
+        for seq, req in targets:
+            if seq.index > 0 and seq.num_output_tokens == 0 and not bm.has_seq(seq.seq_id):
+                parent = req.seqs[0]
+                bm.fork(parent.seq_id, seq.seq_id)
+                seq.num_computed_tokens = parent.num_computed_tokens
+
+    def _append(self, req: Request, seq: Sequence, tok: int, lp: dict[int, float] | None, slp: float | None,
+                now: float) -> None:
+        seq.token_ids.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += slp or 0.0
+        if req.first_token_time is None:
+            req.first_token_time = now
+        self._check_stop(req, seq, tok)
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        """Finish ``req`` now with ``finish_reason="error"`` and free its blocks."""
+        logger.error("request %s failed", req.request_id, exc_info=(type(error), error, error.__traceback__))
+        req.error = f"{type(error).__name__}: {error}"
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "error"
+        self.scheduler.finish(req)
 
     def _check_stop(self, req: Request, seq: Sequence, tok: int) -> None:
         p = req.params
@@ -485,7 +555,8 @@ class LLMEngine:
         m = {"arrival_time": req.arrival_time}
         if req.first_token_time is not None:
             m["first_token_time"] = req.first_token_time
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics=m)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics=m,
+                             error=req.error)
 
     def _step_stats(self, sched: SchedulerOutput) -> dict[str, int]:
         bm = self.block_manager
@@ -543,3 +614,20 @@ class LLMEngine:
         if tracer is not None:
             tracer.close()
         return tracer
+
+
+def _token_ids(ids: object, name: str) -> list[int]:
+    """A prompt's token ids as a list of ints; a ValueError naming ``name`` for anything else."""
+    if isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return list(ids)
+    what = type(ids).__name__ if not isinstance(ids, (list, tuple)) else \
+        f"a list holding {next(type(t).__name__ for t in ids if not isinstance(t, int) or isinstance(t, bool))}"
+    raise ValueError(f"{name}: must be a list of integer token ids, got {what}")
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """Text the tokenizer can take: no lone surrogates (JSON's "\\ud800" or Python's "\\udc80")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: not valid Unicode text ({e.reason} at character {e.start})") from None

@@ -77,8 +77,7 @@ class StepBuilder:
 
     def build(self, sched: SchedulerOutput) -> StepInput:
         step = StepInput(kv_ops=list(sched.kv_ops))
-        step.greedy = all(s.request.params.greedy and s.request.params.logprobs is None
-                          for s in sched.scheduled if s.samples)
+        step.greedy = all(s.request.params.plain_greedy for s in sched.scheduled if s.samples)
         tokens: list[int] = []
         assert step.token_ids is not None
         table_of = self.bm.block_table

@@ -10,6 +10,7 @@ from ``p`` exactly, and lets seeded and unseeded rows share one code path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from .sampling_params import SamplingParams
 class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None
+    banned: Sequence[int] = ()  # token ids this row may not sample now (EOS before min_tokens)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class SamplingBatch:
     min_p: torch.Tensor | None = None  # [n, 1]
     greedy_mask: torch.Tensor | None = None  # [n]
     seeded: list[int] = field(default_factory=list)  # rows with their own generator
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -97,6 +100,10 @@ class Sampler:
         dev = self.device
         greedy = [r.params.greedy for r in rows]
         b = SamplingBatch(rows, greedy, all(greedy), any(r.params.logprobs is not None for r in rows))
+        pairs = [(i, t) for i, r in enumerate(rows) for t in r.banned]
+        if pairs:
+            banned_rows, banned_ids = (to_device(list(col), torch.long, dev) for col in zip(*pairs))
+            b.banned = (banned_rows, banned_ids)
         if b.all_greedy:
             return b
         b.temperature = to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
@@ -119,6 +126,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """Tokens ``[n]`` on the device; nothing here waits for the device."""
         assert logits.shape[0] == len(b.rows)
+        if b.banned is not None:
+            logits = logits.index_put(b.banned, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
         if b.all_greedy:
             # In the model's dtype: widening to fp32 is exact and order-preserving, so the
             # indices are the same, without a copy of the logits.

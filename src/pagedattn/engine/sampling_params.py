@@ -1,8 +1,17 @@
-"""Sampling parameters (vLLM's names and defaults), validated on construction."""
+"""Sampling parameters (vLLM's names and defaults), validated on construction.
+
+Every field is checked for its type and range here, so a bad value is a ``ValueError`` naming
+it before any work starts; checks that need the model (token ids inside the vocabulary,
+``logprobs`` at most the vocabulary size) run in ``LLMEngine.validate``.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -14,6 +23,8 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16  # None: up to the model's context length
+    # EOS and stop_token_ids are masked out of the logits until this many tokens were
+    # generated (as vLLM and HF do), and stop strings are not checked before then.
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -24,39 +35,36 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name}: {why} (got {getattr(self, name)!r})")
+        _check_int(self, "n", 1)
+        _check_float(self, "temperature", lambda v: v >= 0, "must be a finite number >= 0")
+        _check_float(self, "top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+        _check_int(self, "top_k", -1, "must be -1 (disabled), 0 (disabled) or a positive integer")
+        _check_float(self, "min_p", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+        _check_int(self, "max_tokens", 1, optional=True)
+        _check_int(self, "min_tokens", 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _bad(self, "min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        _check_int(self, "seed", _I64_MIN, "must be an int64 or None", optional=True, hi=_I64_MAX)
+        _check_int(self, "logprobs", 0, optional=True)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(self, name, "must be true or false")
+        self.stop_list = self._stop_strings()
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) \
+                    or any(not _is_int(t) or t < 0 for t in ids):
+                raise _bad(self, "stop_token_ids", "must be a list of non-negative token ids")
+            self.stop_token_ids = list(ids)
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", "must be -1 (disabled), 0 (disabled) or a positive integer")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "must be an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "must be an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer or None")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", "must be an integer >= 0 or None")
-        if isinstance(self.stop, str):
-            self.stop_list = [self.stop]
-        elif self.stop is None:
-            self.stop_list = []
-        else:
-            self.stop_list = list(self.stop)
-        if any(not isinstance(s, str) or not s for s in self.stop_list):
-            raise bad("stop", "must be a non-empty string or a list of them")
-        if self.stop_token_ids is not None and any(
-            not isinstance(t, int) or t < 0 for t in self.stop_token_ids
-        ):
-            raise bad("stop_token_ids", "must be a list of non-negative token ids")
+    def _stop_strings(self) -> list[str]:
+        stop = self.stop
+        if stop is None:
+            return []
+        items = [stop] if isinstance(stop, str) else stop
+        if not isinstance(items, Sequence) or any(not isinstance(s, str) or not s for s in items):
+            raise _bad(self, "stop", "must be a non-empty string or a list of them")
+        return list(items)
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +74,31 @@ class SamplingParams:
     def top_k_active(self) -> bool:
         return self.top_k > 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the logits on the host side: no logprobs and no
+        masks (min_tokens).  Such rows can take the model runner's on-device argmax."""
+        return self.greedy and self.logprobs is None and self.min_tokens == 0
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _bad(p: SamplingParams, name: str, why: str) -> ValueError:
+    return ValueError(f"SamplingParams.{name}: {why} (got {getattr(p, name)!r})")
+
+
+def _check_int(p: SamplingParams, name: str, lo: int, why: str | None = None, *, optional: bool = False,
+               hi: int = _I64_MAX) -> None:
+    v = getattr(p, name)
+    if v is None and optional:
+        return
+    if not _is_int(v) or not lo <= v <= hi:
+        raise _bad(p, name, why or f"must be an integer >= {lo}" + (" or None" if optional else ""))
+
+
+def _check_float(p: SamplingParams, name: str, ok: Callable[[float], bool], why: str) -> None:
+    v = getattr(p, name)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
+        raise _bad(p, name, why)

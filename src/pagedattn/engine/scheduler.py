@@ -146,8 +146,10 @@ class Scheduler:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.swapped[0]
             seqs = self._active_seqs(req)
-            ids = [s.seq_id for s in seqs if self.bm.has_seq(s.seq_id)]
-            need = self.bm.num_swap_blocks(ids) + len(seqs)
+            held = [s for s in seqs if self.bm.has_seq(s.seq_id)]
+            ids = [s.seq_id for s in held]
+            # Exact, not padded: a request that needs the whole pool must still get back in.
+            need = self.bm.blocks_to_resume(ids, [s.num_computed_tokens for s in held]) + len(seqs) - len(held)
             if not self.bm.can_allocate(need) or budget < len(seqs):
                 break
             self.swapped.popleft()

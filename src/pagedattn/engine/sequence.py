@@ -79,6 +79,7 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     stream: bool = True  # report partial outputs every step (False: only when finished)
+    error: str | None = None  # set when the request failed alone (finish_reason "error")
 
     def __post_init__(self) -> None:
         if not self.seqs:
