@@ -22,7 +22,7 @@ from ..distributed.executor import Executor, check_tp_size, make_executor
 from ..distributed.group import DEFAULT_TIMEOUT_S, TorchrunEnv
 from ..distributed.worker_loop import run_torchrun_worker
 from ..models.loader import check_load_format, load_tokenizer, resolve_model_source
-from .detokenizer import detokenize_incrementally
+from .detokenizer import detokenize_incrementally, finish_detokenizing
 from .model_runner import StepBuilder
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler, SamplingBatch, SamplingRow, to_device
@@ -468,6 +468,7 @@ class LLMEngine:
             except Exception as e:
                 self._fail(req, e)
             if seq.finish_reason is not None:
+                self._finish_text(req, seq)
                 self.scheduler.free_seq(seq)
         self.num_generated_tokens += len(targets)
         for req in touched.values():
@@ -520,6 +521,16 @@ class LLMEngine:
                 return
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
+
+    def _finish_text(self, req: Request, seq: Sequence) -> None:
+        """A finished sequence gets the text its detokenizer still held back (a character or byte
+        run cut off at the end), which may hold a stop string."""
+        p = req.params
+        if self.tokenizer is None or isinstance(seq.stop_reason, str):  # a stop string already cut the text
+            return
+        finish_detokenizing(self.tokenizer, seq, p.skip_special_tokens)
+        if p.stop_list and seq.num_output_tokens >= p.min_tokens:
+            self._check_stop_strings(seq, p)
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, p: SamplingParams) -> bool:

@@ -40,9 +40,7 @@ class Sequence:
     generator: torch.Generator | None = None
     # Incremental detokenisation state (see .detokenizer).
     text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
-    decode_stream: Any = field(default=None, repr=False, compare=False)  # DecodeStream; False: offsets
+    detok: Any = field(default=None, repr=False, compare=False)
     stop_checked_len: int = 0  # characters of ``text`` already checked for stop strings
 
     @property

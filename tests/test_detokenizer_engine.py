@@ -1,0 +1,106 @@
+"""Byte-fallback vocabularies end to end: generation whose tokens land on byte tokens (split
+characters, stray bytes that turn a run into U+FFFD) runs to the end, and every finished text is
+the tokenizer's decode of the output tokens, cut at the first stop string; through ``LLM``, the
+OpenAI server's streaming, and a model read from GGUF.
+
+The model is a tiny random Llama with near-uniform output, so at temperature 1 about two tokens
+in three are byte tokens (the vocabulary is the 256 bytes and some 150 pieces).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+import transformers
+
+from pagedattn import LLM, SamplingParams
+
+from .server_harness import make_async_engine, start_server
+from .test_detokenizer import expected_text, llama_tokenizer, write_llama_gguf
+
+KW: dict[str, Any] = dict(device="cpu", block_size=16, num_kv_blocks=256, swap_space_gib=0.05)
+PROMPTS = ["I like ☕ and", "Tell me something:", "日本"]
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tok = llama_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   initializer_range=0.002, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("byte-llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(byte_model: Path) -> LLM:
+    return LLM(str(byte_model), **KW)
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    return random.Random(f"{request.node.name}-{time.time_ns()}").randrange(1 << 30)
+
+
+def _check_texts(llm: LLM, outs: list[Any]) -> list[tuple[list[int], Any]]:
+    tok = llm.engine.tokenizer
+    done = []
+    for o in outs:
+        for c in o.outputs:
+            assert c.text == expected_text(tok, o.prompt_token_ids, c.token_ids, True)
+            done.append((o.prompt_token_ids, c))
+    return done
+
+
+def test_sampling_onto_byte_tokens_gives_the_full_decode(llm: LLM, seed: int) -> None:
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=seed, ignore_eos=True)
+    done = _check_texts(llm, llm.generate(PROMPTS, params, use_tqdm=False))
+    assert sum(c.text.count("\ufffd") for _, c in done) > 0  # stray bytes were sampled
+    # Stop strings cut from those texts where they span byte tokens: the rerun ends where the
+    # string first occurs, whether it came out while streaming or with the held-back end.
+    for prompt, c in done[:12:4]:  # one sample of each prompt
+        multi = [i for i, ch in enumerate(c.text) if ord(ch) > 127] or [len(c.text) // 2]
+        k = multi[len(multi) // 2]
+        stop = c.text[max(0, k - 1):k + 2]
+        (o,) = llm.generate({"prompt_token_ids": prompt}, SamplingParams(
+            n=4, temperature=1.0, max_tokens=24, seed=seed, ignore_eos=True, stop=[stop]), use_tqdm=False)
+        got = o.outputs[c.index]
+        assert got.text == c.text[:c.text.find(stop)] and got.stop_reason == stop
+
+
+def test_server_streaming_of_byte_tokens(byte_model: Path, llm: LLM, seed: int) -> None:
+    srv = start_server(make_async_engine(byte_model, num_kv_blocks=256), name="byte-llama")
+    try:
+        client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        kw: dict[str, Any] = dict(model="byte-llama", prompt=PROMPTS[0], max_tokens=24, n=3, temperature=1.0,
+                                  seed=seed, extra_body={"ignore_eos": True})
+        streamed: dict[int, str] = {}
+        for chunk in client.completions.create(stream=True, **kw):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + c.text
+    finally:
+        srv.stop()
+    (want,) = llm.generate(PROMPTS[0], SamplingParams(n=3, temperature=1.0, max_tokens=24, seed=seed,
+                                                       ignore_eos=True), use_tqdm=False)
+    _check_texts(llm, [want])
+    assert streamed == {c.index: c.text for c in want.outputs}
+
+
+def test_gguf_llama_vocabulary_generates_the_full_decode(tmp_path: Path, seed: int) -> None:
+    """A GGUF with a SentencePiece vocabulary: the loader builds a byte-fallback tokenizer from
+    its metadata, and sampling onto its byte tokens gives the full decode too."""
+    llm = LLM(str(write_llama_gguf(tmp_path / "tiny-llama.gguf", llama_tokenizer())), **KW)
+    tok = llm.engine.tokenizer
+    assert tok.decode(tok.convert_tokens_to_ids(["<0xE2>", "<0x98>", "<0x95>"])) == "☕"
+    assert tok.decode(tok.encode("Hi ☕ 日本 there", add_special_tokens=False)) == "Hi ☕ 日本 there"
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=seed, ignore_eos=True)
+    _check_texts(llm, llm.generate(PROMPTS, params, use_tqdm=False))
