@@ -465,10 +465,11 @@ class LLMEngine:
                 continue
             try:
                 self._append(req, seq, tok, lp, slp, now)
+                if seq.finish_reason is not None:
+                    self._finish_text(req, seq)
             except Exception as e:
                 self._fail(req, e)
             if seq.finish_reason is not None:
-                self._finish_text(req, seq)
                 self.scheduler.free_seq(seq)
         self.num_generated_tokens += len(targets)
         for req in touched.values():
