@@ -238,11 +238,11 @@ def show_state(state: PoolState, run: Run, step: int) -> None:
         n = f"{lens[seq]:3d} tokens" if seq in lens else "not in this step's batch"
         print(f"    seq {seq:>4} ({where}, {n}) -> {fmt_table(state.tables[seq])}")
     ids = " ".join(f"{b:>2d}" for b in range(state.num_blocks))
-    refs = " ".join(f"{r:>2d}" for r in state.refcount)
-    marks = " ".join(" H" if r else (" C" if b in state.evictable else " .") for b, r in enumerate(state.refcount))
+    refs = " ".join(f"{state.ref(b):>2d}" for b in range(state.num_blocks))
+    marks = " ".join({"held": " H", "cached": " C", "free": " ."}[state.status(b)] for b in range(state.num_blocks))
     print(f"    gpu block {ids}\n    refcount  {refs}\n    state     {marks}   (H held, C cached, . free)")
     if state.num_cpu_blocks:
-        print(f"    cpu refcount {' '.join(str(r) for r in state.cpu_refcount)}")
+        print(f"    cpu refcount {' '.join(str(state.cpu_ref(b)) for b in range(state.num_cpu_blocks))}")
 
 
 def show_metrics(m: dict[str, float | int], keys: list[str]) -> None:
@@ -270,7 +270,7 @@ def scene_prefix_and_growth(run: Run, trace: Trace, model_dir: Path, ids: list[s
     show_state(state, run, s)
     t0, t1 = state.tables[first], state.tables[second]
     check(t0[:2] == t1[:2], f"both page tables start with the same two physical pages {t0[:2]}")
-    check(all(state.refcount[b] == 2 for b in t0[:2]), "those pages have refcount 2")
+    check(all(state.ref(b) == 2 for b in t0[:2]), "those pages have refcount 2")
     check(t0[2] != t1[2], "each request has its own third page for the tokens after the prefix")
     check(m_after["prefix_cache_hit_tokens"] == 8, f"prefix cache: 8 of request {ids[1]}'s 10 prompt tokens were hits")
     fwd = run.forward_at(s)
@@ -315,7 +315,7 @@ def scene_cow(run: Run, trace: Trace, rid: str, reference: list[list[int]], figs
     print(f"  step {f}: prompt computed, first token sampled for both samples, sample 1 forked:")
     sf = trace.state_at(f)
     show_state(sf, run, f)
-    check(sf.tables[s0] == sf.tables[s1] and all(sf.refcount[b] == 2 for b in sf.tables[s0]),
+    check(sf.tables[s0] == sf.tables[s1] and all(sf.ref(b) == 2 for b in sf.tables[s0]),
           f"after the fork both samples point at pages {sf.tables[s0]}, each with refcount 2")
     print(f"  step {c}: both samples write position {len(PROMPT_2)}, inside the shared half-full page:")
     sc = trace.state_at(c)
@@ -323,9 +323,9 @@ def scene_cow(run: Run, trace: Trace, rid: str, reference: list[list[int]], figs
     partial = sf.tables[s0][-1]
     check(cow["src"] == partial, f"the copied page is the half-full one ({partial} -> {cow['dst']}), "
           f"taken by the first writer, {cow['seq']}")
-    check(sc.refcount[partial] == 1 and sc.refcount[cow["dst"]] == 1,
+    check(sc.ref(partial) == 1 and sc.ref(cow["dst"]) == 1,
           "the original and its copy now have one owner each; the other sample writes in place")
-    check(sc.refcount[sf.tables[s0][0]] == 2, "the full prompt page stays shared (refcount 2): never written")
+    check(sc.ref(sf.tables[s0][0]) == 2, "the full prompt page stays shared (refcount 2): never written")
     check(m_after["num_cow_copies"] - m_before["num_cow_copies"] == 1, "exactly one copy-on-write copy")
     show_metrics(m_after, ["num_cow_copies"])
     got = run.outputs[rid]
@@ -440,7 +440,8 @@ def scene_window(run: Run, trace: Trace, model_dir: Path, rid: str, figs: list[F
 # ============================================================================ pictures
 def write_pictures(out: Path, figs: list[Figure], main: Trace, window: Trace) -> list[Path]:
     images = out / "images"
-    written = [draw_memory_map(f.trace.state_at(f.step), images / f.name, step=f.step) for f in figs]
+    written = [draw_memory_map(f.trace.state_at(f.step), images / f.name, step=f.step, extent=f.trace.extent())
+               for f in figs]
     written.append(draw_timeline(main, images / "walkthrough_timeline.png"))
     written.append(draw_timeline(window, images / "walkthrough_window_timeline.png"))
     written.append(render_html(main, out / "walkthrough_trace.html",

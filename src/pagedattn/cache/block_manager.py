@@ -12,7 +12,7 @@ because the window masks those positions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,8 +229,8 @@ class BlockManager:
                 st.keys = list(prefix.keys)
                 st.num_released = sum(b == NULL_BLOCK for b in prefix.blocks)
             self._seqs[seq_id] = st
-            self._emit("allocate_seq", seq=seq_id, prefix_blocks=[b for b in st.blocks if b != NULL_BLOCK],
-                       num_released=st.num_released)
+            self._emit("allocate_seq", {"seq": seq_id, "prefix_blocks": [b for b in st.blocks if b != NULL_BLOCK],
+                                        "num_released": st.num_released}, seqs=(seq_id,))
         elif st.on_cpu:
             raise RuntimeError(f"sequence {seq_id!r} is swapped out; swap it in first")
         elif self.blocks_needed(seq_id, num_computed, num_new) > self.num_free_blocks:
@@ -247,7 +247,7 @@ class BlockManager:
             st.num_released += pad
             new = self._take_fresh(need - pad)
             st.blocks.extend(new)
-            self._emit("allocate", seq=seq_id, blocks=new, pad=pad)
+            self._emit("allocate", {"seq": seq_id, "blocks": new, "pad": pad}, gpu=new, seqs=(seq_id,))
         for i in self._cow_targets(st, num_computed, num_new):
             old = st.blocks[i]
             (new_block,) = self._take_fresh(1)
@@ -255,7 +255,7 @@ class BlockManager:
             st.blocks[i] = new_block
             self._pending_copies.append((old, new_block))
             self.stats.num_cow_copies += 1
-            self._emit("cow", seq=seq_id, src=old, dst=new_block)
+            self._emit("cow", {"seq": seq_id, "src": old, "dst": new_block}, gpu=(old, new_block), seqs=(seq_id,))
         return True
 
     def commit(self, seq_id: SeqId, token_ids: Sequence[int], num_computed: int) -> None:
@@ -277,7 +277,7 @@ class BlockManager:
             if b != NULL_BLOCK and not self.cache.is_cached(b) and self.cache.insert(st.keys[i], b):
                 inserted.append(b)
         if inserted:
-            self._emit("cache_insert", seq=seq_id, blocks=inserted)
+            self._emit("cache_insert", {"seq": seq_id, "blocks": inserted}, gpu=inserted)
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """The child shares every block of the parent (refcounts go up; writes will CoW)."""
@@ -290,7 +290,8 @@ class BlockManager:
             if b != NULL_BLOCK:
                 self.gpu.incref(b)
         self._seqs[child_id] = _SeqState(list(p.blocks), list(p.keys), p.extra_key, False, p.num_released)
-        self._emit("fork", seq=child_id, parent=parent_id, blocks=[b for b in p.blocks if b != NULL_BLOCK])
+        shared = [b for b in p.blocks if b != NULL_BLOCK]
+        self._emit("fork", {"seq": child_id, "parent": parent_id, "blocks": shared}, gpu=shared, seqs=(child_id,))
 
     def free(self, seq_id: SeqId) -> None:
         """Drop every block of the sequence.  Tail blocks go first so they are evicted first."""
@@ -303,7 +304,9 @@ class BlockManager:
                 alloc.release(b)
             else:
                 self._drop_ref(b)
-        self._emit("free", seq=seq_id, blocks=[b for b in st.blocks if b != NULL_BLOCK], cpu=st.on_cpu)
+        held = [b for b in st.blocks if b != NULL_BLOCK]
+        self._emit("free", {"seq": seq_id, "blocks": held, "cpu": st.on_cpu}, cpu=held if st.on_cpu else (),
+                   gpu=() if st.on_cpu else held, seqs=(seq_id,))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write pairs ``(src, dst)`` queued since the last call; run them before the
@@ -413,6 +416,7 @@ class BlockManager:
         for b, c in counts.items():
             for _ in range(c - 1):
                 dst_alloc.incref(b)
+        inserted: list[tuple[SeqId, int]] = []
         if to_cpu:
             self.stats.num_swapped_out_blocks += len(copies)
         else:
@@ -422,10 +426,14 @@ class BlockManager:
                     st = self._seqs[s]
                     for b, k in zip(st.blocks, st.keys):
                         if b != NULL_BLOCK and not self.cache.is_cached(b) and self.cache.insert(k, b):
-                            self._emit("cache_insert", seq=s, blocks=[b])
-        self._emit("swap_out" if to_cpu else "swap_in", seqs=list(seq_ids), pairs=copies,
-                   shared=[mapping[c] for c in cached if c in mapping],
-                   tables={s: list(self._seqs[s].blocks) for s in seq_ids})
+                            inserted.append((s, b))
+        # Reported once the whole swap is done, so the state each event carries is the whole pool's.
+        dst_blocks = list(mapping.values())
+        self._emit("swap_out" if to_cpu else "swap_in",
+                   {"seqs": list(seq_ids), "pairs": copies, "shared": [mapping[c] for c in cached if c in mapping]},
+                   gpu=src_blocks if to_cpu else dst_blocks, cpu=dst_blocks if to_cpu else src_blocks, seqs=seq_ids)
+        for s, b in inserted:
+            self._emit("cache_insert", {"seq": s, "blocks": [b]}, gpu=(b,))
         return copies
 
     def _cached_twins(self, seq_ids: Sequence[SeqId]) -> dict[int, int]:
@@ -456,7 +464,7 @@ class BlockManager:
         blocks = self.cache.clear_evictable()
         for b in blocks:
             self.gpu.free(b)
-        self._emit("cache_reset", blocks=blocks)
+        self._emit("cache_reset", {"blocks": blocks}, gpu=blocks)
         return len(blocks)
 
     # ================================================================== integrity
@@ -528,7 +536,7 @@ class BlockManager:
         if upto > st.num_released:
             st.num_released = upto
             self.stats.num_window_released += len(released)
-            self._emit("window_release", seq=seq_id, blocks=released)
+            self._emit("window_release", {"seq": seq_id, "blocks": released}, gpu=released, seqs=(seq_id,))
 
     def _cow_targets(self, st: _SeqState, num_computed: int, num_new: int) -> list[int]:
         if num_new == 0:
@@ -545,7 +553,7 @@ class BlockManager:
         while self.gpu.num_free < n:
             victim = self.cache.evict_lru()
             self.gpu.free(victim)
-            self._emit("evict", block=victim)
+            self._emit("evict", {"block": victim}, gpu=(victim,))
         return self.gpu.allocate(n)
 
     def _take_ref(self, b: int, seq_id: SeqId) -> None:
@@ -553,7 +561,7 @@ class BlockManager:
         if self.cache.is_parked(b):
             self.cache.unpark(b)
         self.gpu.incref(b)
-        self._emit("share", seq=seq_id, block=b, refcount=self.gpu.refcount(b))
+        self._emit("share", {"seq": seq_id, "block": b, "refcount": self.gpu.refcount(b)}, gpu=(b,))
 
     def _drop_ref(self, b: int) -> None:
         if self.gpu.decref(b) == 0:
@@ -562,6 +570,26 @@ class BlockManager:
             else:
                 self.gpu.free(b)
 
-    def _emit(self, kind: str, **fields: Any) -> None:
+    def _emit(self, kind: str, fields: dict[str, Any], *, gpu: Iterable[int] = (), cpu: Iterable[int] = (),
+              seqs: Iterable[SeqId] = ()) -> None:
+        """Report a change to the listener (a trace recorder) together with the state it left: for
+        every GPU / CPU block and sequence the change touched, what the allocators, the prefix cache
+        and the tables now hold.  A viewer then shows the manager's own state and never has to
+        re-derive it from the event (so it cannot drift when these rules change)."""
         if self.listener is not None:
+            fields["state"] = self._state_of(gpu, cpu, seqs)
             self.listener(kind, fields)
+
+    def _state_of(self, gpu: Iterable[int], cpu: Iterable[int], seqs: Iterable[SeqId]) -> dict[str, list[Any]]:
+        """``gpu``: ``[block, refcount, in_prefix_cache, evictable]``; ``cpu``: ``[block, refcount]``;
+        ``seqs``: ``[seq, table, on_cpu]``, with table ``None`` once the sequence is gone."""
+        cache = self.cache
+        out_seqs: list[list[Any]] = []
+        for s in dict.fromkeys(seqs):
+            st = self._seqs.get(s)
+            out_seqs.append([s, None, False] if st is None else [s, list(st.blocks), st.on_cpu])
+        return {
+            "gpu": [[b, self.gpu.refcount(b), cache.is_cached(b), cache.is_parked(b)] for b in dict.fromkeys(gpu)],
+            "cpu": [[b, self.cpu.refcount(b)] for b in dict.fromkeys(cpu)],
+            "seqs": out_seqs,
+        }

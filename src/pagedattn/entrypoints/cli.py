@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Any
 
+from ..viz.trace import check_trace_path
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
@@ -75,6 +77,8 @@ def _sampling_params(args: argparse.Namespace, n: int = 1) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.trace:  # a bad path fails now, not after loading the model and generating
+        check_trace_path(args.trace)
     with build_llm(args) as llm:
         return _generate(llm, args)
 

@@ -1,6 +1,7 @@
 """See the cache: record what the block pool does and draw it.
 
-``TraceRecorder`` / ``load_trace`` / ``snapshot`` need nothing beyond the standard library.
+``TraceRecorder`` / ``load_trace`` / ``snapshot`` / ``check_trace_path`` need nothing beyond the
+standard library.
 The drawing functions need matplotlib (the ``viz`` extra) and import it only when used.
 """
 
@@ -8,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .trace import PoolState, Trace, TraceRecorder, load_trace, snapshot, split_seq_id
+from .trace import (
+    PoolState,
+    Trace,
+    TraceRecorder,
+    TraceWarning,
+    check_trace_path,
+    load_trace,
+    snapshot,
+    split_seq_id,
+)
 
 _LAZY = {
     "draw_memory_map": "draw",
@@ -22,7 +32,9 @@ __all__ = [
     "PoolState",
     "Trace",
     "TraceRecorder",
+    "TraceWarning",
     "add_viz_parser",
+    "check_trace_path",
     "draw_memory_map",
     "draw_timeline",
     "load_trace",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .trace import PoolState, Trace, request_hash, split_seq_id
+from .trace import PoolState, Trace, request_hash, shown_blocks, split_seq_id
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -74,16 +74,25 @@ def grid_columns(n: int) -> int:
     return min(n, 8 * math.ceil(math.sqrt(2 * n) / 8))
 
 
+def round_to_rows(count: int, total: int) -> tuple[int, int]:
+    """``(cells, columns)`` for drawing the first ``count`` blocks of a ``total``-block pool:
+    the grid's columns for ``count``, and ``count`` rounded up to full rows (within the pool)."""
+    cols = grid_columns(count)
+    return min(total, math.ceil(count / cols) * cols), cols
+
+
 # ====================================================================== cells
-def _cells(state: PoolState, on_cpu: bool) -> list[dict[str, Any]]:
-    """One dict per block: face colour, refcount, owners, second request (if shared across)."""
+def _cells(state: PoolState, on_cpu: bool, count: int) -> list[dict[str, Any]]:
+    """One dict per block of the first ``count``: face colour, refcount, owners, second request
+    (if shared across requests)."""
     owners = state.cpu_owners() if on_cpu else state.gpu_owners()
-    refs = state.cpu_refcount if on_cpu else state.refcount
+    refs = state.cpu_refcounts if on_cpu else state.refcounts
     out = []
-    for b, own in enumerate(owners):
-        cell: dict[str, Any] = {"ref": refs[b], "owners": own, "status": "free", "face": FREE_COLOR,
-                                "other": None}
-        if refs[b] > 0:
+    for b in range(count):
+        own = owners.get(b, [])
+        ref = refs.get(b, 0)
+        cell: dict[str, Any] = {"ref": ref, "owners": own, "status": "free", "face": FREE_COLOR, "other": None}
+        if ref > 0:
             cell["status"] = "held"
             cell["face"] = seq_color(own[0]) if own else "#000000"
             requests = list(dict.fromkeys(split_seq_id(s)[0] for s in own))
@@ -179,14 +188,18 @@ def _draw_grid_compact(ax: Axes, cells: list[dict[str, Any]], cols: int) -> None
         ax.scatter(shared_x, shared_y, s=2.0, c="#111111", marker="o", linewidths=0, zorder=4)
 
 
-def _setup_grid_axes(ax: Axes, cols: int, rows: int, title: str, subtitle: str) -> None:
+SUBTITLE_PT = 12.5  # height of one subtitle line, in points
+
+
+def _setup_grid_axes(ax: Axes, cols: int, rows: int, title: str, subtitles: list[str]) -> None:
     ax.set_xlim(-0.05, cols + 0.05)
     ax.set_ylim(rows + 0.05, -0.05)  # block 0 top-left, reading order
     ax.axis("off")
-    ax.annotate(title, xy=(0, 1), xycoords="axes fraction", xytext=(1, 17), textcoords="offset points",
-                fontsize=11, fontweight="bold", va="bottom", ha="left")
-    ax.annotate(subtitle, xy=(0, 1), xycoords="axes fraction", xytext=(1, 4), textcoords="offset points",
-                fontsize=8.5, color="#555555", va="bottom", ha="left")
+    ax.annotate(title, xy=(0, 1), xycoords="axes fraction", xytext=(1, 4.5 + SUBTITLE_PT * len(subtitles)),
+                textcoords="offset points", fontsize=11, fontweight="bold", va="bottom", ha="left")
+    for i, line in enumerate(reversed(subtitles)):
+        ax.annotate(line, xy=(0, 1), xycoords="axes fraction", xytext=(1, 4 + SUBTITLE_PT * i),
+                    textcoords="offset points", fontsize=8.5, color="#555555", va="bottom", ha="left")
 
 
 class _CornerHandler:
@@ -238,15 +251,21 @@ def _legend_handles(state: PoolState, compact: bool) -> tuple[list[Any], dict[An
     return handles, handler_map
 
 
-def draw_memory_map(state: PoolState, path: str | Path, *, step: int | None = None) -> Path:
-    """The block pool as a grid (GPU, and the CPU swap pool beside it when it has blocks).
+def draw_memory_map(state: PoolState, path: str | Path, *, step: int | None = None,
+                    extent: tuple[int, int] | None = None) -> Path:
+    """The block pool as a grid (GPU, and the CPU swap pool beside it when it is used).
 
-    Up to :data:`DETAILED_MAX_BLOCKS` blocks each cell is drawn with its refcount (and block id
-    on small pools); larger pools become a compact image where a dot marks a shared block.
+    Only the first ``extent = (gpu, cpu)`` blocks of each pool are drawn (``Trace.extent()``
+    gives the blocks a whole run used; default: those ``state`` uses), rounded up to full rows:
+    the allocator hands out low ids first, so a large pool's unused tail would only be a sea of
+    empty cells.  Up to :data:`DETAILED_MAX_BLOCKS` drawn blocks each cell shows its refcount
+    (and block id on small grids); more become a compact image where a dot marks a shared block.
     """
-    n, m = state.num_blocks, state.num_cpu_blocks
+    n_all, m_all = state.num_blocks, state.num_cpu_blocks
+    gpu_count, cpu_count = extent if extent is not None else state_extent(state)
+    n, gcols = round_to_rows(min(gpu_count, n_all), n_all)
+    m = round_to_rows(min(cpu_count, m_all), m_all)[0] if cpu_count else 0
     compact = max(n, m) > DETAILED_MAX_BLOCKS
-    gcols = grid_columns(n)
     grows = math.ceil(n / gcols)
     ccols = max(math.ceil(m / grows), min(m, 8)) if m else 0
     crows = math.ceil(m / ccols) if m else 0
@@ -256,7 +275,13 @@ def draw_memory_map(state: PoolState, path: str | Path, *, step: int | None = No
     cell = min(0.42, 11.0 / total_cols) if not compact else min(0.2, 12.0 / total_cols)
     handles, handler_map = _legend_handles(state, compact)
     ncol = 4
-    margin, top_h, gap_h = 0.35, 0.62, 0.3
+    at = f" · step {step}" if step is not None else ""
+    notes = [s for s in (f"blocks 0–{n - 1} shown (the rest are free)" if n < n_all else "",
+                         f"CPU swap pool ({m_all} blocks) unused" if m_all and not m else "") if s]
+    gpu_lines = [f"{state.num_used} used · {state.num_evictable} cached · {state.num_free} free"
+                 f"   ({n_all} blocks × {state.block_size} tokens)"] + ([" · ".join(notes)] if notes else [])
+    margin, gap_h = 0.35, 0.3
+    top_h = 0.62 + (len(gpu_lines) - 1) * SUBTITLE_PT / 72
     grid_h = max(grows, crows) * cell
     legend_h = math.ceil(len(handles) / ncol) * 0.21 + 0.1
     cpu_x = margin + (gcols + gap_cols) * cell
@@ -269,21 +294,26 @@ def draw_memory_map(state: PoolState, path: str | Path, *, step: int | None = No
                              rows * cell / height))
 
     ax = place(margin, gcols, grows)
-    at = f" · step {step}" if step is not None else ""
-    _setup_grid_axes(ax, gcols, grows, f"GPU KV block pool{at}",
-                     f"{state.num_used} used · {state.num_evictable} cached · {state.num_free} free"
-                     f"   ({n} blocks × {state.block_size} tokens)")
-    _draw_cells(ax, _cells(state, on_cpu=False), gcols, compact, n <= BLOCK_IDS_MAX_BLOCKS)
+    _setup_grid_axes(ax, gcols, grows, f"GPU KV block pool{at}", gpu_lines)
+    _draw_cells(ax, _cells(state, False, n), gcols, compact, n <= BLOCK_IDS_MAX_BLOCKS)
     if m:
         cax = place(cpu_x, ccols, crows)
         swapped = len({split_seq_id(s)[0] for s in state.swapped})
-        _setup_grid_axes(cax, ccols, crows, "CPU swap pool",
-                         f"{state.num_cpu_used} of {m} used · {_plural(swapped, 'request')} swapped out")
-        _draw_cells(cax, _cells(state, on_cpu=True), ccols, compact, m <= BLOCK_IDS_MAX_BLOCKS)
+        cpu_shown = f" · blocks 0–{m - 1} shown" if m < m_all else ""
+        _setup_grid_axes(cax, ccols, crows, "CPU swap pool", [
+            f"{state.num_cpu_used} of {m_all} used · {_plural(swapped, 'request')} swapped out{cpu_shown}"])
+        _draw_cells(cax, _cells(state, True, m), ccols, compact, m <= BLOCK_IDS_MAX_BLOCKS)
     fig.legend(handles=handles, handler_map=handler_map, loc="upper left", ncol=ncol, fontsize=8,
                frameon=False, bbox_to_anchor=(margin / width - 0.005, 1 - (top_h + grid_h + gap_h) / height),
                handlelength=1.5, handleheight=1.1, columnspacing=1.6, borderaxespad=0, borderpad=0)
     return _save(fig, path)
+
+
+def state_extent(state: PoolState) -> tuple[int, int]:
+    """Like :meth:`Trace.extent`, for the blocks one state uses."""
+    gpu = max([*state.refcounts, *state.cached, *state.evictable], default=-1)
+    cpu = max(state.cpu_refcounts, default=-1)
+    return shown_blocks(gpu, state.num_blocks), shown_blocks(cpu, state.num_cpu_blocks) if cpu >= 0 else 0
 
 
 def _plural(n: int, word: str) -> str:
@@ -298,6 +328,16 @@ def _draw_cells(ax: Axes, cells: list[dict[str, Any]], cols: int, compact: bool,
 
 
 # ====================================================================== timeline
+def timeline_top(num_blocks: int, t: dict[str, list[int]]) -> tuple[float, bool]:
+    """Top of the blocks axis and whether it is zoomed: the whole GPU pool when the run filled
+    at least half of it, else a little above peak use (a few blocks of a large pool would be a
+    flat line at the bottom of the picture)."""
+    peak = max([0, *(u + c for u, c in zip(t["blocks_used"], t["blocks_cached"])), *t["cpu_blocks_used"]])
+    if 2 * peak >= num_blocks:
+        return max(num_blocks, peak) * 1.02 or 1.0, False
+    return float(max(math.ceil(peak * 1.25), peak + 2)), True
+
+
 def draw_timeline(trace: Trace, path: str | Path) -> Path:
     """Per step: GPU blocks used / cached / free (stacked) and running / waiting / swapped."""
     t = trace.timeline()
@@ -321,10 +361,13 @@ def draw_timeline(trace: Trace, path: str | Path) -> Path:
     if trace.num_cpu_blocks:
         ax.step(steps, t["cpu_blocks_used"], where="post", color="#d62728", lw=1.4, ls="--",
                 label="CPU blocks used (swap)")
-    ax.set_ylim(0, max(trace.num_blocks, max(t["cpu_blocks_used"], default=0)) * 1.02 or 1)
-    ax.set_ylabel("blocks")
-    ax.set_title(f"Block pool over time  ({trace.num_blocks} GPU blocks, {trace.num_cpu_blocks} CPU blocks,"
-                 f" {trace.block_size} tokens per block)", fontsize=11, loc="left", fontweight="bold")
+    top, zoomed = timeline_top(trace.num_blocks, t)
+    ax.set_ylim(0, top)
+    ax.set_ylabel("blocks" + (" (scale: peak use)" if zoomed else ""))
+    peak = max(t["blocks_used"], default=0)
+    ax.set_title(f"Block pool over time: peak {peak} of {trace.num_blocks} GPU blocks held"
+                 f"  ({trace.num_cpu_blocks} CPU blocks, {trace.block_size} tokens per block)",
+                 fontsize=11, loc="left", fontweight="bold")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
     ax.tick_params(labelbottom=False)
     for key, color, style in (("running", PALETTE[2], "-"), ("waiting", PALETTE[1], "-"),

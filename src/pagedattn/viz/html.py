@@ -1,9 +1,14 @@
 """One self-contained HTML page that steps through a trace.
 
 Everything is inline (CSS, script, data): the page opens from disk, offline, and can be mailed
-around.  The replay is done here in Python (one implementation of the pool rules); the page
+around.  The pool states come from the trace (the manager's own, see :mod:`.trace`); the page
 gets per-step *changes* of each cell plus a full keyframe every few steps, so jumping with the
 slider costs at most ``keyframe_every`` small updates and the file stays small.
+
+Only the blocks the run used are in the data (``Trace.extent()``, rounded up to full rows):
+the allocator hands out low ids first, so on a large pool that is a small corner.  The page
+draws those by default; "show the whole pool" adds the rest, all free, up to
+:data:`WHOLE_POOL_MAX_CELLS` cells.
 
 Cell codes: ``0`` free, ``1`` cached (evictable), ``k >= 2`` held, described by
 ``groups[k - 2] = [owners, refcount, in_prefix_cache]``.
@@ -15,10 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .draw import CACHED_COLOR, FREE_COLOR, grid_columns, request_color, seq_color
+from .draw import CACHED_COLOR, FREE_COLOR, grid_columns, request_color, round_to_rows, seq_color
 from .trace import PoolState, Trace, seq_sort_key, split_seq_id
 
 FREE, CACHED = 0, 1
+WHOLE_POOL_MAX_CELLS = 50_000  # a browser lays out this many cells per pool in well under a second
 
 
 class _Encoder:
@@ -35,19 +41,22 @@ class _Encoder:
             self.groups.append([list(owners), ref, in_cache])
         return self._index[key]
 
-    def gpu(self, state: PoolState) -> list[int]:
+    def gpu(self, state: PoolState, count: int) -> list[int]:
+        """Codes of GPU blocks ``0 .. count-1``."""
         owners = state.gpu_owners()
         out = []
-        for b in range(state.num_blocks):
-            if state.refcount[b] > 0:
-                out.append(self.code(owners[b], state.refcount[b], b in state.cached))
+        for b in range(count):
+            ref = state.ref(b)
+            if ref > 0:
+                out.append(self.code(owners.get(b, []), ref, b in state.cached))
             else:
                 out.append(CACHED if b in state.evictable else FREE)
         return out
 
-    def cpu(self, state: PoolState) -> list[int]:
+    def cpu(self, state: PoolState, count: int) -> list[int]:
         owners = state.cpu_owners()
-        return [self.code(owners[b], r, False) if r > 0 else FREE for b, r in enumerate(state.cpu_refcount)]
+        return [self.code(owners.get(b, []), r, False) if (r := state.cpu_ref(b)) > 0 else FREE
+                for b in range(count)]
 
 
 def _tables(state: PoolState) -> dict[str, dict[str, Any]]:
@@ -59,21 +68,28 @@ def _diff(prev: list[int], cur: list[int]) -> list[list[int]]:
     return [[i, c] for i, (p, c) in enumerate(zip(prev, cur)) if p != c]
 
 
+def _shown(count: int, total: int) -> tuple[int, int]:
+    """``(cells, columns)`` of a pool's zoomed grid (no cells when the run never used it)."""
+    return round_to_rows(count, total) if count else (0, 0)
+
+
 def page_data(trace: Trace, keyframe_every: int = 25) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (see the module docstring)."""
     if not isinstance(keyframe_every, int) or keyframe_every < 1:
         raise ValueError(f"keyframe_every must be a positive int, got {keyframe_every!r}")
+    gpu_count, cpu_count = trace.extent()
+    (n, cols), (m, cpu_cols) = _shown(gpu_count, trace.num_blocks), _shown(cpu_count, trace.num_cpu_blocks)
     enc = _Encoder()
     events_by_step: dict[int, list[dict[str, Any]]] = {}
-    for ev in trace.events:
-        events_by_step.setdefault(int(ev["step"]), []).append(ev)
+    for ev in trace.events:  # the recorded states are in the cells; the list shows what happened
+        events_by_step.setdefault(int(ev["step"]), []).append({k: v for k, v in ev.items() if k != "state"})
     init = trace.initial_state()
-    prev_gpu, prev_cpu, prev_tables = enc.gpu(init), enc.cpu(init), _tables(init)
+    prev_gpu, prev_cpu, prev_tables = enc.gpu(init, n), enc.cpu(init, m), _tables(init)
     steps: list[dict[str, Any]] = []
     keyframes: dict[str, dict[str, Any]] = {}
     seqs: set[str] = set(init.tables)
     for i, (step, state) in enumerate(trace.states()):
-        gpu, cpu, tables = enc.gpu(state), enc.cpu(state), _tables(state)
+        gpu, cpu, tables = enc.gpu(state, n), enc.cpu(state, m), _tables(state)
         seqs.update(tables)
         dtables: dict[str, Any] = {s: t for s, t in tables.items() if prev_tables.get(s) != t}
         dtables.update({s: None for s in prev_tables if s not in tables})
@@ -84,10 +100,14 @@ def page_data(trace: Trace, keyframe_every: int = 25) -> dict[str, Any]:
         prev_gpu, prev_cpu, prev_tables = gpu, cpu, tables
     requests = {split_seq_id(s)[0] for s in seqs}
     header = {k: v for k, v in trace.header.items() if k != "initial"}
+    whole_n = min(trace.num_blocks, WHOLE_POOL_MAX_CELLS)
+    whole_m = min(trace.num_cpu_blocks, WHOLE_POOL_MAX_CELLS)
     return {
         "header": header,
-        "cols": grid_columns(trace.num_blocks),
-        "cpuCols": grid_columns(trace.num_cpu_blocks) if trace.num_cpu_blocks else 0,
+        "shown": n, "cols": cols, "cpuShown": m, "cpuCols": cpu_cols,
+        "whole": whole_n, "wholeCols": grid_columns(whole_n),
+        "cpuWhole": whole_m, "cpuWholeCols": grid_columns(whole_m) if whole_m else 0,
+        "start": trace.steps.index(trace.busiest_step()) if steps else 0,
         "colors": {s: seq_color(s) for s in sorted(seqs, key=seq_sort_key)},
         "requestColors": {r: request_color(r) for r in sorted(requests)},
         "palette": {"free": FREE_COLOR, "cached": CACHED_COLOR},
@@ -143,6 +163,8 @@ _PAGE = """<!DOCTYPE html>
   <span id="steplabel" class="steplabel"></span>
 </div>
 <div class="stats" id="stats"></div>
+<div class="zoombar" id="zoombar"><span id="zoomnote" class="muted"></span>
+  <button id="zoom" title="toggle the whole pool (z)"></button></div>
 <div class="pools">
   <section><h2>GPU KV block pool <span class="count" id="gpucount"></span></h2>
     <div id="gpu" class="grid"></div></section>
@@ -170,9 +192,11 @@ h1 { font-size: 20px; margin: 0; }
 h2 { font-size: 14px; margin: 0 0 8px; }
 .sub, .count { color: var(--muted); font-weight: normal; font-size: 13px; }
 .controls { display: flex; align-items: center; gap: 8px; margin: 14px 0 8px; flex-wrap: wrap; }
-.controls button { font: inherit; padding: 4px 10px; border: 1px solid var(--line); background: #fff;
+.controls button, .zoombar button { font: inherit; padding: 4px 10px; border: 1px solid var(--line); background: #fff;
                    border-radius: 6px; cursor: pointer; }
-.controls button:hover { background: #f0f0f3; }
+.controls button:hover, .zoombar button:hover { background: #f0f0f3; }
+.zoombar { display: flex; align-items: center; gap: 10px; margin: 0 0 10px; font-size: 13px; }
+.zoombar button { font-size: 13px; padding: 2px 8px; }
 #slider { flex: 1 1 320px; min-width: 200px; }
 .steplabel { font-variant-numeric: tabular-nums; min-width: 120px; font-weight: 600; }
 .stats { display: flex; gap: 16px; flex-wrap: wrap; color: var(--muted); margin-bottom: 14px;
@@ -226,7 +250,7 @@ _JS = r"""
     window_release: "#bcbd22", cache_insert: "#17becf" };
 
   function cellPx(n) { return n <= 64 ? 40 : n <= 256 ? 30 : n <= 1024 ? 18 : n <= 2048 ? 11 : 8; }
-  const PX = cellPx(Math.max(N, M));
+  let PX = 40, showIds = true, gpuCells = [], cpuCells = [];
   function reqOf(seq) { const i = seq.lastIndexOf("#"); return i < 0 ? seq : seq.slice(0, i); }
   function seqColor(seq) { return D.colors[seq] || "#000"; }
   function textOn(hex) {
@@ -235,30 +259,53 @@ _JS = r"""
   }
 
   // ---------------------------------------------------------------- grids
+  // Zoomed (default): the blocks the run used, D.shown / D.cpuShown; whole: the pools up to
+  // D.whole / D.cpuWhole cells.  Cells past the zoomed ones are free at every step.
+  let whole = false;
   function makeGrid(el, n, cols) {
+    el.innerHTML = "";
     el.style.gridTemplateColumns = "repeat(" + cols + ", " + PX + "px)";
     el.style.gridAutoRows = PX + "px";
-    if (PX < 18) el.classList.add("small");
+    el.classList.toggle("small", PX < 18);
     const cells = [];
     for (let b = 0; b < n; b++) {
       const c = document.createElement("div");
-      c.className = "cell free";
       c.dataset.block = b;
       el.appendChild(c);
       cells.push(c);
+      paint(c, 0, b);
     }
     return cells;
   }
-  const gpuCells = makeGrid($("gpu"), N, D.cols);
-  const cpuCells = M ? makeGrid($("cpu"), M, D.cpuCols) : [];
-  if (!M) $("cpusection").style.display = "none";
-  const showIds = PX >= 30;  // room for a block id in the corner
+  function build() {
+    const n = whole ? D.whole : D.shown, m = whole ? D.cpuWhole : D.cpuShown;
+    PX = cellPx(Math.max(n, m));
+    showIds = PX >= 30;  // room for a block id in the corner
+    gpuCells = makeGrid($("gpu"), n, whole ? D.wholeCols : D.cols);
+    cpuCells = makeGrid($("cpu"), m, whole ? D.cpuWholeCols : D.cpuCols);
+    $("cpu").style.display = m ? "" : "none";
+    $("cpusection").style.display = M ? "" : "none";
+    const zoomable = D.shown < N || D.cpuShown < M;
+    $("zoombar").style.display = zoomable ? "" : "none";
+    $("zoom").textContent = whole ? "show only the blocks in use" : "show the whole pool";
+    const part = (shown, total, name) => shown === total ? "all " + total + " " + name + " blocks"
+      : shown ? name + " blocks 0–" + (shown - 1) + " of " + total : "no " + name + " blocks (of " + total + ")";
+    $("zoomnote").textContent = whole
+      ? (D.whole < N || D.cpuWhole < M ? "showing the first " + D.whole + " GPU and " + D.cpuWhole +
+         " CPU blocks (too many to draw them all)" : "showing every block")
+      : "showing " + part(D.shown, N, "GPU") + (M ? " and " + part(D.cpuShown, M, "CPU") : "") +
+        ": the run never used the others";
+  }
 
-  function paint(cell, code, b, onCpu) {
+  // data-state / data-ref / data-owners say what the cell shows (read by tests and tools).
+  function paint(cell, code, b) {
     cell.className = "cell";
     cell.style.background = "";
     cell.style.color = "";
     cell.textContent = "";
+    cell.dataset.state = code === 0 ? "free" : code === 1 ? "cached" : "held";
+    cell.dataset.ref = code >= 2 ? D.groups[code - 2][1] : 0;
+    cell.dataset.owners = code >= 2 ? D.groups[code - 2][0].join(" ") : "";
     if (code === 0) cell.classList.add("free");
     else if (code === 1) cell.classList.add("cached");
     else {
@@ -279,7 +326,7 @@ _JS = r"""
   }
 
   // ---------------------------------------------------------------- state at a step
-  let cur = { i: -1, gpu: null, cpu: null, tables: null };
+  let cur = { i: -1, gpu: null, cpu: null, tables: null }, repaint = false;
   function stateAt(i) {
     let start, gpu, cpu, tables;
     if (cur.i >= 0 && cur.i <= i && i - cur.i <= D.keyframeEvery) {
@@ -308,14 +355,15 @@ _JS = r"""
     cur = stateAt(i);
     const step = D.steps[i];
     const changed = new Set(step.dgpu.map((x) => x[0]));
-    const repaintAll = prev.i < 0 || prev.gpu === null;
+    const repaintAll = prev.i < 0 || prev.gpu === null || repaint;
+    repaint = false;
     cur.gpu.forEach((code, b) => {
       if (repaintAll || prev.gpu[b] !== code || gpuCells[b].classList.contains("changed") !== changed.has(b)) {
-        paint(gpuCells[b], code, b, false);
+        paint(gpuCells[b], code, b);
         if (changed.has(b)) gpuCells[b].classList.add("changed");
       }
     });
-    cur.cpu.forEach((code, b) => { if (repaintAll || prev.cpu[b] !== code) paint(cpuCells[b], code, b, true); });
+    cur.cpu.forEach((code, b) => { if (repaintAll || prev.cpu[b] !== code) paint(cpuCells[b], code, b); });
     $("slider").value = i;
     $("steplabel").textContent = "step " + step.step + "  (" + (i + 1) + "/" + S + ")";
     renderStats(step.stats, cur);
@@ -333,7 +381,7 @@ _JS = r"""
   function renderStats(stats, st) {
     const c = counts(st);
     $("gpucount").textContent = c.used + " used · " + c.cached + " cached · " + c.free + " free of " + N;
-    $("cpucount").textContent = c.cpu + " of " + M + " used";
+    $("cpucount").textContent = c.cpu + " of " + M + " used" + (D.cpuShown ? "" : " · never used in this run");
     const items = [["running", stats.running], ["waiting", stats.waiting], ["swapped", stats.swapped],
                    ["tokens this step", stats.num_tokens]];
     $("stats").innerHTML = "";
@@ -385,7 +433,7 @@ _JS = r"""
     const tb = cur.tables[seq];
     if (!tb) return;
     const cells = tb.cpu ? cpuCells : gpuCells;
-    for (const b of tb.blocks) if (b !== NULL_BLOCK) cells[b].classList.toggle("hl", on);
+    for (const b of tb.blocks) if (b !== NULL_BLOCK && cells[b]) cells[b].classList.toggle("hl", on);
   }
 
   function fmt(v) { return typeof v === "object" && v !== null ? JSON.stringify(v) : String(v); }
@@ -430,8 +478,13 @@ _JS = r"""
     el.appendChild(document.createTextNode("number = refcount · samples of a request are shades of its colour"));
   }
 
+  function codeOf(b, onCpu) {  // cells past the zoomed ones are always free
+    const codes = onCpu ? cur.cpu : cur.gpu;
+    return b < codes.length ? codes[b] : 0;
+  }
+
   function describe(b, onCpu) {
-    const code = onCpu ? cur.cpu[b] : cur.gpu[b];
+    const code = codeOf(b, onCpu);
     const where = onCpu ? "CPU block " : "GPU block ";
     if (code === 0) return where + b + ": free";
     if (code === 1) return where + b + ": cached, evictable (refcount 0; a prefix hit revives it)";
@@ -450,7 +503,7 @@ _JS = r"""
       tip.style.left = (e.clientX + 14) + "px";
       tip.style.top = (e.clientY + 14) + "px";
       document.querySelectorAll("#tables tr.hl").forEach((r) => r.classList.remove("hl"));
-      const code = onCpu ? cur.cpu[c.dataset.block] : cur.gpu[c.dataset.block];
+      const code = codeOf(+c.dataset.block, onCpu);
       if (code >= 2) for (const s of D.groups[code - 2][0]) {
         const row = document.querySelector('#tables tr[data-seq="' + CSS.escape(s) + '"]');
         if (row) row.classList.add("hl");
@@ -480,6 +533,8 @@ _JS = r"""
   $("next").onclick = () => show(cur.i + 1);
   $("last").onclick = () => show(S - 1);
   $("play").onclick = () => play(!timer);
+  function toggleWhole() { whole = !whole; build(); repaint = true; show(cur.i); }
+  $("zoom").onclick = toggleWhole;
   document.addEventListener("keydown", (e) => {
     if (e.target.tagName === "INPUT" && e.key !== " ") return;
     if (e.key === "ArrowLeft") show(cur.i - 1);
@@ -487,10 +542,12 @@ _JS = r"""
     else if (e.key === "Home") show(0);
     else if (e.key === "End") show(S - 1);
     else if (e.key === " ") { e.preventDefault(); play(!timer); }
+    else if (e.key === "z" && $("zoombar").style.display !== "none") toggleWhole();
   });
+  build();
   hookTips($("gpu"), false);
   if (M) hookTips($("cpu"), true);
   legend();
-  show(S - 1);
+  show(D.start);  // the busiest step, as memory_map.png
 })();
 """
