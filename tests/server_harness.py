@@ -1,4 +1,4 @@
-"""Shared by the server tests: a tiny chat model and a real uvicorn server in a thread.
+"""Shared by the server tests: a tiny chat model and the real server in a thread.
 
 The tiny model is a random ``LlamaForCausalLM`` (hidden 64, 2 layers) with the default model's
 real tokenizer and chat template, so the server's text paths (detokenisation, stop strings,
@@ -10,15 +10,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import transformers
-import uvicorn
 
 from pagedattn.engine.async_engine import AsyncLLMEngine
 from pagedattn.engine.llm import LLM
-from pagedattn.entrypoints.server import create_app
+from pagedattn.entrypoints.server import ServerLimits, create_app, make_server
 
 TINY_MODEL_NAME = "tiny-chat"
 TINY_CONTEXT = 2048
@@ -58,12 +58,10 @@ def make_async_engine(model_dir: Path, **kw: object) -> AsyncLLMEngine:
 
 
 class ServerThread:
-    """A uvicorn server for ``app`` on 127.0.0.1 and a free port, in a background thread."""
+    """The server of ``pagedattn serve`` for ``app`` on 127.0.0.1 and a free port, in a background thread."""
 
-    def __init__(self, app: object, graceful_s: float = 5.0) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=graceful_s, lifespan="on")
-        self.server = uvicorn.Server(config)
+    def __init__(self, app: Any) -> None:
+        self.server = make_server(app)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.port = 0
 
@@ -88,5 +86,6 @@ class ServerThread:
             raise RuntimeError("the test server did not stop")
 
 
-def start_server(engine: AsyncLLMEngine, name: str = TINY_MODEL_NAME) -> ServerThread:
-    return ServerThread(create_app(engine, name)).start()
+def start_server(engine: AsyncLLMEngine, name: str = TINY_MODEL_NAME,
+                 limits: ServerLimits | None = None) -> ServerThread:
+    return ServerThread(create_app(engine, name, limits)).start()

@@ -193,6 +193,10 @@ class LLMEngine:
                 raise ValueError("prompt: empty string")
             if self.tokenizer is None:
                 raise ValueError("prompt: this model folder has no tokenizer; pass token ids instead")
+            try:  # a lone surrogate (JSON allows "\ud800") is no text the tokenizer can take
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt: not valid Unicode text ({e.reason} at character {e.start})") from None
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return None, list(prompt)
