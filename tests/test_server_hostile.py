@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -22,15 +24,24 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagedattn.entrypoints.server import ServerLimits, create_app
 
-from .server_harness import TINY_MODEL_NAME, ServerThread, make_async_engine, start_server, tiny_chat_model
+from .server_harness import (
+    TINY_MODEL_NAME,
+    ServeProcess,
+    ServerThread,
+    make_async_engine,
+    start_server,
+    tiny_chat_model,
+)
 
 MODEL = TINY_MODEL_NAME
 SMALL = ServerLimits(max_body_bytes=4096, max_connections=8, header_timeout_s=60, body_timeout_s=60)
 QUICK = ServerLimits(header_timeout_s=0.5, body_timeout_s=0.5)
-LONG = {"model": MODEL, "prompt": "hello", "max_tokens": 1500, "ignore_eos": True}
+# Two of these fill 250 blocks of 16 tokens, and no machine runs 2000 steps within the graces used here.
+LONG = {"model": MODEL, "prompt": "hello", "max_tokens": 2000, "ignore_eos": True}
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +90,13 @@ def _error(r: httpx.Response, status: int) -> dict[str, Any]:
     return err
 
 
+def _cut(base_url: str) -> dict[str, float]:
+    """``pagedattn_connections_cut_total`` by reason."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {s.labels["reason"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "pagedattn_connections_cut_total"}
+
+
 def _completion_ok(base_url: str) -> None:
     r = httpx.post(f"{base_url}/v1/completions", json={**LONG, "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -124,15 +142,21 @@ def test_connections_beyond_the_cap_get_503(small: ServerThread) -> None:
         assert err["code"] == "too_many_connections" and r.headers["connection"] == "close"
         with _connect(small) as extra:  # the refusal comes at once, before any request
             assert _read_all(extra).startswith(b"HTTP/1.1 503 ")
+        with _connect(small) as extra:  # and survives a request sent after it (no reset destroys it)
+            extra.sendall(_body_of_size(1000))
+            time.sleep(0.3)
+            assert _read_all(extra).startswith(b"HTTP/1.1 503 ")
         held.pop().close()
         _wait_for(lambda: len(connections) < SMALL.max_connections)
         assert httpx.get(f"{small.base_url}/health", timeout=30).status_code == 200
+        assert _cut(small.base_url)["too_many_connections"] == 3
     finally:
         for s in held:
             s.close()
 
 
 def test_slow_headers_and_bodies_are_cut(quick: ServerThread) -> None:
+    before = _cut(quick.base_url)
     socks = [_connect(quick) for _ in range(3)]
     socks[1].sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-ty")  # headers never end
     socks[2].sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -151,6 +175,9 @@ def test_slow_headers_and_bodies_are_cut(quick: ServerThread) -> None:
         assert _read_all(s) == b""
     # Clients that are quick enough are served.
     _completion_ok(quick.base_url)
+    after = _cut(quick.base_url)
+    assert after["header_timeout"] - before.get("header_timeout", 0) == 3
+    assert after["body_timeout"] - before.get("body_timeout", 0) == 1
 
 
 def test_accept_failures_at_the_fd_limit_are_logged_once(tmp_path: Path) -> None:
@@ -234,14 +261,14 @@ def _running(base_url: str) -> float:
     return next(float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("pagedattn_requests_running "))
 
 
-def _two_long_requests(srv: ServerThread, then: Any) -> tuple[list[str], httpx.Response]:
+def _two_long_requests(base_url: str, then: Any, body: dict[str, Any] = LONG) -> tuple[list[str], httpx.Response]:
     """A stream and a plain request that cannot finish soon; ``then()`` once both run."""
     started = threading.Event()
-    with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=srv.base_url, timeout=60) as c1, \
-            httpx.Client(base_url=srv.base_url, timeout=60) as c2:
-        stream = pool.submit(_stream_lines, c1, LONG, started)
-        plain = pool.submit(c2.post, "/v1/completions", json=LONG)
-        _wait_for(lambda: started.is_set() and _running(srv.base_url) == 2)
+    with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=base_url, timeout=60) as c1, \
+            httpx.Client(base_url=base_url, timeout=60) as c2:
+        stream = pool.submit(_stream_lines, c1, body, started)
+        plain = pool.submit(c2.post, "/v1/completions", json=body)
+        _wait_for(lambda: started.is_set() and _running(base_url) == 2)
         then()
         return stream.result(60), plain.result(60)
 
@@ -260,7 +287,7 @@ def test_a_failed_engine_fails_running_requests_and_stops_the_server(tiny_model_
     app = create_app(engine, MODEL)
     srv = ServerThread(app).start()
     try:
-        lines, plain = _two_long_requests(srv, failing.set)
+        lines, plain = _two_long_requests(srv.base_url, failing.set)
         assert _sse_error(lines)["code"] == "engine_unavailable"
         assert _error(plain, 503)["code"] == "engine_unavailable"
         assert "0x7f3a9c" not in plain.text + "".join(lines)  # the cause stays in the log
@@ -282,7 +309,7 @@ def test_shutdown_answers_what_outlasts_the_grace(tiny_model_dir: Path) -> None:
     srv = start_server(make_async_engine(tiny_model_dir, num_kv_blocks=256),
                        limits=ServerLimits(shutdown_grace_s=0.5))
     stopper = threading.Thread(target=srv.stop)
-    lines, plain = _two_long_requests(srv, stopper.start)
+    lines, plain = _two_long_requests(srv.base_url, stopper.start)
     stopper.join(60)
     assert not srv.thread.is_alive()
     assert _sse_error(lines)["code"] == "server_shutting_down"
@@ -318,3 +345,85 @@ def test_openapi_pages_are_off_unless_asked_for(small: ServerThread) -> None:
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(f"{small.base_url}{path}", timeout=30).status_code == 404
         assert asyncio.run(status(create_app(engine, MODEL, enable_docs=True), path)) == 200
+
+
+# ====================================================================== ``pagedattn serve`` processes
+INJECTED_FAILURE = """
+import os
+from pagedattn.engine.llm_engine import LLMEngine
+
+_step = LLMEngine.step
+
+def step(self):
+    if os.path.exists(os.environ["FAIL_FILE"]):
+        raise RuntimeError("injected device failure at 0x7f3a9c")
+    return _step(self)
+
+LLMEngine.step = step
+"""
+
+
+def test_serve_exits_1_when_the_engine_fails(tiny_model_dir: Path, tmp_path: Path) -> None:
+    fail_file = tmp_path / "fail"
+    with ServeProcess(tiny_model_dir, tmp_path, prelude=INJECTED_FAILURE, env={"FAIL_FILE": str(fail_file)}) as srv:
+        lines, plain = _two_long_requests(srv.base_url, fail_file.touch, {**LONG, "model": str(tiny_model_dir)})
+        rc = srv.wait(60)
+    assert _sse_error(lines)["code"] == _error(plain, 503)["code"] == "engine_unavailable"
+    assert "0x7f3a9c" not in plain.text + "".join(lines)
+    err = srv.stderr()
+    assert rc == 1, err
+    assert err.count("RuntimeError: injected device failure at 0x7f3a9c") == 1  # logged once, with its traceback
+    assert "exit status 1" in err
+
+
+def _fd_soft_limit(pid: int) -> int:
+    line = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if ln.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+SLOW_STEPS = """
+import time
+from pagedattn.engine.llm_engine import LLMEngine
+
+_step = LLMEngine.step
+
+def step(self):
+    time.sleep(0.01)  # 2000 steps then outlast a grace of 3 s on any machine, while 16 fit in it
+    return _step(self)
+
+LLMEngine.step = step
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_serve_stops_cleanly_on_signal(tiny_model_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """Running responses get the grace to finish; those that cannot get an error, not a cut."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(hard, 256)  # a soft limit far below the hard one, which start-up must lift
+
+    def lower_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    name = str(tiny_model_dir)
+    with ServeProcess(tiny_model_dir, tmp_path, "--shutdown-timeout", "3", prelude=SLOW_STEPS,
+                      preexec_fn=lower_fd_limit) as srv:
+        assert _fd_soft_limit(srv.proc.pid) == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+        short: list[str] = []
+
+        def signal_during_a_short_stream() -> None:
+            body = {"model": name, "prompt": "hello", "max_tokens": 16, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                short.append(next(lines))
+                srv.proc.send_signal(sig)
+                short.extend(ln for ln in lines if ln)
+
+        lines, plain = _two_long_requests(srv.base_url, signal_during_a_short_stream, {**LONG, "model": name})
+        rc = srv.wait(60)
+        with pytest.raises(httpx.TransportError):  # nothing is accepted any more
+            httpx.get(f"{srv.base_url}/health", timeout=2)
+    assert short[-1] == "data: [DONE]" and '"finish_reason":"length"' in short[-2]  # finished, not cut
+    assert _sse_error(lines)["code"] == _error(plain, 503)["code"] == "server_shutting_down"
+    err = srv.stderr()
+    assert "server stopped" in err and "Traceback" not in err, err
+    assert rc == (0 if sig == signal.SIGTERM else 130), (rc, err)

@@ -274,6 +274,8 @@ class Generation:
         except BaseException:
             self.abort()
             raise
+        if self.state.closed:  # the grace ended while this was being queued
+            self.fail(_shutting_down())
 
     def abort(self) -> None:
         for s in self.streams:
@@ -735,21 +737,24 @@ def default_model_name(model: str | None, source: Any) -> str:
 
 # ====================================================================== the transport
 def _refusal(status: int, reason: str, err: APIError) -> bytes:
+    """A whole HTTP response that closes the connection, written before (or instead of) any request."""
     body = err.body().model_dump_json().encode()
+    retry = "retry-after: 1\r\n" if status == 503 else ""
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\nretry-after: 1\r\n\r\n")
+            f"connection: close\r\n{retry}\r\n")
     return head.encode() + body
 
 
 _TOO_MANY_CONNECTIONS = _refusal(503, "Service Unavailable", APIError(
     503, "too many open connections; retry later", type="server_error", code="too_many_connections"))
+_NOT_HTTP = _refusal(400, "Bad Request", APIError(400, "malformed HTTP request (or headers over 16 KiB)"))
 
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus the guards it lacks against clients that hold sockets.
 
     - A connection cap, checked when a connection is accepted: beyond it the client gets a 503
-      at once and the socket is closed.  (uvicorn's ``limit_concurrency`` answers only once a
+      at once and the connection ends.  (uvicorn's ``limit_concurrency`` answers only once a
       whole request has arrived, which a client sending partial headers never lets happen, so
       such sockets piled up to the file-descriptor limit.)
     - Deadlines: a request's headers must be complete ``header_timeout_s`` after the connection
@@ -757,21 +762,43 @@ class GuardedH11Protocol(H11Protocol):
       ``body_timeout_s`` after its headers; a client that misses one is disconnected.  Idle
       kept-alive connections keep uvicorn's own timeout.
 
-    ``limits`` is set on a subclass per server (:func:`guarded_protocol`)."""
+    ``limits`` and ``metrics`` are set on a subclass per server (:func:`guarded_protocol`)."""
 
     limits: ClassVar[ServerLimits] = ServerLimits()
+    metrics: ClassVar[ServerMetrics] = ServerMetrics()
+    lingering: ClassVar[int] = 0  # refused connections not closed yet (per subclass, i.e. per server)
     _deadline: asyncio.TimerHandle | None = None
     _phase: object = None  # the state the deadline guards
+    _refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         if len(self.connections) > self.limits.max_connections:
-            self.transport.write(_TOO_MANY_CONNECTIONS)
-            self.transport.close()
+            self._refuse()
             return
         self._guard(h11.IDLE)
 
+    def _refuse(self) -> None:
+        """Answer 503 and end the connection.  The client may be sending its request already:
+        closing with it unread resets the connection, and a reset can destroy the 503 before
+        the client reads it.  So the socket sends its end of the stream and lingers, discarding
+        what comes, until the client hangs up or its header deadline passes; unless as many
+        refused ones as the cap linger already (a flood), which are reset at once."""
+        self.connections.discard(self)  # refused ones do not hold a place
+        self._refused = True
+        self.metrics.connections_cut.labels(reason="too_many_connections").inc()
+        self.transport.write(_TOO_MANY_CONNECTIONS)
+        cls = type(self)
+        if cls.lingering >= self.limits.max_connections:
+            self.transport.close()
+            return
+        cls.lingering += 1
+        self.transport.write_eof()
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self.transport.close)
+
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         super().data_received(data)
         self._guard(self.conn.their_state)
 
@@ -781,8 +808,17 @@ class GuardedH11Protocol(H11Protocol):
         self._guard(h11.SEND_BODY if self.conn.their_state is h11.SEND_BODY else None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused and self._deadline is not None:  # it lingered
+            type(self).lingering -= 1
+            self._deadline.cancel()
         self._guard(None)
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        # What h11 cannot parse: uvicorn's answer is text/plain, clients of this API expect JSON.
+        self.metrics.connections_cut.labels(reason="malformed_http").inc()
+        self.transport.write(_NOT_HTTP)
+        self.transport.close()
 
     def _guard(self, state: object) -> None:
         """Keep the deadline of the phase ``state`` names (headers: IDLE, body: SEND_BODY)
@@ -800,12 +836,13 @@ class GuardedH11Protocol(H11Protocol):
 
     def _expire(self) -> None:
         self._deadline = None
-        logger.debug("closing a connection whose request did not arrive in time (%s)", self.client)
+        reason = "header_timeout" if self._phase is h11.IDLE else "body_timeout"
+        self.metrics.connections_cut.labels(reason=reason).inc()
         self.transport.close()
 
 
-def guarded_protocol(limits: ServerLimits) -> type[GuardedH11Protocol]:
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+def guarded_protocol(limits: ServerLimits, metrics: ServerMetrics) -> type[GuardedH11Protocol]:
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "metrics": metrics})
 
 
 class AcceptErrorLog:
@@ -865,7 +902,7 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, verbose: b
     state: ServerState = app.state.server
     limits = state.limits
     config = uvicorn.Config(
-        app, host=host, port=port, http=guarded_protocol(limits), lifespan="on",
+        app, host=host, port=port, http=guarded_protocol(limits, state.metrics), lifespan="on",
         log_level="info" if verbose else "warning", access_log=verbose,
         timeout_keep_alive=limits.keep_alive_s,
         # The app answers what still runs when the grace ends; uvicorn cancels only what is
@@ -887,13 +924,14 @@ def raise_fd_limit() -> int:
 
 
 def fit_connections(limits: ServerLimits, fd_limit: int) -> ServerLimits:
-    """Cap connections at half the descriptors, leaving the rest to the process and to the
-    connections accepted beyond the cap just to be refused."""
-    if fd_limit == resource.RLIM_INFINITY or limits.max_connections <= fd_limit // 2:
+    """Cap connections at a third of the descriptors: as many again may be refused ones
+    lingering, and the rest is the process's own."""
+    cap = fd_limit // 3
+    if fd_limit == resource.RLIM_INFINITY or limits.max_connections <= cap:
         return limits
-    logger.warning("--max-connections %d lowered to %d: the process may open only %d files",
-                   limits.max_connections, fd_limit // 2, fd_limit)
-    return replace(limits, max_connections=max(1, fd_limit // 2))
+    logger.warning("the connection cap (%d) lowered to %d: this process may open only %d files",
+                   limits.max_connections, cap, fd_limit)
+    return replace(limits, max_connections=max(1, cap))
 
 
 def limits_from_args(args: argparse.Namespace) -> ServerLimits:
