@@ -1,4 +1,4 @@
-"""Shared by the server tests: a tiny chat model and a real uvicorn server in a thread.
+"""Shared by the server tests: a tiny chat model, the real server in a thread, ``pagedattn serve`` processes.
 
 The tiny model is a random ``LlamaForCausalLM`` (hidden 64, 2 layers) with the default model's
 real tokenizer and chat template, so the server's text paths (detokenisation, stop strings,
@@ -7,18 +7,24 @@ chat templates) run for real while a step costs milliseconds.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import torch
 import transformers
-import uvicorn
 
 from pagedattn.engine.async_engine import AsyncLLMEngine
 from pagedattn.engine.llm import LLM
-from pagedattn.entrypoints.server import create_app
+from pagedattn.entrypoints.server import ServerLimits, create_app, make_server
 
 TINY_MODEL_NAME = "tiny-chat"
 TINY_CONTEXT = 2048
@@ -58,12 +64,10 @@ def make_async_engine(model_dir: Path, **kw: object) -> AsyncLLMEngine:
 
 
 class ServerThread:
-    """A uvicorn server for ``app`` on 127.0.0.1 and a free port, in a background thread."""
+    """The server of ``pagedattn serve`` for ``app`` on 127.0.0.1 and a free port, in a background thread."""
 
-    def __init__(self, app: object, graceful_s: float = 5.0) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=graceful_s, lifespan="on")
-        self.server = uvicorn.Server(config)
+    def __init__(self, app: Any) -> None:
+        self.server = make_server(app)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.port = 0
 
@@ -88,5 +92,62 @@ class ServerThread:
             raise RuntimeError("the test server did not stop")
 
 
-def start_server(engine: AsyncLLMEngine, name: str = TINY_MODEL_NAME) -> ServerThread:
-    return ServerThread(create_app(engine, name)).start()
+def start_server(engine: AsyncLLMEngine, name: str = TINY_MODEL_NAME,
+                 limits: ServerLimits | None = None) -> ServerThread:
+    return ServerThread(create_app(engine, name, limits)).start()
+
+
+# ====================================================================== ``pagedattn serve`` processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``pagedattn serve`` for ``model_dir`` on 127.0.0.1 in a subprocess.
+
+    ``prelude`` is Python run in the process before the command (e.g. to patch in a failure).
+    Output goes to files, so that a chatty server never blocks on a full pipe."""
+
+    def __init__(self, model_dir: Path, tmp: Path, *flags: str, prelude: str = "",
+                 env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
+        self.port = free_port()
+        code = f"{prelude}\nimport sys\nfrom pagedattn.entrypoints.cli import main\nsys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(self.port),
+               "--device", "cpu", "--num-kv-blocks", "512", "--swap-space-gib", "0.01", *flags]
+        self.out, self.err = tmp / f"serve-{self.port}.out", tmp / f"serve-{self.port}.err"
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": src, **(env or {})}
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env, preexec_fn=preexec_fn)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> ServeProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, self.stderr()
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.1)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def __enter__(self) -> ServeProcess:
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

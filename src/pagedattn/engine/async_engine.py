@@ -7,8 +7,9 @@ commands between steps, steps while there is work, and sleeps on a condition var
 there is none.  Outputs travel back to each request's asyncio queue with
 ``loop.call_soon_threadsafe``.
 
-Requests are checked (tokenized and validated) on the caller's side before they are queued:
-those two calls only read the tokenizer and fixed sizes, so a bad request fails in
+Requests are checked (tokenized and validated) before they are queued, on a worker thread of
+the caller's event loop (a long prompt takes the tokenizer seconds, which must not stall the
+loop): those two calls only read the tokenizer and fixed sizes, so a bad request fails in
 :meth:`AsyncLLMEngine.generate` itself, before any streaming starts.
 
 A consumer that stops listening (``aclose()``, a cancelled task, a dropped stream) aborts its
@@ -87,6 +88,13 @@ class RequestStream(AsyncIterator[RequestOutput]):
         if item.finished:
             self._done = True
         return item
+
+    def fail(self, err: BaseException) -> None:
+        """Stop the request now and hand its consumer ``err`` (no-op once it finished).
+        Call on the consumer's loop."""
+        if not self._done:
+            self._abort_fn(self.request_id)
+            self.put(err)
 
     def abort(self) -> None:
         """Stop the request now (no-op once it finished).  A consumer waiting on the stream
@@ -200,7 +208,7 @@ class AsyncLLMEngine:
 
     # ================================================================== requests
     def prepare(self, prompt: PromptInput, params: SamplingParams) -> dict[str, Any]:
-        """Tokenize and validate a prompt on the caller's thread (both only read fixed state).
+        """Tokenize and validate a prompt on the calling thread (both only read fixed state).
 
         Returns the pre-tokenized prompt that :meth:`generate` accepts; raises ``ValueError``
         naming the bad field."""
@@ -216,7 +224,7 @@ class AsyncLLMEngine:
         Validation errors raise ``ValueError`` here, before anything is queued.  Iterate the
         stream to the end, or close it (``aclose()``/``abort()``) to abort the request."""
         self._check_alive()
-        prepared = self.prepare(prompt, params)
+        prepared = await asyncio.to_thread(self.prepare, prompt, params)
         rid = uuid.uuid4().hex if request_id is None else str(request_id)
         stream = RequestStream(rid, asyncio.get_running_loop(), self._abort_soon)
         self.start()

@@ -189,6 +189,12 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT")
+    # Defaults (None) are ServerLimits' own.
+    s.add_argument("--max-connections", type=int, default=None, help="open connections; more get a 503 (2048)")
+    s.add_argument("--max-body-bytes", type=int, default=None, help="request body size; larger gets a 413 (4 MiB)")
+    s.add_argument("--header-timeout", type=float, default=None, help="seconds a request's headers may take (10)")
+    s.add_argument("--body-timeout", type=float, default=None, help="seconds a request's body may take (30)")
+    s.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
 

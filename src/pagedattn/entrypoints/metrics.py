@@ -120,6 +120,9 @@ class ServerMetrics:
                                 ["finish_reason"], registry=self.registry)
         self.http_errors = Counter(PREFIX + "request_errors", "Requests answered with an error, by HTTP status",
                                    ["status"], registry=self.registry)
+        # Cut before a request reached the app: beyond the connection cap, too slow, not HTTP.
+        self.connections_cut = Counter(PREFIX + "connections_cut", "Connections refused or closed by the server's "
+                                       "guards, by reason", ["reason"], registry=self.registry)
 
     def timer(self, arrival: float | None = None) -> RequestTimer:
         return RequestTimer(self, time.monotonic() if arrival is None else arrival)

@@ -7,7 +7,16 @@ aborts its requests at once (streaming: Starlette cancels the response task; non
 watcher on the connection cancels the wait), which frees their KV blocks.
 
 Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "param", "code"}}``): bad
-parameters are 400 (FastAPI's 422 included), an unknown model is 404, a stopped engine 503.
+parameters are 400 (FastAPI's 422 included), an unknown model is 404, a body over the size
+limit 413, a stopped engine 503.  Internal error text goes to the log, never to a client.
+
+Against hostile or broken clients (limits in :class:`ServerLimits`): request bodies are capped,
+prompts are tokenized on a worker thread, connections are capped and must deliver their
+headers and body in time (:class:`GuardedH11Protocol`), and failed ``accept()`` calls at the
+file-descriptor limit are logged once a minute instead of thousands of times a second.  If the
+engine dies, running requests fail, ``/health`` turns 503 and the server exits with status 1 so
+that a supervisor restarts it (:class:`Server`); on SIGTERM running requests get the shutdown
+grace to finish, then an error (JSON, or an error event plus ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -19,22 +28,29 @@ import json
 import logging
 import math
 import re
+import resource
 import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import h11
 import jinja2
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from ..engine.outputs import CompletionOutput, RequestOutput
@@ -71,12 +87,32 @@ logger = logging.getLogger(__name__)
 _PARAM_ALIASES = {"prompt_token_ids": "prompt", "num_kv_blocks": "max_tokens", "sampling params": None}
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may take from the server (``pagedattn serve`` flags)."""
+
+    max_body_bytes: int = 4 << 20  # far above any prompt that fits a context; 413 beyond
+    max_connections: int = 2048  # open connections, idle ones included; 503 beyond
+    header_timeout_s: float = 10.0  # from connecting (or a kept-alive request's first byte) to its last header
+    body_timeout_s: float = 30.0  # from the last header to the end of the body
+    keep_alive_s: int = 5  # an idle kept-alive connection is closed after this
+    shutdown_grace_s: float = 10.0  # running requests get this long to finish on SIGTERM/SIGINT
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"{name}: must be positive, got {value}")
+
+
 # ====================================================================== errors
 class APIError(Exception):
     """An error answered as OpenAI's error JSON with the given HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None) -> None:
+        # The message may quote client text, which may hold lone surrogates: escape them, as
+        # JSON cannot carry them in UTF-8.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -93,8 +129,20 @@ class APIError(Exception):
         return cls(400, msg, param=param)
 
     def response(self) -> JSONResponse:
-        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status)
+        return JSONResponse(self.body().model_dump(), status_code=self.status)
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+def _engine_gone() -> APIError:
+    # The cause is in the log (the engine loop logs it); a client learns only that it is gone.
+    return APIError(503, "the engine is not running", type="server_error", code="engine_unavailable")
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another replica or later", type="server_error",
+                    code="server_shutting_down")
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -126,8 +174,22 @@ def _short(value: Any, limit: int = 80) -> str:
 class ServerState:
     engine: AsyncLLMEngine
     model_name: str
+    limits: ServerLimits = field(default_factory=ServerLimits)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     _token_text: dict[int, str] = field(default_factory=dict)
+    # Requests that may still run; weak, so that finished ones need no bookkeeping.
+    live: weakref.WeakSet[Generation] = field(default_factory=weakref.WeakSet)
+    closed: bool = False  # past the shutdown grace: running requests were failed, new ones are refused
+
+    def close_after(self, grace_s: float) -> None:
+        """Shutdown began: in ``grace_s`` fail whatever still runs (its client gets an error
+        rather than a cut connection) and refuse new requests."""
+        asyncio.get_running_loop().call_later(grace_s, self._close)
+
+    def _close(self) -> None:
+        self.closed = True
+        for gen in list(self.live):
+            gen.fail(_shutting_down())
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -149,6 +211,8 @@ class ServerState:
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         msgs = [m.to_template_dict() for m in req.messages]
+        for i, m in enumerate(msgs):
+            _check_unicode(m["content"], f"messages.{i}.content")
         try:
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt)
         except (jinja2.TemplateError, ValueError, TypeError) as e:
@@ -156,38 +220,71 @@ class ServerState:
         return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
 
+def _check_unicode(text: str, param: str) -> None:
+    """JSON may carry lone surrogates (``"\\ud800"``), which are no text a tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param}: not valid Unicode text ({e.reason} at character {e.start})",
+                       param=param) from None
+
+
 # ====================================================================== one API request
 class Generation:
     """The engine requests behind one API request (one per prompt) and their merged outputs."""
 
-    def __init__(self, state: ServerState, prompts: list[Any], params: SamplingParams, request_id: str,
-                 prompt_param: str = "prompt") -> None:
+    def __init__(self, state: ServerState, prompts: list[dict[str, Any]], params: SamplingParams,
+                 request_id: str, arrival: float) -> None:
         self.state = state
+        self.prompts = prompts  # tokenized and validated
         self.params = params
         self.request_id = request_id
-        self.arrival = time.monotonic()
-        # Check every prompt before queueing any: a bad one must not leave the others running.
+        self.arrival = arrival
+        self.streams: list[RequestStream] = []
+
+    @classmethod
+    async def create(cls, state: ServerState, make_prompts: Callable[[], list[Any]], params: SamplingParams,
+                     request_id: str, prompt_param: str = "prompt") -> Generation:
+        """Build the prompts (``make_prompts``) and tokenize and check them, on a worker thread:
+        a long prompt takes the tokenizer seconds, which must not stall every other client.
+        Every prompt is checked before any is queued: a bad one must not leave the others running."""
+        arrival = time.monotonic()
+        engine = state.engine
+
+        def prepare() -> list[dict[str, Any]]:
+            return [engine.prepare(p, params) for p in make_prompts()]
+
         try:
-            self.prompts = [state.engine.prepare(p, params) for p in prompts]
+            prompts = await asyncio.to_thread(prepare)
         except ValueError as e:
             raise APIError.bad_request(e, prompt_param) from None
-        self.streams: list[RequestStream] = []
+        return cls(state, prompts, params, request_id, arrival)
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p["prompt_token_ids"]) for p in self.prompts)
 
     async def start(self) -> None:
+        if self.state.closed:
+            raise _shutting_down()
+        self.state.live.add(self)
         try:
             for i, p in enumerate(self.prompts):
                 self.streams.append(await self.state.engine.generate(p, self.params, f"{self.request_id}-{i}"))
         except BaseException:
             self.abort()
             raise
+        if self.state.closed:  # the grace ended while this was being queued
+            self.fail(_shutting_down())
 
     def abort(self) -> None:
         for s in self.streams:
             s.abort()
+
+    def fail(self, err: Exception) -> None:
+        """End every request now; whoever reads the outputs gets ``err``."""
+        for s in self.streams:
+            s.fail(err)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """``(prompt index, cumulative output)`` as they come, until every prompt finished.
@@ -311,19 +408,18 @@ def _sse(payload: str) -> str:
 
 
 def _sse_error(e: Exception) -> str:
-    err = _to_api_error(e)
-    return _sse(ErrorResponse(error=ErrorInfo(message=err.message, type=err.type, param=err.param,
-                                              code=err.code)).model_dump_json())
+    return _sse(_to_api_error(e).body().model_dump_json())
 
 
 def _to_api_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, EngineDeadError):
-        return APIError(503, str(e), type="server_error", code="engine_unavailable")
+        return _engine_gone()
     if isinstance(e, ValueError):
         return APIError.bad_request(e)
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+    logger.error("request failed", exc_info=e)
+    return APIError(500, "internal server error", type="server_error")
 
 
 # ====================================================================== logprobs
@@ -491,9 +587,13 @@ async def _respond(raw: Request, gen: Generation, stream: bool,
 
 
 # ====================================================================== the app
-def create_app(async_engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
-    """The FastAPI app for one engine.  Its lifespan starts the engine thread and shuts it down."""
-    state = ServerState(async_engine, served_model_name)
+def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None,
+               enable_docs: bool = False) -> FastAPI:
+    """The FastAPI app for one engine.  Its lifespan starts the engine thread and shuts it down.
+
+    ``enable_docs`` serves the OpenAPI schema and its pages (``/docs``, ``/redoc``); they are
+    off by default, as they tell anyone who can connect everything the server accepts."""
+    state = ServerState(async_engine, served_model_name, limits or ServerLimits())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -503,15 +603,17 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
         finally:
             await asyncio.to_thread(async_engine.shutdown)
 
-    app = FastAPI(title="pagedattn", version=_version(), lifespan=lifespan)
+    docs: dict[str, Any] = {} if enable_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title="pagedattn", version=_version(), lifespan=lifespan, **docs)
     app.state.server = state
+    app.add_middleware(BodyLimit, state=state)
     _install_error_handlers(app, state)
 
     @app.get("/health")
     async def health() -> Response:
-        if async_engine.is_running:
+        if async_engine.is_running and not state.closed:
             return JSONResponse({"status": "ok"})
-        return APIError(503, "the engine is not running", type="server_error").response()
+        return (_shutting_down() if state.closed else _engine_gone()).response()
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -534,7 +636,7 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         state.check_model(req.model)
         params = _sampling_params(req)
-        gen = Generation(state, req.prompts(), params, new_id("cmpl"))
+        gen = await Generation.create(state, req.prompts, params, new_id("cmpl"))
         return await _respond(raw, gen, req.stream, lambda: _completions_stream(state, req, gen),
                               lambda finals: _completion_response(state, req, gen, finals))
 
@@ -542,11 +644,47 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         state.check_model(req.model)
         params = _sampling_params(req)
-        gen = Generation(state, [state.chat_prompt(req)], params, new_id("chatcmpl"), prompt_param="messages")
+        gen = await Generation.create(state, lambda: [state.chat_prompt(req)], params, new_id("chatcmpl"),
+                                      prompt_param="messages")
         return await _respond(raw, gen, req.stream, lambda: _chat_stream(state, req, gen),
                               lambda finals: _chat_response(state, req, gen, finals[0]))
 
     return app
+
+
+def _too_large(limits: ServerLimits) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes",
+                    code="request_too_large")
+
+
+class BodyLimit:
+    """413 for a request body over ``limits.max_body_bytes``: at once when its Content-Length
+    says so, else (chunked) as soon as the bytes read pass the limit, before the body is parsed.
+
+    (Starlette's own limit answers in text/plain, and overrides the app's JSON answer.)"""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.state.limits.max_body_bytes
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            self.state.metrics.http_errors.labels(status="413").inc()
+            return await _too_large(self.state.limits).response()(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # FastAPI passes HTTP exceptions from the body read on to the handlers
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
@@ -563,6 +701,8 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 413:
+            return answer(_too_large(state.limits))
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return answer(APIError(exc.status_code, str(exc.detail), type=kind))
 
@@ -595,34 +735,242 @@ def default_model_name(model: str | None, source: Any) -> str:
     return re.sub(r"[.-](?:[QqFf]\d\w*|I[Qq]\d\w*|[Bb][Ff]16)$", "", Path(gguf).name.removesuffix(".gguf"))
 
 
+# ====================================================================== the transport
+def _refusal(status: int, reason: str, err: APIError) -> bytes:
+    """A whole HTTP response that closes the connection, written before (or instead of) any request."""
+    body = err.body().model_dump_json().encode()
+    retry = "retry-after: 1\r\n" if status == 503 else ""
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n{retry}\r\n")
+    return head.encode() + body
+
+
+_TOO_MANY_CONNECTIONS = _refusal(503, "Service Unavailable", APIError(
+    503, "too many open connections; retry later", type="server_error", code="too_many_connections"))
+_NOT_HTTP = _refusal(400, "Bad Request", APIError(400, "malformed HTTP request (or headers over 16 KiB)"))
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus the guards it lacks against clients that hold sockets.
+
+    - A connection cap, checked when a connection is accepted: beyond it the client gets a 503
+      at once and the connection ends.  (uvicorn's ``limit_concurrency`` answers only once a
+      whole request has arrived, which a client sending partial headers never lets happen, so
+      such sockets piled up to the file-descriptor limit.)
+    - Deadlines: a request's headers must be complete ``header_timeout_s`` after the connection
+      opened (or after the first byte of a kept-alive connection's next request), its body
+      ``body_timeout_s`` after its headers; a client that misses one is disconnected.  Idle
+      kept-alive connections keep uvicorn's own timeout.
+
+    ``limits`` and ``metrics`` are set on a subclass per server (:func:`guarded_protocol`)."""
+
+    limits: ClassVar[ServerLimits] = ServerLimits()
+    metrics: ClassVar[ServerMetrics] = ServerMetrics()
+    lingering: ClassVar[int] = 0  # refused connections not closed yet (per subclass, i.e. per server)
+    _deadline: asyncio.TimerHandle | None = None
+    _phase: object = None  # the state the deadline guards
+    _refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse()
+            return
+        self._guard(h11.IDLE)
+
+    def _refuse(self) -> None:
+        """Answer 503 and end the connection.  The client may be sending its request already:
+        closing with it unread resets the connection, and a reset can destroy the 503 before
+        the client reads it.  So the socket sends its end of the stream and lingers, discarding
+        what comes, until the client hangs up or its header deadline passes; unless as many
+        refused ones as the cap linger already (a flood), which are reset at once."""
+        self.connections.discard(self)  # refused ones do not hold a place
+        self._refused = True
+        self.metrics.connections_cut.labels(reason="too_many_connections").inc()
+        self.transport.write(_TOO_MANY_CONNECTIONS)
+        cls = type(self)
+        if cls.lingering >= self.limits.max_connections:
+            self.transport.close()
+            return
+        cls.lingering += 1
+        self.transport.write_eof()
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+        self._guard(self.conn.their_state)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Answered early (a 413) while the body still comes: its deadline keeps running.
+        self._guard(h11.SEND_BODY if self.conn.their_state is h11.SEND_BODY else None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused and self._deadline is not None:  # it lingered
+            type(self).lingering -= 1
+            self._deadline.cancel()
+        self._guard(None)
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        # What h11 cannot parse: uvicorn's answer is text/plain, clients of this API expect JSON.
+        self.metrics.connections_cut.labels(reason="malformed_http").inc()
+        self.transport.write(_NOT_HTTP)
+        self.transport.close()
+
+    def _guard(self, state: object) -> None:
+        """Keep the deadline of the phase ``state`` names (headers: IDLE, body: SEND_BODY)
+        running; start it when the phase changed, drop it for any other state."""
+        phase = state if state in (h11.IDLE, h11.SEND_BODY) else None
+        if phase is self._phase:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._phase = phase
+        if phase is not None and not self.transport.is_closing():
+            limit = self.limits.header_timeout_s if phase is h11.IDLE else self.limits.body_timeout_s
+            self._deadline = self.loop.call_later(limit, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        reason = "header_timeout" if self._phase is h11.IDLE else "body_timeout"
+        self.metrics.connections_cut.labels(reason=reason).inc()
+        self.transport.close()
+
+
+def guarded_protocol(limits: ServerLimits, metrics: ServerMetrics) -> type[GuardedH11Protocol]:
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "metrics": metrics})
+
+
+class AcceptErrorLog:
+    """An event-loop exception handler that reports failed ``accept()`` calls once a minute.
+
+    At the file-descriptor limit asyncio's accept loop fails once per pending connection, up to
+    the listen backlog per attempt, and logs each failure with a traceback: 7 MB of log a second.
+    Other errors go to the default handler."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self.last = -math.inf
+        self.suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != self.MESSAGE:
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.suppressed += 1
+            return
+        logger.warning("cannot accept connections: %s (%d more failures since the last report)",
+                       context.get("exception"), self.suppressed)
+        self.last, self.suppressed = now, 0
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with the app's policies: quiet ``accept()`` failures, an exit when the
+    engine dies (so that a supervisor restarts the process; :attr:`engine_failed` tells), and on
+    shutdown running requests get the grace of ``limits.shutdown_grace_s``, then an error."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.engine_failed = False
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(AcceptErrorLog())
+        await super().startup(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.state.engine.error is not None and not self.should_exit:
+            logger.error("the engine stopped after an error; stopping the server (exit status 1)")
+            self.engine_failed = self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        self.state.close_after(self.state.limits.shutdown_grace_s)
+        await super().shutdown(sockets)
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> Server:
+    """A uvicorn server for an app of :func:`create_app`, with the app's limits."""
+    state: ServerState = app.state.server
+    limits = state.limits
+    config = uvicorn.Config(
+        app, host=host, port=port, http=guarded_protocol(limits, state.metrics), lifespan="on",
+        log_level="info" if verbose else "warning", access_log=verbose,
+        timeout_keep_alive=limits.keep_alive_s,
+        # The app answers what still runs when the grace ends; uvicorn cancels only what is
+        # stuck after that (e.g. a stream whose client stopped reading).
+        timeout_graceful_shutdown=math.ceil(limits.shutdown_grace_s) + 3,
+    )
+    return Server(config, state)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (each connection takes a descriptor,
+    and soft limits are often 1024); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def fit_connections(limits: ServerLimits, fd_limit: int) -> ServerLimits:
+    """Cap connections at a third of the descriptors: as many again may be refused ones
+    lingering, and the rest is the process's own."""
+    cap = fd_limit // 3
+    if fd_limit == resource.RLIM_INFINITY or limits.max_connections <= cap:
+        return limits
+    logger.warning("the connection cap (%d) lowered to %d: this process may open only %d files",
+                   limits.max_connections, cap, fd_limit)
+    return replace(limits, max_connections=max(1, cap))
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """The ``serve`` flags given (the others keep :class:`ServerLimits`' defaults)."""
+    flags = {"max_body_bytes": "max_body_bytes", "max_connections": "max_connections",
+             "header_timeout_s": "header_timeout", "body_timeout_s": "body_timeout",
+             "shutdown_grace_s": "shutdown_timeout"}
+    given = {field: getattr(args, flag) for field, flag in flags.items() if getattr(args, flag, None) is not None}
+    return ServerLimits(**given)
+
+
 def run_server(args: argparse.Namespace) -> int:
-    """``pagedattn serve``: load the model, then serve until SIGINT/SIGTERM.
+    """``pagedattn serve``: load the model, then serve until SIGINT/SIGTERM, or until the engine
+    fails (exit status 1, so that a supervisor restarts the process).
 
-    On a signal uvicorn stops accepting connections and lets running responses finish for up to
-    ``--shutdown-timeout`` seconds (default 10) before cancelling them (which aborts their
-    requests); the app's lifespan then stops the engine thread."""
-    import uvicorn
-
+    On a signal the server stops accepting connections and lets running responses finish for up
+    to ``--shutdown-timeout`` seconds (default 10); what still runs then gets an error (JSON, or
+    an error event and ``[DONE]``) and its requests are aborted; the app's lifespan then stops
+    the engine thread."""
     from .cli import build_llm
 
+    limits = fit_connections(limits_from_args(args), raise_fd_limit())
     # Built on the engine thread, so that all torch work of the process happens there.
     engine = AsyncLLMEngine.from_factory(lambda: build_llm(args).engine)
     name = args.served_model_name or default_model_name(args.model, engine.engine.source)
-    app = create_app(engine, name)
-    host, port = getattr(args, "host", "127.0.0.1"), args.port
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="info" if getattr(args, "verbose", False) else "warning",
-        access_log=bool(getattr(args, "verbose", False)),
-        timeout_graceful_shutdown=math.ceil(getattr(args, "shutdown_timeout", 10.0)),  # whole seconds
-    )
-    print(f"pagedattn: serving {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    app = create_app(engine, name, limits, enable_docs=bool(getattr(args, "enable_docs", False)))
+    host = getattr(args, "host", "127.0.0.1")
+    server = make_server(app, host, args.port, verbose=bool(getattr(args, "verbose", False)))
+    print(f"pagedattn: serving {name!r} at http://{host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         with _sigterm_returns():
-            uvicorn.Server(config).run()
+            server.run()
     finally:
         engine.shutdown()  # no-op when the lifespan already did it
         engine.engine.shutdown()  # tensor-parallel workers (nothing to do for one rank)
         print("pagedattn: server stopped", file=sys.stderr, flush=True)
+    if server.engine_failed or engine.error is not None:
+        print("pagedattn: the engine failed (see the log above); exit status 1", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
