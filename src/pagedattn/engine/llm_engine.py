@@ -196,10 +196,6 @@ class LLMEngine:
             _check_unicode(prompt, "prompt")
             if self.tokenizer is None:
                 raise ValueError("prompt: this model folder has no tokenizer; pass token ids instead")
-            try:  # a lone surrogate (JSON allows "\ud800") is no text the tokenizer can take
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"prompt: not valid Unicode text ({e.reason} at character {e.start})") from None
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             return None, _token_ids(prompt, "prompt")
