@@ -75,6 +75,11 @@ class ServerThread:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def engine(self) -> Any:
+        """The ``LLMEngine`` behind the app (to patch in failures)."""
+        return self.server.config.app.state.server.engine.engine
+
     def start(self, timeout: float = 60.0) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + timeout

@@ -148,6 +148,45 @@ def test_missing_tensor_is_named(llama_dir: Path, tmp_path: Path) -> None:
         load_model(tmp_path, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated", "header_only"])
+def test_a_damaged_safetensors_file_is_named_before_anything_loads(damage: str, llama_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    (tmp_path / "config.json").symlink_to(llama_dir / "config.json")
+    data = (llama_dir / "model.safetensors").read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    damaged = {"empty": b"", "random": os.urandom(4096), "truncated": data[: len(data) // 2],
+               "header_only": data[:header]}[damage]
+    (tmp_path / "model.safetensors").write_bytes(damaged)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'model.safetensors'}: not a readable safetensors file"):
+        resolve_model_source(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_hidden_layers", "30"), ("hidden_size", 32.0),
+                                            ("num_key_value_heads", True), ("vocab_size", None)])
+def test_config_json_values_of_the_wrong_type_name_the_file(key: str, value: Any, llama_dir: Path,
+                                                            tmp_path: Path) -> None:
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(llama_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'config.json'}: .*{key}"):
+        resolve_model_source(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated", "cut_in_header"])
+def test_a_damaged_gguf_file_is_named_and_leaves_no_cache(damage: str, default_gguf: Path, tmp_path: Path) -> None:
+    data = default_gguf.read_bytes()
+    damaged = {"empty": b"", "random": os.urandom(4096), "truncated": data[: len(data) // 2],
+               "cut_in_header": data[:2000]}[damage]
+    f = tmp_path / "model.gguf"
+    f.write_bytes(damaged)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=rf"^{f}: not a readable GGUF file"):
+        gguf_mod.convert_gguf(f, cache_dir=cache)
+    assert not any(p.is_dir() and not p.name.startswith(".") for p in (cache / "gguf").iterdir())
+    assert not list((cache / "gguf").iterdir())
+
+
 def test_a_file_that_is_not_gguf(tmp_path: Path) -> None:
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")

@@ -383,6 +383,54 @@ def test_offline_engine_refuses_lone_surrogates(llm: LLM) -> None:
 
 
 # ====================================================================== disconnects, metrics
+@pytest.mark.parametrize("stream", [False, True])
+def test_samples_ending_on_their_first_token_keep_the_server_up(client: openai.OpenAI, server, stream: bool) -> None:
+    """n=2 with max_tokens=1 (every sample ends on its first token) used to stop the engine."""
+    bodies = ({"prompt": "Hello there", "n": 2, "max_tokens": 1}, {"prompt": "Hi", "n": 3, "max_tokens": 1, **GREEDY})
+    for body in bodies:
+        r = client.completions.create(model=MODEL, stream=stream, **body)  # type: ignore[call-overload]
+        choices = [c for chunk in r for c in chunk.choices] if stream else r.choices
+        assert {c.index for c in choices} == set(range(body["n"]))
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    assert _wait_idle(server.base_url)["pagedattn_kv_blocks_used"] == 0
+
+
+def test_a_request_failing_alone_is_a_500_and_the_others_are_served(client: openai.OpenAI, server,
+                                                                   rng: random.Random, monkeypatch) -> None:
+    """A failure inside one request (here its stop check) ends that request with an OpenAI-style
+    500, internal details only in the log; requests beside it and after it are served."""
+    eng = server.engine
+    check = type(eng)._check_stop
+    poison = _prompt(rng) + " poison"
+
+    def failing_check(self, req, seq, tok):  # type: ignore[no-untyped-def]
+        if req.prompt == poison and seq.num_output_tokens == 2:
+            raise RuntimeError("secret internal detail")
+        return check(self, req, seq, tok)
+
+    monkeypatch.setattr(type(eng), "_check_stop", failing_check)
+    good = _prompt(rng)
+
+    async def both() -> list[Any]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+        return await asyncio.gather(
+            aclient.completions.create(model=MODEL, prompt=poison, max_tokens=8, extra_body=NO_EOS),
+            aclient.completions.create(model=MODEL, prompt=good, max_tokens=8, extra_body=NO_EOS),
+            return_exceptions=True)
+
+    bad, ok = asyncio.run(both())
+    assert isinstance(bad, openai.InternalServerError) and bad.status_code == 500
+    assert "secret" not in str(bad.body) and bad.body["type"] == "server_error"
+    assert not isinstance(ok, BaseException) and ok.choices[0].finish_reason == "length"
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": poison, "max_tokens": 8, "stream": True, **NO_EOS}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and '"server_error"' in events[-2]
+    assert client.completions.create(model=MODEL, prompt=good, max_tokens=3).choices[0].text is not None
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    assert _wait_idle(server.base_url)["pagedattn_kv_blocks_used"] == 0
+
+
 def test_client_disconnect_aborts_the_request(server, rng: random.Random) -> None:
     url = f"{server.base_url}/v1/completions"
     body = {"model": MODEL, "prompt": _prompt(rng), "max_tokens": TINY_CONTEXT - 64, "ignore_eos": True}

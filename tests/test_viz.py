@@ -689,7 +689,7 @@ def test_generate_checks_the_trace_path_before_loading_the_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from pagedattn.entrypoints import cli
 
-    def no_model(args: argparse.Namespace) -> None:
+    def no_model(config: object) -> None:
         raise AssertionError("the model must not load when the trace path is bad")
 
     monkeypatch.setattr(cli, "build_llm", no_model)

@@ -5,6 +5,7 @@ rank holds a shard of the model (Megatron-style, see :mod:`pagedattn.models.laye
 pool with its own heads for the same block ids, and runs each step rank 0 broadcasts.
 """
 
+from ..config import DEFAULT_TIMEOUT_S
 from .executor import (
     Executor,
     LocalExecutor,
@@ -13,7 +14,7 @@ from .executor import (
     check_tp_size,
     make_executor,
 )
-from .group import DEFAULT_TIMEOUT_S, TorchrunEnv, TPGroup, init_tp_group
+from .group import TorchrunEnv, TPGroup, init_tp_group
 from .worker_loop import Shutdown, run_torchrun_worker, serve_steps, spawn_main
 
 __all__ = [

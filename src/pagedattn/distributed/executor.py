@@ -33,13 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..config import DEFAULT_TIMEOUT_S
 from ..engine.model_runner import StepInput
 from ..engine.worker import SingleRank, Worker, WorkerConfig, start_worker
 from ..models.config import ModelArchConfig
 from ..models.layers import AllReduce
 from ..models.registry import build_model
 from .group import (
-    DEFAULT_TIMEOUT_S,
     Rendezvous,
     TorchrunEnv,
     TPGroup,

@@ -36,7 +36,6 @@ from .all_reduce import P2PAllReduce, p2p_max_bytes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 600.0
 # Idle workers wait on the control group indefinitely; dead peers are noticed through their sockets.
 _CONTROL_TIMEOUT = timedelta(days=365)
 _ERROR_KEY = "pagedattn/error/"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import fields
 from typing import Any, cast
 
-import torch
 from tqdm.auto import tqdm
 
-from ..config import CacheConfig, SchedulerConfig
-from ..distributed.group import DEFAULT_TIMEOUT_S
-from .llm_engine import EngineConfig, LLMEngine, PromptInput
+from ..config import EngineConfig
+from .llm_engine import LLMEngine, PromptInput
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -18,65 +17,39 @@ from .sampling_params import SamplingParams
 class LLM:
     """Load a model (the embedded default when ``model`` is None) and generate with it.
 
-    ``device=None`` picks CUDA when present.  ``num_kv_blocks=None`` sizes the KV pool from
-    ``gpu_memory_utilization`` on a GPU (after a warm-up measures peak activation memory) or
-    from ``cpu_kv_space_gib`` on the CPU.
-    On CUDA, decode batches up to ``min(max_num_seqs, cuda_graph_max_batch)`` run as captured
-    CUDA graphs (``enforce_eager=True``: none); larger ones run eagerly.
+    Every keyword is a field of :class:`~pagedattn.config.EngineConfig` (the same names as the
+    command line's flags; ``pagedattn generate --help`` lists them with their defaults), checked
+    before anything loads.  The main ones:
 
-    ``tensor_parallel_size=N`` shards the model over N ranks (N GPUs ``cuda:0..N-1``, or N CPU
-    processes): the engine's process is rank 0 and starts the others itself, unless it was
-    launched by ``torchrun`` with ``WORLD_SIZE=N`` (then ranks 1.. serve rank 0 from inside this
-    constructor, which never returns on them).  Memory budgets are per rank.  Call
-    :meth:`shutdown` (or use the object as a context manager) to stop the workers; they are also
-    stopped at interpreter exit.  ``load_format="dummy"`` fills the model with seeded random
-    weights and needs only the folder's ``config.json``.
+    * ``device=None`` picks CUDA when present; ``dtype`` float32 (default), bfloat16 or float16.
+    * ``num_kv_blocks=None`` sizes the KV pool from ``gpu_memory_utilization`` on a GPU (after a
+      warm-up measures peak activation memory) or from ``cpu_kv_space_gib`` on the CPU;
+      ``swap_space_gib`` of CPU memory holds swapped-out blocks (``preemption_mode="swap"``).
+    * On CUDA, decode batches up to ``min(max_num_seqs, cuda_graph_max_batch)`` run as captured
+      CUDA graphs (``enforce_eager=True``: none); larger ones run eagerly.
+    * ``tensor_parallel_size=N`` shards the model over N ranks (N GPUs ``cuda:0..N-1``, or N CPU
+      processes): the engine's process is rank 0 and starts the others itself, unless it was
+      launched by ``torchrun`` with ``WORLD_SIZE=N`` (then ranks 1.. serve rank 0 from inside
+      this constructor, which never returns on them).  Memory budgets are per rank.  Call
+      :meth:`shutdown` (or use the object as a context manager) to stop the workers; they are
+      also stopped at interpreter exit.
+    * ``load_format="dummy"`` fills the model with seeded random weights and needs only the
+      folder's ``config.json``.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype = "float32",
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        swap_space_gib: float = 4,
-        cpu_kv_space_gib: float = 2,
-        enable_prefix_caching: bool = True,
-        preemption_mode: str = "swap",
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        enable_chunked_prefill: bool = True,
-        max_model_len: int | None = None,
-        attention_backend: str = "auto",
-        enforce_eager: bool = False,
-        cuda_graph_max_batch: int = 1024,
-        async_scheduling: bool | None = None,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        distributed_timeout_s: float = DEFAULT_TIMEOUT_S,
-        load_format: str = "auto",
-    ) -> None:
-        cache = CacheConfig(
-            block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
-            swap_space_gib=swap_space_gib, cpu_kv_space_gib=cpu_kv_space_gib,
-            enable_prefix_caching=enable_prefix_caching,
-        )
-        sched = SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens or SchedulerConfig.max_num_batched_tokens,
-            preemption_mode=preemption_mode,  # type: ignore[arg-type]
-            enable_chunked_prefill=enable_chunked_prefill,
-        )
-        self.engine = LLMEngine(EngineConfig(
-            model=model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            attention_backend=attention_backend, enforce_eager=enforce_eager,
-            cuda_graph_max_batch=cuda_graph_max_batch, async_scheduling=async_scheduling, cache=cache, scheduler=sched,
-            tensor_parallel_size=tensor_parallel_size, distributed_timeout_s=distributed_timeout_s,
-            load_format=load_format,
-        ))
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        names = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not an engine option; the options are {', '.join(sorted(names))}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An ``LLM`` over an engine of ``config`` (e.g. the command line's, already checked)."""
+        self = cls.__new__(cls)
+        self.engine = LLMEngine(config)
+        return self
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..cache.block_manager import BlockManager, cdiv
-from ..config import CacheConfig, SchedulerConfig, parse_dtype, resolve_device
+from ..cache.kv_pool import KVCacheSpec
+from ..config import EngineConfig
 from ..distributed.executor import Executor, check_tp_size, make_executor
-from ..distributed.group import DEFAULT_TIMEOUT_S, TorchrunEnv
+from ..distributed.group import TorchrunEnv
 from ..distributed.worker_loop import run_torchrun_worker
-from ..models.loader import check_load_format, load_tokenizer, resolve_model_source
+from ..models.loader import load_tokenizer, resolve_model_source
 from .detokenizer import detokenize_incrementally, finish_detokenizing
 from .model_runner import StepBuilder
 from .outputs import CompletionOutput, RequestOutput
@@ -35,47 +36,6 @@ logger = logging.getLogger(__name__)
 
 PromptInput = str | list[int] | dict[str, Any]
 _GIB = 1 << 30
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None
-    device: str | torch.device | None = None
-    dtype: str | torch.dtype = "float32"
-    seed: int = 0
-    max_model_len: int | None = None
-    attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: never capture CUDA graphs
-    # Largest decode batch captured as a CUDA graph (capped by max_num_seqs); larger batches run
-    # eagerly.  Each captured size costs start-up time and a little memory.
-    cuda_graph_max_batch: int = 1024
-    # Overlap host work with the device: launch decode step k+1 (its input tokens taken on the
-    # device from step k's samples) before reading step k's tokens.  None: on for CUDA.
-    async_scheduling: bool | None = None
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    # Ranks the model is sharded over (Megatron-style); ranks 1.. run in their own processes.
-    tensor_parallel_size: int = 1
-    # Bound on start-up rendezvous and on waiting for a step of a tensor-parallel group.
-    distributed_timeout_s: float = DEFAULT_TIMEOUT_S
-    load_format: str = "auto"  # "dummy": seeded random weights, only config.json is read
-
-    def __post_init__(self) -> None:
-        tp = self.tensor_parallel_size
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive int, got {tp!r}")
-        if not self.distributed_timeout_s > 0:
-            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s!r}")
-        check_load_format(self.load_format)
-        self.torch_dtype = parse_dtype(self.dtype)
-        self.torch_device = resolve_device(self.device)
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
-        cg = self.cuda_graph_max_batch
-        if isinstance(cg, bool) or not isinstance(cg, int) or cg < 1:
-            raise ValueError(f"cuda_graph_max_batch must be a positive int, got {cg!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
 
 
 @dataclass
@@ -115,19 +75,12 @@ class LLMEngine:
         except FileNotFoundError as e:
             raise ValueError(f"model: {e}") from None
         self.arch = self.source.config
-        limit = self.arch.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.max_model_len = self._context_length(config.max_model_len)
         check_tp_size(self.arch, tp)  # before any process starts
-        cc, sc = config.cache, config.scheduler
-        worker_config = WorkerConfig(
-            model_dir=str(self.source.model_dir), dtype=self.dtype, device_type=self.device.type,
-            block_size=cc.block_size, max_model_len=self.max_model_len, max_num_seqs=sc.max_num_seqs,
-            max_num_batched_tokens=sc.max_num_batched_tokens, num_kv_blocks=cc.num_kv_blocks,
-            gpu_memory_utilization=cc.gpu_memory_utilization, cpu_kv_space_gib=cc.cpu_kv_space_gib,
-            swap_space_gib=cc.swap_space_gib, attention_backend=config.attention_backend,
-            enforce_eager=config.enforce_eager, cuda_graph_max_batch=config.cuda_graph_max_batch,
-            load_format=config.load_format, seed=config.seed, tp_size=tp,
-        )
+        worker_config = WorkerConfig.derive(config, str(self.source.model_dir), self.max_model_len)
+        kv_heads = max(1, self.arch.num_kv_heads // tp)  # per rank (a replica each when tp > heads)
+        worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim,
+                                               config.block_size, self.dtype))
         device = self.device
         if tp > 1 and device.type == "cuda" and torchrun is None and (device.index or 0) != 0:
             raise ValueError(f"device: tensor parallelism runs rank r on cuda:r; got device={device}")
@@ -138,6 +91,12 @@ class LLMEngine:
             self.executor.shutdown()
             raise
 
+    def _context_length(self, asked: int | None) -> int:
+        limit = self.arch.max_position_embeddings
+        if asked is not None and asked > limit:
+            raise ValueError(f"max_model_len: {asked} is more than the model's context of {limit} tokens")
+        return asked or limit
+
     def _init_rank0(self, config: EngineConfig, t0: float) -> None:
         """Everything only the engine's rank has: tokenizer, block manager, scheduler, sampler."""
         worker = self.executor.worker
@@ -147,16 +106,15 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source)
         logger.info("loaded %s in %.1fs", self.source.model_dir, time.perf_counter() - t0)
         self.eos_token_ids = set(self.source.eos_token_ids)
-        cc = config.cache
         num_blocks, num_cpu = self.executor.num_blocks, worker.num_cpu_blocks
         windows = set(self.arch.layer_sliding_windows)
         # Blocks can be released only if *every* layer forgets them.
         window = windows.pop() if len(windows) == 1 else None
         self.block_manager = BlockManager(
-            num_blocks, cc.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=cc.enable_prefix_caching,
-            sliding_window=window, watermark=cc.watermark,
+            num_blocks, config.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=config.enable_prefix_caching,
+            sliding_window=window, watermark=config.watermark,
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager)
         self.step_builder = StepBuilder(self.block_manager)
         self.sampler = Sampler(self.device, config.seed)
         self.requests: dict[str, Request] = {}
@@ -170,7 +128,7 @@ class LLMEngine:
         self._inflight: _Inflight | None = None
         self._tok_host = [torch.empty(0, dtype=torch.long)] * 2
         logger.info("KV pool: %d blocks of %d tokens (%.2f GiB per rank), %d CPU swap blocks, backend %s, "
-                    "tensor parallel size %d", num_blocks, cc.block_size, self.kv_pool.nbytes / _GIB, num_cpu,
+                    "tensor parallel size %d", num_blocks, config.block_size, self.kv_pool.nbytes / _GIB, num_cpu,
                     self.backend.name, config.tensor_parallel_size)
         freeze_startup_heap()
 
@@ -337,7 +295,7 @@ class LLMEngine:
         """Launch the next decode step for the same sequences, or None when the batch must
         change first (new or swapped-out requests to admit, a context limit, a full pool)."""
         sch = self.scheduler
-        if sch.swapped or (sch.waiting and len(sch.running) < self.config.scheduler.max_num_seqs):
+        if sch.swapped or (sch.waiting and len(sch.running) < self.config.max_num_seqs):
             return None
         # Sequences that stopped (or were aborted) before this launch drop out; their rows of
         # the in-flight samples are skipped with an on-device gather.

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..cache.block_manager import BlockManager
-from ..config import SchedulerConfig
+from ..config import EngineConfig
 from .sequence import Request, RequestStatus, Sequence
 
 KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
@@ -68,7 +68,7 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.bm = block_manager
         self.waiting: deque[Request] = deque()

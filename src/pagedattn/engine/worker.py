@@ -11,7 +11,9 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -21,6 +23,7 @@ from ..attention.metadata import AttentionMetadata
 from ..attention.selector import get_attention_backend
 from ..cache.block_manager import cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
+from ..config import EngineConfig
 from ..models.context import ForwardContext
 from ..models.layers import AllReduce, pack_linear_weights_for_cpu, set_all_reduce
 from ..models.llama import LlamaForCausalLM
@@ -59,10 +62,71 @@ class WorkerConfig:
     seed: int = 0
     tp_size: int = 1
 
+    @classmethod
+    def derive(cls, cfg: EngineConfig, model_dir: str, max_model_len: int) -> WorkerConfig:
+        """The workers' part of the engine's configuration (same names, resolved values)."""
+        own = {"model_dir", "dtype", "device_type", "max_model_len", "tp_size"}
+        shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in own}
+        return cls(model_dir=model_dir, dtype=cfg.torch_dtype, device_type=cfg.torch_device.type,
+                   max_model_len=max_model_len, tp_size=cfg.tensor_parallel_size, **shared)
+
     @property
     def graph_max_batch(self) -> int:
         """The largest decode batch captured as a CUDA graph on a GPU (0: none, eager only)."""
         return 0 if self.enforce_eager else min(self.max_num_seqs, self.cuda_graph_max_batch)
+
+    def check_memory(self, spec: KVCacheSpec) -> None:
+        """Refuse, before any weights load, KV pools this machine cannot hold: an explicit
+        ``num_kv_blocks`` (or the CPU's ``cpu_kv_space_gib``) and the swap space, for every rank.
+        (A pool sized from free GPU memory is sized after the weights load.)"""
+        ranks = self.tp_size
+        swap = int(self.swap_space_gib * _GIB)
+        if self.num_kv_blocks is not None:
+            kv, kv_field = self.num_kv_blocks * spec.bytes_per_block, "num_kv_blocks"
+        else:
+            kv, kv_field = (int(self.cpu_kv_space_gib * _GIB), "cpu_kv_space_gib") if self.device_type == "cpu" \
+                else (0, "")
+        host = available_host_memory()
+        if self.device_type == "cuda" and kv:
+            gpu_total = torch.cuda.mem_get_info()[1]
+            if kv > gpu_total:
+                raise ValueError(f"num_kv_blocks: {self.num_kv_blocks} blocks of {spec.bytes_per_block} bytes need "
+                                 f"{kv / _GIB:.1f} GiB per rank, more than the GPU's {gpu_total / _GIB:.1f} GiB")
+        on_host = ranks * (swap + (kv if self.device_type == "cpu" else 0))
+        if host is not None and on_host > host:
+            what = kv_field if self.device_type == "cpu" and kv > swap else "swap_space_gib"
+            raise ValueError(
+                f"{what}: the KV pool ({kv / _GIB:.2f} GiB) and swap space ({swap / _GIB:.2f} GiB) of "
+                f"{ranks} rank(s) need {on_host / _GIB:.2f} GiB of host memory, but only {host / _GIB:.2f} GiB "
+                "is available"
+                if self.device_type == "cpu" else
+                f"swap_space_gib: {ranks} rank(s) x {swap / _GIB:.2f} GiB of swap space is more than the "
+                f"{host / _GIB:.2f} GiB of host memory available"
+            )
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory this process could still take: the kernel's MemAvailable, capped by a
+    cgroup (container) limit; None where neither can be read."""
+    avail: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
 
 
 class Collectives(Protocol):

@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
 from typing import Any
 
+from ..config import EngineConfig, add_engine_args, config_from_args
 from ..viz.trace import check_trace_path
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--swap-space-gib", type=float, default=4)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
-    g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
-    g.add_argument("--cuda-graph-max-batch", type=int, default=1024,
-                   help="largest decode batch run as a CUDA graph (capped by --max-num-seqs); larger ones run eagerly")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
-                   help="shard the model over N ranks: N GPUs (cuda:0..N-1) or N CPU processes; started here, "
-                        "or by torchrun (--nproc-per-node N, WORLD_SIZE must equal N)")
-    g.add_argument("--distributed-timeout", type=float, default=None,
-                   help="seconds a tensor-parallel start-up or step may take before it is an error (default 600)")
-    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                   help="dummy: seeded random weights from config.json alone (benchmarks)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -51,20 +25,10 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def build_llm(args: argparse.Namespace) -> Any:
+def build_llm(config: EngineConfig) -> Any:
     from ..engine.llm import LLM
 
-    extra = {} if args.distributed_timeout is None else {"distributed_timeout_s": args.distributed_timeout}
-    return LLM(
-        args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        swap_space_gib=args.swap_space_gib, enable_prefix_caching=not args.no_prefix_caching,
-        preemption_mode=args.preemption_mode, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        cuda_graph_max_batch=args.cuda_graph_max_batch, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format, **extra,
-    )
+    return LLM.from_config(config)
 
 
 def _sampling_params(args: argparse.Namespace, n: int = 1) -> Any:
@@ -76,15 +40,15 @@ def _sampling_params(args: argparse.Namespace, n: int = 1) -> Any:
     )
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    if args.trace:  # a bad path fails now, not after loading the model and generating
+def cmd_generate(args: argparse.Namespace, config: EngineConfig) -> int:
+    params = _sampling_params(args, args.n)  # bad flags fail now, not after loading the model
+    if args.trace:
         check_trace_path(args.trace)
-    with build_llm(args) as llm:
-        return _generate(llm, args)
+    with build_llm(config) as llm:
+        return _generate(llm, args, params)
 
 
-def _generate(llm: Any, args: argparse.Namespace) -> int:
-    params = _sampling_params(args, args.n)
+def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     tracer = None
     if args.trace:
         from ..viz.trace import TraceRecorder
@@ -120,17 +84,21 @@ def _generate(llm: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    with build_llm(args) as llm:
-        return _chat(llm, args)
-
-
-def _chat(llm: Any, args: argparse.Namespace) -> int:
+def cmd_chat(args: argparse.Namespace, config: EngineConfig) -> int:
     params = _sampling_params(args)
+    with build_llm(config) as llm:
+        return _chat(llm, args, params)
+
+
+def _chat(llm: Any, args: argparse.Namespace, params: Any) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
     print("pagedattn chat: empty line or Ctrl-D to quit, /reset to clear the history", file=sys.stderr)
+    # Undecodable input bytes arrive as lone surrogates, which the engine refuses (below), so a
+    # mistyped line costs that line, not the session.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ")
@@ -141,24 +109,56 @@ def _chat(llm: Any, args: argparse.Namespace) -> int:
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
             continue
-        history.append({"role": "user", "content": line})
-        ids = llm.apply_chat_template(history)
-        printed = 0
-        text = ""
-        for out in llm.stream([{"prompt_token_ids": ids}], params):
-            text = out.outputs[0].text if out.outputs else ""
-            sys.stdout.write(text[printed:])
-            sys.stdout.flush()
-            printed = len(text)
-        print()
+        try:
+            history.append({"role": "user", "content": line})
+            text = _chat_turn(llm, history, params)
+        except ValueError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": text})
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run_server
+def _chat_turn(llm: Any, history: list[dict[str, str]], params: Any) -> str:
+    for m in history[-1:]:
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the line is not valid UTF-8 text; type it again") from None
+    ids = llm.apply_chat_template(history)
+    printed = 0
+    text = ""
+    for out in llm.stream([{"prompt_token_ids": ids}], params):
+        text = out.outputs[0].text if out.outputs else ""
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+    print()
+    return text
 
-    return run_server(args)
+
+def cmd_serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    from .server import ServerLimits, run_server
+
+    limits = ServerLimits(**{f: getattr(args, flag) for f, flag in _SERVE_LIMITS.items()
+                             if getattr(args, flag) is not None})
+    return run_server(lambda: build_llm(config).engine, served_model_name=args.served_model_name,
+                      model=config.model, host=args.host, port=args.port, limits=limits,
+                      enable_docs=args.enable_docs, verbose=args.verbose)
+
+
+# ServerLimits' fields and their flags (None: the field's default).
+_SERVE_LIMITS = {"max_body_bytes": "max_body_bytes", "max_connections": "max_connections",
+                 "header_timeout_s": "header_timeout", "body_timeout_s": "body_timeout",
+                 "shutdown_grace_s": "shutdown_timeout"}
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -173,29 +173,29 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON line per sample")
     g.add_argument("--trace", default=None, help="record a block-pool trace (JSON lines) to this file")
     g.add_argument("--metrics", action="store_true", help="print engine metrics to stderr at the end")
-    _engine_args(g)
+    add_engine_args(g)
     _sampling_args(g, max_tokens=64)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")
     c.add_argument("--system", default=None, help="system prompt")
-    _engine_args(c)
+    add_engine_args(c)
     _sampling_args(c, max_tokens=256)
     c.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--served-model-name", default=None)
-    s.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds running requests get to finish on SIGTERM/SIGINT")
+    s.add_argument("--shutdown-timeout", type=float, default=None,
+                   help="seconds running requests get to finish on SIGTERM/SIGINT (10)")
     # Defaults (None) are ServerLimits' own.
     s.add_argument("--max-connections", type=int, default=None, help="open connections; more get a 503 (2048)")
     s.add_argument("--max-body-bytes", type=int, default=None, help="request body size; larger gets a 413 (4 MiB)")
     s.add_argument("--header-timeout", type=float, default=None, help="seconds a request's headers may take (10)")
     s.add_argument("--body-timeout", type=float, default=None, help="seconds a request's body may take (30)")
     s.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
-    _engine_args(s)
+    add_engine_args(s)
     s.set_defaults(func=cmd_serve)
 
     try:
@@ -208,21 +208,20 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _serve_as_torchrun_worker(args: argparse.Namespace) -> bool:
+def _serve_as_torchrun_worker(config: EngineConfig) -> bool:
     """Under ``torchrun``, ranks other than 0 serve rank 0's engine instead of running the
     command (which only rank 0 does: reading prompts, printing, listening on the port)."""
-    if args.command not in ("generate", "chat", "serve") or args.tensor_parallel_size == 1:
+    if config.tensor_parallel_size == 1:
         return False
-    from ..config import resolve_device
-    from ..distributed import DEFAULT_TIMEOUT_S, TorchrunEnv, run_torchrun_worker
+    from ..distributed import TorchrunEnv, run_torchrun_worker
 
     env = TorchrunEnv.detect()
     if env is None or env.world_size == 1 or env.rank == 0:
         return False
-    if args.tensor_parallel_size != env.world_size:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} but torchrun started "
+    if config.tensor_parallel_size != env.world_size:
+        raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size} but torchrun started "
                          f"WORLD_SIZE={env.world_size} processes; they must be equal")
-    run_torchrun_worker(env, resolve_device(args.device).type, args.distributed_timeout or DEFAULT_TIMEOUT_S)
+    run_torchrun_worker(env, config.torch_device.type, config.distributed_timeout_s)
     return True
 
 
@@ -231,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if _serve_as_torchrun_worker(args):
+        if args.command == "viz":
+            return int(args.func(args) or 0)
+        config = config_from_args(args)  # every engine flag checked before anything loads
+        if _serve_as_torchrun_worker(config):
             return 0
-        return int(args.func(args) or 0)
+        return int(args.func(args, config) or 0)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ grace to finish, then an error (JSON, or an error event plus ``[DONE]``).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -53,6 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from ..engine.llm_engine import LLMEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from .metrics import ServerMetrics
@@ -293,6 +293,8 @@ class Generation:
         merged = _merge(self.streams)
         try:
             async for i, out in merged:
+                if out.error is not None:  # this request failed alone (logged by the engine)
+                    raise APIError(500, "internal error while generating this request", type="server_error")
                 timers[i].on_output(out)
                 yield i, out
         finally:
@@ -934,33 +936,23 @@ def fit_connections(limits: ServerLimits, fd_limit: int) -> ServerLimits:
     return replace(limits, max_connections=max(1, cap))
 
 
-def limits_from_args(args: argparse.Namespace) -> ServerLimits:
-    """The ``serve`` flags given (the others keep :class:`ServerLimits`' defaults)."""
-    flags = {"max_body_bytes": "max_body_bytes", "max_connections": "max_connections",
-             "header_timeout_s": "header_timeout", "body_timeout_s": "body_timeout",
-             "shutdown_grace_s": "shutdown_timeout"}
-    given = {field: getattr(args, flag) for field, flag in flags.items() if getattr(args, flag, None) is not None}
-    return ServerLimits(**given)
-
-
-def run_server(args: argparse.Namespace) -> int:
-    """``pagedattn serve``: load the model, then serve until SIGINT/SIGTERM, or until the engine
+def run_server(engine_factory: Callable[[], LLMEngine], *, served_model_name: str | None = None,
+               model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+               limits: ServerLimits | None = None, enable_docs: bool = False, verbose: bool = False) -> int:
+    """``pagedattn serve``: build the engine, then serve until SIGINT/SIGTERM, or until the engine
     fails (exit status 1, so that a supervisor restarts the process).
 
     On a signal the server stops accepting connections and lets running responses finish for up
-    to ``--shutdown-timeout`` seconds (default 10); what still runs then gets an error (JSON, or
-    an error event and ``[DONE]``) and its requests are aborted; the app's lifespan then stops
+    to ``limits.shutdown_grace_s`` seconds (default 10); what still runs then gets an error (JSON,
+    or an error event and ``[DONE]``) and its requests are aborted; the app's lifespan then stops
     the engine thread."""
-    from .cli import build_llm
-
-    limits = fit_connections(limits_from_args(args), raise_fd_limit())
+    limits = fit_connections(limits or ServerLimits(), raise_fd_limit())
     # Built on the engine thread, so that all torch work of the process happens there.
-    engine = AsyncLLMEngine.from_factory(lambda: build_llm(args).engine)
-    name = args.served_model_name or default_model_name(args.model, engine.engine.source)
-    app = create_app(engine, name, limits, enable_docs=bool(getattr(args, "enable_docs", False)))
-    host = getattr(args, "host", "127.0.0.1")
-    server = make_server(app, host, args.port, verbose=bool(getattr(args, "verbose", False)))
-    print(f"pagedattn: serving {name!r} at http://{host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    engine = AsyncLLMEngine.from_factory(engine_factory)
+    name = served_model_name or default_model_name(model, engine.engine.source)
+    app = create_app(engine, name, limits, enable_docs=enable_docs)
+    server = make_server(app, host, port, verbose=verbose)
+    print(f"pagedattn: serving {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         with _sigterm_returns():
             server.run()

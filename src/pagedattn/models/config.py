@@ -174,6 +174,10 @@ class ModelArchConfig:
         for key in _REQUIRED_KEYS:
             if d.get(key) is None:
                 raise ValueError(f"config.json is missing required key {key!r}")
+        for key in (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = d.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{key} must be an integer, got {v!r}")
         num_layers = d["num_hidden_layers"]
         num_heads = d["num_attention_heads"]
         max_pos = d.get("max_position_embeddings", _MAX_POSITION_DEFAULTS[arch])

@@ -117,7 +117,10 @@ def convert_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         _make_readable(tmp)
-        _convert_into(path, tmp)
+        try:
+            _convert_into(path, tmp)
+        except (ValueError, IndexError, KeyError, TypeError, EOFError) as e:  # what a damaged file raises in gguf
+            raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         try:
             os.replace(tmp, final)
         except OSError:

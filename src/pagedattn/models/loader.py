@@ -96,8 +96,11 @@ def resolve_model_source(model: str | Path | None, load_format: str = "auto") ->
         else:
             folder = path.resolve()
     hf_config = _read_json(folder / "config.json", "config.json")
-    config = ModelArchConfig.from_hf_config(hf_config)
-    weight_files = find_weight_files(folder) if load_format == "auto" else ()
+    try:
+        config = ModelArchConfig.from_hf_config(hf_config)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a value of the wrong type fails deep inside
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
+    weight_files = check_weight_files(find_weight_files(folder)) if load_format == "auto" else ()
     gen = _read_generation_config(folder)
     eos = parse_token_ids(gen.get("eos_token_id")) or config.eos_token_ids
     bos = gen.get("bos_token_id", config.bos_token_id)
@@ -133,6 +136,20 @@ def find_weight_files(folder: Path) -> tuple[Path, ...]:
         other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" (found {', '.join(other)}: only safetensors weights are supported)" if other else ""
         raise FileNotFoundError(f"no weight files (*.safetensors) in {folder}{hint}")
+    return files
+
+
+def check_weight_files(files: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Open every safetensors file's header (cheap: no tensor is read), so that an empty,
+    foreign or truncated file is an error naming it before anything is built."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     return files
 
 
