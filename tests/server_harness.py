@@ -76,9 +76,9 @@ class ServerThread:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def engine(self) -> Any:
-        """The ``LLMEngine`` behind the app (to patch in failures)."""
-        return self.server.config.app.state.server.engine.engine
+    def engine(self) -> AsyncLLMEngine:
+        """The engine behind the app."""
+        return self.server.config.app.state.server.engine
 
     def start(self, timeout: float = 60.0) -> ServerThread:
         self.thread.start()

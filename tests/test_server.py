@@ -399,7 +399,7 @@ def test_a_request_failing_alone_is_a_500_and_the_others_are_served(client: open
                                                                    rng: random.Random, monkeypatch) -> None:
     """A failure inside one request (here its stop check) ends that request with an OpenAI-style
     500, internal details only in the log; requests beside it and after it are served."""
-    eng = server.engine
+    eng = server.engine.engine
     check = type(eng)._check_stop
     poison = _prompt(rng) + " poison"
 
