@@ -20,6 +20,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def fresh_env_switches() -> Iterator[None]:
+    """The project's switches are read once and kept (pagedattn.envs); a test that changes the
+    environment gets them re-read, and the next test sees the environment restored."""
+    from pagedattn import envs
+
+    envs.reload()
+    yield
+    envs.reload()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def pagedattn_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The cache root every ``load_model``/``convert_gguf`` call of the session uses."""

@@ -28,6 +28,7 @@ from .triton_interpreter import (
 
 pytest.importorskip("triton")
 
+from pagedattn import envs
 from pagedattn.attention import AttentionLayerSpec, AttentionMetadata, paged_attention_ref, store_kv_ref, triton_backend
 from pagedattn.attention import triton_ops as ops
 from pagedattn.attention.cascade import CascadeConfig, PackedLayout, build_plan, pack_plan
@@ -229,6 +230,7 @@ def test_backend_cascade_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert TritonBackend().cascade == CascadeConfig()
     assert TritonBackend(cascade=False).cascade is None
     monkeypatch.setenv("PAGEDATTN_DISABLE_CASCADE", "1")
+    envs.reload()
     assert TritonBackend().cascade is None
     assert TritonBackend(cascade=CFG).cascade is CFG
     with pytest.raises(ValueError, match="cascade"):

@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading weights fails the test: every check below must come first."""
-    import pagedattn.engine.worker as worker
+    import pagedattn.runtime.worker as worker
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model's weights must not load for a bad configuration")

@@ -289,7 +289,8 @@ def test_greedy_steps_take_tokens_from_the_runner_mixed_steps_sample_logits(mode
     def spy(step, *args):
         out = real(step, *args)
         if step.sample_rows:
-            seen.append((step.greedy, out.dtype, out.dim()))
+            assert (out.tokens is not None) == step.greedy and (out.logits is None) == step.greedy
+            seen.append((step.greedy, out.rows.dtype, out.rows.dim()))
         return out
 
     monkeypatch.setattr(llm.engine.executor, "execute", spy)
@@ -308,7 +309,7 @@ def test_greedy_steps_take_tokens_from_the_runner_mixed_steps_sample_logits(mode
 
 @pytest.mark.parametrize("max_batch", [1, 3, 8, 17, 512, 513, 600, 1024, 2000])
 def test_cuda_graph_buckets_cover_every_batch_with_bounded_padding(max_batch):
-    from pagedattn.engine.cuda_graphs import batch_buckets
+    from pagedattn.runtime.cuda_graphs import batch_buckets
 
     buckets = batch_buckets(max_batch)
     assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch and buckets[0] == 1

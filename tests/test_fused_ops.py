@@ -25,6 +25,7 @@ from .triton_interpreter import (
 
 pytest.importorskip("triton")
 
+from pagedattn import envs
 from pagedattn.attention.selector import get_attention_backend
 from pagedattn.models import fused_ops as fo
 from pagedattn.models.config import ModelArchConfig
@@ -277,9 +278,11 @@ def test_launchers_reject_bad_inputs() -> None:
 
 def test_dispatch_follows_device_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(fo.DISABLE_ENV, raising=False)
+    envs.reload()
     assert fo.fused_kernels_enabled()
     assert not fo.use_triton(torch.ones(2))  # CPU tensors always take the torch code
     monkeypatch.setenv(fo.DISABLE_ENV, "1")
+    envs.reload()
     assert not fo.fused_kernels_enabled()
     if CUDA:
         assert not fo.use_triton(torch.ones(2, device=DEVICE))
@@ -327,8 +330,10 @@ def test_model_with_fused_kernels_matches_torch_path(qk_norm: bool, dtype: torch
     """The decoder's residual layout and every fused kernel in place, against the torch path."""
     model = _tiny_model(qk_norm, dtype, seed=int(qk_norm))
     monkeypatch.setenv(fo.DISABLE_ENV, "1")
+    envs.reload()
     ref = _run_model(model)
     monkeypatch.delenv(fo.DISABLE_ENV)
+    envs.reload()
     if not CUDA:
         monkeypatch.setattr(fo, "use_triton", lambda x: True)
     got = _run_model(model)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedattn import LLM, SamplingParams
+from pagedattn import LLM, SamplingParams, envs
 from pagedattn.distributed import TorchrunEnv, WorkerError
 from pagedattn.distributed import executor as executor_mod
 from pagedattn.distributed import group as group_mod
@@ -197,7 +197,7 @@ def test_failed_engine_is_freed_when_dropped(model_dirs: dict[str, Path]) -> Non
 # Worker entry points with a fault planted inside the worker process (the spawned process
 # imports this module to find them; the engine's own rank is untouched).
 def _spawn_main_failing_load(*args: object) -> None:
-    import pagedattn.engine.worker as worker
+    import pagedattn.runtime.worker as worker
 
     def broken_load(*a: object, **k: object) -> None:
         raise OSError("planted: cannot read the weights on this rank")
@@ -207,7 +207,7 @@ def _spawn_main_failing_load(*args: object) -> None:
 
 
 def _spawn_main_failing_third_step(*args: object) -> None:
-    from pagedattn.engine.model_runner import ModelRunner
+    from pagedattn.runtime.model_runner import ModelRunner
 
     real = ModelRunner.execute
     calls = iter(range(1_000_000))
@@ -432,6 +432,7 @@ def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
 
     gpu, one_host = torch.device("cuda", 0), [("node0", 0, 0, True, 132), ("node0", 1, 0, True, 132)]
     monkeypatch.delenv(DISABLE_ENV, raising=False)
+    envs.reload()
     assert "not on CUDA" in str(_unsupported_reason(torch.device("cpu"), torch.float32, one_host))
     assert "float16" in str(_unsupported_reason(gpu, torch.float16, one_host))
     assert "1 ranks" in str(_unsupported_reason(gpu, torch.bfloat16, one_host[:1]))
@@ -443,6 +444,7 @@ def test_p2p_all_reduce_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
     mixed = [("n", 0, 0, True, 132), ("n", 1, 0, False, 132)]
     assert "PAGEDATTN_DISABLE_FUSED" in str(_unsupported_reason(gpu, torch.bfloat16, mixed))
     monkeypatch.setenv(DISABLE_ENV, "1")
+    envs.reload()
     assert DISABLE_ENV in str(_unsupported_reason(gpu, torch.bfloat16, one_host))
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .envs import triton_interpreted
+
 DEFAULT_TIMEOUT_S = 600.0  # tensor-parallel start-up and step bound
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -62,11 +64,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} but only {torch.cuda.device_count()} CUDA devices exist")
     return dev
-
-
-def triton_interpreted() -> bool:
-    """Triton's own switch to run kernels on CPU tensors (tests of the kernels use it)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 # ====================================================================== fields

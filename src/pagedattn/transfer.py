@@ -17,3 +17,8 @@ def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for it (see :func:`upload`)."""
+    return upload(torch.tensor(values, dtype=dtype), device)

@@ -13,7 +13,6 @@ plan from ``meta.block_tables_cpu``; captured steps read fixed device buffers th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from ..envs import switches
 from . import triton_ops as ops
 from .backend import AttentionBackend, AttentionLayerSpec
 from .cascade import (
@@ -87,7 +87,7 @@ class _GraphCascade:
 
 def _cascade_from_env() -> bool:
     """``PAGEDATTN_DISABLE_CASCADE=1`` turns cascade decode off (A/B benchmarks)."""
-    return os.environ.get("PAGEDATTN_DISABLE_CASCADE", "0").lower() not in ("1", "true", "yes", "on")
+    return not switches().disable_cascade
 
 
 class TritonBackend(AttentionBackend):

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.torch_ref import store_kv_ref
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """One scatter per tensor: ``cache.view(N*bs, H, D)[slot_mapping] = k``."""
+    n, bs, h, d = k_cache.shape
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(n * bs, h, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(n * bs, h, d).index_copy_(0, slot_mapping, v)
 
 
 @dataclass(frozen=True)

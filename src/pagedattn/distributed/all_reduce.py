@@ -30,19 +30,19 @@ sums: ``plain_max_bytes``) and NCCL the larger ones (prefills).  All of it is ca
 from __future__ import annotations
 
 import logging
-import os
 import socket
 
 import torch
 import torch.distributed as dist
 
+from ..envs import DISABLE_P2P_ALL_REDUCE, switches
 from ..models.fused_ops import RankBarrier, fused_kernels_enabled, reduce_add_rms_norm_triton
 from ..models.layers import AllReduce, process_group_all_reduce
 
 logger = logging.getLogger(__name__)
 
 # A/B switch: the engine keeps NCCL for every all-reduce when set.
-DISABLE_ENV = "PAGEDATTN_DISABLE_P2P_ALL_REDUCE"
+DISABLE_ENV = DISABLE_P2P_ALL_REDUCE
 # One-shot reads world_size x the bytes on every rank; past a few MiB NCCL's ring is faster
 # (with more than two ranks, see p2p_max_bytes).
 DEFAULT_MAX_BYTES = 4 << 20
@@ -224,7 +224,7 @@ def _unsupported_reason(device: torch.device, dtype: torch.dtype,
     """Why this rank cannot take part in a P2P all-reduce (None if it can); ``places`` holds every
     rank's (host name, CUDA device index, symmetric-memory rendezvous made so far, whether the
     fused Triton kernels run, SM count)."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+    if switches().disable_p2p_all_reduce:
         return f"{DISABLE_ENV} is set"
     if device.type != "cuda":
         return "not on CUDA"

@@ -27,18 +27,18 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import DEFAULT_TIMEOUT_S
-from ..engine.model_runner import StepInput
-from ..engine.worker import SingleRank, Worker, WorkerConfig, start_worker
 from ..models.config import ModelArchConfig
 from ..models.layers import AllReduce
 from ..models.registry import build_model
+from ..runtime.executor import Executor, LocalExecutor
+from ..runtime.model_runner import StepInput, StepOutput
+from ..runtime.worker import Worker, WorkerConfig, start_worker
 from .group import (
     Rendezvous,
     TorchrunEnv,
@@ -59,45 +59,6 @@ _JOIN_S = 10.0  # how long a stopping worker gets before it is terminated
 
 class WorkerError(RuntimeError):
     """A tensor-parallel worker failed or died; the engine cannot go on."""
-
-
-class Executor(Protocol):
-    """Runs steps on every rank; the engine talks to nothing else below the scheduler."""
-
-    worker: Worker  # this process's rank (rank 0)
-    num_blocks: int  # KV blocks of every rank (the same block ids everywhere)
-
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run a step on every rank; returns rank 0's logits of ``step.sample_rows``."""
-
-    def sync(self) -> None:
-        """Wait for the device work queued so far (a no-op where waits cannot hang)."""
-
-    def wait_event(self, event: torch.cuda.Event) -> None:
-        """Wait for ``event``, recorded after device work that may hold collectives."""
-
-    def shutdown(self) -> None:
-        """Stop and release every rank but this process; idempotent."""
-
-
-class LocalExecutor:
-    """A world of one: the whole model in the engine's process."""
-
-    def __init__(self, config: WorkerConfig, device: torch.device) -> None:
-        self.worker = start_worker(config, 0, device, SingleRank(device))
-        self.num_blocks = self.worker.pool.num_blocks if self.worker.pool is not None else 0
-
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.worker.execute(step, input_ids)
-
-    def sync(self) -> None:
-        pass
-
-    def wait_event(self, event: torch.cuda.Event) -> None:
-        event.synchronize()
-
-    def shutdown(self) -> None:
-        pass
 
 
 @dataclass
@@ -207,7 +168,7 @@ class TensorParallelExecutor:
         return store
 
     # ================================================================== steps
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
         self._check_usable()
         try:
             with self._lock:
@@ -377,8 +338,6 @@ def _stop_processes(procs: list[BaseProcess], grace_s: float) -> None:
 def check_tp_size(arch: ModelArchConfig, tp_size: int) -> None:
     """Raise ValueError (before anything starts) unless ``arch`` shards over ``tp_size`` ranks:
     builds rank 0's shard on the meta device, so the checks are exactly those of the layers."""
-    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"tensor_parallel_size must be a positive int, got {tp_size!r}")
     if tp_size == 1:
         return
     try:

@@ -6,7 +6,7 @@ Two groups join the ranks:
   collectives -- the all-reduces and all-gathers of the sharded layers -- and the device-side
   input ids of overlapped decode steps;
 * a gloo **control** group carries Python objects from rank 0 (the worker configuration, one
-  :class:`~pagedattn.engine.model_runner.StepInput` per step, shutdown) and the small host-side
+  :class:`~pagedattn.runtime.model_runner.StepInput` per step, shutdown) and the small host-side
   collectives of start-up (barriers, the KV pool size).  Workers wait on it for their next step
   for as long as the engine is idle, so it never times out; a peer that dies closes its
   sockets, which fails a pending wait at once.
@@ -69,6 +69,18 @@ class TorchrunEnv:
             raise ValueError(f"need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0, got {rank=} {world=} {local=}")
         return cls(rank, world, local)
 
+    @classmethod
+    def for_tensor_parallel(cls, tp_size: int) -> TorchrunEnv | None:
+        """The torchrun launch whose ranks form this tensor-parallel group, or None (not launched
+        by torchrun, or ``tp_size`` 1: then every torchrun process runs an engine of its own)."""
+        env = cls.detect() if tp_size > 1 else None
+        if env is None or env.world_size == 1:
+            return None
+        if env.world_size != tp_size:
+            raise ValueError(f"tensor_parallel_size: {tp_size} but torchrun started WORLD_SIZE={env.world_size} "
+                             "processes; they must be equal")
+        return env
+
 
 @dataclass(frozen=True)
 class Rendezvous:
@@ -86,7 +98,7 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
 class TPGroup:
     """This process's membership of the tensor-parallel group (made by :func:`init_tp_group`).
 
-    Also the :class:`~pagedattn.engine.worker.Collectives` of worker start-up: barriers and
+    Also the :class:`~pagedattn.runtime.worker.Collectives` of worker start-up: barriers and
     the minimum go over the control group, ``wait_device`` synchronises the device.
     """
 

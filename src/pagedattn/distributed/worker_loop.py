@@ -2,9 +2,9 @@
 
 A worker is started either by the engine (:func:`spawn_main`, the target of a spawned process)
 or by ``torchrun`` (:func:`run_torchrun_worker`, called where the engine would have been
-built).  Either way it joins the group, receives the :class:`~pagedattn.engine.worker.WorkerConfig`,
+built).  Either way it joins the group, receives the :class:`~pagedattn.runtime.worker.WorkerConfig`,
 builds its shard and KV pool in lockstep with the others, then loops: one
-:class:`~pagedattn.engine.model_runner.StepInput` in, one forward pass on its shard (its logits
+:class:`~pagedattn.runtime.model_runner.StepInput` in, one forward pass on its shard (its logits
 are dropped: rank 0 samples), until :class:`Shutdown`.
 
 Any exception ends the process at once (after leaving its traceback for rank 0): a rank that
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.model_runner import StepInput
-from ..engine.sampler import to_device
-from ..engine.worker import WorkerConfig, freeze_startup_heap, release_startup_heap, start_worker
+from ..runtime.model_runner import StepInput
+from ..runtime.worker import WorkerConfig, freeze_startup_heap, release_startup_heap, start_worker
+from ..transfer import to_device
 from .group import Rendezvous, TorchrunEnv, TPGroup, init_tp_group, make_store, mark_alive, report_error
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ def serve_steps(group: TPGroup) -> None:
         if not isinstance(msg, StepInput):
             raise RuntimeError(f"unexpected message from rank 0: {type(msg).__name__}")
         input_ids = None if msg.token_ids is not None else _overlapped_input_ids(msg, greedy_tokens, group)
-        out = worker.execute(msg, input_ids)
-        greedy_tokens = out if msg.greedy else None
+        greedy_tokens = worker.execute(msg, input_ids).tokens
 
 
 def _overlapped_input_ids(step: StepInput, greedy_tokens: torch.Tensor | None, group: TPGroup) -> torch.Tensor:

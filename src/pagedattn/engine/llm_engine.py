@@ -19,18 +19,20 @@ import torch
 from ..cache.block_manager import BlockManager, cdiv
 from ..cache.kv_pool import KVCacheSpec
 from ..config import EngineConfig
-from ..distributed.executor import Executor, check_tp_size, make_executor
+from ..distributed.executor import check_tp_size, make_executor
 from ..distributed.group import TorchrunEnv
 from ..distributed.worker_loop import run_torchrun_worker
 from ..models.loader import load_tokenizer, resolve_model_source
+from ..runtime.executor import Executor
+from ..runtime.worker import WorkerConfig, freeze_startup_heap, release_startup_heap
+from ..transfer import to_device
 from .detokenizer import detokenize_incrementally, finish_detokenizing
-from .model_runner import StepBuilder
 from .outputs import CompletionOutput, RequestOutput
-from .sampler import Sampler, SamplingBatch, SamplingRow, to_device
+from .sampler import Sampler, SamplingBatch, SamplingRow
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
-from .worker import WorkerConfig, freeze_startup_heap, release_startup_heap
+from .step_builder import StepBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +60,10 @@ class LLMEngine:
         self.dtype = config.torch_dtype
         tp = config.tensor_parallel_size
         # Launched by torchrun for tensor parallelism: rank 0 is the engine, the others serve it.
-        # (With tp 1 every torchrun process runs an engine of its own.)
-        torchrun = TorchrunEnv.detect() if tp > 1 else None
-        if torchrun is not None and torchrun.world_size > 1:
-            if tp != torchrun.world_size:
-                raise ValueError(f"tensor_parallel_size={tp} but torchrun started WORLD_SIZE={torchrun.world_size} "
-                                 "processes; they must be equal")
-            if torchrun.rank != 0:  # rank 0 runs the engine; this process serves it and never returns
-                run_torchrun_worker(torchrun, self.device.type, config.distributed_timeout_s)
-                raise SystemExit(0)
-        else:
-            torchrun = None
+        torchrun = TorchrunEnv.for_tensor_parallel(tp)
+        if torchrun is not None and torchrun.rank != 0:  # serves rank 0's engine, then leaves
+            run_torchrun_worker(torchrun, self.device.type, config.distributed_timeout_s)
+            raise SystemExit(0)
         t0 = time.perf_counter()
         try:
             self.source = resolve_model_source(config.model, config.load_format)
@@ -239,7 +234,7 @@ class LLMEngine:
         if self._inflight is None:
             sched = self.scheduler.schedule()
             step = self.step_builder.build(sched)
-            out = self.executor.execute(step)  # logits, or with step.greedy the sampled tokens
+            out = self.executor.execute(step).rows  # logits, or with step.greedy the sampled tokens
             if not self._overlappable(sched):
                 # Under tensor parallelism on CUDA this is where a dead rank is noticed, rather
                 # than in a blocking read of the sampled tokens.
@@ -321,7 +316,7 @@ class LLMEngine:
                                            prev_rows=rows if greedy else None)
         same = len(rows) == len(cur.targets)
         input_ids = cur.tokens if same else cur.tokens.index_select(0, to_device(rows, torch.long, self.device))
-        out = self.executor.execute(step, input_ids)
+        out = self.executor.execute(step, input_ids).rows
         sched = SchedulerOutput(scheduled=[ScheduledSeq(req, seq, 1) for seq, req in targets])
         return self._launch(sched, targets, out, greedy, cur.batch if same else None)
 

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
+from ..runtime.model_runner import KVOp
 from .sequence import Request, RequestStatus, Sequence
-
-KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
 
 
 @dataclass

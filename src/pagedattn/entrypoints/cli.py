@@ -211,16 +211,11 @@ def make_parser() -> argparse.ArgumentParser:
 def _serve_as_torchrun_worker(config: EngineConfig) -> bool:
     """Under ``torchrun``, ranks other than 0 serve rank 0's engine instead of running the
     command (which only rank 0 does: reading prompts, printing, listening on the port)."""
-    if config.tensor_parallel_size == 1:
-        return False
     from ..distributed import TorchrunEnv, run_torchrun_worker
 
-    env = TorchrunEnv.detect()
-    if env is None or env.world_size == 1 or env.rank == 0:
+    env = TorchrunEnv.for_tensor_parallel(config.tensor_parallel_size)
+    if env is None or env.rank == 0:
         return False
-    if config.tensor_parallel_size != env.world_size:
-        raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size} but torchrun started "
-                         f"WORLD_SIZE={env.world_size} processes; they must be equal")
     run_torchrun_worker(env, config.torch_device.type, config.distributed_timeout_s)
     return True
 

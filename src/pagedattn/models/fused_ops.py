@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
+
+from ..envs import DISABLE_FUSED, switches
 
 try:
     import triton
@@ -40,7 +41,7 @@ except ImportError:  # a CPU-only install: the torch references serve every call
     triton = None
     tl = None
 
-DISABLE_ENV = "PAGEDATTN_DISABLE_FUSED"
+DISABLE_ENV = DISABLE_FUSED
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -48,7 +49,7 @@ def fused_kernels_enabled() -> bool:
     """Triton is importable and the fused kernels are not switched off by the environment."""
     if triton is None:
         return False
-    return os.environ.get(DISABLE_ENV, "0").lower() not in ("1", "true", "yes", "on")
+    return not switches().disable_fused
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..envs import cache_dir
+
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
 
@@ -91,8 +93,7 @@ def default_gguf_path() -> Path:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("PAGEDATTN_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedattn"
+    return cache_dir()
 
 
 def converted_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:

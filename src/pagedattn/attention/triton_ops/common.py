@@ -6,11 +6,11 @@ costs nothing at run time.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ...envs import triton_interpreted
 
 # Scores are kept in the base-2 domain (exp2 is one instruction): scale * log2(e).
 LOG2E = 1.4426950408889634
@@ -21,7 +21,7 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def interpreting() -> bool:
     """Whether kernels run under the Triton interpreter (``TRITON_INTERPRET`` set)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    return triton_interpreted()
 
 
 def dot_dtype(cache_dtype: torch.dtype) -> tl.dtype:

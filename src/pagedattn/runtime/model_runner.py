@@ -2,7 +2,7 @@
 
 The work is split in two so that tensor parallelism shares everything but the bookkeeping:
 
-* :class:`StepBuilder` (the engine's rank only) reads the scheduler's output and the block
+* the engine's ``StepBuilder`` (its rank only) reads the scheduler's output and the block
   manager's tables and writes them down as a :class:`StepInput`: plain lists and ints, the same
   for every rank, cheap to pickle and broadcast.
 * :class:`ModelRunner` (every rank) executes a :class:`StepInput` on its own model shard and KV
@@ -20,14 +20,13 @@ import torch
 
 from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata, token_positions
-from ..cache.block_manager import BlockManager
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from ..models.llama import LlamaForCausalLM
 from .cuda_graphs import DecodeGraphs
-from .sampler import argmax_rows
-from .scheduler import KVOp, SchedulerOutput
-from .sequence import Sequence
+from .greedy import argmax_rows
+
+KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
 
 
 @dataclass
@@ -69,43 +68,21 @@ class StepInput:
         return bool(self.query_lens) and max(self.query_lens) == 1 and len(self.sample_rows) == len(self.query_lens)
 
 
-class StepBuilder:
-    """Turns the scheduler's decisions into :class:`StepInput` (reads the block manager only)."""
+@dataclass
+class StepOutput:
+    """What a step gives back, on every rank, for the rows of ``StepInput.sample_rows`` (in that
+    order): their argmax token ids when the step is greedy (``StepInput.greedy``), else their
+    logits over the whole vocabulary."""
 
-    def __init__(self, block_manager: BlockManager) -> None:
-        self.bm = block_manager
+    tokens: torch.Tensor | None = None  # int64 [n] on the device
+    logits: torch.Tensor | None = None  # [n, V]
 
-    def build(self, sched: SchedulerOutput) -> StepInput:
-        step = StepInput(kv_ops=list(sched.kv_ops))
-        step.greedy = all(s.request.params.plain_greedy for s in sched.scheduled if s.samples)
-        tokens: list[int] = []
-        assert step.token_ids is not None
-        table_of = self.bm.block_table
-        end = 0
-        for s in sched.scheduled:
-            c, n = s.seq.num_computed_tokens, s.num_new_tokens
-            tokens.extend(s.seq.token_ids[c:c + n])
-            step.query_lens.append(n)
-            step.seq_lens.append(c + n)
-            step.block_tables.append(table_of(s.seq.seq_id))
-            end += n
-            if s.samples:
-                step.sample_rows.append(end - 1)
-        step.token_ids = tokens
-        return step
-
-    def lookahead(self, seqs: list[Sequence], kv_ops: list[KVOp], greedy: bool = False,
-                  prev_rows: list[int] | None = None) -> StepInput:
-        """Decode one position past each sequence's in-flight token, whose id exists only on the
-        device (overlapped scheduling): its position is ``num_computed_tokens + 1``.
-        ``prev_rows``: see :class:`StepInput` (only when the in-flight step was greedy)."""
-        n = len(seqs)
-        table_of = self.bm.block_table
-        return StepInput(
-            kv_ops=kv_ops, query_lens=[1] * n, seq_lens=[q.num_computed_tokens + 2 for q in seqs],
-            block_tables=[table_of(q.seq_id) for q in seqs], token_ids=None, sample_rows=list(range(n)),
-            greedy=greedy, prev_rows=prev_rows,
-        )
+    @property
+    def rows(self) -> torch.Tensor:
+        """Whichever of the two the step produced."""
+        out = self.tokens if self.tokens is not None else self.logits
+        assert out is not None
+        return out
 
 
 class ModelRunner:
@@ -141,9 +118,8 @@ class ModelRunner:
                 raise ValueError(f"unknown KV op {kind!r}")
 
     @torch.inference_mode()
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step; returns logits ``[len(step.sample_rows), V]`` in row order, or with
-        ``step.greedy`` their argmax token ids (int64 ``[len(step.sample_rows)]``).
+    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
+        """Run one step (see :class:`StepOutput` for what comes back).
 
         ``input_ids`` (int64 ``[num_seqs]`` on the device) is required exactly when
         ``step.token_ids`` is None."""
@@ -151,27 +127,30 @@ class ModelRunner:
             raise ValueError("input_ids must be given exactly when step.token_ids is None")
         self.run_kv_ops(step.kv_ops)
         if step.is_empty:
-            return torch.empty(0, device=self.device)
+            return self._sampled(torch.empty(0, device=self.device), step, local=True)
         if self.graphs is not None and step.is_decode:
             out = self._decode_graph(step, input_ids)  # with step.greedy already the token ids
             if out is not None:
-                return out if step.greedy else self._sampled(out, step)
+                return self._sampled(out, step, local=step.greedy)
         ids, positions, meta, sample_idx = self.prepare(step, input_ids)
         ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
         hidden = self.model(ids, positions, ctx)
         if sample_idx is not None:
             if sample_idx.numel() == 0:
-                return torch.empty(0, device=self.device)
+                return self._sampled(torch.empty(0, device=self.device), step, local=True)
             hidden = hidden.index_select(0, sample_idx)
         return self._sampled(self.model.compute_logits(hidden, gather=False), step)
 
-    def _sampled(self, logits: torch.Tensor, step: StepInput) -> torch.Tensor:
-        """This rank's (vocabulary slice of the) logits -> what :meth:`execute` returns; every
-        rank runs the same collectives here."""
+    def _sampled(self, out: torch.Tensor, step: StepInput, local: bool = False) -> StepOutput:
+        """This rank's (vocabulary slice of the) logits -> the step's output; every rank runs the
+        same collectives here.  ``local``: ``out`` is already final (the graphs' greedy ids, or
+        an empty result)."""
+        if local:
+            return StepOutput(tokens=out) if step.greedy else StepOutput(logits=out)
         head = self.model.lm_head
         if not step.greedy:
-            return head.gather(logits)
-        return argmax_rows(logits) if head.tp_size == 1 else head.greedy_tokens(logits)
+            return StepOutput(logits=head.gather(out))
+        return StepOutput(tokens=argmax_rows(out) if head.tp_size == 1 else head.greedy_tokens(out))
 
     def _decode_graph(self, step: StepInput, input_ids: torch.Tensor | None) -> torch.Tensor | None:
         """A pure-decode step through the captured graphs (its logits, or with ``step.greedy``

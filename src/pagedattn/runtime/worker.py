@@ -28,7 +28,7 @@ from ..models.context import ForwardContext
 from ..models.layers import AllReduce, pack_linear_weights_for_cpu, set_all_reduce
 from ..models.llama import LlamaForCausalLM
 from ..models.loader import ModelSource, load_model
-from .model_runner import ModelRunner, StepInput
+from .model_runner import ModelRunner, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Worker:
         if self.device.type == "cuda" and cfg.graph_max_batch:
             self.runner.capture_decode_graphs(cfg.graph_max_batch, cfg.max_model_len)
 
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
         assert self.runner is not None, "init_cache first"
         return self.runner.execute(step, input_ids)
 
