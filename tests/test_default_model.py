@@ -22,18 +22,8 @@ def llm():
     return LLM(device="cpu", num_kv_blocks=512, swap_space_gib=0.1)
 
 
-@pytest.fixture(scope="module")
-def hf_model():
-    transformers = pytest.importorskip("transformers")
-    from pagedattn.models.gguf import default_gguf_path
-
-    path = default_gguf_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
-    ).eval()
-
-
-def test_greedy_tokens_match_hf(llm, hf_model):
+def test_greedy_tokens_match_hf(llm, default_model_hf):
+    hf_model = default_model_hf  # the session's oracle, shared with the model tests
     tok = llm.get_tokenizer()
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
