@@ -62,7 +62,7 @@ class HostBatch:
         else:  # a decode batch (every CUDA-graph step): one token per row, at its last position
             positions, owners = sl - 1, np.arange(ql.shape[0])
         blocks = tables[owners, positions // block_size]
-        if (blocks < 0).any():
+        if blocks.min() < 0:
             raise ValueError("a new token falls in a released (NULL) block")
         slots = blocks.astype(np.int64) * block_size + positions % block_size
         num_decodes = int(longer[0]) if longer.size else ql.shape[0]
@@ -93,12 +93,11 @@ def _check_lengths(query_lens: list[int], seq_lens: list[int], block_tables: lis
 
 def _pad_tables(block_tables: list[list[int]], sizes: np.ndarray, width: int) -> np.ndarray:
     """The ragged tables as one ``[B, width]`` int32 array, -1 past each row's end (block ids
-    fit: pools hold fewer than 2**31 blocks).  One vectorised scatter of the flattened ids."""
+    fit: pools hold fewer than 2**31 blocks).  A boolean mask assigns in row-major order, so the
+    flattened ids land in their rows in one vectorised step."""
     flat = np.fromiter(chain.from_iterable(block_tables), dtype=np.int32, count=int(sizes.sum()))
-    rows = np.repeat(np.arange(sizes.shape[0]), sizes)
-    cols = np.arange(flat.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     out = np.full((sizes.shape[0], width), -1, dtype=np.int32)
-    out[rows, cols] = flat
+    out[np.arange(width) < sizes[:, None]] = flat
     return out
 
 
