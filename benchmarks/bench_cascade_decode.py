@@ -9,7 +9,7 @@ same prefix blocks, then blocks of its own.
 * ``cascade`` / ``plain``: our backend's eager ``attend`` with cascade decode on / off (the plan
   is made once per step and cached, as every layer after the first sees it);
 * ``cascade graph`` / ``plain graph``: the same captured in a CUDA graph the way the engine's
-  decode graphs do (fixed grids, cascade inputs refilled through ``prepare_decode_inputs``,
+  decode graphs do (fixed grids, cascade inputs refilled through ``prepare_for_replay``,
   which also picks the variant the engine would replay: the plain one when nothing is shared);
 * ``cudnn``: SDPA's cuDNN backend on the same keys laid out contiguously ``[B, Hkv, L, D]``
   (it reads the prefix once per row, as any kernel without sharing must); the faster of the
@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pagedattn.attention import AttentionLayerSpec, AttentionMetadata
 from pagedattn.attention.cascade import CascadeConfig, build_plan, max_work_items, plan_signature, plan_still_holds
-from pagedattn.attention.triton_backend import TritonBackend
+from pagedattn.attention.metadata import HostBatch
+from pagedattn.attention.triton_backend import DecodeLaunch, TritonBackend
 
 SHAPES = [(128, 2048, 64), (32, 4096, 64), (256, 512, 64), (128, 0, 2048)]
 HQ, HKV, D, PAGE = 16, 8, 128, 16
@@ -111,14 +112,14 @@ def graph_of(p: Problem, backend: TritonBackend) -> tuple[torch.cuda.CUDAGraph, 
     does).  The third value holds what the graph reads (metadata, the backend's buffers): keep
     it alive while replaying."""
     static = fresh_meta(p)
-    backend.prepare_graph_capture(p.batch, p.ctx, p.layer, "cuda")
-    variant = backend.prepare_decode_inputs(p.tables, np.full(p.batch, p.ctx, dtype=np.int32), PAGE, p.batch)
-    with backend.graph_capture(p.batch, variant):
-        backend.attend(p.q, p.k_cache, p.v_cache, static, p.layer)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = backend.attend(p.q, p.k_cache, p.v_cache, static, p.layer)
+    backend.init_cuda_graphs(p.batch, p.ctx, PAGE, p.layer, "cuda")
+    step = HostBatch.build([1] * p.batch, [p.ctx] * p.batch, p.tables.tolist(), PAGE)
+    backend.prepare_for_capture(static, backend.prepare_for_replay(step, p.batch))
+    backend.attend(p.q, p.k_cache, p.v_cache, static, p.layer)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.attend(p.q, p.k_cache, p.v_cache, static, p.layer)
     return graph, out, (static, backend)
 
 
@@ -164,7 +165,7 @@ def run_shape(p: Problem) -> dict:
             holder["out"] = backend.attend(p.q, p.k_cache, p.v_cache, meta, p.layer)
 
         record(name, eager, lambda holder=holder: holder["out"])
-        row[name]["grouped"] = any(key[0] == "cascade" and val is not None for key, val in meta.scratch.items())
+        row[name]["grouped"] = isinstance(meta.state, DecodeLaunch) and meta.state.cascade is not None
         graph, out, keep = graph_of(p, TritonBackend(cascade=cascade))
         record(f"{name}_graph", graph.replay, lambda out=out: out)
         del graph, keep

@@ -29,9 +29,17 @@ from .triton_interpreter import (
 pytest.importorskip("triton")
 
 from pagedattn import envs
-from pagedattn.attention import AttentionLayerSpec, AttentionMetadata, paged_attention_ref, store_kv_ref, triton_backend
+from pagedattn.attention import (
+    AttentionLayerSpec,
+    AttentionMetadata,
+    TorchReferenceBackend,
+    paged_attention_ref,
+    store_kv_ref,
+    triton_backend,
+)
 from pagedattn.attention import triton_ops as ops
 from pagedattn.attention.cascade import CascadeConfig, PackedLayout, build_plan, pack_plan
+from pagedattn.attention.metadata import HostBatch
 from pagedattn.attention.triton_backend import TritonBackend
 
 HKV, D = (8, 128) if CUDA else (2, 32)
@@ -64,6 +72,9 @@ class SharedBatch:
     def meta(self, pad_blocks_to: int | None = None) -> AttentionMetadata:
         return AttentionMetadata.build([1] * len(self.seq_lens), self.seq_lens, self.tables, self.block_size,
                                        device=DEVICE, pad_blocks_to=pad_blocks_to)
+
+    def host(self) -> HostBatch:
+        return HostBatch.build([1] * len(self.seq_lens), self.seq_lens, self.tables, self.block_size)
 
     def reference(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         m = self.meta()
@@ -214,10 +225,12 @@ def test_backend_eager_cascade_in_a_mixed_batch(gqa: int, dtype: torch.dtype, wi
     m = AttentionMetadata.build(query_lens, batch.seq_lens, batch.tables, bs, device=DEVICE)
     layer = AttentionLayerSpec(HKV * gqa, HKV, D, D**-0.5, window)
     q = randn(g, sum(query_lens), HKV * gqa, D, dtype=dtype)
-    backend = TritonBackend(cascade=CFG, prefix_config=PREFIX_CFG)
+    backend = TritonBackend(cascade=CFG)
     out = backend.attend(q, batch.k_cache, batch.v_cache, m, layer)
-    planned = [v for k, v in m.scratch.items() if k[0] == "cascade"]
-    assert planned == [] if window else planned[0] is not None
+    launch = m.state
+    assert isinstance(launch, triton_backend.DecodeLaunch)
+    # A sliding-window layer leaves the plan to a later layer without a window.
+    assert launch.unplanned == bool(window) and (launch.cascade is None) == bool(window)
     k, v = torch.nan_to_num(batch.k_cache, nan=0.0), torch.nan_to_num(batch.v_cache, nan=0.0)
     ref = paged_attention_ref(q, k, v, m.block_tables, m.query_lens_cpu, m.seq_lens_cpu, layer.scale, window)
     _assert_matches(out, ref)
@@ -237,20 +250,54 @@ def test_backend_cascade_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         TritonBackend(cascade="yes")  # type: ignore[arg-type]
 
 
+def test_backend_eager_cascade_is_planned_once_per_step_and_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers of a step share its plan (one planning, one upload); another backend handed
+    the same metadata plans for itself (here: cascade off, so no groups)."""
+    g = seeded_generator("backend-eager-once")
+    batch = _shared_batch(g, *_ONE_GROUP, 4, torch.float32)
+    layer = AttentionLayerSpec(HKV * 2, HKV, D, D**-0.5)
+    q = randn(g, len(batch.seq_lens), HKV * 2, D, dtype=torch.float32)
+    m = batch.meta()
+    plans: list[int] = []
+    build_plan_counted = triton_backend.build_plan
+    monkeypatch.setattr(triton_backend, "build_plan", lambda *a, **kw: plans.append(1) or build_plan_counted(*a, **kw))
+    on = TritonBackend(cascade=CFG)
+    outs = [on.attend(q, batch.k_cache, batch.v_cache, m, layer) for _ in range(3)]
+    assert len(plans) == 1 and isinstance(m.state, triton_backend.DecodeLaunch) and m.state.cascade is not None
+    off = TritonBackend(cascade=False)
+    outs.append(off.attend(q, batch.k_cache, batch.v_cache, m, layer))
+    assert m.state.backend is off and m.state.cascade is None and len(plans) == 1
+    ref = batch.reference(q, layer.scale)
+    for out in outs:
+        _assert_matches(out, ref)
+
+
+def _static_meta(tables: np.ndarray, lens: np.ndarray, block_size: int) -> AttentionMetadata:
+    """A bucket's metadata as DecodeGraphs holds it: static device tensors, decodes only."""
+    bucket = lens.shape[0]
+    return AttentionMetadata(
+        slot_mapping=torch.full((bucket,), -1, dtype=torch.long, device=DEVICE),
+        query_start_loc=torch.arange(bucket + 1, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.from_numpy(lens).to(DEVICE), block_tables=torch.from_numpy(tables).to(DEVICE),
+        max_query_len=1, max_seq_len=tables.shape[1] * block_size, num_decodes=bucket, query_lens_cpu=[1] * bucket,
+        seq_lens_cpu=[tables.shape[1] * block_size] * bucket, block_size=block_size)
+
+
 @pytest.mark.parametrize(("gqa", "dtype", "num_sms"), [(2, torch.bfloat16, 4), (4, torch.float32, 64)])
-def test_backend_graph_mode_reads_groups_from_the_hook(gqa: int, dtype: torch.dtype, num_sms: int,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA-graph path on fixed buffers: per step the hook refills the groups and picks the
-    cascade variant, or the plain one for a step without groups; padding rows (seq_len 0) give
-    zeros; a repeated step reuses its plan.  With many SMs
-    the bucket's decode is split (for its 2048-token prepared context): the prefix
-    partials then go through the merge kernel, and most work items are unused."""
+def test_backend_captured_steps_read_the_groups_prepared_for_replay(gqa: int, dtype: torch.dtype, num_sms: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph path on fixed buffers: per step ``prepare_for_replay`` refills the groups
+    and picks the cascade variant, or the plain one for a step without groups; padding rows
+    (seq_len 0) give zeros; a repeated step reuses its plan.  With many SMs the bucket's decode
+    is split (for its 2048-token prepared context): the prefix partials then go through the
+    merge kernel, and most work items are unused."""
     monkeypatch.setattr(triton_backend, "_num_sms", lambda device: num_sms)
     g = seeded_generator("backend-graph", gqa, dtype, num_sms)
     bs, bucket, width = 4, 8, 12
     layer = AttentionLayerSpec(HKV * gqa, HKV, D, D**-0.5)
-    backend = TritonBackend(cascade=CFG, prefix_config=PREFIX_CFG)
-    backend.prepare_graph_capture(max_batch_size=bucket, max_seq_len=2048, layer=layer, device=DEVICE)
+    backend = TritonBackend(cascade=CFG)
+    assert backend.init_cuda_graphs(max_batch_size=bucket, max_seq_len=2048, block_size=bs, layer=layer,
+                                    device=DEVICE) == 2
     plans: list[int] = []
     build_plan_counted = triton_backend.build_plan
     monkeypatch.setattr(triton_backend, "build_plan", lambda *a, **kw: plans.append(1) or build_plan_counted(*a, **kw))
@@ -262,35 +309,45 @@ def test_backend_graph_mode_reads_groups_from_the_hook(gqa: int, dtype: torch.dt
             batch = _shared_batch(g, rows, prefix_blocks, bs, dtype)
         assert batch is not None
         n = len(rows)
-        tables, lens = _bucket_arrays(batch, bucket, width)
-        static = AttentionMetadata(
-            slot_mapping=torch.full((bucket,), -1, dtype=torch.long, device=DEVICE),
-            query_start_loc=torch.arange(bucket + 1, dtype=torch.int32, device=DEVICE),
-            seq_lens=torch.from_numpy(lens).to(DEVICE), block_tables=torch.from_numpy(tables).to(DEVICE),
-            max_query_len=1, max_seq_len=width * bs, num_decodes=bucket, query_lens_cpu=[1] * bucket,
-            seq_lens_cpu=[width * bs] * bucket)
-        variant = backend.prepare_decode_inputs(tables[:n], lens[:n], bs, bucket)
+        variant = backend.prepare_for_replay(batch.host(), bucket)
         assert variant == (1 if prefix_blocks else 0)  # no group: the plain decode's graph
+        static = _static_meta(*_bucket_arrays(batch, bucket, width), bs)
+        backend.prepare_for_capture(static, variant)
+        assert isinstance(static.state, triton_backend.DecodeLaunch)
+        assert (static.state.splits(layer, static.state.cascade, num_sms) > 1) == (num_sms == 64)
         q = randn(g, bucket, HKV * gqa, D, dtype=dtype)
-        with backend.graph_capture(bucket, variant):
-            assert (backend._graph_splits(layer) > 1) == (num_sms == 64)
-            out = backend.attend(q, batch.k_cache, batch.v_cache, static, layer)
+        out = backend.attend(q, batch.k_cache, batch.v_cache, static, layer)
         _assert_matches(out[:n], batch.reference(q[:n], layer.scale))
         assert torch.equal(out[n:], torch.zeros_like(out[n:])), "padding rows"
     assert len(plans) == len(steps) - 1
-    assert backend.graph_variants() == 2 and TritonBackend(cascade=False).graph_variants() == 1
-    with pytest.raises(ValueError, match="variant"):
-        backend.graph_capture(bucket, 2).__enter__()
-    with pytest.raises(ValueError, match="batch_size"):
-        backend.prepare_decode_inputs(tables[:3], lens[:3], bs, 2)
+    assert batch is not None
+    with pytest.raises(ValueError, match="bucket"):
+        backend.prepare_for_replay(batch.host(), 1)
     with pytest.raises(ValueError, match="block_size"):
-        backend.prepare_decode_inputs(tables[:3], lens[:3], 8, bucket)
+        backend.prepare_for_replay(HostBatch.build([1], [3], [[0]], 8), bucket)
+    with pytest.raises(ValueError, match="decodes only"):
+        backend.prepare_for_replay(HostBatch.build([2], [3], [[0]], bs), bucket)
 
 
-def test_torch_backend_ignores_the_hook() -> None:
-    from pagedattn.attention import TorchReferenceBackend
-
-    TorchReferenceBackend().prepare_decode_inputs(np.zeros((1, 1), np.int32), np.ones(1, np.int32), 16, 1)
+def test_torch_backend_shares_plans_per_window_and_captures_nothing() -> None:
+    """The reference backend's layers share the step's gather plans, one per sliding window, and
+    give what the stateless function gives; it has no CUDA-graph support."""
+    g = seeded_generator("torch-state")
+    batch = _shared_batch(g, *_MIXED, 4, torch.float32)
+    m = batch.meta()
+    k, v = torch.nan_to_num(batch.k_cache, nan=0.0), torch.nan_to_num(batch.v_cache, nan=0.0)
+    q = randn(g, len(batch.seq_lens), HKV, D, dtype=torch.float32)
+    backend = TorchReferenceBackend()
+    for window in (None, 6, None, 6):
+        layer = AttentionLayerSpec(HKV, HKV, D, 0.3, window)
+        out = backend.attend(q, k, v, m, layer)
+        ref = paged_attention_ref(q, k, v, m.block_tables, m.query_lens_cpu, m.seq_lens_cpu, 0.3, window)
+        assert torch.equal(out, ref)
+    assert m.state is not None and m.state.backend is backend
+    assert sorted(m.state.by_window, key=str) == [6, None]  # type: ignore[attr-defined]
+    assert not backend.supports_cuda_graphs()
+    with pytest.raises(NotImplementedError, match="torch"):
+        backend.init_cuda_graphs(1, 16, 4, AttentionLayerSpec(HKV, HKV, D, 0.3), DEVICE)
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -316,28 +373,28 @@ def test_gpu_full_size_cascade_and_cuda_graph(dtype: torch.dtype) -> None:
     backend = TritonBackend()
     m = batch.meta()
     _assert_matches(backend.attend(q, batch.k_cache, batch.v_cache, m, layer), ref)
-    assert m.scratch[("cascade", bs, gqa, HKV)] is not None
+    assert isinstance(m.state, triton_backend.DecodeLaunch) and m.state.cascade is not None
 
     bucket, width = 160, 140
-    backend.prepare_graph_capture(bucket, width * bs, layer, DEVICE)
+    variants = backend.init_cuda_graphs(bucket, width * bs, bs, layer, DEVICE)
+    q_static = torch.zeros(bucket, HKV * gqa, D, dtype=dtype, device=DEVICE)
     static = AttentionMetadata.build([1] * bucket, [1] * bucket, [[0]] * bucket, bs, device=DEVICE,
                                      pad_blocks_to=width)
-    q_static = torch.zeros(bucket, HKV * gqa, D, dtype=dtype, device=DEVICE)
     graphs, outs = [], []
-    for variant in range(backend.graph_variants()):
-        with backend.graph_capture(bucket, variant):
-            backend.attend(q_static, batch.k_cache, batch.v_cache, static, layer)
-            torch.cuda.synchronize()
-            graphs.append(torch.cuda.CUDAGraph())
-            with torch.cuda.graph(graphs[-1]):
-                outs.append(backend.attend(q_static, batch.k_cache, batch.v_cache, static, layer))
+    for variant in range(variants):
+        backend.prepare_for_capture(static, variant)  # the graph keeps the launch, not the metadata
+        backend.attend(q_static, batch.k_cache, batch.v_cache, static, layer)
+        torch.cuda.synchronize()
+        graphs.append(torch.cuda.CUDAGraph())
+        with torch.cuda.graph(graphs[-1]):
+            outs.append(backend.attend(q_static, batch.k_cache, batch.v_cache, static, layer))
     n = len(rows)
     tables, lens = _bucket_arrays(batch, bucket, width)
     static.block_tables.copy_(torch.from_numpy(tables))
     static.seq_lens.copy_(torch.from_numpy(lens))
     q_static.zero_()
     q_static[:n].copy_(q)
-    variant = backend.prepare_decode_inputs(tables[:n], lens[:n], bs, bucket)
+    variant = backend.prepare_for_replay(batch.host(), bucket)
     assert variant == 1
     graphs[variant].replay()
     _assert_matches(outs[variant][:n], ref)
@@ -359,19 +416,19 @@ def test_gpu_engine_shared_prompt_matches_hf(tmp_path: Path, monkeypatch: pytest
 
     variants: list[int] = []
     planned: list[bool] = []
-    hook, plan_eager = TritonBackend.prepare_decode_inputs, TritonBackend._plan_eager
+    replay, plan_eager = TritonBackend.prepare_for_replay, TritonBackend._plan_eager
 
-    def spy_hook(self: TritonBackend, *args: object) -> int:
-        variants.append(hook(self, *args))
+    def spy_replay(self: TritonBackend, *args: object) -> int:
+        variants.append(replay(self, *args))  # type: ignore[arg-type]
         return variants[-1]
 
-    def spy_plan(*args: object) -> object:
-        result = plan_eager(*args)
+    def spy_plan(self: TritonBackend, *args: object) -> object:
+        result = plan_eager(self, *args)  # type: ignore[arg-type]
         planned.append(result is not None)
         return result
 
-    monkeypatch.setattr(TritonBackend, "prepare_decode_inputs", spy_hook)
-    monkeypatch.setattr(TritonBackend, "_plan_eager", staticmethod(spy_plan))
+    monkeypatch.setattr(TritonBackend, "prepare_for_replay", spy_replay)
+    monkeypatch.setattr(TritonBackend, "_plan_eager", spy_plan)
     path = make_model_dir(tmp_path, "qwen3_qknorm")
     shared = _prompts(11, lens=(320,))[0]
     prompts = [shared + p for p in _prompts(12, lens=(3, 9, 1, 14, 20, 5))]

@@ -13,9 +13,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedattn.attention.backend import AttentionLayerSpec
-from pagedattn.attention.metadata import AttentionMetadata, token_positions
+from pagedattn.attention.metadata import AttentionMetadata, HostBatch, token_positions
 from pagedattn.attention.torch_ref import TorchReferenceBackend, paged_attention_ref
 from pagedattn.cache import NULL_BLOCK
 
@@ -243,6 +245,43 @@ def test_metadata_build_fields() -> None:
     assert m.max_query_len == 5 and m.max_seq_len == 14
     m2 = AttentionMetadata.build([1], [9], [tables[0]], 4, pad_blocks_to=6)
     assert m2.block_tables.tolist() == [[3, 0, 5, 0, 0, 0]], "NULL and padding entries read as block 0"
+
+
+@st.composite
+def _steps(draw: st.DrawFn) -> tuple[list[int], list[int], list[list[int]], int]:
+    """A step as the engine makes them: decodes first, then longer queries; block ids shuffled,
+    some tables longer than needed, window-released (NULL) pages before what the queries store."""
+    bs = draw(st.sampled_from([1, 2, 4, 16]))
+    query_lens, seq_lens, tables = [], [], []
+    for ql in sorted(draw(st.lists(st.integers(1, 9), min_size=1, max_size=6)), key=lambda q: q != 1):
+        sl = draw(st.integers(ql, 60))
+        pages = -(-sl // bs) + draw(st.integers(0, 2))
+        table = draw(st.lists(st.integers(0, 500), min_size=pages, max_size=pages))
+        first_stored = (sl - ql) // bs
+        released = draw(st.integers(0, first_stored))
+        tables.append([NULL_BLOCK] * released + table[released:])
+        query_lens.append(ql)
+        seq_lens.append(sl)
+    return query_lens, seq_lens, tables, bs
+
+
+@settings(max_examples=100, deadline=None)
+@given(_steps())
+def test_host_batch_is_the_per_token_arithmetic(step: tuple[list[int], list[int], list[list[int]], int]) -> None:
+    query_lens, seq_lens, tables, bs = step
+    batch = HostBatch.build(query_lens, seq_lens, tables, bs)
+    positions = [sl - ql + j for ql, sl in zip(query_lens, seq_lens) for j in range(ql)]
+    owners = [i for i, ql in enumerate(query_lens) for _ in range(ql)]
+    assert batch.positions.tolist() == positions
+    assert batch.slots.tolist() == [tables[i][p // bs] * bs + p % bs for i, p in zip(owners, positions)]
+    width = max(map(len, tables))
+    assert batch.block_tables.tolist() == [t + [-1] * (width - len(t)) for t in tables]
+    assert batch.num_decodes == next((i for i, ql in enumerate(query_lens) if ql != 1), len(query_lens))
+    meta = AttentionMetadata.from_host(batch)
+    assert meta.slot_mapping.tolist() == batch.slots.tolist()
+    assert meta.block_tables.tolist() == [[max(b, 0) for b in row] for row in batch.block_tables.tolist()]
+    assert meta.query_start_loc.tolist() == [0, *np.cumsum(query_lens).tolist()]
+    assert (meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size) == (query_lens, seq_lens, bs)
 
 
 def test_token_positions() -> None:

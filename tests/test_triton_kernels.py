@@ -34,6 +34,7 @@ from pagedattn.attention import (
     TorchReferenceBackend,
     paged_attention_ref,
     store_kv_ref,
+    triton_backend,
 )
 from pagedattn.attention import triton_ops as ops
 from pagedattn.attention.selector import get_attention_backend
@@ -273,24 +274,43 @@ def test_backend_forward_mixed_batch_matches_reference(block_size: int, window: 
     assert torch.equal(k_now, ref_k) and torch.equal(v_now, ref_v)
 
 
-def test_backend_graph_mode_uses_fixed_splits_and_workspace() -> None:
-    """Inside graph_capture the launch depends only on the bucket, not on the metadata."""
+def test_backend_captured_step_uses_fixed_splits_and_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A captured step's launch depends only on its bucket and the prepared bounds: the split
+    count is the one the prepared 4096-token context asks for (not this batch's short
+    contexts), the partials go to the shared workspace, and the results stay correct."""
     g = _gen("graph-mode")
     hkv, d = SIZE.num_kv_heads, SIZE.head_dim
     layer = AttentionLayerSpec(hkv * 2, hkv, d, 0.25)
     batch = _paged_batch(g, [1] * 3, [2, SIZE.long_ctx, 9], 4, hkv, d, torch.float32)
     q = randn(g, 3, hkv * 2, d, dtype=torch.float32)
-    backend = TritonBackend()
-    backend.prepare_graph_capture(max_batch_size=8, max_seq_len=4096, layer=layer, device=DEVICE)
-    with backend.graph_capture(3):
-        out = backend.attend(q, batch.k_cache, batch.v_cache, batch.meta, layer)
-        with pytest.raises(ValueError, match="num_decodes"):
-            mixed = _paged_batch(g, [1, 2], [3, 4], 4, hkv, d, torch.float32)
-            backend.attend(randn(g, 3, hkv * 2, d, dtype=torch.float32), mixed.k_cache, mixed.v_cache,
-                           mixed.meta, layer)
+    backend = TritonBackend(cascade=False)
+    assert backend.init_cuda_graphs(max_batch_size=8, max_seq_len=4096, block_size=4, layer=layer,
+                                    device=DEVICE) == 1
+    backend.prepare_for_capture(batch.meta, 0)
+    launch = batch.meta.state
+    assert isinstance(launch, triton_backend.DecodeLaunch) and launch.workspace is not None
+    sms = triton_backend._num_sms(q.device)
+    assert launch.splits(layer, None, sms) == ops.choose_num_splits(3, hkv, 4096, sms) > 1
+    launches: list[tuple[int, object]] = []
+    real = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: launches.append((a[8], kw["workspace"])) or
+                        real(*a, **kw))
+    out = backend.attend(q, batch.k_cache, batch.v_cache, batch.meta, layer)
+    assert launches == [(launch.splits(layer, None, sms), launch.workspace)]
     _assert_matches(out, _reference(q, batch, layer))
+    with pytest.raises(ValueError, match="heads"):
+        backend.attend(q.repeat(1, 2, 1), batch.k_cache, batch.v_cache, batch.meta,
+                       AttentionLayerSpec(hkv * 4, hkv, d, 0.25))
+    mixed = _paged_batch(g, [1, 2], [3, 4], 4, hkv, d, torch.float32)
+    with pytest.raises(ValueError, match="num_decodes"):
+        backend.prepare_for_capture(mixed.meta, 0)
+    nine = _paged_batch(g, [1] * 9, [3] * 9, 4, hkv, d, torch.float32)
     with pytest.raises(ValueError, match="batch_size"):
-        backend.graph_capture(9).__enter__()
+        backend.prepare_for_capture(nine.meta, 0)
+    with pytest.raises(ValueError, match="variant"):
+        backend.prepare_for_capture(batch.meta, 1)
+    with pytest.raises(ValueError, match="init_cuda_graphs"):
+        TritonBackend().prepare_for_capture(batch.meta, 0)
 
 
 def test_backend_rejects_bad_input() -> None:
@@ -309,8 +329,9 @@ def test_backend_rejects_bad_input() -> None:
     odd = torch.zeros(4, 3, hkv, d, device=DEVICE)
     with pytest.raises(ValueError, match="block_size"):
         backend.attend(q, odd, odd, batch.meta, layer)
-    with pytest.raises(ValueError, match="decode_splits"):
-        TritonBackend(decode_splits=0)
+    wider = torch.zeros(4, 8, hkv, d, device=DEVICE)
+    with pytest.raises(ValueError, match="block_size is 4"):
+        backend.attend(q, wider, wider, batch.meta, layer)
 
 
 def test_choose_num_splits() -> None:
@@ -384,13 +405,13 @@ def test_gpu_cuda_graph_capture_and_replay_with_new_metadata() -> None:
                                      pad_blocks_to=max_blocks)
     q_static = torch.zeros(bucket, hkv * gqa, d, dtype=dtype, device=DEVICE)
     backend = TritonBackend()
-    backend.prepare_graph_capture(bucket, max_blocks * bs, layer, DEVICE)
-    with backend.graph_capture(bucket):
-        backend.attend(q_static, k_cache, v_cache, static, layer)  # warm-up compiles outside the graph
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out_static = backend.attend(q_static, k_cache, v_cache, static, layer)
+    backend.init_cuda_graphs(bucket, max_blocks * bs, bs, layer, DEVICE)
+    backend.prepare_for_capture(static, 0)
+    backend.attend(q_static, k_cache, v_cache, static, layer)  # warm-up compiles outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = backend.attend(q_static, k_cache, v_cache, static, layer)
 
     for step in range(3):
         # The last row is padding (seq_len 0).

@@ -2,20 +2,24 @@
 
 A model's attention layer calls :meth:`AttentionBackend.forward` with this step's projected
 q/k/v, its layer of the paged KV pool and the step's :class:`AttentionMetadata`.  The backend
-stores the new K/V into their slots, then attends through the block tables.  Graph-capture
-hooks let a GPU runner record a decode step once and replay it with fresh metadata.
+stores the new K/V into their slots, then attends through the block tables.
+
+What a backend derives from a step once for all layers (plans, launch sizes) lives in the
+metadata (``meta.state``), never in the backend: ``attend`` depends on its arguments alone.
+A captured CUDA-graph step differs from an eager one only in the state its metadata carries.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
 
-import numpy as np
 import torch
 
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, BackendState, HostBatch
+
+S = TypeVar("S", bound=BackendState)
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class AttentionLayerSpec:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
 
 
-class AttentionBackend(ABC):
+class AttentionBackend(ABC, Generic[S]):
     name: str = "abstract"
 
     @abstractmethod
@@ -53,51 +57,51 @@ class AttentionBackend(ABC):
         self.store_kv(k, v, k_cache, v_cache, meta)
         return self.attend(q, k_cache, v_cache, meta, layer)
 
-    # ---- hooks for CUDA-graph capture (no-ops for backends that do not use graphs)
+    # ---- per-step state
+    @abstractmethod
+    def prepare(self, meta: AttentionMetadata) -> S:
+        """This backend's state for an eager step (made by :meth:`step_state`, once per step)."""
+
+    def step_state(self, meta: AttentionMetadata) -> S:
+        """``meta``'s state for this backend: the one ``prepare_for_capture`` set, else made now
+        by :meth:`prepare`, so the first layer of an eager step makes it and the others reuse it
+        (planning then happens while the first layers' kernels already run)."""
+        if meta.state is None or meta.state.backend is not self:
+            meta.state = self.prepare(meta)
+        return cast(S, meta.state)
+
+    # ---- CUDA graphs (backends that capture decode steps)
     #
     # Contract for a runner that captures decode steps:
-    # 1. Once, outside any capture: ``prepare_graph_capture(max_batch_size, max_seq_len, layer,
-    #    device)``; the backend allocates the buffers captured steps will use (e.g. split-KV
-    #    partials), sized for the largest bucket and shared by all layers and buckets.
-    # 2. Per batch-size bucket ``B`` and variant ``v < graph_variants()``: capture the forward
-    #    inside ``with graph_capture(B, v):``, with metadata built on the runner's static
-    #    tensors: decode-only (``num_decodes == num_seqs == B``, ``query_start_loc =
-    #    arange(B + 1)``) and a block table of fixed width.  Inside, ``attend`` allocates nothing
-    #    but its output and its launch configuration depends only on ``B``, ``v`` and the
-    #    prepared ``max_seq_len``, never on the metadata's values.  Run the step once inside the
-    #    context before capturing it, so kernels are compiled and loaded.  (Variants are
-    #    alternative launch sequences for the same step, e.g. with and without cascade decode:
-    #    any variant computes the step correctly given the inputs ``prepare_decode_inputs``
-    #    wrote for it.)
-    # 3. Replay after writing the next step's values into the same metadata tensors in place,
-    #    and calling ``prepare_decode_inputs`` with the step's host-side tables and lengths (the
-    #    backend fills device buffers of its own that the captured step reads, e.g. the shared-
-    #    prefix groups of cascade decode); replay the variant it returns.  Any ``seq_lens`` up
-    #    to what the block-table width holds are valid.  Padding rows use slot -1 (not stored)
-    #    and seq_len 0 (their output is zeros).
-    # 4. Replays and eager steps must run in stream order: the prepared buffers are shared.
+    # 1. Once: ``variants = init_cuda_graphs(max_batch_size, max_seq_len, block_size, layer,
+    #    device)``; the backend allocates what captured steps share (e.g. split-KV partials), sized
+    #    for the largest bucket.  Each bucket is captured in ``variants`` alternative launch
+    #    sequences of the same step (e.g. with and without cascade decode).
+    # 2. Per bucket ``B`` and variant ``v``: build metadata on the runner's static tensors, decodes
+    #    only (``num_decodes == num_seqs == B``, ``query_start_loc = arange(B + 1)``, a block table
+    #    of fixed width), call ``prepare_for_capture(meta, v)``, run the step once (kernels compile
+    #    outside the capture), then capture it.  With that state ``attend`` allocates nothing but
+    #    its output and its launches depend only on ``B``, ``v`` and the prepared bounds, never on
+    #    the metadata's values.
+    # 3. Per replay: write the step's values into the static tensors in place; ``v =
+    #    prepare_for_replay(batch, B)`` (the backend refills device buffers of its own that the
+    #    captured steps read, e.g. the shared-prefix groups of cascade decode); replay variant
+    #    ``v``.  Padding rows use slot -1 (not stored) and seq_len 0 (their output is zeros).
+    # 4. Replays and eager steps run in stream order: the prepared buffers are shared.
     def supports_cuda_graphs(self) -> bool:
         return False
 
-    def prepare_graph_capture(self, max_batch_size: int, max_seq_len: int,  # noqa: B027 - optional hook
-                              layer: AttentionLayerSpec, device: torch.device | str) -> None:
-        """Allocate what captured decode steps need (step 1 above); nothing by default."""
+    def init_cuda_graphs(self, max_batch_size: int, max_seq_len: int, block_size: int, layer: AttentionLayerSpec,
+                         device: torch.device | str) -> int:
+        """Allocate what captured decode steps share (step 1 above); returns the variant count."""
+        raise NotImplementedError(f"the {self.name} attention backend does not capture CUDA graphs")
 
-    def graph_variants(self) -> int:
-        """How many variants of each bucket's step to capture (after ``prepare_graph_capture``)."""
-        return 1
+    def prepare_for_capture(self, meta: AttentionMetadata, variant: int) -> None:
+        """Give ``meta`` (a bucket's static metadata) the state of a captured step (step 2)."""
+        raise NotImplementedError(f"the {self.name} attention backend does not capture CUDA graphs")
 
-    def graph_capture(self, batch_size: int, variant: int = 0) -> AbstractContextManager[None]:
-        """Context inside which a decode step of ``batch_size`` sequences is captured (step 2)."""
-        return nullcontext()
-
-    def prepare_decode_inputs(self, block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
-                              batch_size: int) -> int:
-        """Before replaying a captured step of bucket ``batch_size`` (step 3): the step's ``n``
-        live rows as host arrays, ``block_tables [n, >= blocks]`` (row ``i``'s first
-        ``ceil(seq_lens[i] / block_size)`` entries are its blocks; later ones may be stale, and
-        window-released entries may hold any id: only layers without a sliding window may use
-        them, and blocks are released only when every layer has one) and ``seq_lens [n]``.
-        Enqueue whatever device copies the captured step needs on the current stream and return
-        the variant to replay; nothing and 0 by default."""
-        return 0
+    def prepare_for_replay(self, batch: HostBatch, bucket: int) -> int:
+        """Before replaying bucket ``bucket`` for the live rows of ``batch`` (decodes only, the
+        step's host arrays): enqueue the device copies the captured step needs on the current
+        stream and return the variant to replay (step 3)."""
+        raise NotImplementedError(f"the {self.name} attention backend does not capture CUDA graphs")

@@ -9,12 +9,14 @@ tokens or blocks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
 from ..cache.kv_pool import store_kv_ref
 from .backend import AttentionBackend, AttentionLayerSpec
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, BackendState
 
 
 def paged_attention_ref(
@@ -26,23 +28,21 @@ def paged_attention_ref(
     seq_lens: list[int],
     scale: float,
     sliding_window: int | None = None,
-    plan_cache: dict | None = None,
     clean: bool = True,
 ) -> torch.Tensor:
     """Attention of each sequence's new tokens over its paged context (causal).
 
     Sequence ``i``'s queries are the last ``query_lens[i]`` positions of its ``seq_lens[i]``
     tokens; their K/V must already be in the cache.  Returns ``[T, Hq, D]`` in ``q.dtype``.
-    ``plan_cache`` (e.g. ``AttentionMetadata.scratch``) lets the layers of one step share the
-    gather indices and masks, which depend only on the batch and the window.  ``clean=False``
-    skips zeroing gathered slots that must not be read (only valid if the caches hold no NaN/Inf).
+    ``clean=False`` skips zeroing gathered slots that must not be read (only valid if the caches
+    hold no NaN/Inf).
     """
-    key = ("torch_ref_plan", sliding_window)
-    plans = plan_cache.get(key) if plan_cache is not None else None
-    if plans is None:
-        plans = _make_plans(block_tables, query_lens, seq_lens, k_cache.shape[1], sliding_window, q.device)
-        if plan_cache is not None:
-            plan_cache[key] = plans
+    plans = _make_plans(block_tables, query_lens, seq_lens, k_cache.shape[1], sliding_window, q.device)
+    return _attend_planned(q, k_cache, v_cache, plans, scale, clean)
+
+
+def _attend_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plans: list[_GroupPlan],
+                    scale: float, clean: bool) -> torch.Tensor:
     if len(plans) == 1:  # only decodes or only longer queries: no output to assemble
         return _attend_group(q, k_cache, v_cache, plans[0], scale, clean)
     out = torch.empty_like(q)
@@ -146,7 +146,15 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out
 
 
-class TorchReferenceBackend(AttentionBackend):
+@dataclass
+class _StepPlans(BackendState):
+    """A step's gather indices and masks, per sliding window (they depend only on the batch and
+    the window), made by the first layer with that window and shared by the others."""
+
+    by_window: dict[int | None, list[_GroupPlan]] = field(default_factory=dict)
+
+
+class TorchReferenceBackend(AttentionBackend[_StepPlans]):
     """The CPU backend (also correct on CUDA, just slower than the Triton kernels).
 
     ``finite_cache=True`` promises that every slot of the caches it is given holds a finite
@@ -159,13 +167,18 @@ class TorchReferenceBackend(AttentionBackend):
     def __init__(self, finite_cache: bool = False) -> None:
         self.finite_cache = finite_cache
 
+    def prepare(self, meta: AttentionMetadata) -> _StepPlans:
+        return _StepPlans(self)
+
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> None:
         store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                layer: AttentionLayerSpec) -> torch.Tensor:
-        return paged_attention_ref(
-            q, k_cache, v_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu,
-            layer.scale, layer.sliding_window, plan_cache=meta.scratch, clean=not self.finite_cache,
-        )
+        plans = self.step_state(meta).by_window
+        window = layer.sliding_window
+        if window not in plans:
+            plans[window] = _make_plans(meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, k_cache.shape[1],
+                                        window, q.device)
+        return _attend_planned(q, k_cache, v_cache, plans[window], layer.scale, not self.finite_cache)

@@ -1,20 +1,22 @@
 """The GPU attention backend: Triton kernels for KV store, paged decode and paged extend.
 
 ``attend`` runs the decode kernel on the leading ``meta.num_decodes`` sequences (one new token
-each) and the extend kernel on the rest.  Launch sizes come from the host-side lists in the
-metadata only, so a step never synchronises with the device.
+each) and the extend kernel on the rest.  Launch sizes come from host-side values only, so a
+step never synchronises with the device.
+
+How the decode rows launch (split count, workspace, cascade inputs) is a :class:`DecodeLaunch`
+in the metadata, decided once per step: for an eager step from its lengths and tables, for a
+captured CUDA-graph step from its bucket and the prepared bounds alone.
 
 Decode rows that share prefix blocks (prefix caching) go through cascade decode (see
 ``cascade.py``): the groups are found on the host from the step's block tables, their shared
 prefix is attended once per group, and each row's own tail by the decode kernel.  Eager steps
 plan from ``meta.block_tables_cpu``; captured steps read fixed device buffers that
-``prepare_decode_inputs`` refills before every replay.  Sliding-window layers never use it.
+``prepare_for_replay`` refills before every replay.  Sliding-window layers never use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -34,7 +36,7 @@ from .cascade import (
     plan_signature,
     plan_still_holds,
 )
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, BackendState, HostBatch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split heuristic's SM count where there is no CUDA device (the interpreter on a CPU).
@@ -66,6 +68,52 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 # Captured-step variants (see AttentionBackend's graph contract).
 PLAIN_VARIANT, CASCADE_VARIANT = 0, 1
 
+_Heads = tuple[int, int, int]  # (Hq, Hkv, D)
+
+
+def _heads(layer: AttentionLayerSpec) -> _Heads:
+    return layer.num_heads, layer.num_kv_heads, layer.head_dim
+
+
+@dataclass(frozen=True)
+class StepCascade:
+    """A step's cascade-decode inputs on the device."""
+
+    inputs: ops.CascadeInputs
+    tail_context: int  # keys of the longest own tail: what the split count is chosen for
+
+
+@dataclass
+class DecodeLaunch(BackendState):
+    """How every layer launches a step's decode rows, decided on the host once per step: by
+    ``prepare`` for an eager step (from its lengths), by ``prepare_for_capture`` for a captured
+    one (from its bucket and the prepared bounds only, so a replay with any lengths that fit
+    runs the kernels it captured)."""
+
+    rows: int  # rows the split heuristic counts: the step's decodes, or the captured bucket
+    context: int  # keys the longest decode row attends (captured: the prepared max_seq_len)
+    max_splits: int  # split slots of the workspace (eager: the kernel's bound)
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # captured: the shared partials; eager: per launch
+    # Captured cascade variant: its fixed buffers.  Eager: planned by the step's first layer
+    # without a sliding window while ``unplanned`` (None when no group qualifies).
+    cascade: StepCascade | None = None
+    unplanned: bool = False
+    heads: _Heads | None = None  # what the workspace or plan is sized for; eager: the first layer's
+
+    def check_heads(self, layer: AttentionLayerSpec) -> None:
+        if self.heads is None:
+            self.heads = _heads(layer)
+        elif self.heads != _heads(layer):
+            raise ValueError(f"layer heads {_heads(layer)} (Hq, Hkv, D) differ from the {self.heads} "
+                             "this step's metadata was prepared for")
+
+    def splits(self, layer: AttentionLayerSpec, cascade: StepCascade | None, num_sms: int) -> int:
+        """Split-KV count of ``layer``'s decode launch (with ``cascade``, for the own tails)."""
+        ctx = cascade.tail_context if cascade is not None else self.context
+        if layer.sliding_window is not None:
+            ctx = min(ctx, layer.sliding_window)
+        return min(ops.choose_num_splits(self.rows, layer.num_kv_heads, ctx, num_sms), self.max_splits)
+
 
 @dataclass
 class _GraphCascade:
@@ -78,11 +126,62 @@ class _GraphCascade:
     staging: list[torch.Tensor]
     inputs: ops.CascadeInputs  # views of ``device``
     gqa: int
+    cfg: CascadeConfig
     turn: int = 0
     # The active plan the device buffer holds and its signature (reused while it still holds:
     # see cascade.plan_still_holds).
     plan: CascadePlan | None = None
     signature: np.ndarray | None = None
+
+    @classmethod
+    def allocate(cls, max_batch_size: int, layer: AttentionLayerSpec, device: torch.device,
+                 cfg: CascadeConfig) -> _GraphCascade:
+        gqa = layer.num_heads // layer.num_kv_heads
+        items = max_work_items(max_batch_size, gqa, layer.num_kv_heads, _num_sms(device), cfg)
+        layout = PackedLayout(max_batch_size, items)
+        buf = torch.zeros(layout.size, dtype=torch.int32, device=device)  # zeros: no groups
+        pin = device.type == "cuda"
+        staging = [torch.zeros(layout.size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        return cls(layout, buf, staging, _cascade_inputs(buf, layout, cfg.max_chunks, cfg), gqa, cfg)
+
+    def refill(self, batch: HostBatch) -> int:
+        """Plan the step's shared-prefix groups; when some qualify, copy them into the device
+        buffer (one non-blocking transfer, none while the previous plan still holds) and return
+        the cascade variant, else the plain one (which reads none of these buffers)."""
+        tables, lens, page = batch.block_tables, batch.seq_lens, batch.block_size
+        if self.plan is not None and self.signature is not None and plan_still_holds(
+                self.plan, self.signature, tables, lens):
+            return CASCADE_VARIANT
+        plan = build_plan(tables, lens, page, self.gqa, self.layout.items, self.cfg)
+        self.plan, self.signature = None, None
+        if not plan.active:
+            return PLAIN_VARIANT
+        host = self.staging[self.turn]
+        self.turn ^= 1
+        pack_plan(plan, self.layout, host.numpy())
+        self.device.copy_(host, non_blocking=True)
+        self.plan, self.signature = plan, plan_signature(plan, tables, lens, page)
+        return CASCADE_VARIANT
+
+
+@dataclass(frozen=True)
+class _GraphBuffers:
+    """What every captured decode step shares (``init_cuda_graphs``)."""
+
+    layer: AttentionLayerSpec
+    max_batch: int
+    max_seq_len: int
+    block_size: int
+    tail_slots: int  # workspace slots for the splits' partials
+    workspace: tuple[torch.Tensor, torch.Tensor]
+    cascade: _GraphCascade | None
+
+    @property
+    def variants(self) -> int:
+        """With cascade on, two: the plain decode (replayed when no group qualifies, so steps
+        without shared prefixes run exactly the kernels they ran without cascade) and cascade
+        decode."""
+        return 1 if self.cascade is None else 2
 
 
 def _cascade_from_env() -> bool:
@@ -90,37 +189,26 @@ def _cascade_from_env() -> bool:
     return not switches().disable_cascade
 
 
-class TritonBackend(AttentionBackend):
+def _window_context(max_seq_len: int, layer: AttentionLayerSpec) -> int:
+    return min(max_seq_len, layer.sliding_window) if layer.sliding_window is not None else max_seq_len
+
+
+class TritonBackend(AttentionBackend[DecodeLaunch]):
     """Paged attention through Triton kernels (CUDA, or the Triton interpreter for tests).
 
-    ``decode_splits`` forces the split-KV count of eager decode steps (tests, benchmarks);
-    by default it is chosen from batch size, context length and the GPU's SM count.
     ``cascade``: shared-prefix decode with the default thresholds (True, unless the environment
     sets ``PAGEDATTN_DISABLE_CASCADE=1``), with these (a ``CascadeConfig``), or off (False).
     """
 
     name = "triton"
 
-    def __init__(self, decode_splits: int | None = None, cascade: bool | CascadeConfig | None = None,
-                 prefix_config: ops.PrefixConfig | None = None) -> None:
-        if decode_splits is not None and not 1 <= decode_splits <= ops.decode.MAX_SPLITS:
-            raise ValueError(f"decode_splits must be in 1..{ops.decode.MAX_SPLITS}, got {decode_splits}")
+    def __init__(self, cascade: bool | CascadeConfig | None = None) -> None:
         if cascade is not None and not isinstance(cascade, (bool, CascadeConfig)):
             raise ValueError(f"cascade must be a bool or a CascadeConfig, got {cascade!r}")
-        self.decode_splits = decode_splits
         if cascade is None:
             cascade = _cascade_from_env()
         self.cascade: CascadeConfig | None = (CascadeConfig() if cascade is True else cascade) or None
-        self.prefix_config = prefix_config
-        # CUDA-graph state (see AttentionBackend's contract).
-        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._graph_layer: AttentionLayerSpec | None = None
-        self._graph_max_seq_len = 0
-        self._graph_tail_slots = 0  # workspace slots for the splits' partials
-        self._graph_batch: int | None = None
-        self._graph_variant = PLAIN_VARIANT
-        self._graph_cascade: _GraphCascade | None = None
-        self._graph_page: int | None = None
+        self._graphs: _GraphBuffers | None = None
 
     # ------------------------------------------------------------------ store
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -137,13 +225,21 @@ class TritonBackend(AttentionBackend):
         ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
     # ------------------------------------------------------------------ attend
+    def prepare(self, meta: AttentionMetadata) -> DecodeLaunch:
+        nd = meta.num_decodes
+        return DecodeLaunch(self, rows=nd, context=max(meta.seq_lens_cpu[:nd], default=0),
+                            max_splits=ops.decode.MAX_SPLITS,
+                            unplanned=self.cascade is not None and meta.block_tables_cpu is not None)
+
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: AttentionMetadata, layer: AttentionLayerSpec) -> torch.Tensor:
         self._check_attend(q, k_cache, v_cache, meta, layer)
+        launch = self.step_state(meta)
+        launch.check_heads(layer)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            self._decode(q, k_cache, v_cache, meta, layer, out)
+            self._decode(q, k_cache, v_cache, meta, layer, launch, out)
         if nd < meta.num_seqs:
             ops.extend_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -153,62 +249,40 @@ class TritonBackend(AttentionBackend):
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                layer: AttentionLayerSpec, out: torch.Tensor) -> None:
+                layer: AttentionLayerSpec, launch: DecodeLaunch, out: torch.Tensor) -> None:
         nd = meta.num_decodes
-        workspace = None
-        cascade = None
-        if self._graph_batch is not None:
-            if not nd == meta.num_seqs == self._graph_batch:
-                raise ValueError(f"a captured step must be {self._graph_batch} decodes, got num_decodes={nd} "
-                                 f"of {meta.num_seqs} sequences")
-            splits = self._graph_splits(layer)
-            workspace = self._workspace
-            if self._graph_variant == CASCADE_VARIANT and layer.sliding_window is None:
-                assert self._graph_cascade is not None
-                cascade = self._graph_cascade.inputs
-                self._graph_page = k_cache.shape[1]
-        else:
-            planned = self._eager_cascade(meta, layer, k_cache.shape[1], q.device)
-            if planned is not None:
-                cascade, ctx = planned
-            else:
-                ctx = max(meta.seq_lens_cpu[:nd])
-            if layer.sliding_window is not None:
-                ctx = min(ctx, layer.sliding_window)
-            splits = self.decode_splits or ops.choose_num_splits(nd, layer.num_kv_heads, ctx, _num_sms(q.device))
+        cascade = self._step_cascade(launch, meta, layer, q.device)
         ops.decode_attention(
             q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-            layer.scale, layer.sliding_window, out[:nd], splits, workspace=workspace,
-            cascade=cascade, prefix_config=self.prefix_config,
+            layer.scale, layer.sliding_window, out[:nd], launch.splits(layer, cascade, _num_sms(q.device)),
+            workspace=launch.workspace, cascade=None if cascade is None else cascade.inputs,
         )
 
-    def _eager_cascade(self, meta: AttentionMetadata, layer: AttentionLayerSpec, page: int,
-                       device: torch.device) -> tuple[ops.CascadeInputs, int] | None:
-        """This step's cascade inputs on the device and the longest own tail, or None when no
-        group qualifies.  Planned once per step (the first layer that asks) and kept in
-        ``meta.scratch`` for the other layers."""
-        cfg = self.cascade
-        if cfg is None or layer.sliding_window is not None or meta.block_tables_cpu is None:
+    def _step_cascade(self, launch: DecodeLaunch, meta: AttentionMetadata, layer: AttentionLayerSpec,
+                      device: torch.device) -> StepCascade | None:
+        """The step's cascade inputs for ``layer`` (None: plain decode); sliding-window layers
+        never share, so an eager step is planned by its first layer without a window."""
+        if layer.sliding_window is not None:
             return None
-        gqa = layer.num_heads // layer.num_kv_heads
-        key = ("cascade", page, gqa, layer.num_kv_heads)
-        if key not in meta.scratch:
-            meta.scratch[key] = self._plan_eager(meta, page, gqa, layer.num_kv_heads, device, cfg)
-        return meta.scratch[key]
+        if launch.unplanned:
+            launch.cascade, launch.unplanned = self._plan_eager(meta, layer, device), False
+        return launch.cascade
 
-    @staticmethod
-    def _plan_eager(meta: AttentionMetadata, page: int, gqa: int, num_kv_heads: int, device: torch.device,
-                    cfg: CascadeConfig) -> tuple[ops.CascadeInputs, int] | None:
+    def _plan_eager(self, meta: AttentionMetadata, layer: AttentionLayerSpec,
+                    device: torch.device) -> StepCascade | None:
+        """An eager step's groups, uploaded; None when no group qualifies."""
+        cfg = self.cascade
+        assert cfg is not None and meta.block_tables_cpu is not None
         nd = meta.num_decodes
-        assert meta.block_tables_cpu is not None
+        gqa = layer.num_heads // layer.num_kv_heads
         lens = np.asarray(meta.seq_lens_cpu[:nd], dtype=np.int64)
-        max_items = max_work_items(nd, gqa, num_kv_heads, _num_sms(device), cfg)
-        plan = build_plan(meta.block_tables_cpu[:nd], lens, page, gqa, max_items, cfg)
+        max_items = max_work_items(nd, gqa, layer.num_kv_heads, _num_sms(device), cfg)
+        plan = build_plan(meta.block_tables_cpu[:nd], lens, meta.block_size, gqa, max_items, cfg)
         if not plan.active:
             return None
         layout = PackedLayout(nd, plan.num_items)
         packed = torch.from_numpy(pack_plan(plan, layout)).to(device, non_blocking=True)
-        return _cascade_inputs(packed, layout, plan.max_parts, cfg), int((lens - plan.tail_start).max())
+        return StepCascade(_cascade_inputs(packed, layout, plan.max_parts, cfg), int((lens - plan.tail_start).max()))
 
     @staticmethod
     def _check_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -224,6 +298,9 @@ class TritonBackend(AttentionBackend):
         if tuple(k_cache.shape[2:]) != (layer.num_kv_heads, layer.head_dim):
             raise ValueError(f"k_cache heads/head_dim {tuple(k_cache.shape[2:])} do not match layer "
                              f"({layer.num_kv_heads}, {layer.head_dim})")
+        if k_cache.shape[1] != meta.block_size:
+            raise ValueError(f"k_cache pages of {k_cache.shape[1]} tokens, but the metadata's block_size is "
+                             f"{meta.block_size}")
         if len(meta.query_lens_cpu) != meta.num_seqs or meta.query_start_loc.shape[0] != meta.num_seqs + 1:
             raise ValueError("query_lens_cpu / query_start_loc do not match seq_lens_cpu")
         if not 0 <= meta.num_decodes <= meta.num_seqs:
@@ -233,97 +310,58 @@ class TritonBackend(AttentionBackend):
     def supports_cuda_graphs(self) -> bool:
         return True
 
-    def prepare_graph_capture(self, max_batch_size: int, max_seq_len: int, layer: AttentionLayerSpec,
-                              device: torch.device | str) -> None:
+    def init_cuda_graphs(self, max_batch_size: int, max_seq_len: int, block_size: int, layer: AttentionLayerSpec,
+                         device: torch.device | str) -> int:
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size, max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
-        self._graph_layer = layer
-        self._graph_max_seq_len = max_seq_len
         device = torch.device(device)
         # The most splits any bucket uses is the smallest bucket's (batch 1).
-        s = ops.choose_num_splits(1, layer.num_kv_heads, self._graph_context(layer), _num_sms(device))
-        self._graph_tail_slots = s
-        self._graph_cascade = None
-        slots = s
-        if self.cascade is not None:
-            self._graph_cascade = self._prepare_graph_cascade(max_batch_size, layer, device, self.cascade)
-            slots = ops.cascade_slots(s, self.cascade.max_chunks)  # splits' partials, then prefix partials
+        tail_slots = ops.choose_num_splits(1, layer.num_kv_heads, _window_context(max_seq_len, layer),
+                                           _num_sms(device))
+        cfg = self.cascade
+        cascade = None if cfg is None else _GraphCascade.allocate(max_batch_size, layer, device, cfg)
+        # The splits' partials, then (cascade) the prefix partials.
+        slots = tail_slots if cfg is None else ops.cascade_slots(tail_slots, cfg.max_chunks)
         shape = (max_batch_size, layer.num_heads, slots)
-        self._workspace = (torch.empty(*shape, layer.head_dim, dtype=torch.float32, device=device),
-                           torch.empty(*shape, dtype=torch.float32, device=device))
+        workspace = (torch.empty(*shape, layer.head_dim, dtype=torch.float32, device=device),
+                     torch.empty(*shape, dtype=torch.float32, device=device))
+        self._graphs = _GraphBuffers(layer, max_batch_size, max_seq_len, block_size, tail_slots, workspace, cascade)
+        return self._graphs.variants
 
-    @staticmethod
-    def _prepare_graph_cascade(max_batch_size: int, layer: AttentionLayerSpec, device: torch.device,
-                               cfg: CascadeConfig) -> _GraphCascade:
-        gqa = layer.num_heads // layer.num_kv_heads
-        items = max_work_items(max_batch_size, gqa, layer.num_kv_heads, _num_sms(device), cfg)
-        layout = PackedLayout(max_batch_size, items)
-        buf = torch.zeros(layout.size, dtype=torch.int32, device=device)  # zeros: no groups
-        pin = device.type == "cuda"
-        staging = [torch.zeros(layout.size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        return _GraphCascade(layout, buf, staging, _cascade_inputs(buf, layout, cfg.max_chunks, cfg), gqa)
+    def prepare_for_capture(self, meta: AttentionMetadata, variant: int) -> None:
+        g = self._prepared()
+        b = meta.num_seqs
+        if meta.num_decodes != b:
+            raise ValueError(f"a captured step must be decodes only, got num_decodes={meta.num_decodes} of {b} "
+                             "sequences")
+        if not 1 <= b <= g.max_batch:
+            raise ValueError(f"batch_size {b} outside 1..{g.max_batch} prepared")
+        if not 0 <= variant < g.variants:
+            raise ValueError(f"variant {variant} outside 0..{g.variants - 1}")
+        if meta.block_size != g.block_size:
+            raise ValueError(f"block_size {meta.block_size} differs from the prepared {g.block_size}")
+        cascade = None
+        if variant == CASCADE_VARIANT:
+            assert g.cascade is not None
+            cascade = StepCascade(g.cascade.inputs, g.max_seq_len)
+        meta.state = DecodeLaunch(self, rows=b, context=g.max_seq_len, max_splits=g.tail_slots,
+                                  workspace=g.workspace, cascade=cascade, heads=_heads(g.layer))
 
-    def graph_variants(self) -> int:
-        """With cascade on, two: the plain decode (replayed when no group qualifies, so steps
-        without shared prefixes run exactly the kernels they ran without cascade) and cascade
-        decode."""
-        return 2 if self._graph_cascade is not None else 1
+    def prepare_for_replay(self, batch: HostBatch, bucket: int) -> int:
+        g = self._prepared()
+        n = batch.num_seqs
+        if not n <= bucket <= g.max_batch:
+            raise ValueError(f"bucket {bucket} must hold the {n} rows and be <= {g.max_batch} prepared")
+        if batch.num_decodes != n:
+            raise ValueError(f"a replayed step must be decodes only, got num_decodes={batch.num_decodes} of {n}")
+        if batch.block_size != g.block_size:
+            raise ValueError(f"block_size {batch.block_size} differs from the prepared {g.block_size}")
+        return PLAIN_VARIANT if g.cascade is None else g.cascade.refill(batch)
 
-    def prepare_decode_inputs(self, block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
-                              batch_size: int) -> int:
-        """Plan the step's shared-prefix groups; when some qualify, copy them into the cascade
-        variant's buffers (one non-blocking transfer, none while the previous plan still holds)
-        and return that variant, else the plain one."""
-        gc = self._graph_cascade
-        if gc is None:
-            return PLAIN_VARIANT
-        n = len(seq_lens)
-        if not n <= batch_size <= gc.layout.rows:
-            raise ValueError(f"batch_size {batch_size} must hold the {n} rows and be <= {gc.layout.rows} prepared")
-        if self._graph_page is not None and block_size != self._graph_page:
-            raise ValueError(f"block_size {block_size} differs from the captured caches' {self._graph_page}")
-        assert self.cascade is not None
-        if gc.plan is not None and gc.signature is not None and plan_still_holds(
-                gc.plan, gc.signature, block_tables, seq_lens):
-            return CASCADE_VARIANT
-        plan = build_plan(block_tables, seq_lens, block_size, gc.gqa, gc.layout.items, self.cascade)
-        gc.plan, gc.signature = None, None
-        if not plan.active:
-            return PLAIN_VARIANT  # the plain variant reads none of the cascade buffers
-        host = gc.staging[gc.turn]
-        gc.turn ^= 1
-        pack_plan(plan, gc.layout, host.numpy())
-        gc.device.copy_(host, non_blocking=True)
-        gc.plan, gc.signature = plan, plan_signature(plan, block_tables, seq_lens, block_size)
-        return CASCADE_VARIANT
-
-    @contextmanager
-    def graph_capture(self, batch_size: int, variant: int = PLAIN_VARIANT) -> Iterator[None]:
-        if self._workspace is None:
-            raise ValueError("graph_capture needs prepare_graph_capture first")
-        if not 1 <= batch_size <= self._workspace[0].shape[0]:
-            raise ValueError(f"batch_size {batch_size} outside 1..{self._workspace[0].shape[0]} prepared")
-        if not 0 <= variant < self.graph_variants():
-            raise ValueError(f"variant {variant} outside 0..{self.graph_variants() - 1}")
-        self._graph_batch, self._graph_variant = batch_size, variant
-        try:
-            yield
-        finally:
-            self._graph_batch, self._graph_variant = None, PLAIN_VARIANT
-
-    def _graph_context(self, layer: AttentionLayerSpec) -> int:
-        ctx = self._graph_max_seq_len
-        return min(ctx, layer.sliding_window) if layer.sliding_window is not None else ctx
-
-    def _graph_splits(self, layer: AttentionLayerSpec) -> int:
-        assert self._graph_batch is not None and self._workspace is not None
-        prepared = self._graph_layer
-        if prepared is None or (layer.num_heads, layer.num_kv_heads, layer.head_dim) != (
-                prepared.num_heads, prepared.num_kv_heads, prepared.head_dim):
-            raise ValueError(f"layer {layer} does not match the prepared graph layer {prepared}")
-        splits = ops.choose_num_splits(self._graph_batch, layer.num_kv_heads, self._graph_context(layer),
-                                       _num_sms(self._workspace[0].device))
-        return min(splits, self._graph_tail_slots)
+    def _prepared(self) -> _GraphBuffers:
+        if self._graphs is None:
+            raise ValueError("init_cuda_graphs first")
+        return self._graphs
 
 
 def _cascade_inputs(packed: torch.Tensor, layout: PackedLayout, max_parts: int,

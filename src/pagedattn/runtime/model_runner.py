@@ -7,8 +7,9 @@ The work is split in two so that tensor parallelism shares everything but the bo
   for every rank, cheap to pickle and broadcast.
 * :class:`ModelRunner` (every rank) executes a :class:`StepInput` on its own model shard and KV
   pool: the block moves (swap-out, copy-on-write, swap-in, in the order the scheduler decided
-  them), the flattened ragged batch and its :class:`AttentionMetadata`, the forward pass (or a
-  CUDA-graph replay for pure decode steps), and the logits of the rows that sample.
+  them), the flattened ragged batch (one :class:`HostBatch` of positions, slots and block
+  tables, uploaded as :class:`AttentionMetadata` for an eager step or copied into the decode
+  graphs' static buffers for a replay), the forward pass, and the output of the rows that sample.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..attention.backend import AttentionBackend
-from ..attention.metadata import AttentionMetadata, token_positions
+from ..attention.metadata import AttentionMetadata, HostBatch
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from ..models.llama import LlamaForCausalLM
@@ -77,6 +78,12 @@ class StepOutput:
     tokens: torch.Tensor | None = None  # int64 [n] on the device
     logits: torch.Tensor | None = None  # [n, V]
 
+    @classmethod
+    def empty(cls, step: StepInput, device: torch.device) -> StepOutput:
+        """The output of a step in which no row samples."""
+        none = torch.empty(0, device=device)
+        return cls(tokens=none) if step.greedy else cls(logits=none)
+
     @property
     def rows(self) -> torch.Tensor:
         """Whichever of the two the step produced."""
@@ -127,59 +134,53 @@ class ModelRunner:
             raise ValueError("input_ids must be given exactly when step.token_ids is None")
         self.run_kv_ops(step.kv_ops)
         if step.is_empty:
-            return self._sampled(torch.empty(0, device=self.device), step, local=True)
-        if self.graphs is not None and step.is_decode:
-            out = self._decode_graph(step, input_ids)  # with step.greedy already the token ids
-            if out is not None:
-                return self._sampled(out, step, local=step.greedy)
-        ids, positions, meta, sample_idx = self.prepare(step, input_ids)
-        ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
-        hidden = self.model(ids, positions, ctx)
-        if sample_idx is not None:
-            if sample_idx.numel() == 0:
-                return self._sampled(torch.empty(0, device=self.device), step, local=True)
-            hidden = hidden.index_select(0, sample_idx)
-        return self._sampled(self.model.compute_logits(hidden, gather=False), step)
+            return StepOutput.empty(step, self.device)
+        batch = self.host_batch(step)
+        if self.graphs is not None and step.is_decode and self.graphs.fits(batch):
+            return self._replay(step, batch, input_ids)
+        return self._forward(step, batch, input_ids)
 
-    def _sampled(self, out: torch.Tensor, step: StepInput, local: bool = False) -> StepOutput:
-        """This rank's (vocabulary slice of the) logits -> the step's output; every rank runs the
-        same collectives here.  ``local``: ``out`` is already final (the graphs' greedy ids, or
-        an empty result)."""
-        if local:
-            return StepOutput(tokens=out) if step.greedy else StepOutput(logits=out)
-        head = self.model.lm_head
-        if not step.greedy:
-            return StepOutput(logits=head.gather(out))
-        return StepOutput(tokens=argmax_rows(out) if head.tp_size == 1 else head.greedy_tokens(out))
+    def host_batch(self, step: StepInput) -> HostBatch:
+        """The step's positions, slots and block tables on the host (eager and graph steps alike)."""
+        return HostBatch.build(step.query_lens, step.seq_lens, step.block_tables, self.block_size)
 
-    def _decode_graph(self, step: StepInput, input_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """A pure-decode step through the captured graphs (its logits, or with ``step.greedy``
-        its token ids); None if the batch does not fit the captured sizes."""
+    def _replay(self, step: StepInput, batch: HostBatch, input_ids: torch.Tensor | None) -> StepOutput:
+        """A pure-decode step through the captured graphs (with ``step.greedy``, the graphs' argmax)."""
         assert self.graphs is not None
-        tables = step.block_tables
-        if not self.graphs.can_run(len(tables), max(map(len, tables))):
-            return None
-        seq_lens = np.asarray(step.seq_lens, dtype=np.int64)
-        pos = seq_lens - 1
-        bs = self.block_size
-        n = len(tables)
-        blocks = np.fromiter((t[p] for t, p in zip(tables, (pos // bs).tolist())), dtype=np.int64, count=n)
-        slots = blocks * bs + pos % bs
         tokens = step.token_ids if input_ids is None else input_ids
         assert tokens is not None
-        return self.graphs.run(tokens, pos, slots, step.seq_lens, tables, greedy=step.greedy)
+        out = self.graphs.run(batch, tokens, greedy=step.greedy)
+        return StepOutput(tokens=out) if step.greedy else StepOutput(logits=self.model.lm_head.gather(out))
 
-    def prepare(self, step: StepInput, input_ids: torch.Tensor | None = None
+    def _forward(self, step: StepInput, batch: HostBatch, input_ids: torch.Tensor | None) -> StepOutput:
+        ids, positions, meta, sample_idx = self.prepare(step, input_ids, batch)
+        hidden = self.model(ids, positions, ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend))
+        if not step.sample_rows:
+            return StepOutput.empty(step, self.device)
+        if sample_idx is not None:
+            hidden = hidden.index_select(0, sample_idx)
+        return self._output(step, self.model.compute_logits(hidden, gather=False))
+
+    def _output(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
+        """This rank's vocabulary slice of the sampled rows' logits -> the step's output; every
+        rank runs the same collectives here."""
+        head = self.model.lm_head
+        if not step.greedy:
+            return StepOutput(logits=head.gather(logits))
+        return StepOutput(tokens=argmax_rows(logits) if head.tp_size == 1 else head.greedy_tokens(logits))
+
+    def prepare(self, step: StepInput, input_ids: torch.Tensor | None = None, batch: HostBatch | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
-        """``(input_ids, positions, metadata, sample_idx)`` of an eager step; ``sample_idx`` is
-        None when every token samples (a decode batch)."""
-        meta = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables, self.block_size,
-                                       self.device)
-        pos = token_positions(step.query_lens, step.seq_lens)
+        """``(input_ids, positions, metadata, sample_idx)`` of an eager step (``batch``: its
+        :meth:`host_batch`, if already made); ``sample_idx`` is None when every token samples
+        (a decode batch)."""
+        if batch is None:
+            batch = self.host_batch(step)
+        meta = AttentionMetadata.from_host(batch, self.device)
         if input_ids is None:
             input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        positions = torch.from_numpy(pos).to(self.device, non_blocking=True)
-        if len(step.sample_rows) == len(pos):
+        positions = torch.from_numpy(batch.positions).to(self.device, non_blocking=True)
+        if len(step.sample_rows) == batch.num_tokens:
             return input_ids, positions, meta, None
         sample_idx = torch.from_numpy(np.asarray(step.sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
         return input_ids, positions, meta, sample_idx
