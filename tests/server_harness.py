@@ -24,6 +24,7 @@ import transformers
 
 from pagedattn.engine.async_engine import AsyncLLMEngine
 from pagedattn.engine.llm import LLM
+from pagedattn.entrypoints.access import ServerAccess
 from pagedattn.entrypoints.server import ServerLimits, create_app, make_server
 
 TINY_MODEL_NAME = "tiny-chat"
@@ -58,7 +59,7 @@ def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
     return _BUILT[tokenizer_dir]
 
 
-def make_async_engine(model_dir: Path, **kw: object) -> AsyncLLMEngine:
+def make_async_engine(model_dir: Path | str, **kw: object) -> AsyncLLMEngine:
     kw = {"device": "cpu", "block_size": 16, "num_kv_blocks": 512, "swap_space_gib": 0.05, **kw}
     return AsyncLLMEngine.from_factory(lambda: LLM(str(model_dir), **kw).engine)  # type: ignore[arg-type]
 
@@ -98,8 +99,8 @@ class ServerThread:
 
 
 def start_server(engine: AsyncLLMEngine, name: str = TINY_MODEL_NAME,
-                 limits: ServerLimits | None = None) -> ServerThread:
-    return ServerThread(create_app(engine, name, limits)).start()
+                 limits: ServerLimits | None = None, access: ServerAccess | None = None) -> ServerThread:
+    return ServerThread(create_app(engine, name, limits, access=access)).start()
 
 
 # ====================================================================== ``pagedattn serve`` processes
@@ -115,7 +116,7 @@ class ServeProcess:
     ``prelude`` is Python run in the process before the command (e.g. to patch in a failure).
     Output goes to files, so that a chatty server never blocks on a full pipe."""
 
-    def __init__(self, model_dir: Path, tmp: Path, *flags: str, prelude: str = "",
+    def __init__(self, model_dir: Path | str, tmp: Path, *flags: str, prelude: str = "",
                  env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = free_port()
         code = f"{prelude}\nimport sys\nfrom pagedattn.entrypoints.cli import main\nsys.exit(main(sys.argv[1:]))"

@@ -80,13 +80,19 @@ class EngineConfig:
     """Everything that shapes an engine (vLLM's names where vLLM has the same knob)."""
 
     # ---------------------------------------------------------------- model
-    model: str | None = _opt(None, "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = _opt(None, "HF model folder, .gguf file or Hugging Face Hub id such as Qwen/Qwen3-0.6B "
+                             "(default: the embedded SmolLM2-135M-Instruct)")
+    download_dir: str | None = _opt(None, "Hugging Face cache for models given by Hub id (default: huggingface_hub's "
+                                    "own, from HF_HUB_CACHE or HF_HOME)")
     load_format: str = _opt("auto", "'dummy': seeded random weights from config.json alone (benchmarks)",
                             choices=("auto", "dummy"))
     dtype: str | torch.dtype = _opt("float32", "weights and activations: float32, bfloat16 or float16")
     device: str | torch.device | None = _opt(None, "cpu, cuda or cuda:N (default: cuda when available)")
     seed: int = _opt(0, "seed of the sampler's shared generator (and of dummy weights)", lo=_I64_MIN, hi=_I64_MAX)
     max_model_len: int | None = _opt(None, "context length in tokens (default and upper bound: the model's)", lo=2)
+    generation_config: str = _opt("auto", "'auto': the sampling values of the model's generation_config.json "
+                                  "(temperature, top_p, top_k, min_p, max_new_tokens) are the defaults of requests "
+                                  "that leave them unset; 'none': the API's own defaults", choices=("auto", "none"))
     # ---------------------------------------------------------------- KV cache
     block_size: int = _opt(16, "tokens per KV block: a power of two up to 256", lo=1, hi=256)
     num_kv_blocks: int | None = _opt(None, "KV blocks per rank (default: sized from memory)", lo=1)
@@ -119,8 +125,9 @@ class EngineConfig:
                                         "before it is an error", lo=0, lo_open=True, flags=("--distributed-timeout",))
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, os.PathLike):
-            self.model = os.fspath(self.model)
+        for name in ("model", "download_dir"):  # paths may come as Path objects
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         for f in fields(self):
             _check_field(self, f.name, _field_type(f.name), f.metadata)
         if self.model is not None and not self.model.strip():

@@ -3,11 +3,12 @@
 Switches (``PAGEDATTN_DISABLE_*``, for A/B measurements) are read once, the first time anything
 asks (:func:`switches`, at engine start-up), so a hot path reads a field, not the environment;
 :func:`reload` re-reads them (tests that change them).  ``PAGEDATTN_CACHE_DIR`` is a location,
-read where it is needed (:func:`cache_dir`).
+read where it is needed (:func:`cache_dir`), and so is ``PAGEDATTN_API_KEY`` (:func:`api_key`).
 
 | variable | effect |
 | --- | --- |
 | ``PAGEDATTN_CACHE_DIR`` | where converted GGUF models are cached (default ``~/.cache/pagedattn``) |
+| ``PAGEDATTN_API_KEY`` | the key of ``pagedattn serve`` unless ``--api-key`` gives one (not in the process list) |
 | ``PAGEDATTN_DISABLE_CASCADE=1`` | no cascade (shared-prefix) decode attention |
 | ``PAGEDATTN_DISABLE_FUSED=1`` | the torch path instead of the fused Triton norm/rotary/activation kernels |
 | ``PAGEDATTN_DISABLE_P2P_ALL_REDUCE=1`` | NCCL for every tensor-parallel all-reduce |
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+API_KEY = "PAGEDATTN_API_KEY"
 CACHE_DIR = "PAGEDATTN_CACHE_DIR"
 DISABLE_CASCADE = "PAGEDATTN_DISABLE_CASCADE"
 DISABLE_FUSED = "PAGEDATTN_DISABLE_FUSED"
@@ -67,3 +69,8 @@ def triton_interpreted() -> bool:
 def cache_dir() -> Path:
     env = os.environ.get(CACHE_DIR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedattn"
+
+
+def api_key() -> str | None:
+    """The server's API key from the environment (None when unset or empty)."""
+    return os.environ.get(API_KEY) or None

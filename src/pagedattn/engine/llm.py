@@ -9,6 +9,7 @@ from typing import Any, cast
 from tqdm.auto import tqdm
 
 from ..config import EngineConfig
+from .generation_defaults import log_defaults
 from .llm_engine import LLMEngine, PromptInput
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -35,6 +36,10 @@ class LLM:
       also stopped at interpreter exit.
     * ``load_format="dummy"`` fills the model with seeded random weights and needs only the
       folder's ``config.json``.
+    * ``model`` may be a Hub id (``"Qwen/Qwen3-0.6B"``), fetched through huggingface_hub's cache
+      (``download_dir`` overrides its place); a local path of the same spelling wins.
+    * ``generation_config="auto"``: the model's ``generation_config.json`` sampling values are the
+      defaults (:meth:`get_default_sampling_params`, used when ``sampling_params`` is None).
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -42,14 +47,23 @@ class LLM:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(f"{unknown[0]}: not an engine option; the options are {', '.join(sorted(names))}")
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._attach(LLMEngine(EngineConfig(model=model, **kwargs)))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLM:
         """An ``LLM`` over an engine of ``config`` (e.g. the command line's, already checked)."""
         self = cls.__new__(cls)
-        self.engine = LLMEngine(config)
+        self._attach(LLMEngine(config))
         return self
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._sampling_defaults = log_defaults(engine.source.generation_defaults, engine.config.generation_config)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's name: SamplingParams with the model's generation_config.json values where it has
+        them (``generation_config="none"``: plain SamplingParams()); a fresh object each call."""
+        return SamplingParams(**self._sampling_defaults)
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:
@@ -116,20 +130,25 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        """Apply the model's chat template to one conversation (or a list of them) and generate.
+        ``chat_template_kwargs`` are the template's own variables (Qwen3: ``enable_thinking``)."""
         if messages and isinstance(messages[0], dict):
             convs = [messages]
         else:
             convs = cast(list[list[dict[str, str]]], messages)
-        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)} for c in convs]
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs)}
+                   for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError("this model has no chat template")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       **(chat_template_kwargs or {}))
         return tok.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ misc
@@ -143,7 +162,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None, stream: bool = True) -> list[str]:
         plist = _as_prompt_list(prompts)
         if sampling_params is None:
-            params = [SamplingParams()] * len(plist)
+            params = [self.get_default_sampling_params()] * len(plist)
         elif isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(plist)
         elif isinstance(sampling_params, (list, tuple)) and all(isinstance(p, SamplingParams) for p in sampling_params):

@@ -66,7 +66,7 @@ class LLMEngine:
             raise SystemExit(0)
         t0 = time.perf_counter()
         try:
-            self.source = resolve_model_source(config.model, config.load_format)
+            self.source = resolve_model_source(config.model, config.load_format, config.download_dir)
         except FileNotFoundError as e:
             raise ValueError(f"model: {e}") from None
         self.arch = self.source.config

@@ -145,7 +145,27 @@ def cmd_serve(args: argparse.Namespace, config: EngineConfig) -> int:
                              if getattr(args, flag) is not None})
     return run_server(lambda: build_llm(config).engine, served_model_name=args.served_model_name,
                       model=config.model, host=args.host, port=args.port, limits=limits,
-                      enable_docs=args.enable_docs, verbose=args.verbose)
+                      enable_docs=args.enable_docs, verbose=args.verbose, access=_access(args))
+
+
+def _access(args: argparse.Namespace) -> Any:
+    """The API key (the flag, else PAGEDATTN_API_KEY) and CORS options of ``serve``."""
+    from ..envs import api_key
+    from .access import ServerAccess
+
+    key = args.api_key if args.api_key is not None else api_key()
+    return ServerAccess(api_key=key, protect_probes=args.protect_probes, allowed_origins=args.allowed_origins,
+                        allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
+                        allow_credentials=args.allow_credentials)
+
+
+def _list(text: str) -> tuple[str, ...]:
+    from .access import parse_list
+
+    try:
+        return parse_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ServerLimits' fields and their flags (None: the field's default).
@@ -195,6 +215,15 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--header-timeout", type=float, default=None, help="seconds a request's headers may take (10)")
     s.add_argument("--body-timeout", type=float, default=None, help="seconds a request's body may take (30)")
     s.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+    a = s.add_argument_group("access")
+    a.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
+                   "$PAGEDATTN_API_KEY, which unlike a flag does not show in the process list; none: no key)")
+    a.add_argument("--protect-probes", action="store_true", help="with a key, /health and /metrics need it too")
+    a.add_argument("--allowed-origins", type=_list, default=(), help="CORS origins, a JSON list or comma-separated "
+                   "(e.g. '[\"https://app.example\"]', or '*' for all; default: none, CORS off)")
+    a.add_argument("--allowed-methods", type=_list, default=("*",), help="CORS methods (default: all)")
+    a.add_argument("--allowed-headers", type=_list, default=("*",), help="CORS request headers (default: all)")
+    a.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and credentials")
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
 

@@ -2,21 +2,35 @@
 
 Requests are validated strictly (``"2"`` is not an integer, ``true`` is not a number, NaN is
 not a temperature) so that a bad value is a 400 naming its field rather than a surprise.
-Fields we do not know are ignored, as OpenAI-compatible servers usually do, so newer clients
-keep working; known OpenAI features we do not implement are rejected with a clear message.
 Beyond OpenAI's fields, requests accept the engine's extra sampling knobs (``top_k``,
 ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ...), as vLLM does.
+
+Every field a request may carry is one of four kinds:
+
+* implemented: a field of the request models below;
+* known but not implemented yet (:data:`NOT_IMPLEMENTED`): a request that sets one to anything
+  but its no-op value gets a 400 naming it, never a silently different answer.  Implementing a
+  feature means declaring its field on a model and deleting its row;
+* known and accepted, but with nothing to do here (:data:`IGNORED`, each with the reason);
+* unknown: accepted, so that newer clients keep working, and logged once per field name per
+  process (:func:`check_fields`), so that a misspelt or newer option does not go unnoticed.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # JSON integers are unbounded; everything that may reach a tensor must fit int64.
 _I64_MAX = 2**63 - 1
@@ -27,6 +41,9 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 PromptField = (
     str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 )
+# The API's own defaults, where neither the request nor the model's generation_config.json sets a value.
+COMPLETION_MAX_TOKENS = 16  # OpenAI's for /v1/completions (chat: up to the context)
+_API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
 
 
 class UnsupportedFeatureError(ValueError):
@@ -37,15 +54,166 @@ class UnsupportedFeatureError(ValueError):
         self.param = param
 
 
+# ====================================================================== the field tables
+@dataclass(frozen=True)
+class Refusal:
+    """A known field this server does not implement: values ``accepts`` takes are no-ops (the
+    field's default), anything else is refused with ``why``."""
+
+    why: str
+    accepts: Callable[[Any], bool]
+
+
+def _unset(v: Any) -> bool:
+    return v is None
+
+
+def _false(v: Any) -> bool:
+    return v is None or v is False
+
+
+def _number(v: Any, neutral: float) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == neutral)
+
+
+def _empty(v: Any) -> bool:
+    return v is None or (isinstance(v, (str, list, dict)) and not v)
+
+
+def _one_of(*ok: Any) -> Callable[[Any], bool]:
+    return lambda v: v is None or any(type(v) is type(o) and v == o for o in ok)
+
+
+def _text_format(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and v.get("type", "text") == "text")
+
+
+_PENALTY = "penalties are not implemented yet"
+_STRUCTURED = "structured output (JSON schema, regex, grammar, choice) is not implemented yet"
+_TOOLS = "tool calling is not implemented yet"
+
+# Known request fields (OpenAI's and vLLM's) the server does not implement yet.
+NOT_IMPLEMENTED: dict[str, Refusal] = {
+    "presence_penalty": Refusal(f"{_PENALTY} (use 0)", lambda v: _number(v, 0)),
+    "frequency_penalty": Refusal(f"{_PENALTY} (use 0)", lambda v: _number(v, 0)),
+    "repetition_penalty": Refusal(f"{_PENALTY} (use 1)", lambda v: _number(v, 1)),
+    "logit_bias": Refusal("is not implemented yet", _empty),
+    "bad_words": Refusal("is not implemented yet", _empty),
+    "allowed_token_ids": Refusal("is not implemented yet", _unset),
+    "response_format": Refusal(f"only {{'type': 'text'}}: {_STRUCTURED}", _text_format),
+    **{name: Refusal(_STRUCTURED, _unset) for name in (
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
+        "guided_decoding_backend", "guided_whitespace_pattern")},
+    "tools": Refusal(_TOOLS, _empty),
+    "tool_choice": Refusal(f"{_TOOLS} (only 'none' or 'auto' without tools)", _one_of("none", "auto")),
+    "functions": Refusal(_TOOLS, _empty),
+    "function_call": Refusal(f"{_TOOLS} (only 'none' or 'auto' without functions)", _one_of("none", "auto")),
+    "prompt_logprobs": Refusal("is not implemented yet", _unset),
+    "echo": Refusal("is not implemented yet", _false),
+    "suffix": Refusal("is not implemented yet", _empty),
+    "use_beam_search": Refusal("beam search is not implemented", _false),
+    "length_penalty": Refusal("applies to beam search, which is not implemented (use 1)", lambda v: _number(v, 1)),
+    "priority": Refusal("there is no priority scheduling (only 0)", lambda v: _number(v, 0)),
+    "chat_template": Refusal("per-request chat templates are not accepted; the model's own is used", _unset),
+    "reasoning_effort": Refusal("is not implemented (Qwen3-style templates take chat_template_kwargs: "
+                                "{'enable_thinking': false})", _unset),
+    "include_reasoning": Refusal("reasoning is not separated from the content (only true)", _one_of(True)),
+    "thinking_token_budget": Refusal("is not implemented yet", _unset),
+    "modalities": Refusal("only text output (['text'])", lambda v: v is None or v == ["text"]),
+    "audio": Refusal("only text output", _unset),
+    "web_search_options": Refusal("there is no web search", _unset),
+    "mm_processor_kwargs": Refusal("there is no multimodal input", _unset),
+    "media_io_kwargs": Refusal("there is no multimodal input", _unset),
+    "truncate_prompt_tokens": Refusal("is not implemented yet (a prompt that does not fit is a 400)", _unset),
+    "truncation_side": Refusal("goes with truncate_prompt_tokens, which is not implemented yet", _unset),
+    "spaces_between_special_tokens": Refusal("is not implemented (only true)", _one_of(True)),
+    "logprob_token_ids": Refusal("is not implemented yet", _unset),
+    "return_tokens_as_token_ids": Refusal("is not implemented yet", _false),
+    "return_token_ids": Refusal("is not implemented yet", _false),
+    "watermarking": Refusal("is not implemented", _false),
+    "repetition_detection": Refusal("is not implemented yet", _unset),
+    "cache_salt": Refusal("prefix-cache salting is not implemented yet", _unset),
+    "kv_transfer_params": Refusal("there is no disaggregated serving", _unset),
+    "vllm_xargs": Refusal("there are no extensions that take it", _unset),
+}
+
+# Known request fields accepted and ignored, with the reason nothing is lost.
+IGNORED: dict[str, str] = {
+    "user": "an end-user id for the provider's abuse monitoring; nothing here uses it",
+    "service_tier": "a billing tier of OpenAI's; this server has one",
+    "store": "asks OpenAI to keep the completion for later use; nothing is kept here",
+    "metadata": "tags of stored completions (see store)",
+    "prediction": "predicted output only makes OpenAI's answer faster, never different",
+    "parallel_tool_calls": "means something only with tools, which are refused",
+    "request_id": "the server makes its own ids (the response's id)",
+    "session_id": "a grouping for vLLM's routing; there is one engine here",
+    "stream_interval": "chunks are sent as tokens come",
+}
+
+# Fields of a chat message (the request's messages.N).
+MESSAGE_NOT_IMPLEMENTED: dict[str, Refusal] = {
+    "tool_calls": Refusal(f"{_TOOLS} (a conversation with tool calls)", _empty),
+    "function_call": Refusal(f"{_TOOLS} (a conversation with function calls)", _unset),
+}
+MESSAGE_IGNORED: dict[str, str] = {
+    "tool_call_id": "means something only with tool_calls, which are refused",
+}
+
+
+# ====================================================================== the checks
+_warned: set[str] = set()
+
+
+def check_fields(req: _Request) -> None:
+    """Refuse what the request asks for and the server does not do (``UnsupportedFeatureError``,
+    naming the field); log each unknown field name once per process."""
+    for name in req.unknown_fields():
+        if name not in _warned:
+            _warned.add(name)
+            logger.warning("request field %r is unknown to this server and was ignored "
+                           "(logged once; see docs/serving.md for the fields it knows)", name)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    # Unknown fields are kept (model_extra), to be checked against the tables and logged.
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    not_implemented: ClassVar[Mapping[str, Refusal]] = {}
+    ignored: ClassVar[Mapping[str, str]] = {}
+
+    def unknown_fields(self, path: str = "") -> Iterator[str]:
+        """Raise for a refused field; yield unknown ones as paths (list indices as ``*``)."""
+        for name, value in (self.model_extra or {}).items():
+            refusal = self.not_implemented.get(name)
+            if refusal is not None and not refusal.accepts(value):
+                raise UnsupportedFeatureError(path + name, refusal.why)
+            if refusal is None and name not in self.ignored:
+                yield re.sub(r"\.\d+\.", ".*.", "." + path + name)[1:]
+        for name in type(self).model_fields:
+            for sub, child in _children(getattr(self, name), f"{path}{name}."):
+                yield from child.unknown_fields(sub)
+
+
+def _children(value: Any, path: str) -> Iterator[tuple[str, _Request]]:
+    if isinstance(value, _Request):
+        yield path, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, _Request):
+                yield f"{path}{i}.", item
+
+
+class _Body(_Request):
+    """A whole request body: the top-level tables apply."""
+
+    not_implemented = NOT_IMPLEMENTED
+    ignored = IGNORED
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Request):
+class _SamplingRequest(_Body):
     """Fields shared by completions and chat completions."""
 
     model: str
@@ -56,10 +224,6 @@ class _SamplingRequest(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
     # Engine extras (vLLM's names).
     top_k: int | None = Field(None, ge=-1, le=_I64_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -74,22 +238,25 @@ class _SamplingRequest(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _check_common(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise UnsupportedFeatureError(name, "penalties are not supported (use 0)")
-        if self.logit_bias:
-            raise UnsupportedFeatureError("logit_bias", "is not supported")
+        check_fields(self)
         if self.stream_options is not None and not self.stream:
             raise UnsupportedFeatureError("stream_options", "is only allowed with stream: true")
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters; OpenAI's defaults where a field was left out."""
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         defaults: Mapping[str, Any]) -> SamplingParams:
+        """The engine's parameters: the request's value, else the model's default
+        (``defaults``, from its generation_config.json), else the API's."""
+
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, _API_DEFAULTS[name])
+
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
             seed=self.seed,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -104,11 +271,10 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     prompt: PromptField
-    max_tokens: int | None = Field(16, ge=1, le=_I64_MAX)
+    max_tokens: int | None = Field(None, ge=1, le=_I64_MAX)  # absent: 16; null: up to the context
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's: e.g. the BOS token before a text prompt
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (text or token ids)."""
@@ -119,15 +285,20 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """``defaults``: the model's values for fields the request leaves unset."""
         self._check_common()
-        if self.echo:
-            raise UnsupportedFeatureError("echo", "is not supported")
-        if self.suffix:
-            raise UnsupportedFeatureError("suffix", "is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedFeatureError("best_of", "must equal n (server-side best-of is not supported)")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        return self._sampling_params(self._max_tokens(defaults or {}), self.logprobs, defaults or {})
+
+    def _max_tokens(self, defaults: Mapping[str, Any]) -> int | None:
+        """OpenAI's 16 when absent (capped by the model's max_new_tokens, as vLLM does); when null,
+        the model's max_new_tokens, else up to the context."""
+        model_max = defaults.get("max_tokens")
+        if "max_tokens" not in self.model_fields_set:
+            return min(COMPLETION_MAX_TOKENS, model_max or COMPLETION_MAX_TOKENS)
+        return self.max_tokens if self.max_tokens is not None else model_max
 
 
 class TextContentPart(_Request):
@@ -136,6 +307,8 @@ class TextContentPart(_Request):
 
 
 class ChatMessage(_Request):
+    not_implemented = MESSAGE_NOT_IMPLEMENTED
+    ignored = MESSAGE_IGNORED
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -149,27 +322,61 @@ class ChatMessage(_Request):
         return {"role": role, "content": content or ""}
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatTemplateFields(_Body):
+    """What goes into the chat template (vLLM's fields), for chat completions and /tokenize."""
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    # The last (assistant) message is left open for the model to continue (a "prefill").
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # on top of those the template writes (BOS twice, usually)
+    documents: list[dict[str, str]] | None = None  # for templates with retrieval-augmented generation
+    chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables (Qwen3: enable_thinking)
+
+    @property
+    def generation_prompt(self) -> bool:
+        """``add_generation_prompt``, except that continuing the last message implies none
+        unless asked for explicitly (the two exclude each other)."""
+        if self.continue_final_message:
+            if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise UnsupportedFeatureError("continue_final_message", "cannot be true with add_generation_prompt")
+            return False
+        return self.add_generation_prompt
+
+
+class ChatCompletionRequest(ChatTemplateFields, _SamplingRequest):
     max_tokens: int | None = Field(None, ge=1, le=_I64_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=_I64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """``defaults``: the model's values for fields the request leaves unset."""
         self._check_common()
-        if self.tools:
-            raise UnsupportedFeatureError("tools", "tool calling is not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise UnsupportedFeatureError("response_format", "only {'type': 'text'} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedFeatureError("top_logprobs", "requires logprobs: true")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        defaults = defaults or {}
+        max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens) if m is not None),
+                          defaults.get("max_tokens"))
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
+
+
+# ====================================================================== tokenizer endpoints (vLLM's)
+class TokenizeCompletionRequest(_Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    model: str | None = None
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 # ====================================================================== responses
@@ -294,6 +501,17 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
 
 
 class ErrorInfo(_Response):

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+"""OpenAI-compatible HTTP server: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
+and vLLM's ``/tokenize`` and ``/detokenize``.
 
 One :class:`~pagedattn.engine.async_engine.AsyncLLMEngine` serves every connection, so requests
 from all clients are batched together by the scheduler.  Streaming responses are server-sent
@@ -6,9 +7,14 @@ events in OpenAI's chunk format ending with ``data: [DONE]``.  A client that dis
 aborts its requests at once (streaming: Starlette cancels the response task; non-streaming: a
 watcher on the connection cancels the wait), which frees their KV blocks.
 
+Unset sampling fields take the model's generation_config.json values (``generation_config``
+"auto").  An API key and CORS are :mod:`.access`'s; which request fields are implemented,
+refused or ignored is :mod:`.openai_protocol`'s.
+
 Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "param", "code"}}``): bad
-parameters are 400 (FastAPI's 422 included), an unknown model is 404, a body over the size
-limit 413, a stopped engine 503.  Internal error text goes to the log, never to a client.
+parameters are 400 (FastAPI's 422 included), a missing or wrong API key 401, an unknown model
+404, a body over the size limit 413, a stopped engine 503.  Internal error text goes to the
+log, never to a client.
 
 Against hostile or broken clients (limits in :class:`ServerLimits`): request bodies are capped,
 prompts are tokenized on a worker thread, connections are capped and must deliver their
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -36,12 +43,13 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import h11
 import jinja2
+import pydantic
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -52,9 +60,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from ..engine.generation_defaults import describe, sampling_defaults
 from ..engine.llm_engine import LLMEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from .access import ServerAccess, install_access
 from .metrics import ServerMetrics
 from .openai_protocol import (
     ChatChoice,
@@ -64,19 +74,26 @@ from .openai_protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     ChatMessageOut,
+    ChatTemplateFields,
     ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     TopLogprob,
     UnsupportedFeatureError,
     UsageInfo,
+    check_fields,
     new_id,
     now,
 )
@@ -176,6 +193,8 @@ class ServerState:
     model_name: str
     limits: ServerLimits = field(default_factory=ServerLimits)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    # The model's generation_config.json values for sampling fields a request leaves unset.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     _token_text: dict[int, str] = field(default_factory=dict)
     # Requests that may still run; weak, so that finished ones need no bookkeeping.
     live: weakref.WeakSet[Generation] = field(default_factory=weakref.WeakSet)
@@ -205,7 +224,7 @@ class ServerState:
             self._token_text[token_id] = s
         return s
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> dict[str, Any]:
+    def chat_prompt(self, req: ChatTemplateFields) -> dict[str, Any]:
         """The conversation through the model's chat template, as a pre-tokenized prompt."""
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
@@ -213,11 +232,34 @@ class ServerState:
         msgs = [m.to_template_dict() for m in req.messages]
         for i, m in enumerate(msgs):
             _check_unicode(m["content"], f"messages.{i}.content")
+        _check_json_unicode(req.documents, "documents")
+        kwargs = _template_variables(tok, req.chat_template_kwargs or {})
+        generation_prompt = req.generation_prompt  # outside the try: its own error names its own field
         try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
+                                           continue_final_message=req.continue_final_message,
+                                           documents=req.documents, **kwargs)
         except (jinja2.TemplateError, ValueError, TypeError) as e:
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
-        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=req.add_special_tokens)}
+
+    def encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
+        """A text prompt's token ids (checked: there is a tokenizer, the text is Unicode)."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, f"{param}: this model has no tokenizer; pass token ids", param=param)
+        _check_unicode(text, param)
+        return list(tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int]) -> str:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "tokens: this model has no tokenizer", param="tokens")
+        vocab = self.engine.engine.arch.vocab_size
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise APIError(400, f"tokens: ids {bad[:5]} outside the vocabulary [0, {vocab})", param="tokens")
+        return str(tok.decode(ids))
 
 
 def _check_unicode(text: str, param: str) -> None:
@@ -227,6 +269,34 @@ def _check_unicode(text: str, param: str) -> None:
     except UnicodeEncodeError as e:
         raise APIError(400, f"{param}: not valid Unicode text ({e.reason} at character {e.start})",
                        param=param) from None
+
+
+def _check_json_unicode(value: Any, param: str) -> None:
+    """``_check_unicode`` for every string of a JSON value (keys too), naming the path."""
+    if isinstance(value, str):
+        _check_unicode(value, param)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json_unicode(v, f"{param}.{i}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, param)
+            _check_json_unicode(v, f"{param}.{k}")
+
+
+def _template_variables(tok: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``chat_template_kwargs`` checked: a name of ``apply_chat_template``'s own parameters
+    would change the call rather than set a template variable (``tokenize``, ``chat_template``:
+    a template of the client's), so it is refused."""
+    own = {name for name, p in inspect.signature(tok.apply_chat_template).parameters.items()
+           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} | {"messages", "conversation"}
+    for key in kwargs:
+        if key in own:
+            raise APIError(400, f"chat_template_kwargs.{key}: not a template variable but a parameter of the "
+                           "template call (the request's own field sets it, where there is one)",
+                           param=f"chat_template_kwargs.{key}")
+    _check_json_unicode(kwargs, "chat_template_kwargs")
+    return kwargs
 
 
 # ====================================================================== one API request
@@ -559,13 +629,40 @@ def _chat_response(state: ServerState, req: ChatCompletionRequest, gen: Generati
                                   usage=_usage(gen, [final]))
 
 
-def _sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def _sampling_params(state: ServerState, req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
     try:
-        return req.to_sampling_params()
+        return req.to_sampling_params(state.sampling_defaults)
     except UnsupportedFeatureError as e:
         raise APIError(400, str(e), param=e.param) from None
     except ValueError as e:
         raise APIError.bad_request(e) from None
+
+
+def _completion_prompts(state: ServerState, req: CompletionRequest) -> Callable[[], list[Any]]:
+    """The prompts to queue; text ones tokenized here when the request wants no special tokens."""
+    if req.add_special_tokens:
+        return req.prompts
+
+    def encoded() -> list[Any]:
+        return [{"prompt": p, "prompt_token_ids": state.encode(p, False)} if isinstance(p, str) else p
+                for p in req.prompts()]
+
+    return encoded
+
+
+def _tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """vLLM's two request shapes, told apart by their one required field."""
+    if ("prompt" in body) == ("messages" in body):
+        raise APIError(400, "prompt: give either prompt (a text) or messages (a conversation)", param="prompt")
+    cls = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+    return _validated(cls, body)
+
+
+def _validated(cls: type[pydantic.BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return cls.model_validate(body)
+    except pydantic.ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -590,12 +687,14 @@ async def _respond(raw: Request, gen: Generation, stream: bool,
 
 # ====================================================================== the app
 def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None,
-               enable_docs: bool = False) -> FastAPI:
+               enable_docs: bool = False, access: ServerAccess | None = None) -> FastAPI:
     """The FastAPI app for one engine.  Its lifespan starts the engine thread and shuts it down.
 
     ``enable_docs`` serves the OpenAPI schema and its pages (``/docs``, ``/redoc``); they are
-    off by default, as they tell anyone who can connect everything the server accepts."""
-    state = ServerState(async_engine, served_model_name, limits or ServerLimits())
+    off by default, as they tell anyone who can connect everything the server accepts.
+    ``access``: an API key and CORS (none by default)."""
+    state = ServerState(async_engine, served_model_name, limits or ServerLimits(),
+                        sampling_defaults=model_sampling_defaults(async_engine))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -609,6 +708,7 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: Ser
     app = FastAPI(title="pagedattn", version=_version(), lifespan=lifespan, **docs)
     app.state.server = state
     app.add_middleware(BodyLimit, state=state)
+    install_access(app, access or ServerAccess(), lambda: state.metrics.http_errors.labels(status="401").inc())
     _install_error_handlers(app, state)
 
     @app.get("/health")
@@ -637,21 +737,53 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: Ser
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         state.check_model(req.model)
-        params = _sampling_params(req)
-        gen = await Generation.create(state, req.prompts, params, new_id("cmpl"))
+        params = _sampling_params(state, req)
+        gen = await Generation.create(state, _completion_prompts(state, req), params, new_id("cmpl"))
         return await _respond(raw, gen, req.stream, lambda: _completions_stream(state, req, gen),
                               lambda finals: _completion_response(state, req, gen, finals))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         state.check_model(req.model)
-        params = _sampling_params(req)
+        params = _sampling_params(state, req)
         gen = await Generation.create(state, lambda: [state.chat_prompt(req)], params, new_id("chatcmpl"),
                                       prompt_param="messages")
         return await _respond(raw, gen, req.stream, lambda: _chat_stream(state, req, gen),
                               lambda finals: _chat_response(state, req, gen, finals[0]))
 
+    @app.post("/tokenize")
+    async def tokenize(body: Annotated[dict[str, Any], Body()]) -> Response:
+        req = _tokenize_request(body)
+        if req.model is not None:
+            state.check_model(req.model)
+        check_fields(req)  # a refused field is a 400 naming it (the UnsupportedFeatureError handler)
+        # On a worker thread, as for generation: a long prompt takes the tokenizer seconds.
+        ids = await asyncio.to_thread(_tokenize, state, req)
+        strs = async_engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=async_engine.max_model_len, tokens=ids,
+                                             token_strs=strs).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> Response:
+        if req.model is not None:
+            state.check_model(req.model)
+        check_fields(req)  # a refused field is a 400 naming it (the UnsupportedFeatureError handler)
+        text = await asyncio.to_thread(state.decode, req.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
     return app
+
+
+def _tokenize(state: ServerState, req: TokenizeCompletionRequest | TokenizeChatRequest) -> list[int]:
+    if isinstance(req, TokenizeChatRequest):
+        return list(state.chat_prompt(req)["prompt_token_ids"])
+    return state.encode(req.prompt, req.add_special_tokens)
+
+
+def model_sampling_defaults(engine: AsyncLLMEngine) -> dict[str, Any]:
+    """The model's generation_config.json sampling values, unless the engine's generation_config is "none"."""
+    inner = engine.engine
+    return sampling_defaults(inner.source.generation_defaults, inner.config.generation_config)
 
 
 def _too_large(limits: ServerLimits) -> APIError:
@@ -714,6 +846,7 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(EngineDeadError, on_api_error)
+    app.add_exception_handler(UnsupportedFeatureError, on_api_error)  # a 400 naming the field
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)
@@ -938,7 +1071,8 @@ def fit_connections(limits: ServerLimits, fd_limit: int) -> ServerLimits:
 
 def run_server(engine_factory: Callable[[], LLMEngine], *, served_model_name: str | None = None,
                model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-               limits: ServerLimits | None = None, enable_docs: bool = False, verbose: bool = False) -> int:
+               limits: ServerLimits | None = None, enable_docs: bool = False, verbose: bool = False,
+               access: ServerAccess | None = None) -> int:
     """``pagedattn serve``: build the engine, then serve until SIGINT/SIGTERM, or until the engine
     fails (exit status 1, so that a supervisor restarts the process).
 
@@ -950,9 +1084,9 @@ def run_server(engine_factory: Callable[[], LLMEngine], *, served_model_name: st
     # Built on the engine thread, so that all torch work of the process happens there.
     engine = AsyncLLMEngine.from_factory(engine_factory)
     name = served_model_name or default_model_name(model, engine.engine.source)
-    app = create_app(engine, name, limits, enable_docs=enable_docs)
+    app = create_app(engine, name, limits, enable_docs=enable_docs, access=access)
     server = make_server(app, host, port, verbose=verbose)
-    print(f"pagedattn: serving {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    _announce(app.state.server, access or ServerAccess(), host, port)
     try:
         with _sigterm_returns():
             server.run()
@@ -964,6 +1098,20 @@ def run_server(engine_factory: Callable[[], LLMEngine], *, served_model_name: st
         print("pagedattn: the engine failed (see the log above); exit status 1", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _announce(state: ServerState, access: ServerAccess, host: str, port: int) -> None:
+    """The start-up lines: where, the model defaults requests get, whether a key is needed."""
+    def say(line: str) -> None:
+        print(f"pagedattn: {line}", file=sys.stderr, flush=True)
+
+    if state.sampling_defaults:
+        say(f"unset request fields take the model's generation_config.json values: "
+            f"{describe(state.sampling_defaults)} (--generation-config none: the API's defaults)")
+    if access.api_key is not None:
+        say("requests need 'Authorization: Bearer <the API key>'"
+            + ("" if access.protect_probes else " (/health and /metrics are open)"))
+    say(f"serving {state.model_name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)")
 
 
 @contextlib.contextmanager

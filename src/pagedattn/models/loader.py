@@ -2,12 +2,13 @@
 
 A reference is ``None`` (the embedded default model), a folder with ``config.json`` and
 ``*.safetensors`` weights (one file, or shards listed in ``model.safetensors.index.json``), or a
-``.gguf`` file (converted once into a cached folder, see :mod:`.gguf`).  Weights are streamed
+``.gguf`` file (converted once into a cached folder, see :mod:`.gguf`), or a Hugging Face Hub id
+(a snapshot folder of huggingface_hub's cache, see :mod:`.hub`).  Weights are streamed
 tensor by tensor from the safetensors files straight into the parameters in the target dtype;
 under tensor parallelism each rank's layers copy only their slice of each tensor, so no rank
 ever holds the whole model.  ``load_format="dummy"`` needs only ``config.json``: it fills the
 model with seeded random weights (see :func:`dummy_weights`), for benchmarks of large shapes.
-Nothing here touches the network.
+Only :mod:`.hub` may touch the network (to fetch a Hub model missing from the cache).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from .config import ModelArchConfig, parse_token_ids
 from .gguf import convert_gguf, default_gguf_path
+from .hub import is_hub_id, snapshot_folder
 from .layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -75,9 +77,12 @@ class ModelSource:
     gguf_file: Path | None = None  # the original .gguf when model_dir is its conversion
 
 
-def resolve_model_source(model: str | Path | None, load_format: str = "auto") -> ModelSource:
+def resolve_model_source(model: str | Path | None, load_format: str = "auto",
+                         download_dir: str | None = None) -> ModelSource:
     """Locate and validate everything for ``model`` without loading weights.
 
+    A reference that is no local path but a Hub id is fetched through huggingface_hub's cache
+    (``download_dir``: a cache of its own; see :mod:`.hub`).
     ``load_format="dummy"`` needs no weight files (``weight_files`` is empty)."""
     check_load_format(load_format)
     gguf_file: Path | None = None
@@ -86,6 +91,8 @@ def resolve_model_source(model: str | Path | None, load_format: str = "auto") ->
         folder = convert_gguf(gguf_file)
     else:
         path = Path(model).expanduser()
+        if not path.exists() and is_hub_id(str(model)):  # a local path always wins
+            path = snapshot_folder(str(model), download_dir, weights=load_format == "auto")
         if not path.exists():
             raise FileNotFoundError(f"model path does not exist: {path} (expected a HF model folder or a .gguf file)")
         if path.is_file():
