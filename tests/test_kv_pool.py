@@ -31,6 +31,9 @@ def test_layout_and_dtype(dtype: torch.dtype) -> None:
     assert pool.cpu_kv.shape == (3, 2, 2, 4, 2, 8)
     assert pool.kv.dtype == pool.cpu_kv.dtype == dtype
     assert pool.kv.is_contiguous()
+    assert torch.count_nonzero(pool.kv) == 0, "a new pool holds zeros (finite), never garbage"
+    pool.kv[2, 1, 4].fill_(1.5)  # writable, and only what was written changes
+    assert torch.count_nonzero(pool.kv) == 4 * 2 * 8
     k, v = pool.layer(1)
     assert k.shape == v.shape == (5, 4, 2, 8)
     assert k.data_ptr() == pool.kv[1, 0].data_ptr(), "layer() returns views, not copies"

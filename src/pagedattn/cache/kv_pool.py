@@ -12,8 +12,10 @@ must.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -62,6 +64,16 @@ class KVCacheSpec:
         return n
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros``, but on the CPU without writing the memory: the pages come from the
+    kernel already zero (calloc) and are touched only when used, so a pool of gigabytes costs
+    nothing at start-up (torch.zeros spent 1.6 s on 2 GiB on a 2-core CPU)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
+
+
 class KVCachePool:
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device | str = "cpu",
                  num_cpu_blocks: int = 0) -> None:
@@ -75,7 +87,7 @@ class KVCachePool:
         self.num_cpu_blocks = num_cpu_blocks
         shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         # Zeroed, so no slot ever holds NaN/Inf: kernels may load unwritten slots under a mask.
-        self.kv = torch.zeros(shape, dtype=spec.dtype, device=self.device)
+        self.kv = _zeros(shape, spec.dtype, self.device)
         on_cuda = self.device.type == "cuda"
         cpu_shape = (spec.num_layers, 2, num_cpu_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.cpu_kv = torch.empty(cpu_shape, dtype=spec.dtype, pin_memory=on_cuda and num_cpu_blocks > 0)
