@@ -19,7 +19,7 @@ import torch
 from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata
 from ..models.context import ForwardContext
-from ..models.llama import LlamaForCausalLM
+from ..models.interface import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend,
+    def __init__(self, model: CausalLM, backend: AttentionBackend,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch: int, max_blocks_per_seq: int,
                  max_seq_len: int, device: torch.device) -> None:
         self.model = model
@@ -78,7 +78,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        layer = self.model.model.first_attention().spec
+        layer = self.model.attention_specs()[0]
         self.backend.prepare_graph_capture(self.max_batch, self.max_seq_len, layer, self.device)
         torch.cuda.synchronize(self.device)
         for b in reversed(self.buckets):
@@ -107,12 +107,11 @@ class DecodeGraphs:
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def _capture_greedy(self, logits: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        head = self.model.lm_head
-        head.greedy_tokens(logits)  # eagerly first: the collective's set-up stays outside the capture
+        self.model.greedy_tokens(logits)  # eagerly first: the collective's set-up stays outside the capture
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            tokens = head.greedy_tokens(logits)
+            tokens = self.model.greedy_tokens(logits)
         return g, tokens
 
     def can_run(self, n: int, max_blocks: int) -> bool:

@@ -22,9 +22,8 @@ from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata, token_positions
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
-from ..models.llama import LlamaForCausalLM
+from ..models.interface import CausalLM
 from .cuda_graphs import DecodeGraphs
-from .greedy import argmax_rows
 
 KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
 
@@ -88,7 +87,7 @@ class StepOutput:
 class ModelRunner:
     """Runs :class:`StepInput` on one rank's model (shard) and KV pool."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_pool: KVCachePool, backend: AttentionBackend) -> None:
+    def __init__(self, model: CausalLM, kv_pool: KVCachePool, backend: AttentionBackend) -> None:
         self.model = model
         self.pool = kv_pool
         self.backend = backend
@@ -147,10 +146,9 @@ class ModelRunner:
         an empty result)."""
         if local:
             return StepOutput(tokens=out) if step.greedy else StepOutput(logits=out)
-        head = self.model.lm_head
         if not step.greedy:
-            return StepOutput(logits=head.gather(out))
-        return StepOutput(tokens=argmax_rows(out) if head.tp_size == 1 else head.greedy_tokens(out))
+            return StepOutput(logits=self.model.gather_logits(out))
+        return StepOutput(tokens=self.model.greedy_tokens(out))
 
     def _decode_graph(self, step: StepInput, input_ids: torch.Tensor | None) -> torch.Tensor | None:
         """A pure-decode step through the captured graphs (its logits, or with ``step.greedy``
