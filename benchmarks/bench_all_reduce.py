@@ -81,6 +81,31 @@ def _time_add_norm(step: Any, rows: int, cols: int, dtype: torch.dtype, calls: i
     return _median_replay_s(graph, replays) / calls
 
 
+def _experiment_all_reduce() -> Any:
+    """The engine's P2P all-reduce with two experiment switches (it has none itself): the fused
+    reduction's ``num_warps`` (None: the engine's), and ``torch_barrier``, torch's
+    symmetric-memory barrier kernel in front of the reduction instead of the kernel's own wait."""
+    from pagedattn.distributed.all_reduce import P2PAllReduce, launch_reduce_add_rms_norm, reduce_add_rms_norm_triton
+
+    class ExperimentP2PAllReduce(P2PAllReduce):
+        num_warps: int | None = None
+        torch_barrier = False
+
+        def _reduce(self, slot: int, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            parts = self._fused_tables[slot]
+            if self.torch_barrier:
+                self.handle.barrier(channel=0)  # type: ignore[attr-defined]  # every rank's partial sums are in place
+                return reduce_add_rms_norm_triton(parts, residual, weight, eps)
+            if self.num_warps is None:
+                return super()._reduce(slot, residual, weight, eps)
+            out, res_out = torch.empty_like(residual), torch.empty_like(residual)
+            launch_reduce_add_rms_norm(parts, residual, weight, eps, out, res_out, self._barrier, self.num_warps)
+            return out, res_out
+
+    return ExperimentP2PAllReduce
+
+
 def _add_norm_row(p2p: Any, kib: int, args: argparse.Namespace, dtype: torch.dtype,
                   device: torch.device) -> dict[str, Any]:
     from pagedattn.models.fused_ops import fused_add_rms_norm
@@ -100,25 +125,25 @@ def _add_norm_row(p2p: Any, kib: int, args: argparse.Namespace, dtype: torch.dty
         row["p2p_norm_us"] = 1e6 * _time_add_norm(
             lambda i, r: fused_add_rms_norm(p2p(xs[i]), r, weight, eps), rows, cols, dtype, args.calls, args.replays,
             device)
-        bufs = [p2p.partials_buffer(rows, cols, dtype, i % 2) for i in range(args.calls)]
+        # One buffer per call, in the slots' turns (where the row-parallel GEMMs would leave them).
+        bufs = [p2p.partials_buffer(rows, cols, dtype) for _ in range(args.calls)]
         if all(b is not None for b in bufs):
             xs = [b.copy_(x) for b, x in zip(bufs, xs, strict=True)]  # type: ignore[union-attr]
             for warps in [None, *args.fused_warps]:
-                p2p.fused_num_warps = warps
+                p2p.num_warps = warps
                 row["fused_us" if warps is None else f"fused_us_w{warps}"] = 1e6 * _time_add_norm(
                     lambda i, r: p2p.add_rms_norm(xs[i], r, weight, eps), rows, cols, dtype, args.calls,
                     args.replays, device)
-            p2p.fused_num_warps = None
-            p2p.in_kernel_barrier = False  # torch's barrier kernel, then the reduction
+            p2p.num_warps = None
+            p2p.torch_barrier = True  # torch's barrier kernel, then the reduction
             row["fused_torch_barrier_us"] = 1e6 * _time_add_norm(
                 lambda i, r: p2p.add_rms_norm(xs[i], r, weight, eps), rows, cols, dtype, args.calls, args.replays,
                 device)
-            p2p.in_kernel_barrier = True
+            p2p.torch_barrier = False
     return row
 
 
 def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, result: str) -> None:
-    from pagedattn.distributed.all_reduce import P2PAllReduce
     from pagedattn.models.layers import process_group_all_reduce
 
     device = torch.device("cuda", rank)
@@ -126,7 +151,7 @@ def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, result: st
     dist.init_process_group("nccl", init_method=f"file://{rdzv}", rank=rank, world_size=world, device_id=device)
     dtype = getattr(torch, args.dtype)
     max_bytes = max(args.sizes_kib) << 10
-    p2p = P2PAllReduce.create(device, dtype, max_bytes=max_bytes)
+    p2p = _experiment_all_reduce().create(device, dtype, max_bytes=max_bytes)
     rows = []
     gen = torch.Generator(device=device).manual_seed(rank)
     for kib in args.sizes_kib:

@@ -1,5 +1,5 @@
-"""Fused elementwise kernels (add + RMSNorm, q/k norm + rotary, SiLU-and-mul) against the torch
-code they replace.
+"""Fused elementwise kernels (add + RMSNorm, q/k norm + rotary, SiLU-and-mul, and the
+tensor-parallel all-reduce's cross-rank sum + add + RMSNorm) against the torch code they replace.
 
 Without CUDA the kernels run under the Triton interpreter on small shapes; with CUDA the same
 tests run at the Qwen3-0.6B decode sizes, plus the ``gpu``-marked rounding and CUDA-graph tests.
@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 
 from pagedattn import envs
 from pagedattn.attention.selector import get_attention_backend
+from pagedattn.distributed import all_reduce as ar
 from pagedattn.models import fused_ops as fo
 from pagedattn.models.config import ModelArchConfig
 from pagedattn.models.layers import RotaryEmbedding
@@ -130,7 +131,7 @@ def test_reduce_add_rms_norm_sums_the_parts_then_adds_and_norms(dtype: torch.dty
     residual = _randn(g, SIZE.tokens, SIZE.hidden, dtype=dtype)
     w = _norm_weight(g, SIZE.hidden, dtype)
     table = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64, device=DEVICE)
-    out, res_out = fo.reduce_add_rms_norm_triton(table, residual, w, 1e-6)
+    out, res_out = ar.reduce_add_rms_norm_triton(table, residual, w, 1e-6)
     summed = torch.stack([p.float() for p in parts]).sum(0).to(dtype)
     if dtype == torch.float32 or CUDA:  # the interpreter truncates where the GPU rounds the sum to 16 bits
         want_out, want_res = fo.fused_add_rms_norm_triton(summed, residual, w, 1e-6)
@@ -140,7 +141,7 @@ def test_reduce_add_rms_norm_sums_the_parts_then_adds_and_norms(dtype: torch.dty
     torch.testing.assert_close(out, want_out, **_tol(dtype))
     assert all(torch.equal(p, b) for p, b in zip(parts, before, strict=True))
     with pytest.raises(ValueError, match="int64"):
-        fo.reduce_add_rms_norm_triton(table.int(), residual, w, 1e-6)
+        ar.reduce_add_rms_norm_triton(table.int(), residual, w, 1e-6)
 
 
 @pytest.mark.parametrize("programs", [1, 2, 64])
@@ -158,22 +159,22 @@ def test_reduce_with_rank_barrier_announces_waits_and_loops_over_rows(programs: 
     table = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64, device=DEVICE)
     flags = [torch.zeros(world, cap, dtype=torch.int64, device=DEVICE) for _ in range(world)]
     flags[0][1] = 2  # rank 1's programs have announced epochs 1 and 2 already
-    barrier = fo.RankBarrier(torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64, device=DEVICE), 0, cap)
-    want = fo.reduce_add_rms_norm_triton(table, residual, w, 1e-6)
+    barrier = ar.RankBarrier(torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64, device=DEVICE), 0, cap)
+    want = ar.reduce_add_rms_norm_triton(table, residual, w, 1e-6)
     grid = min(SIZE.tokens, cap)
     for epoch in (1, 2):
-        got = fo.reduce_add_rms_norm_triton(table, residual, w, 1e-6, barrier=barrier)
+        got = ar.reduce_add_rms_norm_triton(table, residual, w, 1e-6, barrier=barrier)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
         ran = torch.tensor([epoch] * grid + [0] * (cap - grid), dtype=torch.int64, device=DEVICE)
         assert torch.equal(flags[0][0], ran), "own epoch counters"
         assert torch.equal(flags[1][0], ran), "announcements in the peer's flags"
         assert torch.equal(flags[1][1], torch.zeros_like(ran)) and torch.equal(flags[0][1], torch.full_like(ran, 2))
     with pytest.raises(ValueError, match="match parts"):
-        fo.reduce_add_rms_norm_triton(table[:1], residual, w, 1e-6, barrier=barrier)
+        ar.reduce_add_rms_norm_triton(table[:1], residual, w, 1e-6, barrier=barrier)
     with pytest.raises(ValueError, match="rank 2"):
-        fo.RankBarrier(barrier.flags, 2, cap)
+        ar.RankBarrier(barrier.flags, 2, cap)
     with pytest.raises(ValueError, match="max_programs"):
-        fo.RankBarrier(barrier.flags, 0, 0)
+        ar.RankBarrier(barrier.flags, 0, 0)
 
 
 def test_rms_norm_strided_rows_and_weight_promotion() -> None:

@@ -27,6 +27,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from pagedattn.models.config import ModelArchConfig
+from pagedattn.models.interface import CausalLM
 from pagedattn.models.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -43,7 +44,7 @@ from pagedattn.models.layers import (
 )
 from pagedattn.models.llama import LlamaForCausalLM
 from pagedattn.models.loader import iter_safetensors, load_model
-from pagedattn.models.registry import ARCHITECTURES, CausalLM, build_model
+from pagedattn.models.registry import ARCHITECTURES, build_model, model_class
 from pagedattn.models.testing import PagedHarness
 
 VOCAB = 256
@@ -198,8 +199,7 @@ def test_layer_windows_follow_the_config(build_family: Callable[[str], Family]) 
     assert build_family("mistral_window8").ours.config.layer_sliding_windows == [8, 8]
     qwen2 = build_family("qwen2_bias_tied_windowed").ours
     assert qwen2.config.layer_sliding_windows == [None, 8, 8]
-    specs = [layer.self_attn.spec.sliding_window for layer in qwen2.model.layers]
-    assert specs == [None, 8, 8]
+    assert [spec.sliding_window for spec in qwen2.attention_specs()] == [None, 8, 8]
 
 
 @pytest.mark.gpu
@@ -280,8 +280,26 @@ def test_kv_cache_spec_and_registry(build_family: Callable[[str], Family]) -> No
     spec = fam.ours.kv_cache_spec(16, torch.float16)
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.dtype) == (
         2, 2, 32, 16, torch.float16)
-    assert isinstance(fam.ours, CausalLM)
     assert set(ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    for arch in ARCHITECTURES:  # one class per family, named after the architecture it serves
+        assert model_class(arch).__name__ == arch
+    with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM"):
+        build_model(dataclasses.replace(fam.ours.config, architecture="GPT2LMHeadModel"), torch.float32, "cpu")
+
+
+def test_every_family_keeps_the_runtime_contract(family: Family) -> None:
+    """What the runner, the CUDA graphs and the workers call (``CausalLM``), on one rank: the
+    logits of the sampled rows, their greedy ids (the argmax), one attention spec per layer."""
+    model = family.ours
+    assert isinstance(model, CausalLM) and type(model).__name__ == model.config.architecture
+    specs = model.attention_specs()
+    assert [s.sliding_window for s in specs] == model.config.layer_sliding_windows
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in specs} == {
+        (model.config.num_heads, model.config.num_kv_heads, model.config.head_dim)}
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(11))
+    logits = model.compute_logits(hidden, gather=False)
+    assert torch.equal(model.gather_logits(logits), model.compute_logits(hidden))
+    assert torch.equal(model.greedy_tokens(logits), logits.argmax(-1))
 
 
 def test_forward_rejects_bad_inputs(build_family: Callable[[str], Family]) -> None:

@@ -24,9 +24,12 @@ import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedattn import LLM, SamplingParams, envs
 from pagedattn.distributed import TorchrunEnv, WorkerError
@@ -453,11 +456,10 @@ def test_every_cross_rank_sum_goes_through_the_installed_all_reduce(model_dirs: 
     """``set_all_reduce`` reaches every layer that sums across ranks, and a forward pass of a
     shard sums exactly the embedding and, through the norm after each, the two row-parallel
     projections of every layer; their partial sums land in the buffers the all-reduce hands out,
-    in alternating slots."""
+    one buffer per reduction."""
     from pagedattn.attention.selector import get_attention_backend
-    from pagedattn.models import layers
     from pagedattn.models.config import ModelArchConfig
-    from pagedattn.models.layers import AllReduce, RMSNorm, RowParallelLinear, VocabParallelEmbedding, set_all_reduce
+    from pagedattn.models.layers import AllReduce, RMSNorm, RowParallelLinear, VocabParallelEmbedding, vocab
     from pagedattn.models.registry import build_model
     from pagedattn.models.testing import PagedHarness
 
@@ -473,26 +475,27 @@ def test_every_cross_rank_sum_goes_through_the_installed_all_reduce(model_dirs: 
 
         def __init__(self) -> None:
             self.sums: list[tuple[int, ...]] = []
-            self.slots: list[int] = []
             self.buffers: list[torch.Tensor] = []
+            self.reduced = 0
 
         def __call__(self, x: torch.Tensor) -> torch.Tensor:
             self.sums.append(tuple(x.shape))
             return x
 
-        def partials_buffer(self, rows: int, cols: int, dtype: torch.dtype, slot: int) -> torch.Tensor | None:
-            self.slots.append(slot)
+        def partials_buffer(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
+            assert self.reduced == len(self.buffers), "a buffer asked for before the last one was reduced"
             self.buffers.append(torch.full((rows, cols), float("nan"), dtype=dtype))
             return self.buffers[-1]
 
         def add_rms_norm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
             assert partial.data_ptr() == self.buffers[-1].data_ptr(), "partial sums not in the buffer handed out"
+            self.reduced += 1
             return super().add_rms_norm(partial, residual, weight, eps)
 
     record = Recording()
-    monkeypatch.setattr(layers, "_all_gather_last_dim", lambda x, n: torch.cat([x] * n, dim=-1))  # the LM head's
-    n = set_all_reduce(model, record)
+    monkeypatch.setattr(vocab, "all_gather_last_dim", lambda x, n: torch.cat([x] * n, dim=-1))  # the LM head's
+    n = model.set_all_reduce(record)
     assert n == sum(isinstance(m, (RowParallelLinear, VocabParallelEmbedding, RMSNorm)) for m in model.modules())
     h = PagedHarness(model, num_blocks=8, block_size=4, device=torch.device("cpu"),
                      backend=get_attention_backend("cpu", "torch"))
@@ -500,10 +503,94 @@ def test_every_cross_rank_sum_goes_through_the_installed_all_reduce(model_dirs: 
     assert torch.isfinite(logits).all()
     layers = cfg.num_layers
     assert record.sums == [(7, cfg.hidden_size)] * (2 * layers + 1)  # the embedding, then two per layer
-    assert record.slots == [0, 1] * layers
+    assert record.reduced == len(record.buffers) == 2 * layers
     row = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
     x = torch.randn(3, row.input_size_per_partition, generator=g)
     torch.testing.assert_close(row(x), torch.nn.functional.linear(x, row.weight), rtol=0, atol=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["take", "reduce", "plain"]), max_size=80))
+def test_p2p_slot_turns_never_hand_out_a_slot_a_peer_may_still_read(ops: list[str]) -> None:
+    """Partial sums are written after the previous reduction (one buffer at a time): two fused
+    reductions with no other all-reduce between them use different slots, and after one (a
+    full barrier) with nothing pending the turns restart at slot 0."""
+    from pagedattn.distributed.all_reduce import SlotTurns
+
+    turns = SlotTurns()
+    pending: int | None = None  # the slot handed out and not reduced yet
+    last: int | None = None  # the slot of the latest reduction since the latest barrier
+    for op in ops:
+        if op == "take" and pending is None:
+            pending = turns.take()
+        elif op == "reduce" and pending is not None:
+            turns.reduced()
+            assert pending != last
+            pending, last = None, pending
+        elif op == "plain":
+            turns.barrier()
+            last = None
+            assert pending is not None or turns.next == 0
+
+
+def test_p2p_all_reduce_fills_the_same_slots_in_every_forward_pass(model_dirs: dict[str, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """Rank 0 of a shard through :class:`P2PAllReduce`, seen in a world of one (CPU buffers stand
+    in for symmetric memory, the fused kernel for the reference add + norm): every forward pass
+    writes o_proj's partial sums into slot 0 and down_proj's into slot 1, layer after layer,
+    whatever ran before (the CUDA graphs captured those slots), and the logits are those of the
+    process group's all-reduce."""
+    import torch.distributed as dist
+
+    from pagedattn.attention.selector import get_attention_backend
+    from pagedattn.distributed.all_reduce import P2PAllReduce
+    from pagedattn.models.config import ModelArchConfig
+    from pagedattn.models.fused_ops import fused_add_rms_norm_ref
+    from pagedattn.models.layers import vocab
+    from pagedattn.models.registry import build_model
+    from pagedattn.models.testing import PagedHarness
+
+    slots: list[int] = []
+
+    class Recorded(P2PAllReduce):
+        def supports(self, x: torch.Tensor) -> bool:
+            return False  # plain sums through the process group
+
+        def _reduce(self, slot: int, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            slots.append(slot)
+            start = (1 + slot) * self.slot_numel
+            partial = self.buffer[start : start + residual.numel()].view_as(residual)
+            return fused_add_rms_norm_ref(partial, residual, weight, eps)
+
+    cfg = ModelArchConfig.from_hf_config(json.loads((model_dirs["llama3_untied_gqa"] / "config.json").read_text()))
+    model = build_model(cfg, torch.float32, "cpu", tp_rank=0, tp_size=2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    monkeypatch.setattr(vocab, "all_gather_last_dim", lambda x, n: torch.cat([x] * n, dim=-1))
+    buffer, flags = torch.zeros(3 * 64 * cfg.hidden_size), torch.zeros(1, dtype=torch.int64)
+    handle = SimpleNamespace(rank=0, buffer_ptrs=[buffer.data_ptr(), 0])
+    p2p = Recorded(buffer, handle, "world", flags, SimpleNamespace(buffer_ptrs=[flags.data_ptr(), 0]), 1)
+    batches = ([("a", [3, 1, 4, 1, 5]), ("b", [9, 2])], [("a", [6]), ("b", [5])], [("c", [2, 7])])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        def run() -> list[torch.Tensor]:
+            h = PagedHarness(model, num_blocks=8, block_size=4, backend=get_attention_backend("cpu", "torch"))
+            return [torch.cat(h.step(b)) for b in batches]
+
+        want = run()
+        model.set_all_reduce(p2p)
+        one = torch.ones(1, cfg.hidden_size)
+        p2p.add_rms_norm(p2p.partials_buffer(1, cfg.hidden_size, torch.float32), one, one[0], 1e-6)  # a turn before
+        got = run()
+    finally:
+        dist.destroy_process_group()
+    assert slots == [0] + [0, 1] * cfg.num_layers * len(batches)
+    for a, b in zip(got, want, strict=True):  # the GEMM into a buffer (torch.mm) rounds like a CPU linear, nearly
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- greedy tokens from vocabulary slices

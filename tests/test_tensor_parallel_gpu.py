@@ -129,7 +129,7 @@ def _fused_chain_in_graph(ar: object, weight: torch.Tensor, gen: torch.Generator
     """A decoder's worth of fused reductions captured in one graph (slots alternating, the
     residual carried from one to the next), replayed on fresh inputs against NCCL + norm."""
     device, dtype, cols = weight.device, weight.dtype, weight.numel()
-    bufs = [ar.partials_buffer(rows, cols, dtype, i % 2) for i in range(n_calls)]  # type: ignore[attr-defined]
+    bufs = [ar.partials_buffer(rows, cols, dtype) for _ in range(n_calls)]  # type: ignore[attr-defined]
     parts = [torch.empty(rows, cols, device=device, dtype=dtype) for _ in range(n_calls)]
     res0 = torch.empty(rows, cols, device=device, dtype=dtype)
     torch.cuda.synchronize()
@@ -171,19 +171,17 @@ def _p2p_fused_worker(rank: int, world: int, rdzv: str) -> None:
             cols = 4096
             limit = (4 << 20) // (dtype.itemsize * cols)
             weight = (torch.rand(cols, generator=same, device=device) + 0.5).to(dtype)
-            for in_kernel in (True, False):
-                ar.in_kernel_barrier = in_kernel
-                for rows in (1, 37, limit, limit + 1):
-                    partial = torch.randn(rows, cols, generator=gen, device=device).to(dtype)
-                    residual = torch.randn(rows, cols, generator=same, device=device).to(dtype)
-                    want = _nccl_then_norm(partial, residual, weight)
-                    buf = ar.partials_buffer(rows, cols, dtype, rows % 2)
-                    assert (buf is None) == (rows > limit), (rows, limit)
-                    src = partial.clone() if buf is None else buf.copy_(partial)
-                    got = ar.add_rms_norm(src, residual, weight, 1e-6)
-                    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), (dtype, rows, in_kernel)
-                for rows in (64, 200):
-                    _fused_chain_in_graph(ar, weight, gen, same, rows=rows)
+            for rows in (1, 37, limit, limit + 1):
+                partial = torch.randn(rows, cols, generator=gen, device=device).to(dtype)
+                residual = torch.randn(rows, cols, generator=same, device=device).to(dtype)
+                want = _nccl_then_norm(partial, residual, weight)
+                buf = ar.partials_buffer(rows, cols, dtype)
+                assert (buf is None) == (rows > limit), (rows, limit)
+                src = partial.clone() if buf is None else buf.copy_(partial)
+                got = ar.add_rms_norm(src, residual, weight, 1e-6)
+                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), (dtype, rows)
+            for rows in (64, 200):
+                _fused_chain_in_graph(ar, weight, gen, same, rows=rows)
     finally:
         dist.destroy_process_group()
 
@@ -192,8 +190,8 @@ def test_p2p_fused_add_rms_norm_equals_nccl_then_norm(tmp_path):
     """Two ranks: the sum fused with the residual add and RMSNorm equals NCCL's all-reduce followed
     by the add + RMSNorm kernel bit for bit, eagerly and as a chain of reductions alternating
     between the buffer slots in one CUDA graph replayed on fresh inputs, with the kernel's own
-    barrier (grids capped at the SM count, so some programs take several rows) and with torch's;
-    past the buffer it falls back."""
+    barrier (grids capped at the SM count, so some programs take several rows); past the buffer
+    it falls back."""
     torch.multiprocessing.spawn(_p2p_fused_worker, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
 
 

@@ -1,21 +1,24 @@
-"""Llama-family causal LMs on the paged KV cache, and loading them from HF folders and GGUF files."""
+"""Causal LMs on the paged KV cache (one file per family over the shared blocks of :mod:`.layers`),
+and loading them from HF folders and GGUF files."""
 
-from .config import SUPPORTED_ARCHITECTURES, ModelArchConfig
+from .base import DecoderForCausalLM
+from .config import ModelArchConfig
 from .context import ForwardContext
-from .llama import LlamaForCausalLM
+from .interface import CausalLM
 from .loader import ModelSource, load_model, load_tokenizer, resolve_model_source
-from .registry import ARCHITECTURES, CausalLM, build_model
+from .registry import ARCHITECTURES, SUPPORTED_ARCHITECTURES, build_model, model_class
 
 __all__ = [
     "ARCHITECTURES",
     "SUPPORTED_ARCHITECTURES",
     "CausalLM",
+    "DecoderForCausalLM",
     "ForwardContext",
-    "LlamaForCausalLM",
     "ModelArchConfig",
     "ModelSource",
     "build_model",
     "load_model",
     "load_tokenizer",
+    "model_class",
     "resolve_model_source",
 ]

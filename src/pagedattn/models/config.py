@@ -1,4 +1,4 @@
-"""Architecture description of a Llama-family causal LM, parsed from a HF ``config.json``.
+"""Architecture description of a decoder-only causal LM, parsed from a HF ``config.json``.
 
 ``config.json`` files in the wild come from two generations of ``transformers``:
 
@@ -8,44 +8,21 @@
   ``dtype``.
 
 :meth:`ModelArchConfig.from_hf_config` accepts both and applies the same defaults as the
-``transformers`` config classes, so a config means the same model here as in the oracle.
+``transformers`` config classes, so a config means the same model here as in the oracle.  What
+every family reads the same way is here (:func:`parse_hf_fields`); the rest (defaults, biases,
+windows, ...) is read by the family's class (``config_from_hf`` in :mod:`.base`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
-
-# ``model_type`` -> architecture, for configs that lack an ``architectures`` list.
-_MODEL_TYPES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
-# Defaults of the transformers config classes for keys a config.json may omit.
-_MAX_POSITION_DEFAULTS: dict[str, int] = {
-    "LlamaForCausalLM": 2048,
-    "MistralForCausalLM": 4096 * 32,
-    "Qwen2ForCausalLM": 32768,
-    "Qwen3ForCausalLM": 32768,
-}
 _RMS_EPS_DEFAULT = 1e-6
 _ROPE_THETA_DEFAULT = 10_000.0
-_MISTRAL_WINDOW_DEFAULT = 4096  # MistralConfig.sliding_window when the key is absent
-_QWEN_MAX_WINDOW_LAYERS_DEFAULT = 28
-_QWEN3_HEAD_DIM_DEFAULT = 128  # Qwen3Config.head_dim is independent of hidden/heads
 
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn")
 # Keys each scaled RoPE type needs (after defaults are applied).
@@ -96,10 +73,8 @@ class ModelArchConfig:
     dtype: torch.dtype | None = None  # the checkpoint's dtype, if the config names one
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        if not self.architecture or not isinstance(self.architecture, str):
+            raise ValueError(f"architecture must be a non-empty string, got {self.architecture!r}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -167,110 +142,75 @@ class ModelArchConfig:
     # ------------------------------------------------------------------ parsing
     @classmethod
     def from_hf_config(cls, d: Mapping[str, Any]) -> ModelArchConfig:
-        """Parse a ``config.json`` dict written by transformers 4.x or 5.x."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"config must be a dict, got {type(d).__name__}")
-        arch = _architecture(d)
-        for key in _REQUIRED_KEYS:
-            if d.get(key) is None:
-                raise ValueError(f"config.json is missing required key {key!r}")
-        for key in (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            v = d.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ValueError(f"{key} must be an integer, got {v!r}")
-        num_layers = d["num_hidden_layers"]
-        num_heads = d["num_attention_heads"]
-        max_pos = d.get("max_position_embeddings", _MAX_POSITION_DEFAULTS[arch])
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
-        rope_theta, rope_scaling = _parse_rope(d, max_pos)
-        qkv_bias, o_bias = _attention_biases(arch, d)
-        return cls(
-            architecture=arch,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=d.get("num_key_value_heads") or num_heads,
-            head_dim=_head_dim(arch, d),
-            rms_norm_eps=float(d.get("rms_norm_eps", _RMS_EPS_DEFAULT)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=qkv_bias,
-            o_proj_bias=o_bias,
-            mlp_bias=arch == "LlamaForCausalLM" and bool(d.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            layer_sliding_windows=_layer_windows(arch, d, num_layers),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=parse_token_ids(d.get("eos_token_id")),
-            dtype=_parse_dtype(d.get("dtype") or d.get("torch_dtype")),
-        )
+        """Parse a ``config.json`` dict written by transformers 4.x or 5.x, as the family its
+        ``architectures`` (or ``model_type``) names reads it."""
+        from .registry import parse_hf_config  # the families, and so the registry, build on this module
+
+        return parse_hf_config(d)
 
 
-# ---------------------------------------------------------------------- helpers
-def _architecture(d: Mapping[str, Any]) -> str:
-    archs = d.get("architectures")
-    if archs:
-        if isinstance(archs, str):
-            archs = [archs]
-        arch = archs[0]
-    elif d.get("model_type") in _MODEL_TYPES:
-        arch = _MODEL_TYPES[d["model_type"]]
-    else:
-        raise ValueError(
-            "config.json is missing required key 'architectures' (and has no known 'model_type'); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return arch
+def parse_hf_fields(d: Mapping[str, Any], architecture: str, default_max_position: int,
+                    default_head_dim: Callable[[Mapping[str, Any]], int]) -> dict[str, Any]:
+    """The :class:`ModelArchConfig` fields every family reads the same way, checked, as keyword
+    arguments: sizes, RoPE, norm epsilon, tied embeddings, token ids, dtype.  The family gives
+    the defaults transformers' config class has for it: ``max_position_embeddings``, and the
+    head size of a config without ``head_dim``."""
+    _check_hf_keys(d)
+    num_heads = d["num_attention_heads"]
+    max_pos = d.get("max_position_embeddings", default_max_position)
+    rope_theta, rope_scaling = _parse_rope(d, max_pos)
+    head_dim = d.get("head_dim")
+    return dict(
+        architecture=architecture,
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=d.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim if head_dim is not None else default_head_dim(d),
+        rms_norm_eps=float(d.get("rms_norm_eps", _RMS_EPS_DEFAULT)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=parse_token_ids(d.get("eos_token_id")),
+        dtype=_parse_dtype(d.get("dtype") or d.get("torch_dtype")),
+    )
 
 
-def _head_dim(arch: str, d: Mapping[str, Any]) -> int:
-    hd = d.get("head_dim")
-    if hd is not None:
-        return hd
-    if arch == "Qwen3ForCausalLM":
-        return _QWEN3_HEAD_DIM_DEFAULT
+def _check_hf_keys(d: Mapping[str, Any]) -> None:
+    """The required keys are there, the sizes are integers, the activation is SiLU."""
+    for key in _REQUIRED_KEYS:
+        if d.get(key) is None:
+            raise ValueError(f"config.json is missing required key {key!r}")
+    for key in (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{key} must be an integer, got {v!r}")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+
+
+def head_dim_from_heads(d: Mapping[str, Any]) -> int:
+    """``hidden_size / num_attention_heads``: the head size of a config without ``head_dim``."""
     hidden, heads = d["hidden_size"], d["num_attention_heads"]
     if hidden % heads:
         raise ValueError(f"hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) and no head_dim")
     return hidden // heads
 
 
-def _attention_biases(arch: str, d: Mapping[str, Any]) -> tuple[bool, bool]:
-    """(q/k/v bias, o_proj bias) as the transformers modeling code builds them."""
-    if arch == "Qwen2ForCausalLM":
-        return True, False  # Qwen2 always has q/k/v biases, never an o_proj bias
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
-        b = bool(d.get("attention_bias", False))
-        return b, b
-    return False, False
-
-
-def _layer_windows(arch: str, d: Mapping[str, Any], num_layers: int) -> list[int | None]:
-    if arch == "MistralForCausalLM":
-        window = d.get("sliding_window", _MISTRAL_WINDOW_DEFAULT)
-        return [window] * num_layers
-    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        return [None] * num_layers
-    window = d.get("sliding_window")
-    if not d.get("use_sliding_window", False) or window is None:
-        return [None] * num_layers
-    layer_types = d.get("layer_types")
-    if layer_types is not None:
-        if len(layer_types) != num_layers:
-            raise ValueError(f"layer_types has {len(layer_types)} entries, expected num_hidden_layers={num_layers}")
-        bad = set(layer_types) - {"sliding_attention", "full_attention"}
-        if bad:
-            raise ValueError(f"layer_types has unsupported entries {sorted(bad)}")
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    first = d.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS_DEFAULT)
-    return [window if i >= first else None for i in range(num_layers)]
+def layer_type_windows(d: Mapping[str, Any], window: int, num_layers: int) -> list[int | None]:
+    """Per layer, ``window`` or None (full attention), as ``layer_types`` names them."""
+    layer_types = d["layer_types"]
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries, expected num_hidden_layers={num_layers}")
+    bad = set(layer_types) - {"sliding_attention", "full_attention"}
+    if bad:
+        raise ValueError(f"layer_types has unsupported entries {sorted(bad)}")
+    return [window if t == "sliding_attention" else None for t in layer_types]
 
 
 def _parse_rope(d: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:

@@ -26,7 +26,6 @@ under the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported),
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -167,19 +166,20 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- checks shared by the launchers
-def _require_triton() -> None:
+# (and by the fused all-reduce's, in distributed/all_reduce.py)
+def require_triton() -> None:
     if triton is None:
         raise ImportError("the fused Triton kernels need triton; install it or run on the CPU path")
 
 
-def _check_last_dim(name: str, x: torch.Tensor) -> None:
+def check_last_dim(name: str, x: torch.Tensor) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
     if x.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim")
 
 
-def _check_weight(name: str, weight: torch.Tensor, size: int, x: torch.Tensor) -> None:
+def check_weight(name: str, weight: torch.Tensor, size: int, x: torch.Tensor) -> None:
     if tuple(weight.shape) != (size,):
         raise ValueError(f"{name} must have shape ({size},), got {tuple(weight.shape)}")
     if weight.device != x.device:
@@ -188,12 +188,12 @@ def _check_weight(name: str, weight: torch.Tensor, size: int, x: torch.Tensor) -
         raise ValueError(f"{name} must be contiguous")
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[rows, n]`` (a view whenever the leading dims allow it)."""
     return x.reshape(-1, x.shape[-1])
 
 
-def _norm_warps(block: int) -> int:
+def norm_warps(block: int) -> int:
     # ~8 elements per thread up to 16 warps: 16-byte vector loads of bf16, no spills.
     return min(16, max(4, block // 256))
 
@@ -220,11 +220,11 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
-        _add_rms_norm_row(x, Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro, n_cols, eps,
+        add_rms_norm_row(x, Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro, n_cols, eps,
                           HAS_RESIDUAL)
 
     @triton.jit
-    def _add_rms_norm_row(
+    def add_rms_norm_row(
         x, Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro, n_cols, eps,
         HAS_RESIDUAL: tl.constexpr,
     ):
@@ -240,66 +240,6 @@ if triton is not None:
         h = _round(h * tl.rsqrt(var + eps), x.dtype)
         w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Out + row * stride_o + offs, (w * h).to(Out.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _rank_barrier(Flags, pid, ME: tl.constexpr, WORLD: tl.constexpr, MAX_PROGRAMS: tl.constexpr):
-        """Program ``pid`` meets program ``pid`` of every other rank: it returns once each of
-        them has reached this point in the same reduction, so what they wrote before (their
-        partial sums) is visible here.
-
-        ``Flags`` holds WORLD addresses of every rank's int64 ``[WORLD, MAX_PROGRAMS]`` flags.  In
-        rank ``me``'s flags, row ``s != me`` holds the latest epoch rank ``s``'s programs
-        announced, and row ``me`` its own programs' epoch counters: every reduction bumps the
-        counter of each program that runs.  The ranks launch the same grids in the same order,
-        so program ``pid``'s epoch agrees across ranks, and a flag that has moved past the
-        epoch awaited (a fast peer already in its next reduction) also means "arrived".  The
-        counter lives in device memory, not in a kernel argument, so a CUDA graph replays this
-        correctly.  The release store (after the CTA barrier, so it covers every thread's
-        earlier writes) and the acquire loads are at system scope: the flags are written over
-        NVLink."""
-        mine = tl.load(Flags + ME).to(tl.pointer_type(tl.int64))
-        epoch = tl.load(mine + ME * MAX_PROGRAMS + pid) + 1
-        tl.store(mine + ME * MAX_PROGRAMS + pid, epoch)
-        tl.debug_barrier()
-        for r in tl.static_range(WORLD):
-            if r != ME:
-                peer = tl.load(Flags + r).to(tl.pointer_type(tl.int64))
-                tl.atomic_xchg(peer + ME * MAX_PROGRAMS + pid, epoch, sem="release", scope="sys")
-        for r in tl.static_range(WORLD):
-            if r != ME:
-                while tl.atomic_add(mine + r * MAX_PROGRAMS + pid, 0, sem="acquire", scope="sys") < epoch:
-                    pass
-        tl.debug_barrier()
-
-    @triton.jit
-    def _reduce_add_rms_norm_kernel(
-        Parts, Flags, Res, W, Out, ResOut,
-        n_rows, stride_r, stride_o, stride_ro,
-        n_cols, eps,
-        WORLD: tl.constexpr, BLOCK: tl.constexpr,
-        SYNC: tl.constexpr, ME: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
-    ):
-        # ``Parts`` holds WORLD addresses of contiguous ``[rows, n_cols]`` partial sums (the
-        # ranks' buffers, peers' ones mapped into this GPU's address space).  They are summed
-        # in fp32 in rank order, so every rank computes the same bits, and rounded to the
-        # activation dtype as an all-reduce's result is, before the residual add.  With SYNC
-        # the grid is at most one program per SM (all resident at once, so the spin-waits of
-        # the barrier cannot starve a peer's program of its turn) and each program takes rows
-        # pid, pid + grid, ...; without it, one program per row.
-        pid = tl.program_id(0)
-        if SYNC:
-            _rank_barrier(Flags, pid, ME, WORLD, MAX_PROGRAMS)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n_cols
-        dtype = Res.dtype.element_ty
-        # int64 rows (from an int64 start): offsets past 2**31 elements stay right.
-        for row64 in range(pid.to(tl.int64), n_rows, tl.num_programs(0)):
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for r in tl.static_range(WORLD):
-                part = tl.load(Parts + r).to(tl.pointer_type(dtype))
-                acc += tl.load(part + row64 * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-            _add_rms_norm_row(acc.to(dtype), Res, W, Out, ResOut, row64, offs, mask, stride_r, stride_o, stride_ro,
-                              n_cols, eps, True)
 
     @triton.jit
     def _norm_rope_heads(
@@ -367,31 +307,31 @@ if triton is not None:
 def _launch_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _require_triton()
-    _check_last_dim("x", x)
+    require_triton()
+    check_last_dim("x", x)
     n = x.shape[-1]
-    _check_weight("weight", weight, n, x)
+    check_weight("weight", weight, n, x)
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(
                 f"residual must match x ({tuple(x.shape)}, {x.dtype}), got {tuple(residual.shape)}, {residual.dtype}"
             )
-        _check_last_dim("residual", residual)
+        check_last_dim("residual", residual)
     # The weight multiply promotes like torch's ``weight * h`` (the model keeps both in one dtype).
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
-    x2 = _rows(x)
+    x2 = as_rows(x)
     if x2.shape[0] == 0:
         return out, res_out
-    r2 = _rows(residual) if residual is not None else x2
-    o2, ro2 = _rows(out), (_rows(res_out) if res_out is not None else x2)
+    r2 = as_rows(residual) if residual is not None else x2
+    o2, ro2 = as_rows(out), (as_rows(res_out) if res_out is not None else x2)
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, o2, ro2,
         x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
         n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=_norm_warps(block),
+        num_warps=norm_warps(block),
     )
     return out, res_out
 
@@ -405,68 +345,6 @@ def fused_add_rms_norm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, res_out = _launch_rms_norm(x, residual, weight, eps)
     assert res_out is not None
-    return out, res_out
-
-
-@dataclasses.dataclass(frozen=True)
-class RankBarrier:
-    """What :func:`reduce_add_rms_norm_triton` needs to wait for the other ranks itself: ``flags``
-    (int64 ``[world]`` on the device: the address of every rank's int64 ``[world,
-    max_programs]`` flags, zeroed before first use, as every GPU addresses them), this rank's
-    index, and the grid's cap (at most the number of SMs, so all programs are resident)."""
-
-    flags: torch.Tensor
-    rank: int
-    max_programs: int
-
-    def __post_init__(self) -> None:
-        if self.flags.dim() != 1 or self.flags.dtype != torch.int64:
-            raise ValueError(f"flags must be a 1-D int64 tensor of addresses, got {tuple(self.flags.shape)} "
-                             f"{self.flags.dtype}")
-        if not 0 <= self.rank < self.flags.numel():
-            raise ValueError(f"rank {self.rank} is not one of the {self.flags.numel()} ranks")
-        if self.max_programs < 1:
-            raise ValueError(f"max_programs must be positive, got {self.max_programs}")
-
-
-def reduce_add_rms_norm_triton(
-    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, num_warps: int | None = None,
-    barrier: RankBarrier | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(s + residual), s + residual)`` where ``s`` is the sum of the ``[rows, n]``
-    tensors (``residual``'s shape and dtype, contiguous) whose addresses ``parts`` (int64
-    ``[world]``, on ``residual``'s device) holds: a cross-rank reduction fused with what follows
-    it, for tensor-parallel ranks whose partial sums every GPU can read.  Without ``barrier``
-    the caller makes sure the partial sums are complete and visible before this runs; with it
-    the kernel's programs wait for their peers themselves (see ``_rank_barrier``), every rank
-    calling this at the same point with the same shapes."""
-    _require_triton()
-    _check_last_dim("residual", residual)
-    n = residual.shape[-1]
-    _check_weight("weight", weight, n, residual)
-    if parts.dim() != 1 or parts.dtype != torch.int64 or parts.device != residual.device or parts.numel() < 1:
-        raise ValueError(f"parts must be a 1-D int64 tensor of addresses on {residual.device}, got "
-                         f"{tuple(parts.shape)} {parts.dtype} on {parts.device}")
-    if barrier is not None and (barrier.flags.numel() != parts.numel() or barrier.flags.device != parts.device):
-        raise ValueError(f"barrier flags must match parts ({parts.numel()} ranks on {parts.device}), got "
-                         f"{barrier.flags.numel()} on {barrier.flags.device}")
-    out = torch.empty(residual.shape, dtype=torch.promote_types(weight.dtype, residual.dtype), device=residual.device)
-    res_out = torch.empty_like(residual)
-    r2, o2, ro2 = _rows(residual), _rows(out), _rows(res_out)
-    rows = r2.shape[0]
-    if rows == 0:
-        return out, res_out
-    block = triton.next_power_of_2(n)
-    grid = rows if barrier is None else min(rows, barrier.max_programs)
-    _reduce_add_rms_norm_kernel[(grid,)](
-        parts, parts if barrier is None else barrier.flags, r2, weight, o2, ro2,
-        rows, r2.stride(0), o2.stride(0), ro2.stride(0),
-        n, eps,
-        WORLD=parts.numel(), BLOCK=block,
-        SYNC=barrier is not None, ME=0 if barrier is None else barrier.rank,
-        MAX_PROGRAMS=1 if barrier is None else barrier.max_programs,
-        num_warps=num_warps or _norm_warps(block),
-    )
     return out, res_out
 
 
@@ -487,7 +365,7 @@ def _check_qk_norm_rope(
             f"qkv must be [T, (num_heads + 2 num_kv_heads) * head_dim], got {tuple(qkv.shape)} for "
             f"{num_heads} + 2 x {num_kv_heads} heads"
         )
-    _check_last_dim("qkv", qkv)
+    check_last_dim("qkv", qkv)
     head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary, got {head_dim}")
@@ -501,7 +379,7 @@ def _check_qk_norm_rope(
         raise ValueError("q_weight and k_weight must be given together (or neither)")
     if q_weight is not None and k_weight is not None:
         for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-            _check_weight(name, w, head_dim, qkv)
+            check_weight(name, w, head_dim, qkv)
             if w.dtype != qkv.dtype:
                 raise ValueError(f"{name} dtype {w.dtype} differs from the activations' {qkv.dtype}")
     return head_dim
@@ -517,7 +395,7 @@ def qk_norm_rope_triton(
     k_weight: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _require_triton()
+    require_triton()
     head_dim = _check_qk_norm_rope(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight)
     t = qkv.shape[0]
     # q and k rows of one token side by side, as the attention backend takes them (strided views).
@@ -544,13 +422,13 @@ SILU_BLOCK = 1024  # columns per program
 
 
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
-    _require_triton()
-    _check_last_dim("x", x)
+    require_triton()
+    check_last_dim("x", x)
     if x.shape[-1] % 2:
         raise ValueError(f"x's last dim must be even (gate and up halves), got {x.shape[-1]}")
     n = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    x2, o2 = _rows(x), _rows(out)
+    x2, o2 = as_rows(x), as_rows(out)
     if x2.shape[0]:
         block = min(SILU_BLOCK, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .base import DecoderForCausalLM
 from .config import ModelArchConfig, parse_token_ids
 from .gguf import convert_gguf, default_gguf_path
 from .hub import is_hub_id, snapshot_folder
@@ -36,7 +37,6 @@ from .layers import (
     ShardId,
     VocabParallelEmbedding,
 )
-from .llama import LlamaForCausalLM
 from .registry import build_model
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def load_model(
     tp_size: int = 1,
     load_format: str = "auto",
     seed: int = 0,
-) -> tuple[LlamaForCausalLM, ModelSource]:
+) -> tuple[DecoderForCausalLM, ModelSource]:
     """Build the model for ``model`` (see :func:`resolve_model_source`) on ``device`` in ``dtype``
     and stream its weights in.  Returns the model (eval mode) and its :class:`ModelSource`.
 
@@ -206,7 +206,7 @@ def check_load_format(load_format: str) -> None:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
 
 
-def dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def dummy_weights(model: DecoderForCausalLM, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Random checkpoint tensors for every weight of ``model``, in checkpoint names and shapes.
 
     Like a fresh transformers model: RMSNorm weights are ones, biases zeros, everything else

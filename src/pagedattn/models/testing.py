@@ -17,7 +17,7 @@ from ..attention.metadata import AttentionMetadata, token_positions
 from ..attention.torch_ref import TorchReferenceBackend
 from ..cache.kv_pool import KVCachePool
 from .context import ForwardContext
-from .registry import CausalLM
+from .interface import CausalLM
 
 
 class PagedHarness:

@@ -19,7 +19,7 @@ import torch
 from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata, HostBatch
 from ..models.context import ForwardContext
-from ..models.llama import LlamaForCausalLM
+from ..models.interface import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class DecodeStaging:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend,
+    def __init__(self, model: CausalLM, backend: AttentionBackend,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch: int, max_blocks_per_seq: int,
                  max_seq_len: int, device: torch.device) -> None:
         self.model = model
@@ -101,7 +101,7 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ what a graph records
     def init_backend(self) -> int:
         """Let the backend allocate what the captured steps share; returns its variant count."""
-        layer = self.model.model.first_attention().spec
+        layer = self.model.attention_specs()[0]
         return self.backend.init_cuda_graphs(self.max_batch, self.max_seq_len, self.block_size, layer, self.device)
 
     def context(self, b: int, variant: int) -> ForwardContext:
@@ -148,12 +148,11 @@ class DecodeGraphs:
         return g
 
     def _capture_greedy(self, logits: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        head = self.model.lm_head
-        head.greedy_tokens(logits)  # eagerly first: the collective's set-up stays outside the capture
+        self.model.greedy_tokens(logits)  # eagerly first: the collective's set-up stays outside the capture
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            tokens = head.greedy_tokens(logits)
+            tokens = self.model.greedy_tokens(logits)
         return g, tokens
 
     # ------------------------------------------------------------------ replay

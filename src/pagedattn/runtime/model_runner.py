@@ -23,9 +23,8 @@ from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata, HostBatch
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
-from ..models.llama import LlamaForCausalLM
+from ..models.interface import CausalLM
 from .cuda_graphs import DecodeGraphs
-from .greedy import argmax_rows
 
 KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
 
@@ -95,7 +94,7 @@ class StepOutput:
 class ModelRunner:
     """Runs :class:`StepInput` on one rank's model (shard) and KV pool."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_pool: KVCachePool, backend: AttentionBackend) -> None:
+    def __init__(self, model: CausalLM, kv_pool: KVCachePool, backend: AttentionBackend) -> None:
         self.model = model
         self.pool = kv_pool
         self.backend = backend
@@ -150,7 +149,7 @@ class ModelRunner:
         tokens = step.token_ids if input_ids is None else input_ids
         assert tokens is not None
         out = self.graphs.run(batch, tokens, greedy=step.greedy)
-        return StepOutput(tokens=out) if step.greedy else StepOutput(logits=self.model.lm_head.gather(out))
+        return StepOutput(tokens=out) if step.greedy else StepOutput(logits=self.model.gather_logits(out))
 
     def _forward(self, step: StepInput, batch: HostBatch, input_ids: torch.Tensor | None) -> StepOutput:
         ids, positions, meta, sample_idx = self.prepare(step, input_ids, batch)
@@ -164,10 +163,9 @@ class ModelRunner:
     def _output(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
         """This rank's vocabulary slice of the sampled rows' logits -> the step's output; every
         rank runs the same collectives here."""
-        head = self.model.lm_head
         if not step.greedy:
-            return StepOutput(logits=head.gather(logits))
-        return StepOutput(tokens=argmax_rows(logits) if head.tp_size == 1 else head.greedy_tokens(logits))
+            return StepOutput(logits=self.model.gather_logits(logits))
+        return StepOutput(tokens=self.model.greedy_tokens(logits))
 
     def prepare(self, step: StepInput, input_ids: torch.Tensor | None = None, batch: HostBatch | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:

@@ -25,8 +25,8 @@ from ..cache.block_manager import cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
 from ..config import EngineConfig
 from ..models.context import ForwardContext
-from ..models.layers import AllReduce, pack_linear_weights_for_cpu, set_all_reduce
-from ..models.llama import LlamaForCausalLM
+from ..models.interface import CausalLM
+from ..models.layers import AllReduce, pack_linear_weights_for_cpu
 from ..models.loader import ModelSource, load_model
 from .model_runner import ModelRunner, StepInput, StepOutput
 
@@ -175,14 +175,14 @@ class Worker:
         self.config = config
         self.tp_rank = tp_rank
         self.device = device
-        self.model: LlamaForCausalLM
         self.source: ModelSource
-        self.model, self.source = load_model(
+        model, self.source = load_model(
             config.model_dir, config.dtype, device, tp_rank=tp_rank, tp_size=config.tp_size,
             load_format=config.load_format, seed=config.seed,
         )
         if device.type == "cpu":
-            pack_linear_weights_for_cpu(self.model)  # the runtime layout of the CPU's GEMMs
+            pack_linear_weights_for_cpu(model)  # the runtime layout of the CPU's GEMMs
+        self.model: CausalLM = model
         # The engine's KV pool is zero-initialised, hence always finite.
         self.backend: AttentionBackend = get_attention_backend(device, config.attention_backend, finite_cache=True)
         self.spec: KVCacheSpec = self.model.kv_cache_spec(config.block_size, config.dtype)
@@ -310,7 +310,7 @@ def start_worker(config: WorkerConfig, tp_rank: int, device: torch.device, coll:
     worker = Worker(config, tp_rank, device)
     coll.barrier()  # every shard loaded: a failed load is reported here, before any collective kernel
     if config.tp_size > 1 and (all_reduce := coll.fast_all_reduce(config.dtype, _decode_bytes(worker))) is not None:
-        set_all_reduce(worker.model, all_reduce)  # before the warm-up and graph capture use it
+        worker.model.set_all_reduce(all_reduce)  # before the warm-up and graph capture use it
     local = worker.local_num_blocks(coll)
     coll.barrier()
     num_blocks = coll.min_int(local)

@@ -1,0 +1,35 @@
+"""The gated MLP of the decoder layers and its activation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..fused_ops import silu_and_mul
+from .linear import MergedColumnParallelLinear, RowParallelLinear
+from .parallel import Shard
+
+
+class SiluAndMul(nn.Module):
+    """``silu(x[:, :I]) * x[:, I:]`` for the fused gate/up output ``[T, 2I]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``: gate and up fused into one column-parallel matmul
+    (``gate_up_proj``), the activation-and-multiply one kernel on the GPU (``act``, SiLU's by
+    default), and ``down_proj`` row-parallel.  Returns this rank's partial sums, which the norm
+    after the layer reduces across ranks (fused with its add)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, shard: Shard, *, bias: bool = False,
+                 act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias, **shard.kw)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, reduce_results=False,
+                                           **shard.kw)
+        self.act = act if act is not None else SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
