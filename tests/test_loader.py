@@ -407,6 +407,25 @@ def test_default_model_second_load_reuses_the_conversion(default_model_dir: Path
     assert source.eos_token_ids == (2,) and source.bos_token_id == 1
 
 
+def test_generic_tokenizer_loads_directly_and_equals_auto_tokenizer(default_model: tuple[Any, Any, Any]) -> None:
+    """The converted GGUF's tokenizer.json loads without AutoTokenizer, to the same tokenizer."""
+    _, source, tok = default_model
+    auto = transformers.AutoTokenizer.from_pretrained(str(source.tokenizer_path), local_files_only=True)
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    rng = np.random.default_rng(7)
+    texts = ["The capital of France is", "<|im_start|>user\nHi<|im_end|>", "  spaces\tand\nnewlines ",
+             "Ünïcode ✓ 😀 中文", "".join(chr(c) for c in rng.integers(32, 0x3000, 64))]
+    for text in texts:
+        assert tok.encode(text) == auto.encode(text), text
+        ids = auto.encode(text)
+        assert tok.decode(ids) == auto.decode(ids) and tok.decode(ids, skip_special_tokens=True) == \
+            auto.decode(ids, skip_special_tokens=True)
+    assert tok.all_special_ids == auto.all_special_ids and tok.eos_token_id == auto.eos_token_id
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
 def test_default_model_tokenizer_and_chat_template(default_model: tuple[Any, Any, Any]) -> None:
     _, source, tok = default_model
     assert source.tokenizer_path == source.model_dir
