@@ -165,13 +165,18 @@ def test_graph_steps_match_eager_steps(interpreter: None, monkeypatch: pytest.Mo
         runner.graphs = None
         eager = runner.execute(step).rows
         runner.graphs = graphs
-        on_device = i == 1  # the previous step's samples, never seen by the host
-        ids = torch.tensor(step.token_ids, device=DEVICE) if on_device else None
-        if on_device:
-            step.token_ids = None
+        # Steps 1 and 3 take their ids from the previous step's samples, never seen by the host:
+        # in another order (gathered on the device), and in the same order (taken as they are).
+        prev = None
+        if i in (1, 3):
+            n = len(step.token_ids)
+            order = list(range(n))[::-1] if i == 1 else list(range(n))  # prev[k] is row order[k]'s id
+            prev = torch.tensor([step.token_ids[j] for j in order], device=DEVICE)
+            step.from_prev, step.num_prev = [(j, order.index(j)) for j in range(n)], n
+            step.token_ids = [0] * n
         log.clear()
         grouped.clear()
-        replayed = runner.execute(step, ids).rows
+        replayed = runner.execute(step, prev).rows
         # Layer 0 has a sliding window: only layer 1 may use the groups.
         assert grouped == [False, variant == CASCADE_VARIANT]
         bucket = next(b for b in graphs.buckets if b >= len(rows))

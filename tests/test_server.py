@@ -400,7 +400,7 @@ def test_a_request_failing_alone_is_a_500_and_the_others_are_served(client: open
     """A failure inside one request (here its stop check) ends that request with an OpenAI-style
     500, internal details only in the log; requests beside it and after it are served."""
     eng = server.engine.engine
-    check = type(eng)._check_stop
+    check = type(eng.outputs)._check_stop
     poison = _prompt(rng) + " poison"
 
     def failing_check(self, req, seq, tok):  # type: ignore[no-untyped-def]
@@ -408,7 +408,7 @@ def test_a_request_failing_alone_is_a_500_and_the_others_are_served(client: open
             raise RuntimeError("secret internal detail")
         return check(self, req, seq, tok)
 
-    monkeypatch.setattr(type(eng), "_check_stop", failing_check)
+    monkeypatch.setattr(type(eng.outputs), "_check_stop", failing_check)
     good = _prompt(rng)
 
     async def both() -> list[Any]:
