@@ -1,0 +1,326 @@
+"""The mixture-of-experts computation: routing, the PyTorch reference and the fused Triton MoE.
+
+Each token's ``top_k`` experts (a token never picks one expert twice) each run a SiLU-gated
+FFN on it; the token's output is the routing-weighted sum of those.  Experts are stored fused:
+``w13 [E, 2I, H]`` (gate rows, then up rows) and ``w2 [E, H, I]``.
+
+* :func:`route` -- the router's softmax, top-k and optional renormalisation, exactly as
+  transformers computes them (shared by every path, so the experts chosen are the oracle's).
+* :func:`fused_moe_ref` -- transformers' loop over the experts hit (the CPU path and the
+  reference of the kernels), and :func:`fused_moe_dense_ref`, the same sum over *every*
+  expert without host synchronisation (the torch path while a CUDA graph is captured).
+* :func:`fused_moe_triton` -- the GPU path, vLLM's fused-MoE design: the (token, k) pairs are
+  sorted by expert and each expert's run is padded to a multiple of ``BLOCK_M``
+  (:func:`moe_align_block_size`), so every ``BLOCK_M`` rows of the sorted list belong to one
+  expert; one grouped GEMM over all blocks computes gate and up together and applies
+  ``silu(gate) * up`` in its epilogue; a second grouped GEMM computes down and multiplies the
+  routing weight in its epilogue; a sum over the ``top_k`` rows of each token finishes.  Every
+  shape on the host depends on the token count only (the sorted list is sized for the worst
+  case, blocks past the device-side end exit at once), so a decode step can be captured in a
+  CUDA graph: no host synchronisation, no data-dependent launch.
+
+Numerics.  The kernels accumulate in fp32 and round to the activation dtype where the torch
+code materialises a tensor (gate, up, the SiLU, the product, the down projection, the weighted
+row), so in fp32 they agree with the reference to summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .fused_ops import silu_and_mul_ref, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: the torch reference serves every call
+    triton = None
+    tl = None
+
+
+# ---------------------------------------------------------------------- routing
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, top_k], expert ids [T, top_k] int64)`` from ``router_logits [T, E]``:
+    softmax in fp32, the ``top_k`` largest, divided by their sum when ``renormalize``.  The
+    weights stay fp32 with ``fp32_weights`` (Mixtral) or go back to the logits' dtype (Qwen3-MoE)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return (weights if fp32_weights else weights.to(router_logits.dtype)), ids
+
+
+# ---------------------------------------------------------------------- dispatch
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_k topk_weights[t, k] * expert_{ids[t, k]}(x[t])`` for every token, ``[T, H]``
+    (written into ``out`` when given): the Triton kernels on CUDA, the torch reference elsewhere."""
+    if use_triton(x):
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, out=out)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        y = fused_moe_dense_ref(x, w13, w2, topk_weights, topk_ids)
+    else:
+        y = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+    return y if out is None else out.copy_(y)
+
+
+# ---------------------------------------------------------------------- torch references
+def _expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert's ``down(silu(gate(x)) * up(x))`` (``w13 [2I, H]``, ``w2 [H, I]``)."""
+    return F.linear(silu_and_mul_ref(F.linear(x, w13)), w2)
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' experts loop: each expert hit runs on its tokens, in expert order, and its
+    weighted rows are added into the output (the same ops, so fp32 matches it on the CPU)."""
+    out = torch.zeros_like(x)
+    mask = F.one_hot(topk_ids, w13.shape[0]).permute(2, 1, 0)  # [E, top_k, T]
+    for e in (mask.sum(dim=(1, 2)) > 0).nonzero().flatten().tolist():  # one host sync: the experts hit
+        pos, tok = torch.where(mask[e])
+        y = _expert_ffn(x[tok], w13[e], w2[e]) * topk_weights[tok, pos, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def fused_moe_dense_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor) -> torch.Tensor:
+    """The same sum with every expert run on every token (weight 0 where not routed): no shape
+    depends on the routing, so it can be captured in a CUDA graph; ``E`` times the work."""
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        w = (topk_weights * (topk_ids == e)).sum(dim=-1, keepdim=True)  # [T, 1]: the token's weight, or 0
+        out += (_expert_ffn(x, w13[e], w2[e]) * w).to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------- grouping by expert
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """The most rows the sorted, block-padded list can need: each expert hit (at most
+    ``min(E, pairs)`` of them) pads its run by fewer than ``block_m`` rows."""
+    rows = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return -(-rows // block_m) * block_m
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the (token, k) pairs by expert, each expert's run padded to a multiple of ``block_m``.
+
+    Returns ``sorted_ids`` int32 ``[max_padded_rows]`` (pair index ``t * top_k + k``, or
+    ``T * top_k`` for padding), ``expert_ids`` int32 ``[max_padded_rows / block_m]`` (the expert
+    of each block, -1 past the end) and ``num_rows`` int32 ``[1]`` (rows in use, padding
+    included).  Sizes depend on ``topk_ids.shape`` only and nothing is read back to the host.
+    Within an expert the pairs keep their order (a stable sort), so the result is deterministic.
+    """
+    flat = topk_ids.flatten().long()
+    pairs = flat.numel()
+    dev = flat.device
+    rows = max_padded_rows(pairs, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)  # pair indices, grouped by expert
+    expert_of = flat[order]
+    rank = torch.arange(pairs, device=dev) - (counts.cumsum(0) - counts)[expert_of]  # place within its expert
+    dest = (padded_end - padded)[expert_of] + rank
+    sorted_ids = torch.full((rows,), pairs, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(0, rows, block_m, device=dev)
+    expert_ids = torch.searchsorted(padded_end, block_start, right=True)  # first expert ending after it
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    return sorted_ids, expert_ids, padded_end[-1:].to(torch.int32)
+
+
+# ---------------------------------------------------------------------- Triton kernels
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tiles of the grouped GEMMs: ``block_m`` rows (pairs of one expert), ``block_n`` output
+    columns, ``block_k`` of the reduction per step."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+
+
+def default_config(num_pairs: int, num_experts: int) -> MoEConfig:
+    """Tiles by the expected rows per expert: decode-sized batches waste little on padding with
+    16-row blocks, prefills reuse each weight tile over 64 rows."""
+    per_expert = num_pairs / num_experts
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+    return MoEConfig(block_m=block_m, block_n=64 if block_m < 64 else 128, block_k=64,
+                     num_warps=4 if block_m < 64 else 8, num_stages=4 if block_m < 64 else 3)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, DTYPE: tl.constexpr):
+        """``x`` (fp32) rounded to ``DTYPE`` and back: a tensor the torch code stores in that dtype."""
+        return x.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _block_rows(SortedIds, ExpertIds, NumRows, pid_m, num_pairs, BLOCK_M: tl.constexpr):
+        """The expert of row block ``pid_m`` (-1: past the end) and its pair indices with their mask."""
+        e = tl.load(ExpertIds + pid_m)
+        if pid_m * BLOCK_M >= tl.load(NumRows):
+            e = -1
+        ids = tl.load(SortedIds + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        return e, ids, ids < num_pairs
+
+    @triton.jit
+    def _moe_gate_up_kernel(
+        X, W, Out, SortedIds, ExpertIds, NumRows,
+        num_pairs, top_k, N, K,
+        stride_xm, stride_we, stride_wn, stride_wk, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """``Out[pair, n] = silu(x[token] . w_gate[e, n]) * (x[token] . w_up[e, n])`` for a
+        block of one expert's pairs and ``BLOCK_N`` of its ``N`` intermediate columns."""
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m = tl.program_id(0) // num_n
+        pid_n = tl.program_id(0) % num_n
+        e, ids, row_mask = _block_rows(SortedIds, ExpertIds, NumRows, pid_m, num_pairs, BLOCK_M)
+        if e >= 0:
+            tok = (ids // top_k).to(tl.int64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            w_base = W + e.to(tl.int64) * stride_we
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                a = tl.load(X + tok[:, None] * stride_xm + offs_k[None, :],
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
+                w_mask = k_mask[:, None] & n_mask[None, :]
+                w_off = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
+                wg = tl.load(w_base + w_off, mask=w_mask, other=0.0).to(DOT_DTYPE)
+                wu = tl.load(w_base + N * stride_wn + w_off, mask=w_mask, other=0.0).to(DOT_DTYPE)
+                acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PRECISION)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PRECISION)
+            dtype = Out.dtype.element_ty
+            gate = _round(acc_g, dtype)
+            act = _round(gate / (1.0 + tl.exp(-gate)), dtype)  # F.silu's output, stored before the multiply
+            h = act * _round(acc_u, dtype)
+            tl.store(Out + ids.to(tl.int64)[:, None] * stride_om + offs_n[None, :], h.to(dtype),
+                     mask=row_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _moe_down_kernel(
+        A, W, Out, TopkWeights, SortedIds, ExpertIds, NumRows,
+        num_pairs, N, K,
+        stride_am, stride_we, stride_wn, stride_wk, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """``Out[pair, n] = weight[pair] * (A[pair] . w2[e, n])``: the down projection of a block
+        of one expert's pairs, the routing weight applied in the epilogue."""
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m = tl.program_id(0) // num_n
+        pid_n = tl.program_id(0) % num_n
+        e, ids, row_mask = _block_rows(SortedIds, ExpertIds, NumRows, pid_m, num_pairs, BLOCK_M)
+        if e >= 0:
+            rows = ids.to(tl.int64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            w_base = W + e.to(tl.int64) * stride_we
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                a = tl.load(A + rows[:, None] * stride_am + offs_k[None, :],
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
+                w = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            dtype = Out.dtype.element_ty
+            weight = tl.load(TopkWeights + rows, mask=row_mask, other=0.0).to(tl.float32)
+            y = _round(acc, dtype) * weight[:, None]  # the expert's output (stored), then the weight multiply
+            tl.store(Out + rows[:, None] * stride_om + offs_n[None, :], y.to(dtype),
+                     mask=row_mask[:, None] & n_mask[None, :])
+
+
+@functools.cache
+def _dot_types(dtype: torch.dtype) -> tuple[object, str]:
+    """``tl.dot``'s operand type and fp32 precision for activations of ``dtype``: exact fp32
+    (tf32 would cost ~3e-4 relative error); 16-bit operands as they are, except bf16 under the
+    interpreter, whose bf16 dot is wrong (triton 3.x): there fp32."""
+    from ..envs import triton_interpreted
+
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreted()):
+        return tl.float32, "ieee"
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
+
+
+# Tokens per launch pair: bounds the [pairs, I] and [pairs, H] intermediates of a long prefill.
+MAX_TOKENS_PER_CHUNK = 8192
+
+
+def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> None:
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"need x [T, H], w13 [E, 2I, H], w2 [E, H, I]; got {tuple(x.shape)}, "
+                         f"{tuple(w13.shape)}, {tuple(w2.shape)}")
+    E, two_i, H = w13.shape
+    if two_i % 2 or x.shape[1] != H or tuple(w2.shape) != (E, H, two_i // 2):
+        raise ValueError(f"expert shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must "
+                         f"both be [T={x.shape[0]}, top_k]")
+    if x.dtype != w13.dtype or x.dtype != w2.dtype:
+        raise ValueError(f"activations and expert weights must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim")
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, out: torch.Tensor | None = None,
+                     config: MoEConfig | None = None) -> torch.Tensor:
+    """The fused MoE (see the module docstring); ``out [T, H]`` receives the result when given."""
+    if triton is None:
+        raise ImportError("the fused MoE kernels need triton; install it or run on the CPU path")
+    _check_inputs(x, w13, w2, topk_weights, topk_ids)
+    out = torch.empty_like(x) if out is None else out
+    chunk = MAX_TOKENS_PER_CHUNK
+    for start in range(0, x.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        _fused_moe_chunk(x[sl], w13, w2, topk_weights[sl], topk_ids[sl], out[sl], config)
+    return out
+
+
+def _fused_moe_chunk(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, out: torch.Tensor, config: MoEConfig | None) -> None:
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    n_inter, top_k = two_i // 2, topk_ids.shape[1]
+    pairs = T * top_k
+    cfg = config or default_config(pairs, E)
+    sorted_ids, expert_ids, num_rows = moe_align_block_size(topk_ids, E, cfg.block_m)
+    dot_dtype, precision = _dot_types(x.dtype)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_DTYPE=dot_dtype,
+                  DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    blocks = expert_ids.numel()
+    inter = torch.empty((pairs, n_inter), dtype=x.dtype, device=x.device)
+    _moe_gate_up_kernel[(blocks * triton.cdiv(n_inter, cfg.block_n),)](
+        x, w13, inter, sorted_ids, expert_ids, num_rows, pairs, top_k, n_inter, H,
+        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0), **common)
+    rows_out = torch.empty((pairs, H), dtype=x.dtype, device=x.device)
+    _moe_down_kernel[(blocks * triton.cdiv(H, cfg.block_n),)](
+        inter, w2, rows_out, topk_weights.reshape(-1), sorted_ids, expert_ids, num_rows, pairs, H, n_inter,
+        inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), rows_out.stride(0), **common)
+    torch.sum(rows_out.view(T, top_k, H), dim=1, out=out)
