@@ -27,7 +27,9 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def config_fields(cls, d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-        num_experts = d.get("num_local_experts", d.get("num_experts", 8))
+        num_experts = d.get("num_local_experts")
+        if num_experts is None:
+            num_experts = d.get("num_experts", 8)
         fields: dict[str, Any] = {
             "layer_sliding_windows": [d.get("sliding_window")] * num_layers,
             "num_experts": num_experts, "num_experts_per_tok": d.get("num_experts_per_tok", 2),

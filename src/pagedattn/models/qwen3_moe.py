@@ -36,7 +36,9 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
     def config_fields(cls, d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
         bias = bool(d.get("attention_bias", False))
         # Hub configs say num_experts; transformers 5 writes its attribute alias num_local_experts.
-        num_experts = d.get("num_experts", d.get("num_local_experts", 128))
+        num_experts = d.get("num_experts")
+        if num_experts is None:
+            num_experts = d.get("num_local_experts", 128)
         window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
         return {"attention_bias": bias, "o_proj_bias": bias, "qk_norm": True,
                 "layer_sliding_windows": [window] * num_layers,

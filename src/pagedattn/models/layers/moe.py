@@ -164,7 +164,7 @@ class SparseMoEBlock(nn.Module):
         return self.experts(x, weights, ids)
 
 
-_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<kind>gate_up_proj|down_proj)$")
 
 
 def per_expert_weights(weights: Iterable[tuple[str, torch.Tensor]],
