@@ -275,3 +275,32 @@ def test_seeded_samples_carry_hf_log_probabilities(model_dirs: dict[str, Path], 
     other = SamplingParams(temperature=1.0, max_tokens=5)
     again = _llm(path, block_size=8).generate(_prompts(4, (7,)) + prompt, [other, sp], use_tqdm=False)[1]
     assert [c.token_ids for c in again.outputs] == samples
+
+
+# ---------------------------------------------------------------------- the benchmark
+def test_benchmark_smoke_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``bench_moe.py`` is a GPU benchmark; on the CPU (torch path, tiny shape) it runs end to
+    end and its figures are consistent."""
+    import importlib
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "bench_moe", raising=False)
+    bench = importlib.import_module("bench_moe")
+    out = tmp_path / "moe.json"
+    res = bench.main(["--device", "cpu", "--smoke", "--out", str(out), "--reps", "2"])
+    assert json.loads(out.read_text()) == res
+    shape = bench.SMOKE
+    assert [r["batch"] for r in res["batches"]] == list(shape.batches) and res["copy_gbps"] > 0
+    for r in res["batches"]:
+        assert shape.top_k <= r["distinct_experts_per_layer"] <= min(shape.experts, r["batch"] * shape.top_k)
+        per_layer = r["distinct_experts_per_layer"] * 3 * shape.hidden * shape.intermediate * 4
+        assert r["weight_bytes"] == pytest.approx(shape.layers * (per_layer + shape.experts * shape.hidden * 4))
+        assert r["max_abs_diff"] < 1e-5
+        for name in ("fused", "loop"):
+            assert r[name]["tok_per_s"] == pytest.approx(r["batch"] / r[name]["us"] * 1e6)
+            assert r[name]["pct_roofline"] == pytest.approx(100 * r["roofline_us"] / r[name]["us"])
+    assert res["batches"][0]["distinct_experts_per_layer"] == shape.top_k  # one token: exactly its experts
+    with pytest.raises(ValueError, match="--layers"):
+        bench.main(["--device", "cpu", "--smoke", "--layers", "0"])

@@ -170,13 +170,16 @@ class MoEConfig:
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
 
 
-def default_config(num_pairs: int, num_experts: int) -> MoEConfig:
+def default_config(num_pairs: int, num_experts: int, element_size: int = 2) -> MoEConfig:
     """Tiles by the expected rows per expert: decode-sized batches waste little on padding with
-    16-row blocks, prefills reuse each weight tile over 64 rows."""
+    16-row blocks, prefills reuse each weight tile over 64 rows.  fp32 operands take half the
+    pipeline stages and narrower tiles, to stay within shared memory (~100-150 KB here)."""
     per_expert = num_pairs / num_experts
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
-    return MoEConfig(block_m=block_m, block_n=64 if block_m < 64 else 128, block_k=64,
-                     num_warps=4 if block_m < 64 else 8, num_stages=4 if block_m < 64 else 3)
+    wide = block_m == 64 and element_size < 4
+    stages = (3 if block_m == 64 else 4) if element_size < 4 else 2 if block_m == 64 else 3
+    return MoEConfig(block_m=block_m, block_n=128 if wide else 64, block_k=64, num_warps=8 if block_m == 64 else 4,
+                     num_stages=stages)
 
 
 if triton is not None:
@@ -324,7 +327,7 @@ def _fused_moe_chunk(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     E, two_i, _ = w13.shape
     n_inter, top_k = two_i // 2, topk_ids.shape[1]
     pairs = T * top_k
-    cfg = config or default_config(pairs, E)
+    cfg = config or default_config(pairs, E, x.element_size())
     sorted_ids, expert_ids, num_rows = moe_align_block_size(topk_ids, E, cfg.block_m)
     dot_dtype, precision = _dot_types(x.dtype)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_DTYPE=dot_dtype,
