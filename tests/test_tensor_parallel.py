@@ -144,7 +144,7 @@ def test_bias_and_qk_norm_families(model_dirs: dict[str, Path], family: str) -> 
     assert got == ref
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_moe_families_shard_each_experts_ffn(model_dirs: dict[str, Path], family: str) -> None:
     """Each rank holds half of every expert's intermediate features and routes every token
     itself (the router is replicated); the norm after the layer sums the experts' partial
