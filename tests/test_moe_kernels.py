@@ -89,6 +89,24 @@ def test_align_groups_pairs_by_expert_in_padded_blocks() -> None:
     assert set(expert_ids[expert_ids >= 0].tolist()) == set(counts.nonzero().flatten().tolist())
 
 
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "block"), [(13, 7, 3, 4), (1, 20, 8, 16), (300, 20, 2, 16)])
+def test_triton_align_matches_the_torch_grouping(tokens: int, experts: int, top_k: int, block: int) -> None:
+    """The kernels' grouping (one program for counts and offsets, an atomic scatter) gives the
+    same blocks, experts and rows in use as the torch one; within an expert's run the pairs
+    may come in another order (the atomics'), the set is the same."""
+    g = seeded_generator("triton-align", tokens)
+    logits = torch.randn(tokens, experts, generator=g)
+    logits[:, 1] += 2.0  # a crowded expert
+    logits[:, -2:] = -1e4  # two empty ones
+    ids = torch.topk(logits, top_k, dim=-1).indices.to(DEVICE)
+    ref = mo.moe_align_block_size(ids, experts, block)
+    got = mo.moe_align_block_size_triton(ids, experts, block)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    owner = ref[1].repeat_interleave(block)  # the expert of every row
+    for e in range(-1, experts):
+        assert torch.equal(got[0][owner == e].sort().values, ref[0][owner == e].sort().values)
+
+
 def test_padded_rows_bound_holds_for_the_worst_routing() -> None:
     # Every pair on its own expert: each pads a whole block.
     ids = torch.arange(12, device=DEVICE).view(6, 2)

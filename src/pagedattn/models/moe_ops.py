@@ -10,9 +10,10 @@ FFN on it; the token's output is the routing-weighted sum of those.  Experts are
   reference of the kernels), and :func:`fused_moe_dense_ref`, the same sum over *every*
   expert without host synchronisation (the torch path while a CUDA graph is captured).
 * :func:`fused_moe_triton` -- the GPU path, vLLM's fused-MoE design: the (token, k) pairs are
-  sorted by expert and each expert's run is padded to a multiple of ``BLOCK_M``
-  (:func:`moe_align_block_size`), so every ``BLOCK_M`` rows of the sorted list belong to one
-  expert; one grouped GEMM over all blocks computes gate and up together and applies
+  grouped by expert and each expert's run is padded to a multiple of ``BLOCK_M``
+  (:func:`moe_align_block_size_triton`, two small kernels; :func:`moe_align_block_size` is
+  the same grouping in torch ops, its reference), so every ``BLOCK_M`` rows of the grouped
+  list belong to one expert; one grouped GEMM over all blocks computes gate and up together and applies
   ``silu(gate) * up`` in its epilogue; a second grouped GEMM computes down and multiplies the
   routing weight in its epilogue; a sum over the ``top_k`` rows of each token finishes.  Every
   shape on the host depends on the token count only (the sorted list is sized for the worst
@@ -199,6 +200,46 @@ if triton is not None:
         return e, ids, ids < num_pairs
 
     @triton.jit
+    def _moe_align_kernel(
+        TopkIds, SortedIds, ExpertIds, NumRows, Cursor,
+        num_pairs, num_experts, num_blocks,
+        BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr,
+    ):
+        """One program: each expert's pair count, its run's padded start (``Cursor``), the rows in
+        use, the expert of every row block, and padding in every row of the sorted list."""
+        counts = tl.zeros((E_POW2,), dtype=tl.int32)
+        for start in range(0, num_pairs, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            m = offs < num_pairs
+            ids = tl.load(TopkIds + offs, mask=m, other=0).to(tl.int32)
+            counts += tl.histogram(ids, E_POW2, mask=m)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        experts = tl.arange(0, E_POW2)
+        tl.store(Cursor + experts, end - padded, mask=experts < num_experts)
+        total = tl.sum(padded, 0)
+        tl.store(NumRows, total)
+        for b0 in range(0, num_blocks, CHUNK_B):
+            b = b0 + tl.arange(0, CHUNK_B)
+            row = b * BLOCK_M
+            # The block's expert: how many experts' runs end at or before its first row.
+            e = tl.sum((end[None, :] <= row[:, None]).to(tl.int32), axis=1)
+            tl.store(ExpertIds + b, tl.where(row < total, e, -1), mask=b < num_blocks)
+        for r0 in range(0, num_blocks * BLOCK_M, CHUNK):
+            r = r0 + tl.arange(0, CHUNK)
+            tl.store(SortedIds + r, tl.full((CHUNK,), 0, tl.int32) + num_pairs, mask=r < num_blocks * BLOCK_M)
+
+    @triton.jit
+    def _moe_scatter_kernel(TopkIds, SortedIds, Cursor, num_pairs, CHUNK: tl.constexpr):
+        """Each pair takes the next free row of its expert's run (an atomic counter per expert):
+        the order within a run varies, what each row computes does not."""
+        offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+        m = offs < num_pairs
+        ids = tl.load(TopkIds + offs, mask=m, other=0).to(tl.int32)
+        pos = tl.atomic_add(Cursor + ids, 1, mask=m)
+        tl.store(SortedIds + pos, offs, mask=m)
+
+    @triton.jit
     def _moe_gate_up_kernel(
         X, W, Out, SortedIds, ExpertIds, NumRows,
         num_pairs, top_k, N, K,
@@ -272,6 +313,31 @@ if triton is not None:
                      mask=row_mask[:, None] & n_mask[None, :])
 
 
+ALIGN_CHUNK = 1024  # pairs per histogram step and per scatter program
+ALIGN_CHUNK_BLOCKS = 64  # row blocks per step of the expert-of-block search
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`moe_align_block_size` in two launches (counts and offsets in one program, then an
+    atomic scatter of the pairs), with the same outputs except the order of the pairs within
+    an expert's run."""
+    flat = topk_ids.reshape(-1)
+    pairs = flat.numel()
+    rows = max_padded_rows(pairs, num_experts, block_m)
+    dev = flat.device
+    sorted_ids = torch.empty(rows, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=dev)
+    num_rows = torch.empty(1, dtype=torch.int32, device=dev)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    _moe_align_kernel[(1,)](flat, sorted_ids, expert_ids, num_rows, cursor, pairs, num_experts, rows // block_m,
+                            BLOCK_M=block_m, E_POW2=max(16, triton.next_power_of_2(num_experts)), CHUNK=ALIGN_CHUNK,
+                            CHUNK_B=ALIGN_CHUNK_BLOCKS, num_warps=4)
+    _moe_scatter_kernel[(triton.cdiv(pairs, ALIGN_CHUNK),)](flat, sorted_ids, cursor, pairs, CHUNK=ALIGN_CHUNK,
+                                                           num_warps=4)
+    return sorted_ids, expert_ids, num_rows
+
+
 @functools.cache
 def _dot_types(dtype: torch.dtype) -> tuple[object, str]:
     """``tl.dot``'s operand type and fp32 precision for activations of ``dtype``: exact fp32
@@ -328,7 +394,7 @@ def _fused_moe_chunk(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     n_inter, top_k = two_i // 2, topk_ids.shape[1]
     pairs = T * top_k
     cfg = config or default_config(pairs, E, x.element_size())
-    sorted_ids, expert_ids, num_rows = moe_align_block_size(topk_ids, E, cfg.block_m)
+    sorted_ids, expert_ids, num_rows = moe_align_block_size_triton(topk_ids.contiguous(), E, cfg.block_m)
     dot_dtype, precision = _dot_types(x.dtype)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_DTYPE=dot_dtype,
                   DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
