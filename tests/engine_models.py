@@ -32,6 +32,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=12, tie_word_embeddings=False)),
     "qwen2_bias_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3_qknorm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    # Layer 0 dense (mlp_only_layers), layer 1 sparse: top-2 of 8 experts, not renormalised.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, mlp_only_layers=[0], norm_topk_prob=False)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

@@ -74,6 +74,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=2, num_key_value_heads=2, head_dim=32, attention_bias=True,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 32})),
+    # Layer 1 keeps a dense MLP (mlp_only_layers); top-3 of 8 experts, weights not renormalised.
+    "qwen3_moe_dense_layer_top3": ("Qwen3MoeConfig", dict(
+        num_hidden_layers=3, num_key_value_heads=2, attention_bias=True, num_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=False)),
+    # Every second layer sparse (decoder_sparse_step), renormalised top-2, a window on every layer.
+    "qwen3_moe_step2_renorm_windowed": ("Qwen3MoeConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=1, head_dim=32, num_experts=6, num_experts_per_tok=2,
+        moe_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=True, use_sliding_window=True,
+        sliding_window=8)),
+    "mixtral_top2_window8": ("MixtralConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
 }
 
 
@@ -280,7 +291,8 @@ def test_kv_cache_spec_and_registry(build_family: Callable[[str], Family]) -> No
     spec = fam.ours.kv_cache_spec(16, torch.float16)
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.dtype) == (
         2, 2, 32, 16, torch.float16)
-    assert set(ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    assert set(ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                  "Qwen3MoeForCausalLM", "MixtralForCausalLM"}
     for arch in ARCHITECTURES:  # one class per family, named after the architecture it serves
         assert model_class(arch).__name__ == arch
     with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM"):

@@ -144,6 +144,17 @@ def test_bias_and_qk_norm_families(model_dirs: dict[str, Path], family: str) -> 
     assert got == ref
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_moe_families_shard_each_experts_ffn(model_dirs: dict[str, Path], family: str) -> None:
+    """Each rank holds half of every expert's intermediate features and routes every token
+    itself (the router is replicated); the norm after the layer sums the experts' partial
+    outputs.  With a pool small enough to swap and the shared prefix cached."""
+    ref, got, m = _both(model_dirs[family], _shared_prefix_prompts(), GREEDY, num_kv_blocks=16,
+                        preemption_mode="swap")
+    assert got == ref
+    assert m["num_swap_preemptions"] > 0 and m["prefix_cache_hit_tokens"] > 0
+
+
 # ---------------------------------------------------------------------- bad input and failures
 def test_tp_size_that_does_not_divide_the_heads_is_a_value_error_before_spawning(
         model_dirs: dict[str, Path]) -> None:

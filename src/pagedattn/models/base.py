@@ -136,7 +136,10 @@ class DecoderForCausalLM(nn.Module):
         for pname, _ in self.named_parameters():  # a tied lm_head is listed once, as the embedding
             module_path, _, leaf = pname.rpartition(".")
             owner, _, attr = module_path.rpartition(".")
-            if attr in self.packed_params:
+            parts = getattr(self.get_submodule(module_path), "checkpoint_parts", None)
+            if parts is not None:  # a parameter holding many checkpoint tensors names them (MoE experts)
+                names.update({f"{module_path}.{name}": (pname, shard) for name, shard in parts(leaf)})
+            elif attr in self.packed_params:
                 for part, shard in self.packed_params[attr]:
                     names[f"{owner}.{part}.{leaf}"] = (pname, shard)
             else:

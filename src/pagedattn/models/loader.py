@@ -233,6 +233,9 @@ def dummy_weights(model: DecoderForCausalLM, seed: int = 0) -> Iterator[tuple[st
 def checkpoint_shape(owner: torch.nn.Module, param: torch.nn.Parameter, shard: ShardId) -> tuple[int, ...]:
     """Shape of the full (unsharded) checkpoint tensor that ``owner.weight_loader`` expects for
     ``param`` (part ``shard`` of a fused weight)."""
+    own_shape = getattr(owner, "checkpoint_shape", None)
+    if callable(own_shape):  # a layer that knows its checkpoint shapes (MoE experts)
+        return tuple(own_shape(param, shard))
     if isinstance(owner, VocabParallelEmbedding):
         return (owner.num_embeddings, owner.embedding_dim)
     if isinstance(owner, RowParallelLinear):

@@ -5,7 +5,8 @@
   (:mod:`.rotary`);
 * the blocks of a decoder layer: :class:`Attention` (q/k/v, optional q/k norm, rotary, paged
   attention, output projection) and :class:`GatedMLP`; :class:`DecoderLayer`, the pre-norm
-  residual block over them; :class:`DecoderModel`, the stack;
+  residual block over them; :class:`DecoderModel`, the stack; :class:`SparseMoEBlock`, the
+  mixture-of-experts block (router and :class:`FusedMoE` experts) of the MoE families;
 * the tensor-parallel plumbing (:mod:`.parallel`: :class:`Shard`, :class:`AllReduce`) and the
   weight-loading hooks (:mod:`.weights`).
 
@@ -29,6 +30,7 @@ from .linear import (
     pack_linear_weights_for_cpu,
 )
 from .mlp import GatedMLP, SiluAndMul
+from .moe import FusedMoE, MoEArchConfig, MoERouter, SparseMoEBlock, per_expert_weights
 from .norm import RMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
 from .rotary import RotaryEmbedding, rope_inv_freq
@@ -41,8 +43,11 @@ __all__ = [
     "ColumnParallelLinear",
     "DecoderLayer",
     "DecoderModel",
+    "FusedMoE",
     "GatedMLP",
     "MergedColumnParallelLinear",
+    "MoEArchConfig",
+    "MoERouter",
     "ParallelLMHead",
     "QKVParallelLinear",
     "RMSNorm",
@@ -51,6 +56,7 @@ __all__ = [
     "Shard",
     "ShardId",
     "SiluAndMul",
+    "SparseMoEBlock",
     "VocabParallelEmbedding",
     "WeightLoading",
     "all_gather_last_dim",
@@ -60,6 +66,7 @@ __all__ = [
     "divide",
     "linear",
     "pack_linear_weights_for_cpu",
+    "per_expert_weights",
     "process_group_all_reduce",
     "rope_inv_freq",
     "set_all_reduce",

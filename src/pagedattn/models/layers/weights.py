@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-ShardId = int | str | None
+ShardId = int | str | tuple[int, int] | None  # a tuple: (expert, part) of an MoE layer's experts
 
 
 class WeightLoading(Protocol):
