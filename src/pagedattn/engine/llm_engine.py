@@ -109,7 +109,7 @@ class LLMEngine:
             num_blocks, config.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=config.enable_prefix_caching,
             sliding_window=window, watermark=config.watermark,
         )
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager, self.arch.kv_variant)
         self.step_builder = StepBuilder(self.block_manager)
         self.sampler = Sampler(self.device, config.seed)
         self.requests: dict[str, Request] = {}
@@ -194,6 +194,7 @@ class LLMEngine:
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
         req = Request(rid, text, ids, params, extra_key=extra_key, stream=stream)
+        self.scheduler.refresh_kv_variant(req, len(ids))
         for i in range(1, params.n):
             req.seqs.append(Sequence(f"{rid}#{i}", i, list(ids), len(ids)))
         for s in req.seqs:
@@ -302,6 +303,9 @@ class LLMEngine:
         seqs = [seq for seq, _ in targets]
         if any(seq.num_computed_tokens + 2 > self.max_model_len for seq in seqs):
             return None
+        variant = self.arch.kv_variant
+        if any(variant(seq.num_computed_tokens + 2) != req.kv_variant for seq, req in targets):
+            return None  # the sequence's K/V must be computed again: the scheduler does that
         bm = self.block_manager
         for seq in seqs:
             # Slots for the position after the in-flight token; extra slots left by a bail-out

@@ -15,10 +15,10 @@ class StepBuilder:
         self.bm = block_manager
 
     def build(self, sched: SchedulerOutput) -> StepInput:
-        step = StepInput(kv_ops=list(sched.kv_ops))
+        step = StepInput(kv_ops=list(sched.kv_ops), total_lens=[])
         step.greedy = all(s.request.params.plain_greedy for s in sched.scheduled if s.samples)
         tokens: list[int] = []
-        assert step.token_ids is not None
+        assert step.token_ids is not None and step.total_lens is not None
         table_of = self.bm.block_table
         end = 0
         for s in sched.scheduled:
@@ -26,6 +26,7 @@ class StepBuilder:
             tokens.extend(s.seq.token_ids[c:c + n])
             step.query_lens.append(n)
             step.seq_lens.append(c + n)
+            step.total_lens.append(s.seq.num_tokens)
             step.block_tables.append(table_of(s.seq.seq_id))
             end += n
             if s.samples:

@@ -29,9 +29,9 @@ from .linear import (
     pack_linear_weights_for_cpu,
 )
 from .mlp import GatedMLP, SiluAndMul
-from .norm import RMSNorm
+from .norm import RMSNorm, WeightFirstRMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
-from .rotary import RotaryEmbedding, rope_inv_freq
+from .rotary import LongRopeRotaryEmbedding, RotaryEmbedding, longrope_inv_freqs, make_rotary, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
 from .weights import ShardId, WeightLoading, default_weight_loader
 
@@ -42,6 +42,7 @@ __all__ = [
     "DecoderLayer",
     "DecoderModel",
     "GatedMLP",
+    "LongRopeRotaryEmbedding",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
     "QKVParallelLinear",
@@ -52,6 +53,7 @@ __all__ = [
     "ShardId",
     "SiluAndMul",
     "VocabParallelEmbedding",
+    "WeightFirstRMSNorm",
     "WeightLoading",
     "all_gather_last_dim",
     "apply_rotary",
@@ -59,6 +61,8 @@ __all__ = [
     "default_weight_loader",
     "divide",
     "linear",
+    "longrope_inv_freqs",
+    "make_rotary",
     "pack_linear_weights_for_cpu",
     "process_group_all_reduce",
     "rope_inv_freq",
