@@ -32,6 +32,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=12, tie_word_embeddings=False)),
     "qwen2_bias_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3_qknorm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    # LongRoPE with an original length of 20: short prompts outgrow it while generating (the
+    # engine computes them again, as transformers does), long ones use the long table throughout.
+    "phi3_longrope": ("Phi3Config", dict(
+        num_key_value_heads=2, original_max_position_embeddings=20, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 5.0, 9.0]})),
+    "olmo2_post_norms": ("Olmo2Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "granite_multipliers": ("GraniteConfig", dict(
+        num_key_value_heads=2, embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1,
+        logits_scaling=3.0)),
 }
 
 

@@ -658,11 +658,13 @@ def _tp_worker(rank: int, world: int, rdzv: str, model_dir: str, ids: list[int],
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2_bias_tied_windowed", "llama_mqa_bias_linear_rope"])
+@pytest.mark.parametrize("name", ["qwen2_bias_tied_windowed", "llama_mqa_bias_linear_rope",
+                                  "phi3_fused_partial_longrope", "olmo2_post_norms_qk_norm", "granite_multipliers"])
 def test_tensor_parallel_model_matches_single_rank(build_family: Callable[[str], Family], name: str,
                                                    tmp_path: Path) -> None:
     """The whole model sharded over 2 processes (gloo all-reduce/all-gather): every rank's
-    logits equal HF's.  The MQA case replicates its single KV head on both ranks."""
+    logits equal HF's.  The MQA cases (Llama, Granite) replicate their single KV head on both
+    ranks; Phi-3 splits its fused checkpoint tensors; OLMo 2's q/k norms sum squares across ranks."""
     fam = build_family(name)
     ids = _ids(9)
     torch.multiprocessing.spawn(_tp_worker, args=(2, str(tmp_path / "rdzv"), str(fam.path), ids, str(tmp_path)),
