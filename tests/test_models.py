@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from pagedattn.models.config import ModelArchConfig
+from pagedattn.models.granite import GraniteArchConfig
 from pagedattn.models.interface import CausalLM
 from pagedattn.models.layers import (
     AllReduce,
@@ -743,6 +745,60 @@ def test_config_qwen_families() -> None:
     assert qwen3.architecture == "Qwen3ForCausalLM" and qwen3.qk_norm and qwen3.head_dim == 32
     assert qwen3.q_size == 128 != qwen3.hidden_size and not qwen3.attention_bias
     assert ModelArchConfig.from_hf_config({**base, "model_type": "qwen3"}).head_dim == 128  # Qwen3Config default
+
+
+PHI3_MINI_128K: dict[str, Any] = {  # Phi-3-mini-128k-instruct's config.json (transformers 4.x), factors shortened
+    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+    "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0, "sliding_window": 262144, "hidden_act": "silu", "tie_word_embeddings": False,
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 100 for i in range(48)],
+                     "long_factor": [1.0 + i for i in range(48)]},
+    "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 32000,
+}
+
+
+def test_config_phi3_longrope_partial_rotary_and_defaults() -> None:
+    cfg = ModelArchConfig.from_hf_config(PHI3_MINI_128K)
+    assert cfg.architecture == "Phi3ForCausalLM" and cfg.rotary_dim == cfg.head_dim == 96
+    assert cfg.rope_scaling == {"rope_type": "longrope", "short_factor": PHI3_MINI_128K["rope_scaling"]["short_factor"],
+                                "long_factor": PHI3_MINI_128K["rope_scaling"]["long_factor"],
+                                "original_max_position_embeddings": 4096}
+    assert cfg.layer_sliding_windows == [262144] * 32 and cfg.rms_norm_eps == 1e-5
+    assert (cfg.kv_variant(4096), cfg.kv_variant(4097)) == (None, "longrope-long")
+    _, _, scale = longrope_inv_freqs(96, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    assert scale == math.sqrt(1 + math.log(32) / math.log(4096))  # factor = 131072 / 4096
+    # Phi-4-mini: a quarter of each head unrotated, tied embeddings; "su" is LongRoPE's old name,
+    # and without a top-level original length Phi3Config's 4096 counts, not the rope dict's.
+    mini = {**PHI3_MINI_128K, "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 8,
+            "partial_rotary_factor": 0.75, "tie_word_embeddings": True,
+            "rope_scaling": {"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48,
+                             "original_max_position_embeddings": 1024}}
+    del mini["original_max_position_embeddings"], mini["rms_norm_eps"], mini["sliding_window"]
+    cfg = ModelArchConfig.from_hf_config(mini)
+    assert (cfg.head_dim, cfg.rotary_dim, cfg.num_kv_heads) == (128, 96, 8) and cfg.tie_word_embeddings
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope"
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 4096
+    assert cfg.layer_sliding_windows == [None] * 32 and cfg.rms_norm_eps == 1e-5  # Phi3Config defaults
+    assert ModelArchConfig.from_hf_config({**mini, "rope_scaling": None}).kv_variant(10**6) is None
+
+
+def test_config_olmo2_and_granite() -> None:
+    base = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4}
+    olmo = ModelArchConfig.from_hf_config({**base, "model_type": "olmo2", "attention_bias": True})
+    assert olmo.architecture == "Olmo2ForCausalLM" and olmo.rms_norm_eps == 1e-5  # Olmo2Config's default
+    assert olmo.attention_bias and olmo.o_proj_bias and not olmo.qk_norm
+    granite = ModelArchConfig.from_hf_config({**base, "architectures": ["GraniteForCausalLM"],
+                                              "embedding_multiplier": 12, "residual_multiplier": 0.22,
+                                              "attention_multiplier": 0.0078125, "logits_scaling": 8})
+    assert isinstance(granite, GraniteArchConfig) and granite.rms_norm_eps == 1e-6
+    assert (granite.embedding_multiplier, granite.residual_multiplier, granite.attention_multiplier,
+            granite.logits_scaling) == (12.0, 0.22, 0.0078125, 8.0)
+    default = ModelArchConfig.from_hf_config({**base, "model_type": "granite"})
+    assert isinstance(default, GraniteArchConfig) and default.logits_scaling == default.embedding_multiplier == 1.0
+    model = build_model(granite, torch.float32, "cpu")
+    assert [s.scale for s in model.attention_specs()] == [0.0078125] * 2
 
 
 def test_config_mistral_windows() -> None:
