@@ -6,9 +6,10 @@ reads like any other checkpoint:
 * ``config.json`` built from the GGUF metadata (``llama.block_count`` -> ``num_hidden_layers``,
   ...), ``generation_config.json`` with the special token ids;
 * ``model.safetensors`` (or shards + index) with every tensor dequantized to float32 by
-  ``gguf.quants.dequantize`` and renamed to HF names.  For ``llama`` files the q/k rows are put
-  back in HF order: llama.cpp's converter permutes them for its interleaved rotary layout, and
-  the inverse below is the one transformers applies (``LlamaTensorProcessor``);
+  ``gguf.quants.dequantize`` and renamed to HF names.  For ``llama`` and ``granite`` files the
+  q/k rows are put back in HF order: llama.cpp's converter permutes them for its interleaved
+  rotary layout, and the inverse below is the one transformers applies
+  (``LlamaTensorProcessor``); ``olmo2`` and the Qwen files keep HF's order;
 * the tokenizer and chat template, converted by transformers
   (``AutoTokenizer.from_pretrained(dir, gguf_file=name).save_pretrained(folder)``).
 
@@ -53,7 +54,14 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "olmo2": ("Olmo2ForCausalLM", "olmo2"),
+    "granite": ("GraniteForCausalLM", "granite"),
 }
+# Architectures whose q/k rows llama.cpp's converter permutes (its LlamaModel and subclasses).
+_PERMUTED_QK = ("LlamaForCausalLM", "GraniteForCausalLM")
+# Granite's multipliers, which llama.cpp writes as "scales" (only those that are set).
+_GRANITE_SCALES = {"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
+                   "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -71,6 +79,8 @@ _BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",  # OLMo 2's post-norms
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -196,9 +206,14 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
         "torch_dtype": "float32",
     }
-    if hf_arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):  # Qwen2 has q/k/v biases by definition
+    if hf_arch != "Qwen2ForCausalLM":  # Qwen2 has q/k/v biases by definition
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    if hf_arch != "LlamaForCausalLM":
+    if hf_arch == "GraniteForCausalLM":
+        config.update({hf: float(v) for key, hf in _GRANITE_SCALES.items()
+                       if (v := _field(reader, f"{arch}.{key}", None)) is not None})
+    if arch == "olmo2" and _field(reader, "olmo2.attention.sliding_window", None) is not None:
+        raise ValueError("GGUF olmo2 file with a sliding window (OLMo 3) is not supported")
+    if hf_arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         config["use_sliding_window"] = False
     return config
 
@@ -276,7 +291,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight as ``(hf_name, float32 tensor)``, dequantized one at a time."""
-    permute = config["architectures"][0] == "LlamaForCausalLM"
+    permute = config["architectures"][0] in _PERMUTED_QK
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
             continue  # folded into config["rope_scaling"]
