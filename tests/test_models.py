@@ -252,6 +252,24 @@ def test_longrope_switch_recomputes_the_sequence_as_hf_generate_does(build_famil
     assert (torch.stack(stale_rows) - ref)[9:].abs().max() > 1e-2  # from the first long step on
 
 
+def test_longrope_lengths_per_token_with_and_without_the_runners_lengths() -> None:
+    """Each token's sequence length: the runner's (at least position + 1, for an overlapped
+    decode whose input is not appended yet), else the sequence's length after the step (a
+    decode graph, a profiling pass)."""
+    from pagedattn.attention.metadata import AttentionMetadata
+    from pagedattn.models.context import ForwardContext
+    from pagedattn.models.layers.decoder import forward_lengths
+
+    meta = AttentionMetadata.build([1, 3, 1], [9, 5, 30], [[0, 1, 2], [3, 4], [5] * 8], 4)
+    positions = torch.tensor([8, 2, 3, 4, 29])
+    ctx = ForwardContext(meta, [], None)  # type: ignore[arg-type]
+    assert forward_lengths(positions, ctx).tolist() == [9, 5, 5, 5, 30]
+    ctx.total_lens = torch.tensor([8, 40, 40, 40, 30])
+    assert forward_lengths(positions, ctx).tolist() == [9, 40, 40, 40, 30]
+    decodes = AttentionMetadata.build([1, 1], [9, 30], [[0, 1, 2], [5] * 8], 4)
+    assert forward_lengths(torch.tensor([8, 29]), ForwardContext(decodes, [], None)).tolist() == [9, 30]  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("partial", [1.0, 0.5])
 def test_longrope_tables_are_bitwise_hf(partial: float) -> None:
     """Both LongRoPE tables and the cos/sin scale equal transformers' (Phi-3's default factor:
