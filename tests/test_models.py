@@ -362,7 +362,7 @@ def test_cuda_matches_hf(family: Family, backend: str, dtype: torch.dtype) -> No
     h = PagedHarness(model, num_blocks=48, block_size=BLOCK_SIZE, device="cuda",
                      backend=get_attention_backend("cuda", backend))
     ids = _ids(10)
-    got = torch.cat([h.step([("s", ids[:17])])[0], h.step([("s", ids[17:30])])[0]]
+    got = torch.cat([h.step([("s", ids[:17])], {"s": len(ids)})[0], h.step([("s", ids[17:30])])[0]]
                     + [h.step([("s", [t])])[0] for t in ids[30:]]).float().cpu()
     ref = _hf_logits(family.hf, ids)
     if dtype == torch.float32:
