@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -204,6 +205,7 @@ _GGUF_BLOCK_NAMES = {
 
 
 _OLMO2_BLOCK_NAMES = {"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+_PHI3_BLOCK_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 
 
 def _gguf_name(hf_name: str, arch: str) -> str:
@@ -213,7 +215,7 @@ def _gguf_name(hf_name: str, arch: str) -> str:
         return top[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
     module, leaf = rest.rsplit(".", 1)
-    names = {**_GGUF_BLOCK_NAMES, **_OLMO2_BLOCK_NAMES} if arch == "olmo2" else _GGUF_BLOCK_NAMES
+    names = {**_GGUF_BLOCK_NAMES, **{"olmo2": _OLMO2_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}.get(arch, {})}
     return f"blk.{layer}.{names[module]}.{leaf}"
 
 
@@ -247,6 +249,15 @@ def write_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, rope_fre
         w.add_embedding_scale(c.embedding_multiplier)
         w.add_residual_scale(c.residual_multiplier)
         w.add_logit_scale(c.logits_scaling)
+    if arch == "phi3":  # what llama.cpp's Phi3MiniModel writes
+        rope = c.rope_parameters
+        w.add_rope_dimension_count(int(rope["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads)
+        w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        w.add_sliding_window(c.sliding_window or 0)
+        scale = c.max_position_embeddings / c.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 2:
@@ -290,6 +301,10 @@ GGUF_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2_bias": ("qwen2", "Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=False)),
     "qwen3_qknorm": ("qwen3", "Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
     "olmo2_post_norms": ("olmo2", "Olmo2Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "phi3_longrope_partial_tied": ("phi3", "Phi3Config", dict(
+        num_key_value_heads=2, original_max_position_embeddings=16, tie_word_embeddings=True, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3], "long_factor": [2.0, 7.0]})),
     "granite_multipliers": ("granite", "GraniteConfig", dict(
         num_key_value_heads=2, embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2,
         logits_scaling=2.0)),
