@@ -73,7 +73,7 @@ class DecoderModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def rotary(self, positions: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the step's tokens; LongRoPE's table depends on how transformers would run them."""
+        """cos/sin of the step's tokens (LongRoPE's table depends on each token's sequence length)."""
         if isinstance(self.rotary_emb, LongRopeRotaryEmbedding):
             return self.rotary_emb(positions, forward_lengths(positions, ctx))
         return self.rotary_emb(positions)
