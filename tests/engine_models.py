@@ -36,6 +36,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
                                          moe_intermediate_size=48, mlp_only_layers=[0], norm_topk_prob=False)),
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # LongRoPE with an original length of 20: short prompts outgrow it while generating (the
+    # engine computes them again, as transformers does), long ones use the long table throughout.
+    "phi3_longrope": ("Phi3Config", dict(
+        num_key_value_heads=2, original_max_position_embeddings=20, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 5.0, 9.0]})),
+    "olmo2_post_norms": ("Olmo2Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "granite_multipliers": ("GraniteConfig", dict(
+        num_key_value_heads=2, embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1,
+        logits_scaling=3.0)),
 }
 
 

@@ -362,3 +362,37 @@ def test_cuda_graph_buckets_cover_every_batch_with_bounded_padding(max_batch):
         # at most 15 padded rows up to 512, under 12.5% of the batch above it
         assert b - n <= 15 if b <= 512 else (b - n) / n < 0.125
 
+
+
+@pytest.mark.parametrize("family", ["phi3_longrope", "olmo2_post_norms", "granite_multipliers"])
+def test_memory_and_sampling_features_keep_outputs_of_the_newer_families(model_dirs, family):
+    """Phi-3 (LongRoPE), OLMo 2 and Granite under prefix caching, preemption by swap and by
+    recompute, and seeded n > 1 sampling: greedy tokens equal transformers'.  The Phi-3 prompts
+    share a prefix across LongRoPE's original length (20): the 12-token prompt is computed with
+    the short table and again with the long one once it outgrows 20 tokens, the 23-token prompt
+    with the long one, so the two never share cached blocks."""
+    path = model_dirs[family]
+    shared = _prompts(21, lens=(9,))[0]
+    prompts = [shared + p for p in _prompts(22, lens=(3, 14))] + _prompts(23, lens=(6, 30))
+    baseline = hf_greedy(path, prompts, 10)
+
+    llm = _llm(path, enable_prefix_caching=True)
+    assert _greedy(llm, prompts[:1], 10) + _greedy(llm, prompts[1:], 10) == baseline
+    assert _greedy(llm, prompts, 10) == baseline  # all cached now (the short ones as they were computed)
+    assert llm.get_metrics()["prefix_cache_hit_tokens"] >= 3 * 8
+    if family == "phi3_longrope":  # overlapped decode steps stop before a sequence outgrows 20 tokens
+        assert _greedy(_llm(path, async_scheduling=True), prompts, 16) == _greedy(_llm(path), prompts, 16)
+
+    for mode, blocks in (("swap", 11), ("recompute", 11)):
+        llm = _llm(path, num_kv_blocks=blocks, preemption_mode=mode, enable_prefix_caching=(mode == "swap"))
+        assert _greedy(llm, prompts, 10) == baseline, mode
+        m = llm.get_metrics()
+        assert m["num_preemptions"] > 0 and m[f"num_{mode}_preemptions"] > 0, mode
+        assert m["kv_blocks_used"] == 0
+        llm.engine.check_integrity()
+
+    sp = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    out = [c.token_ids for c in _llm(path).generate(prompts[:1], sp, use_tqdm=False)[0].outputs]
+    again = _llm(path, block_size=8).generate(prompts[2:3] + prompts[:1], [SamplingParams(max_tokens=3), sp],
+                                              use_tqdm=False)[1]
+    assert [c.token_ids for c in again.outputs] == out and len({tuple(t) for t in out}) > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -203,14 +204,19 @@ _GGUF_BLOCK_NAMES = {
 }
 
 
-def _gguf_name(hf_name: str) -> str:
+_OLMO2_BLOCK_NAMES = {"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+_PHI3_BLOCK_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+
+
+def _gguf_name(hf_name: str, arch: str) -> str:
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
     if hf_name in top:
         return top[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
     module, leaf = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_GGUF_BLOCK_NAMES[module]}.{leaf}"
+    names = {**_GGUF_BLOCK_NAMES, **{"olmo2": _OLMO2_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}.get(arch, {})}
+    return f"blk.{layer}.{names[module]}.{leaf}"
 
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -238,6 +244,20 @@ def write_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, rope_fre
     w.add_value_length(head_dim)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if arch == "granite":  # llama.cpp's names for Granite's multipliers
+        w.add_attention_scale(c.attention_multiplier)
+        w.add_embedding_scale(c.embedding_multiplier)
+        w.add_residual_scale(c.residual_multiplier)
+        w.add_logit_scale(c.logits_scaling)
+    if arch == "phi3":  # what llama.cpp's Phi3MiniModel writes
+        rope = c.rope_parameters
+        w.add_rope_dimension_count(int(rope["partial_rotary_factor"] * c.hidden_size) // c.num_attention_heads)
+        w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        w.add_sliding_window(c.sliding_window or 0)
+        scale = c.max_position_embeddings / c.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 2:
@@ -246,11 +266,11 @@ def write_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, rope_fre
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         a = t.numpy()
-        if arch == "llama" and ".q_proj." in name:
+        if arch in ("llama", "granite") and ".q_proj." in name:
             a = _llamacpp_permute(a, c.num_attention_heads)
-        elif arch == "llama" and ".k_proj." in name:
+        elif arch in ("llama", "granite") and ".k_proj." in name:
             a = _llamacpp_permute(a, c.num_key_value_heads)
-        w.add_tensor(_gguf_name(name), a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
+        w.add_tensor(_gguf_name(name, arch), a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
@@ -280,6 +300,14 @@ GGUF_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama_gqa": ("llama", "LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2_bias": ("qwen2", "Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=False)),
     "qwen3_qknorm": ("qwen3", "Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    "olmo2_post_norms": ("olmo2", "Olmo2Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "phi3_longrope_partial_tied": ("phi3", "Phi3Config", dict(
+        num_key_value_heads=2, original_max_position_embeddings=16, tie_word_embeddings=True, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3], "long_factor": [2.0, 7.0]})),
+    "granite_multipliers": ("granite", "GraniteConfig", dict(
+        num_key_value_heads=2, embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2,
+        logits_scaling=2.0)),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,13 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
+from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from pagedattn.models.config import ModelArchConfig
+from pagedattn.models.granite import GraniteArchConfig
 from pagedattn.models.interface import CausalLM
 from pagedattn.models.layers import (
+    AllReduce,
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -39,6 +43,8 @@ from pagedattn.models.layers import (
     SiluAndMul,
     VocabParallelEmbedding,
     apply_rotary,
+    longrope_inv_freqs,
+    make_rotary,
     pack_linear_weights_for_cpu,
     rope_inv_freq,
 )
@@ -85,6 +91,19 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         sliding_window=8)),
     "mixtral_top2_window8": ("MixtralConfig", dict(
         num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
+    # Fused qkv/gate_up checkpoint tensors, a quarter of each head left unrotated, LongRoPE whose
+    # original length (24) the 40-token sequences cross.
+    "phi3_fused_partial_longrope": ("Phi3Config", dict(
+        num_hidden_layers=2, num_key_value_heads=2, original_max_position_embeddings=24, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5],
+                         "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 13.0]})),
+    "phi3_window8": ("Phi3Config", dict(num_hidden_layers=2, num_key_value_heads=4, sliding_window=8, pad_token_id=0)),
+    "olmo2_post_norms_qk_norm": ("Olmo2Config", dict(num_hidden_layers=2, num_key_value_heads=2, attention_bias=True,
+                                                     pad_token_id=0)),
+    "granite_multipliers": ("GraniteConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=1, embedding_multiplier=6.0, residual_multiplier=0.4,
+        attention_multiplier=0.1, logits_scaling=3.0, tie_word_embeddings=True)),
 }
 
 
@@ -165,14 +184,15 @@ def test_chunked_prefill_matches_hf(family: Family) -> None:
     ids = _ids(2)
     h = _harness(family.ours, seed=1)
     bounds = [0, 9, 25, SEQ_LEN]  # chunks cross block and window boundaries
-    got = torch.cat([h.step([("s", ids[a:b])])[0] for a, b in itertools.pairwise(bounds)])
+    whole = {"s": SEQ_LEN}  # HF's one forward pass over the whole sequence (LongRoPE picks its table by it)
+    got = torch.cat([h.step([("s", ids[a:b])], whole)[0] for a, b in itertools.pairwise(bounds)])
     _assert_logits_match(got, _hf_logits(family.hf, ids))
 
 
 def test_decode_steps_match_hf(family: Family) -> None:
     ids = _ids(3)
     h = _harness(family.ours, seed=2)
-    parts = [h.step([("s", ids[:30])])[0]]
+    parts = [h.step([("s", ids[:30])], {"s": SEQ_LEN})[0]]
     parts += [h.step([("s", [t])])[0] for t in ids[30:]]
     _assert_logits_match(torch.cat(parts), _hf_logits(family.hf, ids))
 
@@ -183,9 +203,10 @@ def test_ragged_batch_matches_hf(family: Family) -> None:
     a, b = _ids(4), _ids(5, n=33)
     h = _harness(family.ours, seed=3)
     got_a, got_b = [], []
-    (x,) = h.step([("a", a[:20])])
+    whole = {"a": len(a), "b": len(b)}
+    (x,) = h.step([("a", a[:20])], whole)
     got_a.append(x)
-    x, y = h.step([("a", a[20:21]), ("b", b[:25])])
+    x, y = h.step([("a", a[20:21]), ("b", b[:25])], whole)
     got_a.append(x), got_b.append(y)
     y, x = h.step([("b", b[25:26]), ("a", a[21:])])
     got_a.append(x), got_b.append(y)
@@ -195,15 +216,141 @@ def test_ragged_batch_matches_hf(family: Family) -> None:
     _assert_logits_match(torch.cat(got_b), _hf_logits(family.hf, b))
 
 
-def test_greedy_matches_hf_generate(build_family: Callable[[str], Family]) -> None:
-    fam = build_family("qwen3_qknorm_yarn_rope")
-    prompt = _ids(6, n=12)
-    ours = _harness(fam.ours).greedy(prompt, max_new_tokens=16)
+@pytest.mark.parametrize(("name", "prompt_len"), [("qwen3_qknorm_yarn_rope", 12), ("phi3_fused_partial_longrope", 12),
+                                                 ("phi3_fused_partial_longrope", 30)])
+def test_greedy_matches_hf_generate(build_family: Callable[[str], Family], name: str, prompt_len: int) -> None:
+    """Prefill, then one token per step, as transformers' ``generate`` runs.  LongRoPE (original
+    length 24): a 12-token prompt stays within the short table for 12 new tokens, a 30-token
+    prompt uses the long one from the start."""
+    fam = build_family(name)
+    prompt = _ids(6, n=prompt_len)
+    new = 12 if prompt_len == 12 else 16
+    ours = _harness(fam.ours).greedy(prompt, max_new_tokens=new)
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        ref = fam.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+        ref = fam.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
     assert ours == ref[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def test_longrope_switch_recomputes_the_sequence_as_hf_generate_does(build_family: Callable[[str], Family]) -> None:
+    """transformers picks LongRoPE's table per forward call by its largest position, and Phi-3's
+    ``generate`` drops its cache the first time the sequence outgrows the original length (24),
+    computing it all again with the long table: each step's logits equal one forward pass over
+    the sequence so far.  The model does the same when the sequence is computed again at the
+    switch (what the engine's scheduler does); decoding on over the short-table keys would not."""
+    fam = build_family("phi3_fused_partial_longrope")
+    prompt = _ids(12, n=16)
+    ids = torch.tensor([prompt])
+    gen = fam.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    seq = gen.sequences[0].tolist()
+    ref = torch.cat(gen.logits)
+    for i, row in enumerate(ref):  # every step = one forward pass over the sequence so far
+        _assert_logits_match(row[None], _hf_logits(fam.hf, seq[:len(prompt) + i])[-1:])
+    h, stale = _harness(fam.ours), _harness(fam.ours, seed=1)
+    got = [h.step([("s", prompt)])[0][-1]]
+    stale_rows = [stale.step([("s", prompt)])[0][-1]]
+    for n in range(len(prompt) + 1, len(seq)):
+        if n == 25:  # the sequence outgrows the original length: computed again
+            h.free("s")
+            got.append(h.step([("s", seq[:n])])[0][-1])
+        else:
+            got.append(h.step([("s", seq[n - 1:n])])[0][-1])
+        stale_rows.append(stale.step([("s", seq[n - 1:n])])[0][-1])
+    _assert_logits_match(torch.stack(got), ref)
+    assert (torch.stack(stale_rows) - ref)[9:].abs().max() > 1e-2  # from the first long step on
+
+
+def test_longrope_lengths_per_token_with_and_without_the_runners_lengths() -> None:
+    """Each token's sequence length: the runner's (at least position + 1, for an overlapped
+    decode whose input is not appended yet), else the sequence's length after the step (a
+    decode graph, a profiling pass)."""
+    from pagedattn.attention.metadata import AttentionMetadata
+    from pagedattn.models.context import ForwardContext
+    from pagedattn.models.layers.decoder import forward_lengths
+
+    meta = AttentionMetadata.build([1, 3, 1], [9, 5, 30], [[0, 1, 2], [3, 4], [5] * 8], 4)
+    positions = torch.tensor([8, 2, 3, 4, 29])
+    ctx = ForwardContext(meta, [], None)  # type: ignore[arg-type]
+    assert forward_lengths(positions, ctx).tolist() == [9, 5, 5, 5, 30]
+    ctx.total_lens = torch.tensor([8, 40, 40, 40, 30])
+    assert forward_lengths(positions, ctx).tolist() == [9, 40, 40, 40, 30]
+    decodes = AttentionMetadata.build([1, 1], [9, 30], [[0, 1, 2], [5] * 8], 4)
+    assert forward_lengths(torch.tensor([8, 29]), ForwardContext(decodes, [], None)).tolist() == [9, 30]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_longrope_tables_are_bitwise_hf(partial: float) -> None:
+    """Both LongRoPE tables and the cos/sin scale equal transformers' (Phi-3's default factor:
+    max / original length); cos/sin take the table each token's forward length picks."""
+    rot = int(32 * partial)
+    hf_cfg = transformers.Phi3Config(
+        hidden_size=128, num_attention_heads=4, max_position_embeddings=4096, original_max_position_embeddings=256,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": partial,
+                         "short_factor": [1 + 0.05 * i for i in range(rot // 2)],
+                         "long_factor": [1 + 0.7 * i for i in range(rot // 2)]})
+    cfg = ModelArchConfig.from_hf_config(hf_cfg.to_dict())
+    assert cfg.rotary_dim == rot and cfg.rope_scaling is not None
+    short, long, scale = longrope_inv_freqs(rot, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    ref_short, ref_scale = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu")
+    ref_long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu", seq_len=257)
+    assert torch.equal(short, ref_short) and torch.equal(long, ref_long) and scale == ref_scale > 1
+    rotary = make_rotary(cfg, torch.float32)
+    hf_rotary = Phi3RotaryEmbedding(hf_cfg)
+    x = torch.randn(1, 3)
+    for positions in (torch.tensor([0, 7, 255]), torch.tensor([3, 256, 4000])):  # max + 1 <= 256, > 256
+        ref_cos, ref_sin = hf_rotary(x, positions[None])
+        cos, sin = rotary(positions, torch.full_like(positions, int(positions.max()) + 1))
+        assert torch.equal(torch.cat([cos, cos], -1)[:, 0], ref_cos[0])
+        assert torch.equal(torch.cat([sin, sin], -1)[:, 0], ref_sin[0])
+    # Per token: a short-prompt token and a long-forward token in one step.
+    cos, _ = rotary(torch.tensor([5, 5]), torch.tensor([200, 300]))
+    assert not torch.equal(cos[0], cos[1])
+
+
+@pytest.mark.parametrize(("num_kv_heads", "tp_size"), [(4, 2), (2, 4), (1, 2)])
+def test_projection_qk_norm_shards_use_the_whole_projection(num_kv_heads: int, tp_size: int) -> None:
+    """OLMo 2's q/k norm over all heads, split like the q/k/v projection: each rank normalises
+    its heads by the whole projection's mean square (the ranks' sums of squares summed; KV heads
+    replicated on several ranks counted once each).  Each rank's slice equals that slice of
+    transformers' norm."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    hd, nh, t = 8, 8, 5
+    cfg = ModelArchConfig(architecture="Olmo2ForCausalLM", vocab_size=10, hidden_size=32, intermediate_size=8,
+                          num_layers=1, num_heads=nh, num_kv_heads=num_kv_heads, head_dim=hd)
+    for full, which in ((nh * hd, "q"), (num_kv_heads * hd, "k")):
+        w, x = 1 + _rand(full, seed=1), 3 * _rand(t, full, seed=2)
+        ref = Olmo2RMSNorm(full, eps=1e-5)
+        ref.weight.data.copy_(w)
+        norms = []
+        for rank in range(tp_size):
+            from pagedattn.models.layers import Attention, Shard
+
+            attn = Attention(cfg, 0, Shard(rank, tp_size), projection_qk_norm=True)
+            norm = attn.q_norm if which == "q" else attn.k_norm
+            norm.weight_loader(norm.weight, w)
+            norms.append(norm)
+        head = norms[0].local_size
+        parts = [x.narrow(1, n.part * head, head) for n in norms]
+        total = sum(p.pow(2).sum(-1, keepdim=True) for p in parts)  # every rank's sum of squares, summed
+        for n, part in zip(norms, parts, strict=True):
+            n.all_reduce = _FixedSum(total)
+            expected = ref(x).narrow(1, n.part * head, head)
+            torch.testing.assert_close(n(part), expected, rtol=1e-6, atol=1e-6)
+
+
+class _FixedSum(AllReduce):
+    """The cross-rank sum, known in advance (one process plays every rank)."""
+
+    def __init__(self, total: torch.Tensor) -> None:
+        self.total = total
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape == self.total.shape
+        return self.total.clone()
 
 
 def test_layer_windows_follow_the_config(build_family: Callable[[str], Family]) -> None:
@@ -226,7 +373,7 @@ def test_cuda_matches_hf(family: Family, backend: str, dtype: torch.dtype) -> No
     h = PagedHarness(model, num_blocks=48, block_size=BLOCK_SIZE, device="cuda",
                      backend=get_attention_backend("cuda", backend))
     ids = _ids(10)
-    got = torch.cat([h.step([("s", ids[:17])])[0], h.step([("s", ids[17:30])])[0]]
+    got = torch.cat([h.step([("s", ids[:17])], {"s": len(ids)})[0], h.step([("s", ids[17:30])])[0]]
                     + [h.step([("s", [t])])[0] for t in ids[30:]]).float().cpu()
     ref = _hf_logits(family.hf, ids)
     if dtype == torch.float32:
@@ -292,7 +439,8 @@ def test_kv_cache_spec_and_registry(build_family: Callable[[str], Family]) -> No
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.dtype) == (
         2, 2, 32, 16, torch.float16)
     assert set(ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                                  "Qwen3MoeForCausalLM", "MixtralForCausalLM"}
+                                  "Qwen3MoeForCausalLM", "MixtralForCausalLM",
+                                  "Phi3ForCausalLM", "Olmo2ForCausalLM", "GraniteForCausalLM"}
     for arch in ARCHITECTURES:  # one class per family, named after the architecture it serves
         assert model_class(arch).__name__ == arch
     with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM"):
@@ -542,11 +690,13 @@ def _tp_worker(rank: int, world: int, rdzv: str, model_dir: str, ids: list[int],
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2_bias_tied_windowed", "llama_mqa_bias_linear_rope"])
+@pytest.mark.parametrize("name", ["qwen2_bias_tied_windowed", "llama_mqa_bias_linear_rope",
+                                  "phi3_fused_partial_longrope", "olmo2_post_norms_qk_norm", "granite_multipliers"])
 def test_tensor_parallel_model_matches_single_rank(build_family: Callable[[str], Family], name: str,
                                                    tmp_path: Path) -> None:
     """The whole model sharded over 2 processes (gloo all-reduce/all-gather): every rank's
-    logits equal HF's.  The MQA case replicates its single KV head on both ranks."""
+    logits equal HF's.  The MQA cases (Llama, Granite) replicate their single KV head on both
+    ranks; Phi-3 splits its fused checkpoint tensors; OLMo 2's q/k norms sum squares across ranks."""
     fam = build_family(name)
     ids = _ids(9)
     torch.multiprocessing.spawn(_tp_worker, args=(2, str(tmp_path / "rdzv"), str(fam.path), ids, str(tmp_path)),
@@ -627,6 +777,60 @@ def test_config_qwen_families() -> None:
     assert ModelArchConfig.from_hf_config({**base, "model_type": "qwen3"}).head_dim == 128  # Qwen3Config default
 
 
+PHI3_MINI_128K: dict[str, Any] = {  # Phi-3-mini-128k-instruct's config.json (transformers 4.x), factors shortened
+    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+    "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0, "sliding_window": 262144, "hidden_act": "silu", "tie_word_embeddings": False,
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 100 for i in range(48)],
+                     "long_factor": [1.0 + i for i in range(48)]},
+    "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 32000,
+}
+
+
+def test_config_phi3_longrope_partial_rotary_and_defaults() -> None:
+    cfg = ModelArchConfig.from_hf_config(PHI3_MINI_128K)
+    assert cfg.architecture == "Phi3ForCausalLM" and cfg.rotary_dim == cfg.head_dim == 96
+    assert cfg.rope_scaling == {"rope_type": "longrope", "short_factor": PHI3_MINI_128K["rope_scaling"]["short_factor"],
+                                "long_factor": PHI3_MINI_128K["rope_scaling"]["long_factor"],
+                                "original_max_position_embeddings": 4096}
+    assert cfg.layer_sliding_windows == [262144] * 32 and cfg.rms_norm_eps == 1e-5
+    assert (cfg.kv_variant(4096), cfg.kv_variant(4097)) == (None, "longrope-long")
+    _, _, scale = longrope_inv_freqs(96, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    assert scale == math.sqrt(1 + math.log(32) / math.log(4096))  # factor = 131072 / 4096
+    # Phi-4-mini: a quarter of each head unrotated, tied embeddings; "su" is LongRoPE's old name,
+    # and without a top-level original length Phi3Config's 4096 counts, not the rope dict's.
+    mini = {**PHI3_MINI_128K, "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 8,
+            "partial_rotary_factor": 0.75, "tie_word_embeddings": True,
+            "rope_scaling": {"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48,
+                             "original_max_position_embeddings": 1024}}
+    del mini["original_max_position_embeddings"], mini["rms_norm_eps"], mini["sliding_window"]
+    cfg = ModelArchConfig.from_hf_config(mini)
+    assert (cfg.head_dim, cfg.rotary_dim, cfg.num_kv_heads) == (128, 96, 8) and cfg.tie_word_embeddings
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope"
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 4096
+    assert cfg.layer_sliding_windows == [None] * 32 and cfg.rms_norm_eps == 1e-5  # Phi3Config defaults
+    assert ModelArchConfig.from_hf_config({**mini, "rope_scaling": None}).kv_variant(10**6) is None
+
+
+def test_config_olmo2_and_granite() -> None:
+    base = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4}
+    olmo = ModelArchConfig.from_hf_config({**base, "model_type": "olmo2", "attention_bias": True})
+    assert olmo.architecture == "Olmo2ForCausalLM" and olmo.rms_norm_eps == 1e-5  # Olmo2Config's default
+    assert olmo.attention_bias and olmo.o_proj_bias and not olmo.qk_norm
+    granite = ModelArchConfig.from_hf_config({**base, "architectures": ["GraniteForCausalLM"],
+                                              "embedding_multiplier": 12, "residual_multiplier": 0.22,
+                                              "attention_multiplier": 0.0078125, "logits_scaling": 8})
+    assert isinstance(granite, GraniteArchConfig) and granite.rms_norm_eps == 1e-6
+    assert (granite.embedding_multiplier, granite.residual_multiplier, granite.attention_multiplier,
+            granite.logits_scaling) == (12.0, 0.22, 0.0078125, 8.0)
+    default = ModelArchConfig.from_hf_config({**base, "model_type": "granite"})
+    assert isinstance(default, GraniteArchConfig) and default.logits_scaling == default.embedding_multiplier == 1.0
+    model = build_model(granite, torch.float32, "cpu")
+    assert [s.scale for s in model.attention_specs()] == [0.0078125] * 2
+
+
 def test_config_mistral_windows() -> None:
     base = {"architectures": ["MistralForCausalLM"], "vocab_size": 100, "hidden_size": 64,
             "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1}
@@ -641,10 +845,18 @@ def test_config_mistral_windows() -> None:
     ({"architectures": None, "model_type": None}, r"missing required key 'architectures'"),
     ({"hidden_size": None}, r"missing required key 'hidden_size'"),
     ({"num_key_value_heads": 3}, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
-    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, r"unsupported rope_type 'longrope'"),
+    ({"rope_scaling": {"rope_type": "su", "factor": 2.0}}, r"unsupported rope_type 'su'"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, r"'longrope' is not supported for LlamaForCausalLM"),
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"rope_type": "longrope", "factor": 2.0}},
+     r"missing required key 'short_factor'"),
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                             "long_factor": [2.0] * 7}},
+     r"long_factor must be a list of 8 positive"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"missing required key 'low_freq_factor'"),
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu'"),
-    ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor"),
+    ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor 0.5 is not supported by LlamaForCausalLM"),
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.1}, r"rotary size of 1 for head_dim 16"),
+    ({"architectures": ["GraniteForCausalLM"], "logits_scaling": 0}, r"logits_scaling must be a positive number"),
     ({"torch_dtype": "int8"}, r"dtype 'int8'"),
 ])
 def test_config_errors_name_the_problem(patch: dict[str, Any], match: str) -> None:

@@ -119,7 +119,7 @@ class LLMEngine:
             num_blocks, config.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=config.enable_prefix_caching,
             sliding_window=window, watermark=config.watermark,
         )
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager, self.arch.kv_variant)
         self.step_builder = StepBuilder(self.scheduler.block_table)
         self.sampler = Sampler(self.device, config.seed)
         self.step_sampler = StepSampler(self.sampler, self.eos_token_ids)
@@ -154,6 +154,7 @@ class LLMEngine:
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
         req = self.inputs.make_request(rid, prompt, params, extra_key, stream)
+        self.scheduler.refresh_kv_variant(req, len(req.prompt_token_ids))
         self.requests[rid] = req
         self.scheduler.add(req)
         self.num_prompt_tokens += len(req.prompt_token_ids)

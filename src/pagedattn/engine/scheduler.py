@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..cache.block_manager import BlockManager, Slots
@@ -74,9 +75,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 kv_variant: Callable[[int], object] | None = None) -> None:
         self.config = config
         self.bm = block_manager
+        # How the model computes a sequence's K/V given its length (ModelArchConfig.kv_variant).
+        self.kv_variant = kv_variant
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
@@ -153,6 +157,7 @@ class Scheduler:
             for seq in self._active_seqs(req):
                 if budget == 0:
                     break
+                self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
                 n = min(seq.num_uncomputed, budget)
                 if n == 0:
                     continue
@@ -190,6 +195,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             for seq in seqs:
+                self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
                 n = min(seq.num_uncomputed, budget)
                 got = self._allocate(req, seq, n, out) if n else None
                 if got:
@@ -206,6 +212,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             seq = self._active_seqs(req)[0]
+            self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
             match = self.bm.match_prefix(seq.token_ids, req.extra_key)
             fresh = match.prompt_keys[len(match.keys):]
             if fresh and fresh[0].digest in pending:
@@ -269,6 +276,21 @@ class Scheduler:
         }
 
     # ------------------------------------------------------------------ helpers
+    def refresh_kv_variant(self, req: Request, num_tokens: int) -> None:
+        """Where the model computes K/V differently once a sequence reaches ``num_tokens``
+        (LongRoPE past its original length), drop what the request's sequences hold so they are
+        computed again, and key their blocks by the new variant in the prefix cache."""
+        if self.kv_variant is None:
+            return
+        variant = self.kv_variant(num_tokens)
+        if variant == req.kv_variant:
+            return
+        for s in req.seqs:
+            self.free_seq(s)
+            s.num_computed_tokens = 0
+        req.kv_variant = variant
+        req.extra_key = (req.extra_key, variant)
+
     @staticmethod
     def _active_seqs(req: Request) -> list[Sequence]:
         """Sequences that need compute: only the first until the prompt is done, then all live."""

@@ -77,6 +77,9 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     extra_key: object = None  # prefix-cache salt
+    # How the model computes the K/V its sequences hold, where that depends on their length
+    # (ModelArchConfig.kv_variant; part of extra_key when not None).
+    kv_variant: object = None
     first_token_time: float | None = None
     num_preemptions: int = 0
     stream: bool = True  # report partial outputs every step (False: only when finished)

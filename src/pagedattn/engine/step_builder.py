@@ -22,7 +22,9 @@ class StepBuilder:
               prev_greedy: bool = False) -> StepInput:
         """``prev_rows``: the rows of the step still in flight, by sequence id, whose samples are
         pending tokens of this step's sequences (see :class:`StepInput`)."""
-        step = StepInput(kv_ops=list(sched.kv_ops), prev_greedy=prev_greedy, num_prev=len(prev_rows or ()))
+        step = StepInput(kv_ops=list(sched.kv_ops), prev_greedy=prev_greedy, num_prev=len(prev_rows or ()),
+                         total_lens=[])
+        assert step.total_lens is not None
         step.greedy = all(s.request.params.plain_greedy for s in sched.scheduled if s.samples)
         tokens = step.token_ids
         for s in sched.scheduled:
@@ -35,6 +37,7 @@ class StepBuilder:
                 tokens.append(_PLACEHOLDER)
             step.query_lens.append(n)
             step.seq_lens.append(c + n)
+            step.total_lens.append(seq.num_tokens + seq.num_pending)
             step.block_tables.append(self.block_table(seq.seq_id))
             if s.samples:
                 step.sample_rows.append(len(tokens) - 1)

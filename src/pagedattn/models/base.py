@@ -43,6 +43,11 @@ class DecoderForCausalLM(nn.Module):
     model_type: ClassVar[str]  # config.json's model_type, for configs that name no architecture
     default_max_position: ClassVar[int] = 2048  # max_position_embeddings when the config omits it
     config_class: ClassVar[type[ModelArchConfig]] = ModelArchConfig  # a subclass holds a family's own knobs
+    supports_partial_rotary: ClassVar[bool] = False  # transformers' modeling code honours partial_rotary_factor
+    # transformers' generation for this family recomputes the cache when a sequence outgrows
+    # LongRoPE's original length (Phi-3's), the behaviour the engine reproduces; other families
+    # keep K/V computed with the short table, which the engine does not.
+    supports_longrope: ClassVar[bool] = False
     # Runtime fused parameter -> the checkpoint projections it holds, with their shard ids.
     packed_params: ClassVar[Mapping[str, tuple[tuple[str, ShardId], ...]]] = {
         "qkv_proj": (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")),
@@ -60,6 +65,8 @@ class DecoderForCausalLM(nn.Module):
         shard = Shard(tp_rank, tp_size, params_dtype)
         self.model = self.make_model(cfg, shard)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, **shard.kw)
+        # LongRoPE picks its table by each sequence's length (see layers.decoder.forward_lengths).
+        self.uses_total_lens = cfg.rope_type == "longrope"
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -76,7 +83,13 @@ class DecoderForCausalLM(nn.Module):
     def config_from_hf(cls, d: Mapping[str, Any]) -> ModelArchConfig:
         """This family's reading of a ``config.json`` (transformers 4.x or 5.x)."""
         fields = parse_hf_fields(d, cls.__name__, cls.default_max_position, cls.default_head_dim)
+        if fields["partial_rotary_factor"] != 1.0 and not cls.supports_partial_rotary:
+            raise ValueError(f"partial_rotary_factor {fields['partial_rotary_factor']!r} is not supported by "
+                             f"{cls.__name__} (only 1.0)")
         fields.update(cls.config_fields(d, fields["num_layers"]))
+        scaling = fields.get("rope_scaling")
+        if scaling is not None and scaling.get("rope_type") == "longrope" and not cls.supports_longrope:
+            raise ValueError(f"rope_type 'longrope' is not supported for {cls.__name__} (only for Phi3ForCausalLM)")
         return cls.config_class(**fields)
 
     @classmethod

@@ -24,16 +24,17 @@ import torch
 _RMS_EPS_DEFAULT = 1e-6
 _ROPE_THETA_DEFAULT = 10_000.0
 
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # Keys each scaled RoPE type needs (after defaults are applied).
 _ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
     "linear": ("factor",),
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
 # RoPE types whose pretraining length defaults to max_position_embeddings (as in transformers).
-_ROPE_NEEDS_ORIGINAL_LEN = ("llama3", "yarn")
+_ROPE_NEEDS_ORIGINAL_LEN = ("llama3", "yarn", "longrope")
 
 _REQUIRED_KEYS = (
     "vocab_size",
@@ -66,6 +67,7 @@ class ModelArchConfig:
     o_proj_bias: bool = False  # the output projection carries a bias (Llama/Qwen3 attention_bias)
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3)
+    partial_rotary_factor: float = 1.0  # the leading fraction of each head that rotary rotates (Phi-4-mini)
     # Per layer: None (full attention) or the window (a query at p sees keys p-window+1 .. p).
     layer_sliding_windows: list[int | None] = field(default_factory=list)
     bos_token_id: int | None = None
@@ -106,8 +108,11 @@ class ModelArchConfig:
         for w in self.layer_sliding_windows:
             if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
                 raise ValueError(f"layer_sliding_windows entries must be None or a positive int, got {w!r}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim < 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor!r} gives a rotary size of "
+                             f"{self.rotary_dim} for head_dim {self.head_dim}; it must be even and at least 2")
         if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
+            _check_rope_scaling(self.rope_scaling, self.rotary_dim)
         for t in self.eos_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}")
@@ -124,8 +129,23 @@ class ModelArchConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def rotary_dim(self) -> int:
+        """The leading features of each head that rotary rotates (transformers' ``int(head_dim * factor)``)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else str(self.rope_scaling["rope_type"])
+
+    def kv_variant(self, num_tokens: int) -> str | None:
+        """What the K/V of a sequence of ``num_tokens`` tokens depend on besides its tokens and
+        their positions (None: nothing).  LongRoPE computes every token of a sequence longer than
+        ``original_max_position_embeddings`` with its long table, of a shorter one with the short
+        table; a sequence that grows past that length is computed again (as transformers' Phi-3
+        generation does), and the two kinds never share cached blocks."""
+        if self.rope_scaling is None or self.rope_type != "longrope":
+            return None
+        return "longrope-long" if num_tokens > self.rope_scaling["original_max_position_embeddings"] else None
 
     @property
     def uniform_sliding_window(self) -> int | None:
@@ -158,7 +178,7 @@ def parse_hf_fields(d: Mapping[str, Any], architecture: str, default_max_positio
     _check_hf_keys(d)
     num_heads = d["num_attention_heads"]
     max_pos = d.get("max_position_embeddings", default_max_position)
-    rope_theta, rope_scaling = _parse_rope(d, max_pos)
+    rope_theta, rope_scaling, partial = _parse_rope(d, max_pos)
     head_dim = d.get("head_dim")
     return dict(
         architecture=architecture,
@@ -172,6 +192,7 @@ def parse_hf_fields(d: Mapping[str, Any], architecture: str, default_max_positio
         rms_norm_eps=float(d.get("rms_norm_eps", _RMS_EPS_DEFAULT)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
+        partial_rotary_factor=partial,
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
@@ -213,20 +234,22 @@ def layer_type_windows(d: Mapping[str, Any], window: int, num_layers: int) -> li
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
-def _parse_rope(d: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, normalised scaling dict or None) from either config generation."""
+def _parse_rope(d: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None, float]:
+    """(rope_theta, normalised scaling dict or None, partial rotary factor) from either config
+    generation.  Whether the family supports a partial rotary factor is its class's check."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(params, Mapping):
         raise ValueError(f"rope_parameters/rope_scaling must be a dict, got {params!r}")
     if any(isinstance(v, Mapping) for v in params.values()):
         raise ValueError("per-layer-type rope_parameters are not supported for this architecture")
     theta = float(params.get("rope_theta", d.get("rope_theta", _ROPE_THETA_DEFAULT)))
-    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"partial_rotary_factor {partial!r} is not supported (only 1.0)")
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    partial = 1.0 if partial is None else partial
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)):
+        raise ValueError(f"partial_rotary_factor must be a number, got {partial!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
-        return theta, None
+        return theta, None, float(partial)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "rope_type", "partial_rotary_factor")}
     scaling["rope_type"] = rope_type
     if rope_type in _ROPE_NEEDS_ORIGINAL_LEN:
@@ -238,20 +261,37 @@ def _parse_rope(d: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, An
         scaling.setdefault("original_max_position_embeddings", max_pos)
     if rope_type == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
-    _check_rope_scaling(scaling)
-    return theta, scaling
+    return theta, scaling, float(partial)
 
 
-def _check_rope_scaling(scaling: Mapping[str, Any]) -> None:
+def _check_rope_scaling(scaling: Mapping[str, Any], rotary_dim: int) -> None:
     rope_type = scaling.get("rope_type")
     if rope_type not in SUPPORTED_ROPE_TYPES or rope_type == "default":
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     for key in _ROPE_REQUIRED[rope_type]:
         if scaling.get(key) is None:
             raise ValueError(f"rope scaling of type {rope_type!r} is missing required key {key!r}")
+    if rope_type == "longrope":
+        _check_longrope(scaling, rotary_dim)
+        return
     factor = scaling["factor"]
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
         raise ValueError(f"rope scaling factor must be a positive number, got {factor!r}")
+
+
+def _check_longrope(scaling: Mapping[str, Any], rotary_dim: int) -> None:
+    """One positive rescale factor per rotary frequency in each list, as transformers' validation asks."""
+    for key in ("short_factor", "long_factor"):
+        v = scaling[key]
+        ok = isinstance(v, Sequence) and not isinstance(v, str) and all(
+            not isinstance(x, bool) and isinstance(x, (int, float)) and x > 0 for x in v)
+        if not ok or len(v) != rotary_dim // 2:
+            raise ValueError(f"longrope {key} must be a list of {rotary_dim // 2} positive numbers "
+                             f"(one per rotary frequency), got {v!r}")
+    for key in ("factor", "attention_factor"):
+        v = scaling.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise ValueError(f"longrope {key} must be a positive number, got {v!r}")
 
 
 def parse_token_ids(v: int | Sequence[int] | None) -> tuple[int, ...]:

@@ -16,3 +16,7 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache) [N, bs, Hkv, D]
     backend: AttentionBackend
+    # Per new token, the number of tokens its sequence holds, prompt and generated so far (int64
+    # [T]); given by the runner to a model that asks for it (``uses_total_lens``: LongRoPE picks
+    # its table by it), else None.
+    total_lens: torch.Tensor | None = None

@@ -81,8 +81,9 @@ def qk_norm_rope(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` from ``qkv [T, (Hq + 2 Hkv) D]``: per-head RMSNorm
-    when the weights are given, then rotary with ``cos``/``sin`` ``[T, 1, D/2]``."""
-    if use_triton(qkv):
+    when the weights are given, then rotary with ``cos``/``sin`` ``[T, 1, R/2]`` on the first ``R``
+    features of each head (``R < D``: partial rotary, which only the torch code does)."""
+    if use_triton(qkv) and 2 * cos.shape[-1] * (num_heads + 2 * num_kv_heads) == qkv.shape[1]:
         return qk_norm_rope_triton(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps)
     return qk_norm_rope_ref(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps)
 
@@ -130,7 +131,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     (negation is exact), so the result is bit-identical.  Four kernels on ``x`` and three on
     the small tables, in fewer calls than per-half products and a concatenation: on a CPU, where
     a decode step's tensors are tiny, the call count is the cost.
+
+    Tables narrower than the head (``[T, 1, R/2]``, ``R < D``) rotate the first ``R`` features and
+    pass the rest through, as transformers' partial rotary (Phi-3 family) does.
     """
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     cos2 = torch.cat((cos, cos), dim=-1)
     sin2 = torch.cat((-sin, sin), dim=-1)
     return (x * cos2).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin2))

@@ -6,9 +6,12 @@ reads like any other checkpoint:
 * ``config.json`` built from the GGUF metadata (``llama.block_count`` -> ``num_hidden_layers``,
   ...), ``generation_config.json`` with the special token ids;
 * ``model.safetensors`` (or shards + index) with every tensor dequantized to float32 by
-  ``gguf.quants.dequantize`` and renamed to HF names.  For ``llama`` files the q/k rows are put
-  back in HF order: llama.cpp's converter permutes them for its interleaved rotary layout, and
-  the inverse below is the one transformers applies (``LlamaTensorProcessor``);
+  ``gguf.quants.dequantize`` and renamed to HF names.  For ``llama`` and ``granite`` files the
+  q/k rows are put back in HF order: llama.cpp's converter permutes them for its interleaved
+  rotary layout, and the inverse below is the one transformers applies
+  (``LlamaTensorProcessor``); ``olmo2``, ``phi3`` and the Qwen files keep HF's order.  A
+  ``phi3`` file holds Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` (as ``attn_qkv`` and
+  ``ffn_up``) and LongRoPE's factors as two tensors, which become the config's ``rope_scaling``;
 * the tokenizer and chat template, converted by transformers
   (``AutoTokenizer.from_pretrained(dir, gguf_file=name).save_pretrained(folder)``).
 
@@ -53,7 +56,18 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "olmo2": ("Olmo2ForCausalLM", "olmo2"),
+    "granite": ("GraniteForCausalLM", "granite"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
 }
+# Phi-3's tensors, where their names mean another projection than for the other architectures.
+_PHI3_BLOCK_TENSORS = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_LONGROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
+# Architectures whose q/k rows llama.cpp's converter permutes (its LlamaModel and subclasses).
+_PERMUTED_QK = ("LlamaForCausalLM", "GraniteForCausalLM")
+# Granite's multipliers, which llama.cpp writes as "scales" (only those that are set).
+_GRANITE_SCALES = {"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
+                   "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -71,6 +85,8 @@ _BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",  # OLMo 2's post-norms
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -170,7 +186,7 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
     n_head = int(meta("attention.head_count"))
     head_dim = int(meta("attention.key_length", hidden // n_head))
     rot_dim = _field(reader, f"{arch}.rope.dimension_count", head_dim)
-    if int(rot_dim) != head_dim:
+    if int(rot_dim) != head_dim and arch != "phi3":
         raise ValueError(
             f"partial rotary embeddings are not supported (rope.dimension_count={rot_dim}, head_dim={head_dim})"
         )
@@ -196,11 +212,43 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
         "torch_dtype": "float32",
     }
-    if hf_arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):  # Qwen2 has q/k/v biases by definition
+    if hf_arch != "Qwen2ForCausalLM":  # Qwen2 has q/k/v biases by definition
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    if hf_arch != "LlamaForCausalLM":
+    if hf_arch == "GraniteForCausalLM":
+        config.update({hf: float(v) for key, hf in _GRANITE_SCALES.items()
+                       if (v := _field(reader, f"{arch}.{key}", None)) is not None})
+    if arch == "olmo2" and _field(reader, "olmo2.attention.sliding_window", None) is not None:
+        raise ValueError("GGUF olmo2 file with a sliding window (OLMo 3) is not supported")
+    if hf_arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         config["use_sliding_window"] = False
+    if arch == "phi3":
+        config.update(_phi3_fields(reader, tensors, int(rot_dim) / head_dim))
     return config
+
+
+def _phi3_fields(reader: GGUFReader, tensors: dict[str, ReaderTensor], partial: float) -> dict[str, Any]:
+    """Phi-3's keys as llama.cpp's converter writes them: the rotated fraction of each head, the
+    pretraining length, a window (0: none) and LongRoPE (factor tensors and the cos/sin scale)."""
+    fields: dict[str, Any] = {"partial_rotary_factor": partial}
+    orig = _field(reader, "phi3.rope.scaling.original_context_length", None)
+    if orig is not None:
+        fields["original_max_position_embeddings"] = int(orig)
+    window = _field(reader, "phi3.attention.sliding_window", 0)
+    fields["sliding_window"] = int(window) or None
+    if all(name in tensors for name in _LONGROPE_FACTORS):
+        if orig is None:
+            raise ValueError("GGUF phi3 file with LongRoPE factors lacks phi3.rope.scaling.original_context_length")
+        rope: dict[str, Any] = {"rope_type": "longrope", "original_max_position_embeddings": int(orig)}
+        rope.update({key: _dequantize(tensors[name]).astype(np.float64).tolist()
+                     for name, key in _LONGROPE_FACTORS.items()})
+        attn_factor = _field(reader, "phi3.rope.scaling.attn_factor", None)
+        scale = int(_field(reader, "phi3.context_length")) / int(orig)
+        default = math.sqrt(1 + math.log(scale) / math.log(int(orig))) if scale > 1 else 1.0
+        # The converter writes transformers' default in float32: keep the exact default then.
+        if attn_factor is not None and abs(float(attn_factor) - default) > 1e-6 * default:
+            rope["attention_factor"] = float(attn_factor)
+        fields["rope_scaling"] = rope
+    return fields
 
 
 def _rope_scaling(
@@ -257,13 +305,14 @@ def _stop_ids(reader: GGUFReader) -> list[int] | None:
 
 
 # ---------------------------------------------------------------------- tensors
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, hf_arch: str = "LlamaForCausalLM") -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TENSORS:
-        return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{parts[3]}"
+    names = {**_BLOCK_TENSORS, **_PHI3_BLOCK_TENSORS} if hf_arch == "Phi3ForCausalLM" else _BLOCK_TENSORS
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     raise ValueError(f"unknown GGUF tensor {gguf_name!r}")
 
 
@@ -276,11 +325,12 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight as ``(hf_name, float32 tensor)``, dequantized one at a time."""
-    permute = config["architectures"][0] == "LlamaForCausalLM"
+    hf_arch = config["architectures"][0]
+    permute = hf_arch in _PERMUTED_QK
     for t in reader.tensors:
-        if t.name == _ROPE_FREQS:
+        if t.name == _ROPE_FREQS or t.name in _LONGROPE_FACTORS:
             continue  # folded into config["rope_scaling"]
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, hf_arch)
         w = _dequantize(t)
         if permute and ".attn_q." in t.name:
             w = unpermute_qk(w, config["num_attention_heads"])

@@ -23,6 +23,8 @@ class CausalLM(Protocol):
     Methods marked *collective* must be called by every rank at the same point of a step."""
 
     config: ModelArchConfig
+    # The forward pass wants each token's sequence length (ForwardContext.total_lens).
+    uses_total_lens: bool
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The new tokens of a ragged batch, ``input_ids``/``positions`` int64 ``[T]``, through

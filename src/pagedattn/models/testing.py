@@ -8,7 +8,7 @@ sequence's pages are never contiguous, which exercises the block-table indirecti
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,7 @@ class PagedHarness:
         self._free: list[int] = torch.randperm(num_blocks, generator=gen).tolist()
         self._tables: dict[Hashable, list[int]] = {}
         self._lens: dict[Hashable, int] = {}
+        self._total_lens: dict[Hashable, int] = {}
 
     def seq_len(self, seq_id: Hashable) -> int:
         return self._lens.get(seq_id, 0)
@@ -49,6 +50,7 @@ class PagedHarness:
     def free(self, seq_id: Hashable) -> None:
         self._free.extend(self._tables.pop(seq_id, []))
         self._lens.pop(seq_id, None)
+        self._total_lens.pop(seq_id, None)
 
     def _reserve(self, seq_id: Hashable, total_len: int) -> list[int]:
         table = self._tables.setdefault(seq_id, [])
@@ -59,9 +61,15 @@ class PagedHarness:
         return table
 
     @torch.inference_mode()
-    def step(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> list[torch.Tensor]:
+    def step(self, batch: Sequence[tuple[Hashable, Sequence[int]]],
+             total_lens: Mapping[Hashable, int] | None = None) -> list[torch.Tensor]:
         """Run one forward over the new tokens of each ``(seq_id, tokens)``; returns each
-        sequence's logits ``[len(tokens), vocab]`` for every new token."""
+        sequence's logits ``[len(tokens), vocab]`` for every new token.
+
+        ``total_lens`` sets a new sequence's full length (what a model that uses it sees in
+        ``ForwardContext.total_lens``, at least each token's position + 1); by default its first
+        step's length.  To compare a sequence run in chunks with one transformers forward pass
+        over all of it, give its length."""
         if not batch:
             raise ValueError("batch must not be empty")
         query_lens: list[int] = []
@@ -72,6 +80,7 @@ class PagedHarness:
             if len(tokens) == 0:
                 raise ValueError(f"sequence {seq_id!r} has no new tokens")
             total = self.seq_len(seq_id) + len(tokens)
+            self._total_lens.setdefault(seq_id, (total_lens or {}).get(seq_id, len(tokens)))
             tables.append(list(self._reserve(seq_id, total)))
             query_lens.append(len(tokens))
             seq_lens.append(total)
@@ -79,7 +88,10 @@ class PagedHarness:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
         positions = torch.from_numpy(token_positions(query_lens, seq_lens)).to(self.device)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, positions, ForwardContext(meta, self.kv_caches, self.backend))
+        token_total_lens = torch.tensor([self._total_lens[s] for s, _ in batch], device=self.device)
+        ctx = ForwardContext(meta, self.kv_caches, self.backend,
+                             token_total_lens.repeat_interleave(torch.tensor(query_lens, device=self.device)))
+        hidden = self.model(input_ids, positions, ctx)
         for (seq_id, _), total in zip(batch, seq_lens, strict=True):
             self._lens[seq_id] = total
         return list(self.model.compute_logits(hidden).split(query_lens))

@@ -24,7 +24,7 @@ from ..attention.metadata import AttentionMetadata, HostBatch
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from ..models.interface import CausalLM
-from ..transfer import to_device
+from ..transfer import to_device, upload
 from .cuda_graphs import DecodeGraphs
 
 KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
@@ -47,6 +47,10 @@ class StepInput:
     block_tables: list[list[int]] = field(default_factory=list)  # physical blocks (-1: window-released)
     token_ids: list[int] = field(default_factory=list)  # the new tokens, flattened [sum(query_lens)]
     sample_rows: list[int] = field(default_factory=list)  # rows of the flattened batch whose logits return
+    # Per sequence, the tokens it holds (prompt and generated so far, pending ones included; None:
+    # not given); the runner hands them per token to a model that uses them
+    # (CausalLM.uses_total_lens).
+    total_lens: list[int] | None = None
     # Every sampled row is greedy and wants no log-probabilities: return their argmax token ids
     # instead of the logits (with tensor parallelism, from each rank's vocabulary slice, without
     # gathering the logits).
@@ -167,13 +171,22 @@ class ModelRunner:
 
     def _forward(self, step: StepInput, batch: HostBatch, ids: list[int] | torch.Tensor) -> StepOutput:
         input_ids, positions, meta, sample_idx = self.prepare(step, ids, batch)
-        ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
+        ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend,
+                             total_lens=self.token_total_lens(step, batch))
         hidden = self.model(input_ids, positions, ctx)
         if not step.sample_rows:
             return StepOutput.empty(step, self.device)
         if sample_idx is not None:
             hidden = hidden.index_select(0, sample_idx)
         return self._output(step, self.model.compute_logits(hidden, gather=False))
+
+    def token_total_lens(self, step: StepInput, batch: HostBatch) -> torch.Tensor | None:
+        """Each new token's sequence length (``StepInput.total_lens``) on the device, for a model
+        that uses it (else None)."""
+        if step.total_lens is None or not self.model.uses_total_lens:
+            return None
+        lens = np.repeat(np.asarray(step.total_lens, dtype=np.int64), batch.query_lens)
+        return upload(torch.from_numpy(lens), self.device)
 
     def _output(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
         """This rank's vocabulary slice of the sampled rows' logits -> the step's output; every

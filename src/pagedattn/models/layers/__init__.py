@@ -31,9 +31,9 @@ from .linear import (
 )
 from .mlp import GatedMLP, SiluAndMul
 from .moe import FusedMoE, MoEArchConfig, MoERouter, SparseMoEBlock, per_expert_weights
-from .norm import RMSNorm
+from .norm import RMSNorm, WeightFirstRMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
-from .rotary import RotaryEmbedding, rope_inv_freq
+from .rotary import LongRopeRotaryEmbedding, RotaryEmbedding, longrope_inv_freqs, make_rotary, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
 from .weights import ShardId, WeightLoading, default_weight_loader
 
@@ -45,6 +45,7 @@ __all__ = [
     "DecoderModel",
     "FusedMoE",
     "GatedMLP",
+    "LongRopeRotaryEmbedding",
     "MergedColumnParallelLinear",
     "MoEArchConfig",
     "MoERouter",
@@ -58,6 +59,7 @@ __all__ = [
     "SiluAndMul",
     "SparseMoEBlock",
     "VocabParallelEmbedding",
+    "WeightFirstRMSNorm",
     "WeightLoading",
     "all_gather_last_dim",
     "apply_rotary",
@@ -65,6 +67,8 @@ __all__ = [
     "default_weight_loader",
     "divide",
     "linear",
+    "longrope_inv_freqs",
+    "make_rotary",
     "pack_linear_weights_for_cpu",
     "per_expert_weights",
     "process_group_all_reduce",

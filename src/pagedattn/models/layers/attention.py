@@ -10,7 +10,7 @@ from ..config import ModelArchConfig
 from ..context import ForwardContext
 from ..fused_ops import qk_norm_rope
 from .linear import QKVParallelLinear, RowParallelLinear
-from .norm import RMSNorm
+from .norm import RMSNorm, WeightFirstRMSNorm
 from .parallel import Shard
 
 
@@ -20,12 +20,17 @@ class Attention(nn.Module):
     stores this step's k/v first), and the row-parallel output projection (``o_proj``).
 
     Sizes and the layer's sliding window come from ``cfg``, what differs between families from
-    the keywords: q/k/v and o_proj biases, the q/k norm, the softmax scale (default
-    ``head_dim ** -0.5``).  Returns this rank's partial sums of the output (its query heads'
-    share); the norm after the block reduces them across ranks, fused with its add."""
+    the keywords: q/k/v and o_proj biases, the q/k norm (per head, or with
+    ``projection_qk_norm`` over the whole q and k projections, OLMo 2's), the softmax scale
+    (default ``head_dim ** -0.5``).  Rotary turns the first ``cfg.rotary_dim`` features of each
+    head (the cos/sin tables' width).  Returns this rank's partial sums of the output (its query
+    heads' share); the norm after the block reduces them across ranks, fused with its add.
+    With ``reduce_output`` the block sums them itself (for a norm that follows the sum, not the
+    residual add: post-norm layers)."""
 
     def __init__(self, cfg: ModelArchConfig, layer_idx: int, shard: Shard, *, qkv_bias: bool = False,
-                 o_bias: bool = False, qk_norm: bool = False, scale: float | None = None) -> None:
+                 o_bias: bool = False, qk_norm: bool = False, scale: float | None = None,
+                 projection_qk_norm: bool = False, reduce_output: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
@@ -34,11 +39,23 @@ class Attention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=o_bias, reduce_results=False, **shard.kw)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=o_bias, reduce_results=reduce_output,
+                                        **shard.kw)
         self.qk_norm = qk_norm
+        self.projection_qk_norm = projection_qk_norm
+        if qk_norm and projection_qk_norm:
+            raise ValueError("qk_norm (per head) and projection_qk_norm exclude each other")
+        self.q_norm: RMSNorm | WeightFirstRMSNorm
+        self.k_norm: RMSNorm | WeightFirstRMSNorm
         if qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
+        if projection_qk_norm:
+            kv_part = shard.rank // self.qkv_proj.num_kv_head_replicas
+            self.q_norm = WeightFirstRMSNorm(cfg.q_size, cfg.rms_norm_eps, shard.dtype, local_size=self.q_size,
+                                             part=shard.rank, ranks=shard.size)
+            self.k_norm = WeightFirstRMSNorm(cfg.kv_size, cfg.rms_norm_eps, shard.dtype, local_size=self.kv_size,
+                                             part=kv_part, ranks=shard.size)
         self.spec = AttentionLayerSpec(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
@@ -50,6 +67,9 @@ class Attention(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, q + 2 kv]
+        if self.projection_qk_norm:  # normalised before rotary, as one tensor for the rotary op
+            q_end, k_end = self.q_size, self.q_size + self.kv_size
+            qkv = torch.cat([self.q_norm(qkv[:, :q_end]), self.k_norm(qkv[:, q_end:k_end]), qkv[:, k_end:]], -1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         q_w, k_w = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         eps = self.q_norm.eps if self.qk_norm else 0.0

@@ -21,14 +21,15 @@ class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))``: gate and up fused into one column-parallel matmul
     (``gate_up_proj``), the activation-and-multiply one kernel on the GPU (``act``, SiLU's by
     default), and ``down_proj`` row-parallel.  Returns this rank's partial sums, which the norm
-    after the layer reduces across ranks (fused with its add)."""
+    after the layer reduces across ranks (fused with its add); with ``reduce_output``, the sum
+    itself (post-norm layers)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, shard: Shard, *, bias: bool = False,
-                 act: nn.Module | None = None) -> None:
+                 act: nn.Module | None = None, reduce_output: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias, **shard.kw)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, reduce_results=False,
-                                           **shard.kw)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
+                                           reduce_results=reduce_output, **shard.kw)
         self.act = act if act is not None else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

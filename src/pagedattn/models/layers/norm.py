@@ -12,7 +12,7 @@ from torch import nn
 
 from ..fused_ops import fused_add_rms_norm, rms_norm
 from .parallel import AllReduce, process_group_all_reduce
-from .weights import ShardId, default_weight_loader
+from .weights import ShardId, check_shape, default_weight_loader
 
 
 class RMSNorm(nn.Module):
@@ -46,3 +46,44 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class WeightFirstRMSNorm(nn.Module):
+    """OLMo 2's RMSNorm, ``(weight * (x / rms(x))).to(x.dtype)`` (the weight multiplies in fp32,
+    before the cast back), over ``full_size`` features of which this rank may hold one slice.
+
+    OLMo 2 normalises q and k over the whole projection, all heads at once.  With tensor
+    parallelism each rank holds ``local_size`` of those features (its heads: slice ``part`` of
+    the checkpoint weight), so the mean square is the sum of every rank's sum of squares (an
+    all-reduce of one number per token) over ``local_size * ranks``.  KV heads replicated over
+    ``r`` ranks are counted ``r`` times in that sum and in ``local_size * ranks`` alike, so the
+    statistic stays the full projection's.  One rank (``ranks == 1``) computes transformers'
+    ``mean`` exactly.
+    """
+
+    def __init__(self, full_size: int, eps: float, params_dtype: torch.dtype | None = None, *,
+                 local_size: int | None = None, part: int = 0, ranks: int = 1) -> None:
+        super().__init__()
+        self.eps = eps
+        self.full_size = full_size
+        self.local_size = full_size if local_size is None else local_size
+        self.part, self.ranks = part, ranks
+        self.weight = nn.Parameter(torch.ones(self.local_size, dtype=params_dtype), requires_grad=False)
+        self.all_reduce: AllReduce = process_group_all_reduce
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None:
+        if shard_id is not None:
+            raise ValueError(f"unexpected shard_id {shard_id!r} for {type(self).__name__}")
+        check_shape(loaded_weight, (self.full_size,))
+        param.data.copy_(loaded_weight.narrow(0, self.part * self.local_size, self.local_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        if self.ranks == 1:
+            var = h.pow(2).mean(-1, keepdim=True)
+        else:
+            var = self.all_reduce(h.pow(2).sum(-1, keepdim=True)) / (self.local_size * self.ranks)
+        return (self.weight * (h * torch.rsqrt(var + self.eps))).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.local_size}/{self.full_size}, eps={self.eps}, part={self.part}, ranks={self.ranks}"

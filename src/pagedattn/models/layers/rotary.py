@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import ModelArchConfig
+
 
 def rope_inv_freq(
     head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] | None, max_position_embeddings: int
@@ -43,7 +45,31 @@ def rope_inv_freq(
         return _llama3_inv_freq(dim, base, rope_scaling), 1.0
     if rope_type == "yarn":
         return _yarn_inv_freq(dim, base, rope_scaling, max_position_embeddings)
+    if rope_type == "longrope":  # the short factors: transformers' table at init
+        short, _, scale = longrope_inv_freqs(dim, base, rope_scaling, max_position_embeddings)
+        return short, scale
     raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def longrope_inv_freqs(dim: int, base: float, s: Mapping[str, Any], max_pos: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LongRoPE's two tables, ``(short, long, attention_factor)``: ``1 / (factor_i * base^(2i/dim))``
+    with the short or the long rescale factors (``_compute_longrope_parameters``).  The cos/sin
+    scale defaults to ``sqrt(1 + ln(factor) / ln(original))`` with ``factor`` defaulting to
+    ``max_position_embeddings / original_max_position_embeddings`` (Phi-3's convention)."""
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor")
+    if factor is None:
+        factor = max_pos / original
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+
+    def table(key: str) -> torch.Tensor:
+        return 1.0 / (torch.tensor(s[key], dtype=torch.float32) * base**shape)
+
+    return table("short_factor"), table("long_factor"), float(attention_factor)
 
 
 def _llama3_inv_freq(dim: int, base: float, s: Mapping[str, Any]) -> torch.Tensor:
@@ -135,3 +161,47 @@ class RotaryEmbedding(nn.Module):
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
 
+
+class LongRopeRotaryEmbedding(RotaryEmbedding):
+    """LongRoPE (Phi-3): the short-factor table for the tokens of a sequence no longer than
+    ``original_max_position_embeddings``, the long one for a longer sequence.
+
+    transformers picks the table per forward call from ``max(position_ids) + 1``, and Phi-3's
+    generation drops its cache the first time the sequence grows past the original length, so
+    every token is computed again with the long table: at every step all the sequence's K/V
+    come from the table its current length picks, as in one forward pass over the whole
+    sequence.  :meth:`forward` takes that length per token (``rope_lens``: a prompt computed in
+    chunks still gets the table of its whole length); the engine recomputes a sequence that
+    crosses (:meth:`~..config.ModelArchConfig.kv_variant`).
+    """
+
+    long_inv_freq: torch.Tensor  # [D/2] fp32, a non-persistent buffer
+
+    def __init__(self, head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any],
+                 max_position_embeddings: int, dtype: torch.dtype) -> None:
+        super().__init__(head_dim, rope_theta, rope_scaling, max_position_embeddings, dtype)
+        with torch.device("cpu"):
+            _, long, _ = longrope_inv_freqs(head_dim, rope_theta, rope_scaling, max_position_embeddings)
+        self.register_buffer("long_inv_freq", long.to(torch.get_default_device()), persistent=False)
+        self.original_max_position = int(rope_scaling["original_max_position_embeddings"])
+
+    def forward(self, positions: torch.Tensor, rope_lens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope_lens`` int64 ``[T]``: the length of each token's sequence (None: every token's
+        ``position + 1``)."""
+        lens = positions + 1 if rope_lens is None else rope_lens
+        inv_freq = torch.where((lens > self.original_max_position)[:, None], self.long_inv_freq, self.inv_freq)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
+
+
+
+def make_rotary(cfg: ModelArchConfig, dtype: torch.dtype) -> RotaryEmbedding:
+    """The rotary embedding a config asks for, over the ``rotary_dim`` leading features of each head."""
+    if cfg.rope_scaling is not None and cfg.rope_type == "longrope":
+        return LongRopeRotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+                                       dtype)
+    return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, dtype)
