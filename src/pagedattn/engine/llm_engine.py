@@ -33,6 +33,7 @@ from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
 from .step_builder import StepBuilder
+from .structured import GrammarCompilerCache, accept_token
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.step_builder = StepBuilder(self.block_manager)
         self.sampler = Sampler(self.device, config.seed)
+        self.grammars = GrammarCompilerCache(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -183,6 +185,8 @@ class LLMEngine:
                 f"{self.block_manager.block_size}) is too small for this request ({need} blocks for "
                 f"{total} tokens x n={params.n}); use a larger pool or a smaller max_tokens"
             )
+        if params.structured_outputs is not None:  # compiled (and cached) now: a bad schema fails here
+            self.grammars.compile(params.structured_outputs)
 
     def add_request(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
                     extra_key: object = None, stream: bool = True) -> str:
@@ -196,7 +200,8 @@ class LLMEngine:
         req = Request(rid, text, ids, params, extra_key=extra_key, stream=stream)
         for i in range(1, params.n):
             req.seqs.append(Sequence(f"{rid}#{i}", i, list(ids), len(ids)))
-        for s in req.seqs:
+        for s, grammar in zip(req.seqs, self.grammars.new_matchers(params.structured_outputs, params.n)):
+            s.grammar = grammar  # structured output: each sample its own matcher
             if params.seed is not None:
                 s.generator = torch.Generator(device=self.device)
                 s.generator.manual_seed(hash((params.seed, s.index)) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -265,6 +270,8 @@ class LLMEngine:
             if s.seq.num_output_tokens < s.request.params.min_tokens:
                 return False
             if len(s.request.seqs) > 1 and not s.request.prefill_done:
+                return False
+            if s.request.params.structured_outputs is not None:  # its next mask needs this step's token
                 return False
         return True
 
@@ -380,7 +387,7 @@ class LLMEngine:
         banned: list[int] = []
         if seq.num_output_tokens < p.min_tokens:
             banned = [*(() if p.ignore_eos else sorted(self.eos_token_ids)), *(p.stop_token_ids or ())]
-        return SamplingRow(p, seq.generator, banned)
+        return SamplingRow(p, seq.generator, banned, grammar=seq.grammar)
 
     def _sample_rows_alone(self, targets: list[tuple[Sequence, Request]], out: torch.Tensor,
                            rows: list[SamplingRow]) -> list[Request]:
@@ -443,6 +450,7 @@ class LLMEngine:
     def _append(self, req: Request, seq: Sequence, tok: int, lp: dict[int, float] | None, slp: float | None,
                 now: float) -> None:
         seq.token_ids.append(tok)
+        accept_token(seq, tok)  # structured output: advance the sample's grammar
         if lp is not None:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += slp or 0.0
