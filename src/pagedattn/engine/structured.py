@@ -128,8 +128,8 @@ class GrammarCompilerCache:
         try:
             if kind == "json":
                 return c.compile_json_schema(_schema_text(p), any_whitespace=False)
-            if kind == "json_object":
-                return c.compile_builtin_json_grammar()
+            if kind == "json_object":  # compact, as the schemas' JSON: no runs of blanks to wander into
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "regex":
                 assert p.regex is not None
                 return c.compile_regex(p.regex)

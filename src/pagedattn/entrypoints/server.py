@@ -222,9 +222,12 @@ class ChatParsing:
 
     def for_request(self, req: ChatCompletionRequest, params: SamplingParams) -> Callable[[], ChoiceParser] | None:
         """A maker of each choice's parser, None when the text is all content.  A constrained
-        answer (response_format, a required or named tool choice) has no reasoning part."""
+        answer (response_format, a required or named tool choice) starts with no reasoning block
+        open: ``qwen3`` (an answer opens it itself) still applies, ``deepseek_r1`` does not."""
         tools = self._tools(req)
-        reasoning = self.reasoning_parser if params.structured_outputs is None else None
+        reasoning = self.reasoning_parser
+        if params.structured_outputs is not None and reasoning != "qwen3":
+            reasoning = None
         if tools is None and reasoning is None:
             return None
         return lambda: ChoiceParser(reasoning_parser(reasoning) if reasoning else None, tools() if tools else None)
@@ -651,10 +654,11 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
         if d.finish_reason is not None:
             parsed += p.finish()
         finish = _finish_reason(d.finish_reason, p.num_calls)
-        if parsed.empty and finish is None and lp is None:
-            return None  # held back (a tag's start, a call not complete yet)
-        return ChatChunkChoice(index=c.index, delta=_parsed_delta(parsed, req.include_reasoning), logprobs=lp,
-                               finish_reason=finish, stop_reason=d.stop_reason)
+        delta = _parsed_delta(parsed, req.include_reasoning)
+        if delta == DeltaMessage() and finish is None and lp is None:
+            return None  # held back (a tag's start, a call not complete yet) or left out (reasoning)
+        return ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=finish,
+                               stop_reason=d.stop_reason)
 
     async def events() -> AsyncIterator[str]:
         try:
