@@ -34,6 +34,15 @@ if TYPE_CHECKING:  # xgrammar loads only when a request asks for structured outp
 
 # The one constraint a request may carry, in the order they are checked.
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_OFFLINE = "SamplingParams.structured_outputs"
+
+
+class StructuredOutputError(ValueError):
+    """A constraint that does not compile; ``param`` names where it came from (the server's request field)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -53,7 +62,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    origin: str = field(default="SamplingParams.structured_outputs", repr=False, compare=False)
+    origin: str = field(default=_OFFLINE, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
@@ -77,6 +86,11 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def where(self) -> str:
+        """What an error names: the field of SamplingParams offline, the request field in the server."""
+        return f"{self.origin}.{self.kind}" if self.origin == _OFFLINE else self.origin
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -141,7 +155,7 @@ class GrammarCompilerCache:
         except ValueError:
             raise
         except Exception as e:  # xgrammar raises RuntimeError (and its own errors) for bad input
-            raise ValueError(f"{p.origin}.{kind}: invalid {_WHAT[kind]}: {_reason(e)}") from None
+            raise StructuredOutputError(p.origin, f"{p.where}: invalid {_WHAT[kind]}: {_reason(e)}") from None
 
     def new_matchers(self, p: StructuredOutputsParams | None, n: int) -> list[SampleGrammar | None]:
         """One fresh matcher per sample (None each without a constraint)."""
@@ -171,9 +185,10 @@ def _schema_text(p: StructuredOutputsParams) -> str:
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p.origin}.json: not valid JSON: {e}") from None
+            raise StructuredOutputError(p.origin, f"{p.where}: not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
-        raise ValueError(f"{p.origin}.json: a JSON schema is an object (or true/false), got {type(schema).__name__}")
+        raise StructuredOutputError(p.origin, f"{p.where}: a JSON schema is an object (or true/false), got "
+                                    f"{type(schema).__name__}")
     return json.dumps(schema)
 
 
