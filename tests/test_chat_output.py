@@ -161,5 +161,14 @@ def test_required_tools_schema_shape() -> None:
 
 
 def test_unknown_parsers_are_refused() -> None:
+    from pagedattn.entrypoints.cli import make_parser
+    from pagedattn.entrypoints.server import ChatParsing
+
     with pytest.raises(ValueError, match="reasoning parser"):
         reasoning_parser("nope")
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ChatParsing(tool_call_parser="xml")
+    args = make_parser().parse_args(["serve", "--tool-call-parser", "llama3_json", "--reasoning-parser", "qwen3"])
+    assert (args.tool_call_parser, args.reasoning_parser) == ("llama3_json", "qwen3")
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["serve", "--tool-call-parser", "xml"])

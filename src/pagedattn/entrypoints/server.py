@@ -1237,6 +1237,10 @@ def _announce(state: ServerState, access: ServerAccess, host: str, port: int) ->
     if state.sampling_defaults:
         say(f"unset request fields take the model's generation_config.json values: "
             f"{describe(state.sampling_defaults)} (--generation-config none: the API's defaults)")
+    chat = state.chat
+    if chat.tool_call_parser or chat.reasoning_parser:
+        say(f"chat answers: tool calls read by {chat.tool_call_parser or 'none (tool_choice auto is refused)'}, "
+            f"reasoning split by {chat.reasoning_parser or 'none'}")
     if access.api_key is not None:
         say("requests need 'Authorization: Bearer <the API key>'"
             + ("" if access.protect_probes else " (/health and /metrics are open)"))
