@@ -109,8 +109,8 @@ class Sampler:
         assert logits.shape[0] == len(b.rows)
         if b.banned is not None:
             logits = logits.index_put(b.banned, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
-        if b.grammar_mask is not None:
-            logits = apply_bitmask(logits, b.grammar_mask)
+        if b.grammar_mask is not None:  # in place unless the log-probabilities need the logits as they were
+            logits = apply_bitmask(logits, b.grammar_mask, inplace=b.banned is not None or not b.want_logprobs)
         if b.all_greedy:
             # In the model's dtype: widening to fp32 is exact and order-preserving, so the
             # indices are the same, without a copy of the logits.

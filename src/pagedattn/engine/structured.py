@@ -219,19 +219,23 @@ def fill_bitmask(grammars: Sequence[SampleGrammar | None], device: torch.device)
     return TokenBitmask(upload(bitmask, device), rows)
 
 
-def apply_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> torch.Tensor:
-    """``logits`` with the forbidden tokens of the constrained rows at -inf (a new tensor: the
-    caller's logits, e.g. for log-probabilities, stay as they were).  Ids beyond the bitmask
-    (a model vocabulary wider than the grammar's) are forbidden too."""
+def apply_bitmask(logits: torch.Tensor, mask: TokenBitmask, inplace: bool = False) -> torch.Tensor:
+    """``logits`` with the forbidden tokens of the constrained rows at -inf: the same tensor with
+    ``inplace``, else a copy (the caller's logits stay as they were, e.g. for log-probabilities).
+    Ids beyond the bitmask (a model vocabulary wider than the grammar's) are forbidden too."""
     import xgrammar as xgr
 
-    out = logits.float() if logits.device.type == "cpu" else logits.clone()
-    if out is logits:
+    cpu = logits.device.type == "cpu"
+    out = logits.float() if cpu else logits  # xgrammar's CPU kernel takes float32
+    if out is logits and not inplace:
         out = logits.clone()
     covered = mask.bitmask.shape[1] * 32
     if out.shape[1] > covered:
         out[mask.rows, covered:] = float("-inf")
-    xgr.apply_token_bitmask_inplace(out, mask.bitmask, vocab_size=min(out.shape[1], covered), indices=mask.rows)
+    # vocab_size only when it differs from the logits' width: with it, "auto" picks a slower kernel.
+    vocab = covered if out.shape[1] > covered else None
+    xgr.apply_token_bitmask_inplace(out, mask.bitmask, vocab_size=vocab, indices=mask.rows,
+                                    backend="cpu" if cpu else "auto")
     return out
 
 
