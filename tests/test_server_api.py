@@ -317,7 +317,8 @@ _BAD_TOKENIZER_CALLS = [
     ("/tokenize", {"messages": _CONV, "chat_template_kwargs": []}, "chat_template_kwargs"),
     ("/tokenize", {"messages": _CONV, "continue_final_message": True, "add_generation_prompt": True},
      "continue_final_message"),
-    ("/tokenize", {"messages": _CONV, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/tokenize", {"messages": _CONV, "tools": [{"type": "function", "function": {"name": "f g"}}]},
+     "tools.0.function.name"),
     ("/tokenize", [1, 2], None),
     ("/detokenize", {"tokens": [-1]}, "tokens.0"),
     ("/detokenize", {"tokens": [10**9]}, "tokens"),
@@ -384,25 +385,25 @@ def test_not_implemented_fields_at_their_defaults_pass(server, client: openai.Op
     assert r.choices[0].finish_reason in ("length", "stop")
 
 
-_ASSISTANT_TOOL_CALL = {"role": "assistant", "content": None, "tool_calls": [
-    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
 _REFUSED = [
     ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
     ("chat", {"frequency_penalty": -1.0}, "frequency_penalty"),
     ("chat", {"extra_body": {"repetition_penalty": 1.1}}, "repetition_penalty"),
     ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("chat", {"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}}, "guided_regex"),
+    ("chat", {"extra_body": {"guided_json": {"type": "object"}, "structural_tag": "x"}}, "structural_tag"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
     ("chat", {"extra_body": {"priority": 1}}, "priority"),
     ("chat", {"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ("chat", {"reasoning_effort": "low"}, "reasoning_effort"),
-    ("chat", {"messages": [*_CONV, _ASSISTANT_TOOL_CALL]}, "messages.1.tool_calls"),
+    ("chat", {"messages": [*_CONV, {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}]},
+     "messages.1.function_call"),
     ("completions", {"echo": True}, "echo"),
     ("completions", {"suffix": "x"}, "suffix"),
     ("completions", {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
-    ("completions", {"extra_body": {"guided_regex": "a+"}}, "guided_regex"),
+    ("completions", {"extra_body": {"guided_regex": "a(", "guided_decoding_backend": "xgrammar"}}, "guided_regex"),
+    ("completions", {"extra_body": {"guided_decoding_backend": "outlines"}}, "guided_decoding_backend"),
     ("completions", {"extra_body": {"priority": -3}}, "priority"),
 ]
 

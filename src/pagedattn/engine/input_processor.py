@@ -10,14 +10,16 @@ import torch
 from ..cache.block_manager import cdiv
 from .sampling_params import SamplingParams
 from .sequence import Request, Sequence
+from .structured import GrammarCompilerCache
 
 PromptInput = str | list[int] | dict[str, Any]
 
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, block_size: int, num_blocks: int,
-                 device: torch.device) -> None:
+                 device: torch.device, grammars: GrammarCompilerCache) -> None:
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -31,8 +33,9 @@ class InputProcessor:
         req = Request(request_id, text, ids, params, extra_key=extra_key, stream=stream)
         for i in range(1, params.n):
             req.seqs.append(Sequence(f"{request_id}#{i}", i, list(ids), len(ids)))
-        if params.seed is not None:
-            for s in req.seqs:
+        for s, grammar in zip(req.seqs, self.grammars.new_matchers(params.structured_outputs, params.n)):
+            s.grammar = grammar  # structured output: each sample its own matcher
+            if params.seed is not None:
                 s.generator = torch.Generator(device=self.device)
                 s.generator.manual_seed(hash((params.seed, s.index)) & 0x7FFF_FFFF_FFFF_FFFF)
         return req
@@ -86,6 +89,8 @@ class InputProcessor:
                 f"this request ({need} blocks for {total} tokens x n={params.n}); use a larger pool or a "
                 "smaller max_tokens"
             )
+        if params.structured_outputs is not None:  # compiled (and cached) now: a bad schema fails here
+            self.grammars.compile(params.structured_outputs)
 
 
 def _token_ids(ids: object, name: str) -> list[int]:

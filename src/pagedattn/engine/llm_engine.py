@@ -41,6 +41,7 @@ from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request
 from .step_builder import StepBuilder
 from .step_sampler import StepSampler
+from .structured import GrammarCompilerCache
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,9 @@ class LLMEngine:
         self.step_builder = StepBuilder(self.scheduler.block_table)
         self.sampler = Sampler(self.device, config.seed)
         self.step_sampler = StepSampler(self.sampler, self.eos_token_ids)
+        self.grammars = GrammarCompilerCache(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.arch.vocab_size, self.max_model_len, config.block_size,
-                                     num_blocks, self.device)
+                                     num_blocks, self.device, self.grammars)
         self.outputs = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -211,10 +213,12 @@ class LLMEngine:
 
     def _can_defer(self, cur: _Launched) -> bool:
         """Whether nothing about the step's rows needs the host before the next step: no
-        log-probabilities, no first token of n samples (they fork)."""
+        log-probabilities, no first token of n samples (they fork), no grammar (its next mask
+        needs this step's token)."""
         if not self.async_scheduling or not cur.targets:
             return False
-        return all(req.params.logprobs is None and (req.params.n == 1 or req.prefill_done) for _, req in cur.targets)
+        return all(p.logprobs is None and p.structured_outputs is None and (p.n == 1 or req.prefill_done)
+                   for _, req in cur.targets for p in (req.params,))
 
     def _sample_on_device(self, cur: _Launched, prev: _Launched | None) -> None:
         """Sample ``cur``'s rows into ``cur.tokens`` and start their copy to the host; a failure

@@ -13,6 +13,7 @@ from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
+from .structured import accept_token
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class OutputProcessor:
     def _append(self, req: Request, seq: Sequence, tok: int, lp: dict[int, float] | None, slp: float | None,
                 now: float) -> None:
         seq.token_ids.append(tok)
+        accept_token(seq, tok)  # structured output: advance the sample's grammar
         self.scheduler.commit(seq)  # the blocks that waited for this token
         if lp is not None:
             seq.logprobs.append(lp)

@@ -18,6 +18,7 @@ import torch
 from ..runtime.greedy import argmax_rows
 from ..transfer import to_device
 from .sampling_params import SamplingParams
+from .structured import SampleGrammar, TokenBitmask, apply_bitmask, fill_bitmask
 
 
 @dataclass
@@ -25,6 +26,7 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None
     banned: Sequence[int] = ()  # token ids this row may not sample now (EOS before min_tokens)
+    grammar: SampleGrammar | None = None  # structured output: the tokens its grammar allows now
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SamplingBatch:
     greedy_mask: torch.Tensor | None = None  # [n]
     seeded: list[int] = field(default_factory=list)  # rows with their own generator
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf
+    grammar_mask: TokenBitmask | None = None  # structured output's allowed tokens of its rows
 
 
 class Sampler:
@@ -81,6 +84,7 @@ class Sampler:
         if pairs:
             banned_rows, banned_ids = (to_device(list(col), torch.long, dev) for col in zip(*pairs))
             b.banned = (banned_rows, banned_ids)
+        b.grammar_mask = fill_bitmask([r.grammar for r in rows], dev)
         if b.all_greedy:
             return b
         b.temperature = to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
@@ -105,6 +109,8 @@ class Sampler:
         assert logits.shape[0] == len(b.rows)
         if b.banned is not None:
             logits = logits.index_put(b.banned, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        if b.grammar_mask is not None:  # in place unless the log-probabilities need the logits as they were
+            logits = apply_bitmask(logits, b.grammar_mask, inplace=b.banned is not None or not b.want_logprobs)
         if b.all_greedy:
             # In the model's dtype: widening to fp32 is exact and order-preserving, so the
             # indices are the same, without a copy of the logits.

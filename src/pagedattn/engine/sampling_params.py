@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .structured import StructuredOutputsParams
+
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
@@ -32,6 +34,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return per generated token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # A JSON schema, regex, choice or grammar the output must follow (compiled when the request
+    # is validated; see .structured).
+    structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -50,6 +55,8 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise _bad(self, name, "must be true or false")
         self.stop_list = self._stop_strings()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _bad(self, "structured_outputs", "must be a StructuredOutputsParams or None")
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
             if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) \
@@ -77,8 +84,8 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the logits on the host side: no logprobs and no
-        masks (min_tokens).  Such rows can take the model runner's on-device argmax."""
-        return self.greedy and self.logprobs is None and self.min_tokens == 0
+        masks (min_tokens, a grammar).  Such rows can take the model runner's on-device argmax."""
+        return self.greedy and self.logprobs is None and self.min_tokens == 0 and self.structured_outputs is None
 
 
 def _is_int(x: object) -> bool:

@@ -45,6 +45,7 @@ class Sequence:
     text: str = ""
     detok: Any = field(default=None, repr=False, compare=False)
     stop_checked_len: int = 0  # characters of ``text`` already checked for stop strings
+    grammar: Any = field(default=None, repr=False, compare=False)  # structured output: a .structured.SampleGrammar
 
     @property
     def num_tokens(self) -> int:

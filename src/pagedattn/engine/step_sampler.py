@@ -20,7 +20,7 @@ class StepSampler:
         banned: list[int] = []
         if seq.num_output_tokens + seq.num_pending < p.min_tokens:  # EOS and stop ids wait for min_tokens
             banned = [*(() if p.ignore_eos else sorted(self.eos_token_ids)), *(p.stop_token_ids or ())]
-        return SamplingRow(p, seq.generator, banned)
+        return SamplingRow(p, seq.generator, banned, grammar=seq.grammar)
 
     def batch(self, targets: list[Target], prev: list[Target] | None, prev_batch: SamplingBatch | None
               ) -> SamplingBatch:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import EngineConfig, add_engine_args, config_from_args
 from ..viz.trace import check_trace_path
+from .chat_output import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -139,13 +140,14 @@ def _chat_turn(llm: Any, history: list[dict[str, str]], params: Any) -> str:
 
 
 def cmd_serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    from .server import ServerLimits, run_server
+    from .server import ChatParsing, ServerLimits, run_server
 
     limits = ServerLimits(**{f: getattr(args, flag) for f, flag in _SERVE_LIMITS.items()
                              if getattr(args, flag) is not None})
+    chat = ChatParsing(tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     return run_server(lambda: build_llm(config).engine, served_model_name=args.served_model_name,
                       model=config.model, host=args.host, port=args.port, limits=limits,
-                      enable_docs=args.enable_docs, verbose=args.verbose, access=_access(args))
+                      enable_docs=args.enable_docs, verbose=args.verbose, access=_access(args), chat=chat)
 
 
 def _access(args: argparse.Namespace) -> Any:
@@ -215,6 +217,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--header-timeout", type=float, default=None, help="seconds a request's headers may take (10)")
     s.add_argument("--body-timeout", type=float, default=None, help="seconds a request's body may take (30)")
     s.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+    t = s.add_argument_group("chat answers")
+    t.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="how tool calls are read from the text for tool_choice 'auto' (hermes: <tool_call> blocks, "
+                   "Qwen and SmolLM-style; llama3_json: Llama 3's JSON calls); default: none, 'auto' with tools is "
+                   "refused")
+    t.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="split <think>...</think> into reasoning_content (qwen3: when the answer opens it; "
+                   "deepseek_r1: the template opened it); default: none")
     a = s.add_argument_group("access")
     a.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
                    "$PAGEDATTN_API_KEY, which unlike a flag does not show in the process list; none: no key)")

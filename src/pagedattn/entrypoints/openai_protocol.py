@@ -18,6 +18,7 @@ Every field a request may carry is one of four kinds:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -29,6 +30,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
+from ..engine.structured import StructuredOutputsParams
+from .chat_output import required_tools_schema
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +87,8 @@ def _one_of(*ok: Any) -> Callable[[Any], bool]:
     return lambda v: v is None or any(type(v) is type(o) and v == o for o in ok)
 
 
-def _text_format(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and v.get("type", "text") == "text")
-
-
 _PENALTY = "penalties are not implemented yet"
-_STRUCTURED = "structured output (JSON schema, regex, grammar, choice) is not implemented yet"
-_TOOLS = "tool calling is not implemented yet"
+_FUNCTIONS = "the deprecated functions API is not implemented (use tools and tool_choice)"
 
 # Known request fields (OpenAI's and vLLM's) the server does not implement yet.
 NOT_IMPLEMENTED: dict[str, Refusal] = {
@@ -100,14 +98,12 @@ NOT_IMPLEMENTED: dict[str, Refusal] = {
     "logit_bias": Refusal("is not implemented yet", _empty),
     "bad_words": Refusal("is not implemented yet", _empty),
     "allowed_token_ids": Refusal("is not implemented yet", _unset),
-    "response_format": Refusal(f"only {{'type': 'text'}}: {_STRUCTURED}", _text_format),
-    **{name: Refusal(_STRUCTURED, _unset) for name in (
-        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
-        "guided_decoding_backend", "guided_whitespace_pattern")},
-    "tools": Refusal(_TOOLS, _empty),
-    "tool_choice": Refusal(f"{_TOOLS} (only 'none' or 'auto' without tools)", _one_of("none", "auto")),
-    "functions": Refusal(_TOOLS, _empty),
-    "function_call": Refusal(f"{_TOOLS} (only 'none' or 'auto' without functions)", _one_of("none", "auto")),
+    "structural_tag": Refusal("structural tags are not implemented (use response_format or guided_json)", _unset),
+    "guided_decoding_backend": Refusal("xgrammar is the only backend", _one_of("xgrammar", "auto")),
+    "guided_whitespace_pattern": Refusal("is not implemented (JSON output has no whitespace between tokens)",
+                                         _unset),
+    "functions": Refusal(_FUNCTIONS, _empty),
+    "function_call": Refusal(f"{_FUNCTIONS} (only 'none' or 'auto')", _one_of("none", "auto")),
     "prompt_logprobs": Refusal("is not implemented yet", _unset),
     "echo": Refusal("is not implemented yet", _false),
     "suffix": Refusal("is not implemented yet", _empty),
@@ -117,7 +113,6 @@ NOT_IMPLEMENTED: dict[str, Refusal] = {
     "chat_template": Refusal("per-request chat templates are not accepted; the model's own is used", _unset),
     "reasoning_effort": Refusal("is not implemented (Qwen3-style templates take chat_template_kwargs: "
                                 "{'enable_thinking': false})", _unset),
-    "include_reasoning": Refusal("reasoning is not separated from the content (only true)", _one_of(True)),
     "thinking_token_budget": Refusal("is not implemented yet", _unset),
     "modalities": Refusal("only text output (['text'])", lambda v: v is None or v == ["text"]),
     "audio": Refusal("only text output", _unset),
@@ -144,7 +139,6 @@ IGNORED: dict[str, str] = {
     "store": "asks OpenAI to keep the completion for later use; nothing is kept here",
     "metadata": "tags of stored completions (see store)",
     "prediction": "predicted output only makes OpenAI's answer faster, never different",
-    "parallel_tool_calls": "means something only with tools, which are refused",
     "request_id": "the server makes its own ids (the response's id)",
     "session_id": "a grouping for vLLM's routing; there is one engine here",
     "stream_interval": "chunks are sent as tokens come",
@@ -152,12 +146,9 @@ IGNORED: dict[str, str] = {
 
 # Fields of a chat message (the request's messages.N).
 MESSAGE_NOT_IMPLEMENTED: dict[str, Refusal] = {
-    "tool_calls": Refusal(f"{_TOOLS} (a conversation with tool calls)", _empty),
-    "function_call": Refusal(f"{_TOOLS} (a conversation with function calls)", _unset),
+    "function_call": Refusal(f"{_FUNCTIONS} (a conversation with function calls)", _unset),
 }
-MESSAGE_IGNORED: dict[str, str] = {
-    "tool_call_id": "means something only with tool_calls, which are refused",
-}
+MESSAGE_IGNORED: dict[str, str] = {}
 
 
 # ====================================================================== the checks
@@ -213,6 +204,31 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> dict[str, Any]:
+        """The structured-output fields of this format (``type`` is not "text")."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.json_schema is None:
+            raise UnsupportedFeatureError("response_format.json_schema", "is required with type 'json_schema'")
+        # No schema: any JSON object, as OpenAI's API takes it.
+        schema = self.json_schema.schema_
+        return {"json": schema} if schema is not None else {"json_object": True}
+
+
 class _SamplingRequest(_Body):
     """Fields shared by completions and chat completions."""
 
@@ -232,6 +248,13 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output: OpenAI's response_format, vLLM's guided_* fields and structured_outputs.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -241,6 +264,31 @@ class _SamplingRequest(_Body):
         check_fields(self)
         if self.stream_options is not None and not self.stream:
             raise UnsupportedFeatureError("stream_options", "is only allowed with stream: true")
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one constraint the request asks for (a 400 naming the fields if it asks for two)."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            given.append(("response_format", rf.constraint()))
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, {name.removeprefix("guided_"): value}))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        if len(given) > 1:
+            raise UnsupportedFeatureError(given[1][0], f"cannot be combined with {given[0][0]} (one constraint "
+                                          "per request)")
+        if not given:
+            return None
+        origin, fields = given[0]
+        known = {"json", "regex", "choice", "grammar", "json_object"}
+        for key in fields:
+            if key not in known:
+                raise UnsupportedFeatureError(f"{origin}.{key}",
+                                              f"is not implemented (known: {', '.join(sorted(known))})")
+        return StructuredOutputsParams(**fields, origin=origin)
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          defaults: Mapping[str, Any]) -> SamplingParams:
@@ -266,6 +314,7 @@ class _SamplingRequest(_Body):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured(),
         )
 
 
@@ -306,20 +355,77 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Request):
+    """A call the assistant made earlier in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_template_dict(self) -> dict[str, Any]:
+        # Templates (Llama 3's, Qwen's) expect the arguments as a mapping they can write out;
+        # text that is not a JSON object stays text.
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            args = self.function.arguments
+        if not isinstance(args, dict):
+            args = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": args}}
+
+
 class ChatMessage(_Request):
     not_implemented = MESSAGE_NOT_IMPLEMENTED
     ignored = MESSAGE_IGNORED
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    def to_template_dict(self) -> dict[str, str]:
-        """What chat templates expect: a role and one string of content."""
+    def to_template_dict(self) -> dict[str, Any]:
+        """What chat templates expect: a role and one string of content (plus tool calls)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            out["name"] = self.name
+        return out
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def to_template_dict(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatTemplateFields(_Body):
@@ -332,6 +438,7 @@ class ChatTemplateFields(_Body):
     add_special_tokens: bool = False  # on top of those the template writes (BOS twice, usually)
     documents: list[dict[str, str]] | None = None  # for templates with retrieval-augmented generation
     chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables (Qwen3: enable_thinking)
+    tools: list[ChatTool] | None = None  # functions the model may call (passed to the template)
 
     @property
     def generation_prompt(self) -> bool:
@@ -349,6 +456,9 @@ class ChatCompletionRequest(ChatTemplateFields, _SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=_I64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # with tool_choice "required": more than one call allowed
+    include_reasoning: bool = True  # with a reasoning parser: false leaves reasoning_content out
 
     def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """``defaults``: the model's values for fields the request leaves unset."""
@@ -358,7 +468,43 @@ class ChatCompletionRequest(ChatTemplateFields, _SamplingRequest):
         defaults = defaults or {}
         max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens) if m is not None),
                           defaults.get("max_tokens"))
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
+        params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
+        tools_schema = self.tool_schema()
+        if tools_schema is not None:
+            if params.structured_outputs is not None:
+                raise UnsupportedFeatureError(params.structured_outputs.origin, "cannot be combined with tool_choice "
+                                              "'required' or a named function (their calls are the output's format)")
+            params.structured_outputs = StructuredOutputsParams(json=tools_schema, origin="tools")
+        return params
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" with tools, "none" without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def tool_function(self) -> FunctionDefinition | None:
+        """The function a named tool_choice asks for (a 400 if there is no such tool)."""
+        choice = self.effective_tool_choice
+        if not isinstance(choice, NamedToolChoice):
+            return None
+        for tool in self.tools or ():
+            if tool.function.name == choice.function.name:
+                return tool.function
+        raise UnsupportedFeatureError("tool_choice", f"no function named {choice.function.name!r} in tools")
+
+    def tool_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow for tool_choice "required" or a named function."""
+        choice = self.effective_tool_choice
+        if choice in ("none", "auto"):
+            return None
+        if not self.tools:
+            raise UnsupportedFeatureError("tool_choice", "requires tools")
+        named = self.tool_function()
+        if named is not None:
+            return named.parameters or {"type": "object"}
+        return required_tools_schema([t.function.model_dump() for t in self.tools], self.parallel_tool_calls)
 
 
 # ====================================================================== tokenizer endpoints (vLLM's)
@@ -457,9 +603,22 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Response):
@@ -480,9 +639,23 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):

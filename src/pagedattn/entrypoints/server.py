@@ -65,6 +65,18 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from .access import ServerAccess, install_access
+from .chat_output import (
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
+    ChoiceParser,
+    NamedCallParser,
+    ParsedDelta,
+    RequiredCallsParser,
+    TextParser,
+    parse_whole,
+    reasoning_parser,
+    tool_call_parser,
+)
 from .metrics import ServerMetrics
 from .openai_protocol import (
     ChatChoice,
@@ -80,16 +92,20 @@ from .openai_protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
+    FunctionCallOut,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
+    ToolCallOut,
     TopLogprob,
     UnsupportedFeatureError,
     UsageInfo,
@@ -187,6 +203,52 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 # ====================================================================== server state
+@dataclass(frozen=True)
+class ChatParsing:
+    """How chat answers are split (``pagedattn serve --tool-call-parser / --reasoning-parser``):
+    tool calls out of the text for ``tool_choice: "auto"`` (``hermes``, ``llama3_json``; None:
+    "auto" with tools is refused), reasoning out of the content (``qwen3``, ``deepseek_r1``)."""
+
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser: must be one of {', '.join(TOOL_CALL_PARSERS)}; "
+                             f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser: must be one of {', '.join(REASONING_PARSERS)}; "
+                             f"got {self.reasoning_parser!r}")
+
+    def for_request(self, req: ChatCompletionRequest, params: SamplingParams) -> Callable[[], ChoiceParser] | None:
+        """A maker of each choice's parser, None when the text is all content.  A constrained
+        answer (response_format, a required or named tool choice) starts with no reasoning block
+        open: ``qwen3`` (an answer opens it itself) still applies, ``deepseek_r1`` does not."""
+        tools = self._tools(req)
+        reasoning = self.reasoning_parser
+        if params.structured_outputs is not None and reasoning != "qwen3":
+            reasoning = None
+        if tools is None and reasoning is None:
+            return None
+        return lambda: ChoiceParser(reasoning_parser(reasoning) if reasoning else None, tools() if tools else None)
+
+    def _tools(self, req: ChatCompletionRequest) -> Callable[[], TextParser] | None:
+        choice = req.effective_tool_choice
+        named = req.tool_function()
+        if named is not None:
+            return lambda: NamedCallParser(named.name)
+        if choice == "required":
+            return RequiredCallsParser
+        if choice != "auto" or not req.tools:
+            return None
+        name = self.tool_call_parser
+        if name is None:
+            raise APIError(400, "tool_choice: 'auto' with tools needs a server started with --tool-call-parser "
+                           f"({', '.join(TOOL_CALL_PARSERS)}); use 'required', a named function or 'none'",
+                           param="tool_choice")
+        return lambda: tool_call_parser(name)
+
+
 @dataclass
 class ServerState:
     engine: AsyncLLMEngine
@@ -199,6 +261,7 @@ class ServerState:
     # Requests that may still run; weak, so that finished ones need no bookkeeping.
     live: weakref.WeakSet[Generation] = field(default_factory=weakref.WeakSet)
     closed: bool = False  # past the shutdown grace: running requests were failed, new ones are refused
+    chat: ChatParsing = field(default_factory=lambda: ChatParsing())
 
     def close_after(self, grace_s: float) -> None:
         """Shutdown began: in ``grace_s`` fail whatever still runs (its client gets an error
@@ -232,13 +295,16 @@ class ServerState:
         msgs = [m.to_template_dict() for m in req.messages]
         for i, m in enumerate(msgs):
             _check_unicode(m["content"], f"messages.{i}.content")
+            _check_json_unicode(m.get("tool_calls"), f"messages.{i}.tool_calls")
         _check_json_unicode(req.documents, "documents")
         kwargs = _template_variables(tok, req.chat_template_kwargs or {})
         generation_prompt = req.generation_prompt  # outside the try: its own error names its own field
+        tools = [t.to_template_dict() for t in req.tools] if req.tools else None
+        _check_json_unicode(tools, "tools")
         try:
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
                                            continue_final_message=req.continue_final_message,
-                                           documents=req.documents, **kwargs)
+                                           documents=req.documents, tools=tools, **kwargs)
         except (jinja2.TemplateError, ValueError, TypeError) as e:
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
         return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=req.add_special_tokens)}
@@ -562,11 +628,13 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
     return events()
 
 
-def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation) -> AsyncIterator[str]:
+def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation,
+                 parser: Callable[[], ChoiceParser] | None) -> AsyncIterator[str]:
     cid, created = gen.request_id, now()
     hold, want_lp = _hold_for(gen.params), req.logprobs
     k = req.top_logprobs or 0
     cursors: dict[int, _ChoiceCursor] = {}
+    parsers: dict[int, ChoiceParser] = {}
     last: list[RequestOutput | None] = [None]
     usage_field = req.include_usage_in_stream
 
@@ -574,8 +642,23 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
         data = ChatCompletionChunk(id=cid, created=created, model=state.model_name, choices=choices,
                                    usage=usage).model_dump()
         for ch in data["choices"]:  # a delta carries only what changed, as OpenAI's do
-            ch["delta"] = {key: v for key, v in ch["delta"].items() if v is not None}
+            ch["delta"] = _without_none(ch["delta"])
         return _sse(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+
+    def choice(c: CompletionOutput, d: _Delta, lp: ChatLogprobs | None) -> ChatChunkChoice | None:
+        if parser is None:
+            return ChatChunkChoice(index=c.index, delta=DeltaMessage(content=d.text), logprobs=lp,
+                                   finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+        p = parsers.setdefault(c.index, parser())
+        parsed = p.feed(d.text)
+        if d.finish_reason is not None:
+            parsed += p.finish()
+        finish = _finish_reason(d.finish_reason, p.num_calls)
+        delta = _parsed_delta(parsed, req.include_reasoning)
+        if delta == DeltaMessage() and finish is None and lp is None:
+            return None  # held back (a tag's start, a call not complete yet) or left out (reasoning)
+        return ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=finish,
+                               stop_reason=d.stop_reason)
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -590,8 +673,9 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
                     if d is None:
                         continue
                     lp = _chat_logprobs(state, d.token_ids, d.logprobs, k) if d.logprobs is not None else None
-                    yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=d.text), logprobs=lp,
-                                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+                    ch = choice(c, d, lp)
+                    if ch is not None:
+                        yield chunk([ch])
             if usage_field:
                 yield chunk([], _usage(gen, last))
         except Exception as e:
@@ -616,15 +700,49 @@ def _completion_response(state: ServerState, req: CompletionRequest, gen: Genera
                               usage=_usage(gen, list(finals)))
 
 
-def _chat_response(state: ServerState, req: ChatCompletionRequest, gen: Generation,
-                   final: RequestOutput) -> ChatCompletionResponse:
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def _finish_reason(reason: str | None, num_calls: int) -> str | None:
+    """OpenAI's "tool_calls" for an answer that called tools and ended by itself."""
+    return "tool_calls" if reason == "stop" and num_calls else reason
+
+
+def _parsed_delta(parsed: ParsedDelta, include_reasoning: bool) -> DeltaMessage:
+    calls = [DeltaToolCall(index=c.index, id=c.id, type="function" if c.id is not None else None,
+                           function=DeltaFunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.tool_calls]
+    return DeltaMessage(content=parsed.content or None, tool_calls=calls or None,
+                        reasoning_content=(parsed.reasoning if include_reasoning else None) or None)
+
+
+def _parsed_message(parsed: ParsedDelta, include_reasoning: bool) -> ChatMessageOut:
+    calls = [ToolCallOut(id=c.id or "", function=FunctionCallOut(name=c.name or "", arguments=c.arguments))
+             for c in parsed.tool_calls]
+    # OpenAI's content is null next to tool calls unless the model wrote text too.
+    content = parsed.content if parsed.content or not calls else None
+    return ChatMessageOut(content=content, tool_calls=calls or None,
+                          reasoning_content=(parsed.reasoning if include_reasoning else None) or None)
+
+
+def _chat_response(state: ServerState, req: ChatCompletionRequest, gen: Generation, final: RequestOutput,
+                   parser: Callable[[], ChoiceParser] | None) -> ChatCompletionResponse:
     choices = []
     for c in sorted(final.outputs, key=lambda c: c.index):
         lp = None
         if req.logprobs and c.logprobs is not None:
             lp = _chat_logprobs(state, c.token_ids, c.logprobs, req.top_logprobs or 0)
-        choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=lp,
-                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        message, finish = ChatMessageOut(content=c.text), c.finish_reason
+        if parser is not None:
+            parsed = parse_whole(parser(), c.text)
+            message, finish = _parsed_message(parsed, req.include_reasoning), _finish_reason(
+                c.finish_reason, len(parsed.tool_calls))
+        choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=finish,
+                                  stop_reason=c.stop_reason))
     return ChatCompletionResponse(id=gen.request_id, created=now(), model=state.model_name, choices=choices,
                                   usage=_usage(gen, [final]))
 
@@ -636,6 +754,14 @@ def _sampling_params(state: ServerState, req: CompletionRequest | ChatCompletion
         raise APIError(400, str(e), param=e.param) from None
     except ValueError as e:
         raise APIError.bad_request(e) from None
+
+
+def _chat_parser(state: ServerState, req: ChatCompletionRequest,
+                 params: SamplingParams) -> Callable[[], ChoiceParser] | None:
+    try:
+        return state.chat.for_request(req, params)
+    except UnsupportedFeatureError as e:
+        raise APIError(400, str(e), param=e.param) from None
 
 
 def _completion_prompts(state: ServerState, req: CompletionRequest) -> Callable[[], list[Any]]:
@@ -687,14 +813,16 @@ async def _respond(raw: Request, gen: Generation, stream: bool,
 
 # ====================================================================== the app
 def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None,
-               enable_docs: bool = False, access: ServerAccess | None = None) -> FastAPI:
+               enable_docs: bool = False, access: ServerAccess | None = None,
+               chat: ChatParsing | None = None) -> FastAPI:
     """The FastAPI app for one engine.  Its lifespan starts the engine thread and shuts it down.
 
     ``enable_docs`` serves the OpenAPI schema and its pages (``/docs``, ``/redoc``); they are
     off by default, as they tell anyone who can connect everything the server accepts.
-    ``access``: an API key and CORS (none by default)."""
+    ``access``: an API key and CORS (none by default).  ``chat``: the tool-call and reasoning
+    parsers of chat answers (none by default)."""
     state = ServerState(async_engine, served_model_name, limits or ServerLimits(),
-                        sampling_defaults=model_sampling_defaults(async_engine))
+                        sampling_defaults=model_sampling_defaults(async_engine), chat=chat or ChatParsing())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -746,10 +874,11 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: Ser
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         state.check_model(req.model)
         params = _sampling_params(state, req)
+        parser = _chat_parser(state, req, params)
         gen = await Generation.create(state, lambda: [state.chat_prompt(req)], params, new_id("chatcmpl"),
                                       prompt_param="messages")
-        return await _respond(raw, gen, req.stream, lambda: _chat_stream(state, req, gen),
-                              lambda finals: _chat_response(state, req, gen, finals[0]))
+        return await _respond(raw, gen, req.stream, lambda: _chat_stream(state, req, gen, parser),
+                              lambda finals: _chat_response(state, req, gen, finals[0], parser))
 
     @app.post("/tokenize")
     async def tokenize(body: Annotated[dict[str, Any], Body()]) -> Response:
@@ -1072,7 +1201,7 @@ def fit_connections(limits: ServerLimits, fd_limit: int) -> ServerLimits:
 def run_server(engine_factory: Callable[[], LLMEngine], *, served_model_name: str | None = None,
                model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                limits: ServerLimits | None = None, enable_docs: bool = False, verbose: bool = False,
-               access: ServerAccess | None = None) -> int:
+               access: ServerAccess | None = None, chat: ChatParsing | None = None) -> int:
     """``pagedattn serve``: build the engine, then serve until SIGINT/SIGTERM, or until the engine
     fails (exit status 1, so that a supervisor restarts the process).
 
@@ -1084,7 +1213,7 @@ def run_server(engine_factory: Callable[[], LLMEngine], *, served_model_name: st
     # Built on the engine thread, so that all torch work of the process happens there.
     engine = AsyncLLMEngine.from_factory(engine_factory)
     name = served_model_name or default_model_name(model, engine.engine.source)
-    app = create_app(engine, name, limits, enable_docs=enable_docs, access=access)
+    app = create_app(engine, name, limits, enable_docs=enable_docs, access=access, chat=chat)
     server = make_server(app, host, port, verbose=verbose)
     _announce(app.state.server, access or ServerAccess(), host, port)
     try:
@@ -1108,6 +1237,10 @@ def _announce(state: ServerState, access: ServerAccess, host: str, port: int) ->
     if state.sampling_defaults:
         say(f"unset request fields take the model's generation_config.json values: "
             f"{describe(state.sampling_defaults)} (--generation-config none: the API's defaults)")
+    chat = state.chat
+    if chat.tool_call_parser or chat.reasoning_parser:
+        say(f"chat answers: tool calls read by {chat.tool_call_parser or 'none (tool_choice auto is refused)'}, "
+            f"reasoning split by {chat.reasoning_parser or 'none'}")
     if access.api_key is not None:
         say("requests need 'Authorization: Bearer <the API key>'"
             + ("" if access.protect_probes else " (/health and /metrics are open)"))
