@@ -43,6 +43,9 @@ class DecoderForCausalLM(nn.Module):
     model_type: ClassVar[str]  # config.json's model_type, for configs that name no architecture
     default_max_position: ClassVar[int] = 2048  # max_position_embeddings when the config omits it
     config_class: ClassVar[type[ModelArchConfig]] = ModelArchConfig  # a subclass holds a family's own knobs
+    # config.json's activation key and the activations the family computes (the first is the default).
+    activation_key: ClassVar[str] = "hidden_act"
+    activations: ClassVar[tuple[str, ...]] = ("silu",)
     # Runtime fused parameter -> the checkpoint projections it holds, with their shard ids.
     packed_params: ClassVar[Mapping[str, tuple[tuple[str, ShardId], ...]]] = {
         "qkv_proj": (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")),
@@ -75,7 +78,8 @@ class DecoderForCausalLM(nn.Module):
     @classmethod
     def config_from_hf(cls, d: Mapping[str, Any]) -> ModelArchConfig:
         """This family's reading of a ``config.json`` (transformers 4.x or 5.x)."""
-        fields = parse_hf_fields(d, cls.__name__, cls.default_max_position, cls.default_head_dim)
+        fields = parse_hf_fields(d, cls.__name__, cls.default_max_position, cls.default_head_dim,
+                                 activation_key=cls.activation_key, activations=cls.activations)
         fields.update(cls.config_fields(d, fields["num_layers"]))
         return cls.config_class(**fields)
 

@@ -1,10 +1,10 @@
 """The shared building blocks every model family is made of.
 
 * linear layers laid out for tensor parallelism (:mod:`.linear`), the vocabulary-parallel
-  embedding and LM head (:mod:`.vocab`), RMSNorm (:mod:`.norm`), rotary embeddings
-  (:mod:`.rotary`);
+  embedding and LM head (:mod:`.vocab`), RMSNorm and Gemma's variant (:mod:`.norm`), rotary
+  embeddings (:mod:`.rotary`);
 * the blocks of a decoder layer: :class:`Attention` (q/k/v, optional q/k norm, rotary, paged
-  attention, output projection) and :class:`GatedMLP`; :class:`DecoderLayer`, the pre-norm
+  attention, output projection) and :class:`GatedMLP` (SiLU or GELU gated); :class:`DecoderLayer`, the pre-norm
   residual block over them; :class:`DecoderModel`, the stack;
 * the tensor-parallel plumbing (:mod:`.parallel`: :class:`Shard`, :class:`AllReduce`) and the
   weight-loading hooks (:mod:`.weights`).
@@ -28,8 +28,8 @@ from .linear import (
     linear,
     pack_linear_weights_for_cpu,
 )
-from .mlp import GatedMLP, SiluAndMul
-from .norm import RMSNorm
+from .mlp import GatedMLP, GeluAndMul, SiluAndMul
+from .norm import GemmaRMSNorm, RMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
 from .rotary import RotaryEmbedding, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
@@ -42,6 +42,8 @@ __all__ = [
     "DecoderLayer",
     "DecoderModel",
     "GatedMLP",
+    "GeluAndMul",
+    "GemmaRMSNorm",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
     "QKVParallelLinear",

@@ -20,12 +20,14 @@ class Attention(nn.Module):
     stores this step's k/v first), and the row-parallel output projection (``o_proj``).
 
     Sizes and the layer's sliding window come from ``cfg``, what differs between families from
-    the keywords: q/k/v and o_proj biases, the q/k norm, the softmax scale (default
-    ``head_dim ** -0.5``).  Returns this rank's partial sums of the output (its query heads'
+    the keywords: q/k/v and o_proj biases, the q/k norm (and its class: Gemma's norms take
+    their weight as an offset from one), the softmax scale (default ``head_dim ** -0.5``),
+    attention-logit soft-capping.  Returns this rank's partial sums of the output (its query heads'
     share); the norm after the block reduces them across ranks, fused with its add."""
 
     def __init__(self, cfg: ModelArchConfig, layer_idx: int, shard: Shard, *, qkv_bias: bool = False,
-                 o_bias: bool = False, qk_norm: bool = False, scale: float | None = None) -> None:
+                 o_bias: bool = False, qk_norm: bool = False, norm: type[RMSNorm] = RMSNorm,
+                 scale: float | None = None, logit_softcap: float | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
@@ -36,15 +38,17 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=o_bias, reduce_results=False, **shard.kw)
         self.qk_norm = qk_norm
+        self.unit_offset_norm = norm.unit_offset
         if qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
+            self.q_norm = norm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
+            self.k_norm = norm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
         self.spec = AttentionLayerSpec(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_dim=cfg.head_dim,
             scale=cfg.head_dim**-0.5 if scale is None else scale,
             sliding_window=cfg.layer_sliding_windows[layer_idx],
+            logit_softcap=logit_softcap,
         )
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -53,7 +57,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         q_w, k_w = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         eps = self.q_norm.eps if self.qk_norm else 0.0
-        q, k = qk_norm_rope(qkv, cos, sin, self.num_heads, self.num_kv_heads, q_w, k_w, eps)
+        q, k = qk_norm_rope(qkv, cos, sin, self.num_heads, self.num_kv_heads, q_w, k_w, eps, self.unit_offset_norm)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.spec)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
