@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
@@ -31,6 +33,8 @@ from pagedattn.models.config import ModelArchConfig
 from pagedattn.models.interface import CausalLM
 from pagedattn.models.layers import (
     ColumnParallelLinear,
+    GeluAndMul,
+    GemmaRMSNorm,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -284,6 +288,17 @@ def test_gemma_embedding_scale_is_rounded_to_the_model_dtype(build_family: Calla
     assert torch.tensor(48**0.5).to(torch.bfloat16).item() != torch.tensor(48**0.5).item()
 
 
+def test_gemma_dummy_weights_have_identity_norms(build_family: Callable[[str], Family], tmp_path: Path) -> None:
+    """``load_format="dummy"`` fills Gemma's norms (offsets from one) with zeros, as transformers does."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((build_family("gemma3_qknorm_local_rope").path / "config.json").read_text())
+    model, _ = load_model(folder, torch.float32, "cpu", load_format="dummy")
+    norms = [m for m in model.modules() if isinstance(m, GemmaRMSNorm)]
+    assert len(norms) == 3 * 6 + 1 and all(not m.weight.any() for m in norms)
+    assert _harness(model).step([("s", _ids(13, 9))])[0].isfinite().all()
+
+
 @pytest.mark.parametrize("name", ["qwen3_qknorm_yarn_rope", "gemma2_softcap_windowed", "gemma3_qknorm_local_rope"])
 def test_bfloat16_model_tracks_fp32(build_family: Callable[[str], Family], name: str) -> None:
     fam = build_family(name)
@@ -406,6 +421,40 @@ def test_rmsnorm_is_bitwise_hf(dtype: torch.dtype, shape: tuple[int, ...], eps: 
     normed, summed = ours.add_and_norm(x, res)
     assert torch.equal(summed, res + x)
     assert torch.equal(normed, ref(res + x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "eps"), [((7, 3, 48), 1e-6), ((300, 100), 1e-6)])
+def test_gemma_rmsnorm_is_bitwise_hf(dtype: torch.dtype, shape: tuple[int, ...], eps: float) -> None:
+    """``x / rms(x) * (1 + weight)`` in fp32, rounded once, as ``Gemma2RMSNorm`` (also over heads,
+    Gemma 3's q/k norm), and the add-then-norm form."""
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    n = shape[-1]
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    res = torch.randn(*shape, generator=gen).to(dtype)
+    w = (0.3 * torch.randn(n, generator=gen)).to(dtype)
+    ours, ref = GemmaRMSNorm(n, eps, dtype), Gemma2RMSNorm(n, eps=eps).to(dtype)
+    ours.weight.data.copy_(w)
+    ref.weight.data.copy_(w)
+    assert torch.equal(ours(x), ref(x))
+    normed, summed = ours.add_and_norm(x, res)
+    assert torch.equal(summed, res + x)
+    assert torch.equal(normed, ref(res + x))
+    assert torch.equal(GemmaRMSNorm(n, eps)(x.float()), x.float() * torch.rsqrt(x.float().pow(2).mean(-1, True) + eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_and_mul_is_bitwise_hf(dtype: torch.dtype) -> None:
+    """GeGLU is HF's ``ACT2FN[hidden_activation](gate) * up`` for both GELUs Gemma configs name."""
+    gate_up = (torch.randn(9, 2 * 40, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)
+    before = gate_up.clone()
+    gate, up = gate_up.chunk(2, -1)
+    for act, approximate in (("gelu_pytorch_tanh", "tanh"), ("gelu", "none")):
+        assert torch.equal(GeluAndMul(approximate)(gate_up), ACT2FN[act](gate) * up)
+    assert not torch.equal(GeluAndMul("tanh")(gate_up), GeluAndMul("none")(gate_up))
+    assert torch.equal(gate_up, before)
+    with pytest.raises(ValueError, match="approximate"):
+        GeluAndMul("fast")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
