@@ -773,8 +773,26 @@ def test_config_gemma3_both_transformers_generations() -> None:
     assert ModelArchConfig.from_hf_config(v5) == cfg  # by model_type, from transformers 5.x's layout
     bare = ModelArchConfig.from_hf_config({k: v for k, v in v5.items() if k != "rope_parameters"})
     assert (bare.rope_theta, bare.rope_scaling, bare.local_rope_theta) == (1e6, None, 1e4)  # type: ignore[attr-defined]
-    capped = ModelArchConfig.from_hf_config({**GEMMA3_4X, "attn_logit_softcapping": 20.0})
-    assert capped.attn_logit_softcapping == 20.0  # type: ignore[attr-defined]
+    capped = ModelArchConfig.from_hf_config({**GEMMA3_4X, "final_logit_softcapping": 20.0})
+    assert capped.final_logit_softcapping == 20.0  # type: ignore[attr-defined]
+
+
+def test_gemma3_caps_as_transformers_applies_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Gemma 3 soft-caps its final logits when the config says so, but (as transformers does)
+    never its attention logits, whatever ``attn_logit_softcapping`` says."""
+    cfg = transformers.Gemma3TextConfig(**COMMON, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
+                                        sliding_window=6, attn_logit_softcapping=0.5, final_logit_softcapping=2.0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize(hf, seed=21)
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        ours, _ = load_model(tmp_path, torch.float32, "cpu")
+    assert "attn_logit_softcapping=0.5 is ignored" in caplog.text
+    assert [s.logit_softcap for s in ours.attention_specs()] == [None, None]
+    ids = _ids(22)
+    ref = _hf_logits(hf, ids)
+    _assert_logits_match(_harness(ours).step([("s", ids)])[0], ref)
+    assert ref.abs().max() < 2.0  # the final cap did apply
 
 
 @pytest.mark.parametrize(("patch", "match"), [

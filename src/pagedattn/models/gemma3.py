@@ -2,16 +2,20 @@
 q and k before rotary, two rotary tables (``rope_local_base_freq``, 10 000 by default, for the
 sliding-window layers; ``rope_theta``, 1 000 000 by default, with ``rope_scaling`` for the
 global ones), five sliding layers to one global when the config has no ``layer_types``, and no
-soft-capping unless the config sets it."""
+final-logit soft-capping unless the config sets it.  Attention-logit soft-capping is never
+applied: transformers' Gemma 3 reads ``attn_logit_softcapping`` but attends without it."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from .config import ModelArchConfig, parse_rope
 from .gemma2 import Gemma2ForCausalLM, GemmaArchConfig
+
+logger = logging.getLogger(__name__)
 
 # Gemma3TextConfig's default bases: global and local.
 _GLOBAL_THETA = 1_000_000.0
@@ -36,7 +40,13 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
 
     @classmethod
     def config_fields(cls, d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-        return {**super().config_fields(d, num_layers), "qk_norm": True}
+        fields = {**super().config_fields(d, num_layers), "qk_norm": True}
+        if fields["attn_logit_softcapping"] is not None:
+            # transformers' Gemma 3 reads the key but never passes it to its attention.
+            logger.warning("attn_logit_softcapping=%s is ignored: Gemma 3 attends without it (as transformers does)",
+                           fields["attn_logit_softcapping"])
+            fields["attn_logit_softcapping"] = None
+        return fields
 
 
 def _rope_views(d: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
