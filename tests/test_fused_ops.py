@@ -261,6 +261,17 @@ def test_qk_norm_rope_with_scaled_rotary() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_and_mul_matches_reference(dtype: torch.dtype, approximate: str) -> None:
+    """GeGLU (Gemma's ``gelu_pytorch_tanh``, and the exact GELU) through the gated-activation kernel."""
+    g = _gen("gelu-mul", dtype, approximate)
+    x = _randn(g, SIZE.tokens, 2 * SIZE.intermediate, dtype=dtype, scale=3.0)  # tanh saturates both ways
+    _assert_matches(fo.gelu_and_mul_triton(x, approximate), fo.gelu_and_mul_ref(x, approximate))
+    with pytest.raises(ValueError, match="approximate"):
+        fo.gelu_and_mul_triton(x, "fast")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     if not CUDA:
         monkeypatch.setattr(fo, "SILU_BLOCK", 16)  # several column blocks, the last one partial

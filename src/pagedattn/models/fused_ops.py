@@ -13,7 +13,8 @@ reading and writing a few hundred KB.  Here each group is one kernel:
 * Gemma's RMSNorm, ``x / rms(x) * (1 + weight)`` with one rounding at the end
   (:func:`gemma_rms_norm`, :func:`fused_add_gemma_rms_norm`, and ``unit_offset`` of
   :func:`qk_norm_rope`): the same kernels with the weight taken as an offset from one;
-* :func:`gelu_and_mul` -- ``gelu(gate) * up`` (GeGLU; torch ops on every device).
+* :func:`gelu_and_mul` -- ``gelu(gate) * up`` (GeGLU), the same kernel as SiLU's with another
+  activation.
 
 Numerics.  The torch references are the model's original code (HF-exact in fp32 on the CPU).
 The kernels do their math in fp32 but round to the activation dtype wherever the torch code
@@ -120,9 +121,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """``gelu(x[..., :I]) * x[..., I:]`` (GeGLU; ``approximate`` as ``F.gelu``'s: "tanh", as
     ``gelu_pytorch_tanh`` computes it, or "none") for the fused gate/up output ``[T, 2I]``."""
-    n = x.shape[-1] // 2
-    # In place on GELU's fresh output, the same numbers as ``act(gate) * up``.
-    return F.gelu(x.narrow(-1, 0, n), approximate=approximate).mul_(x.narrow(-1, n, n))
+    return gelu_and_mul_triton(x, approximate) if use_triton(x) else gelu_and_mul_ref(x, approximate)
 
 
 # ---------------------------------------------------------------------- torch references
@@ -206,6 +205,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     # In place on SiLU's fresh output: one [T, I] tensor less to allocate (and fault in, for
     # a prefill's megabytes), the same numbers as ``F.silu(gate) * up``.
     return F.silu(x.narrow(-1, 0, n)).mul_(x.narrow(-1, n, n))
+
+
+def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    n = x.shape[-1] // 2
+    # In place on GELU's fresh output, the same numbers as ``act(gate) * up``.
+    return F.gelu(x.narrow(-1, 0, n), approximate=approximate).mul_(x.narrow(-1, n, n))
 
 
 # ---------------------------------------------------------------------- checks shared by the launchers
@@ -345,14 +350,30 @@ if triton is not None:
                          NORM, UNIT_OFFSET, dtype)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    def _gelu(x, TANH: tl.constexpr):
+        """F.gelu in fp32: the tanh approximation (``gelu_pytorch_tanh``) or the exact erf form.
+        tanh is written with exp (no libdevice, so the interpreter runs it too) as
+        ``sign(u) (1 - e) / (1 + e)`` with ``e = exp(-2 |u|)``, which never overflows."""
+        if TANH:
+            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
+            e = tl.exp(-2.0 * tl.abs(u))
+            t = (1.0 - e) / (1.0 + e)
+            return 0.5 * x * (1.0 + tl.where(u < 0, -t, t))
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, ACT: tl.constexpr):
+        # ACT: 0 SiLU, 1 GELU (tanh approximation), 2 GELU (erf).
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_cols
         gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(X + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-        # silu is stored in the activation dtype before the multiply, as F.silu(gate) * up does.
-        act = _round(gate / (1.0 + tl.exp(-gate)), Out.dtype.element_ty)
+        # The activation is stored in the activation dtype before the multiply, as act(gate) * up does.
+        if ACT == 0:
+            act = _round(gate / (1.0 + tl.exp(-gate)), Out.dtype.element_ty)
+        else:
+            act = _round(_gelu(gate, ACT == 1), Out.dtype.element_ty)
         tl.store(Out + row * stride_o + offs, (act * up).to(Out.dtype.element_ty), mask=mask)
 
 
@@ -478,6 +499,16 @@ SILU_BLOCK = 1024  # columns per program
 
 
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    return _launch_act_and_mul(x, 0)
+
+
+def gelu_and_mul_triton(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return _launch_act_and_mul(x, 1 if approximate == "tanh" else 2)
+
+
+def _launch_act_and_mul(x: torch.Tensor, act: int) -> torch.Tensor:
     require_triton()
     check_last_dim("x", x)
     if x.shape[-1] % 2:
@@ -488,6 +519,6 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(SILU_BLOCK, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-            x2, o2, x2.stride(0), o2.stride(0), n, BLOCK=block, num_warps=4,
+            x2, o2, x2.stride(0), o2.stride(0), n, BLOCK=block, ACT=act, num_warps=4,
         )
     return out
