@@ -756,6 +756,8 @@ def test_config_gemma2() -> None:
     assert cfg.layer_sliding_windows == [None, 4096] * 13 and cfg.head_dim == 256
     off = ModelArchConfig.from_hf_config({**GEMMA2_4X, "attn_logit_softcapping": None, "sliding_window": None})
     assert off.attn_logit_softcapping is None and off.uniform_sliding_window is None  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="attn_logit_softcapping must be a positive number or null"):
+        ModelArchConfig.from_hf_config({**GEMMA2_4X, "attn_logit_softcapping": -1.0})
 
 
 def test_config_gemma3_both_transformers_generations() -> None:
@@ -799,7 +801,7 @@ def test_gemma3_caps_as_transformers_applies_them(tmp_path: Path, caplog: pytest
     ({"hidden_activation": "relu"}, r"hidden_activation 'relu' is not supported"),
     ({"use_bidirectional_attention": True}, r"use_bidirectional_attention"),
     ({"query_pre_attn_scalar": 0}, r"query_pre_attn_scalar"),
-    ({"attn_logit_softcapping": -1.0}, r"attn_logit_softcapping"),
+    ({"final_logit_softcapping": -1.0}, r"final_logit_softcapping"),
     ({"layer_types": ["sliding_attention"]}, r"layer_types has 1 entries"),
     ({"rope_parameters": {"full_attention": {"rope_type": "longrope", "factor": 2.0}}}, r"longrope"),
 ])
