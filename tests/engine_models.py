@@ -46,6 +46,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "granite_multipliers": ("GraniteConfig", dict(
         num_key_value_heads=2, embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1,
         logits_scaling=3.0)),
+    # A sliding layer then a global one (window 12, shorter than most sequences), soft-caps that bite.
+    "gemma2_softcap": ("Gemma2Config", dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=12,
+        attn_logit_softcapping=3.0, final_logit_softcapping=8.0, tie_word_embeddings=True)),
+    # A global layer then a sliding one, each with its own rotary table; q/k norms.
+    "gemma3_local_rope": ("Gemma3TextConfig", dict(
+        num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=20, sliding_window=12,
+        layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=False,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 
 
@@ -54,7 +64,7 @@ def make_model_dir(root: Path, family: str, seed: int = 0) -> Path:
     cfg = getattr(transformers, cls_name)(**COMMON, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-    with torch.no_grad():  # RMSNorm weights init to 1; perturb them so the norms are exercised
+    with torch.no_grad():  # RMSNorm weights init to 1 (Gemma's to 0); perturb them so the norms are exercised
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)

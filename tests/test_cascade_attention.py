@@ -76,10 +76,10 @@ class SharedBatch:
     def host(self) -> HostBatch:
         return HostBatch.build([1] * len(self.seq_lens), self.seq_lens, self.tables, self.block_size)
 
-    def reference(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def reference(self, q: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
         m = self.meta()
         k, v = torch.nan_to_num(self.k_cache, nan=0.0), torch.nan_to_num(self.v_cache, nan=0.0)
-        return paged_attention_ref(q, k, v, m.block_tables, m.query_lens_cpu, m.seq_lens_cpu, scale)
+        return paged_attention_ref(q, k, v, m.block_tables, m.query_lens_cpu, m.seq_lens_cpu, scale, softcap=softcap)
 
 
 def _shared_batch(g: torch.Generator, rows: list[tuple[int | None, int]], prefix_blocks: list[int], block_size: int,
@@ -144,19 +144,22 @@ def _cascade_inputs(batch: SharedBatch, gqa: int, max_items: int = 64) -> tuple[
 _ONE_GROUP = ([(0, 1), (0, 3), (0, 4), (0, 9)], [5])
 _MIXED = ([(0, 1), (None, 11), (1, 4), (0, 8), (None, 3), (1, 1), (0, 5)], [6, 3])
 _CASES = [
-    (*_ONE_GROUP, 1, torch.float32, 1),
-    (*_ONE_GROUP, 4, torch.bfloat16, 3),
-    (*_MIXED, 2, torch.float16, 1),
-    (*_MIXED, 4, torch.float32, 2),
-    (*_MIXED, 1, torch.bfloat16, 4),
-    (*_ONE_GROUP, 2, torch.float16, 2),
+    (*_ONE_GROUP, 1, torch.float32, 1, None),
+    (*_ONE_GROUP, 4, torch.bfloat16, 3, None),
+    (*_MIXED, 2, torch.float16, 1, None),
+    (*_MIXED, 4, torch.float32, 2, None),
+    (*_MIXED, 1, torch.bfloat16, 4, None),
+    (*_ONE_GROUP, 2, torch.float16, 2, None),
+    # Attention-logit soft-capping (Gemma 2) in the prefix kernel and the tails, unsplit and split.
+    (*_MIXED, 2, torch.float32, 1, 0.6),
+    (*_ONE_GROUP, 4, torch.bfloat16, 2, 1.2),
 ]
 
 
-@pytest.mark.parametrize(("rows", "prefix_blocks", "gqa", "dtype", "splits"), _CASES)
+@pytest.mark.parametrize(("rows", "prefix_blocks", "gqa", "dtype", "splits", "softcap"), _CASES)
 def test_cascade_decode_matches_reference(rows: list[tuple[int | None, int]], prefix_blocks: list[int], gqa: int,
-                                          dtype: torch.dtype, splits: int) -> None:
-    g = seeded_generator("cascade", tuple(rows), tuple(prefix_blocks), gqa, dtype, splits)
+                                          dtype: torch.dtype, splits: int, softcap: float | None) -> None:
+    g = seeded_generator("cascade", tuple(rows), tuple(prefix_blocks), gqa, dtype, splits, softcap)
     batch = _shared_batch(g, rows, prefix_blocks, 4, dtype)
     cascade, n_groups = _cascade_inputs(batch, gqa)
     assert n_groups == len(prefix_blocks)
@@ -165,8 +168,8 @@ def test_cascade_decode_matches_reference(rows: list[tuple[int | None, int]], pr
     out = torch.full_like(q, float("nan"))
     m = batch.meta()
     ops.decode_attention(q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, D**-0.5, None, out, splits,
-                         config=DEC_CFG, cascade=cascade, prefix_config=PREFIX_CFG)
-    _assert_matches(out, batch.reference(q, D**-0.5))
+                         config=DEC_CFG, cascade=cascade, prefix_config=PREFIX_CFG, softcap=softcap)
+    _assert_matches(out, batch.reference(q, D**-0.5, softcap))
 
 
 def test_cascade_unused_work_items_and_rows_without_groups() -> None:
@@ -211,19 +214,20 @@ def test_cascade_rejects_sliding_window_and_small_workspace() -> None:
 # --------------------------------------------------------------------------- backend
 
 
-@pytest.mark.parametrize(("gqa", "dtype", "window"),
-                         [(2, torch.float32, None), (4, torch.bfloat16, None), (1, torch.float16, None),
-                          (2, torch.float32, 6)])
-def test_backend_eager_cascade_in_a_mixed_batch(gqa: int, dtype: torch.dtype, window: int | None) -> None:
+@pytest.mark.parametrize(("gqa", "dtype", "window", "softcap"),
+                         [(2, torch.float32, None, None), (4, torch.bfloat16, None, None),
+                          (1, torch.float16, None, None), (2, torch.float32, 6, None), (2, torch.float32, None, 0.9)])
+def test_backend_eager_cascade_in_a_mixed_batch(gqa: int, dtype: torch.dtype, window: int | None,
+                                                softcap: float | None) -> None:
     """Decodes (two groups, ungrouped rows) then a prefill: the backend plans from the host
     tables; a sliding-window layer ignores the groups."""
-    g = seeded_generator("backend-eager", gqa, dtype, window)
+    g = seeded_generator("backend-eager", gqa, dtype, window, softcap)
     rows, prefix_blocks = _MIXED
     bs = 4
     batch = _shared_batch(g, [*rows, (None, 7)], prefix_blocks, bs, dtype)
     query_lens = [1] * len(rows) + [5]
     m = AttentionMetadata.build(query_lens, batch.seq_lens, batch.tables, bs, device=DEVICE)
-    layer = AttentionLayerSpec(HKV * gqa, HKV, D, D**-0.5, window)
+    layer = AttentionLayerSpec(HKV * gqa, HKV, D, D**-0.5, window, logit_softcap=softcap)
     q = randn(g, sum(query_lens), HKV * gqa, D, dtype=dtype)
     backend = TritonBackend(cascade=CFG)
     out = backend.attend(q, batch.k_cache, batch.v_cache, m, layer)
@@ -232,7 +236,8 @@ def test_backend_eager_cascade_in_a_mixed_batch(gqa: int, dtype: torch.dtype, wi
     # A sliding-window layer leaves the plan to a later layer without a window.
     assert launch.unplanned == bool(window) and (launch.cascade is None) == bool(window)
     k, v = torch.nan_to_num(batch.k_cache, nan=0.0), torch.nan_to_num(batch.v_cache, nan=0.0)
-    ref = paged_attention_ref(q, k, v, m.block_tables, m.query_lens_cpu, m.seq_lens_cpu, layer.scale, window)
+    ref = paged_attention_ref(q, k, v, m.block_tables, m.query_lens_cpu, m.seq_lens_cpu, layer.scale, window,
+                              softcap=softcap)
     _assert_matches(out, ref)
     # The same step with cascade off gives the same result.
     m_off = AttentionMetadata.build(query_lens, batch.seq_lens, batch.tables, bs, device=DEVICE)

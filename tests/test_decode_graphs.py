@@ -136,6 +136,7 @@ def test_graph_steps_match_eager_steps(interpreter: None, monkeypatch: pytest.Mo
                           max_seq_len=32, device=DEVICE)
     log: list[tuple[int, int]] = []
     _emulate_capture(graphs, log)
+    assert runner.backend._prepared().layer.sliding_window is None  # type: ignore[attr-defined]  # the widest
     free = torch.randperm(40, generator=g).tolist()
     prefix = torch.randint(0, VOCAB, (12,), generator=g).tolist()
     shared = [free.pop() for _ in range(3)]  # three full pages of a common prompt

@@ -30,6 +30,7 @@ from pagedattn.attention.selector import get_attention_backend
 from pagedattn.distributed import all_reduce as ar
 from pagedattn.models import fused_ops as fo
 from pagedattn.models.config import ModelArchConfig
+from pagedattn.models.gemma2 import GemmaArchConfig
 from pagedattn.models.layers import RotaryEmbedding
 from pagedattn.models.registry import build_model
 from pagedattn.models.testing import PagedHarness
@@ -121,6 +122,25 @@ def test_fused_add_rms_norm_matches_reference(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gemma_rms_norm_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma's norm (``1 + weight``, one rounding) through the same kernel, alone and after the add."""
+    g = _gen("gemma-rms", dtype)
+    x = _randn(g, SIZE.tokens, SIZE.hidden, dtype=dtype, scale=2.0)
+    res = _randn(g, SIZE.tokens, SIZE.hidden, dtype=dtype, scale=4.0, shift=-0.3)
+    w = _randn(g, SIZE.hidden, dtype=dtype, scale=0.3)  # offsets from one, as Gemma's checkpoints hold them
+    ref = fo.gemma_rms_norm_ref(x, w, 1e-6)
+    ref_res = x + res
+    ref_out = fo.gemma_rms_norm_ref(ref_res, w, 1e-6)
+    monkeypatch.setattr(fo, "use_triton", lambda t: True)  # the kernels, also on CPU tensors (interpreter)
+    _assert_matches(fo.gemma_rms_norm(x, w, 1e-6), ref)
+    out, new_res = fo.fused_add_gemma_rms_norm(x, res, w, 1e-6)
+    _assert_matches(new_res, ref_res)
+    _assert_matches(out, ref_out)
+    # Not Llama's norm: the offset from one matters.
+    assert (fo.rms_norm_ref(x, w, 1e-6).float() - ref.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_reduce_add_rms_norm_sums_the_parts_then_adds_and_norms(dtype: torch.dtype, world: int) -> None:
     """The fused cross-rank reduction: the parts (found through their addresses) summed, then
@@ -209,6 +229,20 @@ def test_qk_norm_rope_matches_reference(dtype: torch.dtype, norm: bool) -> None:
     _assert_matches(k, ref_k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_with_gemma_norm_matches_reference(dtype: torch.dtype) -> None:
+    g = _gen("qk-rope-gemma", dtype)
+    t, hq, hkv, d = SIZE.tokens, SIZE.num_heads, SIZE.num_kv_heads, SIZE.head_dim
+    qkv = _randn(g, t, (hq + 2 * hkv) * d, dtype=dtype, scale=2.0, shift=0.2)
+    cos, sin = _rope(g, t, d, dtype)
+    qw, kw = _randn(g, d, dtype=dtype, scale=0.3), _randn(g, d, dtype=dtype, scale=0.3)
+    q, k = fo.qk_norm_rope_triton(qkv, cos, sin, hq, hkv, qw, kw, 1e-6, unit_offset=True)
+    ref_q, ref_k = fo.qk_norm_rope_ref(qkv, cos, sin, hq, hkv, qw, kw, 1e-6, unit_offset=True)
+    _assert_matches(q, ref_q)
+    _assert_matches(k, ref_k)
+    assert (fo.qk_norm_rope_ref(qkv, cos, sin, hq, hkv, qw, kw, 1e-6)[0].float() - ref_q.float()).abs().max() > 0.1
+
+
 def test_qk_norm_rope_with_scaled_rotary() -> None:
     """YaRN scales cos/sin (attention factor != 1): the kernel takes them as given."""
     g = _gen("qk-yarn")
@@ -224,6 +258,17 @@ def test_qk_norm_rope_with_scaled_rotary() -> None:
 
 
 # --------------------------------------------------------------------------- SiLU-and-mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_and_mul_matches_reference(dtype: torch.dtype, approximate: str) -> None:
+    """GeGLU (Gemma's ``gelu_pytorch_tanh``, and the exact GELU) through the gated-activation kernel."""
+    g = _gen("gelu-mul", dtype, approximate)
+    x = _randn(g, SIZE.tokens, 2 * SIZE.intermediate, dtype=dtype, scale=3.0)  # tanh saturates both ways
+    _assert_matches(fo.gelu_and_mul_triton(x, approximate), fo.gelu_and_mul_ref(x, approximate))
+    with pytest.raises(ValueError, match="approximate"):
+        fo.gelu_and_mul_triton(x, "fast")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -343,6 +388,35 @@ def test_model_with_fused_kernels_matches_torch_path(qk_norm: bool, dtype: torch
     assert err < (1e-4 if dtype == torch.float32 else 5e-2) * scale, f"max abs diff {err:.3g}, scale {scale:.3g}"
     if dtype == torch.float32:
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_model_with_fused_kernels_matches_torch_path(dtype: torch.dtype,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma's four norms a layer, its q/k norms and scaled embeddings with the fused kernels in place."""
+    d = SIZE.head_dim
+    cfg = GemmaArchConfig(
+        architecture="Gemma3ForCausalLM", vocab_size=97, hidden_size=SIZE.hidden,
+        intermediate_size=SIZE.intermediate, num_layers=2, num_heads=SIZE.num_heads, num_kv_heads=SIZE.num_kv_heads,
+        head_dim=d, qk_norm=True, max_position_embeddings=256, layer_sliding_windows=[4, None],
+        query_pre_attn_scalar=10, attn_logit_softcapping=2.0, final_logit_softcapping=5.0, local_rope_theta=100.0,
+    )
+    model = build_model(cfg, dtype, DEVICE)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    monkeypatch.setenv(fo.DISABLE_ENV, "1")
+    envs.reload()
+    ref = _run_model(model)
+    monkeypatch.delenv(fo.DISABLE_ENV)
+    envs.reload()
+    if not CUDA:
+        monkeypatch.setattr(fo, "use_triton", lambda x: True)
+    got = _run_model(model)
+    scale = ref.abs().max().item()
+    err = (got - ref).abs().max().item()
+    assert err < (1e-4 if dtype == torch.float32 else 5e-2) * scale, f"max abs diff {err:.3g}, scale {scale:.3g}"
 
 
 # --------------------------------------------------------------------------- GPU only

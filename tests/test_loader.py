@@ -326,6 +326,83 @@ def test_gguf_conversion_matches_the_original_model(case: str, tmp_path: Path) -
     _assert_matches_hf(model, hf, seed=4)
 
 
+def write_gemma_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str) -> Path:
+    """A Gemma 2 / 3 GGUF as llama.cpp's converter writes one: its tensor names, norm weights
+    stored as ``1 + w``, soft-caps and window in the metadata, Gemma 3's global rotary base and
+    linear scaling (its local base and the layer pattern left to the reader's defaults)."""
+    import gguf
+
+    c = hf.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2 if arch == "gemma2" else gguf.MODEL_ARCH.GEMMA3,
+                                     c.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_sliding_window(c.sliding_window)
+    if c.attn_logit_softcapping is not None:
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    if c.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "gemma3":
+        full = c.rope_parameters["full_attention"]
+        w.add_rope_freq_base(full["rope_theta"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = t.numpy()
+        if name.endswith("norm.weight"):
+            a = a + 1.0
+        w.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight",
+                     a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+GEMMA_GGUF_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    # query_pre_attn_scalar: the head size, as llama.cpp assumes for all but the 27B models.
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                                    attn_logit_softcapping=1.5, final_logit_softcapping=4.0)),
+    # Six layers: five sliding (local base 10 000, llama.cpp's), the last global (base and scaling from the file).
+    "gemma3": ("Gemma3TextConfig", dict(
+        num_hidden_layers=6, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(GEMMA_GGUF_CASES))
+def test_gguf_gemma_conversion_matches_the_original_model(arch: str, tmp_path: Path) -> None:
+    cls_name, extra = GEMMA_GGUF_CASES[arch]
+    hf = _random_hf(cls_name, 11, **extra)
+    with torch.no_grad():  # Gemma's norm weights are offsets from one: keep 1 + w in (0.5, 2)
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.sub_(1.0)
+    model, source = load_model(write_gemma_gguf(tmp_path / f"{arch}.gguf", hf, arch), torch.float32, "cpu")
+    assert source.config.architecture == type(hf).__name__
+    assert source.config.layer_sliding_windows == [5 if t == "sliding_attention" else None
+                                                   for t in hf.config.layer_types]
+    _assert_matches_hf(model, hf, seed=12)
+
+
 def test_gguf_llama3_rope_factors_become_llama3_scaling(tmp_path: Path) -> None:
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -386,7 +463,8 @@ def test_gguf_unsupported_architecture_leaves_nothing(tmp_path: Path) -> None:
     w.write_tensors_to_file()
     w.close()
     cache = tmp_path / "cache"
-    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3"):
+    with pytest.raises(ValueError,
+                       match=r"unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, gemma2, gemma3"):
         gguf_mod.convert_gguf(path, cache_dir=cache)
     assert list((cache / "gguf").iterdir()) == []
     with pytest.raises(FileNotFoundError, match="GGUF file does not exist"):
@@ -396,6 +474,14 @@ def test_gguf_unsupported_architecture_leaves_nothing(tmp_path: Path) -> None:
 def test_gguf_tensor_names_and_permutation_roundtrip() -> None:
     assert gguf_mod.hf_tensor_name("blk.12.attn_k.bias") == "model.layers.12.self_attn.k_proj.bias"
     assert gguf_mod.hf_tensor_name("output.weight") == "lm_head.weight"
+    # ffn_norm is the norm before the MLP: Llama's post-attention norm, Gemma's pre-feedforward one.
+    assert gguf_mod.hf_tensor_name("blk.1.ffn_norm.weight") == "model.layers.1.post_attention_layernorm.weight"
+    assert gguf_mod.hf_tensor_name("blk.1.ffn_norm.weight", "gemma3") == \
+        "model.layers.1.pre_feedforward_layernorm.weight"
+    assert gguf_mod.hf_tensor_name("blk.0.post_ffw_norm.weight", "gemma2") == \
+        "model.layers.0.post_feedforward_layernorm.weight"
+    with pytest.raises(ValueError, match="unknown GGUF tensor"):
+        gguf_mod.hf_tensor_name("blk.0.post_ffw_norm.weight")
     with pytest.raises(ValueError, match=r"unknown GGUF tensor 'blk\.0\.ssm_a'"):
         gguf_mod.hf_tensor_name("blk.0.ssm_a")
     w = np.random.default_rng(0).standard_normal((3 * 8, 5))

@@ -8,6 +8,7 @@ as one prefill, in chunks, token by token, or inside a ragged batch with another
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -20,7 +21,9 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
@@ -34,6 +37,8 @@ from pagedattn.models.interface import CausalLM
 from pagedattn.models.layers import (
     AllReduce,
     ColumnParallelLinear,
+    GeluAndMul,
+    GemmaRMSNorm,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -104,6 +109,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "granite_multipliers": ("GraniteConfig", dict(
         num_hidden_layers=2, num_key_value_heads=1, embedding_multiplier=6.0, residual_multiplier=0.4,
         attention_multiplier=0.1, logits_scaling=3.0, tie_word_embeddings=True)),
+    # Sliding, global, sliding layers (window 8 < the 40-token sequences); caps that bite; a head
+    # size and a softmax scale of their own.
+    "gemma2_softcap_windowed": ("Gemma2Config", dict(
+        num_hidden_layers=3, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=8, attn_logit_softcapping=1.5, final_logit_softcapping=4.0, tie_word_embeddings=True)),
+    # Global then sliding layers with different rotary tables (the global one linearly scaled).
+    "gemma3_qknorm_local_rope": ("Gemma3TextConfig", dict(
+        num_hidden_layers=3, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=20, sliding_window=8,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"], tie_word_embeddings=False,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 
 
@@ -400,8 +416,50 @@ def test_sliding_window_semantics_match_hf_exactly(build_family: Callable[[str],
     assert (got[first_diff] - ref[first_diff]).abs().max() > 1e-3
 
 
-def test_bfloat16_model_tracks_fp32(build_family: Callable[[str], Family]) -> None:
-    fam = build_family("qwen3_qknorm_yarn_rope")
+@pytest.mark.parametrize(("name", "change"), [
+    ("gemma2_softcap_windowed", {"attn_logit_softcapping": None}),
+    ("gemma2_softcap_windowed", {"final_logit_softcapping": None}),
+    ("gemma2_softcap_windowed", {"layer_sliding_windows": [None] * 3}),
+    ("gemma2_softcap_windowed", {"query_pre_attn_scalar": 16}),  # the head size: the usual scale
+    ("gemma3_qknorm_local_rope", {"local_rope_theta": None}),  # one rotary table for every layer
+    ("gemma3_qknorm_local_rope", {"layer_sliding_windows": [None] * 3}),
+], ids=["attn_cap", "final_cap", "windows", "scale", "local_rope", "windows3"])
+def test_each_gemma_knob_changes_the_logits(build_family: Callable[[str], Family], name: str,
+                                            change: dict[str, Any]) -> None:
+    """The parity tests above are not vacuous: without any one of these the logits are far from HF's."""
+    fam = build_family(name)
+    model = build_model(dataclasses.replace(fam.ours.config, **change), torch.float32, "cpu")
+    model.load_weights(iter_safetensors(sorted(fam.path.glob("*.safetensors"))))
+    ids = _ids(12)
+    got = _harness(model).step([("s", ids)])[0]
+    ref = _hf_logits(fam.hf, ids)
+    assert (got - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_gemma_embedding_scale_is_rounded_to_the_model_dtype(build_family: Callable[[str], Family]) -> None:
+    """sqrt(hidden_size) multiplies the embeddings in the model dtype, as transformers does."""
+    fam = build_family("gemma2_softcap_windowed")
+    cfg = dataclasses.replace(fam.ours.config, hidden_size=48, intermediate_size=32)
+    for dtype in (torch.float32, torch.bfloat16):
+        scale = build_model(cfg, dtype, "cpu").model.embed_scale
+        assert scale.dtype == dtype and scale.item() == torch.tensor(48**0.5).to(dtype).item()
+    assert torch.tensor(48**0.5).to(torch.bfloat16).item() != torch.tensor(48**0.5).item()
+
+
+def test_gemma_dummy_weights_have_identity_norms(build_family: Callable[[str], Family], tmp_path: Path) -> None:
+    """``load_format="dummy"`` fills Gemma's norms (offsets from one) with zeros, as transformers does."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((build_family("gemma3_qknorm_local_rope").path / "config.json").read_text())
+    model, _ = load_model(folder, torch.float32, "cpu", load_format="dummy")
+    norms = [m for m in model.modules() if isinstance(m, GemmaRMSNorm)]
+    assert len(norms) == 3 * 6 + 1 and all(not m.weight.any() for m in norms)
+    assert _harness(model).step([("s", _ids(13, 9))])[0].isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["qwen3_qknorm_yarn_rope", "gemma2_softcap_windowed", "gemma3_qknorm_local_rope"])
+def test_bfloat16_model_tracks_fp32(build_family: Callable[[str], Family], name: str) -> None:
+    fam = build_family(name)
     model, _ = load_model(fam.path, torch.bfloat16, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.kv_cache_spec(BLOCK_SIZE).dtype == torch.bfloat16
@@ -409,7 +467,11 @@ def test_bfloat16_model_tracks_fp32(build_family: Callable[[str], Family]) -> No
     got = _harness(model).step([("s", ids)])[0]
     assert got.dtype == torch.bfloat16
     ref = _hf_logits(fam.hf, ids)
-    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    # Within 5% of the logit scale, or (the Gemma test models amplify rounding: post-norms, small
+    # caps) within 1.5x of transformers' own bf16 run's distance from fp32.
+    hf_bf16 = _hf_logits(copy.deepcopy(fam.hf).to(torch.bfloat16), ids).float()
+    bound = max(0.05 * ref.abs().max().item(), 1.5 * (hf_bf16 - ref).abs().max().item())
+    assert (got.float() - ref).abs().max() < bound
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -440,7 +502,8 @@ def test_kv_cache_spec_and_registry(build_family: Callable[[str], Family]) -> No
         2, 2, 32, 16, torch.float16)
     assert set(ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                   "Qwen3MoeForCausalLM", "MixtralForCausalLM",
-                                  "Phi3ForCausalLM", "Olmo2ForCausalLM", "GraniteForCausalLM"}
+                                  "Phi3ForCausalLM", "Olmo2ForCausalLM", "GraniteForCausalLM",
+                                  "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
     for arch in ARCHITECTURES:  # one class per family, named after the architecture it serves
         assert model_class(arch).__name__ == arch
     with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM"):
@@ -518,6 +581,40 @@ def test_rmsnorm_is_bitwise_hf(dtype: torch.dtype, shape: tuple[int, ...], eps: 
     normed, summed = ours.add_and_norm(x, res)
     assert torch.equal(summed, res + x)
     assert torch.equal(normed, ref(res + x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "eps"), [((7, 3, 48), 1e-6), ((300, 100), 1e-6)])
+def test_gemma_rmsnorm_is_bitwise_hf(dtype: torch.dtype, shape: tuple[int, ...], eps: float) -> None:
+    """``x / rms(x) * (1 + weight)`` in fp32, rounded once, as ``Gemma2RMSNorm`` (also over heads,
+    Gemma 3's q/k norm), and the add-then-norm form."""
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    n = shape[-1]
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    res = torch.randn(*shape, generator=gen).to(dtype)
+    w = (0.3 * torch.randn(n, generator=gen)).to(dtype)
+    ours, ref = GemmaRMSNorm(n, eps, dtype), Gemma2RMSNorm(n, eps=eps).to(dtype)
+    ours.weight.data.copy_(w)
+    ref.weight.data.copy_(w)
+    assert torch.equal(ours(x), ref(x))
+    normed, summed = ours.add_and_norm(x, res)
+    assert torch.equal(summed, res + x)
+    assert torch.equal(normed, ref(res + x))
+    assert torch.equal(GemmaRMSNorm(n, eps)(x.float()), x.float() * torch.rsqrt(x.float().pow(2).mean(-1, True) + eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_and_mul_is_bitwise_hf(dtype: torch.dtype) -> None:
+    """GeGLU is HF's ``ACT2FN[hidden_activation](gate) * up`` for both GELUs Gemma configs name."""
+    gate_up = (torch.randn(9, 2 * 40, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)
+    before = gate_up.clone()
+    gate, up = gate_up.chunk(2, -1)
+    for act, approximate in (("gelu_pytorch_tanh", "tanh"), ("gelu", "none")):
+        assert torch.equal(GeluAndMul(approximate)(gate_up), ACT2FN[act](gate) * up)
+    assert not torch.equal(GeluAndMul("tanh")(gate_up), GeluAndMul("none")(gate_up))
+    assert torch.equal(gate_up, before)
+    with pytest.raises(ValueError, match="approximate"):
+        GeluAndMul("fast")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -691,7 +788,8 @@ def _tp_worker(rank: int, world: int, rdzv: str, model_dir: str, ids: list[int],
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2_bias_tied_windowed", "llama_mqa_bias_linear_rope",
-                                  "phi3_fused_partial_longrope", "olmo2_post_norms_qk_norm", "granite_multipliers"])
+                                  "phi3_fused_partial_longrope", "olmo2_post_norms_qk_norm", "granite_multipliers",
+                                  "gemma2_softcap_windowed", "gemma3_qknorm_local_rope"])
 def test_tensor_parallel_model_matches_single_rank(build_family: Callable[[str], Family], name: str,
                                                    tmp_path: Path) -> None:
     """The whole model sharded over 2 processes (gloo all-reduce/all-gather): every rank's
@@ -838,6 +936,94 @@ def test_config_mistral_windows() -> None:
     assert cfg.layer_sliding_windows == [32, 32, 32] and cfg.uniform_sliding_window == 32
     assert ModelArchConfig.from_hf_config({**base, "sliding_window": None}).uniform_sliding_window is None
     assert ModelArchConfig.from_hf_config(base).uniform_sliding_window == 4096  # MistralConfig default
+
+
+GEMMA2_4X: dict[str, Any] = {  # as google/gemma-2-2b's config.json has it (transformers 4.x, no layer_types)
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "intermediate_size": 9216,
+    "max_position_embeddings": 8192, "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
+    "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+    "vocab_size": 256000, "torch_dtype": "float32", "bos_token_id": 2, "eos_token_id": [1, 107],
+}
+GEMMA3_4X: dict[str, Any] = {  # as google/gemma-3-1b-it's config.json has it (rope_scaling as the 4b's text part)
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+    "max_position_embeddings": 32768, "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+    "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_theta": 1000000,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 512, "sliding_window_pattern": 6,
+    "final_logit_softcapping": None, "attn_logit_softcapping": None, "vocab_size": 262144, "torch_dtype": "bfloat16",
+}
+
+
+def test_config_gemma2() -> None:
+    cfg = ModelArchConfig.from_hf_config(GEMMA2_4X)
+    assert cfg.architecture == "Gemma2ForCausalLM" and cfg.head_dim == 256 and cfg.num_kv_heads == 4
+    assert cfg.layer_sliding_windows == [4096, None] * 13  # even layers slide
+    assert cfg.uniform_sliding_window is None
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)  # type: ignore[attr-defined]
+    assert cfg.softmax_scale == 1 / 16 and cfg.tie_word_embeddings  # type: ignore[attr-defined]
+    assert cfg.eos_token_ids == (1, 107) and cfg.local_rope_theta is None  # type: ignore[attr-defined]
+    # Gemma2Config's defaults: soft-capping on unless a key says null; typed layers as given.
+    bare = {k: v for k, v in GEMMA2_4X.items() if not k.endswith("softcapping") and k != "head_dim"}
+    bare["layer_types"] = ["full_attention", "sliding_attention"] * 13
+    cfg = ModelArchConfig.from_hf_config(bare)
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)  # type: ignore[attr-defined]
+    assert cfg.layer_sliding_windows == [None, 4096] * 13 and cfg.head_dim == 256
+    off = ModelArchConfig.from_hf_config({**GEMMA2_4X, "attn_logit_softcapping": None, "sliding_window": None})
+    assert off.attn_logit_softcapping is None and off.uniform_sliding_window is None  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="attn_logit_softcapping must be a positive number or null"):
+        ModelArchConfig.from_hf_config({**GEMMA2_4X, "attn_logit_softcapping": -1.0})
+
+
+def test_config_gemma3_both_transformers_generations() -> None:
+    cfg = ModelArchConfig.from_hf_config(GEMMA3_4X)
+    assert cfg.qk_norm and cfg.rope_theta == 1e6 and cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert (cfg.local_rope_theta, cfg.local_rope_scaling) == (10000.0, None)  # type: ignore[attr-defined]
+    assert cfg.layer_sliding_windows == [None if i % 6 == 5 else 512 for i in range(26)]
+    assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None  # type: ignore[attr-defined]
+    assert cfg.tie_word_embeddings and cfg.dtype == torch.bfloat16
+    v5 = {k: v for k, v in GEMMA3_4X.items() if k not in ("rope_theta", "rope_scaling", "rope_local_base_freq",
+                                                           "sliding_window_pattern", "architectures")}
+    v5["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    v5["layer_types"] = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(26)]
+    assert ModelArchConfig.from_hf_config(v5) == cfg  # by model_type, from transformers 5.x's layout
+    bare = ModelArchConfig.from_hf_config({k: v for k, v in v5.items() if k != "rope_parameters"})
+    assert (bare.rope_theta, bare.rope_scaling, bare.local_rope_theta) == (1e6, None, 1e4)  # type: ignore[attr-defined]
+    capped = ModelArchConfig.from_hf_config({**GEMMA3_4X, "final_logit_softcapping": 20.0})
+    assert capped.final_logit_softcapping == 20.0  # type: ignore[attr-defined]
+
+
+def test_gemma3_caps_as_transformers_applies_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Gemma 3 soft-caps its final logits when the config says so, but (as transformers does)
+    never its attention logits, whatever ``attn_logit_softcapping`` says."""
+    cfg = transformers.Gemma3TextConfig(**COMMON, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
+                                        sliding_window=6, attn_logit_softcapping=0.5, final_logit_softcapping=2.0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize(hf, seed=21)
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        ours, _ = load_model(tmp_path, torch.float32, "cpu")
+    assert "attn_logit_softcapping=0.5 is ignored" in caplog.text
+    assert [s.logit_softcap for s in ours.attention_specs()] == [None, None]
+    ids = _ids(22)
+    ref = _hf_logits(hf, ids)
+    _assert_logits_match(_harness(ours).step([("s", ids)])[0], ref)
+    assert ref.abs().max() < 2.0  # the final cap did apply
+
+
+@pytest.mark.parametrize(("patch", "match"), [
+    ({"hidden_activation": "relu"}, r"hidden_activation 'relu' is not supported"),
+    ({"use_bidirectional_attention": True}, r"use_bidirectional_attention"),
+    ({"query_pre_attn_scalar": 0}, r"query_pre_attn_scalar"),
+    ({"final_logit_softcapping": -1.0}, r"final_logit_softcapping"),
+    ({"layer_types": ["sliding_attention"]}, r"layer_types has 1 entries"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "longrope", "factor": 2.0}}}, r"longrope"),
+])
+def test_config_gemma_errors_name_the_problem(patch: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ModelArchConfig.from_hf_config({**GEMMA3_4X, **patch})
 
 
 @pytest.mark.parametrize(("patch", "match"), [

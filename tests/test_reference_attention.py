@@ -27,8 +27,9 @@ GQA = [(4, 4), (4, 2), (8, 2), (8, 1)]  # (query heads, kv heads): ratios 1, 2, 
 
 # ---------------------------------------------------------------------------------- oracle
 def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]],
-                    query_lens: list[int], seq_lens: list[int], scale: float, window: int | None) -> torch.Tensor:
-    """float64 attention per sequence; returns ``[T, Hq, D]`` float64."""
+                    query_lens: list[int], seq_lens: list[int], scale: float, window: int | None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """float64 attention per sequence (scores soft-capped with ``softcap``); returns ``[T, Hq, D]`` float64."""
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // hkv
     outs = []
@@ -52,6 +53,8 @@ def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if window is not None:
             mask &= q_pos - k_pos < window
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~mask, float("-inf"))
         outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vs))
         start += ql
@@ -67,7 +70,8 @@ class Batch:
     """Random paged K/V for a batch: every block of every sequence at a random physical id."""
 
     def __init__(self, seed: int, query_lens: list[int], seq_lens: list[int], hq: int, hkv: int, bs: int,
-                 window: int | None = None, dtype: torch.dtype = torch.float32, spare_blocks: int = 3) -> None:
+                 window: int | None = None, dtype: torch.dtype = torch.float32, spare_blocks: int = 3,
+                 softcap: float | None = None) -> None:
         rng = random.Random(seed)
         g = torch.Generator().manual_seed(seed)
         n_logical = [-(-sl // bs) for sl in seq_lens]
@@ -89,16 +93,17 @@ class Batch:
         self.q = torch.randn(sum(query_lens), hq, HEAD_DIM, generator=g).to(dtype)
         self.query_lens, self.seq_lens, self.bs, self.window = query_lens, seq_lens, bs, window
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
+        self.softcap = softcap
         self.meta = AttentionMetadata.build(query_lens, seq_lens, self.tables, bs)
 
     def run(self) -> torch.Tensor:
         m = self.meta
         return paged_attention_ref(self.q, self.k_cache, self.v_cache, m.block_tables, m.query_lens_cpu,
-                                   m.seq_lens_cpu, self.scale, self.window)
+                                   m.seq_lens_cpu, self.scale, self.window, softcap=self.softcap)
 
     def oracle(self) -> torch.Tensor:
         return dense_attention(self.q, self.k_cache, self.v_cache, self.tables, self.query_lens, self.seq_lens,
-                               self.scale, self.window)
+                               self.scale, self.window, self.softcap)
 
 
 # ---------------------------------------------------------------------------------- decode / extend
@@ -140,6 +145,32 @@ def test_whole_sequence_prefills_match_dense(hq: int, hkv: int, window: int | No
     lens = [1, 2, 9, 40, 257]
     b = Batch(3 * hq + hkv, lens, lens, hq, hkv, 16, window)
     assert rel_err(b.run(), b.oracle()) < 1e-5
+
+
+@pytest.mark.parametrize(("hq", "hkv"), GQA)
+@pytest.mark.parametrize("window", [None, 6])
+def test_softcapped_scores_match_dense(hq: int, hkv: int, window: int | None) -> None:
+    """Attention-logit soft-capping (Gemma 2) in decodes, extends over a cached prefix and whole
+    prefills, with NaN where nothing may be read; a cap of 0.5 bites (scores are ~N(0, 1))."""
+    query_lens = [1, 1, 4, 1, 9, 12]
+    seq_lens = [5, 300, 4, 9, 70, 12]
+    b = Batch(17 * hq + hkv, query_lens, seq_lens, hq, hkv, 4, window, softcap=0.5)
+    for table, sl in zip(b.tables, b.seq_lens):
+        b.k_cache[table[-1], sl - (len(table) - 1) * 4:] = float("nan")
+    out = b.run()
+    assert rel_err(out, b.oracle()) < 1e-5
+    uncapped = dense_attention(b.q, b.k_cache, b.v_cache, b.tables, b.query_lens, b.seq_lens, b.scale, window)
+    assert rel_err(out, uncapped) > 1e-2  # the cap changes the result
+
+
+def test_softcap_through_the_backend_and_a_huge_cap_changes_nothing() -> None:
+    b = Batch(21, [1, 1, 6], [9, 40, 6], 4, 2, 4)
+    layer = AttentionLayerSpec(4, 2, HEAD_DIM, b.scale, logit_softcap=1e6)
+    got = TorchReferenceBackend().attend(b.q, b.k_cache, b.v_cache, b.meta, layer)
+    torch.testing.assert_close(got, b.run(), rtol=1e-5, atol=1e-5)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="logit_softcap"):
+            AttentionLayerSpec(4, 2, HEAD_DIM, b.scale, logit_softcap=bad)
 
 
 def test_permuting_physical_blocks_does_not_change_the_result() -> None:

@@ -138,7 +138,9 @@ def test_overlapped_decode_takes_greedy_ids_locally_and_broadcasts_sampled_ones(
         tp.engine.check_integrity()
 
 
-@pytest.mark.parametrize("family", ["qwen2_bias_tied", "qwen3_qknorm"])
+@pytest.mark.parametrize("family", ["qwen2_bias_tied", "qwen3_qknorm",
+                                    pytest.param("gemma2_softcap", marks=pytest.mark.slow),
+                                    pytest.param("gemma3_local_rope", marks=pytest.mark.slow)])
 def test_bias_and_qk_norm_families(model_dirs: dict[str, Path], family: str) -> None:
     ref, got, _ = _both(model_dirs[family], _prompts(1, (5, 16, 17, 40)), GREEDY, async_scheduling=True)
     assert got == ref

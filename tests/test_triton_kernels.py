@@ -122,7 +122,7 @@ def _paged_batch(g: torch.Generator, query_lens: list[int], seq_lens: list[int],
 def _reference(q: torch.Tensor, batch: PagedBatch, layer: AttentionLayerSpec) -> torch.Tensor:
     k, v = batch.clean()
     return paged_attention_ref(q, k, v, batch.meta.block_tables, batch.meta.query_lens_cpu,
-                               batch.meta.seq_lens_cpu, layer.scale, layer.sliding_window)
+                               batch.meta.seq_lens_cpu, layer.scale, layer.sliding_window, softcap=layer.logit_softcap)
 
 
 def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -245,23 +245,61 @@ def test_extend_matches_reference(block_size: int, gqa: int, window: int | None,
     _assert_matches(out, _reference(q, batch, layer))
 
 
+# --------------------------------------------------------------------------- soft-capping
+
+# (block_size, gqa, window, dtype, decode splits); the cap bites: scores are ~N(0, 1).
+_SOFTCAP_CASES = [(4, 2, None, torch.float32, 1), (1, 4, 7, torch.bfloat16, 3), (16, 8, 5, torch.float16, 3)]
+
+
+@pytest.mark.parametrize(("block_size", "gqa", "window", "dtype", "splits"), _SOFTCAP_CASES)
+def test_softcapped_decode_and_extend_match_reference(block_size: int, gqa: int, window: int | None,
+                                                      dtype: torch.dtype, splits: int) -> None:
+    """Attention-logit soft-capping (Gemma 2) in the decode (split and unsplit) and extend kernels."""
+    g = _gen("softcap", block_size, gqa, window, dtype, splits)
+    hkv, d, cap = SIZE.num_kv_heads, SIZE.head_dim, 0.7
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window, logit_softcap=cap)
+    seq_lens = _ragged_lens(block_size, SIZE.long_ctx)
+    batch = _paged_batch(g, [1] * len(seq_lens), seq_lens, block_size, hkv, d, dtype, window)
+    q = randn(g, len(seq_lens), hkv * gqa, d, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, batch.meta.seq_lens,
+                         layer.scale, window, out, splits, config=DEC_CFG, softcap=cap)
+    ref = _reference(q, batch, layer)
+    _assert_matches(out, ref)
+    uncapped = _reference(q, batch, AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window))
+    assert (ref - uncapped).abs().max() > 0.05  # the cap changes the result
+
+    hkv = SIZE.num_kv_heads if CUDA else 1  # one program per query head: keep the interpreter quick
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window, logit_softcap=cap)
+    query_lens, seq_lens = _extend_shapes(block_size)
+    batch = _paged_batch(g, query_lens, seq_lens, block_size, hkv, d, dtype, window)
+    q = randn(g, sum(query_lens), hkv * gqa, d, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    m = batch.meta
+    ops.extend_attention(q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
+                         layer.scale, window, out, seq_offset=0, num_seqs=m.num_seqs,
+                         max_query_len=m.max_query_len, config=EXT_CFG, softcap=cap)
+    _assert_matches(out, _reference(q, batch, layer))
+
+
 # --------------------------------------------------------------------------- backend
 
 
-@pytest.mark.parametrize(("block_size", "window", "dtype"),
-                         [(1, None, torch.float32), (4, 5, torch.float16), (16, None, torch.bfloat16),
-                          (16, 9, torch.float32)])
-def test_backend_forward_mixed_batch_matches_reference(block_size: int, window: int | None,
-                                                       dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("block_size", "window", "dtype", "softcap"),
+                         [(1, None, torch.float32, None), (4, 5, torch.float16, None),
+                          (16, None, torch.bfloat16, None), (16, 9, torch.float32, None), (4, None, torch.float32, 0.8),
+                          (2, 6, torch.bfloat16, 1.5)])
+def test_backend_forward_mixed_batch_matches_reference(block_size: int, window: int | None, dtype: torch.dtype,
+                                                       softcap: float | None) -> None:
     """Decodes then prefill / extend chunks, K/V stored by the backend, default launch configs."""
-    g = _gen("forward", block_size, window, dtype)
+    g = _gen("forward", block_size, window, dtype, softcap)
     hkv, d, gqa = SIZE.num_kv_heads, SIZE.head_dim, 4
     query_lens = [1, 1, 1, 9, 3, 1]
     seq_lens = [1, block_size + 1, SIZE.long_ctx, 9, block_size + 4, 6]
     cached = [s - q for q, s in zip(query_lens, seq_lens, strict=True)]
     batch = _paged_batch(g, query_lens, seq_lens, block_size, hkv, d, dtype, window, cached_upto=cached)
     assert batch.meta.num_decodes == 3
-    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window)
+    layer = AttentionLayerSpec(hkv * gqa, hkv, d, d**-0.5, window, logit_softcap=softcap)
     t = sum(query_lens)
     q = randn(g, t, hkv * gqa, d, dtype=dtype)
     k, v = randn(g, 2, t, hkv, d, dtype=dtype)

@@ -11,6 +11,7 @@ A captured CUDA-graph step differs from an eager one only in the state its metad
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
@@ -31,12 +32,16 @@ class AttentionLayerSpec:
     head_dim: int
     scale: float
     sliding_window: int | None = None  # a query at p sees keys at p - window + 1 .. p
+    # Attention-logit soft-capping (Gemma 2): each scaled score s becomes cap * tanh(s / cap).
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.logit_softcap is not None and not 0 < self.logit_softcap < math.inf:
+            raise ValueError(f"logit_softcap must be a positive finite number or None, got {self.logit_softcap}")
 
 
 class AttentionBackend(ABC, Generic[S]):

@@ -4,7 +4,8 @@ K/V are gathered through the block tables with one indexing op per group of sequ
 a masked attention (PyTorch's fused SDPA, in fp32) handles causality, ragged context lengths
 and sliding windows: one call for a group of decodes (one query each), one per sequence for
 prefill/extend queries, so short queries are never padded to long ones.  No Python loop over
-tokens or blocks.
+tokens or blocks.  With attention-logit soft-capping (which SDPA cannot do) the same calls are
+an explicit masked softmax in fp32, in transformers' order of operations.
 """
 
 from __future__ import annotations
@@ -29,27 +30,43 @@ def paged_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     clean: bool = True,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's new tokens over its paged context (causal).
 
     Sequence ``i``'s queries are the last ``query_lens[i]`` positions of its ``seq_lens[i]``
     tokens; their K/V must already be in the cache.  Returns ``[T, Hq, D]`` in ``q.dtype``.
     ``clean=False`` skips zeroing gathered slots that must not be read (only valid if the caches
-    hold no NaN/Inf).
+    hold no NaN/Inf).  ``softcap``: each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``.
     """
     plans = _make_plans(block_tables, query_lens, seq_lens, k_cache.shape[1], sliding_window, q.device)
-    return _attend_planned(q, k_cache, v_cache, plans, scale, clean)
+    return _attend_planned(q, k_cache, v_cache, plans, scale, clean, softcap)
 
 
 def _attend_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plans: list[_GroupPlan],
-                    scale: float, clean: bool) -> torch.Tensor:
+                    scale: float, clean: bool, softcap: float | None) -> torch.Tensor:
     if len(plans) == 1:  # only decodes or only longer queries: no output to assemble
-        return _attend_group(q, k_cache, v_cache, plans[0], scale, clean)
+        return _attend_group(q, k_cache, v_cache, plans[0], scale, clean, softcap)
     out = torch.empty_like(q)
     for plan in plans:
         out[plan.tok_start:plan.tok_end] = _attend_group(q[plan.tok_start:plan.tok_end], k_cache, v_cache, plan,
-                                                         scale, clean)
+                                                         scale, clean, softcap)
     return out
+
+
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                          softcap: float) -> torch.Tensor:
+    """What SDPA computes, with each scaled score soft-capped first: ``q [B, Hq, Lq, D]``,
+    ``k``/``v`` ``[B, Hkv, Lk, D]`` (query head ``h`` reads KV head ``h // (Hq / Hkv)``), ``allowed``
+    broadcastable to ``[B, Hq, Lq, Lk]``.  transformers' order: scale, ``/ cap``, tanh, ``* cap``,
+    mask, softmax."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores.masked_fill_(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 class _GroupPlan:
@@ -112,7 +129,7 @@ def _make_plans(block_tables: torch.Tensor, query_lens: list[int], seq_lens: lis
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _GroupPlan,
-                  scale: float, clean: bool) -> torch.Tensor:
+                  scale: float, clean: bool, softcap: float | None = None) -> torch.Tensor:
     _, _, hkv, d = k_cache.shape
     hq = q.shape[1]
     bsz = plan.bsz
@@ -126,6 +143,8 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         vals.masked_fill_(plan.unreadable, 0.0)
     # PyTorch's fused SDPA in fp32 (GQA without repeating K/V, scores never materialised): on a
     # CPU 2x faster than an explicit masked softmax for decodes, 1.5x for prefill.
+    if softcap is not None:
+        return _attend_group_softcapped(q, keys, vals, plan, scale, softcap)
     if plan.max_q == 1:
         out = F.scaled_dot_product_attention(
             q.float().view(bsz, hq, 1, d), keys.transpose(1, 2), vals.transpose(1, 2),
@@ -141,6 +160,25 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             q[None, start:start + ql].float().transpose(1, 2), keys[b:b + 1, :sl].transpose(1, 2),
             vals[b:b + 1, :sl].transpose(1, 2), attn_mask=None if causal else plan.allowed[b:b + 1, :, :ql, :sl],
             is_causal=causal, scale=scale, enable_gqa=True)  # [1, Hq, ql, D]
+        out[start:start + ql] = o[0].transpose(0, 1)
+        start += ql
+    return out
+
+
+def _attend_group_softcapped(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, plan: _GroupPlan,
+                             scale: float, softcap: float) -> torch.Tensor:
+    """:func:`_attend_group` with soft-capped scores, from the gathered ``keys``/``vals`` ``[B, ctx, Hkv, D]``."""
+    bsz, d = plan.bsz, q.shape[-1]
+    if plan.max_q == 1:
+        out = _softcapped_attention(q.float().view(bsz, -1, 1, d), keys.transpose(1, 2), vals.transpose(1, 2),
+                                    plan.allowed, scale, softcap)
+        return out.view(bsz, -1, d).to(q.dtype)
+    out = torch.empty_like(q)
+    start = 0
+    for b, (ql, sl) in enumerate(zip(plan.query_lens, plan.seq_lens)):
+        o = _softcapped_attention(q[None, start:start + ql].float().transpose(1, 2), keys[b:b + 1, :sl].transpose(1, 2),
+                                  vals[b:b + 1, :sl].transpose(1, 2), plan.allowed[b:b + 1, :, :ql, :sl], scale,
+                                  softcap)  # [1, Hq, ql, D]
         out[start:start + ql] = o[0].transpose(0, 1)
         start += ql
     return out
@@ -181,4 +219,5 @@ class TorchReferenceBackend(AttentionBackend[_StepPlans]):
         if window not in plans:
             plans[window] = _make_plans(meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, k_cache.shape[1],
                                         window, q.device)
-        return _attend_planned(q, k_cache, v_cache, plans[window], layer.scale, not self.finite_cache)
+        return _attend_planned(q, k_cache, v_cache, plans[window], layer.scale, not self.finite_cache,
+                               layer.logit_softcap)

@@ -245,6 +245,7 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 layer.scale, layer.sliding_window, out,
                 seq_offset=nd, num_seqs=meta.num_seqs - nd, max_query_len=max(meta.query_lens_cpu[nd:]),
+                softcap=layer.logit_softcap,
             )
         return out
 
@@ -256,6 +257,7 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
             q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
             layer.scale, layer.sliding_window, out[:nd], launch.splits(layer, cascade, _num_sms(q.device)),
             workspace=launch.workspace, cascade=None if cascade is None else cascade.inputs,
+            softcap=layer.logit_softcap,
         )
 
     def _step_cascade(self, launch: DecodeLaunch, meta: AttentionMetadata, layer: AttentionLayerSpec,

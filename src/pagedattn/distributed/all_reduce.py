@@ -354,7 +354,7 @@ if triton is not None:
                 part = tl.load(Parts + r).to(tl.pointer_type(dtype))
                 acc += tl.load(part + row64 * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
             add_rms_norm_row(acc.to(dtype), Res, W, Out, ResOut, row64, offs, mask, stride_r, stride_o, stride_ro,
-                             n_cols, eps, True)
+                             n_cols, eps, True, False)
 
 
 @dataclasses.dataclass(frozen=True)

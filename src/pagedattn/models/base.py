@@ -48,6 +48,9 @@ class DecoderForCausalLM(nn.Module):
     # LongRoPE's original length (Phi-3's), the behaviour the engine reproduces; other families
     # keep K/V computed with the short table, which the engine does not.
     supports_longrope: ClassVar[bool] = False
+    # config.json's activation key and the activations the family computes (the first is the default).
+    activation_key: ClassVar[str] = "hidden_act"
+    activations: ClassVar[tuple[str, ...]] = ("silu",)
     # Runtime fused parameter -> the checkpoint projections it holds, with their shard ids.
     packed_params: ClassVar[Mapping[str, tuple[tuple[str, ShardId], ...]]] = {
         "qkv_proj": (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")),
@@ -82,7 +85,8 @@ class DecoderForCausalLM(nn.Module):
     @classmethod
     def config_from_hf(cls, d: Mapping[str, Any]) -> ModelArchConfig:
         """This family's reading of a ``config.json`` (transformers 4.x or 5.x)."""
-        fields = parse_hf_fields(d, cls.__name__, cls.default_max_position, cls.default_head_dim)
+        fields = parse_hf_fields(d, cls.__name__, cls.default_max_position, cls.default_head_dim,
+                                 activation_key=cls.activation_key, activations=cls.activations)
         if fields["partial_rotary_factor"] != 1.0 and not cls.supports_partial_rotary:
             raise ValueError(f"partial_rotary_factor {fields['partial_rotary_factor']!r} is not supported by "
                              f"{cls.__name__} (only 1.0)")

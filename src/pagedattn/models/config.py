@@ -170,12 +170,14 @@ class ModelArchConfig:
 
 
 def parse_hf_fields(d: Mapping[str, Any], architecture: str, default_max_position: int,
-                    default_head_dim: Callable[[Mapping[str, Any]], int]) -> dict[str, Any]:
+                    default_head_dim: Callable[[Mapping[str, Any]], int], *, activation_key: str = "hidden_act",
+                    activations: tuple[str, ...] = ("silu",)) -> dict[str, Any]:
     """The :class:`ModelArchConfig` fields every family reads the same way, checked, as keyword
     arguments: sizes, RoPE, norm epsilon, tied embeddings, token ids, dtype.  The family gives
     the defaults transformers' config class has for it: ``max_position_embeddings``, and the
-    head size of a config without ``head_dim``."""
-    _check_hf_keys(d)
+    head size of a config without ``head_dim``; and the config key of its activation with the
+    ones it computes (the first is the default)."""
+    _check_hf_keys(d, activation_key, activations)
     num_heads = d["num_attention_heads"]
     max_pos = d.get("max_position_embeddings", default_max_position)
     rope_theta, rope_scaling, partial = _parse_rope(d, max_pos)
@@ -201,8 +203,8 @@ def parse_hf_fields(d: Mapping[str, Any], architecture: str, default_max_positio
     )
 
 
-def _check_hf_keys(d: Mapping[str, Any]) -> None:
-    """The required keys are there, the sizes are integers, the activation is SiLU."""
+def _check_hf_keys(d: Mapping[str, Any], activation_key: str, activations: tuple[str, ...]) -> None:
+    """The required keys are there, the sizes are integers, the activation is one the family computes."""
     for key in _REQUIRED_KEYS:
         if d.get(key) is None:
             raise ValueError(f"config.json is missing required key {key!r}")
@@ -210,9 +212,9 @@ def _check_hf_keys(d: Mapping[str, Any]) -> None:
         v = d.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"{key} must be an integer, got {v!r}")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+    act = d.get(activation_key, activations[0])
+    if act not in activations:
+        raise ValueError(f"{activation_key} {act!r} is not supported (only {' or '.join(map(repr, activations))})")
 
 
 def head_dim_from_heads(d: Mapping[str, Any]) -> int:
@@ -232,6 +234,13 @@ def layer_type_windows(d: Mapping[str, Any], window: int, num_layers: int) -> li
     if bad:
         raise ValueError(f"layer_types has unsupported entries {sorted(bad)}")
     return [window if t == "sliding_attention" else None for t in layer_types]
+
+
+def parse_rope(d: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, normalised scaling dict or None) from either config generation (a second
+    rotary table of a family, e.g. Gemma 3's local one, is read by handing it its own view)."""
+    theta, scaling, _ = _parse_rope(d, max_pos)
+    return theta, scaling
 
 
 def _parse_rope(d: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None, float]:

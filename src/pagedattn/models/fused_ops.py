@@ -9,7 +9,12 @@ reading and writing a few hundred KB.  Here each group is one kernel:
   :func:`rms_norm`;
 * :func:`qk_norm_rope` -- per-head RMSNorm of q and k (Qwen3; skipped for the other
   families) and NeoX rotary, reading the fused qkv projection output;
-* :func:`silu_and_mul` -- ``silu(gate) * up`` over the fused gate/up output.
+* :func:`silu_and_mul` -- ``silu(gate) * up`` over the fused gate/up output;
+* Gemma's RMSNorm, ``x / rms(x) * (1 + weight)`` with one rounding at the end
+  (:func:`gemma_rms_norm`, :func:`fused_add_gemma_rms_norm`, and ``unit_offset`` of
+  :func:`qk_norm_rope`): the same kernels with the weight taken as an offset from one;
+* :func:`gelu_and_mul` -- ``gelu(gate) * up`` (GeGLU), the same kernel as SiLU's with another
+  activation.
 
 Numerics.  The torch references are the model's original code (HF-exact in fp32 on the CPU).
 The kernels do their math in fp32 but round to the activation dtype wherever the torch code
@@ -70,6 +75,25 @@ def fused_add_rms_norm(
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * (1 + weight)`` over the last dim, in fp32, rounded once."""
+    if use_triton(x):
+        return _launch_rms_norm(x, None, weight, eps, unit_offset=True)[0]
+    return gemma_rms_norm_ref(x, weight, eps)
+
+
+def fused_add_gemma_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gemma_rms_norm(x + residual), x + residual)``."""
+    if use_triton(x):
+        out, res_out = _launch_rms_norm(x, residual, weight, eps, unit_offset=True)
+        assert res_out is not None
+        return out, res_out
+    residual = x + residual
+    return gemma_rms_norm_ref(residual, weight, eps), residual
+
+
 def qk_norm_rope(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -79,18 +103,26 @@ def qk_norm_rope(
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     eps: float,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` from ``qkv [T, (Hq + 2 Hkv) D]``: per-head RMSNorm
-    when the weights are given, then rotary with ``cos``/``sin`` ``[T, 1, R/2]`` on the first ``R``
-    features of each head (``R < D``: partial rotary, which only the torch code does)."""
+    when the weights are given (Gemma's with ``unit_offset``), then rotary with ``cos``/``sin``
+    ``[T, 1, R/2]`` on the first ``R`` features of each head (``R < D``: partial rotary, which
+    only the torch code does)."""
     if use_triton(qkv) and 2 * cos.shape[-1] * (num_heads + 2 * num_kv_heads) == qkv.shape[1]:
-        return qk_norm_rope_triton(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps)
-    return qk_norm_rope_ref(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps)
+        return qk_norm_rope_triton(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps, unit_offset)
+    return qk_norm_rope_ref(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight, eps, unit_offset)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :I]) * x[..., I:]`` for the fused gate/up output ``[T, 2I]``."""
     return silu_and_mul_triton(x) if use_triton(x) else silu_and_mul_ref(x)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(x[..., :I]) * x[..., I:]`` (GeGLU; ``approximate`` as ``F.gelu``'s: "tanh", as
+    ``gelu_pytorch_tanh`` computes it, or "none") for the fused gate/up output ``[T, 2I]``."""
+    return gelu_and_mul_triton(x, approximate) if use_triton(x) else gelu_and_mul_ref(x, approximate)
 
 
 # ---------------------------------------------------------------------- torch references
@@ -113,6 +145,14 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
+
+
+def gemma_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``Gemma2RMSNorm``/``Gemma3RMSNorm``: normalise in fp32, multiply by ``1 + weight`` in fp32,
+    cast back once (Llama's casts before the weight multiply)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
 
 
 def fused_add_rms_norm_ref(
@@ -152,13 +192,15 @@ def qk_norm_rope_ref(
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     eps: float,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     t = qkv.shape[0]
     head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if q_weight is not None and k_weight is not None:
-        q = rms_norm_ref(qkv[:, :q_size].view(t, num_heads, head_dim), q_weight, eps)
-        k = rms_norm_ref(qkv[:, q_size : q_size + kv_size].view(t, num_kv_heads, head_dim), k_weight, eps)
+        norm = gemma_rms_norm_ref if unit_offset else rms_norm_ref
+        q = norm(qkv[:, :q_size].view(t, num_heads, head_dim), q_weight, eps)
+        k = norm(qkv[:, q_size : q_size + kv_size].view(t, num_kv_heads, head_dim), k_weight, eps)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     # q and k heads are adjacent in the fused output: rotate them in one go.
     qk = apply_rotary(qkv.narrow(1, 0, q_size + kv_size).view(t, num_heads + num_kv_heads, head_dim), cos, sin)
@@ -170,6 +212,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     # In place on SiLU's fresh output: one [T, I] tensor less to allocate (and fault in, for
     # a prefill's megabytes), the same numbers as ``F.silu(gate) * up``.
     return F.silu(x.narrow(-1, 0, n)).mul_(x.narrow(-1, n, n))
+
+
+def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    n = x.shape[-1] // 2
+    # In place on GELU's fresh output, the same numbers as ``act(gate) * up``.
+    return F.gelu(x.narrow(-1, 0, n), approximate=approximate).mul_(x.narrow(-1, n, n))
 
 
 # ---------------------------------------------------------------------- checks shared by the launchers
@@ -219,7 +267,7 @@ if triton is not None:
         X, Res, W, Out, ResOut,
         stride_x, stride_r, stride_o, stride_ro,
         n_cols, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, UNIT_OFFSET: tl.constexpr,
     ):
         # One program per row: the row stays in registers between the sum of squares and the
         # scaling, so it is read once and written once (twice with the residual).
@@ -228,15 +276,16 @@ if triton is not None:
         mask = offs < n_cols
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
         add_rms_norm_row(x, Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro, n_cols, eps,
-                          HAS_RESIDUAL)
+                          HAS_RESIDUAL, UNIT_OFFSET)
 
     @triton.jit
     def add_rms_norm_row(
         x, Res, W, Out, ResOut, row, offs, mask, stride_r, stride_o, stride_ro, n_cols, eps,
-        HAS_RESIDUAL: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr,
     ):
         """Row ``row`` of ``(rms_norm(x + residual), x + residual)`` from ``x`` (``[BLOCK]``, the
-        activation dtype) already in registers."""
+        activation dtype) already in registers; with ``UNIT_OFFSET`` Gemma's norm (the weight an
+        offset from one, the normalised value kept in fp32 through the multiply)."""
         if HAS_RESIDUAL:
             r = tl.load(Res + row * stride_r + offs, mask=mask, other=0.0)
             # The sum rounded to the activation dtype: the residual stream the torch code keeps.
@@ -244,18 +293,23 @@ if triton is not None:
             tl.store(ResOut + row * stride_ro + offs, x, mask=mask)
         h = x.to(tl.float32)
         var = tl.sum(h * h, axis=0) / n_cols
-        h = _round(h * tl.rsqrt(var + eps), x.dtype)
         w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        if UNIT_OFFSET:
+            h = h * tl.rsqrt(var + eps)
+            w = 1.0 + w
+        else:
+            h = _round(h * tl.rsqrt(var + eps), x.dtype)
         tl.store(Out + row * stride_o + offs, (w * h).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _norm_rope_heads(
         Src, Dst, W, c, s, n_heads, eps,
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        NORM: tl.constexpr, DTYPE: tl.constexpr,
+        NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, DTYPE: tl.constexpr,
     ):
-        """RMSNorm (if NORM) then rotary of ``n_heads`` consecutive heads ``[n_heads, 2 HALF]``
-        at ``Src``, written to ``Dst``.  ``c``/``s`` are the token's ``[BLOCK_HALF]`` cos/sin."""
+        """RMSNorm (if NORM; Gemma's with UNIT_OFFSET) then rotary of ``n_heads`` consecutive
+        heads ``[n_heads, 2 HALF]`` at ``Src``, written to ``Dst``.  ``c``/``s`` are the token's
+        ``[BLOCK_HALF]`` cos/sin."""
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_HALF)
         d_mask = offs_d < HALF
@@ -268,8 +322,12 @@ if triton is not None:
             r = tl.rsqrt(var + eps)[:, None]
             w1 = tl.load(W + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
             w2 = tl.load(W + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            x1 = _round(w1 * _round(x1 * r, DTYPE), DTYPE)
-            x2 = _round(w2 * _round(x2 * r, DTYPE), DTYPE)
+            if UNIT_OFFSET:  # (x / rms) * (1 + w) in fp32, rounded once
+                x1 = _round(x1 * r * (1.0 + w1), DTYPE)
+                x2 = _round(x2 * r * (1.0 + w2), DTYPE)
+            else:
+                x1 = _round(w1 * _round(x1 * r, DTYPE), DTYPE)
+                x2 = _round(w2 * _round(x2 * r, DTYPE), DTYPE)
         # Each product and each sum rounded, as the torch ops (x1*cos - x2*sin, ...) store them.
         o1 = _round(x1 * c, DTYPE) - _round(x2 * s, DTYPE)
         o2 = _round(x2 * c, DTYPE) + _round(x1 * s, DTYPE)
@@ -282,7 +340,7 @@ if triton is not None:
         stride_qkv, stride_cos, stride_sin, stride_out,
         num_heads, num_kv_heads, eps,
         HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        NORM: tl.constexpr,
+        NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr,
     ):
         # One program per token: its q heads then its k heads (adjacent in qkv and in Out).
         tok = tl.program_id(0).to(tl.int64)
@@ -294,25 +352,41 @@ if triton is not None:
         dst = Out + tok * stride_out
         k_off = num_heads * 2 * HALF
         dtype = Out.dtype.element_ty
-        _norm_rope_heads(src, dst, QW, c, s, num_heads, eps, HALF, BLOCK_HQ, BLOCK_HALF, NORM, dtype)
+        _norm_rope_heads(src, dst, QW, c, s, num_heads, eps, HALF, BLOCK_HQ, BLOCK_HALF, NORM, UNIT_OFFSET, dtype)
         _norm_rope_heads(src + k_off, dst + k_off, KW, c, s, num_kv_heads, eps, HALF, BLOCK_HK, BLOCK_HALF,
-                         NORM, dtype)
+                         NORM, UNIT_OFFSET, dtype)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    def _gelu(x, TANH: tl.constexpr):
+        """F.gelu in fp32: the tanh approximation (``gelu_pytorch_tanh``) or the exact erf form.
+        tanh is written with exp (no libdevice, so the interpreter runs it too) as
+        ``sign(u) (1 - e) / (1 + e)`` with ``e = exp(-2 |u|)``, which never overflows."""
+        if TANH:
+            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
+            e = tl.exp(-2.0 * tl.abs(u))
+            t = (1.0 - e) / (1.0 + e)
+            return 0.5 * x * (1.0 + tl.where(u < 0, -t, t))
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, ACT: tl.constexpr):
+        # ACT: 0 SiLU, 1 GELU (tanh approximation), 2 GELU (erf).
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_cols
         gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(X + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-        # silu is stored in the activation dtype before the multiply, as F.silu(gate) * up does.
-        act = _round(gate / (1.0 + tl.exp(-gate)), Out.dtype.element_ty)
+        # The activation is stored in the activation dtype before the multiply, as act(gate) * up does.
+        if ACT == 0:
+            act = _round(gate / (1.0 + tl.exp(-gate)), Out.dtype.element_ty)
+        else:
+            act = _round(_gelu(gate, ACT == 1), Out.dtype.element_ty)
         tl.store(Out + row * stride_o + offs, (act * up).to(Out.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------- launchers
 def _launch_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     require_triton()
     check_last_dim("x", x)
@@ -324,8 +398,10 @@ def _launch_rms_norm(
                 f"residual must match x ({tuple(x.shape)}, {x.dtype}), got {tuple(residual.shape)}, {residual.dtype}"
             )
         check_last_dim("residual", residual)
-    # The weight multiply promotes like torch's ``weight * h`` (the model keeps both in one dtype).
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    # The weight multiply promotes like torch's ``weight * h`` (the model keeps both in one dtype);
+    # Gemma's norm casts back to the activation dtype.
+    dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
     x2 = as_rows(x)
     if x2.shape[0] == 0:
@@ -337,7 +413,7 @@ def _launch_rms_norm(
         x2, r2, weight, o2, ro2,
         x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
         n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, UNIT_OFFSET=unit_offset,
         num_warps=norm_warps(block),
     )
     return out, res_out
@@ -401,6 +477,7 @@ def qk_norm_rope_triton(
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     eps: float,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     require_triton()
     head_dim = _check_qk_norm_rope(qkv, cos, sin, num_heads, num_kv_heads, q_weight, k_weight)
@@ -415,7 +492,7 @@ def qk_norm_rope_triton(
             qkv.stride(0), cos.stride(0), sin.stride(0), out.stride(0),
             num_heads, num_kv_heads, eps,
             HALF=half, BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-            BLOCK_HALF=triton.next_power_of_2(half), NORM=norm,
+            BLOCK_HALF=triton.next_power_of_2(half), NORM=norm, UNIT_OFFSET=unit_offset,
             num_warps=4,
             # Without this LLVM narrows round(x * c) to a bf16 multiply and then contracts
             # "ext(x * c) - s" into one FMA, dropping the rounding the torch code does
@@ -429,6 +506,16 @@ SILU_BLOCK = 1024  # columns per program
 
 
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    return _launch_act_and_mul(x, 0)
+
+
+def gelu_and_mul_triton(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return _launch_act_and_mul(x, 1 if approximate == "tanh" else 2)
+
+
+def _launch_act_and_mul(x: torch.Tensor, act: int) -> torch.Tensor:
     require_triton()
     check_last_dim("x", x)
     if x.shape[-1] % 2:
@@ -439,6 +526,6 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(SILU_BLOCK, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-            x2, o2, x2.stride(0), o2.stride(0), n, BLOCK=block, num_warps=4,
+            x2, o2, x2.stride(0), o2.stride(0), n, BLOCK=block, ACT=act, num_warps=4,
         )
     return out

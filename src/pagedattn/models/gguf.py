@@ -11,7 +11,9 @@ reads like any other checkpoint:
   rotary layout, and the inverse below is the one transformers applies
   (``LlamaTensorProcessor``); ``olmo2``, ``phi3`` and the Qwen files keep HF's order.  A
   ``phi3`` file holds Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` (as ``attn_qkv`` and
-  ``ffn_up``) and LongRoPE's factors as two tensors, which become the config's ``rope_scaling``;
+  ``ffn_up``) and LongRoPE's factors as two tensors, which become the config's ``rope_scaling``.
+  For ``gemma2`` and ``gemma3`` files the norm weights get one subtracted (llama.cpp stores
+  Gemma's ``1 + w``) and the block names follow Gemma's four norms a layer;
 * the tokenizer and chat template, converted by transformers
   (``AutoTokenizer.from_pretrained(dir, gguf_file=name).save_pretrained(folder)``).
 
@@ -59,7 +61,10 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "olmo2": ("Olmo2ForCausalLM", "olmo2"),
     "granite": ("GraniteForCausalLM", "granite"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+_GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # Phi-3's tensors, where their names mean another projection than for the other architectures.
 _PHI3_BLOCK_TENSORS = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _LONGROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
@@ -88,6 +93,19 @@ _BLOCK_TENSORS = {
     "post_attention_norm": "post_attention_layernorm",  # OLMo 2's post-norms
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Gemma's layer: a norm before and after attention and the MLP (ffn_norm is the one before the MLP).
+_GEMMA_BLOCK_TENSORS = {
+    **_BLOCK_TENSORS,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp's defaults for what its Gemma files do not say: the sliding-layer pattern (every
+# other layer; five of six), the local rotary base of Gemma 3, and the 27B models, whose
+# softmax scale comes from hidden / heads instead of the head size (by their layer count).
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA3_LOCAL_THETA = 10_000.0
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -223,6 +241,8 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
         config["use_sliding_window"] = False
     if arch == "phi3":
         config.update(_phi3_fields(reader, tensors, int(rot_dim) / head_dim))
+    if arch in _GEMMA_ARCHITECTURES:
+        _gemma_config(reader, arch, config)
     return config
 
 
@@ -249,6 +269,30 @@ def _phi3_fields(reader: GGUFReader, tensors: dict[str, ReaderTensor], partial: 
             rope["attention_factor"] = float(attn_factor)
         fields["rope_scaling"] = rope
     return fields
+
+
+def _gemma_config(reader: GGUFReader, arch: str, config: dict[str, Any]) -> None:
+    """Gemma's config keys from its GGUF metadata and llama.cpp's defaults, in place."""
+    for key in ("hidden_act", "use_sliding_window"):
+        config.pop(key)
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    scale = _field(reader, f"{arch}.attention.scale", None)
+    if scale is not None:
+        config["query_pre_attn_scalar"] = float(scale) ** -2
+    else:
+        config["query_pre_attn_scalar"] = hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else config["head_dim"]
+    config["attn_logit_softcapping"] = _field(reader, f"{arch}.attn_logit_softcapping", None)
+    config["final_logit_softcapping"] = _field(reader, f"{arch}.final_logit_softcapping", None)
+    config["sliding_window"] = _field(reader, f"{arch}.attention.sliding_window", None)
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern", _GEMMA_PATTERN[arch])
+    if isinstance(pattern, list):  # per layer: True where the layer slides
+        config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        config["sliding_window_pattern"] = int(pattern)
+    if arch == "gemma3":
+        config["rope_theta"] = float(_field(reader, "gemma3.rope.freq_base", 1_000_000.0))
+        config["rope_local_base_freq"] = float(_field(reader, "gemma3.rope.freq_base_swa", _GEMMA3_LOCAL_THETA))
 
 
 def _rope_scaling(
@@ -305,14 +349,16 @@ def _stop_ids(reader: GGUFReader) -> list[int] | None:
 
 
 # ---------------------------------------------------------------------- tensors
-def hf_tensor_name(gguf_name: str, hf_arch: str = "LlamaForCausalLM") -> str:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (in the layout of
+    the GGUF architecture ``arch``)."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     parts = gguf_name.split(".")
-    names = {**_BLOCK_TENSORS, **_PHI3_BLOCK_TENSORS} if hf_arch == "Phi3ForCausalLM" else _BLOCK_TENSORS
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
-        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    block = _GEMMA_BLOCK_TENSORS if arch in _GEMMA_ARCHITECTURES else \
+        {**_BLOCK_TENSORS, **_PHI3_BLOCK_TENSORS} if arch == "phi3" else _BLOCK_TENSORS
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+        return f"model.layers.{parts[1]}.{block[parts[2]]}.{parts[3]}"
     raise ValueError(f"unknown GGUF tensor {gguf_name!r}")
 
 
@@ -327,12 +373,15 @@ def _hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[st
     """Every weight as ``(hf_name, float32 tensor)``, dequantized one at a time."""
     hf_arch = config["architectures"][0]
     permute = hf_arch in _PERMUTED_QK
+    arch = _field(reader, "general.architecture")
     for t in reader.tensors:
         if t.name == _ROPE_FREQS or t.name in _LONGROPE_FACTORS:
             continue  # folded into config["rope_scaling"]
-        name = hf_tensor_name(t.name, hf_arch)
+        name = hf_tensor_name(t.name, arch)
         w = _dequantize(t)
-        if permute and ".attn_q." in t.name:
+        if arch in _GEMMA_ARCHITECTURES and t.name.endswith("norm.weight"):
+            w -= 1.0  # llama.cpp stores Gemma's norm weights as 1 + w
+        elif permute and ".attn_q." in t.name:
             w = unpermute_qk(w, config["num_attention_heads"])
         elif permute and ".attn_k." in t.name:
             w = unpermute_qk(w, config["num_key_value_heads"])

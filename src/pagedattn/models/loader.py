@@ -209,7 +209,8 @@ def check_load_format(load_format: str) -> None:
 def dummy_weights(model: DecoderForCausalLM, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Random checkpoint tensors for every weight of ``model``, in checkpoint names and shapes.
 
-    Like a fresh transformers model: RMSNorm weights are ones, biases zeros, everything else
+    Like a fresh transformers model: RMSNorm weights are ones (Gemma's, offsets from one, zeros),
+    biases zeros, everything else
     normal with std :data:`DUMMY_STD`.  Each tensor is drawn from its own generator seeded
     with ``seed`` and its name, so every rank and every ``tp_size`` sees the same full tensors
     (made one at a time on the parameter's device) and the shards form one model.
@@ -220,7 +221,7 @@ def dummy_weights(model: DecoderForCausalLM, seed: int = 0) -> Iterator[tuple[st
         owner = model.get_submodule(pname.rpartition(".")[0])
         shape = checkpoint_shape(owner, param, shard)
         if isinstance(owner, RMSNorm):
-            yield name, torch.ones(shape, dtype=param.dtype, device=param.device)
+            yield name, torch.full(shape, 0.0 if owner.unit_offset else 1.0, dtype=param.dtype, device=param.device)
         elif param.dim() == 1:
             yield name, torch.zeros(shape, dtype=param.dtype, device=param.device)
         else:

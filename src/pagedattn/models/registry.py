@@ -17,6 +17,8 @@ from .config import ModelArchConfig
 
 # One line per family: architecture -> module.
 ARCHITECTURES: dict[str, str] = {
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "MixtralForCausalLM": "mixtral",

@@ -100,8 +100,10 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ what a graph records
     def init_backend(self) -> int:
-        """Let the backend allocate what the captured steps share; returns its variant count."""
-        layer = self.model.attention_specs()[0]
+        """Let the backend allocate what the captured steps share; returns its variant count.
+        The layer with the widest window sizes it: a sliding first layer (Gemma's) would cap the
+        split count of the global layers' long contexts."""
+        layer = max(self.model.attention_specs(), key=lambda s: s.sliding_window or float("inf"))
         return self.backend.init_cuda_graphs(self.max_batch, self.max_seq_len, self.block_size, layer, self.device)
 
     def context(self, b: int, variant: int) -> ForwardContext:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..cascade import WORK_WIDTH
-from .common import LOG2E, attend_paged_keys, dot_dtype, dot_precision
+from .common import attend_paged_keys, dot_dtype, dot_precision, score_args
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class CascadeInputs:
 @triton.jit
 def _prefix_kernel(
     Q, K, V, MidO, MidLse, BlockTables, Members, Work,
-    scale_log2, slot_offset,
+    scale_log2, softcap, slot_offset,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -73,7 +73,7 @@ def _prefix_kernel(
     stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WORK_W: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     item = Work + tl.program_id(0) * WORK_W
     kvh = tl.program_id(1)
@@ -97,8 +97,8 @@ def _prefix_kernel(
 
     m_i, l_i, acc = attend_paged_keys(
         q, K + kvh * stride_kh, V + kvh * stride_vh, BlockTables + rep_row.to(tl.int64) * stride_bt, lo, hi, offs_d,
-        scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
-        BLOCK_M, PAGE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        scale_log2, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
+        BLOCK_M, PAGE, BLOCK_N, BLOCK_D, HEAD_DIM, SOFTCAP, DOT_DTYPE, DOT_PRECISION)
 
     # The host never plans an empty chunk; an unused item stores nothing (m_mask is empty).
     has = l_i > 0
@@ -120,8 +120,10 @@ def prefix_attention(
     mid_lse: torch.Tensor,  # [B, Hq, S] fp32
     slot_offset: int,  # prefix chunk c of a row goes to slot slot_offset + c
     config: PrefixConfig | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """Launch the shared-prefix kernel over every work item (unused ones exit at once)."""
+    """Launch the shared-prefix kernel over every work item (unused ones exit at once);
+    ``softcap`` soft-caps the scores as the decode kernel does."""
     _, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
     cfg = config or default_prefix_config(k_cache.dtype, d)
@@ -130,7 +132,7 @@ def prefix_attention(
         return
     _prefix_kernel[(items, hkv)](
         q, k_cache, v_cache, mid_o, mid_lse, block_tables, cascade.members, cascade.work,
-        scale * LOG2E, slot_offset,
+        *score_args(scale, softcap), slot_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -138,7 +140,7 @@ def prefix_attention(
         mid_lse.stride(0), mid_lse.stride(1),
         block_tables.stride(0),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP=hq // hkv,
-        BLOCK_M=cascade.block_m, PAGE=page, BLOCK_N=cfg.block_n, WORK_W=WORK_WIDTH,
+        BLOCK_M=cascade.block_m, PAGE=page, BLOCK_N=cfg.block_n, WORK_W=WORK_WIDTH, SOFTCAP=softcap is not None,
         DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -14,6 +14,7 @@ from ...envs import triton_interpreted
 
 # Scores are kept in the base-2 domain (exp2 is one instruction): scale * log2(e).
 LOG2E = 1.4426950408889634
+LOG2E_CONST: tl.constexpr = tl.constexpr(LOG2E)  # the same inside kernels
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -38,6 +39,29 @@ def dot_precision(cache_dtype: torch.dtype) -> str:
     return "ieee" if dot_dtype(cache_dtype) == tl.float32 else "tf32"
 
 
+def score_args(scale: float, softcap: float | None) -> tuple[float, float]:
+    """The score arguments every attention kernel takes, ``(scale_log2, softcap)``: the softmax
+    scale in the base-2 domain, and the soft-cap (0.0 when off; the kernel's ``SOFTCAP``
+    constexpr, ``softcap is not None``, then compiles it out, so kernels without soft-capping
+    are exactly what they were)."""
+    return scale * LOG2E, float(softcap or 0.0)
+
+
+@triton.jit
+def scores_log2(s, scale_log2, softcap, SOFTCAP: tl.constexpr):
+    """Raw dot products ``s`` -> base-2 scores: ``s * scale * log2(e)``, or with ``SOFTCAP``
+    ``cap * tanh(s * scale / cap) * log2(e)``.  tanh is written with exp2 (no libdevice, so the
+    interpreter runs it too): ``tanh(|x|) = (1 - e) / (1 + e)`` with ``e = exp(-2 |x|)``, which
+    never overflows."""
+    y = s * scale_log2
+    if SOFTCAP:
+        # y / cap = x * log2(e) with x = s * scale / cap, so exp2(-2 |y| / cap) = exp(-2 |x|).
+        e = tl.exp2(tl.abs(y) * (-2.0 / softcap))
+        t = (1.0 - e) / (1.0 + e)
+        y = tl.where(y < 0, -t, t) * (softcap * LOG2E_CONST)
+    return y
+
+
 @triton.jit
 def paged_kv_rows(bt_row, offs, n_mask, PAGE: tl.constexpr, stride_kb, stride_kt, stride_vb, stride_vt):
     """Element offsets of key rows ``offs`` (``[BLOCK_N]`` positions of one sequence) in the K
@@ -49,15 +73,15 @@ def paged_kv_rows(bt_row, offs, n_mask, PAGE: tl.constexpr, stride_kb, stride_kt
 
 
 @triton.jit
-def attend_kv_tile(q, k_ptrs, v_ptrs, kv_mask, n_mask, m_i, l_i, acc, scale_log2,
-                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def attend_kv_tile(q, k_ptrs, v_ptrs, kv_mask, n_mask, m_i, l_i, acc, scale_log2, softcap,
+                   SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step (base 2) of queries ``q [M, D]`` over a key tile whose valid
     columns are ``n_mask``, all of them visible to every query row (decode and shared-prefix
     tiles: no causal edge).  Every tile holds >= 1 valid key, so the new max is finite.
     Returns the updated ``(m, l, acc)``."""
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-    s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
+    s = tl.where(n_mask[None, :], scores_log2(s, scale_log2, softcap, SOFTCAP), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -68,10 +92,11 @@ def attend_kv_tile(q, k_ptrs, v_ptrs, kv_mask, n_mask, m_i, l_i, acc, scale_log2
 
 
 @triton.jit
-def attend_paged_keys(q, k_head, v_head, bt_row, lo, hi, offs_d, scale_log2,
+def attend_paged_keys(q, k_head, v_head, bt_row, lo, hi, offs_d, scale_log2, softcap,
                       stride_kb, stride_kt, stride_vb, stride_vt,
                       ROWS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
     """Flash-attention of ``q [ROWS, BLOCK_D]`` over keys ``lo .. hi-1`` of one sequence's pages
     (one KV head: ``k_head``/``v_head`` point at it), every key visible to every row.  Returns
     the unnormalised ``(m, l, acc)`` (base-2 max, sum, weighted values) for the caller to
@@ -87,5 +112,5 @@ def attend_paged_keys(q, k_head, v_head, bt_row, lo, hi, offs_d, scale_log2,
         kv_mask = n_mask[:, None] if BLOCK_D == HEAD_DIM else n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
         m_i, l_i, acc = attend_kv_tile(q, k_head + k_rows[:, None] + offs_d[None, :],
                                        v_head + v_rows[:, None] + offs_d[None, :], kv_mask, n_mask,
-                                       m_i, l_i, acc, scale_log2, DOT_DTYPE, DOT_PRECISION)
+                                       m_i, l_i, acc, scale_log2, softcap, SOFTCAP, DOT_DTYPE, DOT_PRECISION)
     return m_i, l_i, acc

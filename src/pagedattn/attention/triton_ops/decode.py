@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .cascade import CascadeInputs, PrefixConfig, prefix_attention
-from .common import LOG2E, attend_paged_keys, dot_dtype, dot_precision
+from .common import attend_paged_keys, dot_dtype, dot_precision, score_args
 
 # Upper bound on splits: the merge kernel holds all of one head's partials in one tile.
 MAX_SPLITS = 64
@@ -78,6 +78,7 @@ def _decode_kernel(
     Q, K, V, Out, MidO, MidLse, BlockTables, SeqLens,
     TailStart, NumPre,  # cascade only: first own key of each row, prefix partials it merges
     scale_log2,  # softmax scale * log2(e): scores live in the base-2 domain
+    softcap,  # attention-logit soft-cap (SOFTCAP only)
     num_splits,
     pre_offset,  # cascade only: slot of a row's first prefix partial
     stride_qt, stride_qh,
@@ -91,6 +92,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,  # 0: no sliding window
+    SOFTCAP: tl.constexpr,  # soft-cap the scores: cap * tanh(score / cap)
     SPLIT: tl.constexpr,  # write fp32 partials instead of the final output
     CASCADE: tl.constexpr,  # attend keys from TailStart on; unsplit, also merge the prefix partials
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # tl.dot operand type and fp32 precision
@@ -121,8 +123,8 @@ def _decode_kernel(
 
     m_i, l_i, acc = attend_paged_keys(
         q, K + kvh * stride_kh, V + kvh * stride_vh, BlockTables + seq.to(tl.int64) * stride_bt, lo, hi, offs_d,
-        scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
-        BLOCK_H, PAGE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_DTYPE, DOT_PRECISION)
+        scale_log2, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
+        BLOCK_H, PAGE, BLOCK_N, BLOCK_D, HEAD_DIM, SOFTCAP, DOT_DTYPE, DOT_PRECISION)
 
     if CASCADE and not SPLIT:
         # Fold in the prefix partials (written by the prefix kernel, launched first) by their
@@ -208,8 +210,12 @@ def decode_attention(
     config: DecodeConfig | None = None,
     cascade: CascadeInputs | None = None,
     prefix_config: PrefixConfig | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Launch the decode kernel (and the merge kernel when ``num_splits > 1``).
+
+    ``softcap``: attention-logit soft-capping (each scaled score ``s`` becomes ``softcap *
+    tanh(s / softcap)``), in the shared-prefix kernel too; None compiles the kernels without it.
 
     ``workspace`` = ``(mid_o [>=B, Hq, >=S, D], mid_lse [>=B, Hq, >=S])`` fp32 buffers for the
     partials; allocated here when not given (CUDA-graph capture passes preallocated ones).
@@ -241,14 +247,14 @@ def decode_attention(
     pre_offset = cascade_slot_offset(num_splits)
     if cascade is not None:
         prefix_attention(q, k_cache, v_cache, block_tables, scale, cascade, mid_o, mid_lse, pre_offset,
-                         prefix_config)
+                         prefix_config, softcap=softcap)
         tail_start, num_pre = cascade.tail_start, cascade.num_prefix_parts
     else:
         tail_start, num_pre = seq_lens, seq_lens  # unused: CASCADE is off
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
     _decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, tail_start, num_pre,
-        scale * LOG2E, num_splits, pre_offset,
+        *score_args(scale, softcap), num_splits, pre_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -259,7 +265,7 @@ def decode_attention(
         HEAD_DIM=d, BLOCK_D=block_d,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         PAGE=page, BLOCK_N=cfg.block_n,
-        WINDOW=sliding_window or 0, SPLIT=split, CASCADE=cascade is not None,
+        WINDOW=sliding_window or 0, SOFTCAP=softcap is not None, SPLIT=split, CASCADE=cascade is not None,
         DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

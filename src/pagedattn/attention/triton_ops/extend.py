@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_dtype, dot_precision, paged_kv_rows
+from .common import dot_dtype, dot_precision, paged_kv_rows, score_args, scores_log2
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ def default_extend_config(dtype: torch.dtype, head_dim: int) -> ExtendConfig:
 def _extend_kernel(
     Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc,
     scale_log2,
+    softcap,  # attention-logit soft-cap (SOFTCAP only)
     seq_offset,  # index of the first sequence this launch covers (after the decodes)
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -48,6 +49,7 @@ def _extend_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # soft-cap the scores: cap * tanh(score / cap)
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # tl.dot operand type and fp32 precision
 ):
     seq = tl.program_id(0) + seq_offset
@@ -92,7 +94,7 @@ def _extend_kernel(
         visible = n_mask[None, :] & (offs[None, :] <= pos[:, None])
         if WINDOW > 0:
             visible &= (pos[:, None] - offs[None, :]) < WINDOW
-        s = tl.where(visible, s * scale_log2, float("-inf"))
+        s = tl.where(visible, scores_log2(s, scale_log2, softcap, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row may see nothing in this tile (window edge) and nothing before: keep it finite.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -122,10 +124,12 @@ def extend_attention(
     num_seqs: int,
     max_query_len: int,
     config: ExtendConfig | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Attention for sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the batch.
 
     ``max_query_len`` (their longest new-token count, from host-side metadata) sizes the grid.
+    ``softcap``: attention-logit soft-capping (None compiles the kernel without it).
     """
     if num_seqs == 0:
         return
@@ -135,7 +139,7 @@ def extend_attention(
     grid = (num_seqs, triton.cdiv(max_query_len, cfg.block_m), hq)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, seq_offset,
+        *score_args(scale, softcap), seq_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -143,7 +147,7 @@ def extend_attention(
         block_tables.stride(0),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP=hq // hkv,
         PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        WINDOW=sliding_window or 0,
+        WINDOW=sliding_window or 0, SOFTCAP=softcap is not None,
         DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

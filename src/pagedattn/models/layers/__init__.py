@@ -1,12 +1,12 @@
 """The shared building blocks every model family is made of.
 
 * linear layers laid out for tensor parallelism (:mod:`.linear`), the vocabulary-parallel
-  embedding and LM head (:mod:`.vocab`), RMSNorm (:mod:`.norm`), rotary embeddings
-  (:mod:`.rotary`);
+  embedding and LM head (:mod:`.vocab`), RMSNorm and Gemma's variant (:mod:`.norm`), rotary
+  embeddings (:mod:`.rotary`);
 * the blocks of a decoder layer: :class:`Attention` (q/k/v, optional q/k norm, rotary, paged
-  attention, output projection) and :class:`GatedMLP`; :class:`DecoderLayer`, the pre-norm
-  residual block over them; :class:`DecoderModel`, the stack; :class:`SparseMoEBlock`, the
-  mixture-of-experts block (router and :class:`FusedMoE` experts) of the MoE families;
+  attention, output projection) and :class:`GatedMLP` (SiLU or GELU gated); :class:`DecoderLayer`,
+  the pre-norm residual block over them; :class:`DecoderModel`, the stack; :class:`SparseMoEBlock`,
+  the mixture-of-experts block (router and :class:`FusedMoE` experts) of the MoE families;
 * the tensor-parallel plumbing (:mod:`.parallel`: :class:`Shard`, :class:`AllReduce`) and the
   weight-loading hooks (:mod:`.weights`).
 
@@ -29,9 +29,9 @@ from .linear import (
     linear,
     pack_linear_weights_for_cpu,
 )
-from .mlp import GatedMLP, SiluAndMul
+from .mlp import GatedMLP, GeluAndMul, SiluAndMul
 from .moe import FusedMoE, MoEArchConfig, MoERouter, SparseMoEBlock, per_expert_weights
-from .norm import RMSNorm, WeightFirstRMSNorm
+from .norm import GemmaRMSNorm, RMSNorm, WeightFirstRMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
 from .rotary import LongRopeRotaryEmbedding, RotaryEmbedding, longrope_inv_freqs, make_rotary, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
@@ -45,6 +45,8 @@ __all__ = [
     "DecoderModel",
     "FusedMoE",
     "GatedMLP",
+    "GeluAndMul",
+    "GemmaRMSNorm",
     "LongRopeRotaryEmbedding",
     "MergedColumnParallelLinear",
     "MoEArchConfig",

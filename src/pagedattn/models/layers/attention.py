@@ -20,16 +20,18 @@ class Attention(nn.Module):
     stores this step's k/v first), and the row-parallel output projection (``o_proj``).
 
     Sizes and the layer's sliding window come from ``cfg``, what differs between families from
-    the keywords: q/k/v and o_proj biases, the q/k norm (per head, or with
-    ``projection_qk_norm`` over the whole q and k projections, OLMo 2's), the softmax scale
-    (default ``head_dim ** -0.5``).  Rotary turns the first ``cfg.rotary_dim`` features of each
-    head (the cos/sin tables' width).  Returns this rank's partial sums of the output (its query
-    heads' share); the norm after the block reduces them across ranks, fused with its add.
-    With ``reduce_output`` the block sums them itself (for a norm that follows the sum, not the
-    residual add: post-norm layers)."""
+    the keywords: q/k/v and o_proj biases, the q/k norm (per head, and its class: Gemma's norms
+    take their weight as an offset from one; or with ``projection_qk_norm`` over the whole q and
+    k projections, OLMo 2's), the softmax scale (default ``head_dim ** -0.5``), attention-logit
+    soft-capping.  Rotary turns the first ``cfg.rotary_dim`` features of each head (the cos/sin
+    tables' width).  Returns this rank's partial sums of the output (its query heads' share); the
+    norm after the block reduces them across ranks, fused with its add.  With ``reduce_output``
+    the block sums them itself (for a norm that follows the sum, not the residual add: post-norm
+    layers)."""
 
     def __init__(self, cfg: ModelArchConfig, layer_idx: int, shard: Shard, *, qkv_bias: bool = False,
-                 o_bias: bool = False, qk_norm: bool = False, scale: float | None = None,
+                 o_bias: bool = False, qk_norm: bool = False, norm: type[RMSNorm] = RMSNorm,
+                 scale: float | None = None, logit_softcap: float | None = None,
                  projection_qk_norm: bool = False, reduce_output: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -45,11 +47,12 @@ class Attention(nn.Module):
         self.projection_qk_norm = projection_qk_norm
         if qk_norm and projection_qk_norm:
             raise ValueError("qk_norm (per head) and projection_qk_norm exclude each other")
+        self.unit_offset_norm = norm.unit_offset
         self.q_norm: RMSNorm | WeightFirstRMSNorm
         self.k_norm: RMSNorm | WeightFirstRMSNorm
         if qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
+            self.q_norm = norm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
+            self.k_norm = norm(cfg.head_dim, cfg.rms_norm_eps, shard.dtype)
         if projection_qk_norm:
             kv_part = shard.rank // self.qkv_proj.num_kv_head_replicas
             self.q_norm = WeightFirstRMSNorm(cfg.q_size, cfg.rms_norm_eps, shard.dtype, local_size=self.q_size,
@@ -62,6 +65,7 @@ class Attention(nn.Module):
             head_dim=cfg.head_dim,
             scale=cfg.head_dim**-0.5 if scale is None else scale,
             sliding_window=cfg.layer_sliding_windows[layer_idx],
+            logit_softcap=logit_softcap,
         )
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -73,7 +77,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         q_w, k_w = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         eps = self.q_norm.eps if self.qk_norm else 0.0
-        q, k = qk_norm_rope(qkv, cos, sin, self.num_heads, self.num_kv_heads, q_w, k_w, eps)
+        q, k = qk_norm_rope(qkv, cos, sin, self.num_heads, self.num_kv_heads, q_w, k_w, eps, self.unit_offset_norm)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.spec)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))

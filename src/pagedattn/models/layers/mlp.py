@@ -1,11 +1,11 @@
-"""The gated MLP of the decoder layers and its activation."""
+"""The gated MLP of the decoder layers and its activations (SwiGLU's SiLU, GeGLU's GELU)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..fused_ops import silu_and_mul
+from ..fused_ops import gelu_and_mul, silu_and_mul
 from .linear import MergedColumnParallelLinear, RowParallelLinear
 from .parallel import Shard
 
@@ -15,6 +15,23 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+
+class GeluAndMul(nn.Module):
+    """``gelu(x[:, :I]) * x[:, I:]`` (GeGLU), ``approximate`` as ``F.gelu``'s: "tanh" is
+    transformers' ``gelu_pytorch_tanh`` (Gemma's), "none" its exact ``gelu``."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_and_mul(x, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
 
 
 class GatedMLP(nn.Module):
