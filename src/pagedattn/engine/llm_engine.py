@@ -27,8 +27,10 @@ from ..runtime.executor import Executor
 from ..runtime.worker import WorkerConfig, freeze_startup_heap, release_startup_heap
 from ..transfer import to_device
 from .detokenizer import detokenize_incrementally, finish_detokenizing
+from .logits_processors import check_token_fields
 from .outputs import CompletionOutput, RequestOutput
-from .sampler import Sampler, SamplingBatch, SamplingRow
+from .prompt_logprobs import record_prompt_logprobs
+from .sampler import Sampler, SamplingBatch, SamplingRow, sampling_row
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
@@ -169,6 +171,7 @@ class LLMEngine:
             raise ValueError(f"SamplingParams.stop_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"SamplingParams.logprobs: {params.logprobs} is more than the vocabulary's {vocab} tokens")
+        check_token_fields(params, vocab, self._encode_words)
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt: {len(prompt_ids)} tokens does not fit the model's context of {self.max_model_len} "
@@ -193,7 +196,8 @@ class LLMEngine:
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
-        req = Request(rid, text, ids, params, extra_key=extra_key, stream=stream)
+        req = Request(rid, text, ids, params, extra_key=extra_key, stream=stream,
+                      bad_words_ids=check_token_fields(params, self.arch.vocab_size, self._encode_words))
         for i in range(1, params.n):
             req.seqs.append(Sequence(f"{rid}#{i}", i, list(ids), len(ids)))
         for s in req.seqs:
@@ -204,6 +208,12 @@ class LLMEngine:
         self.scheduler.add(req)
         self.num_prompt_tokens += len(ids)
         return rid
+
+    @property
+    def _encode_words(self) -> Any:
+        """The tokenizer's encoding of a text without special tokens (None: no tokenizer)."""
+        tok = self.tokenizer
+        return None if tok is None else (lambda text: tok.encode(text, add_special_tokens=False))
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free all its blocks.  False if it is unknown or done."""
@@ -234,7 +244,11 @@ class LLMEngine:
         if self._inflight is None:
             sched = self.scheduler.schedule()
             step = self.step_builder.build(sched)
-            out = self.executor.execute(step).rows  # logits, or with step.greedy the sampled tokens
+            result = self.executor.execute(step)
+            out = result.rows  # logits, or with step.greedy the sampled tokens
+            if result.prompt_logits is not None:
+                record_prompt_logprobs([(s.request, s.seq, s.num_new_tokens) for s in sched.scheduled],
+                                       result.prompt_logits)
             if not self._overlappable(sched):
                 # Under tensor parallelism on CUDA this is where a dead rank is noticed, rather
                 # than in a blocking read of the sampled tokens.
@@ -261,6 +275,8 @@ class LLMEngine:
             return False
         for s in sched.scheduled:
             if s.num_new_tokens != 1 or not s.samples or s.request.params.logprobs is not None:
+                return False
+            if s.request.params.has_penalties or s.request.bad_words_ids:  # they read the last token
                 return False
             if s.seq.num_output_tokens < s.request.params.min_tokens:
                 return False
@@ -376,11 +392,7 @@ class LLMEngine:
         return self._apply(targets, sampled.token_ids, sampled.logprobs, sampled.sampled_logprobs)
 
     def _sampling_row(self, seq: Sequence, req: Request) -> SamplingRow:
-        p = req.params
-        banned: list[int] = []
-        if seq.num_output_tokens < p.min_tokens:
-            banned = [*(() if p.ignore_eos else sorted(self.eos_token_ids)), *(p.stop_token_ids or ())]
-        return SamplingRow(p, seq.generator, banned)
+        return sampling_row(seq, req, self.eos_token_ids)
 
     def _sample_rows_alone(self, targets: list[tuple[Sequence, Request]], out: torch.Tensor,
                            rows: list[SamplingRow]) -> list[Request]:
@@ -520,8 +532,9 @@ class LLMEngine:
         m = {"arrival_time": req.arrival_time}
         if req.first_token_time is not None:
             m["first_token_time"] = req.first_token_time
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics=m,
-                             error=req.error)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
+                             num_cached_tokens=req.num_cached_tokens or 0, metrics=m, error=req.error,
+                             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)
 
     def _step_stats(self, sched: SchedulerOutput) -> dict[str, int]:
         bm = self.block_manager

@@ -20,7 +20,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..cache.block_manager import BlockManager
+from ..cache.block_manager import BlockManager, PrefixMatch
 from ..config import EngineConfig
 from ..runtime.model_runner import KVOp
 from .sequence import Request, RequestStatus, Sequence
@@ -173,6 +173,8 @@ class Scheduler:
             req = self.waiting[0]
             seq = self._active_seqs(req)[0]
             match = self.bm.match_prefix(seq.token_ids, req.extra_key)
+            if req.needs_prompt_logits:  # its prompt logprobs need the logits of every prompt position
+                match = PrefixMatch(0, [], [], match.prompt_keys)
             fresh = match.prompt_keys[len(match.keys):]
             if fresh and fresh[0].digest in pending:
                 break  # FCFS: later requests wait too
@@ -190,6 +192,8 @@ class Scheduler:
             self.stats.prefix_query_tokens += seq.num_tokens
             self.stats.prefix_hit_tokens += match.num_tokens
             seq.num_computed_tokens = match.num_tokens
+            if req.num_cached_tokens is None:  # first admission (vLLM's num_cached_tokens)
+                req.num_cached_tokens = match.num_tokens
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -42,6 +42,8 @@ class Sequence:
     text: str = ""
     detok: Any = field(default=None, repr=False, compare=False)
     stop_checked_len: int = 0  # characters of ``text`` already checked for stop strings
+    # ``token_ids`` mirrored on the host as an array, for penalties (see .logits_processors).
+    token_history: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -78,10 +80,22 @@ class Request:
     num_preemptions: int = 0
     stream: bool = True  # report partial outputs every step (False: only when finished)
     error: str | None = None  # set when the request failed alone (finish_reason "error")
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token ids
+    # With params.prompt_logprobs: one entry per prompt token computed so far (the first is None).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
 
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs = [Sequence(f"{self.request_id}#0", 0, list(self.prompt_token_ids), len(self.prompt_token_ids))]
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt logprobs are still to compute: the prompt's positions must then be
+        computed, not taken from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def live_seqs(self) -> list[Sequence]:

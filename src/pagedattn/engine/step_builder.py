@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..cache.block_manager import BlockManager
 from ..runtime.model_runner import KVOp, StepInput
+from .prompt_logprobs import prompt_positions
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -27,6 +28,7 @@ class StepBuilder:
             step.query_lens.append(n)
             step.seq_lens.append(c + n)
             step.block_tables.append(table_of(s.seq.seq_id))
+            step.prompt_rows.extend(end + p - c for p in prompt_positions(s.request, s.seq, n))
             end += n
             if s.samples:
                 step.sample_rows.append(end - 1)

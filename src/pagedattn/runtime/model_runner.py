@@ -24,6 +24,7 @@ from ..attention.metadata import AttentionMetadata, HostBatch
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from ..models.interface import CausalLM
+from ..transfer import upload
 from .cuda_graphs import DecodeGraphs
 
 KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
@@ -46,6 +47,9 @@ class StepInput:
     block_tables: list[list[int]] = field(default_factory=list)  # physical blocks (-1: window-released)
     token_ids: list[int] | None = field(default_factory=list)  # the new tokens, flattened [sum(query_lens)]
     sample_rows: list[int] = field(default_factory=list)  # rows of the flattened batch whose logits return
+    # Rows of the flattened batch whose full logits also return, in StepOutput.prompt_logits
+    # (prompt positions of requests that want prompt logprobs; never a decode-graph step).
+    prompt_rows: list[int] = field(default_factory=list)
     # Every sampled row is greedy and wants no log-probabilities: return their argmax token ids
     # instead of the logits (with tensor parallelism, from each rank's vocabulary slice, without
     # gathering the logits).
@@ -76,6 +80,7 @@ class StepOutput:
 
     tokens: torch.Tensor | None = None  # int64 [n] on the device
     logits: torch.Tensor | None = None  # [n, V]
+    prompt_logits: torch.Tensor | None = None  # [len(StepInput.prompt_rows), V], when there are such rows
 
     @classmethod
     def empty(cls, step: StepInput, device: torch.device) -> StepOutput:
@@ -135,7 +140,7 @@ class ModelRunner:
         if step.is_empty:
             return StepOutput.empty(step, self.device)
         batch = self.host_batch(step)
-        if self.graphs is not None and step.is_decode and self.graphs.fits(batch):
+        if self.graphs is not None and step.is_decode and not step.prompt_rows and self.graphs.fits(batch):
             return self._replay(step, batch, input_ids)
         return self._forward(step, batch, input_ids)
 
@@ -154,11 +159,23 @@ class ModelRunner:
     def _forward(self, step: StepInput, batch: HostBatch, input_ids: torch.Tensor | None) -> StepOutput:
         ids, positions, meta, sample_idx = self.prepare(step, input_ids, batch)
         hidden = self.model(ids, positions, ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend))
+        prompt_logits = self._prompt_logits(step, hidden)
         if not step.sample_rows:
-            return StepOutput.empty(step, self.device)
-        if sample_idx is not None:
-            hidden = hidden.index_select(0, sample_idx)
-        return self._output(step, self.model.compute_logits(hidden, gather=False))
+            out = StepOutput.empty(step, self.device)
+        else:
+            if sample_idx is not None:
+                hidden = hidden.index_select(0, sample_idx)
+            out = self._output(step, self.model.compute_logits(hidden, gather=False))
+        out.prompt_logits = prompt_logits
+        return out
+
+    def _prompt_logits(self, step: StepInput, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The full logits of ``step.prompt_rows`` (collective under tensor parallelism, like
+        every rank's step)."""
+        if not step.prompt_rows:
+            return None
+        idx = upload(torch.tensor(step.prompt_rows, dtype=torch.long), self.device)
+        return self.model.gather_logits(self.model.compute_logits(hidden.index_select(0, idx), gather=False))
 
     def _output(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
         """This rank's vocabulary slice of the sampled rows' logits -> the step's output; every
