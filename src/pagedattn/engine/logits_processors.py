@@ -142,7 +142,7 @@ def build_stages(params: Sequence[SamplingParams], banned: Sequence[Sequence[int
     """The stages of a batch whose rows have ``params`` (and, per row: token ids banned for now,
     its sequence's history, its bad words' token ids); None when no row needs any."""
     n = len(params)
-    if not any(banned) and not any(p.processes_logits for p in params):
+    if not any(banned) and not any(bad_words) and not any(p.processes_logits for p in params):
         return None
     st = LogitsStages()
     allowed = [i for i in range(n) if params[i].allowed_token_ids is not None]
