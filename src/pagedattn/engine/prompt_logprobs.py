@@ -18,6 +18,8 @@ import torch
 
 from .sequence import Request, Sequence
 
+_ROWS_AT_ONCE = 512
+
 
 def prompt_positions(req: Request, seq: Sequence, num_new: int) -> range:
     """The positions of the chunk ``[seq.num_computed_tokens, + num_new)`` whose logits give prompt
@@ -37,14 +39,18 @@ def record_prompt_logprobs(chunks: Iterable[tuple[Request, Sequence, int]], logi
     spans = [(req, r) for req, r in spans if len(r)]
     targets = [req.prompt_token_ids[p + 1] for req, r in spans for p in r]
     assert len(targets) == logits.shape[0], "prompt rows and scheduled chunks disagree"
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None]).squeeze(1).tolist()
     k = max(req.params.prompt_logprobs or 0 for req, _ in spans)
+    ids = torch.tensor(targets, device=logits.device)
+    chosen: list[float] = []
     top_v: list[list[float]] = []
     top_i: list[list[int]] = []
-    if k:
-        values, indices = lp.topk(min(k, lp.shape[1]), dim=-1)
-        top_v, top_i = values.tolist(), indices.tolist()
+    for lo in range(0, len(targets), _ROWS_AT_ONCE):  # bounds the fp32 copy of a long chunk's logits
+        lp = torch.log_softmax(logits[lo:lo + _ROWS_AT_ONCE].float(), dim=-1)
+        chosen += lp.gather(1, ids[lo:lo + _ROWS_AT_ONCE, None]).squeeze(1).tolist()
+        if k:
+            values, indices = lp.topk(min(k, lp.shape[1]), dim=-1)
+            top_v += values.tolist()
+            top_i += indices.tolist()
     row = 0
     for req, r in spans:
         assert req.prompt_logprobs is not None
