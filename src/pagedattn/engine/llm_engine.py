@@ -247,7 +247,8 @@ class LLMEngine:
             result = self.executor.execute(step)
             out = result.rows  # logits, or with step.greedy the sampled tokens
             if result.prompt_logits is not None:
-                record_prompt_logprobs([(s.request, s.seq, s.num_new_tokens) for s in sched.scheduled],
+                record_prompt_logprobs([(s.request, s.seq, s.seq.num_computed_tokens, s.num_new_tokens)
+                                        for s in sched.scheduled],
                                        result.prompt_logits)
             if not self._overlappable(sched):
                 # Under tensor parallelism on CUDA this is where a dead rank is noticed, rather

@@ -21,21 +21,21 @@ from .sequence import Request, Sequence
 _ROWS_AT_ONCE = 512
 
 
-def prompt_positions(req: Request, seq: Sequence, num_new: int) -> range:
-    """The positions of the chunk ``[seq.num_computed_tokens, + num_new)`` whose logits give prompt
+def prompt_positions(req: Request, seq: Sequence, start: int, num_new: int) -> range:
+    """The positions of the chunk ``[start, start + num_new)`` of ``seq`` whose logits give prompt
     logprobs not computed yet."""
     if req.prompt_logprobs is None or seq.index != 0:
         return range(0)
-    lo = max(seq.num_computed_tokens, len(req.prompt_logprobs) - 1)
-    hi = min(seq.num_computed_tokens + num_new, seq.prompt_len - 1)
+    lo = max(start, len(req.prompt_logprobs) - 1)
+    hi = min(start + num_new, seq.prompt_len - 1)
     return range(lo, max(lo, hi))
 
 
-def record_prompt_logprobs(chunks: Iterable[tuple[Request, Sequence, int]], logits: torch.Tensor) -> None:
+def record_prompt_logprobs(chunks: Iterable[tuple[Request, Sequence, int, int]], logits: torch.Tensor) -> None:
     """Append to each request's ``prompt_logprobs`` the entries of its chunk's rows of ``logits``
-    (the step's ``prompt_logits``, rows in the order of ``chunks``: ``(request, sequence, new
-    tokens)`` as scheduled, before ``num_computed_tokens`` moves on)."""
-    spans = [(req, prompt_positions(req, seq, n)) for req, seq, n in chunks]
+    (the step's ``prompt_logits``, rows in the order of ``chunks``: ``(request, sequence, start,
+    new tokens)`` as scheduled)."""
+    spans = [(req, prompt_positions(req, seq, c, n)) for req, seq, c, n in chunks]
     spans = [(req, r) for req, r in spans if len(r)]
     targets = [req.prompt_token_ids[p + 1] for req, r in spans for p in r]
     assert len(targets) == logits.shape[0], "prompt rows and scheduled chunks disagree"

@@ -28,7 +28,7 @@ class StepBuilder:
             step.query_lens.append(n)
             step.seq_lens.append(c + n)
             step.block_tables.append(table_of(s.seq.seq_id))
-            step.prompt_rows.extend(end + p - c for p in prompt_positions(s.request, s.seq, n))
+            step.prompt_rows.extend(end + p - c for p in prompt_positions(s.request, s.seq, c, n))
             end += n
             if s.samples:
                 step.sample_rows.append(end - 1)
