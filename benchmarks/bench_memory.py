@@ -92,16 +92,14 @@ class KVUsageTracer:
 
     def _sample(self, seconds: float, stats: dict[str, Any]) -> StepSample:
         bm, eng = self._bm, self.engine
-        # With async scheduling the next decode step is already running: it was given the slot
-        # of each of its sequences' newest token and is writing that token's K/V now.
-        inflight = getattr(eng, "_inflight", None)
-        writing = {id(seq) for seq, _ in inflight.targets} if inflight is not None else set()
+        # num_computed_tokens counts the positions a step still in flight (async scheduling) is
+        # writing now.
         seqs = stored = oracle = 0
         for req in eng.scheduler.running:  # running requests are the GPU-resident ones
             for seq in req.seqs:
                 if bm.has_seq(seq.seq_id):
                     seqs += 1
-                    stored += seq.num_computed_tokens + (id(seq) in writing)
+                    stored += seq.num_computed_tokens
                     oracle += min(seq.prompt_len + (req.params.max_tokens or eng.max_model_len), eng.max_model_len)
         return StepSample(seconds, seqs, stats["blocks_used"] * bm.block_size, stored, seqs * eng.max_model_len,
                           oracle, stats["waiting"] + stats["swapped"])

@@ -176,9 +176,9 @@ class Run:
         builder = self.engine.step_builder
         build = builder.build
 
-        def recording_build(sched: Any) -> Any:
+        def recording_build(sched: Any, *args: Any) -> Any:
             # Read-only: call the engine's own step builder and note the metadata the runner makes of it.
-            step = build(sched)
+            step = build(sched, *args)
             if not step.is_empty:
                 meta = self.engine.runner.prepare(step)[2]
                 self.forwards.append(Forward(

@@ -129,7 +129,7 @@ class Runner:
     def prefill(self, sid: str, prompt: list[int]) -> int:
         """Admit a prompt, reusing whatever prefix the cache holds.  Returns the cached tokens."""
         match = self.bm.match_prefix(prompt)
-        ok = self.bm.allocate_slots(sid, match.num_tokens, len(prompt) - match.num_tokens, match)
+        ok = self.bm.allocate_slots(sid, match.num_tokens, len(prompt) - match.num_tokens, match) is not None
         check(ok, f"{sid}: {len(prompt)}-token prompt admitted ({match.num_tokens} tokens from the prefix cache)")
         self.tokens[sid] = list(prompt)
         self._compute(sid, match.num_tokens, len(prompt))
@@ -138,8 +138,9 @@ class Runner:
     def append(self, sid: str, token: int) -> list[tuple[int, int]]:
         """One decode step: a slot for one token (maybe a new block, maybe a copy), then write it."""
         toks = self.tokens[sid]
-        check(self.bm.allocate_slots(sid, len(toks), 1), f"{sid}: slot for token #{len(toks)}", quiet=True)
-        copies = self.bm.take_pending_copies()
+        slots = self.bm.allocate_slots(sid, len(toks), 1)
+        check(slots is not None, f"{sid}: slot for token #{len(toks)}", quiet=True)
+        copies = list(slots.copies) if slots is not None else []
         self.pool.copy_blocks(copies)  # copy-on-write happens *before* the new K/V is written
         toks.append(token)
         self._compute(sid, len(toks) - 1, len(toks))

@@ -54,10 +54,11 @@ def prefill(bm: BlockManager, sid: str, prompt: list[int], extra_key: object = N
 
 def decode(bm: BlockManager, sid: str, tokens: list[int], new_token: int) -> list[tuple[int, int]]:
     """One decode step: room for one token, then commit it.  Returns the copy-on-write pairs."""
-    assert step(bm, lambda: bm.allocate_slots(sid, len(tokens), 1))
+    slots = step(bm, lambda: bm.allocate_slots(sid, len(tokens), 1))
+    assert slots is not None
     tokens.append(new_token)
     step(bm, lambda: bm.commit(sid, tokens, len(tokens)))
-    return bm.take_pending_copies()
+    return list(slots.copies)
 
 
 # ================================================================== construction / bad input
@@ -161,10 +162,10 @@ def test_allocate_slots_out_of_blocks_returns_false_and_changes_nothing() -> Non
     toks = rand_tokens(rng, 12)
     prefill(bm, "a", toks)
     before = snapshot(bm)
-    assert step(bm, lambda: bm.allocate_slots("b", 0, 8)) is False
+    assert step(bm, lambda: bm.allocate_slots("b", 0, 8)) is None
     assert not bm.has_seq("b")
-    assert step(bm, lambda: bm.allocate_slots("a", 12, 5)) is False
-    assert snapshot(bm) == before and bm.take_pending_copies() == []
+    assert step(bm, lambda: bm.allocate_slots("a", 12, 5)) is None
+    assert snapshot(bm) == before
     # Exactly what is left still fits.
     assert step(bm, lambda: bm.allocate_slots("a", 12, 4))
 
@@ -230,7 +231,6 @@ def test_copy_on_write_into_shared_partial_block() -> None:
     # Now private on both sides: no further copies.
     assert decode(bm, "b", child_toks, 12) == []
     assert decode(bm, "a", list(toks), 13) == []
-    assert bm.take_pending_copies() == []
 
 
 def test_no_copy_when_the_shared_last_block_is_full() -> None:
@@ -270,8 +270,8 @@ def test_cow_that_cannot_get_a_block_fails_cleanly() -> None:
     prefill(bm, "a", toks)
     step(bm, lambda: bm.fork("a", "b"))
     before = snapshot(bm)
-    assert step(bm, lambda: bm.allocate_slots("b", 6, 1)) is False
-    assert snapshot(bm) == before and bm.take_pending_copies() == []
+    assert step(bm, lambda: bm.allocate_slots("b", 6, 1)) is None
+    assert snapshot(bm) == before
 
 
 # ================================================================== prefix caching

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pagedattn.attention.metadata import AttentionMetadata
-from pagedattn.cache import NULL_BLOCK, BlockManager, OutOfBlocksError
+from pagedattn.cache import NULL_BLOCK, BlockManager, OutOfBlocksError, Slots
 from pagedattn.cache.kv_pool import KVCachePool, KVCacheSpec
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 2, 4
@@ -116,9 +116,9 @@ class PagedKVMachine(RuleBasedStateMachine):
             tuple(bm.cache.evictable_blocks()), bm.cache.num_cached, tables,
         )
 
-    def _run_copies(self) -> None:
+    def _run_copies(self, slots: Slots) -> None:
         """Copy-on-write pairs run before anything is written, as the engine does."""
-        self.pool.copy_blocks(self.bm.take_pending_copies())
+        self.pool.copy_blocks(list(slots.copies))
 
     def _check_match(self, prompt: list[int], extra_key: object):
         m = self.bm.match_prefix(prompt, extra_key)
@@ -153,7 +153,7 @@ class PagedKVMachine(RuleBasedStateMachine):
             assert self._snapshot() == before and not self.bm.has_seq(sid)
             return
         self.next_id += 1
-        assert self.bm.take_pending_copies() == [], "a new sequence never copies"
+        assert ok.copies == (), "a new sequence never copies"
         self.seqs[sid] = Shadow(list(prompt), m.num_tokens, extra_key)
         if run_now:
             self._write(sid, self.seqs[sid].pending)
@@ -173,10 +173,11 @@ class PagedKVMachine(RuleBasedStateMachine):
         False, with nothing changed, if the pool is dry."""
         sh = self.seqs[sid]
         before = self._snapshot()
-        if not self.bm.allocate_slots(sid, sh.computed, sh.pending + len(new)):
-            assert self._snapshot() == before and self.bm.take_pending_copies() == []
+        slots = self.bm.allocate_slots(sid, sh.computed, sh.pending + len(new))
+        if slots is None:
+            assert self._snapshot() == before
             return False
-        self._run_copies()
+        self._run_copies(slots)
         sh.tokens.extend(new)
         return True
 
@@ -302,7 +303,6 @@ class PagedKVMachine(RuleBasedStateMachine):
     def integrity(self) -> None:
         self.bm.check_integrity()
         assert sorted(self.bm.seq_ids()) == sorted(self.seqs)
-        assert self.bm.take_pending_copies() == [], "copies are always run right away"
 
     @invariant()
     def contents_match_shadow(self) -> None:

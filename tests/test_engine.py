@@ -256,6 +256,50 @@ def test_async_scheduling_keeps_outputs(model_dirs):
     llm.engine.check_integrity()
 
 
+def test_overlapped_steps_admit_new_requests_and_honour_min_tokens(model_dirs, monkeypatch):
+    """The step after one left in flight is an ordinary schedule: requests arriving meanwhile are
+    prefilled in the same step as the decodes whose last token is still on the device, and
+    min_tokens counts that pending token.  Tokens equal a synchronous run's."""
+    path = model_dirs["llama3_untied_gqa"]
+    prompts = _prompts(12, lens=(7, 13, 4, 21, 9))
+    eos = 3
+    params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=9, min_tokens=6, stop_token_ids=[eos]),
+              SamplingParams(temperature=0.0, max_tokens=1),
+              SamplingParams(temperature=1.0, seed=4, top_k=5, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
+
+    def run(async_scheduling: bool) -> tuple[dict[str, list[int]], int]:
+        engine = _llm(path, async_scheduling=async_scheduling).engine
+        mixed = 0
+        real = engine.executor.execute
+
+        def spy(step, prev=None):
+            nonlocal mixed
+            mixed += bool(step.from_prev) and max(step.query_lens) > 1
+            return real(step, prev)
+
+        monkeypatch.setattr(engine.executor, "execute", spy)
+        done: dict[str, list[int]] = {}
+        pending = list(zip(prompts, params))
+        while pending or engine.has_unfinished_requests():
+            if pending:  # one arrival per step
+                prompt, sp = pending.pop(0)
+                engine.add_request(prompt, sp, request_id=str(len(prompts) - len(pending)))
+            for out in engine.step():
+                engine.check_integrity()
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        assert engine.get_metrics()["kv_blocks_used"] == 0
+        return done, mixed
+
+    sync, _ = run(False)
+    overlapped, mixed = run(True)
+    assert overlapped == sync
+    assert mixed > 0, "no step mixed a prefill with pending decode tokens"
+    assert len(sync["2"]) >= 6 and eos not in sync["2"][:5]
+
+
 @pytest.mark.parametrize(("mode", "blocks"), [("swap", 10), ("recompute", 9)])
 def test_request_preempting_itself_after_scheduling_a_sibling_drops_it_from_the_step(model_dirs, mode, blocks):
     """The newest request's first sample gets its slot, the second does not: the request

@@ -254,7 +254,7 @@ def _check_mix(models: dict[str, Path], shape: EngineShape, raw: list[Spec]) -> 
     accepted = []
     for spec, params in reqs:
         try:
-            eng.validate(list(spec.prompt), params)
+            eng.inputs.validate(list(spec.prompt), params)
         except ValueError as e:
             assert "num_kv_blocks" in str(e)
             continue

@@ -101,8 +101,9 @@ def test_min_tokens_masks_eos_and_stop_ids(llm: LLM) -> None:
                         use_tqdm=False)[0].outputs[0].token_ids
     first = free[0]
     eng = llm.engine
-    saved = eng.eos_token_ids
-    eng.eos_token_ids = {first}  # EOS is the greedy first token
+    saved = set(eng.eos_token_ids)
+    eng.eos_token_ids.clear()  # the one set the sampler and the stop checks read
+    eng.eos_token_ids.add(first)  # EOS is the greedy first token
     try:
         out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)[0].outputs[0]
         assert out.token_ids == [first] and out.finish_reason == "stop"
@@ -114,7 +115,8 @@ def test_min_tokens_masks_eos_and_stop_ids(llm: LLM) -> None:
                 assert first not in c.token_ids[:3], c
                 assert len(c.token_ids) >= 3
     finally:
-        eng.eos_token_ids = saved
+        eng.eos_token_ids.clear()
+        eng.eos_token_ids.update(saved)
     _assert_idle(llm)
 
 
@@ -126,7 +128,7 @@ def test_a_request_that_fails_alone_frees_its_blocks_and_the_others_go_on(llm: L
     prompts = [_prompt(10 + i) for i in range(3)]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    check = type(eng)._check_stop
+    check = type(eng.outputs)._check_stop
     poisoned = {}
 
     def failing_check(self, req, seq, tok):  # type: ignore[no-untyped-def]
@@ -135,7 +137,7 @@ def test_a_request_that_fails_alone_frees_its_blocks_and_the_others_go_on(llm: L
             raise RuntimeError("broken detokenizer")
         return check(self, req, seq, tok)
 
-    monkeypatch.setattr(type(eng), "_check_stop", failing_check)
+    monkeypatch.setattr(type(eng.outputs), "_check_stop", failing_check)
     outs = llm.generate(prompts, [params, SamplingParams(n=2, temperature=0.0, max_tokens=8, ignore_eos=True), params],
                         use_tqdm=False)
     assert poisoned

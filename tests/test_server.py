@@ -378,7 +378,7 @@ def test_lone_surrogate_in_model_name_is_404(server) -> None:
 
 def test_offline_engine_refuses_lone_surrogates(llm: LLM) -> None:
     with pytest.raises(ValueError, match=r"^prompt: not valid Unicode text .*character 3"):
-        llm.engine.tokenize("ok \ud800")
+        llm.engine.inputs.tokenize("ok \ud800")
     with pytest.raises(ValueError, match="not valid Unicode text"):
         llm.generate(["fine", "ok \ud800"], SamplingParams(max_tokens=2), use_tqdm=False)
 

@@ -5,7 +5,7 @@ the bookkeeping can be tested and reasoned about without tensors.  ``kv_pool`` h
 """
 
 from .allocator import BlockAllocator, BlockError, OutOfBlocksError
-from .block_manager import NULL_BLOCK, BlockManager, PrefixMatch
+from .block_manager import NULL_BLOCK, BlockManager, PrefixMatch, Slots
 from .prefix_cache import BlockKey, PrefixCache, hash_block
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "OutOfBlocksError",
     "PrefixCache",
     "PrefixMatch",
+    "Slots",
     "hash_block",
 ]

@@ -39,6 +39,18 @@ class PrefixMatch:
     prompt_keys: list[BlockKey] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Slots:
+    """What :meth:`BlockManager.allocate_slots` did that the device must mirror: copy-on-write
+    pairs ``(src, dst)``, to run before the next forward pass (the source block may be reused
+    after that).  Always true, even with no copies, so ``if not allocate_slots(...)`` tests failure."""
+
+    copies: tuple[tuple[int, int], ...] = ()
+
+
+_NO_COPIES = Slots()
+
+
 @dataclass
 class _SeqState:
     blocks: list[int] = field(default_factory=list)
@@ -92,7 +104,6 @@ class BlockManager:
         self.cache = PrefixCache()
         self.stats = BlockManagerStats()
         self._seqs: dict[SeqId, _SeqState] = {}
-        self._pending_copies: list[tuple[int, int]] = []
         self.listener: EventListener | None = None
 
     # ================================================================== queries
@@ -195,14 +206,15 @@ class BlockManager:
 
     # ================================================================== allocation
     def allocate_slots(self, seq_id: SeqId, num_computed: int, num_new: int,
-                       prefix: PrefixMatch | None = None, extra_key: object = None) -> bool:
+                       prefix: PrefixMatch | None = None, extra_key: object = None) -> Slots | None:
         """Make positions ``[num_computed, num_computed + num_new)`` writable for ``seq_id``.
 
         For a new sequence this first adopts the blocks of ``prefix`` (then ``num_computed``
         must equal ``prefix.num_tokens``).  Releases blocks that left the sliding window,
         allocates new blocks only when the last one is full, and copies-on-write any shared
-        block the new tokens land in (the copies are queued, see :meth:`take_pending_copies`).
-        Returns ``False`` -- with nothing changed -- when the pool cannot supply the blocks.
+        block the new tokens land in: the returned :class:`Slots` lists those copies, which must
+        run before the next forward pass.  Returns ``None`` -- with nothing changed -- when the
+        pool cannot supply the blocks.
         """
         if num_new < 0 or num_computed < 0:
             raise ValueError(f"negative token counts ({num_computed=}, {num_new=})")
@@ -211,7 +223,7 @@ class BlockManager:
             # The common decode step: the token lands in a private block that has room.
             i = num_computed // self.block_size
             if i < len(st.blocks) and self.gpu.refcount(st.blocks[i]) == 1:
-                return True
+                return _NO_COPIES
         if st is None:
             pnum = prefix.num_tokens if prefix else 0
             if num_computed != pnum:
@@ -219,7 +231,7 @@ class BlockManager:
             if prefix:
                 self._check_prefix_fresh(prefix)
             if self.blocks_needed(None, num_computed, num_new, prefix) > self.num_free_blocks:
-                return False
+                return None
             st = _SeqState(extra_key=extra_key)
             if prefix:
                 for b in prefix.blocks:
@@ -234,7 +246,7 @@ class BlockManager:
         elif st.on_cpu:
             raise RuntimeError(f"sequence {seq_id!r} is swapped out; swap it in first")
         elif self.blocks_needed(seq_id, num_computed, num_new) > self.num_free_blocks:
-            return False
+            return None
 
         if self.sliding_window:
             self._release_out_of_window(seq_id, st, num_computed)
@@ -248,15 +260,16 @@ class BlockManager:
             new = self._take_fresh(need - pad)
             st.blocks.extend(new)
             self._emit("allocate", {"seq": seq_id, "blocks": new, "pad": pad}, gpu=new, seqs=(seq_id,))
+        copies: list[tuple[int, int]] = []
         for i in self._cow_targets(st, num_computed, num_new):
             old = st.blocks[i]
             (new_block,) = self._take_fresh(1)
             self._drop_ref(old)
             st.blocks[i] = new_block
-            self._pending_copies.append((old, new_block))
+            copies.append((old, new_block))
             self.stats.num_cow_copies += 1
             self._emit("cow", {"seq": seq_id, "src": old, "dst": new_block}, gpu=(old, new_block), seqs=(seq_id,))
-        return True
+        return Slots(tuple(copies)) if copies else _NO_COPIES
 
     def commit(self, seq_id: SeqId, token_ids: Sequence[int], num_computed: int) -> None:
         """Tell the manager that ``num_computed`` leading tokens now have K/V in their blocks.
@@ -307,12 +320,6 @@ class BlockManager:
         held = [b for b in st.blocks if b != NULL_BLOCK]
         self._emit("free", {"seq": seq_id, "blocks": held, "cpu": st.on_cpu}, cpu=held if st.on_cpu else (),
                    gpu=() if st.on_cpu else held, seqs=(seq_id,))
-
-    def take_pending_copies(self) -> list[tuple[int, int]]:
-        """Copy-on-write pairs ``(src, dst)`` queued since the last call; run them before the
-        next forward pass (the source block may be reused after that)."""
-        out, self._pending_copies = self._pending_copies, []
-        return out
 
     # ================================================================== swap
     def can_swap_out(self, seq_ids: Sequence[SeqId]) -> bool:

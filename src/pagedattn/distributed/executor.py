@@ -168,14 +168,14 @@ class TensorParallelExecutor:
         return store
 
     # ================================================================== steps
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
+    def execute(self, step: StepInput, prev: torch.Tensor | None = None) -> StepOutput:
         self._check_usable()
         try:
             with self._lock:
                 self.group.broadcast_object(step)
-                if input_ids is not None and step.prev_rows is None:
-                    self.group.broadcast_tensor(input_ids)
-                return self.worker.execute(step, input_ids)
+                if prev is not None and not step.prev_greedy:
+                    self.group.broadcast_tensor(prev)
+                return self.worker.execute(step, prev)
         except BaseException as e:
             raise self._fail(e, "a step") from e
 

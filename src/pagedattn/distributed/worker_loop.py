@@ -26,7 +26,6 @@ import torch
 
 from ..runtime.model_runner import StepInput
 from ..runtime.worker import WorkerConfig, freeze_startup_heap, release_startup_heap, start_worker
-from ..transfer import to_device
 from .group import Rendezvous, TorchrunEnv, TPGroup, init_tp_group, make_store, mark_alive, report_error
 
 logger = logging.getLogger(__name__)
@@ -57,24 +56,21 @@ def serve_steps(group: TPGroup) -> None:
             return
         if not isinstance(msg, StepInput):
             raise RuntimeError(f"unexpected message from rank 0: {type(msg).__name__}")
-        input_ids = None if msg.token_ids is not None else _overlapped_input_ids(msg, greedy_tokens, group)
-        greedy_tokens = worker.execute(msg, input_ids).tokens
+        greedy_tokens = worker.execute(msg, _previous_samples(msg, greedy_tokens, group)).tokens
 
 
-def _overlapped_input_ids(step: StepInput, greedy_tokens: torch.Tensor | None, group: TPGroup) -> torch.Tensor:
-    """The input ids of an overlapped decode step: the previous step's samples, which exist on
-    rank 0's device -- and, when that step was greedy, on this rank's as well."""
-    if step.prev_rows is None:
-        ids = torch.empty(step.num_seqs, dtype=torch.long, device=group.device)
-        group.broadcast_tensor(ids)
-        return ids
-    if greedy_tokens is None or len(step.prev_rows) != step.num_seqs or \
-            (step.prev_rows and max(step.prev_rows) >= greedy_tokens.shape[0]):
+def _previous_samples(step: StepInput, greedy_tokens: torch.Tensor | None, group: TPGroup) -> torch.Tensor | None:
+    """The previous step's samples that this step's input ids take from the device (overlapped
+    scheduling): rank 0 sends them, unless that step was greedy and every rank holds them."""
+    if not step.from_prev:
+        return None
+    if not step.prev_greedy:
+        prev = torch.empty(step.num_prev, dtype=torch.long, device=group.device)
+        group.broadcast_tensor(prev)
+        return prev
+    if greedy_tokens is None or greedy_tokens.shape[0] != step.num_prev:
         raise RuntimeError("an overlapped step takes its ids from a previous greedy step this rank did not run")
-    if len(step.prev_rows) == greedy_tokens.shape[0] and step.prev_rows == list(range(step.num_seqs)):
-        return greedy_tokens
-    # Not a plain .to(): that would wait for the step still running on this GPU (see upload).
-    return greedy_tokens.index_select(0, to_device(step.prev_rows, torch.long, group.device))
+    return greedy_tokens
 
 
 def spawn_main(rank: int, world_size: int, rendezvous: Rendezvous, device_type: str, timeout_s: float,

@@ -176,8 +176,8 @@ class LLM:
         tokenized = []
         for i, (p, sp) in enumerate(zip(plist, params)):
             try:
-                text, ids = self.engine.tokenize(p)
-                self.engine.validate(ids, sp)
+                text, ids = self.engine.inputs.tokenize(p)
+                self.engine.inputs.validate(ids, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             tokenized.append(({"prompt": text, "prompt_token_ids": ids}, sp))

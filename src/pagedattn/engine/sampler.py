@@ -43,7 +43,7 @@ def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int]) -> Sampli
     tokens so far."""
     p = req.params
     banned: list[int] = []
-    if seq.num_output_tokens < p.min_tokens:
+    if seq.num_output_tokens + seq.num_pending < p.min_tokens:  # EOS and stop ids wait for min_tokens
         banned = [*(() if p.ignore_eos else sorted(eos_token_ids)), *(p.stop_token_ids or ())]
     history = None
     if p.has_penalties or req.bad_words_ids:

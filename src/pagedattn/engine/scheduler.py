@@ -11,7 +11,12 @@ Every step it fills one token budget (``max_num_batched_tokens``), in this order
    (above its watermark) allow; each consults the prefix cache first.
 
 Data movement decided here (swap-out, copy-on-write, swap-in) is returned as an ordered list
-of operations that the model runner executes before the forward pass, in that order.
+of operations that the model runner executes before the forward pass, in that order.  The
+scheduler is the block manager's only user in the engine: committing computed tokens to the
+prefix cache and forking samples go through it too.
+
+With overlapped scheduling a step is scheduled while the previous one still runs: a sequence's
+token sampled there is pending (``Sequence.num_pending``), counted like any uncomputed token.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..cache.block_manager import BlockManager, PrefixMatch
+from ..cache.block_manager import BlockManager, PrefixMatch, Slots
 from ..config import EngineConfig
 from ..runtime.model_runner import KVOp
 from .sequence import Request, RequestStatus, Sequence
@@ -31,11 +36,13 @@ class ScheduledSeq:
     request: Request
     seq: Sequence
     num_new_tokens: int
+    start: int = field(init=False)  # the first new token's position
+    samples: bool = field(init=False)  # this chunk reaches the end of the sequence: it samples
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence (its logits are needed)."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        # Fixed when scheduled: launching the step moves ``seq.num_computed_tokens`` on.
+        self.start = self.seq.num_computed_tokens
+        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens + self.seq.num_pending
 
 
 @dataclass
@@ -86,6 +93,33 @@ class Scheduler:
     def free_seq(self, seq: Sequence) -> None:
         if self.bm.has_seq(seq.seq_id):
             self.bm.free(seq.seq_id)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return self.bm.block_table(seq_id)
+
+    def commit(self, seq: Sequence) -> None:
+        """Publish ``seq``'s computed blocks whose tokens are all known (a pending token's are
+        not yet) to the prefix cache; nothing for a sequence swapped out or freed."""
+        if self.bm.has_seq(seq.seq_id) and not self.bm.is_swapped(seq.seq_id):
+            self.bm.commit(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, seq.num_tokens))
+
+    def launched(self, out: SchedulerOutput) -> None:
+        """``out``'s step is on the device: its tokens count as computed (their blocks go to the
+        prefix cache now: any later step that reads them runs after this one), and each sampling
+        row's token is pending until the host applies it."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.commit(s.seq)
+            s.seq.num_pending += s.samples
+
+    def fork(self, req: Request) -> None:
+        """The first token of ``n`` samples: samples 1..n-1 share sample 0's blocks (before any
+        sample's token is applied: sample 0 may finish on its first token and free them)."""
+        parent = req.seqs[0]
+        for seq in req.seqs[1:]:
+            if seq.num_output_tokens == 0 and not self.bm.has_seq(seq.seq_id):
+                self.bm.fork(parent.seq_id, seq.seq_id)
+                seq.num_computed_tokens = parent.num_computed_tokens
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request from whichever queue holds it; free its blocks."""
@@ -186,9 +220,9 @@ class Scheduler:
             need = self.bm.blocks_needed(None, match.num_tokens, n, match)
             if not self.bm.can_allocate(need):
                 break
-            ok = self.bm.allocate_slots(seq.seq_id, match.num_tokens, n, match, req.extra_key)
-            assert ok, "admission check passed but allocation failed"
-            self._drain_copies(out)
+            slots = self.bm.allocate_slots(seq.seq_id, match.num_tokens, n, match, req.extra_key)
+            assert slots is not None, "admission check passed but allocation failed"
+            self._copy(out, slots)
             self.stats.prefix_query_tokens += seq.num_tokens
             self.stats.prefix_hit_tokens += match.num_tokens
             seq.num_computed_tokens = match.num_tokens
@@ -202,6 +236,42 @@ class Scheduler:
             # Siblings that were preempted by recomputation rejoin through the running loop.
         return budget
 
+    # ------------------------------------------------------------------ metrics
+    def step_stats(self, out: SchedulerOutput) -> dict[str, int]:
+        """The queues and the pool after a step (a trace's per-step summary)."""
+        bm = self.bm
+        return {
+            "running": len(self.running), "waiting": len(self.waiting), "swapped": len(self.swapped),
+            "blocks_used": bm.num_used_blocks, "blocks_cached": bm.num_cached_blocks, "blocks_free": bm.gpu.num_free,
+            "cpu_blocks_used": bm.cpu.num_blocks - bm.cpu.num_free, "num_tokens": out.num_batched_tokens,
+        }
+
+    def metrics(self) -> dict[str, float | int]:
+        bm, st = self.bm, self.stats
+        return {
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "kv_blocks_free": bm.gpu.num_free,
+            "cpu_blocks_total": bm.cpu.num_blocks,
+            "cpu_blocks_used": bm.cpu.num_blocks - bm.cpu.num_free,
+            "block_size": bm.block_size,
+            "prefix_cache_hit_rate": st.prefix_cache_hit_rate,
+            "prefix_cache_hit_tokens": st.prefix_hit_tokens,
+            "prefix_cache_query_tokens": st.prefix_query_tokens,
+            "prefix_cache_evictions": bm.cache.stats.evictions,
+            "num_preemptions": st.num_preemptions,
+            "num_swap_preemptions": st.num_swap_preemptions,
+            "num_recompute_preemptions": st.num_recompute_preemptions,
+            "num_swapped_out_blocks": bm.stats.num_swapped_out_blocks,
+            "num_swapped_in_blocks": bm.stats.num_swapped_in_blocks,
+            "num_cow_copies": bm.stats.num_cow_copies,
+            "num_window_released_blocks": bm.stats.num_window_released,
+            "num_requests_running": len(self.running),
+            "num_requests_waiting": len(self.waiting),
+            "num_requests_swapped": len(self.swapped),
+        }
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _active_seqs(req: Request) -> list[Sequence]:
@@ -213,21 +283,22 @@ class Scheduler:
     def _allocate(self, req: Request, seq: Sequence, n: int, out: SchedulerOutput) -> int | None:
         """Reserve slots for up to ``n`` new tokens of ``seq``; the number scheduled, or None."""
         if self.bm.has_seq(seq.seq_id):
-            if not self.bm.allocate_slots(seq.seq_id, seq.num_computed_tokens, n):
-                return None
+            slots = self.bm.allocate_slots(seq.seq_id, seq.num_computed_tokens, n)
         else:  # a sibling re-admitted after recomputation: look up the prefix cache first
             match = self.bm.match_prefix(seq.token_ids, req.extra_key)
             n = min(n, seq.num_tokens - match.num_tokens)
-            if not self.bm.allocate_slots(seq.seq_id, match.num_tokens, n, match, req.extra_key):
-                return None
-            seq.num_computed_tokens = match.num_tokens
-        self._drain_copies(out)
+            slots = self.bm.allocate_slots(seq.seq_id, match.num_tokens, n, match, req.extra_key)
+            if slots is not None:
+                seq.num_computed_tokens = match.num_tokens
+        if slots is None:
+            return None
+        self._copy(out, slots)
         return n
 
-    def _drain_copies(self, out: SchedulerOutput) -> None:
-        pairs = self.bm.take_pending_copies()
-        if pairs:
-            out.kv_ops.append(("copy", pairs))
+    @staticmethod
+    def _copy(out: SchedulerOutput, slots: Slots) -> None:
+        if slots.copies:
+            out.kv_ops.append(("copy", list(slots.copies)))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)

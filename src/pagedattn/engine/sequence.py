@@ -32,7 +32,10 @@ class Sequence:
     index: int
     token_ids: list[int]  # prompt + generated
     prompt_len: int
-    num_computed_tokens: int = 0  # leading tokens whose K/V is in the cache
+    num_computed_tokens: int = 0  # leading tokens whose K/V is in the cache or being computed
+    # Tokens sampled on the device by a step whose output the host has not read yet
+    # (overlapped scheduling): they follow ``token_ids`` and the scheduler counts them.
+    num_pending: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -63,7 +66,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
 
 @dataclass

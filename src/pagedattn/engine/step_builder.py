@@ -2,48 +2,44 @@
 
 from __future__ import annotations
 
-from ..cache.block_manager import BlockManager
-from ..runtime.model_runner import KVOp, StepInput
+from collections.abc import Callable, Mapping
+
+from ..runtime.model_runner import StepInput
 from .prompt_logprobs import prompt_positions
 from .scheduler import SchedulerOutput
-from .sequence import Sequence
+
+# A sequence's pending token (overlapped scheduling) in ``StepInput.token_ids``: the runner
+# replaces it with the previous step's sample on the device.
+_PLACEHOLDER = 0
 
 
 class StepBuilder:
-    """Turns the scheduler's decisions into :class:`StepInput` (reads the block manager only)."""
+    """Turns the scheduler's decisions into :class:`StepInput` (reads block tables only)."""
 
-    def __init__(self, block_manager: BlockManager) -> None:
-        self.bm = block_manager
+    def __init__(self, block_table: Callable[[str], list[int]]) -> None:
+        self.block_table = block_table
 
-    def build(self, sched: SchedulerOutput) -> StepInput:
-        step = StepInput(kv_ops=list(sched.kv_ops))
+    def build(self, sched: SchedulerOutput, prev_rows: Mapping[str, int] | None = None,
+              prev_greedy: bool = False) -> StepInput:
+        """``prev_rows``: the rows of the step still in flight, by sequence id, whose samples are
+        pending tokens of this step's sequences (see :class:`StepInput`)."""
+        step = StepInput(kv_ops=list(sched.kv_ops), prev_greedy=prev_greedy, num_prev=len(prev_rows or ()))
         step.greedy = all(s.request.params.plain_greedy for s in sched.scheduled if s.samples)
-        tokens: list[int] = []
-        assert step.token_ids is not None
-        table_of = self.bm.block_table
-        end = 0
+        tokens = step.token_ids
         for s in sched.scheduled:
-            c, n = s.seq.num_computed_tokens, s.num_new_tokens
-            tokens.extend(s.seq.token_ids[c:c + n])
+            seq, c, n = s.seq, s.start, s.num_new_tokens
+            step.prompt_rows.extend(len(tokens) + p - c for p in prompt_positions(s.request, seq, c, n))
+            known = seq.token_ids[c:c + n]
+            tokens.extend(known)
+            if len(known) < n:  # the last one is pending: it comes from the step in flight
+                assert prev_rows is not None and len(known) == n - 1, "only the last token can be pending"
+                step.from_prev.append((len(tokens), prev_rows[seq.seq_id]))
+                tokens.append(_PLACEHOLDER)
             step.query_lens.append(n)
             step.seq_lens.append(c + n)
-            step.block_tables.append(table_of(s.seq.seq_id))
-            step.prompt_rows.extend(end + p - c for p in prompt_positions(s.request, s.seq, c, n))
-            end += n
+            step.block_tables.append(self.block_table(seq.seq_id))
             if s.samples:
-                step.sample_rows.append(end - 1)
-        step.token_ids = tokens
+                step.sample_rows.append(len(tokens) - 1)
+        if not step.from_prev:
+            step.num_prev = 0
         return step
-
-    def lookahead(self, seqs: list[Sequence], kv_ops: list[KVOp], greedy: bool = False,
-                  prev_rows: list[int] | None = None) -> StepInput:
-        """Decode one position past each sequence's in-flight token, whose id exists only on the
-        device (overlapped scheduling): its position is ``num_computed_tokens + 1``.
-        ``prev_rows``: see :class:`StepInput` (only when the in-flight step was greedy)."""
-        n = len(seqs)
-        table_of = self.bm.block_table
-        return StepInput(
-            kv_ops=kv_ops, query_lens=[1] * n, seq_lens=[q.num_computed_tokens + 2 for q in seqs],
-            block_tables=[table_of(q.seq_id) for q in seqs], token_ids=None, sample_rows=list(range(n)),
-            greedy=greedy, prev_rows=prev_rows,
-        )

@@ -20,8 +20,9 @@ class Executor(Protocol):
     worker: Worker  # this process's rank (rank 0)
     num_blocks: int  # KV blocks of every rank (the same block ids everywhere)
 
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
-        """Run a step on every rank; returns rank 0's output."""
+    def execute(self, step: StepInput, prev: torch.Tensor | None = None) -> StepOutput:
+        """Run a step on every rank (``prev``: the previous step's samples, see
+        :meth:`~.model_runner.ModelRunner.execute`); returns rank 0's output."""
 
     def sync(self) -> None:
         """Wait for the device work queued so far (a no-op where waits cannot hang)."""
@@ -40,8 +41,8 @@ class LocalExecutor:
         self.worker = start_worker(config, 0, device, SingleRank(device))
         self.num_blocks = self.worker.pool.num_blocks if self.worker.pool is not None else 0
 
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
-        return self.worker.execute(step, input_ids)
+    def execute(self, step: StepInput, prev: torch.Tensor | None = None) -> StepOutput:
+        return self.worker.execute(step, prev)
 
     def sync(self) -> None:
         pass

@@ -24,7 +24,7 @@ from ..attention.metadata import AttentionMetadata, HostBatch
 from ..cache.kv_pool import KVCachePool
 from ..models.context import ForwardContext
 from ..models.interface import CausalLM
-from ..transfer import upload
+from ..transfer import to_device
 from .cuda_graphs import DecodeGraphs
 
 KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", block pairs)
@@ -34,18 +34,18 @@ KVOp = tuple[str, list[tuple[int, int]]]  # ("swap_out" | "copy" | "swap_in", bl
 class StepInput:
     """Everything a rank needs to run one step, decided once by the engine.
 
-    Sequences are in scheduled order (decodes first).  ``token_ids is None`` marks a step whose
-    input ids exist only on the device (the previous step's samples, overlapped scheduling):
-    the caller passes them as a tensor.  When the previous step was greedy every rank computed
-    those samples itself, and ``prev_rows`` says which of them are this step's input ids, so
-    nothing needs to travel between ranks; otherwise (``prev_rows is None``) rank 0 sends them.
+    Sequences are in scheduled order (decodes first).  With overlapped scheduling some input
+    ids exist only on the device, as samples of the previous step: ``from_prev`` says which, and
+    the caller passes that step's samples.  When the previous step was greedy (``prev_greedy``)
+    every rank computed them itself, so nothing travels between ranks; otherwise rank 0 sends
+    its ``num_prev`` samples.
     """
 
     kv_ops: list[KVOp] = field(default_factory=list)  # block moves to run first, in order
     query_lens: list[int] = field(default_factory=list)  # new tokens per sequence
     seq_lens: list[int] = field(default_factory=list)  # tokens with K/V per sequence after the step
     block_tables: list[list[int]] = field(default_factory=list)  # physical blocks (-1: window-released)
-    token_ids: list[int] | None = field(default_factory=list)  # the new tokens, flattened [sum(query_lens)]
+    token_ids: list[int] = field(default_factory=list)  # the new tokens, flattened [sum(query_lens)]
     sample_rows: list[int] = field(default_factory=list)  # rows of the flattened batch whose logits return
     # Rows of the flattened batch whose full logits also return, in StepOutput.prompt_logits
     # (prompt positions of requests that want prompt logprobs; never a decode-graph step).
@@ -54,9 +54,11 @@ class StepInput:
     # instead of the logits (with tensor parallelism, from each rank's vocabulary slice, without
     # gathering the logits).
     greedy: bool = False
-    # With token_ids None: the rows of the previous step's greedy tokens, held by every rank,
-    # that are this step's input ids (None: rank 0 broadcasts the ids).
-    prev_rows: list[int] | None = None
+    # (row of the flattened batch, row of the previous step's samples): the ids that row takes
+    # from the device instead of ``token_ids`` (which holds a placeholder there).
+    from_prev: list[tuple[int, int]] = field(default_factory=list)
+    prev_greedy: bool = False
+    num_prev: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -129,36 +131,48 @@ class ModelRunner:
                 raise ValueError(f"unknown KV op {kind!r}")
 
     @torch.inference_mode()
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
+    def execute(self, step: StepInput, prev: torch.Tensor | None = None) -> StepOutput:
         """Run one step (see :class:`StepOutput` for what comes back).
 
-        ``input_ids`` (int64 ``[num_seqs]`` on the device) is required exactly when
-        ``step.token_ids`` is None."""
-        if (step.token_ids is None) != (input_ids is not None):
-            raise ValueError("input_ids must be given exactly when step.token_ids is None")
+        ``prev`` (int64 ``[step.num_prev]`` on the device): the previous step's samples, needed
+        exactly when ``step.from_prev`` is not empty."""
+        if bool(step.from_prev) != (prev is not None):
+            raise ValueError("prev must be given exactly when step.from_prev is not empty")
         self.run_kv_ops(step.kv_ops)
         if step.is_empty:
             return StepOutput.empty(step, self.device)
         batch = self.host_batch(step)
+        ids = self.input_ids(step, prev)
         if self.graphs is not None and step.is_decode and not step.prompt_rows and self.graphs.fits(batch):
-            return self._replay(step, batch, input_ids)
-        return self._forward(step, batch, input_ids)
+            return self._replay(step, batch, ids)
+        return self._forward(step, batch, ids)
+
+    def input_ids(self, step: StepInput, prev: torch.Tensor | None) -> list[int] | torch.Tensor:
+        """The step's input ids: ``step.token_ids``, with the rows of ``from_prev`` gathered from
+        ``prev`` on the device (nothing here waits for the device)."""
+        if prev is None:
+            return step.token_ids
+        dst, src = (list(col) for col in zip(*step.from_prev))
+        if len(dst) == len(step.token_ids) == prev.shape[0] and dst == src == list(range(len(dst))):
+            return prev  # the same rows as the previous step, in the same order
+        ids = to_device(step.token_ids, torch.long, self.device)
+        ids[to_device(dst, torch.long, self.device)] = prev.index_select(0, to_device(src, torch.long, self.device))
+        return ids
 
     def host_batch(self, step: StepInput) -> HostBatch:
         """The step's positions, slots and block tables on the host (eager and graph steps alike)."""
         return HostBatch.build(step.query_lens, step.seq_lens, step.block_tables, self.block_size)
 
-    def _replay(self, step: StepInput, batch: HostBatch, input_ids: torch.Tensor | None) -> StepOutput:
+    def _replay(self, step: StepInput, batch: HostBatch, ids: list[int] | torch.Tensor) -> StepOutput:
         """A pure-decode step through the captured graphs (with ``step.greedy``, the graphs' argmax)."""
         assert self.graphs is not None
-        tokens = step.token_ids if input_ids is None else input_ids
-        assert tokens is not None
-        out = self.graphs.run(batch, tokens, greedy=step.greedy)
+        out = self.graphs.run(batch, ids, greedy=step.greedy)
         return StepOutput(tokens=out) if step.greedy else StepOutput(logits=self.model.gather_logits(out))
 
-    def _forward(self, step: StepInput, batch: HostBatch, input_ids: torch.Tensor | None) -> StepOutput:
-        ids, positions, meta, sample_idx = self.prepare(step, input_ids, batch)
-        hidden = self.model(ids, positions, ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend))
+    def _forward(self, step: StepInput, batch: HostBatch, ids: list[int] | torch.Tensor) -> StepOutput:
+        input_ids, positions, meta, sample_idx = self.prepare(step, ids, batch)
+        ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend)
+        hidden = self.model(input_ids, positions, ctx)
         prompt_logits = self._prompt_logits(step, hidden)
         if not step.sample_rows:
             out = StepOutput.empty(step, self.device)
@@ -174,7 +188,7 @@ class ModelRunner:
         every rank's step)."""
         if not step.prompt_rows:
             return None
-        idx = upload(torch.tensor(step.prompt_rows, dtype=torch.long), self.device)
+        idx = to_device(step.prompt_rows, torch.long, self.device)
         return self.model.gather_logits(self.model.compute_logits(hidden.index_select(0, idx), gather=False))
 
     def _output(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
@@ -184,16 +198,18 @@ class ModelRunner:
             return StepOutput(logits=self.model.gather_logits(logits))
         return StepOutput(tokens=self.model.greedy_tokens(logits))
 
-    def prepare(self, step: StepInput, input_ids: torch.Tensor | None = None, batch: HostBatch | None = None
+    def prepare(self, step: StepInput, ids: list[int] | torch.Tensor | None = None, batch: HostBatch | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
-        """``(input_ids, positions, metadata, sample_idx)`` of an eager step (``batch``: its
-        :meth:`host_batch`, if already made); ``sample_idx`` is None when every token samples
-        (a decode batch)."""
+        """``(input_ids, positions, metadata, sample_idx)`` of an eager step (``ids``: its
+        :meth:`input_ids`, default ``step.token_ids``; ``batch``: its :meth:`host_batch`, if
+        already made); ``sample_idx`` is None when every token samples (a decode batch)."""
         if batch is None:
             batch = self.host_batch(step)
         meta = AttentionMetadata.from_host(batch, self.device)
-        if input_ids is None:
-            input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        if ids is None:
+            ids = step.token_ids
+        input_ids = ids if isinstance(ids, torch.Tensor) else \
+            torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.from_numpy(batch.positions).to(self.device, non_blocking=True)
         if len(step.sample_rows) == batch.num_tokens:
             return input_ids, positions, meta, None

@@ -251,9 +251,9 @@ class Worker:
         if self.device.type == "cuda" and cfg.graph_max_batch:
             self.runner.capture_decode_graphs(cfg.graph_max_batch, cfg.max_model_len)
 
-    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> StepOutput:
+    def execute(self, step: StepInput, prev: torch.Tensor | None = None) -> StepOutput:
         assert self.runner is not None, "init_cache first"
-        return self.runner.execute(step, input_ids)
+        return self.runner.execute(step, prev)
 
     def release_graphs(self) -> None:
         """Destroy the captured CUDA graphs (waiting for queued work first).  NCCL cannot destroy
