@@ -10,6 +10,10 @@ bandwidth measured in the same run -- and the share of it reached; and HF transf
 continuous batching (``generate_batch``) on a subset of the same requests, in the same run.
 
     python benchmarks/bench_throughput.py [--num-requests 256] [--hf-requests 64] [--out result.json]
+
+``--penalties`` gives every request of ours repetition, presence and frequency penalties (the
+sampler then counts every sequence's tokens each step and no decode step overlaps the next):
+run it with and without on the same machine for their cost.  The HF baseline is unchanged.
 """
 
 from __future__ import annotations
@@ -96,11 +100,12 @@ def bench_ours(folder: Path, prompts, outs, args) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
     init_s = time.perf_counter() - t0
-    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True) for o in outs]
+    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, **penalties(args)) for o in outs]
     # Warm up on the same length distribution (another seed) so that every kernel
     # specialisation chunked prefill and decode will hit is compiled before timing.
     warm, _ = workload(64, args.min_len, args.max_len, QWEN3_0_6B["vocab_size"], seed=1)
-    llm.generate(warm, SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    llm.generate(warm, SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True, **penalties(args)),
+                 use_tqdm=False)
     if args.trace:  # recording costs host time: do not report figures from a traced run
         from pagedattn.viz import TraceRecorder
 
@@ -118,6 +123,11 @@ def bench_ours(folder: Path, prompts, outs, args) -> dict:
     torch.cuda.empty_cache()
     return {"seconds": dt, "output_tokens": n, "tok_per_s": n / dt, "init_seconds": init_s,
             "kv_blocks_total": m["kv_blocks_total"], "num_preemptions": m["num_preemptions"]}
+
+
+def penalties(args) -> dict:
+    """The sampling fields ``--penalties`` sets on every request (none without it)."""
+    return {"repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5} if args.penalties else {}
 
 
 def bench_hf(model, prompts, outs) -> dict:
@@ -154,6 +164,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--penalties", action="store_true",
+                    help="repetition, presence and frequency penalties on every request (ours only)")
     ap.add_argument("--trace", default=None,
                     help="record a block-pool trace of the timed run here (pagedattn viz draws it; slows the run)")
     ap.add_argument("--out", default=None)
@@ -194,7 +206,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nEnd-to-end throughput on {result['device']} (copy bandwidth {bw / 1e12:.2f} TB/s)")
     print(f"{'engine':34s} {'requests':>8s} {'out tokens':>10s} {'seconds':>8s} {'tok/s':>9s}")
-    print(f"{'pagedattn':34s} {args.num_requests:8d} {ours['output_tokens']:10d} {ours['seconds']:8.2f} "
+    name = "pagedattn" + (" (penalties)" if args.penalties else "")
+    print(f"{name:34s} {args.num_requests:8d} {ours['output_tokens']:10d} {ours['seconds']:8.2f} "
           f"{ours['tok_per_s']:9.0f}")
     if hf_res:
         print(f"{'HF generate_batch (' + str(hf_res['attn_implementation']) + ')':34s} {hf_res['num_requests']:8d} "

@@ -281,8 +281,9 @@ _BAD_COMPLETIONS = [
     ({"logprobs": 99}, "logprobs"),
     ({"stream": "yes"}, "stream"),
     ({"seed": "abc"}, "seed"),
-    ({"echo": True}, "echo"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"suffix": "x"}, "suffix"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"logit_bias": {"5": 200}}, "logit_bias"),
     ({"extra_body": {"top_k": -7}}, "top_k"),
     ({"extra_body": {"min_p": 2.0}}, "min_p"),
     ({"extra_body": {"top_k": 2**63}}, "top_k"),  # JSON ints are unbounded; tensors are not

@@ -49,7 +49,9 @@ TEMPLATE = (
 )
 GENERATION_CONFIG = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 12, "do_sample": True,
                      "repetition_penalty": 1.05}
-MODEL_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 12}
+MODEL_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 12}
+# What a request that sets temperature 0 and nothing else gets: the model's repetition_penalty applies.
+GREEDY = {"temperature": 0, "repetition_penalty": MODEL_DEFAULTS["repetition_penalty"]}
 WORDS = ("river", "stone", "light", "garden", "winter", "paper", "window", "music", "yellow", "quiet", "mountain")
 
 
@@ -205,8 +207,7 @@ def test_generation_config_modes_and_odd_values(caplog: pytest.LogCaptureFixture
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pagedattn.engine.generation_defaults"):
         log_defaults(GENERATION_CONFIG, "auto")
-    assert "temperature=0.6, top_p=0.95, top_k=20, max_tokens=12" in caplog.text
-    assert "repetition_penalty=1.05" in caplog.text and "not applied" in caplog.text
+    assert "temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.05, max_tokens=12" in caplog.text
     with pytest.raises(ValueError, match="generation_config: must be one of"):
         LLM(device="cpu", generation_config="vllm")
 
@@ -222,8 +223,11 @@ def test_unset_request_fields_take_the_model_defaults(client: openai.OpenAI, llm
     assert implicit.usage.completion_tokens == 12  # min(OpenAI's 16, max_new_tokens)
     # A field the request sets is its own: temperature 0 stays greedy.
     greedy = client.completions.create(**base, temperature=0, extra_body={"ignore_eos": True})
-    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    want = llm.generate(prompt, SamplingParams(**GREEDY, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
     assert greedy.choices[0].text == want.outputs[0].text
+    own = client.completions.create(**base, temperature=0, extra_body={"ignore_eos": True, "repetition_penalty": 1})
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    assert own.choices[0].text == want.outputs[0].text
     # Chat: no max_tokens means the model's max_new_tokens (not the whole context).
     msgs = [{"role": "user", "content": prompt}]
     chat = client.chat.completions.create(model=HUB_ID, messages=msgs, seed=seed, extra_body={"ignore_eos": True})
@@ -236,7 +240,8 @@ def test_start_up_lines_name_the_defaults(server, capsys: pytest.CaptureFixture[
 
     _announce(server.server.config.app.state.server, ServerAccess(api_key="k"), "127.0.0.1", 1)
     err = capsys.readouterr().err
-    assert "generation_config.json values: temperature=0.6, top_p=0.95, top_k=20, max_tokens=12" in err
+    assert "generation_config.json values: temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.05, " \
+           "max_tokens=12" in err
     assert "Authorization: Bearer" in err and "/health and /metrics are open" in err
 
 
@@ -259,7 +264,7 @@ def test_completions_add_special_tokens(client: openai.OpenAI, llm: LLM, ref_tok
         ids = ref_tok.encode(prompt, add_special_tokens=add_special)
         r = client.completions.create(model=HUB_ID, prompt=prompt, max_tokens=4, temperature=0,
                                       extra_body={"add_special_tokens": add_special, "ignore_eos": True})
-        want = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        want = llm.generate({"prompt_token_ids": ids}, SamplingParams(**GREEDY, max_tokens=4, ignore_eos=True),
                             use_tqdm=False)[0]
         assert r.usage.prompt_tokens == len(ids) and r.choices[0].text == want.outputs[0].text
 
@@ -354,7 +359,7 @@ def test_chat_template_kwargs_reach_the_template(client: openai.OpenAI, llm: LLM
     r = client.chat.completions.create(**params, extra_body={"chat_template_kwargs": kwargs, "ignore_eos": True})
     assert r.usage.prompt_tokens == len(thinking_off)
     assert client.chat.completions.create(**params).usage.prompt_tokens == len(plain)
-    offline = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+    offline = llm.chat(msgs, SamplingParams(**GREEDY, max_tokens=5, ignore_eos=True),
                        chat_template_kwargs=kwargs)[0]
     assert offline.prompt_token_ids == thinking_off and offline.outputs[0].text == r.choices[0].message.content
     assert llm.apply_chat_template(msgs, chat_template_kwargs=kwargs) == thinking_off
@@ -386,22 +391,16 @@ def test_not_implemented_fields_at_their_defaults_pass(server, client: openai.Op
 
 
 _REFUSED = [
-    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("chat", {"frequency_penalty": -1.0}, "frequency_penalty"),
-    ("chat", {"extra_body": {"repetition_penalty": 1.1}}, "repetition_penalty"),
-    ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("chat", {"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}}, "guided_regex"),
     ("chat", {"extra_body": {"guided_json": {"type": "object"}, "structural_tag": "x"}}, "structural_tag"),
+    ("chat", {"extra_body": {"echo": True}}, "echo"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
     ("chat", {"extra_body": {"priority": 1}}, "priority"),
-    ("chat", {"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
     ("chat", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("chat", {"messages": [*_CONV, {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}]},
      "messages.1.function_call"),
-    ("completions", {"echo": True}, "echo"),
     ("completions", {"suffix": "x"}, "suffix"),
-    ("completions", {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
     ("completions", {"extra_body": {"guided_regex": "a(", "guided_decoding_backend": "xgrammar"}}, "guided_regex"),
     ("completions", {"extra_body": {"guided_decoding_backend": "outlines"}}, "guided_decoding_backend"),
     ("completions", {"extra_body": {"priority": -3}}, "priority"),

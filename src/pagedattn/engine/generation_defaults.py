@@ -1,7 +1,8 @@
 """The model's recommended sampling values (``generation_config.json``) as request defaults.
 
-Models are tuned for particular settings (Qwen3: temperature 0.6, top_p 0.95, top_k 20) that
-differ from the API's defaults (temperature 1, no truncation).  As vLLM's ``--generation-config
+Models are tuned for particular settings (Qwen3: temperature 0.6, top_p 0.95, top_k 20; some
+a repetition_penalty) that differ from the API's defaults (temperature 1, no truncation, no
+penalty).  As vLLM's ``--generation-config
 auto`` does, a request that leaves such a field unset gets the model's value; one that sets it
 keeps its own.  ``EngineConfig.generation_config = "none"`` turns this off.  ``do_sample`` is
 ignored, as vLLM ignores it: a model's temperature is its advice for sampling.
@@ -18,11 +19,9 @@ from .sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 # generation_config.json's key -> the SamplingParams field it is the default of.
+# (vLLM's set: HF's other generation options have no request field here or there.)
 APPLIED = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-           "max_new_tokens": "max_tokens"}
-# Read but not applicable yet, with each one's neutral value: a model that asks for something
-# else is reported at start-up, so nobody believes it applies.
-NOT_APPLIED = {"repetition_penalty": 1.0}
+           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
 def sampling_defaults(generation: Mapping[str, Any], mode: str = "auto") -> dict[str, Any]:
@@ -48,25 +47,14 @@ def _valid(name: str, value: Any, key: str) -> bool:
     return True
 
 
-def not_applied(generation: Mapping[str, Any], mode: str = "auto") -> dict[str, Any]:
-    """The values of ``generation_config.json`` the engine cannot apply (yet)."""
-    if mode == "none":
-        return {}
-    return {k: generation[k] for k, neutral in NOT_APPLIED.items() if generation.get(k, neutral) != neutral}
-
-
 def describe(defaults: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in defaults.items())
 
 
 def log_defaults(generation: Mapping[str, Any], mode: str) -> dict[str, Any]:
-    """Compute the defaults and say at start-up which apply (and which cannot)."""
+    """Compute the defaults and say at start-up which apply."""
     defaults = sampling_defaults(generation, mode)
     if defaults:
         logger.info("the model's generation_config.json sets the defaults of unset sampling fields: %s "
                     "(generation_config='none' turns them off)", describe(defaults))
-    skipped = not_applied(generation, mode)
-    if skipped:
-        logger.warning("generation_config.json asks for %s, which this engine does not implement yet; "
-                       "it is not applied", describe(skipped))
     return defaults

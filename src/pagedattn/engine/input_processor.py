@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..cache.block_manager import cdiv
+from .logits_processors import check_token_fields
 from .sampling_params import SamplingParams
 from .sequence import Request, Sequence
 from .structured import GrammarCompilerCache
@@ -30,7 +31,8 @@ class InputProcessor:
                      stream: bool = True) -> Request:
         text, ids = self.tokenize(prompt)
         self.validate(ids, params)
-        req = Request(request_id, text, ids, params, extra_key=extra_key, stream=stream)
+        req = Request(request_id, text, ids, params, extra_key=extra_key, stream=stream,
+                      bad_words_ids=check_token_fields(params, self.vocab_size, self._encode_words))
         for i in range(1, params.n):
             req.seqs.append(Sequence(f"{request_id}#{i}", i, list(ids), len(ids)))
         for s, grammar in zip(req.seqs, self.grammars.new_matchers(params.structured_outputs, params.n)):
@@ -39,6 +41,12 @@ class InputProcessor:
                 s.generator = torch.Generator(device=self.device)
                 s.generator.manual_seed(hash((params.seed, s.index)) & 0x7FFF_FFFF_FFFF_FFFF)
         return req
+
+    @property
+    def _encode_words(self) -> Any:
+        """The tokenizer's encoding of a text without special tokens (None: no tokenizer)."""
+        tok = self.tokenizer
+        return None if tok is None else (lambda text: tok.encode(text, add_special_tokens=False))
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -76,6 +84,7 @@ class InputProcessor:
             raise ValueError(f"SamplingParams.stop_token_ids: ids {bad[:5]} outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"SamplingParams.logprobs: {params.logprobs} is more than the vocabulary's {vocab} tokens")
+        check_token_fields(params, vocab, self._encode_words)
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt: {len(prompt_ids)} tokens does not fit the model's context of {self.max_model_len} "

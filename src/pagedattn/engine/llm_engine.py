@@ -35,6 +35,7 @@ from ..transfer import HostCopies
 from .input_processor import InputProcessor, PromptInput
 from .output_processor import OutputProcessor, Target, request_output
 from .outputs import RequestOutput
+from .prompt_logprobs import record_prompt_logprobs
 from .sampler import Sampler, SamplingBatch
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
@@ -204,21 +205,19 @@ class LLMEngine:
         prev = self._inflight
         rows = {seq.seq_id: i for i, (seq, _) in enumerate(prev.targets)} if prev is not None else None
         step = self.step_builder.build(sched, rows, prev.greedy if prev is not None else False)
-        out = self.executor.execute(step, prev.tokens if step.from_prev and prev is not None else None).rows
-        cur = _Launched(sched, [(s.seq, s.request) for s in sched.scheduled if s.samples], out, step.greedy)
+        result = self.executor.execute(step, prev.tokens if step.from_prev and prev is not None else None)
+        if result.prompt_logits is not None:
+            record_prompt_logprobs([(s.request, s.seq, s.start, s.num_new_tokens) for s in sched.scheduled],
+                                   result.prompt_logits)
+        cur = _Launched(sched, [(s.seq, s.request) for s in sched.scheduled if s.samples], result.rows, step.greedy)
         if self._can_defer(cur):
             self._sample_on_device(cur, prev)
         self.scheduler.launched(sched)
         return cur
 
     def _can_defer(self, cur: _Launched) -> bool:
-        """Whether nothing about the step's rows needs the host before the next step: no
-        log-probabilities, no first token of n samples (they fork), no grammar (its next mask
-        needs this step's token)."""
-        if not self.async_scheduling or not cur.targets:
-            return False
-        return all(p.logprobs is None and p.structured_outputs is None and (p.n == 1 or req.prefill_done)
-                   for _, req in cur.targets for p in (req.params,))
+        """Whether nothing about the step's rows needs the host before the next step."""
+        return self.async_scheduling and bool(cur.targets) and all(r.can_overlap for _, r in cur.targets)
 
     def _sample_on_device(self, cur: _Launched, prev: _Launched | None) -> None:
         """Sample ``cur``'s rows into ``cur.tokens`` and start their copy to the host; a failure

@@ -141,5 +141,6 @@ def request_output(req: Request) -> RequestOutput:
     m = {"arrival_time": req.arrival_time}
     if req.first_token_time is not None:
         m["first_token_time"] = req.first_token_time
-    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics=m,
-                         error=req.error)
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+                         num_cached_tokens=req.num_cached_tokens or 0, metrics=m, error=req.error,
+                         prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)

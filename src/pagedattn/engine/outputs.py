@@ -27,8 +27,11 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
     # Why the request failed (finish_reason "error"): something went wrong with it alone, e.g.
     # in its detokenizer or its sampling row; the engine and the other requests went on.
     error: str | None = None
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then per token a dict
+    # id -> logprob holding the token itself and the top-k (vLLM's shape).
+    prompt_logprobs: list[dict[int, float] | None] | None = None

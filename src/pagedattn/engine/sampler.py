@@ -4,20 +4,27 @@ Each row of the logits has its own parameters.  Everything is vectorised; the on
 over rows that carry their own seeded generator (to draw that row's noise), and the caller
 does a single host transfer of the chosen tokens per step.
 
+A step's logits first go through the batch's logits-processing stages (allowed tokens, bans,
+biases, penalties: :mod:`.logits_processors`), when any row asks for one, then temperature,
+top-k, top-p and min-p, then the random choice.
+
 Random choice uses the exponential-race trick: ``argmax(p / q)`` with ``q ~ Exp(1)`` samples
 from ``p`` exactly, and lets seeded and unseeded rows share one code path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..runtime.greedy import argmax_rows
 from ..transfer import to_device
+from .logits_processors import LogitsStages, RowHistory, TokenHistory, build_stages
 from .sampling_params import SamplingParams
+from .sequence import Request
+from .sequence import Sequence as Seq
 from .structured import SampleGrammar, TokenBitmask, apply_bitmask, fill_bitmask
 
 
@@ -27,6 +34,26 @@ class SamplingRow:
     generator: torch.Generator | None
     banned: Sequence[int] = ()  # token ids this row may not sample now (EOS before min_tokens)
     grammar: SampleGrammar | None = None  # structured output: the tokens its grammar allows now
+    # The sequence's tokens so far (penalties and bad words read them).
+    history: RowHistory | None = None
+    bad_words: Sequence[Sequence[int]] = ()  # the request's bad words as token ids
+
+
+def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int]) -> SamplingRow:
+    """``seq``'s row of the next sampling step: its parameters and generator, the tokens it may not
+    sample yet (EOS and stop ids before ``min_tokens``) and, for penalties and bad words, its
+    tokens so far."""
+    p = req.params
+    banned: list[int] = []
+    if seq.num_output_tokens + seq.num_pending < p.min_tokens:  # EOS and stop ids wait for min_tokens
+        banned = [*(() if p.ignore_eos else sorted(eos_token_ids)), *(p.stop_token_ids or ())]
+    history = None
+    if p.has_penalties or req.bad_words_ids:
+        if seq.token_history is None:
+            seq.token_history = TokenHistory()
+        history = RowHistory(seq.token_ids, seq.prompt_len, seq.token_history)
+    return SamplingRow(p, seq.generator, banned, grammar=seq.grammar, history=history,
+                       bad_words=req.bad_words_ids)
 
 
 @dataclass
@@ -55,8 +82,8 @@ class SamplingBatch:
     min_p: torch.Tensor | None = None  # [n, 1]
     greedy_mask: torch.Tensor | None = None  # [n]
     seeded: list[int] = field(default_factory=list)  # rows with their own generator
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf
     grammar_mask: TokenBitmask | None = None  # structured output's allowed tokens of its rows
+    stages: LogitsStages | None = None  # None: no row changes its logits before sampling
 
 
 class Sampler:
@@ -80,10 +107,8 @@ class Sampler:
         dev = self.device
         greedy = [r.params.greedy for r in rows]
         b = SamplingBatch(rows, greedy, all(greedy), any(r.params.logprobs is not None for r in rows))
-        pairs = [(i, t) for i, r in enumerate(rows) for t in r.banned]
-        if pairs:
-            banned_rows, banned_ids = (to_device(list(col), torch.long, dev) for col in zip(*pairs))
-            b.banned = (banned_rows, banned_ids)
+        b.stages = build_stages([r.params for r in rows], [r.banned for r in rows], [r.history for r in rows],
+                                [r.bad_words for r in rows], dev)
         b.grammar_mask = fill_bitmask([r.grammar for r in rows], dev)
         if b.all_greedy:
             return b
@@ -107,10 +132,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """Tokens ``[n]`` on the device; nothing here waits for the device."""
         assert logits.shape[0] == len(b.rows)
-        if b.banned is not None:
-            logits = logits.index_put(b.banned, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        if b.stages is not None:
+            logits = b.stages.apply(logits)  # an fp32 copy: the raw logits stay for the logprobs
         if b.grammar_mask is not None:  # in place unless the log-probabilities need the logits as they were
-            logits = apply_bitmask(logits, b.grammar_mask, inplace=b.banned is not None or not b.want_logprobs)
+            logits = apply_bitmask(logits, b.grammar_mask, inplace=b.stages is not None or not b.want_logprobs)
         if b.all_greedy:
             # In the model's dtype: widening to fp32 is exact and order-preserving, so the
             # indices are the same, without a copy of the logits.

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..cache.block_manager import BlockManager, Slots
+from ..cache.block_manager import BlockManager, PrefixMatch, Slots
 from ..config import EngineConfig
 from ..runtime.model_runner import KVOp
 from .sequence import Request, RequestStatus, Sequence
@@ -214,6 +214,8 @@ class Scheduler:
             seq = self._active_seqs(req)[0]
             self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
             match = self.bm.match_prefix(seq.token_ids, req.extra_key)
+            if req.needs_prompt_logits:  # its prompt logprobs need the logits of every prompt position
+                match = PrefixMatch(0, [], [], match.prompt_keys)
             fresh = match.prompt_keys[len(match.keys):]
             if fresh and fresh[0].digest in pending:
                 break  # FCFS: later requests wait too
@@ -231,6 +233,8 @@ class Scheduler:
             self.stats.prefix_query_tokens += seq.num_tokens
             self.stats.prefix_hit_tokens += match.num_tokens
             seq.num_computed_tokens = match.num_tokens
+            if req.num_cached_tokens is None:  # first admission (vLLM's num_cached_tokens)
+                req.num_cached_tokens = match.num_tokens
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

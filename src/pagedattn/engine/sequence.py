@@ -46,6 +46,8 @@ class Sequence:
     detok: Any = field(default=None, repr=False, compare=False)
     stop_checked_len: int = 0  # characters of ``text`` already checked for stop strings
     grammar: Any = field(default=None, repr=False, compare=False)  # structured output: a .structured.SampleGrammar
+    # ``token_ids`` mirrored on the host as an array, for penalties (see .logits_processors).
+    token_history: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -85,10 +87,22 @@ class Request:
     num_preemptions: int = 0
     stream: bool = True  # report partial outputs every step (False: only when finished)
     error: str | None = None  # set when the request failed alone (finish_reason "error")
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token ids
+    # With params.prompt_logprobs: one entry per prompt token computed so far (the first is None).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
 
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs = [Sequence(f"{self.request_id}#0", 0, list(self.prompt_token_ids), len(self.prompt_token_ids))]
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt logprobs are still to compute: the prompt's positions must then be
+        computed, not taken from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def live_seqs(self) -> list[Sequence]:
@@ -97,6 +111,16 @@ class Request:
     @property
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+
+    @property
+    def can_overlap(self) -> bool:
+        """Whether a step sampling this request's next token may stay in flight while the next is
+        scheduled (async scheduling): no log-probabilities to read, no first token of n samples
+        (they fork), no grammar (its next mask needs this token), no penalties or bad words
+        (their next logits read every token so far, the pending one too)."""
+        p = self.params
+        return p.logprobs is None and p.structured_outputs is None and not p.has_penalties and \
+            not self.bad_words_ids and (p.n == 1 or self.prefill_done)
 
     @property
     def prefill_done(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from ..runtime.model_runner import StepInput
+from .prompt_logprobs import prompt_positions
 from .scheduler import SchedulerOutput
 
 # A sequence's pending token (overlapped scheduling) in ``StepInput.token_ids``: the runner
@@ -29,6 +30,7 @@ class StepBuilder:
         tokens = step.token_ids
         for s in sched.scheduled:
             seq, c, n = s.seq, s.start, s.num_new_tokens
+            step.prompt_rows.extend(len(tokens) + p - c for p in prompt_positions(s.request, seq, c, n))
             known = seq.token_ids[c:c + n]
             tokens.extend(known)
             if len(known) < n:  # the last one is pending: it comes from the step in flight

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .output_processor import Target
-from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
+from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, sampling_row
 from .sequence import Request, Sequence
 
 
@@ -16,11 +16,7 @@ class StepSampler:
         self.eos_token_ids = eos_token_ids  # the engine's set, shared with the stop checks
 
     def row(self, seq: Sequence, req: Request) -> SamplingRow:
-        p = req.params
-        banned: list[int] = []
-        if seq.num_output_tokens + seq.num_pending < p.min_tokens:  # EOS and stop ids wait for min_tokens
-            banned = [*(() if p.ignore_eos else sorted(self.eos_token_ids)), *(p.stop_token_ids or ())]
-        return SamplingRow(p, seq.generator, banned, grammar=seq.grammar)
+        return sampling_row(seq, req, self.eos_token_ids)
 
     def batch(self, targets: list[Target], prev: list[Target] | None, prev_batch: SamplingBatch | None
               ) -> SamplingBatch:

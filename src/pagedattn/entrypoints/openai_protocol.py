@@ -3,7 +3,8 @@
 Requests are validated strictly (``"2"`` is not an integer, ``true`` is not a number, NaN is
 not a temperature) so that a bad value is a 400 naming its field rather than a surprise.
 Beyond OpenAI's fields, requests accept the engine's extra sampling knobs (``top_k``,
-``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ...), as vLLM does.
+``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``,
+``allowed_token_ids``, ``bad_words``, ``prompt_logprobs``, ...), as vLLM does.
 
 Every field a request may carry is one of four kinds:
 
@@ -46,7 +47,9 @@ PromptField = (
 )
 # The API's own defaults, where neither the request nor the model's generation_config.json sets a value.
 COMPLETION_MAX_TOKENS = 16  # OpenAI's for /v1/completions (chat: up to the context)
-_API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+_API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                 "presence_penalty": 0.0, "frequency_penalty": 0.0}
+MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's and vLLM's)
 
 
 class UnsupportedFeatureError(ValueError):
@@ -87,25 +90,16 @@ def _one_of(*ok: Any) -> Callable[[Any], bool]:
     return lambda v: v is None or any(type(v) is type(o) and v == o for o in ok)
 
 
-_PENALTY = "penalties are not implemented yet"
 _FUNCTIONS = "the deprecated functions API is not implemented (use tools and tool_choice)"
 
 # Known request fields (OpenAI's and vLLM's) the server does not implement yet.
 NOT_IMPLEMENTED: dict[str, Refusal] = {
-    "presence_penalty": Refusal(f"{_PENALTY} (use 0)", lambda v: _number(v, 0)),
-    "frequency_penalty": Refusal(f"{_PENALTY} (use 0)", lambda v: _number(v, 0)),
-    "repetition_penalty": Refusal(f"{_PENALTY} (use 1)", lambda v: _number(v, 1)),
-    "logit_bias": Refusal("is not implemented yet", _empty),
-    "bad_words": Refusal("is not implemented yet", _empty),
-    "allowed_token_ids": Refusal("is not implemented yet", _unset),
     "structural_tag": Refusal("structural tags are not implemented (use response_format or guided_json)", _unset),
     "guided_decoding_backend": Refusal("xgrammar is the only backend", _one_of("xgrammar", "auto")),
     "guided_whitespace_pattern": Refusal("is not implemented (JSON output has no whitespace between tokens)",
                                          _unset),
     "functions": Refusal(_FUNCTIONS, _empty),
     "function_call": Refusal(f"{_FUNCTIONS} (only 'none' or 'auto')", _one_of("none", "auto")),
-    "prompt_logprobs": Refusal("is not implemented yet", _unset),
-    "echo": Refusal("is not implemented yet", _false),
     "suffix": Refusal("is not implemented yet", _empty),
     "use_beam_search": Refusal("beam search is not implemented", _false),
     "length_penalty": Refusal("applies to beam search, which is not implemented (use 1)", lambda v: _number(v, 1)),
@@ -256,6 +250,14 @@ class _SamplingRequest(_Body):
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
 
+    # Penalties and biases (unset: the model's generation_config.json value, else off).
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)  # vLLM's
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a JSON key, so a string) -> bias
+    allowed_token_ids: list[TokenId] | None = None  # vLLM's
+    bad_words: list[str] | None = None  # vLLM's
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -290,6 +292,21 @@ class _SamplingRequest(_Body):
                                               f"is not implemented (known: {', '.join(sorted(known))})")
         return StructuredOutputsParams(**fields, origin=origin)
 
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's ``{"token id": bias}`` with the ids as integers."""
+        if self.logit_bias is None:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            try:
+                out[int(key)] = bias
+            except ValueError:
+                raise UnsupportedFeatureError("logit_bias", f"keys must be token ids, got {key!r}") from None
+        return out
+
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        return self.prompt_logprobs
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          defaults: Mapping[str, Any]) -> SamplingParams:
         """The engine's parameters: the request's value, else the model's default
@@ -305,6 +322,13 @@ class _SamplingRequest(_Body):
             top_p=pick("top_p"),
             top_k=pick("top_k"),
             min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=pick("presence_penalty"),
+            frequency_penalty=pick("frequency_penalty"),
+            logit_bias=self._logit_bias(),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
+            prompt_logprobs=self._prompt_logprobs(logprobs),
             seed=self.seed,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -321,9 +345,16 @@ class _SamplingRequest(_Body):
 class CompletionRequest(_SamplingRequest):
     prompt: PromptField
     max_tokens: int | None = Field(None, ge=1, le=_I64_MAX)  # absent: 16; null: up to the context
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     add_special_tokens: bool = True  # vLLM's: e.g. the BOS token before a text prompt
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
+
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """Echo with logprobs needs the prompt's: as many alternatives as the completion's."""
+        if not (self.echo and logprobs is not None):
+            return self.prompt_logprobs
+        return max(logprobs, self.prompt_logprobs or 0)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (text or token ids)."""
@@ -452,10 +483,13 @@ class ChatTemplateFields(_Body):
 
 
 class ChatCompletionRequest(ChatTemplateFields, _SamplingRequest):
+    # vLLM's chat echo (the last message before the reply) is not implemented; completions echo.
+    not_implemented = {**NOT_IMPLEMENTED, "echo": Refusal("is not implemented for chat (completions echo the prompt)",
+                                                          _false)}
     max_tokens: int | None = Field(None, ge=1, le=_I64_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=_I64_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # with tool_choice "required": more than one call allowed
     include_reasoning: bool = True  # with a reasoning parser: false leaves reasoning_content out
@@ -538,15 +572,21 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class ModelCard(_Response):
@@ -571,12 +611,25 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Response):
+    """One alternative of one prompt position (vLLM's ``prompt_logprobs`` entries)."""
+
+    logprob: float
+    decoded_token: str
+
+
+# Per prompt token: None for the first, then token id (a JSON key) -> its entry, the token itself
+# and the top-k.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it (vLLM's field)
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class CompletionResponse(_Response):
@@ -637,6 +690,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class DeltaFunctionCall(_Response):

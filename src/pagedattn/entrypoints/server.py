@@ -102,6 +102,8 @@ from .openai_protocol import (
     FunctionCallOut,
     ModelCard,
     ModelList,
+    PromptLogprob,
+    PromptLogprobs,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -591,9 +593,58 @@ def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[dict[int,
     return ChatLogprobs(content=content)
 
 
+def _prompt_logprobs(state: ServerState, out: RequestOutput) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs``: per prompt token (None for the first) id -> logprob and text."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if d is None else {str(t): PromptLogprob(logprob=v, decoded_token=state.token_text(t))
+                                    for t, v in d.items()} for d in out.prompt_logprobs]
+
+
+@dataclass
+class _Echo:
+    """What ``echo`` puts before a choice: the prompt's text and, with logprobs, its tokens'."""
+
+    text: str
+    logprobs: CompletionLogprobs | None
+
+
+def _echo(state: ServerState, req: CompletionRequest, out: RequestOutput, cur: _ChoiceCursor) -> _Echo | None:
+    if not req.echo:
+        return None
+    tok = state.engine.tokenizer
+    text = out.prompt if out.prompt is not None else (tok.decode(out.prompt_token_ids) if tok is not None else "")
+    if req.logprobs is None:
+        return _Echo(text, None)
+    lp = CompletionLogprobs()
+    entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    for tid, d in zip(out.prompt_token_ids, entries):
+        s = state.token_text(tid)
+        lp.tokens.append(s)
+        lp.token_logprobs.append(None if d is None else d.get(tid))
+        top: dict[str, float] | None = None
+        if d is not None:  # the token and the completion's number of alternatives
+            best = sorted(d.items(), key=lambda kv: -kv[1])[:req.logprobs]
+            top = {}
+            for t, v in [*best, (tid, d[tid])]:
+                top.setdefault(state.token_text(t), v)
+        lp.top_logprobs.append(top)
+        lp.text_offset.append(cur.text_offset)
+        cur.text_offset += len(s)
+    return _Echo(text, lp)
+
+
+def _joined(a: CompletionLogprobs | None, b: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    if a is None or b is None:
+        return a or b
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+
 def _usage(gen: Generation, finals: list[RequestOutput | None]) -> UsageInfo:
     completion = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
-    return UsageInfo.of(gen.num_prompt_tokens, completion)
+    cached = sum(o.num_cached_tokens for o in finals if o is not None)
+    return UsageInfo.of(gen.num_prompt_tokens, completion, cached)
 
 
 # ====================================================================== endpoints
@@ -612,13 +663,20 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
             async for i, out in gen.outputs():
                 last[i] = out
                 for c in out.outputs:
+                    # A choice's first chunk carries the echoed prompt and the prompt logprobs.
+                    first = (i, c.index) not in cursors
                     cur = cursors.setdefault((i, c.index), _ChoiceCursor())
+                    echo = _echo(state, req, out, cur) if first else None
+                    plp = _prompt_logprobs(state, out) if first and req.prompt_logprobs is not None else None
                     d = _advance(cur, c, hold, want_lp)
-                    if d is None:
+                    if d is None and echo is None and plp is None:
                         continue
-                    lp = _completion_logprobs(state, d.token_ids, d.logprobs, cur) if d.logprobs is not None else None
-                    yield chunk([CompletionChoice(index=i * n + c.index, text=d.text, logprobs=lp,
-                                                  finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+                    lp = _completion_logprobs(state, d.token_ids, d.logprobs, cur) \
+                        if d is not None and d.logprobs is not None else None
+                    yield chunk([CompletionChoice(
+                        index=i * n + c.index, text=(echo.text if echo else "") + (d.text if d else ""),
+                        logprobs=_joined(echo.logprobs if echo else None, lp), prompt_logprobs=plp,
+                        finish_reason=d.finish_reason if d else None, stop_reason=d.stop_reason if d else None)])
             if req.include_usage_in_stream:
                 yield chunk([], _usage(gen, last))
         except Exception as e:
@@ -689,12 +747,16 @@ def _completion_response(state: ServerState, req: CompletionRequest, gen: Genera
                          finals: list[RequestOutput]) -> CompletionResponse:
     choices = []
     for i, out in enumerate(finals):
+        plp = _prompt_logprobs(state, out) if req.prompt_logprobs is not None else None
         for c in out.outputs:
-            lp = None
+            lp, cur = None, _ChoiceCursor()
+            echo = _echo(state, req, out, cur)
             if req.logprobs is not None and c.logprobs is not None:
-                lp = _completion_logprobs(state, c.token_ids, c.logprobs, _ChoiceCursor())
-            choices.append(CompletionChoice(index=i * req.n + c.index, text=c.text, logprobs=lp,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                lp = _completion_logprobs(state, c.token_ids, c.logprobs, cur)
+            choices.append(CompletionChoice(index=i * req.n + c.index, text=(echo.text if echo else "") + c.text,
+                                            logprobs=_joined(echo.logprobs if echo else None, lp),
+                                            prompt_logprobs=plp, finish_reason=c.finish_reason,
+                                            stop_reason=c.stop_reason))
     choices.sort(key=lambda ch: ch.index)
     return CompletionResponse(id=gen.request_id, created=now(), model=state.model_name, choices=choices,
                               usage=_usage(gen, list(finals)))
@@ -744,7 +806,9 @@ def _chat_response(state: ServerState, req: ChatCompletionRequest, gen: Generati
         choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=finish,
                                   stop_reason=c.stop_reason))
     return ChatCompletionResponse(id=gen.request_id, created=now(), model=state.model_name, choices=choices,
-                                  usage=_usage(gen, [final]))
+                                  usage=_usage(gen, [final]),
+                                  prompt_logprobs=_prompt_logprobs(state, final) if req.prompt_logprobs is not None
+                                  else None)
 
 
 def _sampling_params(state: ServerState, req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:

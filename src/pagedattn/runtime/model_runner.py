@@ -51,6 +51,9 @@ class StepInput:
     # not given); the runner hands them per token to a model that uses them
     # (CausalLM.uses_total_lens).
     total_lens: list[int] | None = None
+    # Rows of the flattened batch whose full logits also return, in StepOutput.prompt_logits
+    # (prompt positions of requests that want prompt logprobs; never a decode-graph step).
+    prompt_rows: list[int] = field(default_factory=list)
     # Every sampled row is greedy and wants no log-probabilities: return their argmax token ids
     # instead of the logits (with tensor parallelism, from each rank's vocabulary slice, without
     # gathering the logits).
@@ -83,6 +86,7 @@ class StepOutput:
 
     tokens: torch.Tensor | None = None  # int64 [n] on the device
     logits: torch.Tensor | None = None  # [n, V]
+    prompt_logits: torch.Tensor | None = None  # [len(StepInput.prompt_rows), V], when there are such rows
 
     @classmethod
     def empty(cls, step: StepInput, device: torch.device) -> StepOutput:
@@ -143,7 +147,7 @@ class ModelRunner:
             return StepOutput.empty(step, self.device)
         batch = self.host_batch(step)
         ids = self.input_ids(step, prev)
-        if self.graphs is not None and step.is_decode and self.graphs.fits(batch):
+        if self.graphs is not None and step.is_decode and not step.prompt_rows and self.graphs.fits(batch):
             return self._replay(step, batch, ids)
         return self._forward(step, batch, ids)
 
@@ -174,11 +178,23 @@ class ModelRunner:
         ctx = ForwardContext(meta=meta, kv_caches=self.kv_caches, backend=self.backend,
                              total_lens=self.token_total_lens(step, batch))
         hidden = self.model(input_ids, positions, ctx)
+        prompt_logits = self._prompt_logits(step, hidden)
         if not step.sample_rows:
-            return StepOutput.empty(step, self.device)
-        if sample_idx is not None:
-            hidden = hidden.index_select(0, sample_idx)
-        return self._output(step, self.model.compute_logits(hidden, gather=False))
+            out = StepOutput.empty(step, self.device)
+        else:
+            if sample_idx is not None:
+                hidden = hidden.index_select(0, sample_idx)
+            out = self._output(step, self.model.compute_logits(hidden, gather=False))
+        out.prompt_logits = prompt_logits
+        return out
+
+    def _prompt_logits(self, step: StepInput, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The full logits of ``step.prompt_rows`` (collective under tensor parallelism, like
+        every rank's step)."""
+        if not step.prompt_rows:
+            return None
+        idx = to_device(step.prompt_rows, torch.long, self.device)
+        return self.model.gather_logits(self.model.compute_logits(hidden.index_select(0, idx), gather=False))
 
     def token_total_lens(self, step: StepInput, batch: HostBatch) -> torch.Tensor | None:
         """Each new token's sequence length (``StepInput.total_lens``) on the device, for a model
