@@ -63,11 +63,12 @@ class WorkerConfig:
     tp_size: int = 1
 
     @classmethod
-    def derive(cls, cfg: EngineConfig, model_dir: str, max_model_len: int) -> WorkerConfig:
-        """The workers' part of the engine's configuration (same names, resolved values)."""
+    def derive(cls, cfg: EngineConfig, model_dir: str, max_model_len: int, dtype: torch.dtype) -> WorkerConfig:
+        """The workers' part of the engine's configuration (same names, resolved values;
+        ``dtype``: the resolved one, ``cfg.resolved_dtype``)."""
         own = {"model_dir", "dtype", "device_type", "max_model_len", "tp_size"}
         shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in own}
-        return cls(model_dir=model_dir, dtype=cfg.torch_dtype, device_type=cfg.torch_device.type,
+        return cls(model_dir=model_dir, dtype=dtype, device_type=cfg.torch_device.type,
                    max_model_len=max_model_len, tp_size=cfg.tensor_parallel_size, **shared)
 
     @property
