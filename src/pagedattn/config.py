@@ -143,6 +143,9 @@ class EngineConfig:
     attention_backend: str = _opt("auto", "attention kernels: Triton on CUDA, the torch reference elsewhere",
                                   choices=("auto", "torch", "triton"))
     enforce_eager: bool = _opt(False, "never capture CUDA graphs")
+    warmup: bool | None = _opt(None, "at start-up, run a tiny step down every path the scheduler can produce, so "
+                               "every kernel variant compiles before the first request (default: where kernels "
+                               "compile: CUDA or the Triton backend)")
     cuda_graph_max_batch: int = _opt(1024, "largest decode batch run as a CUDA graph (capped by max_num_seqs); "
                                      "larger ones run eagerly", lo=1)
     tensor_parallel_size: int = _opt(1, "shard the model over N ranks: N GPUs (cuda:0..N-1) or N CPU processes; "

@@ -112,6 +112,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.step_builder = StepBuilder(self.block_manager)
         self.sampler = Sampler(self.device, config.seed)
+        if self.device.type == "cuda":
+            self.sampler.warm_up(self.arch.vocab_size, self.dtype)  # its first launches happen now, not on a request
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
