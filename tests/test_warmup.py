@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import KernelParam, create_function_from_signature
 
 from pagedattn import LLM, SamplingParams
-from pagedattn.attention.cascade import WORK_WIDTH
+from pagedattn.attention.cascade import WORK_WIDTH, CascadeConfig
 from pagedattn.attention.metadata import HostBatch
 from pagedattn.runtime import compile_guard
 from pagedattn.runtime.warmup import LONG_CONTEXT, WarmupLimits, used_blocks, warmup_phases
@@ -167,34 +168,55 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("models"), "qwen3_qknorm")
 
 
-def _workload(seed: int) -> tuple[list[list[int]], list[SamplingParams]]:
-    """Shared long prefixes (cascade decode), chunked prompts, a cached prefix hit, parallel
-    samples and plain prompts, greedy and sampled."""
+def _workload(seed: int) -> tuple[list[list[int]], SamplingParams]:
+    """Prompts sharing a prefix long enough for cascade decode (at the thresholds below; the
+    later ones hit the prefix cache) and plain ones, chunked by the token budget, with two
+    samples each (forked blocks)."""
     rng = np.random.default_rng(seed)
-    shared = rng.integers(3, 320, 290).tolist()
-    prompts = [shared + rng.integers(3, 320, int(n)).tolist() for n in (5, 40, 17)]
-    prompts += [rng.integers(3, 320, int(n)).tolist() for n in (3, 150, 60)]
-    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
-              SamplingParams(temperature=0.9, top_k=20, max_tokens=5, n=2, seed=1, ignore_eos=True)]
-    return prompts, params
+    shared = rng.integers(3, 320, 72).tolist()
+    prompts = [shared + rng.integers(3, 320, int(n)).tolist() for n in (5, 30)]
+    prompts += [rng.integers(3, 320, int(n)).tolist() for n in (3, 50)]
+    return prompts, SamplingParams(temperature=0.9, top_k=20, max_tokens=4, n=2, seed=1, ignore_eos=True)
 
 
+@dataclass(frozen=True)
+class _SmallCascade(CascadeConfig):
+    min_prefix_tokens: int = 32
+    min_chunk_tokens: int = 32
+
+
+@pytest.fixture
+def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' and the warm-up's length thresholds divided by 8 (the interpreter runs a
+    program in Python: long contexts cost minutes), so short steps take the same paths: split
+    decode from 64 keys, cascade from 32 shared tokens, the warm-up's long decode 160 tokens."""
+    from pagedattn.attention import triton_backend
+    from pagedattn.attention.triton_ops import decode
+    from pagedattn.runtime import warmup
+
+    monkeypatch.setattr(decode, "MIN_TOKENS_PER_SPLIT", 32)
+    monkeypatch.setattr(triton_backend, "CascadeConfig", _SmallCascade)
+    monkeypatch.setattr(warmup, "PREFILL_TOKENS", 24)
+    monkeypatch.setattr(warmup, "SHORT_CONTEXT", 12)
+    monkeypatch.setattr(warmup, "LONG_CONTEXT", 160)
+
+
+@pytest.mark.usefixtures("small_thresholds")
 def test_start_up_launches_every_variant_a_workload_launches(monkeypatch: pytest.MonkeyPatch, model_dir: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     rec = LaunchRecorder(monkeypatch)
     caplog.set_level(logging.INFO, logger="pagedattn.runtime.worker")
-    with LLM(str(model_dir), device="cpu", attention_backend="triton", block_size=16, num_kv_blocks=160,
-             max_num_seqs=8, max_num_batched_tokens=128, swap_space_gib=0.01) as llm:
+    with LLM(str(model_dir), device="cpu", attention_backend="triton", block_size=16, num_kv_blocks=64,
+             max_num_seqs=8, max_num_batched_tokens=48, swap_space_gib=0.01) as llm:
         at_start = set(rec.keys)
         startup = llm.engine.executor.worker.startup
         assert startup is not None and set(startup.warmup) >= {"prefill", "decode", "cascade decode"}
+        assert len(rec.variants("_decode_kernel")) == 4  # split x cascade, all four reachable here
         # The pool is as it was: the warm-up's blocks are zero again.
         assert not llm.engine.kv_pool.kv.any()
         prompts, params = _workload(0)
-        for p in params:
-            llm.generate(prompts, p, use_tqdm=False)
-        m = llm.get_metrics()
-        assert m["prefix_cache_hit_tokens"] > 0
+        llm.generate(prompts, params, use_tqdm=False)
+        assert llm.get_metrics()["prefix_cache_hit_tokens"] > 0
     names = {n for n, _ in rec.keys}
     assert {"_store_kv_kernel", "_extend_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefix_kernel"} <= names
     late = [k for k in rec.keys if k not in at_start]
