@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from .triton_interpreter import rerun_in_fresh_process, skip_unless_runnable
+from .triton_interpreter import CUDA, rerun_in_fresh_process, skip_unless_runnable
 
 pytest.importorskip("triton")
 
@@ -75,6 +78,8 @@ class LaunchRecorder:
     """Records the key of every interpreted kernel launch; ``execute=False`` skips running them."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, execute: bool = True) -> None:
+        if CUDA:
+            pytest.skip("launch keys under the interpreter are the CPU suite's check; on a GPU, the compile watch's")
         self.keys: list[tuple[str, str]] = []
         run = InterpretedFunction.run
         recorder = self
@@ -121,6 +126,26 @@ def test_step_varying_values_do_not_multiply_variants(monkeypatch: pytest.Monkey
     assert len(rec.variants("_merge_splits_kernel")) == 2  # plain, cascade
     assert len(rec.variants("_prefix_kernel")) == 1
     assert len(rec.variants("_extend_kernel")) == 1
+
+
+def test_fused_ops_compile_once_whatever_the_token_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedattn.models import fused_ops as f
+
+    rec = LaunchRecorder(monkeypatch, execute=False)
+    g = torch.Generator().manual_seed(11)
+    hq, hkv, d, hidden = 4, 2, 32, 64
+    w, qw, kw = (torch.randn(n, generator=g) for n in (hidden, d, d))
+    for t in (1, 2, 16, 17, 33, 256):
+        x, res = torch.randn(t, hidden, generator=g), torch.randn(t, hidden, generator=g)
+        f.rms_norm_triton(x, w, 1e-6)
+        f.fused_add_rms_norm_triton(x, res, w, 1e-6)
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g)
+        cos, sin = torch.randn(t, 1, d // 2, generator=g), torch.randn(t, 1, d // 2, generator=g)
+        f.qk_norm_rope_triton(qkv, cos, sin, hq, hkv, qw, kw, 1e-6)
+        f.silu_and_mul_triton(torch.randn(t, 2 * hidden, generator=g))
+    assert len(rec.variants("_rms_norm_kernel")) == 2  # with and without the residual
+    assert len(rec.variants("_qk_norm_rope_kernel")) == 1
+    assert len(rec.variants("_silu_and_mul_kernel")) == 1
 
 
 # ---------------------------------------------------------------------- the warm-up's steps
@@ -266,3 +291,38 @@ def test_fail_on_compile_switch(value: str, mode: str) -> None:
     from pagedattn.envs import Switches
 
     assert Switches.from_environ({"PAGEDATTN_FAIL_ON_COMPILE": value}).compile_check == mode
+
+
+# ---------------------------------------------------------------------- on a GPU
+GPU_RUN = r"""
+import sys
+from pagedattn import LLM, SamplingParams
+from pagedattn.runtime import compile_guard
+import numpy as np
+rng = np.random.default_rng(0)
+shared = rng.integers(3, 320, 300).tolist()
+prompts = [shared + rng.integers(3, 320, int(n)).tolist() for n in (5, 40, 90, 17)]
+prompts += [rng.integers(3, 320, int(n)).tolist() for n in (3, 150, 60, 200)]
+with LLM(sys.argv[1], device="cuda", block_size=16, num_kv_blocks=512, max_num_seqs=32,
+         max_num_batched_tokens=256) as llm:
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts[::-1], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, n=3, seed=1,
+                                               logprobs=2, ignore_eos=True), use_tqdm=False)
+print("late compiles:", len(compile_guard.late_compiles()))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_qknorm", "mistral_window"])
+def test_gpu_nothing_compiles_after_start_up(tmp_path: Path, family: str) -> None:
+    """A fresh process (Triton's in-memory kernels are per process) with an empty Triton cache,
+    ``PAGEDATTN_FAIL_ON_COMPILE=1``: shared prefixes, chunked prompts, mixed steps, parallel
+    samples with log-probabilities, sliding windows; a kernel compiled after start-up raises."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    path = make_model_dir(tmp_path, family)
+    env = {**os.environ, "PAGEDATTN_FAIL_ON_COMPILE": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
+    proc = subprocess.run([sys.executable, "-c", GPU_RUN, str(path)], capture_output=True, text=True, env=env,
+                          timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "late compiles: 0" in proc.stdout
