@@ -285,6 +285,20 @@ def test_compile_after_start_up_is_recorded_logged_or_raised(monkeypatch: pytest
     assert envs.reload().compile_check == "off"
 
 
+def test_the_watch_is_chained_into_tritons_cache_hook() -> None:
+    """Start-up leaves the watch in Triton's ``jit_cache_hook`` (what Triton calls on a cache miss)."""
+    from triton import knobs
+
+    with compile_guard.starting_up():
+        pass
+    hook = knobs.runtime.jit_cache_hook
+    assert hook is not None
+    before = len(compile_guard.late_compiles())
+    assert hook(key="k", repr="_k[num_warps=4]()", fn=None, compile={}, is_manual_warmup=False,
+                already_compiled=False) is None  # None: Triton goes on compiling
+    assert compile_guard.late_compiles()[before:] == ["_k[num_warps=4]()"]
+
+
 @pytest.mark.parametrize(("value", "mode"), [("", "off"), ("0", "off"), ("1", "raise"), ("raise", "raise"),
                                               ("warn", "warn"), ("LOG", "warn")])
 def test_fail_on_compile_switch(value: str, mode: str) -> None:

@@ -36,15 +36,15 @@ class CompiledAfterStartup(RuntimeError):
 
 @contextmanager
 def starting_up() -> Iterator[None]:
-    """A start-up: kernels compiled inside are expected.  The watch is installed on entry (when
-    this process uses Triton)."""
+    """A start-up: kernels compiled inside are expected.  The watch is installed on the way out,
+    when start-up has loaded Triton (if this process uses it at all)."""
     global _startups
-    install()
     _startups += 1
     try:
         yield
     finally:
         _startups -= 1
+        install()
 
 
 def late_compiles() -> list[str]:
