@@ -5,9 +5,10 @@
 #
 #   bash scripts/verify_first_request_gpu.sh [OUT_DIR]      # on a CUDA machine, after scripts/setup.sh
 #
-# Writes OUT_DIR (default first-request-results/): pytest.txt, first_batch.json/.txt,
-# family.json/.txt, and prints a verdict.  Exit status 1 if a test fails or a Triton kernel
-# compiled after start-up; the timing targets are reported (MISS), not enforced.
+# Writes OUT_DIR (default first-request-results/): pytest.txt, first_batch.json/.txt/.log,
+# family.json/.txt, decode_attention.* and cascade_decode.* (kernel timings), and prints a
+# verdict.  Exit status 1 if a test fails or a Triton kernel compiled after start-up; the timing
+# targets are reported (MISS), not enforced.  About 20-40 minutes on one H100/H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,18 +17,23 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script verifies GPU behaviour')"
 
-echo "== 1/3 GPU tests: kernels (merge loop, unspecialised launch values), graphs, fused ops, engine,"
+echo "== 1/4 GPU tests: kernels (merge loop, unspecialised launch values), graphs, fused ops, engine,"
 echo "       a fresh process per model with PAGEDATTN_FAIL_ON_COMPILE=1 (tests/test_warmup.py), dtype"
 "$PY" -m pytest -q tests/test_triton_kernels.py tests/test_cascade_attention.py tests/test_decode_graphs.py \
     tests/test_fused_ops.py tests/test_engine_gpu.py tests/test_warmup.py tests/test_config.py \
     tests/test_tensor_parallel_gpu.py "tests/test_models.py::test_cuda_matches_hf" 2>&1 | tee "$OUT/pytest.txt"
 
-echo "== 2/3 first batch after start-up: fresh processes, empty then warm Triton cache"
+echo "== 2/4 first batch after start-up: fresh processes, empty then warm Triton cache"
 "$PY" benchmarks/bench_first_batch.py --triton-cache both --verbose --out "$OUT/first_batch.json" \
     2> "$OUT/first_batch.log" | tee "$OUT/first_batch.txt"
 
-echo "== 3/3 prefix caching on vs off over a family of chat workloads (first run after start-up)"
+echo "== 3/4 prefix caching on vs off over a family of chat workloads (first run after start-up)"
 "$PY" benchmarks/bench_prefix_family.py --out "$OUT/family.json" | tee "$OUT/family.txt"
+
+echo "== 4/4 kernel timings: decode and cascade decode with the unspecialised launch values; compare with"
+echo "   docs/benchmarks.md (the tables of the same scripts) or with a run of main on the same card"
+"$PY" benchmarks/bench_decode_attention.py --out "$OUT/decode_attention.json" | tee "$OUT/decode_attention.txt"
+"$PY" benchmarks/bench_cascade_decode.py --out "$OUT/cascade_decode.json" | tee "$OUT/cascade_decode.txt"
 
 "$PY" - "$OUT" <<'EOF'
 import json, sys
