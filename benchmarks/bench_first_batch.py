@@ -123,6 +123,8 @@ def check_args(args: argparse.Namespace) -> None:
     bad = [s for s in args.shapes if s not in SHAPES]
     if bad:
         raise ValueError(f"shapes: unknown {bad}; choose from {', '.join(SHAPES)}")
+    if args.max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
     if args.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {args.repeats}")
     if args.model_dir and not (Path(args.model_dir) / "config.json").is_file():
@@ -157,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=1, help="fresh processes per (shape, cache)")
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from free memory")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="the engine's default: its graphs count in the build")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show each run's engine log (start-up phases)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -175,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     blocks = args.num_kv_blocks or (256 if args.smoke else None)
     engine = dict(device=str(device), dtype=args.dtype, num_kv_blocks=blocks,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-                  max_num_seqs=max(64, w["num_requests"]), swap_space_gib=0.01 if args.smoke else 4.0)
+                  max_num_seqs=args.max_num_seqs, swap_space_gib=0.01 if args.smoke else 4.0)
     env = {} if "PAGEDATTN_FAIL_ON_COMPILE" in os.environ else {"PAGEDATTN_FAIL_ON_COMPILE": "warn"}
     results, dirs = [], {}
     for shape, cache in runs(args):
