@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+from typing import Any
 
 
 def git_commit() -> str:
@@ -16,3 +19,28 @@ def git_commit() -> str:
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
+
+
+RESULT_MARK = "BENCH-RESULT "
+
+
+def run_child(script: str, config: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 3600,
+              verbose: bool = False) -> dict[str, Any]:
+    """Run ``script --child JSON`` in a fresh interpreter (nothing compiled, loaded or cached in
+    this process reaches it) and return the dict it printed with :func:`child_result`.  Its
+    stderr (the engine's log) is shown with ``verbose`` or when it fails."""
+    proc = subprocess.run([sys.executable, script, "--child", json.dumps(config)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+    if verbose or proc.returncode:
+        sys.stderr.write(proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{os.path.basename(script)} run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if not lines:
+        raise RuntimeError(f"{os.path.basename(script)} run printed no result: {proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def child_result(result: dict[str, Any]) -> None:
+    """Hand a child run's result to :func:`run_child` (one marked line on stdout)."""
+    print(RESULT_MARK + json.dumps(result), flush=True)

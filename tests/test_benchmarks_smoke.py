@@ -40,7 +40,8 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         yield load
     finally:
         torch.set_num_threads(threads)
-        for name in ("bench_memory", "bench_prefix_cache", "bench_throughput"):
+        for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
+                     "bench_prefix_family", "bench_common"):
             sys.modules.pop(name, None)
 
 
@@ -87,3 +88,43 @@ def test_bad_arguments_raise_before_any_work(bench) -> None:
         bench("bench_memory").main(["--device", "cpu", "--smoke", "--capacity-steps", "10"])
     with pytest.raises(ValueError, match="model_dir"):
         bench("bench_memory").main(["--device", "cpu", "--smoke", "--model-dir", "/nonexistent"])
+
+
+def test_first_batch_smoke_times_build_first_and_second_in_a_fresh_process(bench, model_dir: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "first.json"
+    res = bench("bench_first_batch").main(["--device", "cpu", "--smoke", "--model-dir", str(model_dir), "--shapes",
+                                           "shared", "--triton-cache", "empty", "--out", str(out)])
+    assert json.loads(out.read_text())["runs"] == res["runs"]
+    (run,) = res["runs"]
+    assert run["shape"] == "shared" and run["triton_cache"] == "empty"
+    assert run["build_s"] > 0 and run["first_s"] > 0 and run["second_s"] > 0
+    assert run["ratio"] == pytest.approx(run["first_s"] / run["second_s"])
+    # Start-up's phases come from the child's engine; on a CPU with the torch backend nothing
+    # compiles, before or after start-up.
+    assert {"load weights", "memory profile", "KV pool", "graph capture"} <= set(run["startup_phases"])
+    assert run["late_compiles_first"] == 0 and run["late_compiles_second"] == 0
+    assert run["prompt_tokens"] > 6 * 40  # six requests on a 40-token shared prefix
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| shared | empty |")  # the table comes last
+
+
+def test_prefix_family_smoke_caching_hits_only_when_on(bench, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "family.json"
+    res = bench("bench_prefix_family").main(["--device", "cpu", "--smoke", "--model-dir", str(model_dir),
+                                             "--system-prompts", "2", "--prompt-lens", "48", "--num-requests", "6",
+                                             "--out", str(out)])
+    assert json.loads(out.read_text())["points"] == res["points"]
+    (point,) = res["points"]
+    off, on = point["off"], point["on"]
+    assert point["num_system"] == 2 and point["system_len"] == 48
+    assert point["speedup"] == pytest.approx(off["seconds"] / on["seconds"])
+    assert off["prefix_cache_hit_rate"] == 0.0 < on["prefix_cache_hit_rate"]
+    assert off["output_tokens"] == on["output_tokens"] and off["prompt_tokens"] == on["prompt_tokens"]
+    assert on["ttft_ms"]["mean"] > 0
+
+
+def test_new_benchmarks_refuse_bad_arguments(bench) -> None:
+    with pytest.raises(ValueError, match="shapes"):
+        bench("bench_first_batch").main(["--device", "cpu", "--smoke", "--shapes", "nope"])
+    with pytest.raises(ValueError, match="system_prompts"):
+        bench("bench_prefix_family").main(["--device", "cpu", "--smoke", "--system-prompts", "0"])

@@ -9,9 +9,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 from pagedattn import LLM
-from pagedattn.config import EngineConfig, add_engine_args, config_from_args
+from pagedattn.config import EngineConfig, add_engine_args, config_from_args, resolve_dtype
 from pagedattn.entrypoints import cli
 
 from .engine_models import make_model_dir
@@ -123,3 +124,50 @@ def test_serve_refuses_a_bad_port_at_once(port: str, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as e:
         cli.main(["serve", "--port", port])
     assert e.value.code == 2 and "--port" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- dtype="auto"
+@pytest.mark.parametrize(("device", "checkpoint", "bf16", "want"), [
+    ("cpu", torch.bfloat16, True, torch.float32),  # a CPU always computes in float32
+    ("cpu", None, True, torch.float32),
+    ("cuda", torch.bfloat16, True, torch.bfloat16),  # a GPU: the checkpoint's 16-bit type
+    ("cuda:1", torch.float16, True, torch.float16),
+    ("cuda", torch.float32, True, torch.bfloat16),  # float32 or unnamed checkpoints: bfloat16 ...
+    ("cuda", None, True, torch.bfloat16),
+    ("cuda", torch.bfloat16, False, torch.float16),  # ... or float16 where the GPU has no bfloat16
+    ("cuda", None, False, torch.float16),
+])
+def test_auto_dtype_resolution(device: str, checkpoint: torch.dtype | None, bf16: bool, want: torch.dtype) -> None:
+    assert resolve_dtype("auto", device, checkpoint, bf16_supported=bf16) == want
+    assert resolve_dtype("AUTO", torch.device(device), checkpoint, bf16_supported=bf16) == want
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_explicit_dtype_is_used_as_given(device: str) -> None:
+    assert resolve_dtype("fp16", device, torch.bfloat16, bf16_supported=True) == torch.float16
+    assert resolve_dtype(torch.float32, device, torch.bfloat16, bf16_supported=True) == torch.float32
+    with pytest.raises(ValueError, match="dtype: must be one of auto"):
+        resolve_dtype("int8", device, None)
+
+
+def test_auto_is_the_default_and_resolves_from_the_checkpoint(model_dir: Path) -> None:
+    assert EngineConfig().dtype == "auto" and EngineConfig().torch_dtype is None
+    cfg = EngineConfig(device="cpu")
+    assert cfg.resolved_dtype(torch.bfloat16) == torch.float32
+    with LLM(str(model_dir), device="cpu", num_kv_blocks=8) as llm:  # config.json says float32; the CPU runs float32
+        assert llm.engine.dtype == torch.float32
+        assert {p.dtype for p in llm.engine.model.parameters()} == {torch.float32}
+    args = argparse.ArgumentParser()
+    add_engine_args(args)
+    assert config_from_args(args.parse_args(["--dtype", "auto"])).dtype == "auto"
+    assert "auto" in args.format_help()
+
+
+@pytest.mark.parametrize(("types", "want"), [
+    (["F32", "BF16", "BF16"], "bfloat16"), (["F32", "F16"], "float16"), (["F32", "F32"], "float32"),
+    (["F32", "Q4_1", "Q6_K"], "float16"), (["F16", "Q8_0"], "float16"),
+])
+def test_gguf_names_its_float_type(types: list[str], want: str) -> None:
+    from pagedattn.models.gguf import gguf_float_dtype
+
+    assert gguf_float_dtype(types) == want

@@ -36,7 +36,7 @@ def test_gpu_preemption_and_prefix_cache_keep_outputs(tmp_path):
     expected = hf_greedy(path, prompts, 24)
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     for mode in ("swap", "recompute"):
-        llm = LLM(str(path), device="cuda", block_size=4, num_kv_blocks=24, preemption_mode=mode,
+        llm = LLM(str(path), device="cuda", dtype="float32", block_size=4, num_kv_blocks=24, preemption_mode=mode,
                   swap_space_gib=0.01, max_num_batched_tokens=16)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
         assert got == expected, mode

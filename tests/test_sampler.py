@@ -62,3 +62,12 @@ def test_greedy_sampler_on_half_precision_logits_picks_the_fp32_argmax(dtype: to
     out = Sampler(torch.device("cpu"), seed=0)(logits, rows)
     assert out.token_ids == logits.float().argmax(dim=-1).tolist()
     assert out.token_ids[:2] == [10, 77]
+
+
+def test_warm_up_samples_every_path_and_keeps_the_shared_generator() -> None:
+    warmed, fresh = Sampler(torch.device("cpu"), seed=5), Sampler(torch.device("cpu"), seed=5)
+    warmed.warm_up(50)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    rows = [SamplingRow(SamplingParams(temperature=1.0), None) for _ in range(4)]
+    # The warm-up drew from its own generators: sampling after it is what it was without it.
+    assert warmed(logits, rows).token_ids == fresh(logits, rows).token_ids

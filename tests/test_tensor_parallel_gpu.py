@@ -48,11 +48,11 @@ def test_gpu_tp2_greedy_matches_tp1(tmp_path, family):
 def test_gpu_tp2_pool_sized_from_memory_and_preemption(tmp_path):
     path = make_model_dir(tmp_path, "llama3_untied_gqa")
     prompts = _prompts(2, lens=(30, 41, 17, 52))
-    expected = _greedy(LLM(str(path), device="cuda", num_kv_blocks=256, swap_space_gib=0.01), prompts)
-    with LLM(str(path), device="cuda", tensor_parallel_size=2, gpu_memory_utilization=0.3) as llm:
+    expected = _greedy(LLM(str(path), device="cuda", dtype="float32", num_kv_blocks=256, swap_space_gib=0.01), prompts)
+    with LLM(str(path), device="cuda", dtype="float32", tensor_parallel_size=2, gpu_memory_utilization=0.3) as llm:
         assert llm.get_metrics()["kv_blocks_total"] > 64
         assert _greedy(llm, prompts) == expected
-    with LLM(str(path), device="cuda", tensor_parallel_size=2, block_size=4, num_kv_blocks=24,
+    with LLM(str(path), device="cuda", dtype="float32", tensor_parallel_size=2, block_size=4, num_kv_blocks=24,
              swap_space_gib=0.01, max_num_batched_tokens=16) as llm:
         assert _greedy(llm, prompts) == expected
         assert llm.get_metrics()["num_preemptions"] > 0

@@ -180,9 +180,10 @@ def test_decode_matches_reference(block_size: int, gqa: int, window: int | None,
     _assert_matches(out, _reference(q, batch, layer))
 
 
-@pytest.mark.parametrize("splits", [2, 5, 16])
+@pytest.mark.parametrize("splits", [2, 5, 16, 37])
 def test_decode_split_counts_agree(splits: int) -> None:
-    """More splits than tiles leaves splits empty: the merge must ignore them."""
+    """More splits than tiles leaves splits empty: the merge must ignore them (37: over two of
+    the merge's tiles)."""
     g = _gen("splits", splits)
     hkv, d, gqa, dtype = SIZE.num_kv_heads, SIZE.head_dim, 4, torch.float32
     seq_lens = [3, SIZE.long_ctx, 17]

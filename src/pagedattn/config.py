@@ -37,14 +37,39 @@ _DTYPES = {
 }
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """The torch dtype ``dtype`` names, or None for ``"auto"`` (decided once the checkpoint's
+    config is read: :func:`resolve_dtype`)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {dtype}")
         return dtype
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        return None
     if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
-        raise ValueError(f"dtype: must be one of float32, bfloat16, float16; got {dtype!r}")
+        raise ValueError(f"dtype: must be one of auto, float32, bfloat16, float16; got {dtype!r}")
     return _DTYPES[dtype.lower()]
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device, checkpoint: torch.dtype | None,
+                  bf16_supported: bool | None = None) -> torch.dtype:
+    """The dtype an engine runs in.
+
+    An explicit ``dtype`` is used as given.  ``"auto"``: float32 on a CPU (its fp32 GEMMs are
+    the fast ones, and fp32 matches HF bit for bit); on a GPU the checkpoint's own 16-bit type
+    (``checkpoint``: config.json's ``dtype``/``torch_dtype``, a GGUF's float type), and for a
+    float32 or unnamed checkpoint bfloat16 (float16 where the GPU has no bfloat16, as for a
+    bfloat16 checkpoint there).  ``bf16_supported`` None: ask the current CUDA device."""
+    explicit = parse_dtype(dtype)
+    if explicit is not None:
+        return explicit
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    if bf16_supported is None:
+        bf16_supported = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    if checkpoint == torch.float16 or (checkpoint in (torch.bfloat16, torch.float32, None) and not bf16_supported):
+        return torch.float16
+    return torch.bfloat16
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -86,7 +111,9 @@ class EngineConfig:
                                     "own, from HF_HUB_CACHE or HF_HOME)")
     load_format: str = _opt("auto", "'dummy': seeded random weights from config.json alone (benchmarks)",
                             choices=("auto", "dummy"))
-    dtype: str | torch.dtype = _opt("float32", "weights and activations: float32, bfloat16 or float16")
+    dtype: str | torch.dtype = _opt("auto", "weights and activations: auto, float32, bfloat16 or float16; 'auto': "
+                                    "float32 on a CPU, on a GPU the checkpoint's 16-bit type (bfloat16 for a "
+                                    "float32 checkpoint)")
     device: str | torch.device | None = _opt(None, "cpu, cuda or cuda:N (default: cuda when available)")
     seed: int = _opt(0, "seed of the sampler's shared generator (and of dummy weights)", lo=_I64_MIN, hi=_I64_MAX)
     max_model_len: int | None = _opt(None, "context length in tokens (default and upper bound: the model's)", lo=2)
@@ -116,6 +143,9 @@ class EngineConfig:
     attention_backend: str = _opt("auto", "attention kernels: Triton on CUDA, the torch reference elsewhere",
                                   choices=("auto", "torch", "triton"))
     enforce_eager: bool = _opt(False, "never capture CUDA graphs")
+    warmup: bool | None = _opt(None, "at start-up, run a tiny step down every path the scheduler can produce, so "
+                               "every kernel variant compiles before the first request (default: where kernels "
+                               "compile: CUDA or the Triton backend)")
     cuda_graph_max_batch: int = _opt(1024, "largest decode batch run as a CUDA graph (capped by max_num_seqs); "
                                      "larger ones run eagerly", lo=1)
     tensor_parallel_size: int = _opt(1, "shard the model over N ranks: N GPUs (cuda:0..N-1) or N CPU processes; "
@@ -135,11 +165,17 @@ class EngineConfig:
         bs = self.block_size
         if bs & (bs - 1):
             raise ValueError(f"block_size: must be a power of two in [1, 256], got {bs!r}")
-        self.torch_dtype = parse_dtype(self.dtype)
         self.torch_device = resolve_device(self.device)
+        # None for "auto": the engine resolves it (resolved_dtype) once the checkpoint's config is read.
+        self.torch_dtype = parse_dtype(self.dtype)
         if self.attention_backend == "triton" and self.torch_device.type != "cuda" and not triton_interpreted():
             raise ValueError("attention_backend: 'triton' needs a CUDA device (or Triton's interpreter, "
                              "TRITON_INTERPRET=1); use 'auto' or 'torch' on the CPU")
+
+
+    def resolved_dtype(self, checkpoint: torch.dtype | None) -> torch.dtype:
+        """The engine's dtype for a checkpoint of dtype ``checkpoint`` (see :func:`resolve_dtype`)."""
+        return resolve_dtype(self.dtype, self.torch_device, checkpoint)
 
 
 _HINTS: dict[str, Any] = {}

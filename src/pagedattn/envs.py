@@ -12,6 +12,7 @@ read where it is needed (:func:`cache_dir`), and so is ``PAGEDATTN_API_KEY`` (:f
 | ``PAGEDATTN_DISABLE_CASCADE=1`` | no cascade (shared-prefix) decode attention |
 | ``PAGEDATTN_DISABLE_FUSED=1`` | the torch path instead of the fused Triton norm/rotary/activation kernels |
 | ``PAGEDATTN_DISABLE_P2P_ALL_REDUCE=1`` | NCCL for every tensor-parallel all-reduce |
+| ``PAGEDATTN_FAIL_ON_COMPILE`` | a Triton kernel compiling after start-up: ``1`` raises, ``warn`` logs |
 """
 
 from __future__ import annotations
@@ -26,10 +27,19 @@ CACHE_DIR = "PAGEDATTN_CACHE_DIR"
 DISABLE_CASCADE = "PAGEDATTN_DISABLE_CASCADE"
 DISABLE_FUSED = "PAGEDATTN_DISABLE_FUSED"
 DISABLE_P2P_ALL_REDUCE = "PAGEDATTN_DISABLE_P2P_ALL_REDUCE"
+FAIL_ON_COMPILE = "PAGEDATTN_FAIL_ON_COMPILE"
 
 
 def _on(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _compile_check(environ: Mapping[str, str]) -> str:
+    """``PAGEDATTN_FAIL_ON_COMPILE``: "raise" (1/true/yes/on/raise), "warn" (warn/log), else "off"."""
+    value = environ.get(FAIL_ON_COMPILE, "").strip().lower()
+    if value in ("warn", "log"):
+        return "warn"
+    return "raise" if value == "raise" or _on(environ, FAIL_ON_COMPILE) else "off"
 
 
 @dataclass(frozen=True)
@@ -37,10 +47,12 @@ class Switches:
     disable_cascade: bool = False
     disable_fused: bool = False
     disable_p2p_all_reduce: bool = False
+    compile_check: str = "off"  # what a kernel compiled after start-up does: "off" | "warn" | "raise"
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Switches:
-        return cls(_on(environ, DISABLE_CASCADE), _on(environ, DISABLE_FUSED), _on(environ, DISABLE_P2P_ALL_REDUCE))
+        return cls(_on(environ, DISABLE_CASCADE), _on(environ, DISABLE_FUSED), _on(environ, DISABLE_P2P_ALL_REDUCE),
+                   _compile_check(environ))
 
 
 _switches: Switches | None = None

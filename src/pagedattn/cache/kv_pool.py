@@ -124,6 +124,11 @@ class KVCachePool:
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero these device blocks in every layer (after throwaway writes: the start-up warm-up)."""
+        if blocks:
+            self.kv.index_fill_(2, torch.tensor(blocks, device=self.device), 0)
+
     def read_block(self, block: int, on_cpu: bool = False) -> torch.Tensor:
         """All layers' K and V of one block (a copy), ``[L, 2, bs, Hkv, D]``; for tests and viz."""
         self.sync_swaps()

@@ -326,7 +326,8 @@ if triton is not None:
                     pass
         tl.debug_barrier()
 
-    @triton.jit
+    # The row count is the step's token count: unspecialised, one compile for every step size.
+    @triton.jit(do_not_specialize=("n_rows",))
     def _reduce_add_rms_norm_kernel(
         Parts, Flags, Res, W, Out, ResOut,
         n_rows, stride_r, stride_o, stride_ro,

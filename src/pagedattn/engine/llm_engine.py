@@ -69,7 +69,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.torch_device
-        self.dtype = config.torch_dtype
         tp = config.tensor_parallel_size
         # Launched by torchrun for tensor parallelism: rank 0 is the engine, the others serve it.
         torchrun = TorchrunEnv.for_tensor_parallel(tp)
@@ -82,9 +81,10 @@ class LLMEngine:
         except FileNotFoundError as e:
             raise ValueError(f"model: {e}") from None
         self.arch = self.source.config
+        self.dtype = config.resolved_dtype(self.arch.dtype)  # "auto": the checkpoint's, on this device
         self.max_model_len = self._context_length(config.max_model_len)
         check_tp_size(self.arch, tp)  # before any process starts
-        worker_config = WorkerConfig.derive(config, str(self.source.model_dir), self.max_model_len)
+        worker_config = WorkerConfig.derive(config, str(self.source.model_dir), self.max_model_len, self.dtype)
         kv_heads = max(1, self.arch.num_kv_heads // tp)  # per rank (a replica each when tp > heads)
         worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim,
                                                config.block_size, self.dtype))
@@ -124,6 +124,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.arch.kv_variant)
         self.step_builder = StepBuilder(self.scheduler.block_table)
         self.sampler = Sampler(self.device, config.seed)
+        if self.device.type == "cuda":
+            self.sampler.warm_up(self.arch.vocab_size, self.dtype)  # its first launches happen now, not on a request
         self.step_sampler = StepSampler(self.sampler, self.eos_token_ids)
         self.grammars = GrammarCompilerCache(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.arch.vocab_size, self.max_model_len, config.block_size,

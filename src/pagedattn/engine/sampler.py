@@ -92,6 +92,21 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    def warm_up(self, vocab_size: int, dtype: torch.dtype = torch.float32) -> None:
+        """Sample dummy logits once down every path (greedy, temperature, top-k, top-p, min-p,
+        seeded rows, log-probabilities), so the device's first use of these ops (module loads,
+        workspaces) happens at start-up, not on a request.  The shared generator's state is
+        kept: seeded sampling stays reproducible."""
+        state = self.generator.get_state()
+        logits = torch.randn(3, vocab_size, dtype=dtype, device=self.device)
+        seeded = torch.Generator(device=self.device)
+        rows = [SamplingRow(SamplingParams(temperature=0.0), None),
+                SamplingRow(SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05), None, banned=(0,)),
+                SamplingRow(SamplingParams(temperature=1.0, top_p=0.5, logprobs=2), seeded)]
+        self(logits, rows)
+        self(logits[:2], rows[:2])
+        self.generator.set_state(state)
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """``logits [n, V]`` (any float dtype) -> one token per row (one host transfer)."""
         batch = self.prepare(rows)

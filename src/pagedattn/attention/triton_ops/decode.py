@@ -29,7 +29,7 @@ import triton.language as tl
 from .cascade import CascadeInputs, PrefixConfig, prefix_attention
 from .common import attend_paged_keys, dot_dtype, dot_precision, score_args
 
-# Upper bound on splits: the merge kernel holds all of one head's partials in one tile.
+# Upper bound on splits (the eager workspace's size; the merge takes any number, a tile at a time).
 MAX_SPLITS = 64
 # Do not cut a context into chunks shorter than this: below it the per-split fixed cost
 # (Q load, partial write, merge) outweighs the gain in parallelism.
@@ -73,7 +73,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
     return max(1, min(want, cap, max_splits))
 
 
-@triton.jit
+# Launch values that change from step to step are plain runtime arguments: Triton specialises an
+# int argument on being 1 or a multiple of 16 (and a pointer on 16-byte alignment), so each
+# new combination of, say, split count, block-table width and workspace strides would be a new
+# compile on the request path.  Only what a model and its configuration fix stays specialised
+# (head sizes, page size, the cache's strides) or constexpr.
+_STEP_VARYING = ("num_splits", "pre_offset", "stride_mt", "stride_mh", "stride_lt", "stride_lh", "stride_bt")
+
+
+@triton.jit(do_not_specialize=_STEP_VARYING, do_not_specialize_on_alignment=("TailStart", "NumPre"))
 def _decode_kernel(
     Q, K, V, Out, MidO, MidLse, BlockTables, SeqLens,
     TailStart, NumPre,  # cascade only: first own key of each row, prefix partials it merges
@@ -155,43 +163,55 @@ def _decode_kernel(
         tl.store(dst, o.to(Out.dtype.element_ty), mask=hd_mask)
 
 
+# Partials merged per tile (splits, then prefix partials); more take more turns of the loop,
+# so the merge is one compile whatever a step's split count.
+MERGE_TILE = 16
+
+
 @triton.jit
+def _merge_tile(lse_ptrs, o_ptrs, mask, d_mask, m, total, o):
+    """Fold one tile of partials (their base-2 log-sum-exps and normalised outputs) into the
+    running ``(max, weight sum, weighted output)``."""
+    lse = tl.load(lse_ptrs, mask=mask, other=float("-inf"))
+    parts = tl.load(o_ptrs, mask=mask[:, None] & d_mask[None, :], other=0.0)
+    m_new = tl.maximum(m, tl.max(lse, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights stay 0, not NaN
+    alpha = tl.exp2(m - m_safe)
+    w = tl.exp2(lse - m_safe)
+    return m_new, total * alpha + tl.sum(w, 0), o * alpha + tl.sum(parts * w[:, None], 0)
+
+
+@triton.jit(do_not_specialize=("num_splits", "pre_offset", "stride_mt", "stride_mh", "stride_lt", "stride_lh"),
+            do_not_specialize_on_alignment=("NumPre",))
 def _merge_splits_kernel(
     MidO, MidLse, Out, NumPre, num_splits, pre_offset,
     stride_mt, stride_mh, stride_ms,
     stride_lt, stride_lh,
     stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_P: tl.constexpr,  # > 0 (cascade): also merge NumPre[seq] prefix partials from pre_offset
+    CASCADE: tl.constexpr,  # also merge NumPre[seq] prefix partials from slot pre_offset on
 ):
-    # One program per (sequence, query head): weight each split by exp2(lse_s - max lse).
+    # One program per (sequence, query head): weight each partial by exp2(lse_s - max lse),
+    # BLOCK_S partials at a time with a running max.
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    s_mask = offs_s < num_splits
     lse_row = MidLse + seq * stride_lt + head * stride_lh
-    mid_row = MidO + seq * stride_mt + head * stride_mh
-    lse = tl.load(lse_row + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    if BLOCK_P > 0:
-        offs_p = tl.arange(0, BLOCK_P)
-        p_mask = offs_p < tl.load(NumPre + seq)
-        lse_p = tl.load(lse_row + pre_offset + offs_p, mask=p_mask, other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse_p, 0))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    total = tl.sum(w, 0)
-    parts = tl.load(mid_row + offs_s[:, None] * stride_ms + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-    o = tl.sum(parts * w[:, None], 0)
-    if BLOCK_P > 0:
-        w_p = tl.exp2(lse_p - m)
-        total += tl.sum(w_p, 0)
-        parts_p = tl.load(mid_row + (pre_offset + offs_p[:, None]) * stride_ms + offs_d[None, :],
-                          mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-        o += tl.sum(parts_p * w_p[:, None], 0)
+    mid_row = MidO + seq * stride_mt + head * stride_mh + offs_d[None, :]
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([], dtype=tl.float32)
+    o = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        m, total, o = _merge_tile(lse_row + s, mid_row + s[:, None] * stride_ms, s < num_splits, d_mask, m, total, o)
+    if CASCADE:
+        num_pre = tl.load(NumPre + seq)
+        for p0 in range(0, num_pre, BLOCK_S):
+            p = p0 + offs_s
+            s = pre_offset + p
+            m, total, o = _merge_tile(lse_row + s, mid_row + s[:, None] * stride_ms, p < num_pre, d_mask, m, total, o)
     o = o / tl.where(total > 0, total, 1.0)
     tl.store(Out + seq * stride_ot + head * stride_oh + offs_d, o.to(Out.dtype.element_ty), mask=d_mask)
 
@@ -275,8 +295,7 @@ def decode_attention(
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_P=0 if cascade is None else triton.next_power_of_2(cascade.max_parts),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=MERGE_TILE, CASCADE=cascade is not None,
             num_warps=4,
         )
 

@@ -35,7 +35,9 @@ def default_extend_config(dtype: torch.dtype, head_dim: int) -> ExtendConfig:
     return ExtendConfig()
 
 
-@triton.jit
+# The first sequence's index (the step's decode count) and the block table's width change from
+# step to step: unspecialised, so one compile serves every step (see decode.py).
+@triton.jit(do_not_specialize=("seq_offset", "stride_bt"))
 def _extend_kernel(
     Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc,
     scale_log2,
