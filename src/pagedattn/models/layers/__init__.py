@@ -6,6 +6,8 @@
 * the blocks of a decoder layer: :class:`Attention` (q/k/v, optional q/k norm, rotary, paged
   attention, output projection) and :class:`GatedMLP`; :class:`DecoderLayer`, the pre-norm
   residual block over them; :class:`DecoderModel`, the stack;
+* int4 weight-only twins of the linear layers (:mod:`.quant`), which the blocks build through
+  :func:`parallel_linear` when the checkpoint is quantized;
 * the tensor-parallel plumbing (:mod:`.parallel`: :class:`Shard`, :class:`AllReduce`) and the
   weight-loading hooks (:mod:`.weights`).
 
@@ -31,6 +33,7 @@ from .linear import (
 from .mlp import GatedMLP, SiluAndMul
 from .norm import RMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
+from .quant import QuantLinear, finish_loading, is_quantized, parallel_linear
 from .rotary import RotaryEmbedding, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
 from .weights import ShardId, WeightLoading, default_weight_loader
@@ -45,6 +48,7 @@ __all__ = [
     "MergedColumnParallelLinear",
     "ParallelLMHead",
     "QKVParallelLinear",
+    "QuantLinear",
     "RMSNorm",
     "RotaryEmbedding",
     "RowParallelLinear",
@@ -58,8 +62,11 @@ __all__ = [
     "argmax_rows",
     "default_weight_loader",
     "divide",
+    "finish_loading",
+    "is_quantized",
     "linear",
     "pack_linear_weights_for_cpu",
+    "parallel_linear",
     "process_group_all_reduce",
     "rope_inv_freq",
     "set_all_reduce",
