@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ...kernels import w4a16
+from .. import quant_formats
 from ..quant_config import QuantConfig
-from ..quant_formats import QUANT_SUFFIXES, dequantize, group_index, pack_rows, to_internal, unpack_rows
+from ..quant_formats import QUANT_SUFFIXES, group_index, pack_rows, to_internal, unpack_rows
 from .linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -66,7 +67,8 @@ class QuantLinear:
             raise ValueError(f"int4 layers need input features in multiples of 32, got {in_local}")
         m = cast(Any, self)
         self.quant, self.in_local = quant, in_local
-        self.perm, self.zero_point = None, float(SYMMETRIC_ZERO)
+        self.zero_point = float(SYMMETRIC_ZERO)
+        m.register_buffer("perm", None, persistent=False)
         m.qweight = new_param((in_local // 8, n_local), torch.int32)
         m.scales = new_param((groups, n_local), quant.scale_dtype)
         m.zeros = new_param((groups, n_local), quant.scale_dtype)
@@ -75,12 +77,15 @@ class QuantLinear:
             m.bias = new_param(tuple(self.bias.shape), params_dtype)
 
     # ------------------------------------------------------------------ runtime form
-    def finish_loading(self) -> None:
-        """The runtime form, once every tensor is loaded (see the module docstring)."""
+    def finish_loading(self, dequantize: bool | None = None) -> None:
+        """The runtime form, once every tensor is loaded (see the module docstring): dense
+        (``dequantize``; default: on the CPU) or packed."""
         m = cast(Any, self)
         g = self._nontrivial_g_idx()
-        if m.qweight.device.type == "cpu":
-            w = dequantize(m.qweight, m.scales, m.zeros, g, self.group_size)  # [K, N]
+        if dequantize is None:
+            dequantize = m.qweight.device.type == "cpu"
+        if dequantize:
+            w = quant_formats.dequantize(m.qweight, m.scales, m.zeros, g, self.group_size)  # [K, N]
             dtype = self.params_dtype
             for name in ("qweight", "scales", "zeros", "g_idx"):
                 setattr(m, name, None)
@@ -90,7 +95,7 @@ class QuantLinear:
             perm = torch.argsort(g, stable=True)
             m.qweight = nn.Parameter(pack_rows(unpack_rows(m.qweight)[perm]), requires_grad=False)
             g = g[perm].contiguous()
-            m.register_buffer("perm", perm, persistent=False)
+            m.perm = perm
             if m.scales.shape[0] * self.group_size == self.in_local and torch.equal(g, self._trivial_g_idx()):
                 g = None
         m.g_idx = None if g is None else nn.Parameter(g, requires_grad=False)
@@ -144,6 +149,7 @@ class QuantColumnParallelLinear(QuantLinear, ColumnParallelLinear):
         self.params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
         self.group_size = quant.group_size_for(self.input_size)
         del self.weight
+        self._g_idx_parts: set[ShardId] = set()
         with torch.device(device):
             self._make_packed(quant, self.input_size, self.output_size_per_partition, quant.groups(self.input_size),
                               self.input_size, self.params_dtype)
@@ -176,15 +182,12 @@ class QuantColumnParallelLinear(QuantLinear, ColumnParallelLinear):
 
     def _load_g_idx(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId) -> None:
         check_shape(loaded, param.shape)
-        first = shard_id is None or shard_id == self._first_part()
-        if first:
+        if not self._g_idx_parts:  # whichever part comes first (checkpoints list them in any order)
             param.data.copy_(loaded)
         elif not torch.equal(param.data, loaded.to(param.device, param.dtype)):
             raise ValueError(f"g_idx of part {shard_id!r} differs from the other parts' (a fused layer needs one "
                              "input order)")
-
-    def _first_part(self) -> ShardId:
-        return next(iter(self._shard_ids())) if isinstance(self, _FusedColumnParallelLinear) else None
+        self._g_idx_parts.add(shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_dense:
