@@ -40,7 +40,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         yield load
     finally:
         torch.set_num_threads(threads)
-        for name in ("bench_memory", "bench_prefix_cache", "bench_throughput"):
+        for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_quant"):
             sys.modules.pop(name, None)
 
 
@@ -87,3 +87,18 @@ def test_bad_arguments_raise_before_any_work(bench) -> None:
         bench("bench_memory").main(["--device", "cpu", "--smoke", "--capacity-steps", "10"])
     with pytest.raises(ValueError, match="model_dir"):
         bench("bench_memory").main(["--device", "cpu", "--smoke", "--model-dir", "/nonexistent"])
+
+
+def test_quant_smoke_compares_dense_and_int4_models(bench, tmp_path: Path) -> None:
+    """bench_quant on a tiny Llama: the int4 model (dequantized at load on the CPU) holds as many
+    weight bytes as the dense one, both decode, and the agreement is a share."""
+    out = tmp_path / "quant.json"
+    res = bench("bench_quant").main(["--device", "cpu", "--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["speedup_batch1"] == pytest.approx(res["speedup_batch1"])
+    dense, int4 = res["bf16"], res["w4a16"]
+    assert dense["weight_bytes"] == int4["weight_bytes"] > 0
+    for r in (dense, int4):
+        assert set(r["decode_tok_per_s"]) == {"1", "2"} and min(r["decode_tok_per_s"].values()) > 0
+    a = res["greedy_agreement"]
+    assert 0 <= a["prefix_share"] <= 1 and 0 <= a["first_token"] <= 1
+    assert res["shape"] == "tiny llama" and res["commit"]

@@ -95,10 +95,11 @@ def _block_k(k: int, group_size: int, cap: int) -> int:
     return bk
 
 
-def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16Config:
+def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
+                  sms: int | None = None) -> W4A16Config:
     """Heuristic launch parameters (not autotuned): split K until the grid has about four
-    programs per SM, each still streaming at least four K tiles."""
-    sms = _sm_count(device)
+    programs per SM (``sms``: the device's), each still streaming at least four K tiles."""
+    sms = sms or _sm_count(device)
     if m <= GEMV_MAX_ROWS:
         bn, bk = 128, _block_k(k, group_size, 64)
         warps = 4

@@ -1,0 +1,122 @@
+"""The W4A16 Triton kernels against the torch reference (dequantize, multiply in fp32).
+
+Without CUDA they run under the Triton interpreter on small shapes (every path: the GEMV, the
+tensor-core GEMM, split-K, act-order ``g_idx`` gathers, constant zero points, bias, writing
+into a given buffer); with CUDA the same tests run at full size, plus the ``gpu``-marked
+8B-class shapes and the automatic configs.
+
+Tolerances: fp32 1e-4 of the output's scale (summation order only).  16-bit activations: the
+tensor-core kernel rounds the dequantized weight to the activation dtype (as a dense model of
+it holds it) and the output once; the GEMV multiplies in fp32: both within 1e-2 (bf16) / 2e-3
+(fp16) of the output's scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
+
+pytest.importorskip("triton")
+
+from pagedattn.kernels import w4a16
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Small under the interpreter (it runs programs one by one in Python).
+N, K = (4096, 4096) if CUDA else (80, 256)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_available(request: pytest.FixtureRequest) -> None:
+    skip_unless_runnable(request, "test_kernels_in_fresh_interpreter_process")
+
+
+def test_kernels_in_fresh_interpreter_process() -> None:
+    """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
+    rerun_in_fresh_process(__file__)
+
+
+def _weights(g: torch.Generator, n: int, k: int, group_size: int, *, zeros: bool, act_order: bool,
+             scale_dtype: torch.dtype = torch.float16) -> dict:
+    groups = k // group_size
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).to(scale_dtype)
+    z = torch.randint(0, 16, (groups, n), generator=g).to(scale_dtype) if zeros else None
+    # Act-order rows sorted by group: groups of uneven sizes (what a row-parallel shard holds).
+    g_idx = torch.sort(torch.randint(0, groups, (k,), generator=g, dtype=torch.int32)).values if act_order else None
+    return {"qweight": qweight.to(DEVICE), "scales": scales.to(DEVICE), "zeros": None if z is None else z.to(DEVICE),
+            "group_size": group_size, "g_idx": None if g_idx is None else g_idx.to(DEVICE)}
+
+
+def _check(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == ref.shape
+    err = (got.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max err {err:.3g} vs scale {scale:.3g}"
+
+
+def _config(m: int, split: int, gemv: bool, group_size: int) -> w4a16.W4A16Config | None:
+    if CUDA:
+        return None  # the heuristics' own configs at full size
+    bk = min(32, group_size)
+    return w4a16.W4A16Config(1 if gemv else 16, 32, bk, split, gemv=gemv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "gemv", "split"), [(1, True, 1), (1, True, 4), (5, False, 2), (19, False, 1)])
+@pytest.mark.parametrize(("group_size", "zeros", "act_order"), [(32, True, False), (64, False, False),
+                                                                (128, True, True)])
+def test_w4a16_matches_reference(dtype: torch.dtype, m: int, gemv: bool, split: int, group_size: int,
+                                 zeros: bool, act_order: bool) -> None:
+    g = seeded_generator("w4a16", dtype, m, gemv, split, group_size, zeros, act_order)
+    w = _weights(g, N, K, group_size, zeros=zeros, act_order=act_order)
+    x = torch.randn(m, K, generator=g).to(dtype=dtype, device=DEVICE)
+    bias = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if m == 5 else None
+    got = w4a16.w4a16_linear(x, **w, bias=bias, config=_config(m, split, gemv, group_size))
+    _check(got, w4a16.w4a16_linear_ref(x, **w, bias=bias), dtype)
+
+
+def test_writes_into_a_given_buffer_and_ragged_n() -> None:
+    """The row-parallel layers hand the all-reduce's buffer in; N not a multiple of the tile."""
+    g = seeded_generator("out")
+    n = N - 24
+    w = _weights(g, n, K, 64, zeros=True, act_order=False)
+    x = torch.randn(3, K, generator=g).to(dtype=torch.float32, device=DEVICE)
+    out = torch.full((3, n), float("nan"), device=DEVICE)
+    got = w4a16.w4a16_linear(x, **w, out=out, config=_config(3, 2, False, 64))
+    assert got.data_ptr() == out.data_ptr()
+    _check(out, w4a16.w4a16_linear_ref(x, **w), torch.float32)
+
+
+def test_prefill_tiles_cover_ragged_m() -> None:
+    g = seeded_generator("prefill")
+    w = _weights(g, N, K, 32, zeros=True, act_order=False)
+    m = 70 if not CUDA else 1000
+    x = torch.randn(m, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    cfg = None if CUDA else w4a16.W4A16Config(32, 32, 32, 1)
+    _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x, **w), torch.bfloat16)
+
+
+def test_configs_split_k_only_while_the_grid_is_small() -> None:
+    dev, sms = torch.device("cpu"), 132  # an H100's SMs
+    dec = w4a16.choose_config(1, 4096, 4096, 128, dev, sms)
+    assert dec.gemv and dec.split_k > 1 and 4096 % (dec.block_k * dec.split_k) == 0
+    assert 4096 // (dec.block_k * dec.split_k) >= 4  # every slice streams at least four tiles
+    wide = w4a16.choose_config(1, 28672, 4096, 128, dev, sms)
+    assert wide.split_k < dec.split_k
+    pre = w4a16.choose_config(2048, 4096, 4096, 128, dev, sms)
+    assert not pre.gemv and pre.split_k == 1
+    assert w4a16.choose_config(16, 4096, 4096, 32, dev, sms).block_k <= 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16, 256, 2048])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_llama8b_shapes(m: int, n: int, k: int) -> None:
+    """Llama-3-8B's projections (qkv, o, gate/up, down) at decode and prefill batch sizes."""
+    g = seeded_generator("8b", m, n, k)
+    w = _weights(g, n, k, 128, zeros=True, act_order=False)
+    x = torch.randn(m, k, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    _check(w4a16.w4a16_linear(x, **w), w4a16.w4a16_linear_ref(x, **w), torch.bfloat16)
