@@ -5,10 +5,11 @@ tensor-core GEMM, split-K, act-order ``g_idx`` gathers, constant zero points, bi
 into a given buffer); with CUDA the same tests run at full size, plus the ``gpu``-marked
 8B-class shapes and the automatic configs.
 
-Tolerances: fp32 1e-4 of the output's scale (summation order only).  16-bit activations: the
-tensor-core kernel rounds the dequantized weight to the activation dtype (as a dense model of
-it holds it) and the output once; the GEMV multiplies in fp32: both within 1e-2 (bf16) / 2e-3
-(fp16) of the output's scale.
+The reference multiplies the same activations by the exact dequantized weight in fp32, and
+the error is measured against the output's scale (its largest magnitude).  fp32: 1e-4
+(summation order only).  16-bit activations: the tensor-core kernel rounds the dequantized
+weight to the activation dtype (as a dense model of it holds it) and the output once, the
+GEMV the output only: within 2e-2 (bf16) / 4e-3 (fp16), the attention kernels' tolerances.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ pytest.importorskip("triton")
 
 from pagedattn.kernels import w4a16
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 # Small under the interpreter (it runs programs one by one in Python).
 N, K = (4096, 4096) if CUDA else (80, 256)
 
@@ -50,7 +51,7 @@ def _weights(g: torch.Generator, n: int, k: int, group_size: int, *, zeros: bool
 
 
 def _check(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.dtype == dtype and got.shape == ref.shape
+    assert got.dtype == dtype and got.shape == ref.shape and ref.dtype == torch.float32
     err = (got.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
     assert err <= TOL[dtype] * scale, f"max err {err:.3g} vs scale {scale:.3g}"
@@ -63,10 +64,14 @@ def _config(m: int, split: int, gemv: bool, group_size: int) -> w4a16.W4A16Confi
     return w4a16.W4A16Config(1 if gemv else 16, 32, bk, split, gemv=gemv)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("m", "gemv", "split"), [(1, True, 1), (1, True, 4), (5, False, 2), (19, False, 1)])
-@pytest.mark.parametrize(("group_size", "zeros", "act_order"), [(32, True, False), (64, False, False),
-                                                                (128, True, True)])
+PATHS = [(1, True, 1), (1, True, 4), (5, False, 2), (19, False, 1)]  # (rows, GEMV?, split-K)
+WEIGHTS = [(32, True, False), (64, False, False), (128, True, True)]  # (group size, zeros?, act-order g_idx?)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Every path with every weight form, the activation dtype rotating (each pair of the three met).
+CASES = [(DTYPES[(i + j) % 3], *p, *w) for i, p in enumerate(PATHS) for j, w in enumerate(WEIGHTS)]
+
+
+@pytest.mark.parametrize(("dtype", "m", "gemv", "split", "group_size", "zeros", "act_order"), CASES)
 def test_w4a16_matches_reference(dtype: torch.dtype, m: int, gemv: bool, split: int, group_size: int,
                                  zeros: bool, act_order: bool) -> None:
     g = seeded_generator("w4a16", dtype, m, gemv, split, group_size, zeros, act_order)
@@ -74,7 +79,7 @@ def test_w4a16_matches_reference(dtype: torch.dtype, m: int, gemv: bool, split: 
     x = torch.randn(m, K, generator=g).to(dtype=dtype, device=DEVICE)
     bias = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if m == 5 else None
     got = w4a16.w4a16_linear(x, **w, bias=bias, config=_config(m, split, gemv, group_size))
-    _check(got, w4a16.w4a16_linear_ref(x, **w, bias=bias), dtype)
+    _check(got, w4a16.w4a16_linear_ref(x.float(), **w, bias=bias), dtype)
 
 
 def test_writes_into_a_given_buffer_and_ragged_n() -> None:
@@ -86,7 +91,7 @@ def test_writes_into_a_given_buffer_and_ragged_n() -> None:
     out = torch.full((3, n), float("nan"), device=DEVICE)
     got = w4a16.w4a16_linear(x, **w, out=out, config=_config(3, 2, False, 64))
     assert got.data_ptr() == out.data_ptr()
-    _check(out, w4a16.w4a16_linear_ref(x, **w), torch.float32)
+    _check(out, w4a16.w4a16_linear_ref(x.float(), **w), torch.float32)
 
 
 def test_prefill_tiles_cover_ragged_m() -> None:
@@ -95,7 +100,7 @@ def test_prefill_tiles_cover_ragged_m() -> None:
     m = 70 if not CUDA else 1000
     x = torch.randn(m, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
     cfg = None if CUDA else w4a16.W4A16Config(32, 32, 32, 1)
-    _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x, **w), torch.bfloat16)
+    _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
 
 
 def test_configs_split_k_only_while_the_grid_is_small() -> None:
@@ -119,4 +124,4 @@ def test_llama8b_shapes(m: int, n: int, k: int) -> None:
     g = seeded_generator("8b", m, n, k)
     w = _weights(g, n, k, 128, zeros=True, act_order=False)
     x = torch.randn(m, k, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
-    _check(w4a16.w4a16_linear(x, **w), w4a16.w4a16_linear_ref(x, **w), torch.bfloat16)
+    _check(w4a16.w4a16_linear(x, **w), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)

@@ -11,7 +11,9 @@ Two kernels, one dequantization:
 * **decode** (:func:`_w4a16_gemv_kernel`, one activation row): a GEMV, memory-bound, so the
   whole GPU must stream the weight.  The grid splits N in tiles *and* K in ``split_k`` slices
   (split-K); each program reads its ``[K/split_k, BLOCK_N]`` block of words once, multiplies on
-  the CUDA cores in fp32 and writes fp32 partial sums, which one reduction adds.
+  the CUDA cores in fp32 nibble plane by nibble plane (no unpacking into a K-ordered tile),
+  with the scale and zero point factored out of each group's sum, and writes fp32 partial
+  sums, which one reduction adds.
 * **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles; each K step loads a
   ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
   the activation dtype (the same weight a dense model holds after dequantization) and feeds
@@ -208,25 +210,63 @@ if triton is not None:
                 return (q - zero_point) * s[None, :]
 
     @triton.jit
+    def _nibble_plane(words, i: tl.constexpr):
+        """Nibble ``i`` of every word as fp32, without an int-to-float conversion: the 4 bits
+        become the low mantissa bits of 2^23 (a bitwise or), and 2^23 is subtracted exactly."""
+        bits = ((words >> (4 * i)) & 0xF) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                            stride_split, group_size, tiles_per_split, zero_point,
                            HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-        """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2)."""
+        """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2).
+
+        The words are never unpacked into a K-ordered tile: nibble plane ``i`` of a
+        ``[BLOCK_K/8, BLOCK_N]`` block of words multiplies the activations ``8 j + i``.  In a tile
+        of one group the scale and zero point factor out of the sum,
+        ``s (sum_k x_k q_k - z sum_k x_k)``: per weight a shift, a bitwise and/or, a subtract
+        and a multiply-add."""
         pid_n = tl.program_id(0)
         row = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_row = x_ptr + row * stride_xm
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, K // BLOCK_K)
         for t in range(t0, t1):
-            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, t * BLOCK_K, offs_n, n_mask, N, group_size, zero_point,
-                              HAS_ZEROS, HAS_G_IDX, BLOCK_N, BLOCK_K)
-            xv = tl.load(x_ptr + row * stride_xm + offs_k).to(tl.float32)
-            acc += tl.sum(xv[:, None] * w, axis=0)
+            rows = t * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            if HAS_G_IDX:  # act-order rows: a scale and zero point per row
+                part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
+                    g = tl.load(g_ptr + rows * 8 + i)
+                    sz = g[:, None] * N + offs_n[None, :]
+                    si = tl.load(s_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                    if HAS_ZEROS:
+                        zi = tl.load(z_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                    else:
+                        zi = zero_point
+                    part += xi[:, None] * ((_nibble_plane(words, i) - zi) * si)
+                acc += tl.sum(part, axis=0)
+            else:
+                part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+                xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
+                    xsum += xi
+                    part += xi[:, None] * _nibble_plane(words, i)
+                g = (t * BLOCK_K) // group_size  # the tile lies in one group
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                else:
+                    z = zero_point
+                acc += s * (tl.sum(part, axis=0) - z * tl.sum(xsum, axis=0))
         dst = out_ptr + pid_k * stride_split + row * stride_om + offs_n
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
