@@ -82,6 +82,15 @@ def test_w4a16_matches_reference(dtype: torch.dtype, m: int, gemv: bool, split: 
     _check(got, w4a16.w4a16_linear_ref(x.float(), **w, bias=bias), dtype)
 
 
+def test_gemv_tile_of_a_whole_group() -> None:
+    """BLOCK_K equal to the group size (what the heuristics pick for the GEMV), split K."""
+    g = seeded_generator("whole-group")
+    w = _weights(g, N, K, 64, zeros=True, act_order=False)
+    x = torch.randn(1, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    cfg = None if CUDA else w4a16.W4A16Config(1, 32, 64, 2, gemv=True)
+    _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
 def test_writes_into_a_given_buffer_and_ragged_n() -> None:
     """The row-parallel layers hand the all-reduce's buffer in; N not a multiple of the tile."""
     g = seeded_generator("out")

@@ -103,7 +103,7 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     programs per SM (``sms``: the device's), each still streaming at least four K tiles."""
     sms = sms or _sm_count(device)
     if m <= GEMV_MAX_ROWS:
-        bn, bk = 128, _block_k(k, group_size, 64)
+        bn, bk = 128, _block_k(k, group_size, 128)  # larger loads in flight per program
         warps = 4
         bm = 1
     elif m <= SPLIT_K_MAX_ROWS:
