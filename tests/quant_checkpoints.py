@@ -9,7 +9,11 @@ share nothing with the loader's (vectorised) unpacking, so they are an independe
 * AutoGPTQ / GPTQModel: ``Quantizer.find_params`` (the range always holds 0; symmetric: zero
   ``(maxq + 1) / 2``), act-order's ``g_idx`` (groups assigned along a permutation of the input
   features), and ``QuantLinear.pack`` (``qweight [in/8, out]`` packed along the input features,
-  ``qzeros`` along the output features, each zero stored minus one in v1 checkpoints).
+  ``qzeros`` along the output features, each zero stored minus one in v1 checkpoints);
+* compressed-tensors (llm-compressor's W4A16): ``quantize`` on the signed int4 grid
+  (symmetric: zero point 0, scale ``max |w| / 7.5``) and ``pack_to_int32`` (values plus 8,
+  ``weight_packed [out, in/8]`` along the input features, ``weight_zero_point`` along the
+  output features).
 
 A quantized layer is returned with its reference dequantization ``W [out, in]``
 (``(q - z) * s`` in float32 from the very integers and the float16 scales that were packed).
@@ -38,7 +42,7 @@ TINY_LLAMA = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hi
 class Fmt:
     """One checkpoint flavour."""
 
-    method: str  # "awq" | "gptq"
+    method: str  # "awq" | "gptq" | "ct" (compressed-tensors pack-quantized)
     group_size: int = 128
     sym: bool = False
     desc_act: bool = False
@@ -47,7 +51,7 @@ class Fmt:
     @property
     def id(self) -> str:
         parts = [self.method, f"g{self.group_size}"]
-        if self.method == "gptq":
+        if self.method != "awq":
             parts += ["sym" if self.sym else "asym"] + (["act"] if self.desc_act else []) + (["v2"] if self.v2 else [])
         return "-".join(parts)
 
@@ -55,6 +59,17 @@ class Fmt:
         if self.method == "awq":
             return {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "zero_point": True,
                     "version": "gemm", "modules_to_not_convert": None}
+        if self.method == "ct":
+            channel = self.group_size == -1
+            weights = {"num_bits": 4, "type": "int", "symmetric": self.sym, "dynamic": False,
+                       "strategy": "channel" if channel else "group",
+                       "group_size": None if channel else self.group_size,
+                       "actorder": "group" if self.desc_act else None, "observer": "minmax"}
+            return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                    "quantization_status": "compressed",
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                                  "output_activations": None, "format": "pack-quantized"}},
+                    "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
         return {"quant_method": "gptq", "bits": 4, "group_size": self.group_size, "sym": self.sym,
                 "desc_act": self.desc_act, "checkpoint_format": "gptq_v2" if self.v2 else "gptq",
                 "damp_percent": 0.01, "true_sequential": True}
@@ -146,9 +161,55 @@ def _gptq_pack_zeros(zeros: torch.Tensor) -> torch.Tensor:
     return qzeros
 
 
+# ---------------------------------------------------------------------- compressed-tensors
+def ct_quantize(w: torch.Tensor, fmt: Fmt, act_order: torch.Tensor | None = None) -> Quantized:
+    out_f, in_f = w.shape
+    gs = in_f if fmt.group_size == -1 else fmt.group_size
+    order = torch.arange(in_f) if act_order is None else act_order
+    g_idx = torch.empty(in_f, dtype=torch.int32)
+    g_idx[order] = torch.arange(in_f, dtype=torch.int32) // gs
+    groups = in_f // gs
+    x = w[:, order].float().reshape(out_f, groups, gs)
+    lo, hi = x.amin(dim=2).clamp(max=0), x.amax(dim=2).clamp(min=0)
+    if fmt.sym:
+        s = (torch.maximum(lo.abs(), hi) / 7.5).half()
+        zp = torch.zeros_like(lo)
+    else:
+        s = ((hi - lo) / 15).half()
+        zp = torch.clamp(torch.round(-8 - lo / s.float()), -8, 7)
+    q_ordered = torch.clamp(torch.round(x / s.float()[:, :, None]) + zp[:, :, None], -8, 7).reshape(out_f, in_f)
+    q = torch.empty(out_f, in_f)
+    q[:, order] = q_ordered  # signed, [out, in]
+    gl = g_idx.long()
+    deq = (q - zp[:, gl]) * s.float()[:, gl]
+    tensors = {"weight_packed": _ct_pack(q.to(torch.int8), dim=1), "weight_scale": s,
+               "weight_shape": torch.tensor([out_f, in_f])}
+    if not fmt.sym:
+        tensors["weight_zero_point"] = _ct_pack(zp.to(torch.int8), dim=0)
+    if fmt.desc_act:
+        tensors["weight_g_idx"] = g_idx
+    return Quantized(tensors, deq)
+
+
+def _ct_pack(value: torch.Tensor, dim: int) -> torch.Tensor:
+    """``pack_to_int32``: signed int4 plus 8, eight to a word along ``dim``, in order."""
+    v = (value.to(torch.int32) + 8)
+    if dim == 1:
+        packed = torch.zeros((v.shape[0], v.shape[1] // 8), dtype=torch.int32)
+        for i in range(8):
+            packed |= v[:, i::8] << (4 * i)
+    else:
+        packed = torch.zeros((v.shape[0] // 8, v.shape[1]), dtype=torch.int32)
+        for i in range(8):
+            packed |= v[i::8, :] << (4 * i)
+    return packed
+
+
 # ---------------------------------------------------------------------- whole models
 def quantize_linear(w: torch.Tensor, fmt: Fmt, act_order: torch.Tensor | None = None) -> Quantized:
-    return awq_quantize(w, fmt.group_size) if fmt.method == "awq" else gptq_quantize(w, fmt, act_order)
+    if fmt.method == "awq":
+        return awq_quantize(w, fmt.group_size)
+    return ct_quantize(w, fmt, act_order) if fmt.method == "ct" else gptq_quantize(w, fmt, act_order)
 
 
 def make_quantized_model(root: Path, fmt: Fmt, seed: int = 0,

@@ -1,4 +1,4 @@
-"""Int4 (W4A16) checkpoints: AWQ and GPTQ tensors, packed here as the tools pack them, load
+"""Int4 (W4A16) checkpoints: AWQ, GPTQ and compressed-tensors tensors, packed here as the tools pack them, load
 into the one internal layout; on the CPU the weights are dequantized at load, and must equal
 the reference dequantization exactly; the model's greedy tokens equal HF's on that
 dequantized model; tensor-parallel shards are slices of it; bad configs are refused."""
@@ -34,7 +34,8 @@ from .quant_checkpoints import TINY_LLAMA, Fmt, _awq_pack, _gptq_pack_rows, _gpt
 
 FORMATS = [
     Fmt("awq", 128), Fmt("gptq", 128, sym=True), Fmt("gptq", 32, sym=False, desc_act=True),
-    Fmt("gptq", -1, sym=False, v2=True),
+    Fmt("gptq", -1, sym=False, v2=True), Fmt("ct", 128, sym=True), Fmt("ct", 32, sym=False, desc_act=True),
+    pytest.param(Fmt("ct", -1, sym=False), marks=pytest.mark.slow),
     pytest.param(Fmt("awq", 32), marks=pytest.mark.slow), pytest.param(Fmt("gptq", 64), marks=pytest.mark.slow),
     pytest.param(Fmt("gptq", 64, sym=True, desc_act=True, v2=True), marks=pytest.mark.slow),
 ]
@@ -99,7 +100,8 @@ def _expected_parts(hf: transformers.PreTrainedModel, layer: int) -> dict[str, t
 def test_loaded_weights_equal_reference_dequantization(quantized, fmt: Fmt) -> None:
     path, hf = quantized(fmt)
     model, source = load_model(path, torch.float32, "cpu")
-    assert source.config.quant is not None and source.config.quant.method == fmt.method
+    assert source.config.quant is not None
+    assert source.config.quant.method == {"ct": "compressed-tensors"}.get(fmt.method, fmt.method)
     for layer in range(TINY_LLAMA["num_hidden_layers"]):
         for prefix, ref in _expected_parts(hf, layer).items():
             got = _dense(model, f"model.layers.{layer}.{prefix}")
@@ -150,8 +152,9 @@ def _load_shard(path: Path, rank: int, tp: int) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("fmt", [Fmt("awq", 32), Fmt("gptq", 64, sym=False, desc_act=True),
-                                 Fmt("gptq", -1, sym=True)], ids=lambda f: f.id)
+@pytest.mark.parametrize("fmt", [Fmt("awq", 64), Fmt("gptq", 32, sym=False, desc_act=True),
+                                 Fmt("gptq", -1, sym=False, v2=True), Fmt("ct", 32, sym=False, desc_act=True)],
+                         ids=lambda f: f.id)
 def test_tensor_parallel_shards_are_slices_of_the_dequantized_weights(quantized, fmt: Fmt) -> None:
     """Column-parallel layers keep their output features, row-parallel ones their input
     features, in whole groups (act-order: all groups and this rank's g_idx)."""
@@ -185,7 +188,7 @@ def test_a_group_split_between_ranks_is_refused(quantized) -> None:
 
 # ---------------------------------------------------------------------- the packed runtime form
 @pytest.mark.parametrize("fmt", [Fmt("awq", 64), Fmt("gptq", 32, sym=False, desc_act=True),
-                                 Fmt("gptq", 128, sym=True)], ids=lambda f: f.id)
+                                 Fmt("gptq", 128, sym=True), Fmt("ct", 128, sym=True)], ids=lambda f: f.id)
 def test_packed_form_computes_the_dequantized_model(quantized, fmt: Fmt) -> None:
     """What a GPU keeps (act-order rows sorted, the input permuted, constant zero points), run
     on the CPU through the torch reference of the int4 GEMM: the logits of the dense model."""
@@ -232,10 +235,11 @@ def test_dummy_int4_model_is_the_rounded_dense_model(tmp_path: Path) -> None:
 
 def test_rtn_checkpoint_tensors_round_trip() -> None:
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(5))
-    for fmt in (Fmt("awq", 32), Fmt("gptq", 64, sym=False), Fmt("gptq", 64, sym=False, v2=True)):
+    for fmt in (Fmt("awq", 32), Fmt("gptq", 64, sym=False), Fmt("gptq", 64, sym=False, v2=True),
+                Fmt("ct", 32, sym=False), Fmt("ct", 64, sym=True, desc_act=True)):
         quant = parse_quant_config(fmt.config())
         assert quant is not None
-        q, z, s = quantize_rtn(w, fmt.group_size)
+        q, z, s = quantize_rtn(w, fmt.group_size, sym=fmt.sym)
         z = z.clamp(min=1)  # v1 cannot store a zero of 0
         packed = checkpoint_tensors(quant, q, z, s)
         tensors = dict(checkpoint_to_internal(((f"x.{k}", t) for k, t in packed.items()), quant))
@@ -255,6 +259,23 @@ def test_rtn_checkpoint_tensors_round_trip() -> None:
 def test_unsupported_quantization_configs_are_refused(change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         parse_quant_config({**Fmt("awq").config(), **change})
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"format": "float-quantized"}, "format 'float-quantized' is not supported"),
+    ({"input_activations": {"num_bits": 8}}, "activation quantization"),
+    ({"targets": ["re:.*mlp.*"]}, "targets"),
+    ({"weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 128}}, "type 'float'"),
+    ({"weights": {"num_bits": 4, "type": "int", "strategy": "tensor"}}, "strategy 'tensor'"),
+    ({"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}, "bits=8"),
+])
+def test_unsupported_compressed_tensors_configs_are_refused(change: dict, match: str) -> None:
+    cfg = Fmt("ct", 128, sym=True).config()
+    cfg["config_groups"]["group_0"].update(change)
+    with pytest.raises(ValueError, match=match):
+        parse_quant_config(cfg)
+    with pytest.raises(ValueError, match="ignore"):
+        parse_quant_config({**Fmt("ct", 128).config(), "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]})
 
 
 def test_gptq_config_fields() -> None:
@@ -296,7 +317,8 @@ def test_fused_parts_with_different_act_orders_are_refused(quantized, tmp_path: 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [Fmt("awq", 64), Fmt("gptq", 32, sym=False, desc_act=True),
-                                 Fmt("gptq", 128, sym=True)], ids=lambda f: f.id)
+                                 Fmt("gptq", 128, sym=True), Fmt("ct", 32, sym=False, desc_act=True)],
+                         ids=lambda f: f.id)
 def test_cuda_int4_kernels_compute_the_dequantized_model(quantized, fmt: Fmt, dtype: torch.dtype) -> None:
     """On the GPU the packed weights run through the W4A16 kernels (prefill chunk, then
     one-row decodes: GEMM and GEMV) with the Triton attention: HF's logits on the dequantized model."""

@@ -159,7 +159,7 @@ class DecoderForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding is the output projection
             if name not in expected:
-                if self.config.quant is None and name.rpartition(".")[2] in ("qweight", "qzeros", "g_idx"):
+                if self.config.quant is None and name.rpartition(".")[2] in ("qweight", "qzeros", "weight_packed"):
                     raise ValueError(f"checkpoint tensor {name!r} is quantized, but config.json has no "
                                      "quantization_config")
                 raise ValueError(

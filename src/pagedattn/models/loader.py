@@ -230,8 +230,8 @@ def dummy_weights(model: DecoderForCausalLM, seed: int = 0) -> Iterator[tuple[st
             if name.endswith(".qweight"):  # the dense draw, rounded to int4 in the checkpoint's format
                 prefix = name.removesuffix("qweight")
                 w = _dummy_dense(prefix + "weight", shape, owner.params_dtype, param.device, seed)
-                tensors = checkpoint_tensors(owner.quant, *quantize_rtn(w, owner.quant.group_size,
-                                                                        owner.quant.scale_dtype))
+                q = owner.quant
+                tensors = checkpoint_tensors(q, *quantize_rtn(w, q.group_size, q.scale_dtype, q.sym))
                 yield from ((prefix + kind, t) for kind, t in tensors.items())
             continue
         if isinstance(owner, RMSNorm):

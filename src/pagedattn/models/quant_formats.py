@@ -14,6 +14,12 @@ only in how ``q`` and ``z`` are packed into int32 words:
   ``qzeros`` int32 ``[K/gs, N/8]`` packed along the output features in order, each zero one less
   than the real one in v1 checkpoints (``QuantConfig.zero_offset``); ``scales`` ``[K/gs, N]``;
   ``g_idx`` int32 ``[K]``, the group of each input feature (act-order checkpoints permute it).
+* **compressed-tensors** ``pack-quantized`` (``pack_to_int32``): ``weight_packed`` int32
+  ``[N, K/8]``, packed along the input features in order (GPTQ's ``qweight`` transposed), each
+  value stored as the signed int4 plus 8; ``weight_scale [N, K/gs]``; asymmetric:
+  ``weight_zero_point`` int32 ``[N/8, K/gs]`` packed along the *output* features, plus 8;
+  symmetric: no zero points (8 in the unsigned domain); ``weight_g_idx`` with group act-order;
+  ``weight_shape`` (``[N, K]``, nothing to load).
 
 **The internal layout** (what every layer holds after loading, whatever the checkpoint):
 ``qweight`` int32 ``[K/8, N]`` packed along the input features in order (GPTQ's), ``scales`` and
@@ -33,7 +39,9 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i holds colu
 PACK = 8  # 4-bit values per int32 word
 _SHIFTS = torch.arange(PACK, dtype=torch.int32) * 4
 # The checkpoint tensors of a quantized linear layer, by name suffix.
-QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx",
+                  "weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+SYMMETRIC_ZERO = 8  # the zero point of symmetric int4 in the unsigned domain
 
 
 # ---------------------------------------------------------------------- bit packing
@@ -75,21 +83,47 @@ def pack_cols(q: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Te
 
 
 # ---------------------------------------------------------------------- checkpoint -> internal
-def to_internal(quant: QuantConfig, kind: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+def to_internal(quant: QuantConfig, kind: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """One checkpoint tensor of a quantized layer (``kind``: one of :data:`QUANT_SUFFIXES`) as
-    ``(internal name, tensor)`` in the internal layout, still unsharded."""
-    if kind == "scales":
-        return "scales", tensor
-    if kind == "g_idx":
-        return "g_idx", tensor.to(torch.int32)
-    if tensor.dtype != torch.int32 or tensor.dim() != 2:
-        raise ValueError(f"{kind} must be a 2-D int32 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+    ``(internal name, tensor)`` pairs in the internal layout, still unsharded (none for
+    ``weight_shape``; a symmetric compressed-tensors scale brings its constant zero points)."""
+    if quant.method == "compressed-tensors":
+        return _compressed_tensors_to_internal(quant, kind, tensor)
+    if kind in ("scales", "g_idx"):
+        return [(kind, tensor.to(torch.int32) if kind == "g_idx" else tensor)]
+    if kind not in ("qweight", "qzeros"):
+        raise ValueError(f"{kind} is not a tensor of {quant.method} checkpoints")
+    _check_int32_2d(kind, tensor)
     order = AWQ_ORDER if quant.method == "awq" else None
     if kind == "qzeros":
-        return "zeros", unpack_cols(tensor, order) + quant.zero_offset
+        return [("zeros", unpack_cols(tensor, order) + quant.zero_offset)]
     if quant.method == "awq":  # [K, N/8] along N, interleaved -> [K/8, N] along K
-        return "qweight", pack_rows(unpack_cols(tensor, AWQ_ORDER))
-    return "qweight", tensor  # GPTQ's qweight is the internal layout already
+        return [("qweight", pack_rows(unpack_cols(tensor, AWQ_ORDER)))]
+    return [("qweight", tensor)]  # GPTQ's qweight is the internal layout already
+
+
+def _compressed_tensors_to_internal(quant: QuantConfig, kind: str,
+                                    tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    if kind == "weight_shape":
+        return []
+    if kind == "weight_g_idx":
+        return [("g_idx", tensor.to(torch.int32))]
+    if kind == "weight_scale":
+        scales = tensor.t().contiguous()  # [N, groups] -> [groups, N]
+        if not quant.sym:
+            return [("scales", scales)]
+        return [("scales", scales), ("zeros", torch.full_like(scales, SYMMETRIC_ZERO))]
+    if kind not in ("weight_packed", "weight_zero_point"):
+        raise ValueError(f"{kind} is not a tensor of compressed-tensors pack-quantized checkpoints")
+    _check_int32_2d(kind, tensor)
+    if kind == "weight_packed":  # [N, K/8] along K -> [K/8, N]
+        return [("qweight", tensor.t().contiguous())]
+    return [("zeros", unpack_rows(tensor).t().contiguous())]  # [N/8, groups] along N -> [groups, N]
+
+
+def _check_int32_2d(kind: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype != torch.int32 or tensor.dim() != 2:
+        raise ValueError(f"{kind} must be a 2-D int32 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
 
 
 def group_index(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -108,18 +142,24 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 # ---------------------------------------------------------------------- round-to-nearest
-def quantize_rtn(weight: torch.Tensor, group_size: int,
-                 scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``weight [N, K]`` rounded to nearest on AutoAWQ's asymmetric grid (no activation-aware
-    scaling): ``(q [K, N], zeros [groups, N], scales [groups, N])``, ints in ``0..15``.  For
-    dummy-weight benchmarks, whose int4 model is then the round-to-nearest twin of the dense one."""
+def quantize_rtn(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float16,
+                 sym: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight [N, K]`` rounded to nearest, on AutoAWQ's asymmetric grid or (``sym``) the
+    symmetric one (zero point 8, scale ``max |w| / 7.5``), without activation-aware scaling:
+    ``(q [K, N], zeros [groups, N], scales [groups, N])``, ints in ``0..15``.  For dummy-weight
+    benchmarks, whose int4 model is then the round-to-nearest twin of the dense one."""
     n, k = weight.shape
     gs = k if group_size == -1 else group_size
     w = weight.float().reshape(n, k // gs, gs)
     lo, hi = w.amin(dim=2), w.amax(dim=2)
-    scales = ((hi - lo).clamp(min=1e-5) / 15).to(scale_dtype)
-    s = scales.float()
-    zeros = (-torch.round(lo / s)).clamp(0, 15)
+    if sym:
+        scales = (torch.maximum(lo.abs(), hi).clamp(min=1e-5) / 7.5).to(scale_dtype)
+        s = scales.float()
+        zeros = torch.full_like(s, SYMMETRIC_ZERO)
+    else:
+        scales = ((hi - lo).clamp(min=1e-5) / 15).to(scale_dtype)
+        s = scales.float()
+        zeros = (-torch.round(lo / s)).clamp(0, 15)
     q = (torch.round(w / s.unsqueeze(2)) + zeros.unsqueeze(2)).clamp(0, 15).reshape(n, k)
     return q.t().to(torch.int32), zeros.t().to(torch.int32), scales.t().contiguous()
 
@@ -130,6 +170,14 @@ def checkpoint_tensors(quant: QuantConfig, q: torch.Tensor, zeros: torch.Tensor,
     checkpoint tensors (GPTQ v1 stores ``zero - 1``, kept to 4 bits)."""
     if quant.method == "awq":
         return {"qweight": pack_cols(q, AWQ_ORDER), "qzeros": pack_cols(zeros, AWQ_ORDER), "scales": scales}
-    gs = quant.group_size_for(q.shape[0])
-    return {"qweight": pack_rows(q), "qzeros": pack_cols((zeros - quant.zero_offset) & 0xF), "scales": scales,
-            "g_idx": group_index(q.shape[0], gs, q.device)}
+    g_idx = group_index(q.shape[0], quant.group_size_for(q.shape[0]), q.device)
+    if quant.method == "gptq":
+        return {"qweight": pack_rows(q), "qzeros": pack_cols((zeros - quant.zero_offset) & 0xF), "scales": scales,
+                "g_idx": g_idx}
+    out = {"weight_packed": pack_rows(q).t().contiguous(), "weight_scale": scales.t().contiguous(),
+           "weight_shape": torch.tensor([q.shape[1], q.shape[0]], dtype=torch.int32)}
+    if not quant.sym:
+        out["weight_zero_point"] = pack_rows(zeros.t())
+    if quant.desc_act:
+        out["weight_g_idx"] = g_idx
+    return out

@@ -31,7 +31,7 @@ from torch import nn
 from ...kernels import w4a16
 from .. import quant_formats
 from ..quant_config import QuantConfig
-from ..quant_formats import QUANT_SUFFIXES, group_index, pack_rows, to_internal, unpack_rows
+from ..quant_formats import QUANT_SUFFIXES, SYMMETRIC_ZERO, group_index, pack_rows, to_internal, unpack_rows
 from .linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -41,8 +41,6 @@ from .linear import (
 )
 from .parallel import Shard, all_gather_last_dim
 from .weights import ShardId, check_shape, default_weight_loader, new_param
-
-SYMMETRIC_ZERO = 8  # the zero point of symmetric int4 (GPTQ sym, GGUF Q4_0)
 
 
 class QuantLinear:
@@ -311,9 +309,9 @@ def checkpoint_to_internal(weights: Iterable[tuple[str, torch.Tensor]],
         prefix, _, kind = name.rpartition(".")
         if kind in QUANT_SUFFIXES:
             try:
-                new_kind, tensor = to_internal(quant, kind, tensor)
+                converted = to_internal(quant, kind, tensor)
             except ValueError as e:
                 raise ValueError(f"cannot load {name!r}: {e}") from None
-            yield f"{prefix}.{new_kind}", tensor
+            yield from ((f"{prefix}.{new_kind}", t) for new_kind, t in converted)
         else:
             yield name, tensor
