@@ -180,6 +180,34 @@ def test_tensor_parallel_shards_are_slices_of_the_dequantized_weights(quantized,
                                ref["mlp.down_proj"][:, rank * inter:(rank + 1) * inter])
 
 
+def _tp_worker(rank: int, world: int, rdzv: str, model_dir: str, ids: list[int], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, _ = load_model(model_dir, torch.float32, "cpu", tp_rank=rank, tp_size=world)
+        logits = PagedHarness(model, num_blocks=32, block_size=8).step([("s", ids)])[0]
+        torch.save(logits, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_int4_model_matches_hf(quantized, tmp_path: Path) -> None:
+    """The act-order GPTQ model sharded over 2 processes (gloo): every rank's logits are HF's
+    on the dequantized model."""
+    path, hf = quantized(Fmt("gptq", 32, sym=False, desc_act=True))
+    ids = _ids(7, 13)
+    torch.multiprocessing.spawn(_tp_worker, args=(2, str(tmp_path / "rdzv"), str(path), ids, str(tmp_path)),
+                                nprocs=2, join=True)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
 def test_a_group_split_between_ranks_is_refused(quantized) -> None:
     path, _ = quantized(Fmt("awq", 128))
     with pytest.raises(ValueError, match=r"group_size 128 does not divide this rank's 64 input features"):
