@@ -13,7 +13,7 @@ Two kernels, one dequantization:
   (split-K); each program reads its ``[K/split_k, BLOCK_N]`` block of words once, multiplies on
   the CUDA cores in fp32 nibble plane by nibble plane (no unpacking into a K-ordered tile),
   with the scale and zero point factored out of each group's sum, and writes fp32 partial
-  sums, which one reduction adds.
+  sums, which one reduction kernel adds in a fixed order (with the bias, cast to the output).
 * **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles; each K step loads a
   ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
   the activation dtype (the same weight a dense model holds after dequantization) and feeds
@@ -170,9 +170,12 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         dot_dtype = _dot_dtype(x.dtype)
         _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype,
                                  DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", **common)
-    if split > 1:
-        out.copy_(dst.sum(dim=0))  # a fixed order: the same bits every run
-    if bias is not None:
+    if split > 1:  # one launch: the slices summed in a fixed order (the same bits every run), bias, cast
+        block = 1024
+        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
+            dst, out, bias if bias is not None else dst, n, m * n, out.stride(0), SPLIT=split,
+            HAS_BIAS=bias is not None, BLOCK=block)
+    elif bias is not None:
         out += bias
     return out
 
@@ -297,3 +300,18 @@ if triton is not None:
             acc += tl.dot(xv.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         dst = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(partials_ptr, out_ptr, bias_ptr, N, stride_split, stride_om, SPLIT: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """``out[row] = sum_s partials[s, row] (+ bias)`` in slice order, cast to the output dtype."""
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        src = partials_ptr + row * N + offs
+        acc = tl.load(src, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            acc += tl.load(src + s * stride_split, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
