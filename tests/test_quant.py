@@ -108,7 +108,8 @@ def test_loaded_weights_equal_reference_dequantization(quantized, fmt: Fmt) -> N
             assert torch.equal(got, ref), f"{fmt.id} layer {layer} {prefix}"
 
 
-@pytest.mark.parametrize("fmt", [Fmt("awq", 64), Fmt("gptq", 32, sym=False, desc_act=True)], ids=lambda f: f.id)
+@pytest.mark.parametrize("fmt", [pytest.param(Fmt("awq", 64), marks=pytest.mark.slow),
+                                 Fmt("gptq", 32, sym=False, desc_act=True)], ids=lambda f: getattr(f, "id", None))
 def test_greedy_tokens_equal_hf_on_the_dequantized_model(quantized, fmt: Fmt) -> None:
     path, hf = quantized(fmt)
     model, _ = load_model(path, torch.float32, "cpu")

@@ -134,3 +134,37 @@ def test_llama8b_shapes(m: int, n: int, k: int) -> None:
     w = _weights(g, n, k, 128, zeros=True, act_order=False)
     x = torch.randn(m, k, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
     _check(w4a16.w4a16_linear(x, **w), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
+def test_int4_model_logits_through_the_kernels(tmp_path) -> None:
+    """A tiny act-order GPTQ Llama in its packed form (rows sorted by group, input permuted),
+    every linear through the kernels: a prefill chunk (GEMM) then one-row decodes (GEMV),
+    against HF on the dequantized weights (fp32: 1e-4 of the logits' scale, the same argmax)."""
+    import json
+
+    from pagedattn.models.config import ModelArchConfig
+    from pagedattn.models.layers import QuantLinear
+    from pagedattn.models.layers.quant import checkpoint_to_internal
+    from pagedattn.models.loader import iter_safetensors
+    from pagedattn.models.registry import build_model
+    from pagedattn.models.testing import PagedHarness
+
+    from .quant_checkpoints import Fmt, make_quantized_model
+
+    path, hf = make_quantized_model(tmp_path, Fmt("gptq", 32, sym=False, desc_act=True), seed=9,
+                                    overrides={"num_hidden_layers": 1})
+    cfg = ModelArchConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+    assert cfg.quant is not None
+    model = build_model(cfg, torch.float32, DEVICE)
+    model.load_weights(checkpoint_to_internal(iter_safetensors([path / "model.safetensors"]), cfg.quant))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.finish_loading(dequantize=False)
+    assert all(m.perm is not None for m in layers)
+    ids = torch.randint(3, 320, (11,), generator=seeded_generator("model")).tolist()
+    h = PagedHarness(model, num_blocks=16, block_size=8, device=DEVICE)
+    got = torch.cat([h.step([("s", ids[:9])])[0]] + [h.step([("s", [t])])[0] for t in ids[9:]]).float().cpu()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))

@@ -85,7 +85,7 @@ def _num_sms(device_index: int) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
-    return _num_sms(device.index or 0) if device.type == "cuda" else 4  # the interpreter: any small number
+    return _num_sms(device.index or 0)
 
 
 def _block_k(k: int, group_size: int, cap: int) -> int:
@@ -101,6 +101,9 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
                   sms: int | None = None) -> W4A16Config:
     """Heuristic launch parameters (not autotuned): split K until the grid has about four
     programs per SM (``sms``: the device's), each still streaming at least four K tiles."""
+    if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
+        bk = _block_k(k, group_size, 128)
+        return W4A16Config(1, 128, bk, 1, gemv=True) if m <= GEMV_MAX_ROWS else W4A16Config(32, 128, bk, 1)
     sms = sms or _sm_count(device)
     if m <= GEMV_MAX_ROWS:
         bn, bk = 128, _block_k(k, group_size, 128)  # larger loads in flight per program
@@ -184,42 +187,6 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 if triton is not None:
 
     @triton.jit
-    def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, k0, offs_n, n_mask, N, group_size, zero_point,
-                      HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-        """The ``[BLOCK_K, BLOCK_N]`` fp32 weight tile at input features ``k0 ..`` (a whole
-        number of words) and output features ``offs_n``."""
-        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        shifts = tl.arange(0, 8) * 4
-        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [BLOCK_K/8, 8, BLOCK_N]
-        q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)  # row 8 j + i: word j, nibble i
-        if HAS_G_IDX:  # act-order rows: one scale row per input feature
-            g = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K))
-            sz = g[:, None] * N + offs_n[None, :]
-            s = tl.load(s_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            else:
-                z = zero_point
-            return (q - z) * s
-        else:  # the tile lies in one group: one scale row
-            g = k0 // group_size
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                return (q - z[None, :]) * s[None, :]
-            else:
-                return (q - zero_point) * s[None, :]
-
-    @triton.jit
-    def _nibble_plane(words, i: tl.constexpr):
-        """Nibble ``i`` of every word as fp32, without an int-to-float conversion: the 4 bits
-        become the low mantissa bits of 2^23 (a bitwise or), and 2^23 is subtracted exactly."""
-        bits = ((words >> (4 * i)) & 0xF) | 0x4B000000
-        return bits.to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                            stride_split, group_size, tiles_per_split, zero_point,
                            HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -254,7 +221,10 @@ if triton is not None:
                         zi = tl.load(z_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
                     else:
                         zi = zero_point
-                    part += xi[:, None] * ((_nibble_plane(words, i) - zi) * si)
+                    # Nibble i as fp32 without an int-to-float conversion: the 4 bits become the
+                    # low mantissa bits of 2^23 (a bitwise or), and 2^23 is subtracted exactly.
+                    plane = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    part += xi[:, None] * ((plane - zi) * si)
                 acc += tl.sum(part, axis=0)
             else:
                 part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
@@ -262,7 +232,8 @@ if triton is not None:
                 for i in tl.static_range(8):
                     xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
                     xsum += xi
-                    part += xi[:, None] * _nibble_plane(words, i)
+                    plane = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    part += xi[:, None] * plane
                 g = (t * BLOCK_K) // group_size  # the tile lies in one group
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 if HAS_ZEROS:
@@ -293,8 +264,28 @@ if triton is not None:
         for t in range(t0, t1):
             offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, t * BLOCK_K, offs_n, n_mask, N, group_size, zero_point,
-                              HAS_ZEROS, HAS_G_IDX, BLOCK_N, BLOCK_K)
+            # The [BLOCK_K, BLOCK_N] tile: words unpacked by a broadcast shift, row 8 j + i being
+            # nibble i of word row j.  (Inline, not a jit helper: the interpreter pays per call.)
+            k0 = t * BLOCK_K
+            rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            q = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+            if HAS_G_IDX:  # act-order rows: one scale row per input feature
+                sz = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K))[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    w = (q - tl.load(z_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)) * s
+                else:
+                    w = (q - zero_point) * s
+            else:  # the tile lies in one group: one scale row
+                g = k0 // group_size
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    w = (q - z[None, :]) * s[None, :]
+                else:
+                    w = (q - zero_point) * s[None, :]
             # The weight rounded to the activation dtype, as a dense model of it holds it.
             w = w.to(x_ptr.dtype.element_ty)
             acc += tl.dot(xv.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
