@@ -160,6 +160,7 @@ def test_int4_model_logits_through_the_kernels(tmp_path) -> None:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in layers:
         m.finish_loading(dequantize=False)
+        m.cpu_kernels = not CUDA  # the interpreter, on CPU tensors
     assert all(m.perm is not None for m in layers)
     ids = torch.randint(3, 320, (11,), generator=seeded_generator("model")).tolist()
     h = PagedHarness(model, num_blocks=16, block_size=8, device=DEVICE)

@@ -55,6 +55,9 @@ class QuantLinear:
     perm: torch.Tensor | None  # act-order: the input permutation the sorted rows expect
     params_dtype: torch.dtype  # the dense layer's dtype (of the bias, and of the CPU's weight)
     zero_point: float
+    # Packed weights on the CPU run the torch reference, unless this is set: the Triton kernels
+    # on CPU tensors, which only the Triton interpreter can run (tests).
+    cpu_kernels: bool = False
     bias: nn.Parameter | None
     tp_rank: int
     tp_size: int
@@ -124,7 +127,7 @@ class QuantLinear:
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         args = (m.qweight, m.scales, m.zeros, self.group_size, m.g_idx, bias, self.zero_point)
-        if x2.is_cuda or w4a16.triton_interpreted():
+        if x2.is_cuda or self.cpu_kernels:
             y = w4a16.w4a16_linear(x2, *args, out=out)
         else:
             y = w4a16.w4a16_linear_ref(x2, *args)
