@@ -41,7 +41,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
     finally:
         torch.set_num_threads(threads)
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
-                     "bench_prefix_family", "bench_common"):
+                     "bench_prefix_family", "bench_common", "bench_quant"):
             sys.modules.pop(name, None)
 
 
@@ -128,3 +128,18 @@ def test_new_benchmarks_refuse_bad_arguments(bench) -> None:
         bench("bench_first_batch").main(["--device", "cpu", "--smoke", "--shapes", "nope"])
     with pytest.raises(ValueError, match="system_prompts"):
         bench("bench_prefix_family").main(["--device", "cpu", "--smoke", "--system-prompts", "0"])
+
+
+def test_quant_smoke_compares_dense_and_int4_models(bench, tmp_path: Path) -> None:
+    """bench_quant on a tiny Llama: the int4 model (dequantized at load on the CPU) holds as many
+    weight bytes as the dense one, both decode, and the agreement is a share."""
+    out = tmp_path / "quant.json"
+    res = bench("bench_quant").main(["--device", "cpu", "--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["speedup_batch1"] == pytest.approx(res["speedup_batch1"])
+    dense, int4 = res["bf16"], res["w4a16"]
+    assert dense["weight_bytes"] == int4["weight_bytes"] > 0
+    for r in (dense, int4):
+        assert set(r["decode_tok_per_s"]) == {"1", "2"} and min(r["decode_tok_per_s"].values()) > 0
+    a = res["greedy_agreement"]
+    assert 0 <= a["prefix_share"] <= 1 and 0 <= a["first_token"] <= 1
+    assert res["shape"] == "tiny llama" and res["commit"]

@@ -65,7 +65,7 @@ class DecoderForCausalLM(nn.Module):
         self.config = cfg
         self.dtype = params_dtype
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        shard = Shard(tp_rank, tp_size, params_dtype)
+        shard = Shard(tp_rank, tp_size, params_dtype, cfg.quant)
         self.model = self.make_model(cfg, shard)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, **shard.kw)
         # LongRoPE picks its table by each sequence's length (see layers.decoder.forward_lengths).
@@ -179,6 +179,9 @@ class DecoderForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding is the output projection
             if name not in expected:
+                if self.config.quant is None and name.rpartition(".")[2] in ("qweight", "qzeros", "weight_packed"):
+                    raise ValueError(f"checkpoint tensor {name!r} is quantized, but config.json has no "
+                                     "quantization_config")
                 raise ValueError(
                     f"unexpected weight {name!r} in checkpoint for {self.config.architecture} (no matching parameter)"
                 )

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .quant_config import QuantConfig, parse_quant_config
+
 _RMS_EPS_DEFAULT = 1e-6
 _ROPE_THETA_DEFAULT = 10_000.0
 
@@ -73,6 +75,7 @@ class ModelArchConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: torch.dtype | None = None  # the checkpoint's dtype, if the config names one
+    quant: QuantConfig | None = None  # int4 weights (quantization_config), else None
 
     def __post_init__(self) -> None:
         if not self.architecture or not isinstance(self.architecture, str):
@@ -182,6 +185,7 @@ def parse_hf_fields(d: Mapping[str, Any], architecture: str, default_max_positio
     max_pos = d.get("max_position_embeddings", default_max_position)
     rope_theta, rope_scaling, partial = _parse_rope(d, max_pos)
     head_dim = d.get("head_dim")
+    dtype = _parse_dtype(d.get("dtype") or d.get("torch_dtype"))
     return dict(
         architecture=architecture,
         vocab_size=d["vocab_size"],
@@ -199,7 +203,8 @@ def parse_hf_fields(d: Mapping[str, Any], architecture: str, default_max_positio
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=parse_token_ids(d.get("eos_token_id")),
-        dtype=_parse_dtype(d.get("dtype") or d.get("torch_dtype")),
+        dtype=dtype,
+        quant=parse_quant_config(d.get("quantization_config"), dtype),
     )
 
 

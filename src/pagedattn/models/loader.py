@@ -32,11 +32,14 @@ from .layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
+    QuantLinear,
     RMSNorm,
     RowParallelLinear,
     ShardId,
     VocabParallelEmbedding,
 )
+from .layers.quant import checkpoint_to_internal, finish_loading
+from .quant_formats import checkpoint_tensors, quantize_rtn
 from .registry import build_model
 
 if TYPE_CHECKING:
@@ -192,8 +195,12 @@ def load_model(
     t0 = time.perf_counter()
     net = build_model(source.config, dtype, device, tp_rank=tp_rank, tp_size=tp_size)
     weights = iter_safetensors(source.weight_files) if load_format == "auto" else dummy_weights(net, seed)
+    quant = source.config.quant
+    if quant is not None:  # int4 tensors into the one layout every format loads into
+        weights = checkpoint_to_internal(weights, quant)
     try:
         net.load_weights(weights)
+        finish_loading(net)
     except ValueError as e:
         raise ValueError(f"{source.model_dir}: {e}") from None
     logger.info("loaded %s (%s, %s weights, tp rank %d/%d) in %.2f s", source.model_dir, source.config.architecture,
@@ -220,15 +227,28 @@ def dummy_weights(model: DecoderForCausalLM, seed: int = 0) -> Iterator[tuple[st
         param = params[pname]
         owner = model.get_submodule(pname.rpartition(".")[0])
         shape = checkpoint_shape(owner, param, shard)
+        if isinstance(owner, QuantLinear):
+            if name.endswith(".qweight"):  # the dense draw, rounded to int4 in the checkpoint's format
+                prefix = name.removesuffix("qweight")
+                w = _dummy_dense(prefix + "weight", shape, owner.params_dtype, param.device, seed)
+                q = owner.quant
+                tensors = checkpoint_tensors(q, *quantize_rtn(w, q.group_size, q.scale_dtype, q.sym))
+                yield from ((prefix + kind, t) for kind, t in tensors.items())
+            continue
         if isinstance(owner, RMSNorm):
             yield name, torch.full(shape, 0.0 if owner.unit_offset else 1.0, dtype=param.dtype, device=param.device)
         elif param.dim() == 1:
             yield name, torch.zeros(shape, dtype=param.dtype, device=param.device)
         else:
-            gen = torch.Generator(device=param.device)
-            gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
-            w = torch.empty(shape, dtype=param.dtype, device=param.device)
-            yield name, w.normal_(0.0, DUMMY_STD, generator=gen)
+            yield name, _dummy_dense(name, shape, param.dtype, param.device, seed)
+
+
+def _dummy_dense(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 seed: int) -> torch.Tensor:
+    """A dummy weight: normal with std :data:`DUMMY_STD` from a generator seeded by ``seed`` and ``name``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, DUMMY_STD, generator=gen)
 
 
 def checkpoint_shape(owner: torch.nn.Module, param: torch.nn.Parameter, shard: ShardId) -> tuple[int, ...]:

@@ -7,6 +7,8 @@
   attention, output projection) and :class:`GatedMLP` (SiLU or GELU gated); :class:`DecoderLayer`,
   the pre-norm residual block over them; :class:`DecoderModel`, the stack; :class:`SparseMoEBlock`,
   the mixture-of-experts block (router and :class:`FusedMoE` experts) of the MoE families;
+* int4 weight-only twins of the linear layers (:mod:`.quant`), which the blocks build through
+  :func:`parallel_linear` when the checkpoint is quantized;
 * the tensor-parallel plumbing (:mod:`.parallel`: :class:`Shard`, :class:`AllReduce`) and the
   weight-loading hooks (:mod:`.weights`).
 
@@ -33,6 +35,7 @@ from .mlp import GatedMLP, GeluAndMul, SiluAndMul
 from .moe import FusedMoE, MoEArchConfig, MoERouter, SparseMoEBlock, per_expert_weights
 from .norm import GemmaRMSNorm, RMSNorm, WeightFirstRMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
+from .quant import QuantLinear, finish_loading, is_quantized, parallel_linear
 from .rotary import LongRopeRotaryEmbedding, RotaryEmbedding, longrope_inv_freqs, make_rotary, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
 from .weights import ShardId, WeightLoading, default_weight_loader
@@ -53,6 +56,7 @@ __all__ = [
     "MoERouter",
     "ParallelLMHead",
     "QKVParallelLinear",
+    "QuantLinear",
     "RMSNorm",
     "RotaryEmbedding",
     "RowParallelLinear",
@@ -68,10 +72,13 @@ __all__ = [
     "argmax_rows",
     "default_weight_loader",
     "divide",
+    "finish_loading",
+    "is_quantized",
     "linear",
     "longrope_inv_freqs",
     "make_rotary",
     "pack_linear_weights_for_cpu",
+    "parallel_linear",
     "per_expert_weights",
     "process_group_all_reduce",
     "rope_inv_freq",

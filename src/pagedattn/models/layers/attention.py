@@ -12,6 +12,7 @@ from ..fused_ops import qk_norm_rope
 from .linear import QKVParallelLinear, RowParallelLinear
 from .norm import RMSNorm, WeightFirstRMSNorm
 from .parallel import Shard
+from .quant import parallel_linear
 
 
 class Attention(nn.Module):
@@ -36,13 +37,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          bias=qkv_bias, **shard.kw)
+        self.qkv_proj: QKVParallelLinear = parallel_linear(
+            QKVParallelLinear, shard, cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=qkv_bias)
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=o_bias, reduce_results=reduce_output,
-                                        **shard.kw)
+        self.o_proj: RowParallelLinear = parallel_linear(RowParallelLinear, shard, cfg.q_size, cfg.hidden_size,
+                                                         bias=o_bias, reduce_results=reduce_output)
         self.qk_norm = qk_norm
         self.projection_qk_norm = projection_qk_norm
         if qk_norm and projection_qk_norm:

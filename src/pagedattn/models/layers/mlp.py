@@ -8,6 +8,7 @@ from torch import nn
 from ..fused_ops import gelu_and_mul, silu_and_mul
 from .linear import MergedColumnParallelLinear, RowParallelLinear
 from .parallel import Shard
+from .quant import parallel_linear
 
 
 class SiluAndMul(nn.Module):
@@ -44,9 +45,10 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, shard: Shard, *, bias: bool = False,
                  act: nn.Module | None = None, reduce_output: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias, **shard.kw)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
-                                           reduce_results=reduce_output, **shard.kw)
+        self.gate_up_proj: MergedColumnParallelLinear = parallel_linear(
+            MergedColumnParallelLinear, shard, hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj: RowParallelLinear = parallel_linear(RowParallelLinear, shard, intermediate_size, hidden_size,
+                                                            bias=bias, reduce_results=reduce_output)
         self.act = act if act is not None else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,16 +15,19 @@ import torch
 from torch import nn
 
 from ..fused_ops import fused_add_rms_norm
+from ..quant_config import QuantConfig
 
 
 @dataclass(frozen=True)
 class Shard:
     """Where a block's parameters live: rank ``rank`` of ``size`` tensor-parallel ranks, in ``dtype``
-    (None: torch's default)."""
+    (None: torch's default); ``quant``: the linear layers' int4 weights, if quantized (see
+    ``quant.parallel_linear``)."""
 
     rank: int = 0
     size: int = 1
     dtype: torch.dtype | None = None
+    quant: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         check_tp(self.rank, self.size)

@@ -1,0 +1,201 @@
+"""W4A16 (int4 weights, AWQ layout) against bf16 on an 8B-class shape: memory, decode throughput, greedy agreement.
+
+The Llama-3-8B architecture with dummy weights (``load_format="dummy"``): the bf16 model draws
+its weights from seeded generators; the W4A16 model's config adds an AWQ ``quantization_config``
+(group size 128), and its dummy weights are the *same* draws rounded to nearest on AWQ's grid and
+packed as AutoAWQ packs them, then loaded through the AWQ path like a checkpoint.  So the two
+models differ only by int4 rounding and their greedy tokens can be compared.
+
+Reported per variant: weight memory (parameters and buffers of the model on the device) and KV
+blocks the engine could allocate; decode throughput at each batch size (default 1, 16, 256):
+``B`` requests of ``--prompt-len`` random tokens each run to ``T1`` and to ``T2`` new tokens,
+greedy, EOS ignored; decode tokens/s = ``B (T2 - T1) / (t2 - t1)`` (prefill cancels out);
+greedy agreement: the share of the bf16 model's first ``--agree-tokens`` tokens that the W4A16
+model reproduces before its first divergence, over ``--agree-prompts`` prompts.  Target: W4A16
+decode at batch 1 >= 2.5x bf16.  A table is printed last; ``--out`` writes the JSON.
+
+    python benchmarks/bench_quant.py [--batches 1,16,256] [--out result.json]
+    python benchmarks/bench_quant.py --device cpu --smoke     # a tiny Llama on the CPU, seconds
+
+With ``--smoke`` on the CPU the int4 weights are dequantized at load (the CPU path), so its
+figures check the script, not the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import git_commit
+
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    bos_token_id=128000, eos_token_id=128001, hidden_act="silu", torch_dtype="bfloat16",
+)
+TINY = {**LLAMA3_8B, "vocab_size": 320, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "bos_token_id": 1, "eos_token_id": 2}
+# --smoke replaces these defaults (explicit flags still win).
+SMOKE = dict(batches="1,2", prompt_len=8, t1=2, t2=6, agree_prompts=2, agree_tokens=6, max_num_seqs=4)
+
+
+def awq_config(group_size: int) -> dict[str, Any]:
+    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+
+
+def write_model(root: Path, name: str, shape: dict[str, Any], quant: dict[str, Any] | None) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(shape) if quant is None else {**shape, "quantization_config": quant}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def weight_bytes(llm: Any) -> int:
+    model = llm.engine.executor.worker.model
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_generate(llm: Any, batch: list[list[int]], max_tokens: int, device: str) -> tuple[float, list[list[int]]]:
+    from pagedattn import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    sync(device)
+    t = time.perf_counter()
+    out = llm.generate(batch, params, use_tqdm=False)
+    sync(device)
+    return time.perf_counter() - t, [list(r.outputs[0].token_ids) for r in out]
+
+
+def decode_tok_s(llm: Any, batch: list[list[int]], t1: int, t2: int, device: str) -> float:
+    """Decode tokens/s of a batch: the difference of two runs that differ only in output length."""
+    timed_generate(llm, batch, t1, device)  # warm-up: kernels of this batch size compiled, graphs replayed
+    a, _ = timed_generate(llm, batch, t1, device)
+    b, _ = timed_generate(llm, batch, t2, device)
+    if b <= a:  # a timing too noisy to difference (tiny smoke runs): the longer run's overall rate
+        return len(batch) * t2 / b
+    return len(batch) * (t2 - t1) / (b - a)
+
+
+def run_variant(folder: Path, args: argparse.Namespace, shape: dict[str, Any]) -> dict[str, Any]:
+    from pagedattn import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(str(folder), load_format="dummy", device=args.device, dtype=args.dtype, seed=0,
+              max_model_len=args.prompt_len + args.t2 + max(args.agree_tokens, 16), max_num_seqs=args.max_num_seqs,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+    try:
+        res: dict[str, Any] = {"init_seconds": time.perf_counter() - t0, "weight_bytes": weight_bytes(llm),
+                               "kv_blocks": llm.get_metrics()["kv_blocks_total"], "decode_tok_per_s": {}}
+        for b in args.batch_sizes:
+            batch = prompts(b, args.prompt_len, shape["vocab_size"], seed=b)
+            res["decode_tok_per_s"][str(b)] = decode_tok_s(llm, batch, args.t1, args.t2, args.device)
+        agree = prompts(args.agree_prompts, args.prompt_len, shape["vocab_size"], seed=12345)
+        res["greedy"] = timed_generate(llm, agree, args.agree_tokens, args.device)[1]
+    finally:
+        llm.shutdown()
+        del llm
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return res
+
+
+def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, float]:
+    """Share of the reference tokens reproduced before the first divergence, and first-token agreement."""
+    prefix = []
+    for r, g in zip(ref, got, strict=True):
+        n = next((i for i, (a, b) in enumerate(zip(r, g, strict=True)) if a != b), len(r))
+        prefix.append(n / len(r))
+    first = sum(r[0] == g[0] for r, g in zip(ref, got, strict=True)) / len(ref)
+    return {"prefix_share": sum(prefix) / len(prefix), "first_token": first}
+
+
+def table(res: dict[str, Any]) -> str:
+    bf, q = res["bf16"], res["w4a16"]
+    lines = [f"{'':24}{'bf16':>14}{'w4a16 (awq)':>14}{'ratio':>10}",
+             f"{'weights MiB':24}{bf['weight_bytes'] / 2**20:>14.1f}{q['weight_bytes'] / 2**20:>14.1f}"
+             f"{bf['weight_bytes'] / q['weight_bytes']:>9.2f}x",
+             f"{'KV blocks':24}{bf['kv_blocks']:>14}{q['kv_blocks']:>14}{q['kv_blocks'] / bf['kv_blocks']:>9.2f}x"]
+    for b, v in bf["decode_tok_per_s"].items():
+        w = q["decode_tok_per_s"][b]
+        lines.append(f"{'decode tok/s, batch ' + b:24}{v:>14.1f}{w:>14.1f}{w / v:>9.2f}x")
+    a = res["greedy_agreement"]
+    lines.append(f"greedy agreement with bf16: {a['prefix_share']:.1%} of tokens before the first divergence, "
+                 f"first token {a['first_token']:.0%}")
+    lines.append(f"target: w4a16 decode at batch 1 >= 2.5x bf16: {res['speedup_batch1']:.2f}x")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default=None, help="activations and dense weights (default: bfloat16; float32 "
+                    "with --smoke on the CPU)")
+    ap.add_argument("--smoke", action="store_true", help="tiny Llama and workload (a CPU check in seconds)")
+    ap.add_argument("--batches", default="1,16,256")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--t1", type=int, default=16, help="output tokens of the shorter run")
+    ap.add_argument("--t2", type=int, default=144, help="output tokens of the longer run")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--agree-prompts", type=int, default=16)
+    ap.add_argument("--agree-tokens", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    args.batch_sizes = [int(b) for b in args.batches.split(",")]
+    if max(args.batch_sizes) > args.max_num_seqs or not 0 < args.t1 < args.t2:
+        ap.error("need every batch <= --max-num-seqs and 0 < --t1 < --t2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --smoke")
+    shape = TINY if args.smoke else LLAMA3_8B
+    res: dict[str, Any] = {"commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                           "shape": "tiny llama" if args.smoke else "Llama-3-8B", "dtype": args.dtype,
+                           "group_size": args.group_size, "prompt_len": args.prompt_len, "t1": args.t1, "t2": args.t2}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        res["bf16"] = run_variant(write_model(root, "dense", shape, None), args, shape)
+        res["w4a16"] = run_variant(write_model(root, "awq", shape, awq_config(args.group_size)), args, shape)
+    res["greedy_agreement"] = agreement(res["bf16"].pop("greedy"), res["w4a16"].pop("greedy"))
+    first = str(args.batch_sizes[0])
+    res["speedup_batch1"] = res["w4a16"]["decode_tok_per_s"][first] / res["bf16"]["decode_tok_per_s"][first]
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+    print(table(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

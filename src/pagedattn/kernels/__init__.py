@@ -1,0 +1,4 @@
+"""Compute kernels that are not attention: the int4 weight-only GEMMs (:mod:`.w4a16`).
+
+This package imports nothing from the rest of pagedattn: the model layers call into it.
+"""

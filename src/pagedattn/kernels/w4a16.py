@@ -1,0 +1,308 @@
+"""W4A16 GEMMs: ``y = x W^T`` with ``W`` held as packed int4 and dequantized inside the kernel.
+
+The weight is in the internal layout of ``models/quant_formats.py``: ``qweight`` int32
+``[K/8, N]`` (input feature ``8 j + i`` in nibble ``i`` of row ``j``), ``scales`` and ``zeros``
+``[groups, N]``, and ``W[n, k] = (q[k, n] - z[g(k), n]) * s[g(k), n]``.  ``g(k)`` is
+``k // group_size``, or ``g_idx[k]`` (act-order rows whose groups are not uniform).  ``zeros``
+may be None: every zero point is ``zero_point`` (symmetric checkpoints, 8).
+
+Two kernels, one dequantization:
+
+* **decode** (:func:`_w4a16_gemv_kernel`, one activation row): a GEMV, memory-bound, so the
+  whole GPU must stream the weight.  The grid splits N in tiles *and* K in ``split_k`` slices
+  (split-K); each program reads its ``[K/split_k, BLOCK_N]`` block of words once, multiplies on
+  the CUDA cores in fp32 nibble plane by nibble plane (no unpacking into a K-ordered tile),
+  with the scale and zero point factored out of each group's sum, and writes fp32 partial
+  sums, which one reduction kernel adds in a fixed order (with the bias, cast to the output).
+* **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles; each K step loads a
+  ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
+  the activation dtype (the same weight a dense model holds after dequantization) and feeds
+  ``tl.dot``.  Small batches (decode of 2-64 rows) split K too; prefill does not.
+
+The torch reference (:func:`w4a16_linear_ref`) dequantizes and multiplies in fp32: the oracle
+of every test.  Block sizes and split-K choices are heuristics (:func:`choose_config`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..envs import triton_interpreted
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: only the reference runs
+    triton = None
+    tl = None
+
+GEMV_MAX_ROWS = 1  # rows served by the CUDA-core GEMV; more go through the tensor-core kernel
+SPLIT_K_MAX_ROWS = 64  # up to this many rows the GEMM splits K to fill the GPU
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """Launch parameters of one call."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int  # K slices, each summed into its own fp32 partials
+    num_warps: int = 4
+    num_stages: int = 3
+    gemv: bool = False  # the CUDA-core kernel (one row per program row of the grid)
+
+
+# ---------------------------------------------------------------------- reference
+def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                   g_idx: torch.Tensor | None = None, zero_point: float = 8.0) -> torch.Tensor:
+    """``W^T [K, N]`` in float32."""
+    k8, n = qweight.shape
+    shifts = torch.arange(8, device=qweight.device, dtype=torch.int32) * 4
+    q = ((qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF).reshape(k8 * 8, n).float()
+    g = (torch.arange(k8 * 8, device=q.device) // group_size) if g_idx is None else g_idx.long()
+    z = zero_point if zeros is None else zeros.float()[g]
+    return (q - z) * scales.float()[g]
+
+
+def w4a16_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     group_size: int, g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                     zero_point: float = 8.0) -> torch.Tensor:
+    """``x W^T + b`` with the weight dequantized, in fp32, cast to ``x``'s dtype."""
+    y = x.float() @ dequantize_ref(qweight, scales, zeros, group_size, g_idx, zero_point)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------- configs
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _num_sms(device.index or 0)
+
+
+def _block_k(k: int, group_size: int, cap: int) -> int:
+    """The largest power of two <= ``cap`` dividing both K and the group (a tile then lies in
+    one group and K needs no mask)."""
+    bk = cap
+    while bk > 8 and (k % bk or group_size % bk):
+        bk //= 2
+    return bk
+
+
+def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
+                  sms: int | None = None) -> W4A16Config:
+    """Heuristic launch parameters (not autotuned): split K until the grid has about four
+    programs per SM (``sms``: the device's), each still streaming at least four K tiles."""
+    if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
+        bk = _block_k(k, group_size, 128)
+        return W4A16Config(1, 128, bk, 1, gemv=True) if m <= GEMV_MAX_ROWS else W4A16Config(32, 128, bk, 1)
+    sms = sms or _sm_count(device)
+    if m <= GEMV_MAX_ROWS:
+        bn, bk = 128, _block_k(k, group_size, 128)  # larger loads in flight per program
+        warps = 4
+        bm = 1
+    elif m <= SPLIT_K_MAX_ROWS:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        bn, bk, warps = 64, _block_k(k, group_size, 64), 4
+    else:
+        bm, bn, bk, warps = (64, 128, _block_k(k, group_size, 64), 4) if m <= 256 else \
+            (128, 128, _block_k(k, group_size, 64), 8)
+        return W4A16Config(bm, bn, bk, 1, warps, 3)
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm) if triton is not None else 1
+    k_tiles = k // bk
+    split = 1
+    while tiles * split < 4 * sms and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return W4A16Config(bm, bn, bk, split, warps, 3 if m > GEMV_MAX_ROWS else 4, gemv=m <= GEMV_MAX_ROWS)
+
+
+def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """``tl.dot``'s operand type: the activation dtype, except bf16 under the interpreter, whose
+    bf16 dot returns garbage (triton 3.9): there the (bf16-rounded) operands go up to fp32."""
+    if dtype == torch.bfloat16 and triton_interpreted():
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+# ---------------------------------------------------------------------- entry point
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 zero_point: float = 8.0, out: torch.Tensor | None = None,
+                 config: W4A16Config | None = None) -> torch.Tensor:
+    """``x [M, K] W^T + b`` -> ``[M, N]`` in ``x``'s dtype (written into ``out`` when given)
+    through the Triton kernels.  K must be a multiple of 16 (32 for the GEMM)."""
+    if triton is None:
+        raise RuntimeError("the W4A16 kernels need triton")
+    m, k = x.shape
+    n = qweight.shape[1]
+    if qweight.shape[0] * 8 != k:
+        raise ValueError(f"x has {k} features, the weight {qweight.shape[0] * 8}")
+    cfg = config or choose_config(m, n, k, group_size, x.device)
+    if k % cfg.block_k or (g_idx is None and group_size % cfg.block_k):
+        raise ValueError(f"block_k {cfg.block_k} must divide K ({k}) and the group size ({group_size})")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    split = cfg.split_k
+    dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    k_tiles = k // cfg.block_k
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    has_zeros = zeros is not None
+    common = dict(
+        HAS_ZEROS=has_zeros, HAS_G_IDX=g_idx is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    args = (x, qweight, scales, zeros if has_zeros else scales, g_idx if g_idx is not None else qweight, dst,
+            m, n, k, x.stride(0), dst.stride(-2), m * n if split > 1 else 0, group_size, tiles_per_split,
+            float(zero_point))
+    if cfg.gemv:
+        grid = (triton.cdiv(n, cfg.block_n), m, split)
+        _w4a16_gemv_kernel[grid](*args, **common)
+    else:
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+        dot_dtype = _dot_dtype(x.dtype)
+        _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype,
+                                 DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", **common)
+    if split > 1:  # one launch: the slices summed in a fixed order (the same bits every run), bias, cast
+        block = 1024
+        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
+            dst, out, bias if bias is not None else dst, n, m * n, out.stride(0), SPLIT=split,
+            HAS_BIAS=bias is not None, BLOCK=block)
+    elif bias is not None:
+        out += bias
+    return out
+
+
+# ---------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                           stride_split, group_size, tiles_per_split, zero_point,
+                           HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2).
+
+        The words are never unpacked into a K-ordered tile: nibble plane ``i`` of a
+        ``[BLOCK_K/8, BLOCK_N]`` block of words multiplies the activations ``8 j + i``.  In a tile
+        of one group the scale and zero point factor out of the sum,
+        ``s (sum_k x_k q_k - z sum_k x_k)``: per weight a shift, a bitwise and/or, a subtract
+        and a multiply-add."""
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_row = x_ptr + row * stride_xm
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, K // BLOCK_K)
+        for t in range(t0, t1):
+            rows = t * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            if HAS_G_IDX:  # act-order rows: a scale and zero point per row
+                part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
+                    g = tl.load(g_ptr + rows * 8 + i)
+                    sz = g[:, None] * N + offs_n[None, :]
+                    si = tl.load(s_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                    if HAS_ZEROS:
+                        zi = tl.load(z_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                    else:
+                        zi = zero_point
+                    # Nibble i as fp32 without an int-to-float conversion: the 4 bits become the
+                    # low mantissa bits of 2^23 (a bitwise or), and 2^23 is subtracted exactly.
+                    plane = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    part += xi[:, None] * ((plane - zi) * si)
+                acc += tl.sum(part, axis=0)
+            else:
+                part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+                xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
+                    xsum += xi
+                    plane = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    part += xi[:, None] * plane
+                g = (t * BLOCK_K) // group_size  # the tile lies in one group
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                else:
+                    z = zero_point
+                acc += s * (tl.sum(part, axis=0) - z * tl.sum(xsum, axis=0))
+        dst = out_ptr + pid_k * stride_split + row * stride_om + offs_n
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                           stride_split, group_size, tiles_per_split, zero_point,
+                           HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        """A ``[BLOCK_M, BLOCK_N]`` tile of the output over one K slice (grid axis 2)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, K // BLOCK_K)
+        for t in range(t0, t1):
+            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            # The [BLOCK_K, BLOCK_N] tile: words unpacked by a broadcast shift, row 8 j + i being
+            # nibble i of word row j.  (Inline, not a jit helper: the interpreter pays per call.)
+            k0 = t * BLOCK_K
+            rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            q = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+            if HAS_G_IDX:  # act-order rows: one scale row per input feature
+                sz = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K))[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    w = (q - tl.load(z_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)) * s
+                else:
+                    w = (q - zero_point) * s
+            else:  # the tile lies in one group: one scale row
+                g = k0 // group_size
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    w = (q - z[None, :]) * s[None, :]
+                else:
+                    w = (q - zero_point) * s[None, :]
+            # The weight rounded to the activation dtype, as a dense model of it holds it.
+            w = w.to(x_ptr.dtype.element_ty)
+            acc += tl.dot(xv.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        dst = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(partials_ptr, out_ptr, bias_ptr, N, stride_split, stride_om, SPLIT: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """``out[row] = sum_s partials[s, row] (+ bias)`` in slice order, cast to the output dtype."""
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        src = partials_ptr + row * N + offs
+        acc = tl.load(src, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            acc += tl.load(src + s * stride_split, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,171 @@
+"""The W4A16 Triton kernels against the torch reference (dequantize, multiply in fp32).
+
+Without CUDA they run under the Triton interpreter on small shapes (every path: the GEMV, the
+tensor-core GEMM, split-K, act-order ``g_idx`` gathers, constant zero points, bias, writing
+into a given buffer); with CUDA the same tests run at full size, plus the ``gpu``-marked
+8B-class shapes and the automatic configs.
+
+The reference multiplies the same activations by the exact dequantized weight in fp32, and
+the error is measured against the output's scale (its largest magnitude).  fp32: 1e-4
+(summation order only).  16-bit activations: the tensor-core kernel rounds the dequantized
+weight to the activation dtype (as a dense model of it holds it) and the output once, the
+GEMV the output only: within 2e-2 (bf16) / 4e-3 (fp16), the attention kernels' tolerances.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
+
+pytest.importorskip("triton")
+
+from pagedattn.kernels import w4a16
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# Small under the interpreter (it runs programs one by one in Python).
+N, K = (4096, 4096) if CUDA else (80, 256)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_available(request: pytest.FixtureRequest) -> None:
+    skip_unless_runnable(request, "test_kernels_in_fresh_interpreter_process")
+
+
+def test_kernels_in_fresh_interpreter_process() -> None:
+    """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
+    rerun_in_fresh_process(__file__)
+
+
+def _weights(g: torch.Generator, n: int, k: int, group_size: int, *, zeros: bool, act_order: bool,
+             scale_dtype: torch.dtype = torch.float16) -> dict:
+    groups = k // group_size
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).to(scale_dtype)
+    z = torch.randint(0, 16, (groups, n), generator=g).to(scale_dtype) if zeros else None
+    # Act-order rows sorted by group: groups of uneven sizes (what a row-parallel shard holds).
+    g_idx = torch.sort(torch.randint(0, groups, (k,), generator=g, dtype=torch.int32)).values if act_order else None
+    return {"qweight": qweight.to(DEVICE), "scales": scales.to(DEVICE), "zeros": None if z is None else z.to(DEVICE),
+            "group_size": group_size, "g_idx": None if g_idx is None else g_idx.to(DEVICE)}
+
+
+def _check(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == ref.shape and ref.dtype == torch.float32
+    err = (got.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max err {err:.3g} vs scale {scale:.3g}"
+
+
+def _config(m: int, split: int, gemv: bool, group_size: int) -> w4a16.W4A16Config | None:
+    if CUDA:
+        return None  # the heuristics' own configs at full size
+    bk = min(32, group_size)
+    return w4a16.W4A16Config(1 if gemv else 16, 32, bk, split, gemv=gemv)
+
+
+PATHS = [(1, True, 1), (1, True, 4), (5, False, 2), (19, False, 1)]  # (rows, GEMV?, split-K)
+WEIGHTS = [(32, True, False), (64, False, False), (128, True, True)]  # (group size, zeros?, act-order g_idx?)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Every path with every weight form, the activation dtype rotating (each pair of the three met).
+CASES = [(DTYPES[(i + j) % 3], *p, *w) for i, p in enumerate(PATHS) for j, w in enumerate(WEIGHTS)]
+
+
+@pytest.mark.parametrize(("dtype", "m", "gemv", "split", "group_size", "zeros", "act_order"), CASES)
+def test_w4a16_matches_reference(dtype: torch.dtype, m: int, gemv: bool, split: int, group_size: int,
+                                 zeros: bool, act_order: bool) -> None:
+    g = seeded_generator("w4a16", dtype, m, gemv, split, group_size, zeros, act_order)
+    w = _weights(g, N, K, group_size, zeros=zeros, act_order=act_order)
+    x = torch.randn(m, K, generator=g).to(dtype=dtype, device=DEVICE)
+    bias = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if m == 5 else None
+    got = w4a16.w4a16_linear(x, **w, bias=bias, config=_config(m, split, gemv, group_size))
+    _check(got, w4a16.w4a16_linear_ref(x.float(), **w, bias=bias), dtype)
+
+
+def test_gemv_tile_of_a_whole_group() -> None:
+    """BLOCK_K equal to the group size (what the heuristics pick for the GEMV), split K."""
+    g = seeded_generator("whole-group")
+    w = _weights(g, N, K, 64, zeros=True, act_order=False)
+    x = torch.randn(1, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    cfg = None if CUDA else w4a16.W4A16Config(1, 32, 64, 2, gemv=True)
+    _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
+def test_writes_into_a_given_buffer_and_ragged_n() -> None:
+    """The row-parallel layers hand the all-reduce's buffer in; N not a multiple of the tile."""
+    g = seeded_generator("out")
+    n = N - 24
+    w = _weights(g, n, K, 64, zeros=True, act_order=False)
+    x = torch.randn(3, K, generator=g).to(dtype=torch.float32, device=DEVICE)
+    out = torch.full((3, n), float("nan"), device=DEVICE)
+    got = w4a16.w4a16_linear(x, **w, out=out, config=_config(3, 2, False, 64))
+    assert got.data_ptr() == out.data_ptr()
+    _check(out, w4a16.w4a16_linear_ref(x.float(), **w), torch.float32)
+
+
+def test_prefill_tiles_cover_ragged_m() -> None:
+    g = seeded_generator("prefill")
+    w = _weights(g, N, K, 32, zeros=True, act_order=False)
+    m = 70 if not CUDA else 1000
+    x = torch.randn(m, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    cfg = None if CUDA else w4a16.W4A16Config(32, 32, 32, 1)
+    _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
+def test_configs_split_k_only_while_the_grid_is_small() -> None:
+    dev, sms = torch.device("cpu"), 132  # an H100's SMs
+    dec = w4a16.choose_config(1, 4096, 4096, 128, dev, sms)
+    assert dec.gemv and dec.split_k > 1 and 4096 % (dec.block_k * dec.split_k) == 0
+    assert 4096 // (dec.block_k * dec.split_k) >= 4  # every slice streams at least four tiles
+    wide = w4a16.choose_config(1, 28672, 4096, 128, dev, sms)
+    assert wide.split_k < dec.split_k
+    pre = w4a16.choose_config(2048, 4096, 4096, 128, dev, sms)
+    assert not pre.gemv and pre.split_k == 1
+    assert w4a16.choose_config(16, 4096, 4096, 32, dev, sms).block_k <= 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16, 256, 2048])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_llama8b_shapes(m: int, n: int, k: int) -> None:
+    """Llama-3-8B's projections (qkv, o, gate/up, down) at decode and prefill batch sizes."""
+    g = seeded_generator("8b", m, n, k)
+    w = _weights(g, n, k, 128, zeros=True, act_order=False)
+    x = torch.randn(m, k, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    _check(w4a16.w4a16_linear(x, **w), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
+def test_int4_model_logits_through_the_kernels(tmp_path) -> None:
+    """A tiny act-order GPTQ Llama in its packed form (rows sorted by group, input permuted),
+    every linear through the kernels: a prefill chunk (GEMM) then one-row decodes (GEMV),
+    against HF on the dequantized weights (fp32: 1e-4 of the logits' scale, the same argmax)."""
+    import json
+
+    from pagedattn.models.config import ModelArchConfig
+    from pagedattn.models.layers import QuantLinear
+    from pagedattn.models.layers.quant import checkpoint_to_internal
+    from pagedattn.models.loader import iter_safetensors
+    from pagedattn.models.registry import build_model
+    from pagedattn.models.testing import PagedHarness
+
+    from .quant_checkpoints import Fmt, make_quantized_model
+
+    path, hf = make_quantized_model(tmp_path, Fmt("gptq", 32, sym=False, desc_act=True), seed=9,
+                                    overrides={"num_hidden_layers": 1})
+    cfg = ModelArchConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+    assert cfg.quant is not None
+    model = build_model(cfg, torch.float32, DEVICE)
+    model.load_weights(checkpoint_to_internal(iter_safetensors([path / "model.safetensors"]), cfg.quant))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.finish_loading(dequantize=False)
+        m.cpu_kernels = not CUDA  # the interpreter, on CPU tensors
+    assert all(m.perm is not None for m in layers)
+    ids = torch.randint(3, 320, (11,), generator=seeded_generator("model")).tolist()
+    h = PagedHarness(model, num_blocks=16, block_size=8, device=DEVICE)
+    got = torch.cat([h.step([("s", ids[:9])])[0]] + [h.step([("s", [t])])[0] for t in ids[9:]]).float().cpu()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
