@@ -88,6 +88,9 @@ class EngineConfig:
                             choices=("auto", "dummy"))
     dtype: str | torch.dtype = _opt("float32", "weights and activations: float32, bfloat16 or float16")
     device: str | torch.device | None = _opt(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    gguf_quantized: bool | None = _opt(None, "keep a GGUF model's Q4_0, Q4_1, Q4_K and Q8_0 linear weights quantized, "
+                                       "with their exact values (torch's int4 CPU kernels, float32 activations); "
+                                       "other types stay float32.  CPU only (default: on for a GGUF model on the CPU)")
     seed: int = _opt(0, "seed of the sampler's shared generator (and of dummy weights)", lo=_I64_MIN, hi=_I64_MAX)
     max_model_len: int | None = _opt(None, "context length in tokens (default and upper bound: the model's)", lo=2)
     generation_config: str = _opt("auto", "'auto': the sampling values of the model's generation_config.json "
@@ -137,6 +140,11 @@ class EngineConfig:
             raise ValueError(f"block_size: must be a power of two in [1, 256], got {bs!r}")
         self.torch_dtype = parse_dtype(self.dtype)
         self.torch_device = resolve_device(self.device)
+        if self.gguf_quantized and self.torch_device.type != "cpu":
+            raise ValueError("gguf_quantized: the quantized GGUF kernels are CPU kernels; use device='cpu' or "
+                             "gguf_quantized=False")
+        if self.gguf_quantized and self.load_format == "dummy":
+            raise ValueError("gguf_quantized: dummy weights have no GGUF blocks; use load_format='auto'")
         if self.attention_backend == "triton" and self.torch_device.type != "cuda" and not triton_interpreted():
             raise ValueError("attention_backend: 'triton' needs a CUDA device (or Triton's interpreter, "
                              "TRITON_INTERPRET=1); use 'auto' or 'torch' on the CPU")
