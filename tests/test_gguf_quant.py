@@ -214,15 +214,39 @@ def _engine_model(llm: LLM) -> torch.nn.Module:
     return llm.engine.executor.worker.model  # type: ignore[return-value]
 
 
-def test_engine_keeps_a_gguf_quantized_on_the_cpu_by_default(tmp_path: Path) -> None:
+def test_engine_keeps_a_gguf_quantized_when_asked_and_for_bfloat16(tmp_path: Path) -> None:
+    """float32 (exact weights) when asked, with the dense model's greedy tokens; bfloat16 by default."""
     path = _model_gguf("llama_q4_1_tied", tmp_path)
     prompts = [torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17)]
-    quantized = LLM(str(path), device="cpu", num_kv_blocks=32, block_size=4)
+    quantized = LLM(str(path), device="cpu", num_kv_blocks=32, block_size=4, gguf_quantized=True)
     assert len(_quantized_layers(_engine_model(quantized))) == 9
     got = _greedy(quantized, prompts)
-    dense = LLM(str(path), device="cpu", num_kv_blocks=32, block_size=4, gguf_quantized=False)
+    dense = LLM(str(path), device="cpu", num_kv_blocks=32, block_size=4)  # float32: dense by default
     assert not _quantized_layers(_engine_model(dense))
     assert got == _greedy(dense, prompts)
+    bf16 = LLM(str(path), device="cpu", dtype="bfloat16", num_kv_blocks=32, block_size=4)
+    assert len(_quantized_layers(_engine_model(bf16))) == 9
+
+
+@torch.no_grad()
+def test_bfloat16_kernels_round_the_weights_as_a_bfloat16_model_would(tmp_path: Path) -> None:
+    """In bfloat16 the kernel rounds scales, zeros and each dequantized weight to bfloat16: every
+    weight within a bfloat16 rounding or two of GGUF's, and logits close to the dense bfloat16 model's."""
+    path = _model_gguf("llama_q4_1_tied", tmp_path)
+    exact, _ = load_model(path, torch.float32, "cpu")
+    dense, _ = load_model(path, torch.bfloat16, "cpu")
+    model, source = load_model(path, torch.bfloat16, "cpu")
+    assert keep_gguf_quantized(model, source.model_dir) == 9
+    for name, w in _quantized_layers(model).items():
+        want = _dense_weight(exact, name)
+        # scale and zero each rounded (2^-9 of |(q - 8) scale| + |zero|, at most about twice the row's
+        # largest weight), then the weight itself (2^-9 of it)
+        bound = 2.0**-8 * (want.abs() + 2 * want.abs().amax(dim=1, keepdim=True))
+        assert ((w.dequantize() - want).abs() <= bound).all(), name
+    ids = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    want_logits = PagedHarness(dense, num_blocks=16, block_size=4).step([("s", ids)])[0].float()
+    got = PagedHarness(model, num_blocks=16, block_size=4).step([("s", ids)])[0].float()
+    assert got.dtype == torch.float32 and (got - want_logits).abs().max() <= 0.05 * want_logits.abs().max()
 
 
 def test_gguf_quantized_on_a_model_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
@@ -232,3 +256,6 @@ def test_gguf_quantized_on_a_model_that_is_not_gguf_is_refused(tmp_path: Path) -
         LLM(str(tmp_path), device="cpu", num_kv_blocks=8, gguf_quantized=True)
     with pytest.raises(ValueError, match="gguf_quantized: dummy weights have no GGUF blocks"):
         LLM(str(tmp_path), device="cpu", load_format="dummy", gguf_quantized=True)
+    path = _model_gguf("llama_q4_0", tmp_path)
+    with pytest.raises(ValueError, match="gguf_quantized: the int4 CPU kernel computes in float32 or bfloat16"):
+        LLM(str(path), device="cpu", dtype="float16", num_kv_blocks=8, gguf_quantized=True)

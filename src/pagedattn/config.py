@@ -88,9 +88,10 @@ class EngineConfig:
                             choices=("auto", "dummy"))
     dtype: str | torch.dtype = _opt("float32", "weights and activations: float32, bfloat16 or float16")
     device: str | torch.device | None = _opt(None, "cpu, cuda or cuda:N (default: cuda when available)")
-    gguf_quantized: bool | None = _opt(None, "keep a GGUF model's Q4_0, Q4_1, Q4_K and Q8_0 linear weights quantized, "
-                                       "with their exact values (torch's int4 CPU kernels, float32 activations); "
-                                       "other types stay float32.  CPU only (default: on for a GGUF model on the CPU)")
+    gguf_quantized: bool | None = _opt(None, "keep a GGUF model's Q4_0, Q4_1, Q4_K and Q8_0 linear weights quantized "
+                                       "on the CPU (torch's int4 kernels, in the model's dtype: float32 keeps the "
+                                       "exact values but is slow on x86; bfloat16 is fast and rounds weights and "
+                                       "activations to bfloat16) (default: on for a GGUF in bfloat16 on the CPU)")
     seed: int = _opt(0, "seed of the sampler's shared generator (and of dummy weights)", lo=_I64_MIN, hi=_I64_MAX)
     max_model_len: int | None = _opt(None, "context length in tokens (default and upper bound: the model's)", lo=2)
     generation_config: str = _opt("auto", "'auto': the sampling values of the model's generation_config.json "

@@ -38,7 +38,7 @@ from torch import nn
 
 from .gguf import BLOCKS_FILE, unpermute_qk
 from .layers import ColumnParallelLinear, RowParallelLinear, ShardId, WeightLoading
-from .layers.quantized import Int4GroupWeight, Int8GroupWeight, QuantizedWeight, set_quantized_weight
+from .layers.quantized import KERNEL_DTYPES, Int4GroupWeight, Int8GroupWeight, QuantizedWeight, set_quantized_weight
 
 if TYPE_CHECKING:
     from .base import DecoderForCausalLM
@@ -132,9 +132,12 @@ _PARSERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0}
 def keep_gguf_quantized(model: DecoderForCausalLM, model_dir: str | Path) -> int:
     """Give every linear layer of ``model`` whose GGUF tensors all have an exact grouped form that
     form, from the blocks a GGUF conversion keeps in ``model_dir`` (:data:`.gguf.BLOCKS_FILE`);
-    returns how many layers changed (0 for a folder without blocks)."""
+    returns how many layers changed (0 for a folder without blocks).  The kernels compute in the
+    model's dtype, float32 (exact weights) or bfloat16 (see :mod:`.layers.quantized`)."""
     from safetensors import safe_open
 
+    if model.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"gguf_quantized: the int4 CPU kernel computes in float32 or bfloat16, not {model.dtype}")
     path = Path(model_dir) / BLOCKS_FILE
     if not path.is_file():
         return 0
@@ -201,8 +204,9 @@ def _layer_weight(model: DecoderForCausalLM, module: nn.Module, parts: list[tupl
 
     scales = per_group([g.scales for g in groups])
     if groups[0].bits == 8:
-        return Int8GroupWeight(gathered, scales, GROUP)
-    return Int4GroupWeight(gathered, scales, per_group([cast(np.ndarray, g.zeros) for g in groups]), GROUP)
+        return Int8GroupWeight(gathered, scales, GROUP, model.dtype)
+    return Int4GroupWeight(gathered, scales, per_group([cast(np.ndarray, g.zeros) for g in groups]), GROUP,
+                           model.dtype)
 
 
 def _element_index(model: DecoderForCausalLM, module: nn.Module, parts: list[tuple[str, ShardId, Groups]]

@@ -28,7 +28,7 @@ from ..models.context import ForwardContext
 from ..models.gguf_quant import keep_gguf_quantized
 from ..models.interface import CausalLM
 from ..models.layers import AllReduce, pack_linear_weights_for_cpu
-from ..models.layers.quantized import cpu_int4_kernel_available
+from ..models.layers.quantized import KERNEL_DTYPES, cpu_int4_kernel_available
 from ..models.loader import ModelSource, load_model
 from .model_runner import ModelRunner, StepInput, StepOutput
 
@@ -174,19 +174,23 @@ class SingleRank:
 
 
 def quantized_gguf(cfg: EngineConfig, gguf_file: Path | None) -> bool:
-    """Whether the workers keep ``gguf_file``'s quantized linears quantized (``gguf_quantized``;
-    by default for a GGUF model on the CPU, where torch has the kernels)."""
+    """Whether the workers keep ``gguf_file``'s quantized linears quantized (``gguf_quantized``).
+    By default for a GGUF model in bfloat16 on the CPU, where torch's int4 kernel is vectorised;
+    in float32 (exact weights) only when asked: there torch 2.13's kernel is a scalar loop on x86."""
     if cfg.gguf_quantized is False:
         return False
     if gguf_file is None or cfg.load_format != "auto":
         if cfg.gguf_quantized:
             raise ValueError("gguf_quantized: the model is not a GGUF file")
         return False
-    if not cpu_int4_kernel_available():
-        if cfg.gguf_quantized:
+    if cfg.gguf_quantized:
+        if cfg.torch_dtype not in KERNEL_DTYPES:
+            raise ValueError(f"gguf_quantized: the int4 CPU kernel computes in float32 or bfloat16, not "
+                             f"{cfg.torch_dtype}")
+        if not cpu_int4_kernel_available():
             raise ValueError(f"gguf_quantized: this torch ({torch.__version__}) has no int4 CPU kernel")
-        return False
-    return cfg.torch_device.type == "cpu"
+        return True
+    return cfg.torch_device.type == "cpu" and cfg.torch_dtype == torch.bfloat16 and cpu_int4_kernel_available()
 
 
 class Worker:

@@ -16,9 +16,16 @@ scales whole rows), so the codes are split into two int4 halves, ``code = 16 * h
 ``hi`` in [-8, 7] and ``lo`` in [0, 15], each run through the int4 kernel (scales ``16 * scale``
 and ``scale``): the same bytes as int8 and exact weights, two kernel calls.
 
-Activations are computed in float32 (``scale`` and ``zero`` are float32, which holds GGUF's
-half-precision factors and their products exactly); a bfloat16 model's activations are cast in
-and out.
+The kernel computes in the model's dtype:
+
+* float32: ``scale`` and ``zero`` are float32, which holds GGUF's half-precision factors and
+  their sums exactly, so the weights are GGUF's to the bit.  In torch 2.13 this is the kernel's
+  scalar path on x86 (no AVX-512 code for float32 activations): correct, but slower than the
+  dense float32 GEMM, hence not the default (see ``benchmarks/bench_cpu_llamacpp.py``).
+* bfloat16: the kernel's vectorised path.  ``scale`` and ``zero`` are rounded to bfloat16 and
+  the kernel rounds each dequantized weight to bfloat16 before its dot products, as a bfloat16
+  model's dense weights are rounded: a precision change (about 3 significant digits per weight),
+  the same as running the dense model in bfloat16.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import cast
 import torch
 from torch import nn
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 INT4_KERNEL_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants the output features in multiples of 16
 # The op overload itself (as linear.py's oneDNN op): the packet would resolve it on every call.
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -60,10 +68,13 @@ class QuantizedWeight(nn.Module):
 class _Int4Packed(nn.Module):
     """One int4 groupwise weight in the CPU kernel's packed layout (rows padded to a multiple of 16)."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 dtype: torch.dtype) -> None:
         super().__init__()
         n, k = codes.shape
         _check_groups(codes, scales, zeros, group_size)
+        if dtype not in KERNEL_DTYPES:
+            raise ValueError(f"the int4 CPU kernel computes in float32 or bfloat16, not {dtype}")
         pad = -n % INT4_KERNEL_ROWS
         if pad:  # zero rows: code 8, scale 0, zero 0 -> weight 0 exactly; their outputs are dropped
             codes = torch.cat([codes, codes.new_full((pad, k), 8)])
@@ -71,7 +82,9 @@ class _Int4Packed(nn.Module):
         self.out_features, self.group_size = n, group_size
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
         # The kernel's layout: [in_features / group_size, out_features, (scale, zero)].
-        self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
+        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", sz.to(dtype))
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert _INT4_MM is not None
@@ -81,15 +94,16 @@ class _Int4Packed(nn.Module):
 
 class Int4GroupWeight(QuantizedWeight):
     """int4 codes (0..15, uint8 ``[out, in]``) with per-group float32 ``scales`` and ``zeros``
-    ``[out, in / group_size]``: ``w = (code - 8) * scale + zero``."""
+    ``[out, in / group_size]``: ``w = (code - 8) * scale + zero``, computed in ``dtype``."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if codes.dtype != torch.uint8 or int(codes.max()) > 15:
             raise ValueError("int4 codes must be uint8 values in [0, 15]")
         self.out_features, self.in_features = codes.shape
         self.group_size = group_size
-        self.kernel = _Int4Packed(codes, scales, zeros, group_size)
+        self.kernel = _Int4Packed(codes, scales, zeros, group_size, dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = _int4_linear(x, self.kernel)
@@ -99,14 +113,15 @@ class Int4GroupWeight(QuantizedWeight):
         return _dequantize(self.kernel, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"int4, group={self.group_size}, out={self.out_features}, in={self.in_features}"
+        return f"int4, group={self.group_size}, out={self.out_features}, in={self.in_features}, {self.kernel.dtype}"
 
 
 class Int8GroupWeight(QuantizedWeight):
     """int8 codes (``[out, in]``) with per-group float32 ``scales`` ``[out, in / group_size]``:
-    ``w = code * scale``, run as two exact int4 halves (see the module's docstring)."""
+    ``w = code * scale``, run as two int4 halves (see the module's docstring), computed in ``dtype``."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if codes.dtype != torch.int8:
             raise ValueError("int8 codes must be int8")
@@ -117,8 +132,9 @@ class Int8GroupWeight(QuantizedWeight):
         zeros = torch.zeros_like(scales)
         # hi: (hi + 8 - 8) * 16 scale; lo: (lo - 8) * scale + 8 scale.  Products of a half-precision
         # scale and a 4-bit integer are exact in float32, and so is their sum, the code times the scale.
-        self.hi = _Int4Packed((hi + 8).to(torch.uint8), scales * 16, zeros, group_size)
-        self.lo = _Int4Packed(lo.to(torch.uint8), scales, scales * 8, group_size)
+        scales = scales.to(dtype).float()  # one rounding, shared by both halves
+        self.hi = _Int4Packed((hi + 8).to(torch.uint8), scales * 16, zeros, group_size, dtype)
+        self.lo = _Int4Packed(lo.to(torch.uint8), scales, scales * 8, group_size, dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = _int4_linear(x, self.hi).add_(_int4_linear(x, self.lo))
@@ -128,20 +144,21 @@ class Int8GroupWeight(QuantizedWeight):
         return _dequantize(self.hi, self.in_features) + _dequantize(self.lo, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"int8 (two int4 halves), group={self.group_size}, out={self.out_features}, in={self.in_features}"
+        return (f"int8 (two int4 halves), group={self.group_size}, out={self.out_features}, in={self.in_features}, "
+                f"{self.hi.dtype}")
 
 
 def _int4_linear(x: torch.Tensor, kernel: _Int4Packed) -> torch.Tensor:
-    if x.dtype == torch.float32 and x.dim() == 2:
+    if x.dtype == kernel.dtype and x.dim() == 2:
         return kernel(x)
     lead = x.shape[:-1]
-    y = kernel(x.reshape(-1, x.shape[-1]).float())
+    y = kernel(x.reshape(-1, x.shape[-1]).to(kernel.dtype))
     return y.view(*lead, y.shape[-1]).to(x.dtype)
 
 
 def _dequantize(kernel: _Int4Packed, in_features: int) -> torch.Tensor:
     # The kernel itself on the identity: each output is one weight times 1 plus zeros, exact.
-    return kernel(torch.eye(in_features)).t().contiguous()
+    return kernel(torch.eye(in_features, dtype=kernel.dtype)).t().float().contiguous()
 
 
 def _check_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:
