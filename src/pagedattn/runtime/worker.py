@@ -28,8 +28,10 @@ from ..cache.block_manager import cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
 from ..config import EngineConfig
 from ..models.context import ForwardContext
+from ..models.gguf_quant import keep_gguf_quantized
 from ..models.interface import CausalLM
 from ..models.layers import AllReduce, pack_linear_weights_for_cpu
+from ..models.layers.quantized import KERNEL_DTYPES, cpu_int4_kernel_available
 from ..models.loader import ModelSource, load_model
 from . import compile_guard
 from .model_runner import ModelRunner, StepInput, StepOutput
@@ -67,15 +69,19 @@ class WorkerConfig:
     load_format: str = "auto"
     seed: int = 0
     tp_size: int = 1
+    gguf_quantized: bool = False  # replace the linears' float weights by the GGUF conversion's blocks
 
     @classmethod
-    def derive(cls, cfg: EngineConfig, model_dir: str, max_model_len: int, dtype: torch.dtype) -> WorkerConfig:
+    def derive(cls, cfg: EngineConfig, model_dir: str, max_model_len: int, dtype: torch.dtype,
+               gguf_file: Path | None = None) -> WorkerConfig:
         """The workers' part of the engine's configuration (same names, resolved values;
-        ``dtype``: the resolved one, ``cfg.resolved_dtype``)."""
-        own = {"model_dir", "dtype", "device_type", "max_model_len", "tp_size"}
+        ``dtype``: the resolved one, ``cfg.resolved_dtype``; ``gguf_file``: the model's GGUF, if
+        it is one)."""
+        own = {"model_dir", "dtype", "device_type", "max_model_len", "tp_size", "gguf_quantized"}
         shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in own}
         return cls(model_dir=model_dir, dtype=dtype, device_type=cfg.torch_device.type,
-                   max_model_len=max_model_len, tp_size=cfg.tensor_parallel_size, **shared)
+                   max_model_len=max_model_len, tp_size=cfg.tensor_parallel_size,
+                   gguf_quantized=quantized_gguf(cfg, gguf_file, dtype), **shared)
 
     @property
     def graph_max_batch(self) -> int:
@@ -174,6 +180,25 @@ class SingleRank:
         return None
 
 
+def quantized_gguf(cfg: EngineConfig, gguf_file: Path | None, dtype: torch.dtype) -> bool:
+    """Whether the workers keep ``gguf_file``'s quantized linears quantized (``gguf_quantized``).
+    By default for a GGUF model in bfloat16 on the CPU, where torch's int4 kernel is vectorised;
+    in float32 (exact weights) only when asked: there torch 2.13's kernel is a scalar loop on x86."""
+    if cfg.gguf_quantized is False:
+        return False
+    if gguf_file is None or cfg.load_format != "auto":
+        if cfg.gguf_quantized:
+            raise ValueError("gguf_quantized: the model is not a GGUF file")
+        return False
+    if cfg.gguf_quantized:
+        if dtype not in KERNEL_DTYPES:
+            raise ValueError(f"gguf_quantized: the int4 CPU kernel computes in float32 or bfloat16, not {dtype}")
+        if not cpu_int4_kernel_available():
+            raise ValueError(f"gguf_quantized: this torch ({torch.__version__}) has no int4 CPU kernel")
+        return True
+    return cfg.torch_device.type == "cpu" and dtype == torch.bfloat16 and cpu_int4_kernel_available()
+
+
 class Worker:
     """A rank's model shard (loaded, sharded while streaming) and, after :meth:`init_cache`,
     its KV pool and :class:`ModelRunner`."""
@@ -187,8 +212,10 @@ class Worker:
             config.model_dir, config.dtype, device, tp_rank=tp_rank, tp_size=config.tp_size,
             load_format=config.load_format, seed=config.seed,
         )
+        if config.gguf_quantized:
+            keep_gguf_quantized(model, self.source.model_dir)  # exact low-bit weights and their kernels
         if device.type == "cpu":
-            pack_linear_weights_for_cpu(model)  # the runtime layout of the CPU's GEMMs
+            pack_linear_weights_for_cpu(model)  # the runtime layout of the CPU's GEMMs (of dense weights)
         self.model: CausalLM = model
         # The engine's KV pool is zero-initialised, hence always finite.
         self.backend: AttentionBackend = get_attention_backend(device, config.attention_backend, finite_cache=True)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .parallel import AllReduce, all_gather_last_dim, check_tp, divide, process_group_all_reduce
+from .quantized import QuantizedWeight
 from .weights import ShardId, check_shape, default_weight_loader, new_param
 
 
@@ -39,8 +40,11 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if _CPU_ONEDNN else None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; ``weight`` may be a oneDNN-packed CPU weight (see :func:`pack_linear_weights_for_cpu`)."""
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; ``weight`` may be a oneDNN-packed CPU weight (see :func:`pack_linear_weights_for_cpu`)
+    or a quantized one (:mod:`.quantized`)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     if weight.is_mkldnn:
         assert _ONEDNN_LINEAR is not None
         if x.dim() == 2:  # the model's activations: no reshaping on the way in or out
@@ -74,7 +78,7 @@ def pack_linear_weights_for_cpu(model: nn.Module) -> int:
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear | ParallelLMHead):
             continue
         w = module.weight
-        if w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or w.is_mkldnn:
+        if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or w.is_mkldnn:
             continue
         module.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach()), requires_grad=False)
         packed += 1
@@ -292,6 +296,8 @@ class RowParallelLinear(nn.Module):
         out = None if x.dim() != 2 else self.all_reduce.partials_buffer(x.shape[0], self.output_size, x.dtype)
         if out is None:
             return linear(x, self.weight, bias)
+        if isinstance(self.weight, QuantizedWeight):  # its kernel has no out=: copy the partial sums there
+            return out.copy_(self.weight.linear(x, bias))
         # The same GEMM as F.linear, its result written straight into the buffer.
         if bias is None:
             return torch.mm(x, self.weight.t(), out=out)

@@ -1,0 +1,181 @@
+"""Quantized linear weights on the CPU: exact low-bit weights, float activations, torch's packed kernels.
+
+A weight format is a small module that takes a linear layer's place of ``weight`` (see
+:func:`set_quantized_weight`); :func:`~.linear.linear` hands it the activations, so the layers
+and the model do not change.  The loader makes the formats (:mod:`..gguf_quant` from a GGUF
+file's blocks); here is only the runtime side: packing and the kernel call.
+
+:class:`Int4GroupWeight` -- int4 codes in groups along the input features, one ``scale`` and
+``zero`` per group: ``w = (code - 8) * scale + zero``, the layout of
+``torch.ops.aten._weight_int4pack_mm_for_cpu`` (which computes exactly that, with one FMA, in
+float32).  GGUF's Q4_0, Q4_1 and Q4_K blocks are this layout with other names for the numbers.
+
+:class:`Int8GroupWeight` -- int8 codes in groups, one ``scale`` per group: ``w = code * scale``
+(GGUF's Q8_0).  torch has no grouped int8 kernel for float activations (``_weight_int8pack_mm``
+scales whole rows), so the codes are split into two int4 halves, ``code = 16 * hi + lo`` with
+``hi`` in [-8, 7] and ``lo`` in [0, 15], each run through the int4 kernel (scales ``16 * scale``
+and ``scale``): the same bytes as int8 and exact weights, two kernel calls.
+
+The kernel computes in the model's dtype:
+
+* float32: ``scale`` and ``zero`` are float32, which holds GGUF's half-precision factors and
+  their sums exactly, so the weights are GGUF's to the bit.  In torch 2.13 this is the kernel's
+  scalar path on x86 (no AVX-512 code for float32 activations): correct, but slower than the
+  dense float32 GEMM, hence not the default (see ``benchmarks/bench_cpu_llamacpp.py``).
+* bfloat16: the kernel's vectorised path.  ``scale`` and ``zero`` are rounded to bfloat16 and
+  the kernel rounds each dequantized weight to bfloat16 before its dot products, as a bfloat16
+  model's dense weights are rounded: a precision change (about 3 significant digits per weight),
+  the same as running the dense model in bfloat16.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+INT4_KERNEL_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants the output features in multiples of 16
+# The op overload itself (as linear.py's oneDNN op): the packet would resolve it on every call.
+_INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+_INT4_MM = _INT4_MM.default if _INT4_MM is not None else None
+
+
+def cpu_int4_kernel_available() -> bool:
+    return _INT4_MM is not None and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+class QuantizedWeight(nn.Module):
+    """A linear layer's weight ``[out_features, in_features]`` kept quantized; :meth:`linear`
+    is ``x @ W^T + bias`` with it."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the kernel computes with, ``[out_features, in_features]``."""
+        raise NotImplementedError
+
+
+class _Int4Packed(nn.Module):
+    """One int4 groupwise weight in the CPU kernel's packed layout (rows padded to a multiple of 16)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        n, k = codes.shape
+        _check_groups(codes, scales, zeros, group_size)
+        if dtype not in KERNEL_DTYPES:
+            raise ValueError(f"the int4 CPU kernel computes in float32 or bfloat16, not {dtype}")
+        pad = -n % INT4_KERNEL_ROWS
+        if pad:  # zero rows: code 8, scale 0, zero 0 -> weight 0 exactly; their outputs are dropped
+            codes = torch.cat([codes, codes.new_full((pad, k), 8)])
+            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+        self.out_features, self.group_size = n, group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        # The kernel's layout: [in_features / group_size, out_features, (scale, zero)].
+        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", sz.to(dtype))
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert _INT4_MM is not None
+        y = _INT4_MM(x, self.packed, self.group_size, self.scales_zeros)
+        return y if y.shape[-1] == self.out_features else y[..., : self.out_features]
+
+
+class Int4GroupWeight(QuantizedWeight):
+    """int4 codes (0..15, uint8 ``[out, in]``) with per-group float32 ``scales`` and ``zeros``
+    ``[out, in / group_size]``: ``w = (code - 8) * scale + zero``, computed in ``dtype``."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if codes.dtype != torch.uint8 or int(codes.max()) > 15:
+            raise ValueError("int4 codes must be uint8 values in [0, 15]")
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        self.kernel = _Int4Packed(codes, scales, zeros, group_size, dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = _int4_linear(x, self.kernel)
+        return y.add_(bias) if bias is not None else y
+
+    def dequantize(self) -> torch.Tensor:
+        return _dequantize(self.kernel, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"int4, group={self.group_size}, out={self.out_features}, in={self.in_features}, {self.kernel.dtype}"
+
+
+class Int8GroupWeight(QuantizedWeight):
+    """int8 codes (``[out, in]``) with per-group float32 ``scales`` ``[out, in / group_size]``:
+    ``w = code * scale``, run as two int4 halves (see the module's docstring), computed in ``dtype``."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if codes.dtype != torch.int8:
+            raise ValueError("int8 codes must be int8")
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        wide = codes.to(torch.int16)
+        hi, lo = torch.div(wide, 16, rounding_mode="floor"), wide.remainder(16)  # code = 16 * hi + lo
+        zeros = torch.zeros_like(scales)
+        # hi: (hi + 8 - 8) * 16 scale; lo: (lo - 8) * scale + 8 scale.  Products of a half-precision
+        # scale and a 4-bit integer are exact in float32, and so is their sum, the code times the scale.
+        scales = scales.to(dtype).float()  # one rounding, shared by both halves
+        self.hi = _Int4Packed((hi + 8).to(torch.uint8), scales * 16, zeros, group_size, dtype)
+        self.lo = _Int4Packed(lo.to(torch.uint8), scales, scales * 8, group_size, dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = _int4_linear(x, self.hi).add_(_int4_linear(x, self.lo))
+        return y.add_(bias) if bias is not None else y
+
+    def dequantize(self) -> torch.Tensor:
+        return _dequantize(self.hi, self.in_features) + _dequantize(self.lo, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"int8 (two int4 halves), group={self.group_size}, out={self.out_features}, in={self.in_features}, "
+                f"{self.hi.dtype}")
+
+
+def _int4_linear(x: torch.Tensor, kernel: _Int4Packed) -> torch.Tensor:
+    if x.dtype == kernel.dtype and x.dim() == 2:
+        return kernel(x)
+    lead = x.shape[:-1]
+    y = kernel(x.reshape(-1, x.shape[-1]).to(kernel.dtype))
+    return y.view(*lead, y.shape[-1]).to(x.dtype)
+
+
+def _dequantize(kernel: _Int4Packed, in_features: int) -> torch.Tensor:
+    # The kernel itself on the identity: each output is one weight times 1 plus zeros, exact.
+    return kernel(torch.eye(in_features, dtype=kernel.dtype)).t().float().contiguous()
+
+
+def _check_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> None:
+    n, k = codes.shape
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"in_features ({k}) must be a multiple of the group size ({group_size})")
+    expected = (n, k // group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != expected or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 {expected}, got {t.dtype} {tuple(t.shape)}")
+
+
+def set_quantized_weight(module: nn.Module, weight: QuantizedWeight) -> None:
+    """Put ``weight`` in ``module.weight``'s place (its dense parameter is dropped)."""
+    dense = cast(torch.Tensor, module.weight)
+    if weight.shape != dense.shape:
+        raise ValueError(f"quantized weight {tuple(weight.shape)} for a {tuple(dense.shape)} layer")
+    if "weight" in module._parameters:
+        del module._parameters["weight"]
+    module.weight = weight
