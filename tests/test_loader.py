@@ -464,7 +464,8 @@ def test_gguf_unsupported_architecture_leaves_nothing(tmp_path: Path) -> None:
     w.close()
     cache = tmp_path / "cache"
     with pytest.raises(ValueError,
-                       match=r"unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, gemma2, gemma3"):
+                       match=r"unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, olmo2, granite, "
+                             r"phi3, gemma2, gemma3"):
         gguf_mod.convert_gguf(path, cache_dir=cache)
     assert list((cache / "gguf").iterdir()) == []
     with pytest.raises(FileNotFoundError, match="GGUF file does not exist"):
@@ -480,8 +481,6 @@ def test_gguf_tensor_names_and_permutation_roundtrip() -> None:
         "model.layers.1.pre_feedforward_layernorm.weight"
     assert gguf_mod.hf_tensor_name("blk.0.post_ffw_norm.weight", "gemma2") == \
         "model.layers.0.post_feedforward_layernorm.weight"
-    with pytest.raises(ValueError, match="unknown GGUF tensor"):
-        gguf_mod.hf_tensor_name("blk.0.post_ffw_norm.weight")
     with pytest.raises(ValueError, match=r"unknown GGUF tensor 'blk\.0\.ssm_a'"):
         gguf_mod.hf_tensor_name("blk.0.ssm_a")
     w = np.random.default_rng(0).standard_normal((3 * 8, 5))

@@ -284,7 +284,7 @@ def _phi3_fields(reader: GGUFReader, tensors: dict[str, ReaderTensor], partial: 
 def _gemma_config(reader: GGUFReader, arch: str, config: dict[str, Any]) -> None:
     """Gemma's config keys from its GGUF metadata and llama.cpp's defaults, in place."""
     for key in ("hidden_act", "use_sliding_window"):
-        config.pop(key)
+        config.pop(key, None)
     config["hidden_activation"] = "gelu_pytorch_tanh"
     hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
     scale = _field(reader, f"{arch}.attention.scale", None)
