@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from pagedattn.engine import detokenizer as dt
-from pagedattn.engine.llm_engine import LLMEngine
+from pagedattn.engine.output_processor import check_stop_strings
 from pagedattn.engine.sampling_params import SamplingParams
 from pagedattn.engine.sequence import Sequence
 
@@ -130,7 +130,7 @@ def write_llama_gguf(path: Path, tok: Any, seed: int = 0) -> Path:
             a = _llamacpp_permute(a, cfg.num_attention_heads)
         elif ".k_proj." in name:
             a = _llamacpp_permute(a, cfg.num_key_value_heads)
-        w.add_tensor(_gguf_name(name), a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
+        w.add_tensor(_gguf_name(name, "llama"), a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -211,12 +211,12 @@ def run(tok: Any, prompt: list[int], out: list[int], chunks: list[int], skip: bo
         pieces.append(dt.detokenize_incrementally(tok, seq, skip))
         assert "".join(pieces) == seq.text  # the pieces are the text, nothing taken back
         texts.append(seq.text)
-        if stop and LLMEngine._check_stop_strings(seq, params):
+        if stop and check_stop_strings(seq, params):
             return seq, texts
     seq.token_ids.extend(out[i:])
     dt.finish_detokenizing(tok, seq, skip)
     if stop:
-        LLMEngine._check_stop_strings(seq, params)
+        check_stop_strings(seq, params)
     return seq, texts
 
 

@@ -73,14 +73,14 @@ def write_quantized_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str
             continue
         a = t.numpy()
         if a.ndim == 1:
-            w.add_tensor(_gguf_name(name), a.astype(np.float32))
+            w.add_tensor(_gguf_name(name, arch), a.astype(np.float32))
             continue
         if arch == "llama" and ".q_proj." in name:
             a = _llamacpp_permute(a, c.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:
             a = _llamacpp_permute(a, c.num_key_value_heads)
         q = embed_qtype if name in ("model.embed_tokens.weight", "lm_head.weight") else qtype
-        w.add_tensor(_gguf_name(name), _quantize(a, q, rng), raw_dtype=q)
+        w.add_tensor(_gguf_name(name, arch), _quantize(a, q, rng), raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

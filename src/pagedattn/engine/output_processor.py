@@ -94,7 +94,7 @@ class OutputProcessor:
             if p.stop_token_ids and tok in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", tok
                 return
-            if p.stop_list and _check_stop_strings(seq, p):
+            if p.stop_list and check_stop_strings(seq, p):
                 return
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
@@ -107,10 +107,10 @@ class OutputProcessor:
             return
         finish_detokenizing(self.tokenizer, seq, p.skip_special_tokens)
         if p.stop_list and seq.num_output_tokens >= p.min_tokens:
-            _check_stop_strings(seq, p)
+            check_stop_strings(seq, p)
 
 
-def _check_stop_strings(seq: Sequence, p: SamplingParams) -> bool:
+def check_stop_strings(seq: Sequence, p: SamplingParams) -> bool:
     longest = max(len(s) for s in p.stop_list)
     start = max(0, seq.stop_checked_len - longest + 1)
     hit_at, hit = -1, None
