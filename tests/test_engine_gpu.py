@@ -13,7 +13,9 @@ from .test_engine import _prompts
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("family", ["llama3_untied_gqa", "mistral_window", "qwen3_qknorm", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["llama3_untied_gqa", "mistral_window", "qwen3_qknorm", "qwen3_moe", "mixtral",
+                                    "gemma2_softcap", "gemma3_local_rope", "phi3_longrope", "olmo2_post_norms",
+                                    "granite_multipliers"])
 @pytest.mark.parametrize("eager", [False, True])
 def test_gpu_greedy_matches_hf(tmp_path, family, eager):
     path = make_model_dir(tmp_path, family)
