@@ -71,3 +71,26 @@ def test_warm_up_samples_every_path_and_keeps_the_shared_generator() -> None:
     rows = [SamplingRow(SamplingParams(temperature=1.0), None) for _ in range(4)]
     # The warm-up drew from its own generators: sampling after it is what it was without it.
     assert warmed(logits, rows).token_ids == fresh(logits, rows).token_ids
+
+
+def test_a_batch_that_banned_tokens_is_not_reused_once_the_ban_is_over() -> None:
+    """A step left in flight may reuse the previous step's sampling tensors when its rows are the
+    same -- but not when those tensors banned EOS until min_tokens: the next token may be EOS."""
+    from pagedattn.engine.sequence import Request
+    from pagedattn.engine.step_sampler import StepSampler
+
+    eos = 2
+    step_sampler = StepSampler(Sampler(torch.device("cpu")), {eos})
+    req = Request("r", None, [5, 6, 7], SamplingParams(temperature=0.0, min_tokens=1, max_tokens=4))
+    seq = req.seqs[0]
+    targets = [(seq, req)]
+    first = step_sampler.batch(targets, None, None)  # output token 0: EOS banned
+    logits = torch.full((1, 16), -1.0)
+    logits[0, eos] = 5.0
+    assert step_sampler.sampler.sample(logits, first).tolist() != [eos]
+    seq.token_ids.append(9)  # min_tokens reached
+    second = step_sampler.batch(targets, targets, first)
+    assert second is not first
+    assert step_sampler.sampler.sample(logits, second).tolist() == [eos]
+    third = step_sampler.batch(targets, targets, second)  # nothing banned on either: reused
+    assert third is second

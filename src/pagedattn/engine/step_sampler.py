@@ -20,9 +20,11 @@ class StepSampler:
 
     def batch(self, targets: list[Target], prev: list[Target] | None, prev_batch: SamplingBatch | None
               ) -> SamplingBatch:
-        """The rows' device tensors; the previous step's when its rows were the same and none of
-        them bans tokens (its batch is still right)."""
-        if prev_batch is not None and prev is not None and [s for s, _ in prev] == [s for s, _ in targets] and \
+        """The rows' device tensors; the previous step's when its rows were the same and neither
+        it nor this step changes the logits (a ban until min_tokens, made for the previous step,
+        may no longer hold now)."""
+        if prev_batch is not None and prev is not None and prev_batch.stages is None and \
+                prev_batch.grammar_mask is None and [s for s, _ in prev] == [s for s, _ in targets] and \
                 all(s.num_output_tokens + s.num_pending >= r.params.min_tokens for s, r in targets):
             return prev_batch
         return self.sampler.prepare([self.row(*t) for t in targets])
