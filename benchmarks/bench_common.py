@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the helpers above serve torch-free scripts (serving.py) too
+    import torch
 
 
 def git_commit() -> str:
@@ -44,3 +47,11 @@ def run_child(script: str, config: dict[str, Any], env: dict[str, str] | None = 
 def child_result(result: dict[str, Any]) -> None:
     """Hand a child run's result to :func:`run_child` (one marked line on stdout)."""
     print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings end here); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import child_result, run_child
+from bench_common import child_result, run_child, sync
 from bench_prefix_cache import model_folder, run_info, vocab_size
 
 SHAPES = ("shared", "random")
@@ -94,11 +94,6 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
             "late_compiles_first": late[0], "late_compiles_second": late[1] - late[0],
             "startup_phases": startup.phases if startup else {}, "warmup_phases": startup.warmup if startup else {},
             "prompt_tokens": sum(map(len, prompts))}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ====================================================================== the driver

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_common import git_commit
+from bench_common import git_commit, sync
 from bench_throughput import make_model
 
 # A Qwen3 small enough to run the smoke settings on a CPU in well under a second.
@@ -114,11 +114,6 @@ def engine_kwargs(args: argparse.Namespace, device: torch.device, dtype: str) ->
         swap_space_gib=args.swap_space_gib, enforce_eager=args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_device_memory() -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import child_result, run_child
+from bench_common import child_result, run_child, sync
 from bench_prefix_cache import model_folder, run_info, ttft_stats, vocab_size
 
 TARGET_SPEEDUP = 3.0
@@ -76,11 +76,6 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"build_s": build, "seconds": seconds, "output_tokens": n_out, "prompt_tokens": sum(map(len, prompts)),
             "output_tok_per_s": n_out / seconds, "ttft_ms": ttft_stats(results),
             "prefix_cache_hit_rate": m["prefix_cache_hit_tokens"] / queried if queried else 0.0}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ====================================================================== the driver
