@@ -96,7 +96,7 @@ def write_llama_gguf(path: Path, tok: Any, seed: int = 0) -> Path:
     metadata (token types: 2 unknown, 3 control, 6 byte, 1 normal; scores give the merge order)."""
     import gguf
 
-    from .test_loader import _gguf_name, _llamacpp_permute
+    from .test_loader import _gguf_name, _gguf_sizes, _llamacpp_permute
 
     tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
     byte = set(BYTE_TOKENS)
@@ -107,12 +107,7 @@ def write_llama_gguf(path: Path, tok: Any, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(cfg)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    _gguf_sizes(w, cfg)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("llama")

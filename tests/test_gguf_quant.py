@@ -21,7 +21,7 @@ from pagedattn.models.gguf_quant import GROUP, block_groups, keep_gguf_quantized
 from pagedattn.models.layers.quantized import Int4GroupWeight, Int8GroupWeight, QuantizedWeight
 from pagedattn.models.loader import load_model
 from pagedattn.models.testing import PagedHarness
-from tests.test_loader import _gguf_name, _llamacpp_permute, _random_hf
+from tests.test_loader import _gguf_name, _gguf_sizes, _llamacpp_permute, _random_hf
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -58,12 +58,7 @@ def write_quantized_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str
     c = hf.config
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    _gguf_sizes(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_bos_token_id(1)
