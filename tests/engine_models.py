@@ -63,7 +63,7 @@ def make_model_dir(root: Path, family: str, seed: int = 0) -> Path:
     cls_name, extra = FAMILIES[family]
     cfg = getattr(transformers, cls_name)(**COMMON, **extra)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # RMSNorm weights init to 1 (Gemma's to 0); perturb them so the norms are exercised
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -76,13 +76,22 @@ def make_model_dir(root: Path, family: str, seed: int = 0) -> Path:
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """The oracle: HF transformers ``generate``, greedy, one prompt at a time, no EOS stop."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    """The oracle: HF transformers ``generate``, greedy, one prompt at a time, no EOS stop.
+
+    LongRoPE models generate without a cache: each step is one forward pass over the whole
+    sequence, which is what Phi-3's generation means by dropping its cache when the sequence
+    outgrows the original length (some transformers releases, 5.17 among them, then fed that
+    forward only the newest token)."""
+    # Eager attention: transformers' reference code path (its SDPA path drops Gemma 2's soft-capping).
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    use_cache = rope.get("rope_type") != "longrope"
     outs = []
     for p in prompts:
         ids = torch.tensor([p])
         with torch.no_grad():
             g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
+                               do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=use_cache)
         outs.append(g[0, len(p):].tolist())
     return outs

@@ -34,7 +34,7 @@ COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_siz
 
 def _random_hf(cls_name: str, seed: int, **extra: Any) -> transformers.PreTrainedModel:
     cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -123,6 +123,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+_MOE_TYPES = ("qwen3_moe", "mixtral")
+
+
 @dataclass
 class Family:
     name: str
@@ -144,7 +147,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 def _make_family(name: str, root: Path) -> Family:
     cls_name, extra = FAMILIES[name]
     cfg = getattr(transformers, cls_name)(**COMMON, **extra)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # Eager attention: transformers' reference code path (its SDPA path drops Gemma 2's soft-capping).
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     _randomize(hf, seed=sorted(FAMILIES).index(name))
     hf.save_pretrained(root)
     ours, _ = load_model(root, torch.float32, "cpu")
@@ -395,7 +399,11 @@ def test_cuda_matches_hf(family: Family, backend: str, dtype: torch.dtype) -> No
     if dtype == torch.float32:
         _assert_logits_match(got, ref)
     else:  # bf16 weights and activations (~3 significant digits): close, mostly the same argmax
-        assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+        row_err = (got - ref).abs().amax(-1)
+        # A router whose top-k scores are nearly tied may pick another expert in bf16 than in fp32,
+        # which moves that token's logits far; most tokens must still be close.
+        worst = row_err.quantile(0.9) if family.hf.config.model_type in _MOE_TYPES else row_err.max()
+        assert worst < 0.1 * ref.abs().max()
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 
@@ -1000,7 +1008,8 @@ def test_gemma3_caps_as_transformers_applies_them(tmp_path: Path, caplog: pytest
     never its attention logits, whatever ``attn_logit_softcapping`` says."""
     cfg = transformers.Gemma3TextConfig(**COMMON, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
                                         sliding_window=6, attn_logit_softcapping=0.5, final_logit_softcapping=2.0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # Eager attention: transformers' reference code path (its SDPA path drops Gemma 2's soft-capping).
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     _randomize(hf, seed=21)
     hf.save_pretrained(tmp_path)
     with caplog.at_level("WARNING"):

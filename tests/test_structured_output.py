@@ -353,3 +353,22 @@ def test_a_conversation_with_tool_calls_renders(server: ServerThread, llm: LLM) 
     assert r.status_code == 200, r.text
     text = llm.get_tokenizer().decode(r.json()["tokens"])
     assert '"arguments": {"city": "Paris"}' in text and "<tool_response>\n22 C" in text and "get_weather" in text
+
+
+def test_offline_chat_renders_tools_as_the_server_does(server: ServerThread, llm: LLM) -> None:
+    import httpx
+
+    msgs = _chat("Weather in Paris?")
+    r = httpx.post(f"{server.base_url}/tokenize", json={"messages": msgs, "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    ids = llm.apply_chat_template(msgs, tools=TOOLS)
+    assert ids == r.json()["tokens"] and len(ids) > len(llm.apply_chat_template(msgs))
+    assert "get_weather" in llm.get_tokenizer().decode(ids)
+    # A forced call offline: the tool's arguments schema through structured output.
+    sp = SamplingParams(temperature=0, max_tokens=60,
+                        structured_outputs=StructuredOutputsParams(json=PARAMS["get_weather"]))
+    out = llm.chat(msgs, sp, tools=TOOLS)[0]
+    assert out.prompt_token_ids == ids
+    jsonschema.validate(json.loads(out.outputs[0].text), PARAMS["get_weather"])
+    with pytest.raises(ValueError, match="tools must be a list of dicts"):
+        llm.chat(msgs, sp, tools="get_weather")  # type: ignore[arg-type]

@@ -126,29 +126,36 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate.
-        ``chat_template_kwargs`` are the template's own variables (Qwen3: ``enable_thinking``)."""
+        ``chat_template_kwargs`` are the template's own variables (Qwen3: ``enable_thinking``);
+        ``tools`` (OpenAI's function definitions) go to the template, which tells the model how
+        to call them; the calls come back as the model writes them, in the output text (the
+        server parses them into ``tool_calls``)."""
         if messages and isinstance(messages[0], dict):
             convs = [messages]
         else:
-            convs = cast(list[list[dict[str, str]]], messages)
-        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs)}
+            convs = cast(list[list[dict[str, Any]]], messages)
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs, tools)}
                    for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            chat_template_kwargs: dict[str, Any] | None = None,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError("this model has no chat template")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ValueError(f"tools must be a list of dicts (OpenAI function definitions), got {tools!r:.80}")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                       **(chat_template_kwargs or {}))
+                                       tools=tools or None, **(chat_template_kwargs or {}))
         return tok.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ misc

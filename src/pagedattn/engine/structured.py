@@ -18,12 +18,13 @@ the next bitmask needs the token just sampled.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -209,14 +210,19 @@ def fill_bitmask(grammars: Sequence[SampleGrammar | None], device: torch.device)
         return None
     import xgrammar as xgr
 
-    first = grammars[rows[0]]
-    assert first is not None
-    bitmask = xgr.allocate_token_bitmask(len(grammars), first.vocab_size)
-    for i in rows:
-        g = grammars[i]
-        assert g is not None
-        g.matcher.fill_next_token_bitmask(bitmask, i)
+    matchers = [g.matcher for g in grammars if g is not None]
+    bitmask = xgr.allocate_token_bitmask(len(grammars), cast(SampleGrammar, grammars[rows[0]]).vocab_size)
+    _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, rows)
     return TokenBitmask(upload(bitmask, device), rows)
+
+
+@functools.cache
+def _batch_matcher() -> xgrammar.BatchGrammarMatcher:
+    """xgrammar's batch filler: the rows' masks on a pool of threads (half the cores), which
+    matters with hundreds of constrained rows a step (docs/benchmarks.md, structured output)."""
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher(max_threads="auto")
 
 
 def apply_bitmask(logits: torch.Tensor, mask: TokenBitmask, inplace: bool = False) -> torch.Tensor:
