@@ -3,8 +3,9 @@
 
 Each mode runs in a fresh process (kernels, grammars and caches start cold, as a user meets
 them) after a warm-up of a few tiny *unconstrained* requests, so the first grammar compile is
-part of the first timed run; a second run of the same requests shows the steady state.  The workload: ``--num-requests`` chat-style prompts sampled at
-temperature 0.8 (the engine's seed), up to ``--max-tokens`` tokens each.  A constrained request ends where
+part of the first timed run; a second run of the same requests shows the steady state.  The
+workload: ``--num-requests`` chat-style prompts sampled at temperature 0.8 (the engine's seed),
+up to ``--max-tokens`` tokens each.  A constrained request ends where
 its grammar is complete, so output lengths differ between modes: throughput is output tokens
 per second over the whole run.  Also reported: how many constrained outputs parse as JSON and
 (schema mode) validate against the schema; an output cut by ``--max-tokens`` cannot.
@@ -42,8 +43,6 @@ MODES = ("none", "json_object", "json_schema")
 
 
 def run_mode(cfg: dict) -> dict:
-    import torch
-
     from pagedattn import LLM, SamplingParams
     from pagedattn.engine.structured import StructuredOutputsParams
 
