@@ -155,7 +155,7 @@ class LLM:
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ValueError(f"tools must be a list of dicts (OpenAI function definitions), got {tools!r:.80}")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                       tools=tools or None, **(chat_template_kwargs or {}))
+                                       tools=cast(Any, tools or None), **(chat_template_kwargs or {}))
         return tok.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ misc
