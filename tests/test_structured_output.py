@@ -144,9 +144,10 @@ def test_regex_choice_grammar_and_json_object(llm: LLM) -> None:
             assert c.finish_reason == "stop" and ok(c.text), c.text
 
 
-def test_stop_strings_prefix_cache_and_async_scheduling(llm: LLM) -> None:
+def test_stop_strings_prefix_cache_and_async_scheduling(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop string cuts the constrained text; a prefix-cache hit and an async-scheduling engine
-    (a structured row is never overlapped) give the same greedy answer."""
+    give the same greedy answer.  With async scheduling a constrained step stays in flight too:
+    it samples once the previous step's tokens have advanced its grammar."""
     prompt = {"prompt_token_ids": llm.apply_chat_template([{"role": "system", "content": SYSTEM},
                                                            *_chat(SCHEMAS[0][0])])}
     assert len(prompt["prompt_token_ids"]) > 2 * 16
@@ -154,15 +155,31 @@ def test_stop_strings_prefix_cache_and_async_scheduling(llm: LLM) -> None:
     first = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0]
     hits = llm.get_metrics()["prefix_cache_hit_tokens"]
     engine = llm.engine
+    sampled = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, structured_outputs=S(json=PERSON))
+               for s in range(3)]
+    other = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sync = llm.generate([prompt] * 3 + ["Once upon a time"], [*sampled, other], use_tqdm=False)
+    masked_in_flight = 0
+    sample_on_device = type(engine)._sample_on_device
+
+    def counting(self: Any, cur: Any, prev: Any) -> None:
+        nonlocal masked_in_flight
+        sample_on_device(self, cur, prev)
+        masked_in_flight += cur.masked and cur.host is not None
+
+    monkeypatch.setattr(type(engine), "_sample_on_device", counting)
     engine.async_scheduling = True
     try:
-        # Next to an unconstrained request, whose steps may overlap when alone.
-        other = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        # Next to an unconstrained request, whose steps overlap too.
         again, _ = llm.generate([prompt, "Once upon a time"], [sp, other], use_tqdm=False)
+        overlapped = llm.generate([prompt] * 3 + ["Once upon a time"], [*sampled, other], use_tqdm=False)
     finally:
         engine.async_scheduling = False
     assert llm.get_metrics()["prefix_cache_hit_tokens"] > hits
     assert again.outputs[0].text == first.text
+    assert [o.outputs[0].text for o in overlapped] == [o.outputs[0].text for o in sync]
+    assert masked_in_flight > 10
+    engine.check_integrity()
     cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=60, stop=[","],
                                               structured_outputs=S(json=PERSON)), use_tqdm=False)[0].outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == "," and first.text.startswith(cut.text + ",")

@@ -64,6 +64,10 @@ class _Launched:
     done: torch.cuda.Event | None = None
     batch: SamplingBatch | None = None
 
+    @property
+    def masked(self) -> bool:  # grammars mask its logits: it samples after the previous step's tokens
+        return any(seq.grammar is not None for seq, _ in self.targets)
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
@@ -89,10 +93,9 @@ class LLMEngine:
         kv_heads = max(1, self.arch.num_kv_heads // tp)  # per rank (a replica each when tp > heads)
         worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim,
                                                config.block_size, self.dtype))
-        device = self.device
-        if tp > 1 and device.type == "cuda" and torchrun is None and (device.index or 0) != 0:
-            raise ValueError(f"device: tensor parallelism runs rank r on cuda:r; got device={device}")
-        self.executor: Executor = make_executor(worker_config, device, config.distributed_timeout_s, torchrun)
+        if tp > 1 and self.device.type == "cuda" and torchrun is None and (self.device.index or 0) != 0:
+            raise ValueError(f"device: tensor parallelism runs rank r on cuda:r; got device={self.device}")
+        self.executor: Executor = make_executor(worker_config, self.device, config.distributed_timeout_s, torchrun)
         try:
             self._init_rank0(config, t0)
         except BaseException:
@@ -115,13 +118,9 @@ class LLMEngine:
         logger.info("loaded %s in %.1fs", self.source.model_dir, time.perf_counter() - t0)
         self.eos_token_ids = set(self.source.eos_token_ids)
         num_blocks, num_cpu = self.executor.num_blocks, worker.num_cpu_blocks
-        windows = set(self.arch.layer_sliding_windows)
-        # Blocks can be released only if *every* layer forgets them.
-        window = windows.pop() if len(windows) == 1 else None
-        self.block_manager = BlockManager(
+        self.block_manager = BlockManager(  # blocks are released only where *every* layer's window allows
             num_blocks, config.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=config.enable_prefix_caching,
-            sliding_window=window, watermark=config.watermark,
-        )
+            sliding_window=self.arch.uniform_sliding_window, watermark=config.watermark)
         self.scheduler = Scheduler(config, self.block_manager, self.arch.kv_variant)
         self.step_builder = StepBuilder(self.scheduler.block_table)
         self.sampler = Sampler(self.device, config.seed)
@@ -134,8 +133,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.num_steps = 0
-        self.num_prompt_tokens = 0
+        self.num_steps = self.num_prompt_tokens = 0
         self.tracer: Any = None  # a viz.TraceRecorder when tracing is on
         self.async_scheduling = (self.device.type == "cuda") if config.async_scheduling is None \
             else config.async_scheduling
@@ -194,6 +192,8 @@ class LLMEngine:
         cur = self._launch(sched)
         prev, self._inflight = self._inflight, None
         touched = self._process(prev) if prev is not None else []
+        if cur is not None and cur.masked and self._can_defer(cur):
+            self._sample_on_device(cur, None)  # its grammars have now taken the previous step's tokens
         if cur is not None and cur.host is not None:
             self._inflight = cur
         elif cur is not None:
@@ -213,7 +213,7 @@ class LLMEngine:
             record_prompt_logprobs([(s.request, s.seq, s.start, s.num_new_tokens) for s in sched.scheduled],
                                    result.prompt_logits)
         cur = _Launched(sched, [(s.seq, s.request) for s in sched.scheduled if s.samples], result.rows, step.greedy)
-        if self._can_defer(cur):
+        if self._can_defer(cur) and not cur.masked:
             self._sample_on_device(cur, prev)
         self.scheduler.launched(sched)
         return cur
@@ -272,13 +272,11 @@ class LLMEngine:
             for r in sched.preempted:
                 self.tracer.event("preempt", request=r.request_id, to=r.status.value)
             self.tracer.end_step(self.num_steps - 1, self.scheduler.step_stats(sched))
-        outs = []
-        for req in {id(r): r for r in touched}.values():
+        unique = list({id(r): r for r in touched}.values())
+        for req in unique:
             if req.finished:
                 self.requests.pop(req.request_id, None)
-            if req.stream or req.finished:
-                outs.append(request_output(req))
-        return outs
+        return [request_output(req) for req in unique if req.stream or req.finished]
 
     # ================================================================== metrics & tracing
     def get_metrics(self) -> dict[str, float | int]:

@@ -52,7 +52,10 @@ def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int]) -> Sampli
         if seq.token_history is None:
             seq.token_history = TokenHistory()
         history = RowHistory(seq.token_ids, seq.prompt_len, seq.token_history)
-    return SamplingRow(p, seq.generator, banned, grammar=seq.grammar, history=history,
+    # A sample that finished while this step ran (its grammar may be complete): the row's token
+    # is dropped, so it needs no mask.
+    grammar = None if seq.finished else seq.grammar
+    return SamplingRow(p, seq.generator, banned, grammar=grammar, history=history,
                        bad_words=req.bad_words_ids)
 
 

@@ -116,11 +116,12 @@ class Request:
     def can_overlap(self) -> bool:
         """Whether a step sampling this request's next token may stay in flight while the next is
         scheduled (async scheduling): no log-probabilities to read, no first token of n samples
-        (they fork), no grammar (its next mask needs this token), no penalties or bad words
-        (their next logits read every token so far, the pending one too)."""
+        (they fork), no penalties or bad words (their next logits read every token so far, the
+        pending one too).  A grammar's next mask needs this token as well, but only to sample:
+        the engine samples such a step after the previous one is processed, as its forward runs."""
         p = self.params
-        return p.logprobs is None and p.structured_outputs is None and not p.has_penalties and \
-            not self.bad_words_ids and (p.n == 1 or self.prefill_done)
+        return p.logprobs is None and not p.has_penalties and not self.bad_words_ids and \
+            (p.n == 1 or self.prefill_done)
 
     @property
     def prefill_done(self) -> bool:

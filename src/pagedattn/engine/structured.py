@@ -12,8 +12,9 @@ end-of-sequence token only where the grammar is complete, and the sample stops w
 matcher terminates.
 
 The engine calls this module from four places (validation, request creation, the sampling row
-and the token append), and never overlaps a step that holds a constrained row with the next one:
-the next bitmask needs the token just sampled.
+and the token append).  The next bitmask needs the token just sampled, so under async
+scheduling a step with constrained rows samples only after the previous step's tokens have
+advanced the matchers, while its own forward runs.
 """
 
 from __future__ import annotations
