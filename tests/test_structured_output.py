@@ -199,6 +199,22 @@ def test_bad_constraints_fail_before_any_work(llm: LLM, bad: StructuredOutputsPa
     assert llm.get_metrics()["num_prompt_tokens"] == before and not llm.engine.has_unfinished_requests()
 
 
+def test_length_bounded_strings_stay_valid_json(llm: LLM) -> None:
+    """A string with minLength/maxLength admits no raw control character (JSON forbids them;
+    xgrammar's own length rule lets them through) and keeps its bounds."""
+    import xgrammar as xgr
+
+    schema = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 4},
+                                               "b": {"type": "array", "items": {"type": "string", "maxLength": 3}}},
+              "required": ["a", "b"]}
+    compiled = llm.engine.grammars.compile(S(json=schema))
+    for text, ok in (('{"a": "xy", "b": ["z"]}', True), ('{"a": "x\x12", "b": []}', False),
+                     ('{"a": "xy", "b": ["\x07"]}', False), ('{"a": "x", "b": []}', False),
+                     ('{"a": "xyzwv", "b": []}', False), ('{"a": "日本", "b": ["abc"]}', True)):
+        m = xgr.GrammarMatcher(compiled)
+        assert (m.accept_string(text) and m.accept_token(llm.get_tokenizer().eos_token_id)) == ok, text
+
+
 def test_params_need_exactly_one_constraint() -> None:
     for kw in ({}, {"json": {}, "regex": "a"}, {"choice": []}, {"choice": "ab"}, {"json_object": False}):
         with pytest.raises(ValueError, match="structured_outputs"):

@@ -191,7 +191,25 @@ def _schema_text(p: StructuredOutputsParams) -> str:
     if not isinstance(schema, (dict, bool)):
         raise StructuredOutputError(p.origin, f"{p.where}: a JSON schema is an object (or true/false), got "
                                     f"{type(schema).__name__}")
-    return json.dumps(schema)
+    return json.dumps(_strict_bounded_strings(schema))
+
+
+def _strict_bounded_strings(node: Any) -> Any:
+    """``node`` with each length-bounded string given a pattern of the characters JSON allows
+    unescaped: xgrammar (0.2.9) compiles ``minLength``/``maxLength`` into a character class that
+    admits raw control characters, which makes the output invalid JSON.  The pattern keeps the
+    bounds and also leaves out quotes and backslashes (such a string cannot hold escapes)."""
+    if isinstance(node, list):
+        return [_strict_bounded_strings(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict_bounded_strings(v) for k, v in node.items()}
+    bounds = [out[k] for k in ("minLength", "maxLength") if k in out]
+    if out.get("type") == "string" and bounds and all(type(b) is int and b >= 0 for b in bounds) and \
+            not {"pattern", "format", "enum", "const"} & out.keys():
+        lo, hi = out.get("minLength", 0), out.get("maxLength", "")
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{lo},{hi}}}$'
+    return out
 
 
 # ====================================================================== per step
