@@ -49,7 +49,7 @@ def quantize_per_token(x: torch.Tensor, amax_ub: float | None = None) -> tuple[t
         amax = amax.clamp(max=amax_ub)
     scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    return q.contiguous(), scale  # _scaled_mm wants a row-major left operand (a strided x keeps its strides)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor, bias: torch.Tensor | None,
