@@ -132,7 +132,7 @@ def _round_activations_per_token(model: torch.nn.Module) -> None:
 RUNTIME_TOL = 1e-4
 
 
-@pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[1], FORMATS[2], FORMATS[3]], ids=lambda f: f.id)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.id)
 def test_fp8_runtime_form_computes_the_dequantized_model(made, fmt: Fp8Fmt) -> None:
     """What an sm89+ GPU keeps (e4m3 weights; per-row scales through ``torch._scaled_mm`` with
     per-token activation scales, block scales dequantized per call), run on the CPU, whose torch
@@ -285,6 +285,7 @@ def _ct(weights: dict | None = None, acts: dict | None = None) -> dict:
     (_ct({"strategy": "block", "block_structure": [128]}), "block_structure must be two positive integers"),
     (_ct(acts={"num_bits": 8, "type": "float", "dynamic": True, "strategy": "tensor"}), "strategy 'tensor'"),
     (_ct(acts={"num_bits": 8, "type": "int", "dynamic": True, "strategy": "token"}), "input activations"),
+    ({**_ct(), "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor"}}, "kv_cache_scheme"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}, "scale_fmt 'ue8m0'"),
     ({"quant_method": "fp8", "activation_scheme": "mx"}, "activation_scheme 'mx'"),
     ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "weight_block_size"),

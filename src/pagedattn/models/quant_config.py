@@ -174,6 +174,9 @@ def _compressed_tensors(d: Mapping[str, Any], dtype: torch.dtype | None) -> Quan
     if any("lm_head" not in str(m) for m in ignored):
         raise ValueError(f"{what}: ignore {ignored!r} is not supported (every linear layer of the decoder must be "
                          "quantized)")
+    if d.get("kv_cache_scheme"):
+        raise ValueError(f"{what}: kv_cache_scheme {d.get('kv_cache_scheme')!r} is not supported (the KV cache "
+                         "is not quantized)")
     if fmt == "float-quantized":
         return _compressed_tensors_fp8(group)
     if group.get("input_activations") or group.get("output_activations"):

@@ -340,7 +340,7 @@ class Fp8Linear:
             m.weight_scale = None
             m.weight = nn.Parameter(dense, requires_grad=False)
             return
-        if m.weight_scale.shape[1] == 1:  # the [1, N] row _scaled_mm takes as scale_b
+        if self.quant.block_size is None:  # the [1, N] row _scaled_mm takes as scale_b
             m.weight_scale = nn.Parameter(m.weight_scale.data.t().contiguous(), requires_grad=False)
 
     @property
