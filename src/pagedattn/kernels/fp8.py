@@ -10,17 +10,30 @@ scales, ``G == ceil(K / group_size)`` for block scales (see ``models/quant_forma
   channel); the bias is added after.  Everything stays on the device (no host sync), so CUDA
   graphs capture it.  ``_scaled_mm`` wants K and N multiples of 16 (:func:`scaled_mm_shape_ok`)
   and, for row-wise scales on CUDA, a bfloat16 output: other model dtypes are cast from it.
-* **Block scales** (:func:`fp8_block_linear`): the weight is dequantized to the activation dtype
-  on every call and multiplied densely (no per-token activation rounding).  The weight stays in
-  FP8 in memory; the GEMM streams it twice, so it is slower than the bfloat16 model.
+* **Block scales** (:func:`fp8_block_linear`): a Triton GEMM (:func:`_fp8_block_gemm_kernel`)
+  that loads a ``[BLOCK_K, BLOCK_N]`` tile of e4m3 weights, multiplies it by its block's scales
+  in fp32, rounds it to the activation dtype (the weight a dense model of the dequantization
+  holds) and feeds ``tl.dot``: the activations are not rounded to FP8 (W8A16 arithmetic on FP8
+  storage; the tile lies in one block of input features).  Without triton, the weight is
+  dequantized on each call and multiplied densely.  The launch parameters are heuristics, not
+  tuned on a GPU.
 
 The CPU build of torch runs ``_scaled_mm`` too (float32 output), which the tests use to run the
-GPU's arithmetic on the CPU.
+GPU's arithmetic on the CPU; the Triton kernel runs under the Triton interpreter there.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .w4a16 import _dot_dtype
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: only the torch forms run
+    triton = None
+    tl = None
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -75,10 +88,84 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int,
     return (weight.float() * s).to(dtype)
 
 
+def block_k(group_size: int) -> int:
+    """The Triton kernel's K tile: the largest power of two <= 64 dividing the block's input
+    features (a tile then lies in one block); below 16 (``tl.dot``'s least) there is none."""
+    bk = 64
+    while bk >= 16 and group_size % bk:
+        bk //= 2
+    return bk if bk >= 16 else 0
+
+
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W^T + bias`` with the block-scaled ``W`` dequantized to ``x.dtype`` for this call."""
+                     bias: torch.Tensor | None, use_triton: bool | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias`` with the block-scaled ``W`` (``weight [N, K]`` e4m3, ``scale
+    [N, G]``): the Triton kernel (``use_triton``; default: on CUDA), else dequantized to
+    ``x.dtype`` for this call."""
+    if use_triton is None:
+        use_triton = x.is_cuda
+    if use_triton and triton is not None and block_k(group_size):
+        return _fp8_block_gemm(x, weight, scale, group_size, bias)
+    return _dequantized_linear(x, weight, scale, group_size, bias)
+
+
+def _dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int,
+                        bias: torch.Tensor | None) -> torch.Tensor:
     k = weight.shape[1]
     # In the activation dtype throughout: two weight-sized temporaries of it, not float32 ones.
     w = weight.to(x.dtype).mul_(scale.to(x.dtype).repeat_interleave(group_size, dim=1)[:, :k])
     return torch.nn.functional.linear(x, w, bias)
+
+
+def _fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.stride(1) != 1 or scale.shape[0] != n:
+        raise ValueError(f"x [{m}, {k}] does not fit the weight {list(weight.shape)} and scales {list(scale.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    bn = 64 if m <= 64 else 128
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    dot_dtype = _dot_dtype(x.dtype)
+    scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
+    _fp8_block_gemm_kernel[grid](
+        x, weight, scale, bias if bias is not None else scale, out, m, n, k, scale.shape[1], x.stride(0),
+        weight.stride(0), out.stride(0), group_size, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
+        DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=block_k(group_size), num_warps=4, num_stages=3)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, G, stride_xm, stride_wn, stride_om,
+                               group_size, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+        """A ``[BLOCK_M, BLOCK_N]`` tile of ``x W^T (+ bias)``, W dequantized tile by tile."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            q = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                        mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            s = tl.load(s_ptr + offs_n * G + k0 // group_size, mask=n_mask, other=0.0)
+            w = (q.to(tl.float32) * s[None, :]).to(x_ptr.dtype.element_ty)
+            acc += tl.dot(xv.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])

@@ -295,11 +295,14 @@ class Fp8Linear:
     into the dense ``weight`` in the model's dtype; otherwise it stays FP8 and runs through
     :func:`pagedattn.kernels.fp8.fp8_linear` (per-row scales: per-token activations,
     ``torch._scaled_mm``) or :func:`~pagedattn.kernels.fp8.fp8_block_linear` (block scales:
-    the weight dequantized per call)."""
+    a Triton GEMM that dequantizes weight tiles in registers)."""
 
     quant: QuantConfig
     params_dtype: torch.dtype
     group_size: int  # input features per scale column
+    # Block scales on the CPU run the torch form, unless this is set: the Triton kernel on CPU
+    # tensors, which only the Triton interpreter can run (tests).
+    cpu_kernels: bool = False
     in_local: int
     bias: nn.Parameter | None
     tp_rank: int
@@ -357,7 +360,8 @@ class Fp8Linear:
         if self.quant.block_size is None:  # per-row scales, [1, N] since finish_loading
             y = fp8.fp8_linear(x2, m.weight, scale, bias, self.quant.act_amax_ub)
         else:
-            y = fp8.fp8_block_linear(x2, m.weight, scale, self.group_size, bias)
+            y = fp8.fp8_block_linear(x2, m.weight, scale, self.group_size, bias,
+                                     use_triton=x2.is_cuda or self.cpu_kernels)
         if out is not None:
             y = out.copy_(y)
         return y.view(*lead, y.shape[-1])
