@@ -234,6 +234,16 @@ def test_dummy_fp8_model_is_the_rounded_dense_model(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- refusals
+def test_zero_zero_points_are_accepted(made, tmp_path: Path) -> None:
+    """compressed-tensors may write (zero) zero points of symmetric FP8: they load as nothing."""
+    path, ref_path, _ = made(FORMATS[1])
+    zp = torch.zeros(256, 1, dtype=torch.bfloat16)
+    model, _ = load_model(_corrupt(path, tmp_path, "model.layers.0.mlp.gate_proj.weight_zero_point", zp),
+                          torch.float32, "cpu")
+    dense, _ = load_model(ref_path, torch.float32, "cpu")
+    assert all(torch.equal(p, _params(dense)[n]) for n, p in _params(model).items())
+
+
 def _corrupt(path: Path, tmp: Path, name: str, tensor: torch.Tensor | None) -> Path:
     tensors = dict(iter_safetensors([path / "model.safetensors"]))
     if tensor is None:
@@ -251,7 +261,8 @@ def _corrupt(path: Path, tmp: Path, name: str, tensor: torch.Tensor | None) -> P
     (FORMATS[1], "model.layers.0.self_attn.k_proj.weight_scale", torch.ones(64, 2),
      r"k_proj.weight_scale'.*per-channel weight_scale must be \[64, 1\], got \(64, 2\)"),
     (FORMATS[4], "model.layers.1.mlp.down_proj.weight_scale_inv", torch.ones(2, 2),
-     r"down_proj.weight_scale'.*must be \[1, 2\], got \[2, 2\]"),
+     r"down_proj.weight_scale'.*weight_scale_inv of a \[128, 256\] weight in blocks of \[128, 128\] must be "
+     r"\[1, 2\], got \[2, 2\]"),
     (FORMATS[0], "model.layers.0.mlp.up_proj.weight_scale", torch.ones(2),
      r"up_proj.weight_scale'.*per-tensor weight_scale must hold one value"),
     (FORMATS[3], "model.layers.0.self_attn.o_proj.weight_scale", -torch.ones(128, 1),
@@ -261,7 +272,9 @@ def _corrupt(path: Path, tmp: Path, name: str, tensor: torch.Tensor | None) -> P
     (FORMATS[0], "model.layers.1.self_attn.v_proj.input_scale", torch.ones(2),
      r"v_proj.input_scale'.*one scale per tensor"),
     (FORMATS[2], "model.layers.0.mlp.gate_proj.weight_scale", None, r"missing weights: .*gate_proj.weight_scale"),
-], ids=["channel-shape", "block-shape", "tensor-shape", "negative", "not-fp8", "input-scale", "missing"])
+    (FORMATS[1], "model.layers.0.mlp.gate_proj.weight_zero_point", torch.ones(256, 1, dtype=torch.bfloat16),
+     r"gate_proj.weight_zero_point'.*must be all zeros"),
+], ids=["channel-shape", "block-shape", "tensor-shape", "negative", "not-fp8", "input-scale", "missing", "zero-point"])
 def test_malformed_fp8_tensors_are_refused(made, tmp_path: Path, fmt: Fp8Fmt, name: str,
                                            tensor: torch.Tensor | None, match: str) -> None:
     path, _, _ = made(fmt)

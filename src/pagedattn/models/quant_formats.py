@@ -25,7 +25,7 @@ FP8 checkpoints keep the dense ``weight [N, K]`` in float8_e4m3fn, with ``W = q 
 
 * **compressed-tensors** ``float-quantized``: ``weight_scale`` float ``[1]`` (per tensor),
   ``[N, 1]`` (per channel) or ``[ceil(N/bn), ceil(K/bk)]`` (blocks); static activations add an
-  ``input_scale [1]``;
+  ``input_scale [1]``; zero points, if written, must be zeros (symmetric);
 * **fbgemm_fp8**: ``weight_scale`` float32 ``[N, 1]``;
 * **fp8** (FineGrainedFP8): ``weight_scale_inv`` float32 ``[ceil(N/bn), ceil(K/bk)]``, or a scalar
   without blocks (the name is DeepSeek's: it multiplies, as the others' scales do); static
@@ -58,7 +58,8 @@ QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx",
                   "weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 SYMMETRIC_ZERO = 8  # the zero point of symmetric int4 in the unsigned domain
 # The checkpoint tensors of an FP8 layer besides its ``weight``, by name suffix.
-FP8_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale", "activation_scale")
+FP8_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale", "activation_scale", "weight_zero_point",
+                "input_zero_point")
 
 
 # ---------------------------------------------------------------------- bit packing
@@ -146,6 +147,10 @@ def _fp8_to_internal(kind: str, tensor: torch.Tensor) -> list[tuple[str, torch.T
     activation scales are checked and dropped: the activations are scaled per token instead."""
     if kind not in FP8_SUFFIXES:
         raise ValueError(f"{kind} is not a tensor of FP8 checkpoints")
+    if kind.endswith("zero_point"):  # symmetric FP8: zeros, if the tool wrote them at all
+        if bool(tensor.ne(0).any()):
+            raise ValueError(f"{kind} must be all zeros (only symmetric FP8 is supported)")
+        return []
     _check_scales(kind, tensor)
     if kind in ("input_scale", "activation_scale"):
         if tensor.numel() != 1:
@@ -174,19 +179,20 @@ def fp8_scale_rows(quant: QuantConfig, scale: torch.Tensor, rows: int, in_featur
     """A checkpoint's FP8 ``weight_scale`` (float32) of a weight ``[rows, in_features]`` as the
     internal ``[rows, G]`` (see the module docstring); a ValueError for any other shape."""
     strategy = quant.fp8_strategy
+    what = "weight_scale_inv" if quant.method == "fp8" else "weight_scale"  # the checkpoint's name
     if strategy == "tensor":
         if scale.numel() != 1:
-            raise ValueError(f"a per-tensor weight_scale must hold one value, got shape {tuple(scale.shape)}")
+            raise ValueError(f"a per-tensor {what} must hold one value, got shape {tuple(scale.shape)}")
         return scale.reshape(1, 1).expand(rows, 1)
     if strategy == "channel":
         if tuple(scale.shape) not in ((rows, 1), (rows,)):
-            raise ValueError(f"a per-channel weight_scale must be [{rows}, 1], got {tuple(scale.shape)}")
+            raise ValueError(f"a per-channel {what} must be [{rows}, 1], got {tuple(scale.shape)}")
         return scale.reshape(rows, 1)
     assert quant.block_size is not None
     bn = quant.block_size[0]
     want = (-(-rows // bn), fp8_groups(quant, in_features)[0])
     if tuple(scale.shape) != want:
-        raise ValueError(f"block weight scales of a [{rows}, {in_features}] weight in blocks of {quant.block_size} "
+        raise ValueError(f"{what} of a [{rows}, {in_features}] weight in blocks of {list(quant.block_size)} "
                          f"must be {list(want)}, got {list(scale.shape)}")
     return scale.repeat_interleave(bn, dim=0)[:rows]
 
