@@ -1,8 +1,8 @@
 """Quantized checkpoints: what a checkpoint's ``quantization_config`` says.
 
-Int4 weights (W4A16): three checkpoint formats load, all 4-bit with a scale and an integer zero point per group of
-``group_size`` input features of every output feature (:mod:`.quant_formats` has their tensor
-layouts):
+Int4 weights (W4A16): three checkpoint formats load, all 4-bit with a scale and an integer
+zero point per group of ``group_size`` input features of every output feature
+(:mod:`.quant_formats` has their tensor layouts):
 
 * **AWQ** (AutoAWQ, ``quant_method: "awq"``, ``version: "gemm"``, ``zero_point: true``);
 * **GPTQ** (AutoGPTQ / GPTQModel, ``quant_method: "gptq"``): symmetric or asymmetric,
@@ -15,8 +15,9 @@ layouts):
   ``weight_g_idx``); no activation quantization.
 
 FP8 weights and activations (W8A8, ``bits == 8``): e4m3 weights with float32 scales, per
-tensor, per output channel or per ``[128, 128]`` block (``QuantConfig.fp8_strategy``); the
-activations are quantized per token at run time (:mod:`pagedattn.kernels.fp8`):
+tensor, per output channel or per block of ``block_size`` (``QuantConfig.fp8_strategy``); with
+per-tensor and per-channel scales the activations are quantized per token at run time, with
+block scales they stay in the model's dtype (:mod:`pagedattn.kernels.fp8`):
 
 * **compressed-tensors** ``float-quantized`` (llm-compressor's FP8 and FP8_DYNAMIC schemes):
   weights of type ``float``, 8 bits, symmetric, strategy ``tensor``, ``channel`` or ``block``;
@@ -30,7 +31,8 @@ activations are quantized per token at run time (:mod:`pagedattn.kernels.fp8`):
   and, as above, superseded by per-token scales); only float32 scales (not ``ue8m0``).
 
 Anything else in ``quantization_config`` (another method, other bit widths, AWQ without zero
-points or in the GEMV layout, per-module overrides) is refused here, when the config is read.
+points or in the GEMV layout, per-module overrides, weight-only FP8, a quantized KV cache) is
+refused here, when the config is read.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import torch
 
 QUANT_METHODS = ("awq", "gptq", "compressed-tensors", "fbgemm_fp8", "fp8")
 FP8_STRATEGIES = ("tensor", "channel", "block")
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 GROUP_SIZES = (32, 64, 128, 256, -1)  # -1: one group over all input features (per channel)
 _GPTQ_FORMATS = ("gptq", "gptq_v2")
 

@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import torch
 
-from .quant_config import FP8_MAX, QuantConfig
+from ..kernels.fp8 import FP8_MAX
+from .quant_config import QuantConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i holds column AWQ_ORDER[i]
 PACK = 8  # 4-bit values per int32 word
