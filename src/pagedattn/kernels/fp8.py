@@ -24,6 +24,9 @@ GPU's arithmetic on the CPU; the Triton kernel runs under the Triton interpreter
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from .w4a16 import _dot_dtype
@@ -35,6 +38,8 @@ except ImportError:  # a CPU-only install: only the torch forms run
     triton = None
     tl = None
 
+logger = logging.getLogger(__name__)
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # The smallest per-token scale: an all-zero row then quantizes to zeros instead of NaNs.
@@ -44,10 +49,29 @@ MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """The device multiplies FP8 on tensor cores (CUDA compute capability 8.9 or newer)."""
+    """The device multiplies FP8 on tensor cores (CUDA compute capability 8.9 or newer) with
+    row-wise scales: a torch build may lack that kernel for a capability, so one tiny call
+    decides (once per device, at load, never inside a CUDA graph)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index) < MIN_CAPABILITY:
+        return False
+    return _rowwise_scaled_mm_runs(index)
+
+
+@functools.cache
+def _rowwise_scaled_mm_runs(index: int) -> bool:
+    dev = torch.device("cuda", index)
+    a = torch.ones(SCALED_MM_ALIGN, SCALED_MM_ALIGN, device=dev).to(FP8_DTYPE)
+    ones = torch.ones(SCALED_MM_ALIGN, 1, device=dev)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16)
+    except RuntimeError as e:
+        logger.warning("torch._scaled_mm with row-wise scales fails on %s (%s): FP8 weights are dequantized at load",
+                       torch.cuda.get_device_name(index), e)
+        return False
+    return True
 
 
 def scaled_mm_shape_ok(n: int, k: int) -> bool:
@@ -69,6 +93,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor, b
                amax_ub: float | None = None) -> torch.Tensor:
     """``x [M, K] @ (weight * scale_row)^T + bias`` in ``x.dtype``; ``weight [N, K]`` e4m3,
     ``scale_row [1, N]`` float32."""
+    if x.shape[0] == 0:
+        return x.new_empty((0, weight.shape[0]))
     xq, xs = quantize_per_token(x, amax_ub)
     out_dtype = x.dtype if x.device.type == "cpu" or x.dtype == torch.bfloat16 else torch.bfloat16
     y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_row, out_dtype=out_dtype)
