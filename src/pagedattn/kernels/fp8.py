@@ -29,6 +29,7 @@ import logging
 
 import torch
 
+from ..envs import triton_interpreted
 from .w4a16 import _dot_dtype
 
 try:
@@ -78,9 +79,16 @@ def scaled_mm_shape_ok(n: int, k: int) -> bool:
     return n % SCALED_MM_ALIGN == 0 and k % SCALED_MM_ALIGN == 0
 
 
-def quantize_per_token(x: torch.Tensor, amax_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, amax_ub: float | None = None,
+                       use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, K]`` -> ``(e4m3 [M, K], float32 scale [M, 1])`` with ``x ~ q * scale`` row by row;
-    ``amax_ub`` clamps each row's absolute maximum first (fbgemm's ``activation_scale_ub``)."""
+    ``amax_ub`` clamps each row's absolute maximum first (fbgemm's ``activation_scale_ub``).
+    One Triton kernel (``use_triton``; default: on CUDA), else the same arithmetic in torch ops
+    (six kernels on a GPU: a decode step of an 8B model would launch ~800 more)."""
+    if use_triton is None:
+        use_triton = x.is_cuda
+    if use_triton and triton is not None and x.shape[0] > 0:
+        return _quantize_per_token_triton(x, amax_ub)
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     if amax_ub is not None:
         amax = amax.clamp(max=amax_ub)
@@ -90,12 +98,12 @@ def quantize_per_token(x: torch.Tensor, amax_ub: float | None = None) -> tuple[t
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor, bias: torch.Tensor | None,
-               amax_ub: float | None = None) -> torch.Tensor:
+               amax_ub: float | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ (weight * scale_row)^T + bias`` in ``x.dtype``; ``weight [N, K]`` e4m3,
-    ``scale_row [1, N]`` float32."""
+    ``scale_row [1, N]`` float32; ``use_triton``: the activations' quantization kernel."""
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0]))
-    xq, xs = quantize_per_token(x, amax_ub)
+    xq, xs = quantize_per_token(x, amax_ub, use_triton)
     out_dtype = x.dtype if x.device.type == "cpu" or x.dtype == torch.bfloat16 else torch.bfloat16
     y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_row, out_dtype=out_dtype)
     if y.dtype != x.dtype:
@@ -166,7 +174,48 @@ def _fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     return out
 
 
+QUANT_BLOCK = 1024  # activations per load of the quantization kernel
+
+
+def _quantize_per_token_triton(x: torch.Tensor, amax_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    # The interpreter (triton 3.9) rounds float32 to e4m3 wrongly where rounding up crosses a
+    # power of two (125.9 -> 64): there the kernel stores the scaled float32 values and torch rounds them.
+    interpreted = triton_interpreted()
+    q = torch.empty((m, k), device=x.device, dtype=torch.float32 if interpreted else FP8_DTYPE)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    block = min(QUANT_BLOCK, triton.next_power_of_2(k))
+    _quantize_per_token_kernel[(m,)](x, q, scale, k, x.stride(0), -1.0 if amax_ub is None else float(amax_ub),
+                                     FP8_MAX, MIN_SCALE, HAS_UB=amax_ub is not None, BLOCK=block, num_warps=4)
+    return (q.to(FP8_DTYPE) if interpreted else q), scale
+
+
 if triton is not None:
+
+    @triton.jit
+    def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, amax_ub, fp8_max, min_scale,
+                                   HAS_UB: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: its absolute maximum (one pass), then the row divided by its scale, clamped
+        and rounded to e4m3 (a second pass, mostly from L2)."""
+        row = tl.program_id(0)
+        x_row = x_ptr + row * stride_xm
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(xv))
+        a = tl.max(amax, axis=0)
+        if HAS_UB:
+            a = tl.minimum(a, amax_ub)
+        s = tl.maximum(a / fp8_max, min_scale)
+        tl.store(s_ptr + row, s)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            xv = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            qv = tl.minimum(tl.maximum(xv / s, -fp8_max), fp8_max)
+            tl.store(q_ptr + row * K + offs, qv.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, G, stride_xm, stride_wn, stride_om,

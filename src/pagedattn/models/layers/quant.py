@@ -300,8 +300,8 @@ class Fp8Linear:
     quant: QuantConfig
     params_dtype: torch.dtype
     group_size: int  # input features per scale column
-    # Block scales on the CPU run the torch form, unless this is set: the Triton kernel on CPU
-    # tensors, which only the Triton interpreter can run (tests).
+    # On the CPU the activations' quantization and the block-scaled GEMM run in torch ops, unless
+    # this is set: the Triton kernels on CPU tensors, which only the Triton interpreter can run (tests).
     cpu_kernels: bool = False
     in_local: int
     bias: nn.Parameter | None
@@ -358,7 +358,8 @@ class Fp8Linear:
         x2 = x.reshape(-1, x.shape[-1])
         scale = m.weight_scale
         if self.quant.block_size is None:  # per-row scales, [1, N] since finish_loading
-            y = fp8.fp8_linear(x2, m.weight, scale, bias, self.quant.act_amax_ub)
+            y = fp8.fp8_linear(x2, m.weight, scale, bias, self.quant.act_amax_ub,
+                               use_triton=x2.is_cuda or self.cpu_kernels)
         else:
             y = fp8.fp8_block_linear(x2, m.weight, scale, self.group_size, bias,
                                      use_triton=x2.is_cuda or self.cpu_kernels)
