@@ -5,7 +5,8 @@ scale[n, k // group_size]``, ``G == 1`` for per-channel (and per-tensor, expande
 scales, ``G == ceil(K / group_size)`` for block scales (see ``models/quant_formats.py``).
 
 * **Per-row scales** (:func:`fp8_linear`): each row of ``x`` is scaled into e4m3's range by its own
-  absolute maximum (``amax / 448``, kept away from zero), rounded to e4m3, and multiplied by
+  absolute maximum (``amax / 448``, kept away from zero) and rounded to e4m3, in one Triton
+  kernel on CUDA (:func:`_quantize_per_token_kernel`, one program per row), then multiplied by
   ``torch._scaled_mm`` with ``scale_a = [M, 1]`` (per token) and ``scale_b = [1, N]`` (per output
   channel); the bias is added after.  Everything stays on the device (no host sync), so CUDA
   graphs capture it.  ``_scaled_mm`` wants K and N multiples of 16 (:func:`scaled_mm_shape_ok`)
