@@ -162,7 +162,7 @@ def _fp8_to_internal(kind: str, tensor: torch.Tensor) -> list[tuple[str, torch.T
 
 def _check_scales(kind: str, tensor: torch.Tensor) -> None:
     if not tensor.dtype.is_floating_point or tensor.dtype.itemsize < 2:
-        raise ValueError(f"{kind} must be float32, bfloat16 or float16, got {tensor.dtype}")
+        raise ValueError(f"{kind} must be a float tensor of 16 bits or more, got {tensor.dtype}")
     if tensor.numel() == 0 or not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
         raise ValueError(f"{kind} must hold finite non-negative scales")
 
