@@ -1,24 +1,31 @@
-"""W4A16 (int4 weights, AWQ layout) against bf16 on an 8B-class shape: memory, decode throughput, greedy agreement.
+"""W4A16 (int4 weights, AWQ layout) and FP8 W8A8 against bf16 on an 8B-class shape: memory, decode throughput,
+greedy agreement.
 
 The Llama-3-8B architecture with dummy weights (``load_format="dummy"``): the bf16 model draws
 its weights from seeded generators; the W4A16 model's config adds an AWQ ``quantization_config``
 (group size 128), and its dummy weights are the *same* draws rounded to nearest on AWQ's grid and
-packed as AutoAWQ packs them, then loaded through the AWQ path like a checkpoint.  So the two
-models differ only by int4 rounding and their greedy tokens can be compared.
+packed as AutoAWQ packs them, then loaded through the AWQ path like a checkpoint.  The FP8 model's
+config is llm-compressor's FP8_DYNAMIC (compressed-tensors ``float-quantized``, per-channel e4m3
+weights, dynamic per-token activations; ``--fp8-strategy block`` for ``[128, 128]`` blocks), its
+dummy weights the same draws rounded to e4m3 in that layout.  So the models differ only by their
+rounding and their greedy tokens can be compared.  ``--variants`` picks the quantized ones.
 
 Reported per variant: weight memory (parameters and buffers of the model on the device) and KV
 blocks the engine could allocate; decode throughput at each batch size (default 1, 16, 256):
 ``B`` requests of ``--prompt-len`` random tokens each run to ``T1`` and to ``T2`` new tokens,
 greedy, EOS ignored; decode tokens/s = ``B (T2 - T1) / (t2 - t1)`` (prefill cancels out);
-greedy agreement: the share of the bf16 model's first ``--agree-tokens`` tokens that the W4A16
-model reproduces before its first divergence, over ``--agree-prompts`` prompts.  Target: W4A16
-decode at batch 1 >= 2.5x bf16.  A table is printed last; ``--out`` writes the JSON.
+greedy agreement: the share of the bf16 model's first ``--agree-tokens`` tokens that a quantized
+model reproduces before its first divergence, over ``--agree-prompts`` prompts.  Targets: W4A16
+decode at batch 1 >= 2.5x bf16; FP8 weights within 10% of their bytes on disk (the e4m3 weights,
+one float32 scale per output row, the bf16 embedding and LM head: what the model holds).  A
+table is printed last; ``--out`` writes the JSON.
 
     python benchmarks/bench_quant.py [--batches 1,16,256] [--out result.json]
     python benchmarks/bench_quant.py --device cpu --smoke     # a tiny Llama on the CPU, seconds
 
-With ``--smoke`` on the CPU the int4 weights are dequantized at load (the CPU path), so its
-figures check the script, not the kernels.
+With ``--smoke`` on the CPU the int4 and FP8 weights are dequantized at load (the CPU path), so
+its figures check the script, not the kernels.  The FP8 GEMM needs compute capability 8.9 or
+newer (Ada, Hopper); older GPUs dequantize at load too.
 """
 
 from __future__ import annotations
@@ -49,6 +56,22 @@ SMOKE = dict(batches="1,2", prompt_len=8, t1=2, t2=6, agree_prompts=2, agree_tok
 
 def awq_config(group_size: int) -> dict[str, Any]:
     return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+
+
+def fp8_config(strategy: str) -> dict[str, Any]:
+    """llm-compressor's FP8_DYNAMIC (per-channel) or FP8_BLOCK scheme."""
+    block = strategy == "block"
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
+               "block_structure": [128, 128] if block else None}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+            "strategy": "group" if block else "token", "group_size": 128 if block else None}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                          "format": "float-quantized"}}}
+
+
+VARIANTS = {"w4a16": ("w4a16 (awq)", lambda a: awq_config(a.group_size)),
+            "fp8": ("fp8 w8a8", lambda a: fp8_config(a.fp8_strategy))}
 
 
 def write_model(root: Path, name: str, shape: dict[str, Any], quant: dict[str, Any] | None) -> Path:
@@ -129,19 +152,28 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, float]:
     return {"prefix_share": sum(prefix) / len(prefix), "first_token": first}
 
 
-def table(res: dict[str, Any]) -> str:
-    bf, q = res["bf16"], res["w4a16"]
-    lines = [f"{'':24}{'bf16':>14}{'w4a16 (awq)':>14}{'ratio':>10}",
-             f"{'weights MiB':24}{bf['weight_bytes'] / 2**20:>14.1f}{q['weight_bytes'] / 2**20:>14.1f}"
-             f"{bf['weight_bytes'] / q['weight_bytes']:>9.2f}x",
-             f"{'KV blocks':24}{bf['kv_blocks']:>14}{q['kv_blocks']:>14}{q['kv_blocks'] / bf['kv_blocks']:>9.2f}x"]
-    for b, v in bf["decode_tok_per_s"].items():
-        w = q["decode_tok_per_s"][b]
-        lines.append(f"{'decode tok/s, batch ' + b:24}{v:>14.1f}{w:>14.1f}{w / v:>9.2f}x")
-    a = res["greedy_agreement"]
-    lines.append(f"greedy agreement with bf16: {a['prefix_share']:.1%} of tokens before the first divergence, "
-                 f"first token {a['first_token']:.0%}")
-    lines.append(f"target: w4a16 decode at batch 1 >= 2.5x bf16: {res['speedup_batch1']:.2f}x")
+def table(res: dict[str, Any], variants: list[str]) -> str:
+    """One column per model, each quantized one followed by its ratio to bf16."""
+    bf = res["bf16"]
+    head = f"{'':24}{'bf16':>14}" + "".join(f"{VARIANTS[v][0]:>14}{'ratio':>9}" for v in variants)
+    # (label, value, format, ratio as bf16 / quantized: the memory saved)
+    rows = [("weights MiB", lambda r: r["weight_bytes"] / 2**20, ".1f", True),
+            ("KV blocks", lambda r: r["kv_blocks"], "d", False)]
+    rows += [(f"decode tok/s, batch {b}", lambda r, b=b: r["decode_tok_per_s"][b], ".1f", False)
+             for b in bf["decode_tok_per_s"]]
+    lines = [head]
+    for label, get, fmt, inverse in rows:
+        line = f"{label:24}{get(bf):>14{fmt}}"
+        for v in variants:
+            q = get(res[v])
+            line += f"{q:>14{fmt}}{(get(bf) / q if inverse else q / get(bf)):>8.2f}x"
+        lines.append(line)
+    for v in variants:
+        a = res["greedy_agreement"][v]
+        lines.append(f"{VARIANTS[v][0]} greedy agreement with bf16: {a['prefix_share']:.1%} of tokens before the "
+                     f"first divergence, first token {a['first_token']:.0%}")
+    if "w4a16" in variants:
+        lines.append(f"target: w4a16 decode at batch 1 >= 2.5x bf16: {res['speedup_batch1']['w4a16']:.2f}x")
     return "\n".join(lines)
 
 
@@ -156,6 +188,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--t1", type=int, default=16, help="output tokens of the shorter run")
     ap.add_argument("--t2", type=int, default=144, help="output tokens of the longer run")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--variants", default="w4a16,fp8", help="quantized models to compare with bf16: "
+                    f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--fp8-strategy", choices=("channel", "block"), default="channel")
     ap.add_argument("--agree-prompts", type=int, default=16)
     ap.add_argument("--agree-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -170,6 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     args.batch_sizes = [int(b) for b in args.batches.split(",")]
+    args.variant_names = [v for v in args.variants.split(",") if v]
+    if not args.variant_names or any(v not in VARIANTS for v in args.variant_names):
+        ap.error(f"--variants must name some of {', '.join(VARIANTS)}")
     if max(args.batch_sizes) > args.max_num_seqs or not 0 < args.t1 < args.t2:
         ap.error("need every batch <= --max-num-seqs and 0 < --t1 < --t2")
     return args
@@ -183,17 +221,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                            "shape": "tiny llama" if args.smoke else "Llama-3-8B", "dtype": args.dtype,
-                           "group_size": args.group_size, "prompt_len": args.prompt_len, "t1": args.t1, "t2": args.t2}
+                           "group_size": args.group_size, "fp8_strategy": args.fp8_strategy,
+                           "prompt_len": args.prompt_len, "t1": args.t1, "t2": args.t2}
+    variants = args.variant_names
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         res["bf16"] = run_variant(write_model(root, "dense", shape, None), args, shape)
-        res["w4a16"] = run_variant(write_model(root, "awq", shape, awq_config(args.group_size)), args, shape)
-    res["greedy_agreement"] = agreement(res["bf16"].pop("greedy"), res["w4a16"].pop("greedy"))
+        for v in variants:
+            res[v] = run_variant(write_model(root, v, shape, VARIANTS[v][1](args)), args, shape)
+    ref = res["bf16"].pop("greedy")
+    res["greedy_agreement"] = {v: agreement(ref, res[v].pop("greedy")) for v in variants}
     first = str(args.batch_sizes[0])
-    res["speedup_batch1"] = res["w4a16"]["decode_tok_per_s"][first] / res["bf16"]["decode_tok_per_s"][first]
+    res["speedup_batch1"] = {v: res[v]["decode_tok_per_s"][first] / res["bf16"]["decode_tok_per_s"][first]
+                             for v in variants}
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
-    print(table(res))
+    print(table(res, variants))
     return res
 
 

@@ -130,16 +130,17 @@ def test_new_benchmarks_refuse_bad_arguments(bench) -> None:
         bench("bench_prefix_family").main(["--device", "cpu", "--smoke", "--system-prompts", "0"])
 
 
-def test_quant_smoke_compares_dense_and_int4_models(bench, tmp_path: Path) -> None:
-    """bench_quant on a tiny Llama: the int4 model (dequantized at load on the CPU) holds as many
-    weight bytes as the dense one, both decode, and the agreement is a share."""
+def test_quant_smoke_compares_dense_int4_and_fp8_models(bench, tmp_path: Path) -> None:
+    """bench_quant on a tiny Llama: the int4 and FP8 models (dequantized at load on the CPU) hold
+    as many weight bytes as the dense one, all decode, and the agreements are shares."""
     out = tmp_path / "quant.json"
     res = bench("bench_quant").main(["--device", "cpu", "--smoke", "--out", str(out)])
     assert json.loads(out.read_text())["speedup_batch1"] == pytest.approx(res["speedup_batch1"])
-    dense, int4 = res["bf16"], res["w4a16"]
-    assert dense["weight_bytes"] == int4["weight_bytes"] > 0
-    for r in (dense, int4):
+    dense, int4, fp8 = res["bf16"], res["w4a16"], res["fp8"]
+    assert dense["weight_bytes"] == int4["weight_bytes"] == fp8["weight_bytes"] > 0
+    for r in (dense, int4, fp8):
         assert set(r["decode_tok_per_s"]) == {"1", "2"} and min(r["decode_tok_per_s"].values()) > 0
-    a = res["greedy_agreement"]
-    assert 0 <= a["prefix_share"] <= 1 and 0 <= a["first_token"] <= 1
+    for a in res["greedy_agreement"].values():
+        assert 0 <= a["prefix_share"] <= 1 and 0 <= a["first_token"] <= 1
+    assert set(res["greedy_agreement"]) == set(res["speedup_batch1"]) == {"w4a16", "fp8"}
     assert res["shape"] == "tiny llama" and res["commit"]

@@ -291,7 +291,7 @@ def test_unsupported_quantization_configs_are_refused(change: dict, match: str) 
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"format": "float-quantized"}, "format 'float-quantized' is not supported"),
+    ({"format": "naive-quantized"}, "format 'naive-quantized' is not supported"),
     ({"input_activations": {"num_bits": 8}}, "activation quantization"),
     ({"targets": ["re:.*mlp.*"]}, "targets"),
     ({"weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 128}}, "type 'float'"),

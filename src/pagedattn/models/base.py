@@ -28,6 +28,8 @@ from .layers import AllReduce, Attention, DecoderModel, ParallelLMHead, Shard, S
 
 # Checkpoint entries that are not weights (buffers some exporters save).
 _IGNORED_WEIGHTS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Checkpoint tensors that only a quantized checkpoint has (int4's packed weights, FP8's scales).
+_QUANTIZED_SUFFIXES = ("qweight", "qzeros", "weight_packed", "weight_scale", "weight_scale_inv")
 
 
 class DecoderForCausalLM(nn.Module):
@@ -179,7 +181,7 @@ class DecoderForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding is the output projection
             if name not in expected:
-                if self.config.quant is None and name.rpartition(".")[2] in ("qweight", "qzeros", "weight_packed"):
+                if self.config.quant is None and name.rpartition(".")[2] in _QUANTIZED_SUFFIXES:
                     raise ValueError(f"checkpoint tensor {name!r} is quantized, but config.json has no "
                                      "quantization_config")
                 raise ValueError(

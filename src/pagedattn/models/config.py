@@ -75,7 +75,7 @@ class ModelArchConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: torch.dtype | None = None  # the checkpoint's dtype, if the config names one
-    quant: QuantConfig | None = None  # int4 weights (quantization_config), else None
+    quant: QuantConfig | None = None  # int4 or FP8 weights (quantization_config), else None
 
     def __post_init__(self) -> None:
         if not self.architecture or not isinstance(self.architecture, str):

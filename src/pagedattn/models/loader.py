@@ -30,6 +30,7 @@ from .gguf import convert_gguf, default_gguf_path
 from .hub import is_hub_id, snapshot_folder
 from .layers import (
     ColumnParallelLinear,
+    Fp8Linear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     QuantLinear,
@@ -39,7 +40,7 @@ from .layers import (
     VocabParallelEmbedding,
 )
 from .layers.quant import checkpoint_to_internal, finish_loading
-from .quant_formats import checkpoint_tensors, quantize_rtn
+from .quant_formats import checkpoint_tensors, quantize_fp8, quantize_rtn
 from .registry import build_model
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def load_model(
     net = build_model(source.config, dtype, device, tp_rank=tp_rank, tp_size=tp_size)
     weights = iter_safetensors(source.weight_files) if load_format == "auto" else dummy_weights(net, seed)
     quant = source.config.quant
-    if quant is not None:  # int4 tensors into the one layout every format loads into
+    if quant is not None:  # quantized tensors into the one layout every format loads into
         weights = checkpoint_to_internal(weights, quant)
     try:
         net.load_weights(weights)
@@ -235,6 +236,14 @@ def dummy_weights(model: DecoderForCausalLM, seed: int = 0) -> Iterator[tuple[st
                 tensors = checkpoint_tensors(q, *quantize_rtn(w, q.group_size, q.scale_dtype, q.sym))
                 yield from ((prefix + kind, t) for kind, t in tensors.items())
             continue
+        if isinstance(owner, Fp8Linear):
+            if name.endswith(".weight"):  # the dense draw, rounded to e4m3 in the checkpoint's format
+                prefix = name.removesuffix("weight")
+                w = _dummy_dense(name, shape, owner.params_dtype, param.device, seed)
+                yield from ((prefix + kind, t) for kind, t in quantize_fp8(owner.quant, w).items())
+                continue
+            if name.endswith(".weight_scale"):
+                continue
         if isinstance(owner, RMSNorm):
             yield name, torch.full(shape, 0.0 if owner.unit_offset else 1.0, dtype=param.dtype, device=param.device)
         elif param.dim() == 1:

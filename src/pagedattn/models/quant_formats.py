@@ -21,7 +21,22 @@ only in how ``q`` and ``z`` are packed into int32 words:
   symmetric: no zero points (8 in the unsigned domain); ``weight_g_idx`` with group act-order;
   ``weight_shape`` (``[N, K]``, nothing to load).
 
-**The internal layout** (what every layer holds after loading, whatever the checkpoint):
+FP8 checkpoints keep the dense ``weight [N, K]`` in float8_e4m3fn, with ``W = q * s``:
+
+* **compressed-tensors** ``float-quantized``: ``weight_scale`` float ``[1]`` (per tensor),
+  ``[N, 1]`` (per channel) or ``[ceil(N/bn), ceil(K/bk)]`` (blocks); static activations add an
+  ``input_scale [1]``; zero points, if written, must be zeros (symmetric);
+* **fbgemm_fp8**: ``weight_scale`` float32 ``[N, 1]``;
+* **fp8** (FineGrainedFP8): ``weight_scale_inv`` float32 ``[ceil(N/bn), ceil(K/bk)]``, or a scalar
+  without blocks (the name is DeepSeek's: it multiplies, as the others' scales do); static
+  activations add a scalar ``activation_scale``.
+
+Their internal layout is ``weight`` as stored and ``weight_scale`` float32 ``[N, G]``: one column
+(``G == 1``) for per-tensor and per-channel scales, a per-tensor scale repeated on every row (so
+the fused q/k/v and gate/up parts keep their own scales), or one column per block of input
+features, each block row repeated on its ``bn`` rows (:func:`fp8_scale_rows`).
+
+**The internal int4 layout** (what every int4 layer holds after loading, whatever the checkpoint):
 ``qweight`` int32 ``[K/8, N]`` packed along the input features in order (GPTQ's), ``scales`` and
 ``zeros`` ``[groups, N]`` in the scales' dtype (zero points as exact small integers), and
 optionally ``g_idx``.  Converting to it is lossless: only the bits move.  Input features in
@@ -33,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.fp8 import FP8_MAX
 from .quant_config import QuantConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i holds column AWQ_ORDER[i]
@@ -42,6 +58,9 @@ _SHIFTS = torch.arange(PACK, dtype=torch.int32) * 4
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx",
                   "weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 SYMMETRIC_ZERO = 8  # the zero point of symmetric int4 in the unsigned domain
+# The checkpoint tensors of an FP8 layer besides its ``weight``, by name suffix.
+FP8_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale", "activation_scale", "weight_zero_point",
+                "input_zero_point")
 
 
 # ---------------------------------------------------------------------- bit packing
@@ -84,9 +103,12 @@ def pack_cols(q: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Te
 
 # ---------------------------------------------------------------------- checkpoint -> internal
 def to_internal(quant: QuantConfig, kind: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """One checkpoint tensor of a quantized layer (``kind``: one of :data:`QUANT_SUFFIXES`) as
-    ``(internal name, tensor)`` pairs in the internal layout, still unsharded (none for
-    ``weight_shape``; a symmetric compressed-tensors scale brings its constant zero points)."""
+    """One checkpoint tensor of a quantized layer (``kind``: one of :data:`QUANT_SUFFIXES`, or of
+    :data:`FP8_SUFFIXES` for FP8) as ``(internal name, tensor)`` pairs in the internal layout,
+    still unsharded (none for ``weight_shape`` and static activation scales; a symmetric
+    compressed-tensors scale brings its constant zero points)."""
+    if quant.is_fp8:
+        return _fp8_to_internal(kind, tensor)
     if quant.method == "compressed-tensors":
         return _compressed_tensors_to_internal(quant, kind, tensor)
     if kind in ("scales", "g_idx"):
@@ -119,6 +141,87 @@ def _compressed_tensors_to_internal(quant: QuantConfig, kind: str,
     if kind == "weight_packed":  # [N, K/8] along K -> [K/8, N]
         return [("qweight", tensor.t().contiguous())]
     return [("zeros", unpack_rows(tensor).t().contiguous())]  # [N/8, groups] along N -> [groups, N]
+
+
+def _fp8_to_internal(kind: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Scales as float32 (their shapes are checked by the layer, which knows N and K); static
+    activation scales are checked and dropped: the activations are scaled per token instead."""
+    if kind not in FP8_SUFFIXES:
+        raise ValueError(f"{kind} is not a tensor of FP8 checkpoints")
+    if kind.endswith("zero_point"):  # symmetric FP8: zeros, if the tool wrote them at all
+        if bool(tensor.ne(0).any()):
+            raise ValueError(f"{kind} must be all zeros (only symmetric FP8 is supported)")
+        return []
+    _check_scales(kind, tensor)
+    if kind in ("input_scale", "activation_scale"):
+        if tensor.numel() != 1:
+            raise ValueError(f"{kind} must be one scale per tensor, got shape {tuple(tensor.shape)}")
+        return []
+    return [("weight_scale", tensor.float())]
+
+
+def _check_scales(kind: str, tensor: torch.Tensor) -> None:
+    if not tensor.dtype.is_floating_point or tensor.dtype.itemsize < 2:
+        raise ValueError(f"{kind} must be a float tensor of 16 bits or more, got {tensor.dtype}")
+    if tensor.numel() == 0 or not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+        raise ValueError(f"{kind} must hold finite non-negative scales")
+
+
+def fp8_groups(quant: QuantConfig, in_features: int) -> tuple[int, int]:
+    """``(G, group_size)``: the scale columns of an FP8 weight of ``in_features`` input features,
+    and the input features each one covers."""
+    if quant.block_size is None:
+        return 1, in_features
+    bk = quant.block_size[1]
+    return -(-in_features // bk), bk
+
+
+def fp8_scale_rows(quant: QuantConfig, scale: torch.Tensor, rows: int, in_features: int) -> torch.Tensor:
+    """A checkpoint's FP8 ``weight_scale`` (float32) of a weight ``[rows, in_features]`` as the
+    internal ``[rows, G]`` (see the module docstring); a ValueError for any other shape."""
+    strategy = quant.fp8_strategy
+    what = "weight_scale_inv" if quant.method == "fp8" else "weight_scale"  # the checkpoint's name
+    if strategy == "tensor":
+        if scale.numel() != 1:
+            raise ValueError(f"a per-tensor {what} must hold one value, got shape {tuple(scale.shape)}")
+        return scale.reshape(1, 1).expand(rows, 1)
+    if strategy == "channel":
+        if tuple(scale.shape) not in ((rows, 1), (rows,)):
+            raise ValueError(f"a per-channel {what} must be [{rows}, 1], got {tuple(scale.shape)}")
+        return scale.reshape(rows, 1)
+    assert quant.block_size is not None
+    bn = quant.block_size[0]
+    want = (-(-rows // bn), fp8_groups(quant, in_features)[0])
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{what} of a [{rows}, {in_features}] weight in blocks of {list(quant.block_size)} "
+                         f"must be {list(want)}, got {list(scale.shape)}")
+    return scale.repeat_interleave(bn, dim=0)[:rows]
+
+
+def quantize_fp8(quant: QuantConfig, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``weight [N, K]`` rounded to e4m3 with absolute-maximum scales in ``quant``'s strategy, as
+    the checkpoint tensors of ``quant.method`` (for dummy-weight benchmarks)."""
+    n, k = weight.shape
+    w = weight.float()
+    if quant.fp8_strategy == "tensor":
+        scale = w.abs().amax().reshape(1)
+        full = scale.reshape(1, 1)
+    elif quant.fp8_strategy == "channel":
+        scale = w.abs().amax(dim=1, keepdim=True)
+        full = scale
+    else:
+        assert quant.block_size is not None
+        bn, bk = quant.block_size
+        padded = torch.zeros(-(-n // bn) * bn, -(-k // bk) * bk, device=w.device)
+        padded[:n, :k] = w.abs()
+        scale = padded.reshape(padded.shape[0] // bn, bn, -1, bk).amax(dim=(1, 3))
+        full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    scale = (scale / FP8_MAX).clamp(min=1e-12)
+    full = (full / FP8_MAX).clamp(min=1e-12)
+    q = (w / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    if quant.method == "fp8":
+        return {"weight": q, "weight_scale_inv": scale.reshape(()) if quant.fp8_strategy == "tensor" else scale}
+    return {"weight": q, "weight_scale": scale}
 
 
 def _check_int32_2d(kind: str, tensor: torch.Tensor) -> None:

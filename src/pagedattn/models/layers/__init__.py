@@ -35,7 +35,7 @@ from .mlp import GatedMLP, GeluAndMul, SiluAndMul
 from .moe import FusedMoE, MoEArchConfig, MoERouter, SparseMoEBlock, per_expert_weights
 from .norm import GemmaRMSNorm, RMSNorm, WeightFirstRMSNorm
 from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_group_all_reduce, set_all_reduce
-from .quant import QuantLinear, finish_loading, is_quantized, parallel_linear
+from .quant import Fp8Linear, QuantLinear, finish_loading, is_quantized, parallel_linear
 from .rotary import LongRopeRotaryEmbedding, RotaryEmbedding, longrope_inv_freqs, make_rotary, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
 from .weights import ShardId, WeightLoading, default_weight_loader
@@ -46,6 +46,7 @@ __all__ = [
     "ColumnParallelLinear",
     "DecoderLayer",
     "DecoderModel",
+    "Fp8Linear",
     "FusedMoE",
     "GatedMLP",
     "GeluAndMul",

@@ -21,7 +21,7 @@ from ..quant_config import QuantConfig
 @dataclass(frozen=True)
 class Shard:
     """Where a block's parameters live: rank ``rank`` of ``size`` tensor-parallel ranks, in ``dtype``
-    (None: torch's default); ``quant``: the linear layers' int4 weights, if quantized (see
+    (None: torch's default); ``quant``: the linear layers' int4 or FP8 weights, if quantized (see
     ``quant.parallel_linear``)."""
 
     rank: int = 0

@@ -1,4 +1,4 @@
-"""Int4 weight-only (W4A16) twins of the tensor-parallel linear layers.
+"""Int4 weight-only (W4A16) and FP8 (W8A8, :class:`Fp8Linear`) twins of the tensor-parallel linear layers.
 
 Each twin is its dense layer (same sizes, sharding rules, fused parts and forward contract)
 holding, instead of ``weight``, the internal int4 layout of :mod:`..quant_formats`:
@@ -28,10 +28,18 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ...kernels import w4a16
+from ...kernels import fp8, w4a16
 from .. import quant_formats
 from ..quant_config import QuantConfig
-from ..quant_formats import QUANT_SUFFIXES, SYMMETRIC_ZERO, group_index, pack_rows, to_internal, unpack_rows
+from ..quant_formats import (
+    FP8_SUFFIXES,
+    QUANT_SUFFIXES,
+    SYMMETRIC_ZERO,
+    group_index,
+    pack_rows,
+    to_internal,
+    unpack_rows,
+)
 from .linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -276,6 +284,197 @@ class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
         return f"{super().extra_repr()}, int4 {self.quant.method} group_size={self.quant.group_size}"
 
 
+# ---------------------------------------------------------------------- FP8 (W8A8)
+class Fp8Linear:
+    """What the FP8 twins share: ``weight`` in float8_e4m3fn (the dense layer's shape and
+    sharding), ``weight_scale`` float32 ``[N, G]`` (see :mod:`..quant_formats`), their runtime
+    form and the GEMM.
+
+    Runtime forms (:meth:`finish_loading`): on the CPU, on CUDA before compute capability 8.9,
+    or with K or N not a multiple of 16 (``_scaled_mm``'s rule), the weight is dequantized once
+    into the dense ``weight`` in the model's dtype; otherwise it stays FP8 and runs through
+    :func:`pagedattn.kernels.fp8.fp8_linear` (per-row scales: per-token activations,
+    ``torch._scaled_mm``) or :func:`~pagedattn.kernels.fp8.fp8_block_linear` (block scales:
+    a Triton GEMM that dequantizes weight tiles in registers)."""
+
+    quant: QuantConfig
+    params_dtype: torch.dtype
+    group_size: int  # input features per scale column
+    # On the CPU the activations' quantization and the block-scaled GEMM run in torch ops, unless
+    # this is set: the Triton kernels on CPU tensors, which only the Triton interpreter can run (tests).
+    cpu_kernels: bool = False
+    in_local: int
+    bias: nn.Parameter | None
+    tp_rank: int
+    tp_size: int
+
+    def _make_fp8(self, quant: QuantConfig, n_local: int, in_local: int, in_full: int) -> None:
+        m = cast(Any, self)
+        groups, gs = quant_formats.fp8_groups(quant, in_full)
+        if quant.block_size is not None and in_local != in_full:
+            if in_local % gs:
+                raise ValueError(f"FP8 block size {gs} does not divide this rank's {in_local} input features "
+                                 f"({in_full} over tp_size {self.tp_size}); use a smaller tp_size")
+            groups = in_local // gs
+        self.quant, self.in_local, self.group_size = quant, in_local, gs
+        m.weight = new_param((n_local, in_local), fp8.FP8_DTYPE)
+        m.weight_scale = new_param((n_local, groups), torch.float32)
+        if self.bias is not None:
+            m.bias = new_param(tuple(self.bias.shape), self.params_dtype)
+
+    def _scale_rows(self, loaded: torch.Tensor, rows: int) -> torch.Tensor:
+        """A checkpoint scale of ``rows`` output features as ``[rows, G_full]`` float32."""
+        return quant_formats.fp8_scale_rows(self.quant, loaded.float(), rows, cast(Any, self).input_size)
+
+    def _check_fp8(self, loaded: torch.Tensor) -> None:
+        if loaded.dtype != fp8.FP8_DTYPE:
+            raise ValueError(f"an FP8 weight must be float8_e4m3fn, got {loaded.dtype}")
+
+    # ------------------------------------------------------------------ runtime form
+    def finish_loading(self, dequantize: bool | None = None) -> None:
+        """The runtime form (see the class docstring): dense (``dequantize``; default: where the
+        device has no FP8 GEMM) or FP8."""
+        m = cast(Any, self)
+        w = m.weight
+        if dequantize is None:
+            dequantize = not (fp8.scaled_mm_supported(w.device) and fp8.scaled_mm_shape_ok(*w.shape))
+        if dequantize:
+            dense = fp8.dequantize(w.data, m.weight_scale.data, self.group_size, self.params_dtype)
+            m.weight_scale = None
+            m.weight = nn.Parameter(dense, requires_grad=False)
+            return
+        if self.quant.block_size is None:  # the [1, N] row _scaled_mm takes as scale_b
+            m.weight_scale = nn.Parameter(m.weight_scale.data.t().contiguous(), requires_grad=False)
+
+    @property
+    def is_dense(self) -> bool:
+        """Dequantized at load: the dense layer's forward serves."""
+        return cast(Any, self).weight_scale is None
+
+    def _fp8_matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        m = cast(Any, self)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = m.weight_scale
+        if self.quant.block_size is None:  # per-row scales, [1, N] since finish_loading
+            y = fp8.fp8_linear(x2, m.weight, scale, bias, self.quant.act_amax_ub,
+                               use_triton=x2.is_cuda or self.cpu_kernels)
+        else:
+            y = fp8.fp8_block_linear(x2, m.weight, scale, self.group_size, bias,
+                                     use_triton=x2.is_cuda or self.cpu_kernels)
+        if out is not None:
+            y = out.copy_(y)
+        return y.view(*lead, y.shape[-1])
+
+    def _fp8_repr(self) -> str:
+        return f"fp8 {self.quant.method} {self.quant.fp8_strategy} scales"
+
+
+class Fp8ColumnParallelLinear(Fp8Linear, ColumnParallelLinear):
+    """:class:`ColumnParallelLinear` over an FP8 weight (and the base of the fused twins):
+    weight and scale rows sharded alike."""
+
+    def __init__(self, *args: Any, quant: QuantConfig, **kw: Any) -> None:
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            super().__init__(*args, **kw)
+        self.params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
+        del self.weight
+        with torch.device(device):
+            self._make_fp8(quant, self.output_size_per_partition, self.input_size, self.input_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None:
+        if param is self.weight:
+            self._check_fp8(loaded_weight)
+        elif param is self.weight_scale:
+            self._load_scale(param, loaded_weight, shard_id)
+            return
+        super().weight_loader(param, loaded_weight, shard_id)
+
+    def _load_scale(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId) -> None:
+        """Scales become rows first (one part's, or every part's of an already-fused tensor),
+        then shard as the weight's rows do."""
+        if not isinstance(self, _FusedColumnParallelLinear):
+            ColumnParallelLinear.weight_loader(self, param, self._scale_rows(loaded, self.output_size), shard_id)
+            return
+        if shard_id is not None:
+            part = self._scale_rows(loaded, self._layout(shard_id)[0])
+            _FusedColumnParallelLinear.weight_loader(self, param, part, shard_id)
+            return
+        sizes = self._full_sizes()  # an already-fused checkpoint tensor: its rows, then its parts
+        scale = self._scale_rows(loaded, sum(sizes))
+        for sid, part in zip(self._shard_ids(), scale.split(sizes, dim=0), strict=True):
+            _FusedColumnParallelLinear.weight_loader(self, param, part, sid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_dense:
+            return super().forward(x)
+        y = self._fp8_matmul(x, self.bias)
+        if self.gather_output and self.tp_size > 1:
+            y = all_gather_last_dim(y, self.tp_size)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._fp8_repr()}"
+
+
+class Fp8MergedColumnParallelLinear(Fp8ColumnParallelLinear, MergedColumnParallelLinear):
+    """:class:`MergedColumnParallelLinear` (gate/up) over an FP8 weight."""
+
+
+class Fp8QKVParallelLinear(Fp8ColumnParallelLinear, QKVParallelLinear):
+    """:class:`QKVParallelLinear` over an FP8 weight."""
+
+
+class Fp8RowParallelLinear(Fp8Linear, RowParallelLinear):
+    """:class:`RowParallelLinear` over an FP8 weight: this rank's input features, every output
+    row's scales (block scales: this rank's blocks of input features)."""
+
+    def __init__(self, *args: Any, quant: QuantConfig, **kw: Any) -> None:
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            super().__init__(*args, **kw)
+        self.params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
+        del self.weight
+        with torch.device(device):
+            self._make_fp8(quant, self.output_size, self.input_size_per_partition, self.input_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId = None) -> None:
+        if param is self.weight_scale:
+            if shard_id is not None:
+                raise ValueError(f"unexpected shard_id {shard_id!r} for {type(self).__name__}")
+            scale = self._scale_rows(loaded_weight, self.output_size)
+            groups = param.shape[1]
+            start = 0 if scale.shape[1] == 1 else self.tp_rank * groups
+            param.data.copy_(scale.narrow(1, start, groups))
+            return
+        if param is self.weight:
+            self._check_fp8(loaded_weight)
+        super().weight_loader(param, loaded_weight, shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_dense:
+            return super().forward(x)
+        bias = self.bias if self.tp_rank == 0 else None  # the cross-rank sum carries it once
+        if self.tp_size == 1:
+            return self._fp8_matmul(x, bias)
+        if self.reduce_results:
+            return self.all_reduce(self._fp8_matmul(x, bias))
+        out = None if x.dim() != 2 else self.all_reduce.partials_buffer(x.shape[0], self.output_size, x.dtype)
+        return self._fp8_matmul(x, bias, out)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._fp8_repr()}"
+
+
+_FP8_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    ColumnParallelLinear: Fp8ColumnParallelLinear,
+    MergedColumnParallelLinear: Fp8MergedColumnParallelLinear,
+    QKVParallelLinear: Fp8QKVParallelLinear,
+    RowParallelLinear: Fp8RowParallelLinear,
+}
+
 _TWINS: dict[type[nn.Module], type[nn.Module]] = {
     ColumnParallelLinear: QuantColumnParallelLinear,
     MergedColumnParallelLinear: QuantMergedColumnParallelLinear,
@@ -285,20 +484,21 @@ _TWINS: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def parallel_linear(cls: type[Any], shard: Shard, *args: Any, **kw: Any) -> Any:
-    """``cls(*args, **kw)`` on ``shard``, or its int4 twin when the shard's weights are quantized."""
+    """``cls(*args, **kw)`` on ``shard``, or its int4 or FP8 twin when the shard's weights are quantized."""
     if shard.quant is None:
         return cls(*args, **kw, **shard.kw)
-    return _TWINS[cls](*args, quant=shard.quant, **kw, **shard.kw)
+    twins = _FP8_TWINS if shard.quant.is_fp8 else _TWINS
+    return twins[cls](*args, quant=shard.quant, **kw, **shard.kw)
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, QuantLinear)
+    return isinstance(module, QuantLinear | Fp8Linear)
 
 
 def finish_loading(model: nn.Module) -> int:
-    """Give every int4 layer of ``model`` its runtime form (see the module docstring); returns
-    how many."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.is_dense]
+    """Give every int4 and FP8 layer of ``model`` its runtime form (see the module docstring and
+    :class:`Fp8Linear`); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear | Fp8Linear) and not m.is_dense]
     for layer in layers:
         layer.finish_loading()
     return len(layers)
@@ -307,10 +507,12 @@ def finish_loading(model: nn.Module) -> int:
 def checkpoint_to_internal(weights: Iterable[tuple[str, torch.Tensor]],
                            quant: QuantConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's tensors with those of its quantized layers in the internal layout
-    (``X.qzeros`` becomes ``X.zeros``); everything else passes through."""
+    (``X.qzeros`` becomes ``X.zeros``, ``X.weight_scale_inv`` ``X.weight_scale``); everything
+    else passes through."""
+    suffixes = FP8_SUFFIXES if quant.is_fp8 else QUANT_SUFFIXES
     for name, tensor in weights:
         prefix, _, kind = name.rpartition(".")
-        if kind in QUANT_SUFFIXES:
+        if kind in suffixes:
             try:
                 converted = to_internal(quant, kind, tensor)
             except ValueError as e:
