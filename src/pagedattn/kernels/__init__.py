@@ -1,4 +1,5 @@
-"""Compute kernels that are not attention: the int4 weight-only GEMMs (:mod:`.w4a16`).
+"""Compute kernels that are not attention: the int4 weight-only GEMMs (:mod:`.w4a16`) and the
+matmuls on GGUF blocks (:mod:`.gguf_matmul`).
 
 This package imports nothing from the rest of pagedattn: the model layers call into it.
 """
