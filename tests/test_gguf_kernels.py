@@ -116,6 +116,17 @@ def test_bias_and_a_column_slice_of_the_output(path: str) -> None:
     assert bool((wide[:, :8] == 7).all()) and bool((wide[:, 32:] == 7).all())
 
 
+@pytest.mark.parametrize("kind", TYPES)
+def test_embedding_rows_are_gguf_dequantize_rows(kind: str) -> None:
+    _, table = _case(kind, 1, N, K, torch.float32, "embedding")
+    ids = torch.randint(0, N, (3, 5), generator=seeded_generator(kind, "ids")).to(DEVICE)
+    want = gm.dequantize_ref(table, kind)[ids]
+    assert torch.equal(gm.gguf_embedding(ids, table, kind, torch.float32), want)  # one product, as gguf's
+    got = gm.gguf_embedding(ids, table, kind, torch.bfloat16)
+    assert got.dtype == torch.bfloat16  # one rounding (the interpreter's may not be to nearest)
+    torch.testing.assert_close(got.float(), want, rtol=2.0**-7, atol=0.0)
+
+
 def test_other_types_and_shapes_are_refused() -> None:
     x = torch.randn(1, 256, device=DEVICE)
     with pytest.raises(ValueError, match="GGUF type Q3_K has no GPU kernel"):

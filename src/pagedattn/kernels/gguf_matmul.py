@@ -177,6 +177,22 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
     return out
 
 
+def gguf_embedding(ids: torch.Tensor, blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` (int ``[T]``) of the table ``blocks`` (uint8 ``[V, row bytes]``), dequantized
+    -> ``[T, K]`` in ``dtype``.  Ids must be in ``[0, V)`` (not checked: no host sync)."""
+    if triton is None:
+        raise RuntimeError("the GGUF kernels need triton")
+    elems, nbytes = _layout(kind)
+    k = blocks.shape[1] // nbytes * elems
+    flat = ids.reshape(-1)
+    out = torch.empty((flat.shape[0], k), device=blocks.device, dtype=dtype)
+    if flat.numel():
+        block = 256
+        _gguf_embedding_kernel[(flat.shape[0], triton.cdiv(k, block))](
+            flat, blocks, blocks.view(torch.float16), out, k, blocks.shape[1], KIND=_KIND_IDS[kind], BLOCK=block)
+    return out.view(*ids.shape, k)
+
+
 # ---------------------------------------------------------------------- kernels
 if triton is not None:
 
@@ -247,6 +263,17 @@ if triton is not None:
             scale = _half(h_ptr, blk + 208, mask) * sc.to(tl.int8, bitcast=True).to(tl.float32)
             w = scale * ((lo | (hi << 4)) - 32).to(tl.float32)
         return w
+
+    @triton.jit
+    def _gguf_embedding_kernel(ids_ptr, w_ptr, h_ptr, out_ptr, K, row_bytes, KIND: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        """``out[t, cols] = W[ids[t], cols]`` for one token (axis 0) and BLOCK columns (axis 1)."""
+        t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < K
+        row_off = tl.load(ids_ptr + t).to(tl.int64) * row_bytes
+        w = _dequant(w_ptr, h_ptr, row_off, cols // 32, cols % 32, mask, KIND)
+        tl.store(out_ptr + t.to(tl.int64) * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gguf_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,

@@ -39,7 +39,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -273,8 +273,9 @@ def gpu_uncovered_tensors(model_dir: str | Path) -> dict[str, str]:
 def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
     """Give every linear layer of ``model`` whose GGUF tensors are all of a GPU kernel's type
     (:data:`~pagedattn.kernels.gguf_matmul.GGUF_BLOCKS`) its rows of those blocks, on the
-    layer's device; returns how many layers changed.  A layer with a tensor of another quantized
-    type is an error naming it; one with a float tensor stays dense."""
+    layer's device, and the embedding too (a tied LM head shares its blocks); returns how many
+    linear layers changed.  A linear with a tensor of another quantized type is an error naming
+    it; one with a float tensor stays dense, as does an embedding of another type."""
     from safetensors import safe_open
 
     path = Path(model_dir) / BLOCKS_FILE
@@ -283,7 +284,12 @@ def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
     changed = 0
     with safe_open(str(path), framework="pt", device="cpu") as f:
         kinds, stored = f.metadata() or {}, set(f.keys())
+        table = _embedding_blocks(model, f, kinds[EMBED] if EMBED in stored else None)
         for module_name, module_parts in _layer_parts(model).items():
+            if module_name == "lm_head" and table is not None and model.config.tie_word_embeddings:
+                set_quantized_weight(model.get_submodule(module_name), table)  # the same bytes, held once
+                changed += 1
+                continue
             for ckpt, _ in module_parts:
                 if ckpt in kinds and kinds[ckpt] not in GGUF_BLOCKS:
                     raise ValueError(f"gguf_quantized: {ckpt} is {kinds[ckpt]}, a GGUF type without a GPU kernel "
@@ -295,8 +301,24 @@ def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
             parts = [(ckpt, shard, kinds[ckpt], f.get_tensor(ckpt)) for ckpt, shard in module_parts]
             set_quantized_weight(module, _block_weight(model, module, parts))
             changed += 1
-    logger.info("kept %d linear layers in their GGUF blocks", changed)
+    logger.info("kept %d linear layers (and %s embedding) in their GGUF blocks", changed,
+                "the" if table is not None else "no")
     return changed
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def _embedding_blocks(model: DecoderForCausalLM, f: Any, kind: str | None) -> GGUFBlockWeight | None:
+    """The embedding table kept in its blocks (``kind``: its type, None where it is a float
+    tensor), put in the embedding's place; None if it stays dense."""
+    if kind is None or kind not in GGUF_BLOCKS:
+        return None
+    pname, shard = model.checkpoint_names()[EMBED]
+    module = model.get_submodule(pname.rpartition(".")[0])
+    table = _block_weight(model, module, [(EMBED, shard, kind, f.get_tensor(EMBED))])
+    set_quantized_weight(module, table)
+    return table
 
 
 def _block_weight(model: DecoderForCausalLM, module: nn.Module,
@@ -336,7 +358,7 @@ def _block_weight(model: DecoderForCausalLM, module: nn.Module,
             at = col // qk * nbytes
             blocks[rows - lo] = parts[p][3][src_row[rows], at: at + blocks.shape[1]]
         runs.append((kind, blocks.to(cast(torch.Tensor, module.weight).device)))
-    return GGUFBlockWeight(runs, in_f)
+    return GGUFBlockWeight(runs, in_f, model.dtype)
 
 
 def _fill_padding(kinds: list[str | None]) -> list[str]:

@@ -161,8 +161,10 @@ class GGUFBlockWeight(QuantizedWeight):
     """A weight ``[out, in]`` as runs of output rows, each GGUF blocks of one type: ``parts`` are
     ``(type, uint8 [rows, row bytes])`` in row order.  Computes in the activations' dtype."""
 
-    def __init__(self, parts: list[tuple[str, torch.Tensor]], in_features: int) -> None:
+    def __init__(self, parts: list[tuple[str, torch.Tensor]], in_features: int,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.dtype = dtype  # of an embedding's rows (a matmul computes in the activations' dtype)
         if not parts:
             raise ValueError("a GGUF block weight needs at least one run of rows")
         self.kinds = [kind for kind, _ in parts]
@@ -192,6 +194,13 @@ class GGUFBlockWeight(QuantizedWeight):
             for (kind, blocks), lo, hi in zip(parts, self.bounds, self.bounds[1:], strict=False):
                 gguf_matmul.gguf_linear(x2, blocks, kind, bias[lo:hi] if bias is not None else None, out=y[:, lo:hi])
         return y.view(*lead, self.out_features)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` as an embedding table's, in ``dtype`` (a table is one run: one tensor)."""
+        if len(self.kinds) != 1:
+            raise ValueError("an embedding table of GGUF blocks is one tensor of one type")
+        kind, blocks = self._parts()[0]
+        return gguf_matmul.gguf_embedding(ids, blocks, kind, self.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([gguf_matmul.dequantize_ref(blocks, kind) for kind, blocks in self._parts()])
