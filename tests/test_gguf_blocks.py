@@ -57,6 +57,11 @@ def _q4_k_m(name: str) -> str:
     return "Q5_K" if "up_proj" in name else "Q4_K"
 
 
+def _phi3(name: str) -> str:
+    """Phi-3's fused tensors (attn_qkv, ffn_up as gate/up) in one type each."""
+    return "Q6_K" if "qkv_proj" in name or "down_proj" in name else "Q4_K"
+
+
 def _legacy(name: str) -> str:
     """The 32-element types: Q4_1 embedding, Q8_0 attention, Q4_0 MLP."""
     if "embed_tokens" in name:
@@ -85,6 +90,9 @@ def write_mixed_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, ty
     _gguf_sizes(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "phi3":  # full rotary, no window
+        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        w.add_sliding_window(0)
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -108,6 +116,7 @@ def write_mixed_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, ty
 CASES: dict[str, tuple[str, str, dict[str, Any], Callable[[str], str]]] = {
     "llama_q4_k_m_tied": ("llama", "LlamaConfig", dict(tie_word_embeddings=True), _q4_k_m),
     "qwen2_legacy_bias": ("qwen2", "Qwen2Config", dict(tie_word_embeddings=False), _legacy),
+    "phi3_fused_tensors": ("phi3", "Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0), _phi3),
 }
 
 
@@ -198,15 +207,26 @@ def test_a_type_without_a_kernel_is_named(tmp_path: Path) -> None:
 def test_gpu_logits_match_the_dequantized_model(dtype: torch.dtype, tmp_path: Path) -> None:
     """On CUDA, through the engine's default: the linears in blocks, logits close to the dense
     model's in the same dtype (each kernel rounds the weight to it, as the dense model holds it)."""
-    from pagedattn import LLM
+    from pagedattn import LLM, SamplingParams
 
     path = _case_gguf("llama_q4_k_m_tied", tmp_path)
-    llm = LLM(str(path), dtype=str(dtype).removeprefix("torch."), num_kv_blocks=32, block_size=4)
-    assert len(_kept(llm.engine.executor.worker.model)) == 9  # type: ignore[attr-defined]
-    del llm
+    name = str(dtype).removeprefix("torch.")
+    prompts = [torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17)]
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    firsts = []
+    for quantized in (None, False):  # the default (blocks), then dense; decode through CUDA graphs
+        llm = LLM(str(path), dtype=name, num_kv_blocks=32, block_size=4, gguf_quantized=quantized)
+        assert len(_kept(llm.engine.executor.worker.model)) == (10 if quantized is None else 0)  # type: ignore
+        outs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+        assert all(len(o) == 8 for o in outs)
+        firsts.append([o[0] for o in outs])
+        llm.shutdown()
+        del llm
+    assert firsts[0] == firsts[1]  # prefill's argmax: logits within a 16-bit rounding of each other
     dense, _ = load_model(path, dtype, DEVICE)
     model, source = load_model(path, dtype, DEVICE)
     assert keep_gguf_blocks(model, source.model_dir) == 9
+    assert _kept(model)["model.embed_tokens"].blocks0.device.type == "cuda"
     ids = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(4)).tolist()
     want = PagedHarness(dense, num_blocks=16, block_size=4, device=DEVICE).step([("s", ids)])[0].float()
     got = PagedHarness(model, num_blocks=16, block_size=4, device=DEVICE).step([("s", ids)])[0].float()
