@@ -280,7 +280,6 @@ if triton is not None:
                           tiles_per_split, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2): per K
         tile a ``[BLOCK_N, groups, 32]`` block of weights, multiplied and summed in fp32."""
-        GT: tl.constexpr = BLOCK_K // 32
         pid_n = tl.program_id(0)
         row = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -294,7 +293,7 @@ if triton is not None:
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
         for t in range(t0, t1):
-            g = t * GT + tl.arange(0, GT)[None, :, None]
+            g = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)[None, :, None]
             mask = n_mask[:, None, None] & (g < n_groups)
             xv = tl.load(x_row + g * 32 + l, mask=g < n_groups, other=0.0).to(tl.float32)
             w = _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND)
@@ -307,7 +306,6 @@ if triton is not None:
                           tiles_per_split, KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """A ``[BLOCK_M, BLOCK_N]`` tile of the output over one K slice (grid axis 2)."""
-        GT: tl.constexpr = BLOCK_K // 32
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -325,7 +323,8 @@ if triton is not None:
             offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                          mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-            g = t * GT + tl.arange(0, GT)[:, None, None]  # the [groups, 32, BLOCK_N] tile is [BLOCK_K, BLOCK_N]
+            # The [groups, 32, BLOCK_N] tile is the [BLOCK_K, BLOCK_N] one.
+            g = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)[:, None, None]
             mask = (g < n_groups) & n_mask[None, None, :]
             w = _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND)
             # The weight rounded to the activation dtype, as a dense model of it holds it.
