@@ -341,6 +341,8 @@ def _block_weight(model: DecoderForCausalLM, module: nn.Module,
     cols = torch.tensor([c for _, c in shapes])[part]
     local = elem - starts[part]
     src_row, src_col = local // cols, local % cols
+    if bool((src_col + in_f > cols)[real].any()):
+        raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
     row_kinds = _fill_padding([parts[p][2] if r else None for p, r in zip(part.tolist(), real.tolist(), strict=True)])
     runs: list[tuple[str, torch.Tensor]] = []
     for lo, hi, kind in _runs(row_kinds):
@@ -350,7 +352,7 @@ def _block_weight(model: DecoderForCausalLM, module: nn.Module,
             raise ValueError(f"{_desc(module)}: {in_f} input features per rank are not whole {kind} blocks of "
                              f"{qk}; use another tensor_parallel_size or gguf_quantized=False")
         sel = torch.arange(lo, hi)[real[lo:hi]]
-        for p, col in {(int(p), int(c)) for p, c in zip(part[sel], src_col[sel], strict=True)}:
+        for p, col in torch.stack([part[sel], src_col[sel]], dim=1).unique(dim=0).tolist():
             if col % qk:
                 raise ValueError(f"{_desc(module)}: its tensor-parallel slice cuts through {kind} blocks of {qk}; "
                                  "use another tensor_parallel_size or gguf_quantized=False")
