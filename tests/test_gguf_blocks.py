@@ -27,7 +27,7 @@ from pagedattn.models.gguf_quant import gpu_uncovered_tensors, keep_gguf_blocks
 from pagedattn.models.layers.quantized import GGUFBlockWeight
 from pagedattn.models.loader import load_model
 from pagedattn.models.testing import PagedHarness
-from pagedattn.runtime.worker import _gpu_blocks_cover
+from pagedattn.runtime.worker import _gpu_blocks_cover, quantized_gguf
 from tests.test_gguf_kernels import random_blocks
 from tests.test_loader import _gguf_name, _gguf_sizes, _llamacpp_permute, _random_hf
 
@@ -195,9 +195,11 @@ def test_a_type_without_a_kernel_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"GGUF types without a GPU kernel: model.layers.1.mlp.down_proj.weight "
                                          r"\(Q3_K\).*gguf_quantized=False"):
         _gpu_blocks_cover(SimpleNamespace(gguf_quantized=True), source.model_dir)  # type: ignore[arg-type]
-    assert not _gpu_blocks_cover(SimpleNamespace(gguf_quantized=None), source.model_dir)  # type: ignore[arg-type]
-    assert _gpu_blocks_cover(SimpleNamespace(gguf_quantized=None),  # type: ignore[arg-type]
-                             load_model(_case_gguf("qwen2_legacy_bias", tmp_path), torch.float32, "cpu")[1].model_dir)
+    # The engine's choice on a GPU: off by default for this file, on for one the kernels cover.
+    cuda = dict(torch_device=torch.device("cuda"), load_format="auto", gguf_quantized=None)
+    assert not quantized_gguf(SimpleNamespace(**cuda), path, torch.float16, source.model_dir)  # type: ignore[arg-type]
+    covered = load_model(_case_gguf("qwen2_legacy_bias", tmp_path), torch.float32, "cpu")[1].model_dir
+    assert quantized_gguf(SimpleNamespace(**cuda), path, torch.float16, covered)  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu
