@@ -275,7 +275,8 @@ if triton is not None:
         w = _dequant(w_ptr, h_ptr, row_off, cols // 32, cols % 32, mask, KIND)
         tl.store(out_ptr + t.to(tl.int64) * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # The row count varies step by step: no variants for its value or alignment.
+    @triton.jit(do_not_specialize=("M",))
     def _gguf_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,
                           tiles_per_split, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2): per K
@@ -301,7 +302,7 @@ if triton is not None:
         dst = out_ptr + pid_k * stride_split + row * stride_om + offs_n
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("M",))
     def _gguf_gemm_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,
                           tiles_per_split, KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
