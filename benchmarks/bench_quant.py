@@ -20,6 +20,15 @@ decode at batch 1 >= 2.5x bf16; FP8 weights within 10% of their bytes on disk (t
 one float32 scale per output row, the bf16 embedding and LM head: what the model holds).  A
 table is printed last; ``--out`` writes the JSON.
 
+A third column (``--gguf-type``, default Q4_K on a GPU): the same shape with every linear weight,
+the LM head and the embedding held as GGUF blocks of that type, random bytes with
+half-precision scales of a weight's size, run by the Triton kernels of
+``pagedattn.kernels.gguf_matmul`` -- what ``gguf_quantized`` does with a GGUF file, without
+writing and converting a 5 GB one.  The blocks replace the dummy dense weights as the model
+loads (before CUDA graphs are captured).  Its weight bytes are reported against the bytes a
+GGUF file of that type takes for those matrices; greedy agreement is not (its weights are not
+the bf16 model's).
+
     python benchmarks/bench_quant.py [--batches 1,16,256] [--out result.json]
     python benchmarks/bench_quant.py --device cpu --smoke     # a tiny Llama on the CPU, seconds
 
@@ -31,10 +40,12 @@ newer (Ada, Hopper); older GPUs dequantize at load too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,27 +130,95 @@ def decode_tok_s(llm: Any, batch: list[list[int]], t1: int, t2: int, device: str
     return len(batch) * (t2 - t1) / (b - a)
 
 
-def run_variant(folder: Path, args: argparse.Namespace, shape: dict[str, Any]) -> dict[str, Any]:
+def random_gguf_blocks(kind: str, n: int, k: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """uint8 ``[n, row bytes]`` GGUF blocks of ``kind``: random codes and sub-scales, the
+    half-precision scales (d, dmin, m) of a weight's size (so the activations stay finite)."""
+    from pagedattn.kernels.gguf_matmul import GGUF_BLOCKS, row_bytes
+
+    elems, nbytes = GGUF_BLOCKS[kind]
+    blocks = torch.randint(0, 256, (n, k // elems, nbytes), generator=gen, dtype=torch.uint8)
+    halves = {"Q6_K": (208,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2)}.get(kind, (0,))
+    for at in halves:
+        scale = (torch.rand(n, k // elems, 1, generator=gen) * 1e-3 + 2e-4).half()
+        blocks[..., at:at + 2] = scale.view(torch.uint8)
+    return blocks.reshape(n, row_bytes(kind, k)).to(device)
+
+
+def gguf_block_bytes(model: Any) -> int:
+    from pagedattn.models.layers.quantized import GGUFBlockWeight
+
+    return sum(m.nbytes for m in model.modules() if isinstance(m, GGUFBlockWeight))
+
+
+@contextlib.contextmanager
+def gguf_blocks_at_load(kind: str, seed: int) -> Iterator[None]:
+    """While active, every model the worker loads has its linear weights and embedding replaced
+    by random ``kind`` blocks (:class:`GGUFBlockWeight`) right after loading, before warm-up and
+    graphs."""
+    import pagedattn.runtime.worker as worker
+    from pagedattn.models.layers import ColumnParallelLinear, RowParallelLinear
+    from pagedattn.models.layers.quantized import GGUFBlockWeight, set_quantized_weight
+    from pagedattn.models.layers.vocab import VocabParallelEmbedding
+
+    original = worker.load_model
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        model, source = original(*args, **kwargs)
+        gen = torch.Generator().manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, ColumnParallelLinear | RowParallelLinear | VocabParallelEmbedding):
+                n, k = module.weight.shape
+                blocks = random_gguf_blocks(kind, n, k, module.weight.device, gen)
+                set_quantized_weight(module, GGUFBlockWeight([(kind, blocks)], k, model.dtype))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return model, source
+
+    worker.load_model = load
+    try:
+        yield
+    finally:
+        worker.load_model = original
+
+
+def run_variant(folder: Path, args: argparse.Namespace, shape: dict[str, Any], gguf_type: str | None = None
+                ) -> dict[str, Any]:
     from pagedattn import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(str(folder), load_format="dummy", device=args.device, dtype=args.dtype, seed=0,
-              max_model_len=args.prompt_len + args.t2 + max(args.agree_tokens, 16), max_num_seqs=args.max_num_seqs,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+    with gguf_blocks_at_load(gguf_type, args.seed) if gguf_type else contextlib.nullcontext():
+        llm = LLM(str(folder), load_format="dummy", device=args.device, dtype=args.dtype, seed=0,
+                  max_model_len=args.prompt_len + args.t2 + max(args.agree_tokens, 16),
+                  max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                  enforce_eager=args.enforce_eager)
     try:
         res: dict[str, Any] = {"init_seconds": time.perf_counter() - t0, "weight_bytes": weight_bytes(llm),
                                "kv_blocks": llm.get_metrics()["kv_blocks_total"], "decode_tok_per_s": {}}
         for b in args.batch_sizes:
             batch = prompts(b, args.prompt_len, shape["vocab_size"], seed=b)
             res["decode_tok_per_s"][str(b)] = decode_tok_s(llm, batch, args.t1, args.t2, args.device)
-        agree = prompts(args.agree_prompts, args.prompt_len, shape["vocab_size"], seed=12345)
-        res["greedy"] = timed_generate(llm, agree, args.agree_tokens, args.device)[1]
+        if gguf_type:
+            res["gguf_block_bytes"] = gguf_block_bytes(llm.engine.executor.worker.model)
+        else:
+            agree = prompts(args.agree_prompts, args.prompt_len, shape["vocab_size"], seed=12345)
+            res["greedy"] = timed_generate(llm, agree, args.agree_tokens, args.device)[1]
     finally:
         llm.shutdown()
         del llm
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return res
+
+
+def matrix_file_bytes(shape: dict[str, Any], kind: str) -> int:
+    """The bytes a GGUF file of ``kind`` takes for the shape's matrices: the linear weights, the
+    LM head and the embedding."""
+    from pagedattn.kernels.gguf_matmul import row_bytes
+
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
+    per_layer = (h + 2 * kv + h + 2 * i) * row_bytes(kind, h) + h * row_bytes(kind, i)
+    return shape["num_hidden_layers"] * per_layer + 2 * v * row_bytes(kind, h)
 
 
 def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, float]:
@@ -155,7 +234,8 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, float]:
 def table(res: dict[str, Any], variants: list[str]) -> str:
     """One column per model, each quantized one followed by its ratio to bf16."""
     bf = res["bf16"]
-    head = f"{'':24}{'bf16':>14}" + "".join(f"{VARIANTS[v][0]:>14}{'ratio':>9}" for v in variants)
+    cols = [(VARIANTS[v][0], v) for v in variants] + ([(f"gguf {res['gguf_type']}", "gguf")] if "gguf" in res else [])
+    head = f"{'':24}{'bf16':>14}" + "".join(f"{name:>14}{'ratio':>9}" for name, _ in cols)
     # (label, value, format, ratio as bf16 / quantized: the memory saved)
     rows = [("weights MiB", lambda r: r["weight_bytes"] / 2**20, ".1f", True),
             ("KV blocks", lambda r: r["kv_blocks"], "d", False)]
@@ -164,14 +244,19 @@ def table(res: dict[str, Any], variants: list[str]) -> str:
     lines = [head]
     for label, get, fmt, inverse in rows:
         line = f"{label:24}{get(bf):>14{fmt}}"
-        for v in variants:
-            q = get(res[v])
+        for _, key in cols:
+            q = get(res[key])
             line += f"{q:>14{fmt}}{(get(bf) / q if inverse else q / get(bf)):>8.2f}x"
         lines.append(line)
     for v in variants:
         a = res["greedy_agreement"][v]
         lines.append(f"{VARIANTS[v][0]} greedy agreement with bf16: {a['prefix_share']:.1%} of tokens before the "
                      f"first divergence, first token {a['first_token']:.0%}")
+    if "gguf" in res:
+        g = res["gguf"]
+        lines.append(f"gguf {res['gguf_type']}: {g['gguf_block_bytes'] / 2**20:.1f} MiB of blocks, "
+                     f"{g['gguf_block_bytes'] / g['gguf_file_bytes']:.3f}x a file's bytes for those matrices; "
+                     f"all weights {g['weight_bytes'] / g['gguf_file_bytes']:.3f}x (target <= 1.10x)")
     if "w4a16" in variants:
         lines.append(f"target: w4a16 decode at batch 1 >= 2.5x bf16: {res['speedup_batch1']['w4a16']:.2f}x")
     return "\n".join(lines)
@@ -196,6 +281,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--gguf-type", default=None, help="GGUF block type of the third column (Q4_0, Q4_1, Q8_0, Q4_K, "
+                    "Q5_K, Q6_K; 'none': no column; default: Q4_K on a GPU, none on the CPU, where the kernels "
+                    "need Triton's interpreter)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random GGUF blocks")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -204,6 +293,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 setattr(args, name, value)
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    if args.gguf_type is None:
+        args.gguf_type = "none" if args.device == "cpu" else "Q4_K"
+    from pagedattn.kernels.gguf_matmul import GGUF_BLOCKS
+
+    if args.gguf_type != "none" and args.gguf_type not in GGUF_BLOCKS:
+        ap.error(f"--gguf-type: one of {', '.join(GGUF_BLOCKS)} or none")
     args.batch_sizes = [int(b) for b in args.batches.split(",")]
     args.variant_names = [v for v in args.variants.split(",") if v]
     if not args.variant_names or any(v not in VARIANTS for v in args.variant_names):
@@ -229,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["bf16"] = run_variant(write_model(root, "dense", shape, None), args, shape)
         for v in variants:
             res[v] = run_variant(write_model(root, v, shape, VARIANTS[v][1](args)), args, shape)
+        if args.gguf_type != "none":
+            res["gguf_type"] = args.gguf_type
+            res["gguf"] = run_variant(root / "dense", args, shape, args.gguf_type)
+            res["gguf"]["gguf_file_bytes"] = matrix_file_bytes(shape, args.gguf_type)
     ref = res["bf16"].pop("greedy")
     res["greedy_agreement"] = {v: agreement(ref, res[v].pop("greedy")) for v in variants}
     first = str(args.batch_sizes[0])

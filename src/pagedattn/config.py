@@ -115,10 +115,13 @@ class EngineConfig:
                                     "float32 on a CPU, on a GPU the checkpoint's 16-bit type (bfloat16 for a "
                                     "float32 checkpoint)")
     device: str | torch.device | None = _opt(None, "cpu, cuda or cuda:N (default: cuda when available)")
-    gguf_quantized: bool | None = _opt(None, "keep a GGUF model's Q4_0, Q4_1, Q4_K and Q8_0 linear weights quantized "
-                                       "on the CPU (torch's int4 kernels, in the model's dtype: float32 keeps the "
-                                       "exact values but is slow on x86; bfloat16 is fast and rounds weights and "
-                                       "activations to bfloat16) (default: on for a GGUF in bfloat16 on the CPU)")
+    gguf_quantized: bool | None = _opt(None, "keep a GGUF model's quantized linear weights quantized: on a GPU its "
+                                       "Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K blocks as stored, in Triton kernels "
+                                       "(other types are an error); on the CPU Q4_0, Q4_1, Q4_K and Q8_0 in torch's "
+                                       "int4 kernels, in the model's dtype (float32 keeps the exact values but is "
+                                       "slow on x86; bfloat16 is fast and rounds weights and activations to "
+                                       "bfloat16) (default: on a GPU when the kernels cover the file's types; on "
+                                       "the CPU for a GGUF in bfloat16)")
     seed: int = _opt(0, "seed of the sampler's shared generator (and of dummy weights)", lo=_I64_MIN, hi=_I64_MAX)
     max_model_len: int | None = _opt(None, "context length in tokens (default and upper bound: the model's)", lo=2)
     generation_config: str = _opt("auto", "'auto': the sampling values of the model's generation_config.json "
@@ -172,9 +175,6 @@ class EngineConfig:
         self.torch_device = resolve_device(self.device)
         # None for "auto": the engine resolves it (resolved_dtype) once the checkpoint's config is read.
         self.torch_dtype = parse_dtype(self.dtype)
-        if self.gguf_quantized and self.torch_device.type != "cpu":
-            raise ValueError("gguf_quantized: the quantized GGUF kernels are CPU kernels; use device='cpu' or "
-                             "gguf_quantized=False")
         if self.gguf_quantized and self.load_format == "dummy":
             raise ValueError("gguf_quantized: dummy weights have no GGUF blocks; use load_format='auto'")
         if self.attention_backend == "triton" and self.torch_device.type != "cuda" and not triton_interpreted():

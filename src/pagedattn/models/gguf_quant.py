@@ -20,25 +20,42 @@ itself is exact; that is checked per tensor (half-precision factors of similar s
 are), and a tensor where it is not stays dense.  Other types (Q5_*, Q6_K, ...) have no exact
 4- or 8-bit form here and stay dense float32: nothing is re-quantized.
 
+On a GPU (:func:`keep_gguf_blocks`) the blocks themselves are the runtime form: the Triton
+kernels of :mod:`pagedattn.kernels.gguf_matmul` read Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K
+blocks as stored, so each kept layer holds its rows of the file's bytes
+(:class:`.layers.quantized.GGUFBlockWeight`).  A tensor of another quantized type (Q2_K, Q3_K,
+IQ*, ...) has no kernel: with ``gguf_quantized=True`` that is an error naming it, and by
+default such a file stays dense (:func:`gpu_uncovered_tensors`).
+
 Which checkpoint element lands where in a layer (fused q/k/v and gate/up, tensor-parallel
 slices, llama's q/k row order) is not re-derived: each layer's own ``weight_loader`` is run on
-a tensor of element indices, and the codes and scales are gathered through the result.
+a tensor of element indices, and the codes and scales (on a GPU: whole rows of blocks) are
+gathered through the result.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..kernels.gguf_matmul import GGUF_BLOCKS
 from .gguf import BLOCKS_FILE, unpermute_qk
 from .layers import ColumnParallelLinear, RowParallelLinear, ShardId, WeightLoading
-from .layers.quantized import KERNEL_DTYPES, Int4GroupWeight, Int8GroupWeight, QuantizedWeight, set_quantized_weight
+from .layers.quantized import (
+    KERNEL_DTYPES,
+    GGUFBlockWeight,
+    Int4GroupWeight,
+    Int8GroupWeight,
+    QuantizedWeight,
+    set_quantized_weight,
+)
 
 if TYPE_CHECKING:
     from .base import DecoderForCausalLM
@@ -143,16 +160,16 @@ def keep_gguf_quantized(model: DecoderForCausalLM, model_dir: str | Path) -> int
         return 0
     changed = 0
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        kinds = f.metadata() or {}
+        kinds, stored = f.metadata() or {}, set(f.keys())
         for module_name, module_parts in _layer_parts(model).items():
-            if any(ckpt not in kinds for ckpt, _ in module_parts):
+            if any(ckpt not in stored for ckpt, _ in module_parts):
                 continue
             groups = [block_groups(f.get_tensor(ckpt).numpy(), kinds[ckpt]) for ckpt, _ in module_parts]
             if any(g is None for g in groups) or len({g.bits for g in groups if g is not None}) != 1:
                 for (ckpt, _), g in zip(module_parts, groups, strict=True):
                     if g is None:
-                        logger.info("%s (%s) stays float32: its zero points are not exact in float32", ckpt,
-                                    kinds[ckpt])
+                        logger.info("%s (%s) stays float32: no exact int4/int8 form (or zero points not exact "
+                                    "in float32)", ckpt, kinds[ckpt])
                 continue
             module = model.get_submodule(module_name)
             parts = [(ckpt, shard, cast(Groups, g)) for (ckpt, shard), g in zip(module_parts, groups, strict=True)]
@@ -180,7 +197,7 @@ def _layer_weight(model: DecoderForCausalLM, module: nn.Module, parts: list[tupl
     """The layer's shard of its parts' groups (``(gguf_name, shard_id, groups)``), placed by the
     layer's own ``weight_loader``."""
     groups = [g for _, _, g in parts]
-    sources = _element_index(model, module, parts)  # [out, in], 1-based; 0: padding
+    sources = _element_index(model, module, [(name, shard, g.codes.shape) for name, shard, g in parts])
     out_f, in_f = sources.shape
     if in_f % GROUP:
         raise ValueError(f"{_desc(module)}: {in_f} input features per rank are not whole groups of {GROUP}; "
@@ -194,7 +211,7 @@ def _layer_weight(model: DecoderForCausalLM, module: nn.Module, parts: list[tupl
     codes = torch.cat([torch.from_numpy(np.ascontiguousarray(g.codes)).reshape(-1) for g in groups])
     pad_code = 8 if groups[0].bits == 4 else 0
     codes = torch.cat([codes.new_full((1,), pad_code), codes])  # index 0: padding rows, weight 0
-    gathered = codes[sources.reshape(-1)].view(out_f, in_f)
+    gathered = codes[sources.reshape(-1).long()].view(out_f, in_f)
     group_idx = torch.where(firsts > 0, (firsts - 1) // GROUP + 1, 0)
 
     def per_group(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -209,16 +226,18 @@ def _layer_weight(model: DecoderForCausalLM, module: nn.Module, parts: list[tupl
                            model.dtype)
 
 
-def _element_index(model: DecoderForCausalLM, module: nn.Module, parts: list[tuple[str, ShardId, Groups]]
+def _element_index(model: DecoderForCausalLM, module: nn.Module, parts: list[tuple[str, ShardId, tuple[int, ...]]]
                    ) -> torch.Tensor:
-    """For each element of the layer's weight, 1 + its index in the parts' codes laid end to end
-    (0 where the layer pads), by running the layer's ``weight_loader`` on index tensors."""
-    target = torch.zeros(cast(torch.Tensor, module.weight).shape, dtype=torch.int64)
+    """For each element of the layer's weight, 1 + its index in the parts (``(name, shard,
+    [rows, cols])``) laid end to end (0 where the layer pads), by running the layer's
+    ``weight_loader`` on index tensors (int32 where they fit: an 8B model's LM head has 525M)."""
+    total = sum(rows * cols for _, _, (rows, cols) in parts)
+    itype, ttype = (np.int32, torch.int32) if total < 2**31 - 1 else (np.int64, torch.int64)
+    target = torch.zeros(cast(torch.Tensor, module.weight).shape, dtype=ttype)
     offset = 1
     llama = model.config.architecture == "LlamaForCausalLM"
-    for gname, shard, g in parts:
-        rows, cols = g.codes.shape
-        idx = np.arange(offset, offset + rows * cols, dtype=np.int64).reshape(rows, cols)
+    for gname, shard, (rows, cols) in parts:
+        idx = np.arange(offset, offset + rows * cols, dtype=itype).reshape(rows, cols)
         if llama and gname.endswith(".q_proj.weight"):  # the same row order as the converted float weights
             idx = unpermute_qk(idx, model.config.num_heads)
         elif llama and gname.endswith(".k_proj.weight"):
@@ -227,6 +246,142 @@ def _element_index(model: DecoderForCausalLM, module: nn.Module, parts: list[tup
         cast(WeightLoading, module).weight_loader(cast(nn.Parameter, target), loaded, shard)
         offset += rows * cols
     return target
+
+
+# ---------------------------------------------------------------------- the GPU's form
+def gguf_tensor_types(model_dir: str | Path) -> dict[str, str]:
+    """HF name -> GGUF type of every quantized 2-D tensor of the GGUF converted into
+    ``model_dir`` (empty for a folder without blocks)."""
+    from safetensors import safe_open
+
+    path = Path(model_dir) / BLOCKS_FILE
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
+
+
+def gpu_uncovered_tensors(model_dir: str | Path) -> dict[str, str]:
+    """The linear weights (HF name -> type) of the converted GGUF in ``model_dir`` whose type has
+    no GPU kernel (an untied embedding is no linear: it is always dense)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    tied = bool(config.get("tie_word_embeddings", False))
+    return {name: kind for name, kind in gguf_tensor_types(model_dir).items()
+            if kind not in GGUF_BLOCKS and (tied or name != "model.embed_tokens.weight")}
+
+
+def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
+    """Give every linear layer of ``model`` whose GGUF tensors are all of a GPU kernel's type
+    (:data:`~pagedattn.kernels.gguf_matmul.GGUF_BLOCKS`) its rows of those blocks, on the
+    layer's device, and the embedding too (a tied LM head shares its blocks); returns how many
+    linear layers changed.  A linear with a tensor of another quantized type is an error naming
+    it; one with a float tensor stays dense, as does an embedding of another type."""
+    from safetensors import safe_open
+
+    path = Path(model_dir) / BLOCKS_FILE
+    if not path.is_file():
+        return 0
+    changed = 0
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        kinds, stored = f.metadata() or {}, set(f.keys())
+        table = _embedding_blocks(model, f, kinds[EMBED] if EMBED in stored else None)
+        for module_name, module_parts in _layer_parts(model).items():
+            if module_name == "lm_head" and table is not None and model.config.tie_word_embeddings:
+                set_quantized_weight(model.get_submodule(module_name), table)  # the same bytes, held once
+                changed += 1
+                continue
+            for ckpt, _ in module_parts:
+                if ckpt in kinds and kinds[ckpt] not in GGUF_BLOCKS:
+                    raise ValueError(f"gguf_quantized: {ckpt} is {kinds[ckpt]}, a GGUF type without a GPU kernel "
+                                     f"(supported: {', '.join(GGUF_BLOCKS)}); use gguf_quantized=False to run "
+                                     "the file dequantized")
+            if any(ckpt not in stored for ckpt, _ in module_parts):
+                continue  # a float tensor: the layer stays dense
+            module = model.get_submodule(module_name)
+            parts = [(ckpt, shard, kinds[ckpt], f.get_tensor(ckpt)) for ckpt, shard in module_parts]
+            set_quantized_weight(module, _block_weight(model, module, parts))
+            changed += 1
+    logger.info("kept %d linear layers (and %s embedding) in their GGUF blocks", changed,
+                "the" if table is not None else "no")
+    return changed
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def _embedding_blocks(model: DecoderForCausalLM, f: Any, kind: str | None) -> GGUFBlockWeight | None:
+    """The embedding table kept in its blocks (``kind``: its type, None where it is a float
+    tensor), put in the embedding's place; None if it stays dense."""
+    if kind is None or kind not in GGUF_BLOCKS:
+        return None
+    pname, shard = model.checkpoint_names()[EMBED]
+    module = model.get_submodule(pname.rpartition(".")[0])
+    table = _block_weight(model, module, [(EMBED, shard, kind, f.get_tensor(EMBED))])
+    set_quantized_weight(module, table)
+    return table
+
+
+def _block_weight(model: DecoderForCausalLM, module: nn.Module,
+                  parts: list[tuple[str, ShardId, str, torch.Tensor]]) -> GGUFBlockWeight:
+    """The layer's rows of its parts' blocks (``(hf_name, shard_id, type, uint8 [rows, bytes])``),
+    placed by the layer's own ``weight_loader``: each of its rows must be a whole-block stretch of
+    one row of a part (a tensor-parallel slice of the inputs starts and ends on a block)."""
+    shapes = [(b.shape[0], b.shape[1] // GGUF_BLOCKS[kind][1] * GGUF_BLOCKS[kind][0]) for _, _, kind, b in parts]
+    sources = _element_index(model, module, [(name, shard, shape) for (name, shard, _, _), shape
+                                             in zip(parts, shapes, strict=True)])
+    in_f = sources.shape[1]
+    real = sources[:, 0] > 0  # 1-based element index of each row's first weight; 0: a padding row
+    contiguous = sources == sources[:, :1] + torch.arange(in_f, dtype=sources.dtype)
+    first = sources[:, 0].long()
+    if not bool(torch.where(real[:, None], contiguous, sources == 0).all()):
+        raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
+    starts = torch.tensor([0] + [rows * cols for rows, cols in shapes]).cumsum(0)
+    elem = (first - 1).clamp(min=0)
+    part = torch.searchsorted(starts[1:], elem, right=True).clamp(max=len(parts) - 1)
+    cols = torch.tensor([c for _, c in shapes])[part]
+    local = elem - starts[part]
+    src_row, src_col = local // cols, local % cols
+    if bool((src_col + in_f > cols)[real].any()):
+        raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
+    row_kinds = _fill_padding([parts[p][2] if r else None for p, r in zip(part.tolist(), real.tolist(), strict=True)])
+    runs: list[tuple[str, torch.Tensor]] = []
+    for lo, hi, kind in _runs(row_kinds):
+        qk, nbytes = GGUF_BLOCKS[kind]
+        blocks = torch.zeros((hi - lo, in_f // qk * nbytes), dtype=torch.uint8)  # zero bytes: weight 0
+        if in_f % qk:
+            raise ValueError(f"{_desc(module)}: {in_f} input features per rank are not whole {kind} blocks of "
+                             f"{qk}; use another tensor_parallel_size or gguf_quantized=False")
+        sel = torch.arange(lo, hi)[real[lo:hi]]
+        for p, col in torch.stack([part[sel], src_col[sel]], dim=1).unique(dim=0).tolist():
+            if col % qk:
+                raise ValueError(f"{_desc(module)}: its tensor-parallel slice cuts through {kind} blocks of {qk}; "
+                                 "use another tensor_parallel_size or gguf_quantized=False")
+            rows = sel[(part[sel] == p) & (src_col[sel] == col)]
+            at = col // qk * nbytes
+            blocks[rows - lo] = parts[p][3][src_row[rows], at: at + blocks.shape[1]]
+        runs.append((kind, blocks.to(cast(torch.Tensor, module.weight).device)))
+    return GGUFBlockWeight(runs, in_f, model.dtype)
+
+
+def _fill_padding(kinds: list[str | None]) -> list[str]:
+    """Padding rows (None) take the type of the row before them (or the first real row's):
+    zero bytes are a zero weight in every type."""
+    first = next(k for k in kinds if k is not None)
+    filled: list[str] = []
+    for k in kinds:
+        filled.append(k if k is not None else filled[-1] if filled else first)
+    return filled
+
+
+def _runs(kinds: list[str]) -> list[tuple[int, int, str]]:
+    """``[lo, hi, type]`` of each maximal run of rows of one type."""
+    runs: list[tuple[int, int, str]] = []
+    for i, k in enumerate(kinds):
+        if runs and runs[-1][2] == k:
+            runs[-1] = (runs[-1][0], i + 1, k)
+        else:
+            runs.append((i, i + 1, k))
+    return runs
 
 
 def _desc(module: nn.Module) -> str:

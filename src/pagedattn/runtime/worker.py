@@ -28,7 +28,7 @@ from ..cache.block_manager import cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
 from ..config import EngineConfig
 from ..models.context import ForwardContext
-from ..models.gguf_quant import keep_gguf_quantized
+from ..models.gguf_quant import gpu_uncovered_tensors, keep_gguf_blocks, keep_gguf_quantized
 from ..models.interface import CausalLM
 from ..models.layers import AllReduce, pack_linear_weights_for_cpu
 from ..models.layers.quantized import KERNEL_DTYPES, cpu_int4_kernel_available
@@ -81,7 +81,7 @@ class WorkerConfig:
         shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in own}
         return cls(model_dir=model_dir, dtype=dtype, device_type=cfg.torch_device.type,
                    max_model_len=max_model_len, tp_size=cfg.tensor_parallel_size,
-                   gguf_quantized=quantized_gguf(cfg, gguf_file, dtype), **shared)
+                   gguf_quantized=quantized_gguf(cfg, gguf_file, dtype, model_dir), **shared)
 
     @property
     def graph_max_batch(self) -> int:
@@ -180,16 +180,20 @@ class SingleRank:
         return None
 
 
-def quantized_gguf(cfg: EngineConfig, gguf_file: Path | None, dtype: torch.dtype) -> bool:
-    """Whether the workers keep ``gguf_file``'s quantized linears quantized (``gguf_quantized``).
-    By default for a GGUF model in bfloat16 on the CPU, where torch's int4 kernel is vectorised;
-    in float32 (exact weights) only when asked: there torch 2.13's kernel is a scalar loop on x86."""
+def quantized_gguf(cfg: EngineConfig, gguf_file: Path | None, dtype: torch.dtype, model_dir: str) -> bool:
+    """Whether the workers keep ``gguf_file``'s quantized linears quantized (``gguf_quantized``;
+    ``model_dir``: its conversion).  On a GPU by default when every quantized linear weight has a
+    Triton kernel's type.  On the CPU by default for a GGUF model in bfloat16, where torch's int4
+    kernel is vectorised; in float32 (exact weights) only when asked: there torch 2.13's kernel
+    is a scalar loop on x86."""
     if cfg.gguf_quantized is False:
         return False
     if gguf_file is None or cfg.load_format != "auto":
         if cfg.gguf_quantized:
             raise ValueError("gguf_quantized: the model is not a GGUF file")
         return False
+    if cfg.torch_device.type == "cuda":
+        return _gpu_blocks_cover(cfg, model_dir)
     if cfg.gguf_quantized:
         if dtype not in KERNEL_DTYPES:
             raise ValueError(f"gguf_quantized: the int4 CPU kernel computes in float32 or bfloat16, not {dtype}")
@@ -197,6 +201,23 @@ def quantized_gguf(cfg: EngineConfig, gguf_file: Path | None, dtype: torch.dtype
             raise ValueError(f"gguf_quantized: this torch ({torch.__version__}) has no int4 CPU kernel")
         return True
     return cfg.torch_device.type == "cpu" and dtype == torch.bfloat16 and cpu_int4_kernel_available()
+
+
+def _gpu_blocks_cover(cfg: EngineConfig, model_dir: str) -> bool:
+    """Whether the GPU kernels cover the GGUF's quantized linear weights: if not, an error when
+    ``gguf_quantized`` was asked for, else the file runs dequantized (with a warning)."""
+    from ..kernels.gguf_matmul import GGUF_BLOCKS
+
+    uncovered = gpu_uncovered_tensors(model_dir)
+    if not uncovered:
+        return True
+    names = [f"{name} ({kind})" for name, kind in uncovered.items()]
+    listing = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if cfg.gguf_quantized:
+        raise ValueError(f"gguf_quantized: GGUF types without a GPU kernel: {listing} (supported: "
+                         f"{', '.join(GGUF_BLOCKS)}); use gguf_quantized=False to run the file dequantized")
+    logger.warning("GGUF types without a GPU kernel (%s): the model runs dequantized", listing)
+    return False
 
 
 class Worker:
@@ -212,7 +233,9 @@ class Worker:
             config.model_dir, config.dtype, device, tp_rank=tp_rank, tp_size=config.tp_size,
             load_format=config.load_format, seed=config.seed,
         )
-        if config.gguf_quantized:
+        if config.gguf_quantized and device.type == "cuda":
+            keep_gguf_blocks(model, self.source.model_dir)  # the file's blocks and the Triton kernels
+        elif config.gguf_quantized:
             keep_gguf_quantized(model, self.source.model_dir)  # exact low-bit weights and their kernels
         if device.type == "cpu":
             pack_linear_weights_for_cpu(model)  # the runtime layout of the CPU's GEMMs (of dense weights)

@@ -1,4 +1,5 @@
-"""Quantized linear weights on the CPU: exact low-bit weights, float activations, torch's packed kernels.
+"""Quantized linear weights: on the CPU exact low-bit weights in torch's packed kernels; on a GPU a
+GGUF file's own blocks in Triton kernels.
 
 A weight format is a small module that takes a linear layer's place of ``weight`` (see
 :func:`set_quantized_weight`); :func:`~.linear.linear` hands it the activations, so the layers
@@ -26,6 +27,12 @@ The kernel computes in the model's dtype:
   the kernel rounds each dequantized weight to bfloat16 before its dot products, as a bfloat16
   model's dense weights are rounded: a precision change (about 3 significant digits per weight),
   the same as running the dense model in bfloat16.
+
+:class:`GGUFBlockWeight` -- the GPU's form: a GGUF file's blocks as stored (Q4_0, Q4_1, Q8_0,
+Q4_K, Q5_K, Q6_K), uint8 rows, dequantized in registers by :mod:`pagedattn.kernels.gguf_matmul`,
+so the weight takes the file's bytes.  A fused layer (q/k/v, gate/up) may mix types (a Q4_K_M
+file stores some ``v`` projections in Q6_K): its output rows are then runs of one type each,
+one kernel per run, each writing its columns of one output buffer.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import cast
 
 import torch
 from torch import nn
+
+from ...kernels import gguf_matmul
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 INT4_KERNEL_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants the output features in multiples of 16
@@ -146,6 +155,65 @@ class Int8GroupWeight(QuantizedWeight):
     def extra_repr(self) -> str:
         return (f"int8 (two int4 halves), group={self.group_size}, out={self.out_features}, in={self.in_features}, "
                 f"{self.hi.dtype}")
+
+
+class GGUFBlockWeight(QuantizedWeight):
+    """A weight ``[out, in]`` as runs of output rows, each GGUF blocks of one type: ``parts`` are
+    ``(type, uint8 [rows, row bytes])`` in row order.  Computes in the activations' dtype."""
+
+    def __init__(self, parts: list[tuple[str, torch.Tensor]], in_features: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.dtype = dtype  # of an embedding's rows (a matmul computes in the activations' dtype)
+        if not parts:
+            raise ValueError("a GGUF block weight needs at least one run of rows")
+        self.kinds = [kind for kind, _ in parts]
+        for i, (kind, blocks) in enumerate(parts):
+            if blocks.dtype != torch.uint8 or blocks.dim() != 2 or \
+                    blocks.shape[1] != gguf_matmul.row_bytes(kind, in_features):
+                raise ValueError(f"{kind} blocks for {in_features} input features must be uint8 "
+                                 f"[rows, {gguf_matmul.row_bytes(kind, in_features)}], got {blocks.dtype} "
+                                 f"{tuple(blocks.shape)}")
+            self.register_buffer(f"blocks{i}", blocks.contiguous())
+        self.bounds = [0]
+        for _, blocks in parts:
+            self.bounds.append(self.bounds[-1] + blocks.shape[0])
+        self.out_features, self.in_features = self.bounds[-1], in_features
+
+    def _parts(self) -> list[tuple[str, torch.Tensor]]:
+        return [(kind, cast(torch.Tensor, getattr(self, f"blocks{i}"))) for i, kind in enumerate(self.kinds)]
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        parts = self._parts()
+        if len(parts) == 1:
+            y = gguf_matmul.gguf_linear(x2, parts[0][1], parts[0][0], bias)
+        else:  # each run writes its columns of one buffer: no concatenation
+            y = torch.empty((x2.shape[0], self.out_features), device=x.device, dtype=x.dtype)
+            for (kind, blocks), lo, hi in zip(parts, self.bounds, self.bounds[1:], strict=False):
+                gguf_matmul.gguf_linear(x2, blocks, kind, bias[lo:hi] if bias is not None else None, out=y[:, lo:hi])
+        return y.view(*lead, self.out_features)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` as an embedding table's, in ``dtype`` (a table is one run: one tensor)."""
+        if len(self.kinds) != 1:
+            raise ValueError("an embedding table of GGUF blocks is one tensor of one type")
+        kind, blocks = self._parts()[0]
+        return gguf_matmul.gguf_embedding(ids, blocks, kind, self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([gguf_matmul.dequantize_ref(blocks, kind) for kind, blocks in self._parts()])
+
+    @property
+    def nbytes(self) -> int:
+        """The blocks' bytes: the file's, for this layer (or shard)."""
+        return sum(blocks.numel() for _, blocks in self._parts())
+
+    def extra_repr(self) -> str:
+        runs = ", ".join(f"{kind} x{hi - lo}" for kind, lo, hi in zip(self.kinds, self.bounds, self.bounds[1:],
+                                                                     strict=False))
+        return f"GGUF blocks [{runs}], in={self.in_features}"
 
 
 def _int4_linear(x: torch.Tensor, kernel: _Int4Packed) -> torch.Tensor:

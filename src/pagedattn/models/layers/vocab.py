@@ -12,6 +12,7 @@ from torch import nn
 
 from .linear import linear
 from .parallel import AllReduce, all_gather_last_dim, check_tp, process_group_all_reduce
+from .quantized import GGUFBlockWeight
 from .weights import ShardId, check_shape, new_param
 
 
@@ -70,12 +71,17 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._rows(input_ids)
         in_shard = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = (input_ids - self.vocab_start) * in_shard
-        out = F.embedding(local_ids, self.weight)
+        out = self._rows(local_ids)
         out.masked_fill_(~in_shard.unsqueeze(-1), 0)
         return self.all_reduce(out) if self.reduce_results else out
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, GGUFBlockWeight):  # a GGUF table kept in its blocks (GPU)
+            return self.weight.embedding(ids)
+        return F.embedding(ids, self.weight)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,335 @@
+"""GGUF matmuls: ``y = x W^T`` with ``W`` in a GGUF file's own blocks, dequantized in registers.
+
+The weight is uint8 ``[N, K / QK * block bytes]``: each output row is the row's blocks exactly
+as the file stores them, so the GPU holds the file's bytes.  Six types, each read by the
+layouts of ggml (``gguf.quants`` is the reference the tests hold the kernels to):
+
+=====  =====  =====  ==========================================================
+type   QK     bytes  weight of element ``j`` of a block
+=====  =====  =====  ==========================================================
+Q4_0   32     18     ``d (q - 8)``, ``q`` a nibble
+Q4_1   32     20     ``d q + m``
+Q8_0   32     34     ``d q``, ``q`` int8
+Q4_K   256    144    ``(d sc_s) q - dmin mn_s``, 8 sub-blocks of 32, 6-bit ``sc``/``mn``
+Q5_K   256    176    as Q4_K with a fifth bit of ``q`` from ``qh``
+Q6_K   256    210    ``(d sc_s) (q - 32)``, 16 sub-blocks of 16, int8 ``sc``, 6-bit ``q``
+=====  =====  =====  ==========================================================
+
+Every type is a sequence of groups of 32 elements (a block, or a sub-block of a K-quant
+super-block; Q6_K's scales cover half a group each), so a tile is ``[groups, 32]`` along K and
+one helper (:func:`_dequant`) turns a group index ``g`` and a position ``l`` in it into the
+weight: scales are loaded once per group, codes once per element.  The fp16 fields (``d``,
+``dmin``, ``m``) are read through a float16 view of the same bytes (every field lies at an even
+offset: all block sizes are even).
+
+Two kernels, as :mod:`.w4a16`:
+
+* **decode** (:func:`_gguf_gemv_kernel`, one activation row): a ``[BLOCK_N, groups, 32]``
+  tile of dequantized weights times the row, summed on the CUDA cores in fp32; K is split over
+  ``split_k`` programs whose fp32 partials one reduction kernel adds in a fixed order.
+* **GEMM** (:func:`_gguf_gemm_kernel`, any M): each K step dequantizes a ``[BLOCK_K, BLOCK_N]``
+  tile, rounds it to the activation dtype (the weight a dense model of that dtype holds) and
+  feeds ``tl.dot``; small batches split K too.
+
+K is a multiple of 32 (every type's group); a tile past K is masked by whole groups, so K
+need not be a multiple of the tile.  No host synchronisation: the launches are CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .w4a16 import _dot_dtype, _sm_count
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .w4a16 import _splitk_reduce_kernel
+except ImportError:  # a CPU-only install: only the reference runs
+    triton = None
+    tl = None
+
+# type -> (elements, bytes) of one block: ggml's (gguf.GGML_QUANT_SIZES), for the types here.
+GGUF_BLOCKS: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+_KIND_IDS = {name: i for i, name in enumerate(GGUF_BLOCKS)}  # the kernels' constexpr
+GROUP = 32  # every type's weights come in groups of 32 along K
+GEMV_MAX_ROWS = 1
+SPLIT_K_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class GGUFMatmulConfig:
+    """Launch parameters of one call (``block_k``: a multiple of 32)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    gemv: bool = False
+
+
+def row_bytes(kind: str, k: int) -> int:
+    """Bytes of one row of ``k`` elements of type ``kind``."""
+    elems, nbytes = _layout(kind)
+    if k % elems:
+        raise ValueError(f"{kind} rows hold whole blocks of {elems} elements, not {k}")
+    return k // elems * nbytes
+
+
+def _layout(kind: str) -> tuple[int, int]:
+    if kind not in GGUF_BLOCKS:
+        raise ValueError(f"GGUF type {kind} has no GPU kernel (supported: {', '.join(GGUF_BLOCKS)})")
+    return GGUF_BLOCKS[kind]
+
+
+# ---------------------------------------------------------------------- reference
+def dequantize_ref(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """``W [N, K]`` in float32, by gguf's own dequantizer (on the CPU)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    w = dequantize(blocks.cpu().numpy(), GGMLQuantizationType[kind])
+    return torch.from_numpy(w.copy()).to(blocks.device)
+
+
+def gguf_linear_ref(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """``x W^T + b`` with the weight dequantized by gguf, in fp32, cast to ``x``'s dtype."""
+    y = x.float() @ dequantize_ref(blocks, kind).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------- configs
+def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None = None) -> GGUFMatmulConfig:
+    """Heuristic launch parameters (not autotuned): split K until the grid has about four
+    programs per SM (``sms``: the device's), each still covering at least four K tiles."""
+    if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
+        return GGUFMatmulConfig(1, 64, 256, 1, gemv=True) if m <= GEMV_MAX_ROWS else GGUFMatmulConfig(32, 64, 64, 1)
+    sms = sms or _sm_count(device)
+    if m <= GEMV_MAX_ROWS:
+        bm, bn, bk, warps = 1, 32, 256, 4
+    elif m <= SPLIT_K_MAX_ROWS:
+        bm, bn, bk, warps = (16 if m <= 16 else 32 if m <= 32 else 64), 64, 64, 4
+    else:
+        bm, bn, bk, warps = (64, 128, 64, 4) if m <= 256 else (128, 128, 64, 8)
+        return GGUFMatmulConfig(bm, bn, bk, 1, warps, 3)
+    tiles = -(-n // bn) * -(-m // bm)
+    k_tiles = -(-k // bk)
+    split = 1
+    while tiles * split < 4 * sms and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return GGUFMatmulConfig(bm, bn, bk, split, warps, 3, gemv=m <= GEMV_MAX_ROWS)
+
+
+# ---------------------------------------------------------------------- entry point
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Tensor | None = None,
+                out: torch.Tensor | None = None, config: GGUFMatmulConfig | None = None) -> torch.Tensor:
+    """``x [M, K] W^T + b`` -> ``[M, N]`` in ``x``'s dtype (written into ``out`` when given; it
+    may be a column slice of a wider buffer) through the Triton kernels; ``blocks``: uint8
+    ``[N, row_bytes(kind, K)]``."""
+    if triton is None:
+        raise RuntimeError("the GGUF kernels need triton")
+    m, k = x.shape
+    n = blocks.shape[0]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row_bytes(kind, k):
+        raise ValueError(f"{kind} weight for {k} input features must be uint8 [N, {row_bytes(kind, k)}], "
+                         f"got {blocks.dtype} {tuple(blocks.shape)}")
+    cfg = config or choose_config(m, n, k, x.device)
+    if cfg.block_k % GROUP:
+        raise ValueError(f"block_k {cfg.block_k} must be a multiple of {GROUP}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    blocks = blocks if blocks.is_contiguous() else blocks.contiguous()
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    split = cfg.split_k
+    dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    k_tiles = -(-k // cfg.block_k)
+    common = dict(KIND=_KIND_IDS[kind], BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    args = (x, blocks, blocks.view(torch.float16), dst, m, n, k, blocks.shape[1], x.stride(0), dst.stride(-2),
+            m * n if split > 1 else 0, triton.cdiv(k_tiles, split))
+    if cfg.gemv:
+        _gguf_gemv_kernel[(triton.cdiv(n, cfg.block_n), m, split)](*args, **common)
+    else:
+        dot_dtype = _dot_dtype(x.dtype)
+        _gguf_gemm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)](
+            *args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype,
+            DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", **common)
+    if split > 1:  # the slices summed in a fixed order (the same bits every run), bias, cast
+        block = 1024
+        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
+            dst, out, bias if bias is not None else dst, n, m * n, out.stride(0), SPLIT=split,
+            HAS_BIAS=bias is not None, BLOCK=block)
+    elif bias is not None:
+        out += bias
+    return out
+
+
+def gguf_embedding(ids: torch.Tensor, blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` (int ``[T]``) of the table ``blocks`` (uint8 ``[V, row bytes]``), dequantized
+    -> ``[T, K]`` in ``dtype``.  Ids must be in ``[0, V)`` (not checked: no host sync)."""
+    if triton is None:
+        raise RuntimeError("the GGUF kernels need triton")
+    elems, nbytes = _layout(kind)
+    k = blocks.shape[1] // nbytes * elems
+    flat = ids.reshape(-1)
+    out = torch.empty((flat.shape[0], k), device=blocks.device, dtype=dtype)
+    if flat.numel():
+        block = 256
+        _gguf_embedding_kernel[(flat.shape[0], triton.cdiv(k, block))](
+            flat, blocks, blocks.view(torch.float16), out, k, blocks.shape[1], KIND=_KIND_IDS[kind], BLOCK=block)
+    return out.view(*ids.shape, k)
+
+
+# ---------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _byte(w_ptr, offs, mask):
+        return tl.load(w_ptr + offs, mask=mask, other=0).to(tl.int32)
+
+    @triton.jit
+    def _half(h_ptr, byte_offs, mask):
+        return tl.load(h_ptr + byte_offs // 2, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _k_scale_min(w_ptr, blk, s, mask):
+        """Sub-block ``s``'s 6-bit scale and min of a Q4_K/Q5_K super-block at ``blk`` (ggml's
+        ``get_scale_min_k4``: 12 bytes from offset 4; the last four sub-blocks split their bits)."""
+        a = _byte(w_ptr, blk + 4 + s, mask)
+        b = _byte(w_ptr, blk + 8 + s, mask)
+        c = _byte(w_ptr, blk + s, mask)  # for s >= 4: scale byte s - 4
+        sc = tl.where(s < 4, a & 63, (b & 15) | ((c >> 6) << 4))
+        mn = tl.where(s < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
+        return sc.to(tl.float32), mn.to(tl.float32)
+
+    @triton.jit
+    def _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND: tl.constexpr):
+        """The fp32 weights of group ``g`` (of 32 along K), position ``l``, in the rows starting
+        at byte ``row_off`` (broadcast shapes; ``mask``: the valid rows and groups)."""
+        if KIND == 0:  # Q4_0
+            blk = row_off + g * 18
+            d = _half(h_ptr, blk, mask)
+            q = (_byte(w_ptr, blk + 2 + (l % 16), mask) >> (4 * (l // 16))) & 15
+            w = d * (q - 8).to(tl.float32)
+        elif KIND == 1:  # Q4_1
+            blk = row_off + g * 20
+            d = _half(h_ptr, blk, mask)
+            mn = _half(h_ptr, blk + 2, mask)
+            q = (_byte(w_ptr, blk + 4 + (l % 16), mask) >> (4 * (l // 16))) & 15
+            w = d * q.to(tl.float32) + mn
+        elif KIND == 2:  # Q8_0
+            blk = row_off + g * 34
+            d = _half(h_ptr, blk, mask)
+            q = tl.load(w_ptr + blk + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True)
+            w = d * q.to(tl.float32)
+        elif KIND == 3:  # Q4_K
+            blk = row_off + (g // 8) * 144
+            s = g % 8
+            sc, mn = _k_scale_min(w_ptr, blk, s, mask)
+            scale = _half(h_ptr, blk, mask) * sc
+            shift = _half(h_ptr, blk + 2, mask) * mn
+            q = (_byte(w_ptr, blk + 16 + (s // 2) * 32 + l, mask) >> (4 * (s % 2))) & 15
+            w = scale * q.to(tl.float32) - shift
+        elif KIND == 4:  # Q5_K
+            blk = row_off + (g // 8) * 176
+            s = g % 8
+            sc, mn = _k_scale_min(w_ptr, blk, s, mask)
+            scale = _half(h_ptr, blk, mask) * sc
+            shift = _half(h_ptr, blk + 2, mask) * mn
+            lo = (_byte(w_ptr, blk + 48 + (s // 2) * 32 + l, mask) >> (4 * (s % 2))) & 15
+            hi = (_byte(w_ptr, blk + 16 + l, mask) >> s) & 1
+            w = scale * (lo | (hi << 4)).to(tl.float32) - shift
+        else:  # Q6_K: ql (128 bytes), qh (64), int8 scales (16), d
+            blk = row_off + (g // 8) * 210
+            s = g % 8
+            half = s // 4
+            c = s % 4
+            lo = (_byte(w_ptr, blk + half * 64 + 32 * (c % 2) + l, mask) >> (4 * (c // 2))) & 15
+            hi = (_byte(w_ptr, blk + 128 + half * 32 + l, mask) >> (2 * c)) & 3
+            sc = tl.load(w_ptr + blk + 192 + half * 8 + 2 * c + l // 16, mask=mask, other=0)
+            scale = _half(h_ptr, blk + 208, mask) * sc.to(tl.int8, bitcast=True).to(tl.float32)
+            w = scale * ((lo | (hi << 4)) - 32).to(tl.float32)
+        return w
+
+    @triton.jit
+    def _gguf_embedding_kernel(ids_ptr, w_ptr, h_ptr, out_ptr, K, row_bytes, KIND: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        """``out[t, cols] = W[ids[t], cols]`` for one token (axis 0) and BLOCK columns (axis 1)."""
+        t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < K
+        row_off = tl.load(ids_ptr + t).to(tl.int64) * row_bytes
+        w = _dequant(w_ptr, h_ptr, row_off, cols // 32, cols % 32, mask, KIND)
+        tl.store(out_ptr + t.to(tl.int64) * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # The row count varies step by step: no variants for its value or alignment.
+    @triton.jit(do_not_specialize=("M",))
+    def _gguf_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,
+                          tiles_per_split, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2): per K
+        tile a ``[BLOCK_N, groups, 32]`` block of weights, multiplied and summed in fp32."""
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        row_off = offs_n.to(tl.int64)[:, None, None] * row_bytes
+        l = tl.arange(0, 32)[None, None, :]
+        n_groups = K // 32
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_row = x_ptr + row * stride_xm
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        for t in range(t0, t1):
+            g = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)[None, :, None]
+            mask = n_mask[:, None, None] & (g < n_groups)
+            xv = tl.load(x_row + g * 32 + l, mask=g < n_groups, other=0.0).to(tl.float32)
+            w = _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND)
+            acc += tl.sum(tl.sum(w * xv, axis=2), axis=1)
+        dst = out_ptr + pid_k * stride_split + row * stride_om + offs_n
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit(do_not_specialize=("M",))
+    def _gguf_gemm_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,
+                          tiles_per_split, KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A ``[BLOCK_M, BLOCK_N]`` tile of the output over one K slice (grid axis 2)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        row_off = offs_n.to(tl.int64)[None, None, :] * row_bytes
+        l = tl.arange(0, 32)[None, :, None]
+        n_groups = K // 32
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        for t in range(t0, t1):
+            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            # The [groups, 32, BLOCK_N] tile is the [BLOCK_K, BLOCK_N] one.
+            g = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)[:, None, None]
+            mask = (g < n_groups) & n_mask[None, None, :]
+            w = _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND)
+            # The weight rounded to the activation dtype, as a dense model of it holds it.
+            w = tl.reshape(w, (BLOCK_K, BLOCK_N)).to(x_ptr.dtype.element_ty)
+            acc += tl.dot(xv.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        dst = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -1,0 +1,147 @@
+"""The GGUF Triton matmuls against gguf's own dequantizer (dequantize, multiply in fp32).
+
+Without CUDA they run under the Triton interpreter on small shapes: every type, the GEMV
+(with and without split-K), the tensor-core GEMM (with and without split-K), K not a multiple
+of the tile, bias, and writing into a column slice of a wider buffer.  Blocks are random:
+``gguf.quants.quantize`` of random weights where gguf-py can quantize the type (Q4_0, Q4_1,
+Q8_0), else random bytes with finite half-precision scale fields (the K-quants).
+
+Tolerances as the W4A16 kernels' (see tests/test_w4a16_kernels.py): fp32 summation order only,
+16-bit activations one rounding of the weight (GEMM) and of the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
+
+pytest.importorskip("triton")
+
+from pagedattn.kernels import gguf_matmul as gm
+
+gguf = pytest.importorskip("gguf")
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+TYPES = list(gm.GGUF_BLOCKS)
+# Small under the interpreter; K a multiple of every type's block (768 = 3 super-blocks).
+N, K = (4096, 4096) if CUDA else (40, 768)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_available(request: pytest.FixtureRequest) -> None:
+    skip_unless_runnable(request, "test_kernels_in_fresh_interpreter_process")
+
+
+def test_kernels_in_fresh_interpreter_process() -> None:
+    """When triton was already loaded for a GPU, run this module again in a fresh interpreter."""
+    rerun_in_fresh_process(__file__)
+
+
+def random_blocks(kind: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 ``[n, row bytes]`` of type ``kind``: gguf's quantization of random weights, or
+    (types gguf-py cannot quantize) random bytes with half-precision scales of a weight's size."""
+    gtype = gguf.GGMLQuantizationType[kind]
+    try:
+        return np.asarray(gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05, gtype))
+    except NotImplementedError:
+        pass
+    elems, nbytes = gm.GGUF_BLOCKS[kind]
+    count = n * k // elems
+    raw = rng.integers(0, 256, (count, nbytes), dtype=np.uint8)
+    for at in {"Q6_K": (208,)}.get(kind, (0, 2)):  # d (and dmin)
+        raw[:, at:at + 2] = (rng.uniform(0.5, 2.0, count) * 1e-3).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n, -1)
+
+
+def _case(kind: str, m: int, n: int, k: int, dtype: torch.dtype, *key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    g = seeded_generator(kind, m, n, k, dtype, *key)
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=g)))
+    blocks = torch.from_numpy(random_blocks(kind, n, k, rng)).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(dtype=dtype, device=DEVICE)
+    return x, blocks
+
+
+def _check(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == ref.shape
+    err = (got.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert scale > 0 and err <= TOL[dtype] * scale, f"max err {err:.3g} vs scale {scale:.3g}"
+
+
+def _ref(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return gm.gguf_linear_ref(x.float(), blocks, kind, bias)
+
+
+# Decode (the GEMV, split K or not) and the GEMM (split or not); block_k 512 leaves a partial
+# last tile of K = 768 (and of 1024 + 256), 64 splits it in whole tiles.
+CONFIGS = {
+    "gemv": (1, gm.GGUFMatmulConfig(1, 32, 512, 1, gemv=True)),
+    "gemv_split": (1, gm.GGUFMatmulConfig(1, 32, 128, 3, gemv=True)),
+    "gemm": (5, gm.GGUFMatmulConfig(16, 32, 512, 1)),
+    "gemm_split": (19, gm.GGUFMatmulConfig(16, 32, 64, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("path", sorted(CONFIGS))
+def test_kernel_matches_gguf_dequantize(kind: str, path: str) -> None:
+    m, cfg = CONFIGS[path]
+    x, blocks = _case(kind, m, N, K, torch.float32, path)
+    _check(gm.gguf_linear(x, blocks, kind, config=cfg), _ref(x, blocks, kind), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 24])
+def test_16_bit_activations_and_automatic_configs(kind: str, dtype: torch.dtype, m: int) -> None:
+    x, blocks = _case(kind, m, N, K, dtype)
+    _check(gm.gguf_linear(x, blocks, kind), _ref(x, blocks, kind), dtype)
+
+
+@pytest.mark.parametrize("path", ["gemv_split", "gemm"])
+def test_bias_and_a_column_slice_of_the_output(path: str) -> None:
+    """Written into a slice of a wider buffer (a fused layer's part), the rest untouched; K of
+    1280, not a multiple of the 512-wide tile."""
+    m, cfg = CONFIGS[path]
+    x, blocks = _case("Q5_K", m, 24, 1280, torch.float32, path)
+    bias = torch.randn(24, generator=seeded_generator(path)).to(DEVICE)
+    wide = torch.full((m, 40), 7.0, device=DEVICE)
+    gm.gguf_linear(x, blocks, "Q5_K", bias, out=wide[:, 8:32], config=cfg)
+    _check(wide[:, 8:32], _ref(x, blocks, "Q5_K", bias), torch.float32)
+    assert bool((wide[:, :8] == 7).all()) and bool((wide[:, 32:] == 7).all())
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_embedding_rows_are_gguf_dequantize_rows(kind: str) -> None:
+    _, table = _case(kind, 1, N, K, torch.float32, "embedding")
+    ids = torch.randint(0, N, (3, 5), generator=seeded_generator(kind, "ids")).to(DEVICE)
+    want = gm.dequantize_ref(table, kind)[ids]
+    assert torch.equal(gm.gguf_embedding(ids, table, kind, torch.float32), want)  # one product, as gguf's
+    got = gm.gguf_embedding(ids, table, kind, torch.bfloat16)
+    assert got.dtype == torch.bfloat16  # one rounding (the interpreter's may not be to nearest)
+    torch.testing.assert_close(got.float(), want, rtol=2.0**-7, atol=0.0)
+
+
+def test_other_types_and_shapes_are_refused() -> None:
+    x = torch.randn(1, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="GGUF type Q3_K has no GPU kernel"):
+        gm.gguf_linear(x, torch.zeros(4, 110, dtype=torch.uint8, device=DEVICE), "Q3_K")
+    with pytest.raises(ValueError, match=r"Q4_K weight for 256 input features must be uint8 \[N, 144\]"):
+        gm.gguf_linear(x, torch.zeros(4, 140, dtype=torch.uint8, device=DEVICE), "Q4_K")
+    with pytest.raises(ValueError, match="Q4_K rows hold whole blocks of 256 elements, not 96"):
+        gm.row_bytes("Q4_K", 96)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_8b_shapes_on_the_gpu(kind: str, m: int) -> None:
+    """An 8B-class MLP shape (down projection: 4096 x 14336) with the automatic configs."""
+    x, blocks = _case(kind, m, 4096, 14336, torch.bfloat16)
+    _check(gm.gguf_linear(x, blocks, kind), _ref(x, blocks, kind), torch.bfloat16)
