@@ -24,7 +24,7 @@ import torch
 
 from ..cache.block_manager import BlockManager
 from ..cache.kv_pool import KVCacheSpec
-from ..config import EngineConfig
+from ..config import EngineConfig, kv_cache_torch_dtype
 from ..distributed.executor import check_tp_size, make_executor
 from ..distributed.group import TorchrunEnv
 from ..distributed.worker_loop import run_torchrun_worker
@@ -87,8 +87,8 @@ class LLMEngine:
         worker_config = WorkerConfig.derive(config, str(self.source.model_dir), self.max_model_len, self.dtype,
                                             self.source.gguf_file)
         kv_heads = max(1, self.arch.num_kv_heads // tp)  # per rank (a replica each when tp > heads)
-        worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim,
-                                               config.block_size, self.dtype))
+        worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim, config.block_size,
+                                               kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)))
         device = self.device
         if tp > 1 and device.type == "cuda" and torchrun is None and (device.index or 0) != 0:
             raise ValueError(f"device: tensor parallelism runs rank r on cuda:r; got device={device}")
