@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_KV_MAX = 448.0  # e4m3fn's largest finite value (it has no infinity: 480 would be NaN)
 

@@ -31,7 +31,8 @@ _IGNORED_WEIGHTS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Scales of an fp8 KV cache, vLLM's names: ``<attn>.k_scale``/``v_scale``, ModelOpt's
 # ``<attn>.k_proj.k_scale``, compressed-tensors' ``<attn>.k_proj.output_scale``, and the old
 # ``<attn>.kv_scale`` (one scale for both).  ``<attn>`` is the attention module's name.
-_KV_SCALE = re.compile(r"^(?P<attn>.+?)\.(?:(?P<own>[kv])_scale|(?P<proj>[kv])_proj\.(?:[kv]_scale|output_scale)|kv_scale)$")
+_KV_SCALE = re.compile(r"^(?P<attn>.+?)\.(?:(?P<own>[kv])_scale|(?P<proj>[kv])_proj\.(?:[kv]_scale|output_scale)"
+                       r"|kv_scale)$")
 
 
 class DecoderForCausalLM(nn.Module):

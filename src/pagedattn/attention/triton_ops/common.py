@@ -37,8 +37,10 @@ def kv_scale_args(k_cache: torch.Tensor, q: torch.Tensor, k_scale: torch.Tensor 
     device tensor), else any tensor (the kernels' ``KV_FP8`` constexpr compiles the loads out)."""
     if k_cache.dtype != torch.float8_e4m3fn:
         return q, q, False
-    one = None if k_scale is not None and v_scale is not None else torch.ones(1, device=q.device)
-    return (one if k_scale is None else k_scale), (one if v_scale is None else v_scale), True
+    if k_scale is None or v_scale is None:
+        one = torch.ones(1, device=q.device)
+        k_scale, v_scale = (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
+    return k_scale, v_scale, True
 
 
 def dot_dtype(cache_dtype: torch.dtype) -> tl.dtype:

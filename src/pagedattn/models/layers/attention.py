@@ -71,6 +71,8 @@ class Attention(nn.Module):
         # Scales of an fp8 KV cache (pages hold k / k_scale): 1.0 unless the checkpoint has them
         # (load_kv_scale).  Buffers, so they follow the model to its device and CUDA graphs read
         # whatever was loaded; not persistent, so state_dict-based checks do not expect them.
+        self.k_scale: torch.Tensor
+        self.v_scale: torch.Tensor
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
