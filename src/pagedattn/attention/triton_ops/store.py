@@ -23,10 +23,11 @@ def _round_to_e4m3(x):
     and loses the carry into the exponent (31.1 -> 16), while it casts e4m3 values exactly.
     The step between e4m3 neighbours is 2^(e - 3) for |x| in [2^e, 2^(e+1)), and 2^-9 below
     the smallest normal 2^-6; adding and subtracting 1.5 * 2^23 rounds to an integer, ties to
-    even."""
-    exp = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    step = ((tl.maximum(exp, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)
-    return ((x / step + 12582912.0) - 12582912.0) * step
+    even.  The magnitude is rounded, so a tiny negative value (or -0) becomes -0 as in a real cast."""
+    bits = x.to(tl.int32, bitcast=True)
+    step = ((tl.maximum((bits >> 23) & 0xFF, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)
+    r = ((tl.abs(x) / step + 12582912.0) - 12582912.0) * step
+    return tl.where(bits < 0, -r, r)  # the sign bit: -0 stays -0
 
 
 @triton.jit
