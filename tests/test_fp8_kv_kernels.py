@@ -23,6 +23,8 @@ from .triton_interpreter import (
 )
 
 pytest.importorskip("triton")
+if CUDA and torch.cuda.get_device_capability() < (8, 9):
+    pytest.skip("e4m3 loads in Triton need compute capability 8.9+ (Ada, Hopper)", allow_module_level=True)
 
 from pagedattn.attention import AttentionLayerSpec, paged_attention_ref, store_kv_ref
 from pagedattn.attention import triton_ops as ops

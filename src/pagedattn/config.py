@@ -181,6 +181,11 @@ class EngineConfig:
                              "gguf_quantized=False")
         if self.gguf_quantized and self.load_format == "dummy":
             raise ValueError("gguf_quantized: dummy weights have no GGUF blocks; use load_format='auto'")
+        if self.kv_cache_dtype == "fp8" and self.torch_device.type == "cuda" and self.attention_backend != "torch" \
+                and torch.cuda.get_device_capability(self.torch_device) < (8, 9):
+            raise ValueError("kv_cache_dtype: 'fp8' through the Triton kernels needs a GPU of compute capability "
+                             "8.9 or more (Ada, Hopper: e4m3 loads); use attention_backend='torch' or "
+                             "kv_cache_dtype='auto'")
         if self.attention_backend == "triton" and self.torch_device.type != "cuda" and not triton_interpreted():
             raise ValueError("attention_backend: 'triton' needs a CUDA device (or Triton's interpreter, "
                              "TRITON_INTERPRET=1); use 'auto' or 'torch' on the CPU")
