@@ -221,6 +221,34 @@ def test_cascade_decode_reads_fp8_as_the_reference(splits: int, softcap: float |
     _assert_matches(out, ref)
 
 
+# --------------------------------------------------------------------------- engine
+
+
+@pytest.mark.skipif(CUDA, reason="a CPU engine runs the Triton kernels only under the interpreter")
+def test_engine_on_triton_kernels_gives_the_reference_backends_fp8_tokens(tmp_path) -> None:
+    """The whole engine with the fp8 cache on the Triton kernels (stores, prefill, prefix-cache
+    hits, decodes) generates the torch reference backend's greedy tokens."""
+    import random
+
+    from pagedattn import LLM, SamplingParams
+
+    from .engine_models import make_model_dir
+
+    path = make_model_dir(tmp_path, "llama3_untied_gqa")
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 320) for _ in range(20)]
+    prompts = [shared + [rng.randrange(3, 320) for _ in range(n)] for n in (3, 9)]
+    prompts.append([rng.randrange(3, 320) for _ in range(13)])
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(str(path), device="cpu", block_size=4, num_kv_blocks=128, swap_space_gib=0.01,
+                  kv_cache_dtype="fp8", attention_backend=backend, warmup=False)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        assert llm.get_metrics()["prefix_cache_hit_tokens"] >= 16
+    assert tokens["triton"] == tokens["torch"]
+
+
 # --------------------------------------------------------------------------- GPU
 
 

@@ -141,9 +141,10 @@ class LLMEngine:
             else config.async_scheduling
         self._inflight: _Launched | None = None
         self._host_copies = HostCopies()
-        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB per rank), %d CPU swap blocks, backend %s, "
-                    "tensor parallel size %d", num_blocks, config.block_size, self.kv_pool.nbytes / _GIB, num_cpu,
-                    self.backend.name, config.tensor_parallel_size)
+        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB per rank, %s, %d bytes per token), %d CPU swap blocks, "
+                    "backend %s, tensor parallel size %d", num_blocks, config.block_size, self.kv_pool.nbytes / _GIB,
+                    self.kv_pool.spec.dtype, self.kv_pool.spec.bytes_per_token, num_cpu, self.backend.name,
+                    config.tensor_parallel_size)
         freeze_startup_heap()
 
     def shutdown(self) -> None:
