@@ -163,6 +163,9 @@ def test_checkpoint_kv_scales_are_loaded(llama, names, want) -> None:
     with pytest.raises(ValueError, match="one value"):
         model.load_weights([*iter_safetensors(source.weight_files),
                             ("model.layers.0.self_attn.v_scale", torch.ones(2))])
+    for other in ("model.layers.0.self_attn.q_scale", "model.layers.0.mlp.k_scale", "model.layers.9.self_attn.k_scale"):
+        with pytest.raises(ValueError, match="unexpected weight"):  # not a scale of an attention module
+            model.load_weights([*iter_safetensors(source.weight_files), (other, torch.tensor(1.0))])
 
 
 # --------------------------------------------------------------------------- model and engine

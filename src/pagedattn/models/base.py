@@ -204,6 +204,7 @@ class DecoderForCausalLM(nn.Module):
                 continue  # tied: the embedding is the output projection
             if name not in expected and self._load_kv_scale(name, tensor):
                 continue
+            if name not in expected:
                 if self.config.quant is None and name.rpartition(".")[2] in ("qweight", "qzeros", "weight_packed"):
                     raise ValueError(f"checkpoint tensor {name!r} is quantized, but config.json has no "
                                      "quantization_config")
