@@ -15,7 +15,7 @@
 
 Prints a table and writes every number as JSON (``--out``).
 
-    python benchmarks/bench_fp8_kv.py --out fp8_kv.json [--shapes 32x16384,64x4096] [--e2e]
+    python benchmarks/bench_fp8_kv.py --out fp8_kv.json [--shapes 32x16384,64x4096] [--e2e] [--sweep]
     python benchmarks/bench_fp8_kv.py --e2e --no-kernel --device cpu --smoke   # a CPU check
 """
 
@@ -75,7 +75,8 @@ def parse_heads(text: str) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------- 1. the kernel
-def kernel_row(batch: int, ctx: int, heads: tuple[int, int, int], quick: bool) -> dict[str, Any]:
+def kernel_row(batch: int, ctx: int, heads: tuple[int, int, int], quick: bool, sweep: bool = False,
+               device: str = "cuda") -> dict[str, Any]:
     import torch.nn.functional as F
     import triton
 
@@ -89,14 +90,14 @@ def kernel_row(batch: int, ctx: int, heads: tuple[int, int, int], quick: bool) -
     per_seq = -(-ctx // PAGE)
     n_blocks = batch * per_seq
     tables = torch.randperm(n_blocks, generator=g).view(batch, per_seq).tolist()
-    meta = AttentionMetadata.build([1] * batch, [ctx] * batch, tables, PAGE, device="cuda")
+    meta = AttentionMetadata.build([1] * batch, [ctx] * batch, tables, PAGE, device=device)
     layer = AttentionLayerSpec(hq, hkv, d, d**-0.5)
-    caches = {"bf16": tuple(torch.randn(n_blocks, PAGE, hkv, d, device="cuda", dtype=torch.bfloat16)
+    caches = {"bf16": tuple(torch.randn(n_blocks, PAGE, hkv, d, device=device, dtype=torch.bfloat16)
                             for _ in range(2))}
     k16, v16 = caches["bf16"]
     scales = KVScales(*(c.abs().amax().float().view(1) / FP8_KV_MAX for c in (k16, v16)))
     caches["fp8"] = (quantize_fp8(k16, scales.k), quantize_fp8(v16, scales.v))
-    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)
     backend = TritonBackend()
     idx = meta.block_tables.long()
     row: dict[str, Any] = {"batch": batch, "ctx": ctx, "heads": list(heads)}
@@ -116,7 +117,39 @@ def kernel_row(batch: int, ctx: int, heads: tuple[int, int, int], quick: bool) -
         del k, v, ref
     row["fp8"]["max_diff_vs_bf16"] = (outs["fp8"].float() - outs["bf16"].float()).abs().max().item()
     row["speedup"] = row["bf16"]["us"] / row["fp8"]["us"]
+    if sweep:
+        row["sweep"] = sweep_fp8(q, caches["fp8"], scales, meta, layer)
     return row
+
+
+def sweep_fp8(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], scales: Any, meta: Any,
+              layer: Any) -> list[dict[str, Any]]:
+    """The decode kernel alone over the fp8 pages: tile configs x split counts (a tuning aid:
+    an e4m3 tile takes half the shared memory of a bf16 one, so larger tiles or more stages may
+    pay off)."""
+    import triton
+
+    from pagedattn.attention import triton_ops as ops
+
+    out = torch.empty_like(q)
+    rows: list[dict[str, Any]] = []
+    for block_n in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                cfg = ops.DecodeConfig(block_n, warps, stages)
+                for splits in (1, 2, 4, 8):
+                    def run(cfg: Any = cfg, splits: int = splits) -> None:
+                        ops.decode_attention(q, cache[0], cache[1], meta.block_tables, meta.seq_lens, layer.scale,
+                                             None, out, splits, config=cfg, k_scale=scales.k, v_scale=scales.v)
+                    try:
+                        us = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median") * 1e3
+                    except Exception as e:  # out of shared memory etc.
+                        rows.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "splits": splits,
+                                     "error": str(e)[:120]})
+                        continue
+                    rows.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "splits": splits,
+                                 "us": us})
+    return rows
 
 
 # ---------------------------------------------------------------------- 2. end to end
@@ -147,7 +180,7 @@ def e2e_run(cfg: dict[str, Any]) -> dict[str, Any]:
                 outs = llm.generate(prompts, sp, use_tqdm=False)
                 return time.perf_counter() - t, [list(o.outputs[0].token_ids) for o in outs]
 
-            timed(2)  # first launches, allocator
+            llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # allocator, first launches
             first_s, _ = timed(1)
             full_s, tokens = timed(new + 1)
             preempted = llm.get_metrics()["num_preemptions"]
@@ -177,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", default="32x16384", help="kernel: batch x context, BxL,BxL,...")
     ap.add_argument("--heads", default="32/8/128", help="kernel: query heads / KV heads / head_dim")
     ap.add_argument("--quick", action="store_true", help="kernel: fewer timing repetitions")
+    ap.add_argument("--sweep", action="store_true", help="kernel: also sweep the fp8 decode kernel's tile configs")
     ap.add_argument("--no-kernel", dest="kernel", action="store_false", help="skip the kernel comparison")
     ap.add_argument("--e2e", action="store_true", help="also compare the engine's long-context decode throughput")
     ap.add_argument("--e2e-batch", type=int, default=32, help="end to end: requests")
@@ -214,6 +248,10 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{f['us']:9.1f} {f['gbps']:6.0f} | {r['speedup']:7.2f} | "
                   f"{b['max_err_vs_own_ref']:8.1e} {f['max_err_vs_own_ref']:8.1e} "
                   f"{f['max_diff_vs_bf16']:8.1e}")
+            ok = sorted((x for x in r.get("sweep", []) if "us" in x), key=lambda x: x["us"])
+            if ok:
+                print("  fp8 sweep, best: " + "; ".join(f"bn{x['block_n']} w{x['num_warps']} s{x['num_stages']} "
+                                                        f"sp{x['splits']} {x['us']:.0f}us" for x in ok[:4]))
     if result["e2e"]:
         e = result["e2e"]
         c = e["config"]
@@ -239,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.kernel:
         heads = parse_heads(args.heads)
         for b, c in parse_shapes(args.shapes):
-            result["kernel"].append(kernel_row(b, c, heads, args.quick))
+            result["kernel"].append(kernel_row(b, c, heads, args.quick, args.sweep))
             torch.cuda.empty_cache()
     if args.e2e:
         result["e2e"] = e2e(args)
