@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..cache.kv_pool import dequantize, store_kv_ref
+from ..cache.kv_pool import dequantize, gather_pages, store_kv_ref
 from .backend import AttentionBackend, AttentionLayerSpec, KVScales
 from .metadata import AttentionMetadata, BackendState
 
@@ -137,8 +137,8 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     hq = q.shape[1]
     bsz = plan.bsz
     # [B, ctx, Hkv, D]: one gather of pages through the page table, in fp32 (fp8: dequantized)
-    keys = dequantize(k_cache.index_select(0, plan.pages), None if scales is None else scales.k)
-    vals = dequantize(v_cache.index_select(0, plan.pages), None if scales is None else scales.v)
+    keys = dequantize(gather_pages(k_cache, plan.pages), None if scales is None else scales.k)
+    vals = dequantize(gather_pages(v_cache, plan.pages), None if scales is None else scales.v)
     keys, vals = keys.view(bsz, plan.ctx, hkv, d), vals.view(bsz, plan.ctx, hkv, d)
     if clean:
         # SDPA adds the mask to the scores and multiplies probabilities into the values, so

@@ -51,6 +51,11 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
 
 
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """``cache.index_select(0, pages)``, through bytes for one-byte (fp8) pages."""
+    return as_bytes(cache).index_select(0, pages).view(cache.dtype)
+
+
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None) -> None:
@@ -114,8 +119,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """``torch.zeros``, but on the CPU without writing the memory: the pages come from the
     kernel already zero (calloc) and are touched only when used, so a pool of gigabytes costs
     nothing at start-up (torch.zeros spent 1.6 s on 2 GiB on a 2-core CPU)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
+    one_byte = torch.empty((), dtype=dtype).element_size() == 1
+    if device.type != "cpu":  # one-byte (fp8) elements are zeroed as bytes: no fill kernel needs the type
+        return torch.zeros(shape, dtype=torch.uint8 if one_byte else dtype, device=device).view(dtype)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
 
