@@ -41,7 +41,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
     finally:
         torch.set_num_threads(threads)
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
-                     "bench_prefix_family", "bench_common", "bench_quant"):
+                     "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv"):
             sys.modules.pop(name, None)
 
 
@@ -144,3 +144,26 @@ def test_quant_smoke_compares_dense_int4_and_fp8_models(bench, tmp_path: Path) -
         assert 0 <= a["prefix_share"] <= 1 and 0 <= a["first_token"] <= 1
     assert set(res["greedy_agreement"]) == set(res["speedup_batch1"]) == {"w4a16", "fp8"}
     assert res["shape"] == "tiny llama" and res["commit"]
+
+
+def test_fp8_kv_bench_parses_and_runs_its_engine_part_on_the_cpu(bench) -> None:
+    """bench_fp8_kv: the kernel part needs CUDA (refused here with a clear error); the engine
+    part runs in-process on a tiny model with both caches, and its figures are consistent."""
+    mod = bench("bench_fp8_kv")
+    args = mod.build_parser().parse_args(["--shapes", "32x16384,8x4096", "--heads", "32/8/128", "--e2e"])
+    assert mod.parse_shapes(args.shapes) == [(32, 16384), (8, 4096)] and mod.parse_heads(args.heads) == (32, 8, 128)
+    for bad in (["--shapes", "32by16"], ["--heads", "32/6/128"], ["--e2e-new", "0", "--no-kernel", "--e2e"],
+                ["--no-kernel"], ["--no-kernel", "--e2e", "--device", "cpu"]):
+        with pytest.raises(ValueError):
+            mod.main(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            mod.main([])
+    cfg = {"batch": 3, "context": 24, "new": 5, "device": "cpu", "model_config": mod.TINY,
+           "engine": {"num_kv_blocks": 64, "block_size": 4, "swap_space_gib": 0.01}}
+    runs = {kv: mod.e2e_run({**cfg, "kv_cache_dtype": kv}) for kv in ("auto", "fp8")}
+    assert runs["fp8"]["kv_dtype"] == "torch.float8_e4m3fn" and runs["auto"]["kv_dtype"] == "torch.float32"
+    assert runs["auto"]["bytes_per_token"] == 4 * runs["fp8"]["bytes_per_token"]
+    for r in runs.values():
+        assert [len(t) for t in r["tokens"]] == [6] * 3 and r["decode_tok_s"] > 0 and r["preemptions"] == 0
+        assert r["full_s"] > r["to_first_token_s"] > 0

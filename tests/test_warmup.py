@@ -227,18 +227,20 @@ def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("small_thresholds")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_start_up_launches_every_variant_a_workload_launches(monkeypatch: pytest.MonkeyPatch, model_dir: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              kv_cache_dtype: str) -> None:
     rec = LaunchRecorder(monkeypatch)
     caplog.set_level(logging.INFO, logger="pagedattn.runtime.worker")
     with LLM(str(model_dir), device="cpu", attention_backend="triton", block_size=16, num_kv_blocks=64,
-             max_num_seqs=8, max_num_batched_tokens=48, swap_space_gib=0.01) as llm:
+             max_num_seqs=8, max_num_batched_tokens=48, swap_space_gib=0.01, kv_cache_dtype=kv_cache_dtype) as llm:
         at_start = set(rec.keys)
         startup = llm.engine.executor.worker.startup
         assert startup is not None and set(startup.warmup) >= {"prefill", "decode", "cascade decode"}
         assert len(rec.variants("_decode_kernel")) == 4  # split x cascade, all four reachable here
         # The pool is as it was: the warm-up's blocks are zero again.
-        assert not llm.engine.kv_pool.kv.any()
+        assert not llm.engine.kv_pool.kv.float().any()
         prompts, params = _workload(0)
         llm.generate(prompts, params, use_tqdm=False)
         assert llm.get_metrics()["prefix_cache_hit_tokens"] > 0

@@ -130,6 +130,10 @@ class EngineConfig:
     # ---------------------------------------------------------------- KV cache
     block_size: int = _opt(16, "tokens per KV block: a power of two up to 256", lo=1, hi=256)
     num_kv_blocks: int | None = _opt(None, "KV blocks per rank (default: sized from memory)", lo=1)
+    kv_cache_dtype: str = _opt("auto", "element type of the KV cache: 'auto' is the model's dtype; 'fp8' stores "
+                               "float8 e4m3 (1 byte: twice the tokens in the same memory) as x / scale, with "
+                               "per-layer K and V scales from the checkpoint's k_scale/v_scale tensors, else 1.0",
+                               choices=("auto", "fp8"))
     gpu_memory_utilization: float = _opt(0.9, "share of the GPU's memory the engine may use", lo=0, hi=1,
                                          lo_open=True)
     cpu_kv_space_gib: float = _opt(2.0, "KV pool size on a CPU device, GiB per rank", lo=0, lo_open=True)
@@ -177,6 +181,11 @@ class EngineConfig:
         self.torch_dtype = parse_dtype(self.dtype)
         if self.gguf_quantized and self.load_format == "dummy":
             raise ValueError("gguf_quantized: dummy weights have no GGUF blocks; use load_format='auto'")
+        if self.kv_cache_dtype == "fp8" and self.torch_device.type == "cuda" and self.attention_backend != "torch" \
+                and torch.cuda.get_device_capability(self.torch_device) < (8, 9):
+            raise ValueError("kv_cache_dtype: 'fp8' through the Triton kernels needs a GPU of compute capability "
+                             "8.9 or more (Ada, Hopper: e4m3 loads); use attention_backend='torch' or "
+                             "kv_cache_dtype='auto'")
         if self.attention_backend == "triton" and self.torch_device.type != "cuda" and not triton_interpreted():
             raise ValueError("attention_backend: 'triton' needs a CUDA device (or Triton's interpreter, "
                              "TRITON_INTERPRET=1); use 'auto' or 'torch' on the CPU")
@@ -185,6 +194,15 @@ class EngineConfig:
     def resolved_dtype(self, checkpoint: torch.dtype | None) -> torch.dtype:
         """The engine's dtype for a checkpoint of dtype ``checkpoint`` (see :func:`resolve_dtype`)."""
         return resolve_dtype(self.dtype, self.torch_device, checkpoint)
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's element type: the model's (``"auto"``) or float8 e4m3 (``"fp8"``)."""
+    if kv_cache_dtype == "fp8":
+        return torch.float8_e4m3fn
+    if kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype: must be 'auto' or 'fp8'; got {kv_cache_dtype!r}")
+    return model_dtype
 
 
 _HINTS: dict[str, Any] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Generic, TypeVar, cast
+from typing import Generic, NamedTuple, TypeVar, cast
 
 import torch
 
@@ -44,23 +44,36 @@ class AttentionLayerSpec:
             raise ValueError(f"logit_softcap must be a positive finite number or None, got {self.logit_softcap}")
 
 
+class KVScales(NamedTuple):
+    """A layer's scales of an fp8 KV cache: float32 device tensors of one element (read by the
+    kernels, never by the host, so a captured CUDA graph sees a checkpoint's values).  Pages
+    hold ``x / k`` (``x / v``) and read back as ``page * k`` (``page * v``).  Caches of another
+    dtype ignore them."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
 class AttentionBackend(ABC, Generic[S]):
     name: str = "abstract"
 
     @abstractmethod
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
-        """Write k/v ``[T, Hkv, D]`` into ``k_cache``/``v_cache`` ``[N, block_size, Hkv, D]``."""
+                 meta: AttentionMetadata, scales: KVScales | None = None) -> None:
+        """Write k/v ``[T, Hkv, D]`` into ``k_cache``/``v_cache`` ``[N, block_size, Hkv, D]``
+        (fp8 caches: quantized with ``scales``, None meaning 1.0)."""
 
     @abstractmethod
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, layer: AttentionLayerSpec) -> torch.Tensor:
-        """``q [T, Hq, D]`` attends through the block tables; returns ``[T, Hq, D]``."""
+               meta: AttentionMetadata, layer: AttentionLayerSpec, scales: KVScales | None = None) -> torch.Tensor:
+        """``q [T, Hq, D]`` attends through the block tables; returns ``[T, Hq, D]`` (fp8
+        caches: dequantized with ``scales``, None meaning 1.0)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, layer: AttentionLayerSpec) -> torch.Tensor:
-        self.store_kv(k, v, k_cache, v_cache, meta)
-        return self.attend(q, k_cache, v_cache, meta, layer)
+                v_cache: torch.Tensor, meta: AttentionMetadata, layer: AttentionLayerSpec,
+                scales: KVScales | None = None) -> torch.Tensor:
+        self.store_kv(k, v, k_cache, v_cache, meta, scales)
+        return self.attend(q, k_cache, v_cache, meta, layer, scales)
 
     # ---- per-step state
     @abstractmethod

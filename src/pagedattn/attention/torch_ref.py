@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..cache.kv_pool import store_kv_ref
-from .backend import AttentionBackend, AttentionLayerSpec
+from ..cache.kv_pool import dequantize, gather_pages, store_kv_ref
+from .backend import AttentionBackend, AttentionLayerSpec, KVScales
 from .metadata import AttentionMetadata, BackendState
 
 
@@ -31,6 +31,7 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     clean: bool = True,
     softcap: float | None = None,
+    scales: KVScales | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's new tokens over its paged context (causal).
 
@@ -38,19 +39,20 @@ def paged_attention_ref(
     tokens; their K/V must already be in the cache.  Returns ``[T, Hq, D]`` in ``q.dtype``.
     ``clean=False`` skips zeroing gathered slots that must not be read (only valid if the caches
     hold no NaN/Inf).  ``softcap``: each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``.
+    fp8 caches are read as ``page * scale`` (``scales`` None: 1.0).
     """
     plans = _make_plans(block_tables, query_lens, seq_lens, k_cache.shape[1], sliding_window, q.device)
-    return _attend_planned(q, k_cache, v_cache, plans, scale, clean, softcap)
+    return _attend_planned(q, k_cache, v_cache, plans, scale, clean, softcap, scales)
 
 
 def _attend_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plans: list[_GroupPlan],
-                    scale: float, clean: bool, softcap: float | None) -> torch.Tensor:
+                    scale: float, clean: bool, softcap: float | None, scales: KVScales | None) -> torch.Tensor:
     if len(plans) == 1:  # only decodes or only longer queries: no output to assemble
-        return _attend_group(q, k_cache, v_cache, plans[0], scale, clean, softcap)
+        return _attend_group(q, k_cache, v_cache, plans[0], scale, clean, softcap, scales)
     out = torch.empty_like(q)
     for plan in plans:
         out[plan.tok_start:plan.tok_end] = _attend_group(q[plan.tok_start:plan.tok_end], k_cache, v_cache, plan,
-                                                         scale, clean, softcap)
+                                                         scale, clean, softcap, scales)
     return out
 
 
@@ -129,13 +131,15 @@ def _make_plans(block_tables: torch.Tensor, query_lens: list[int], seq_lens: lis
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _GroupPlan,
-                  scale: float, clean: bool, softcap: float | None = None) -> torch.Tensor:
+                  scale: float, clean: bool, softcap: float | None = None,
+                  scales: KVScales | None = None) -> torch.Tensor:
     _, _, hkv, d = k_cache.shape
     hq = q.shape[1]
     bsz = plan.bsz
-    # [B, ctx, Hkv, D]: one gather of pages through the page table
-    keys = k_cache.index_select(0, plan.pages).view(bsz, plan.ctx, hkv, d).float()
-    vals = v_cache.index_select(0, plan.pages).view(bsz, plan.ctx, hkv, d).float()
+    # [B, ctx, Hkv, D]: one gather of pages through the page table, in fp32 (fp8: dequantized)
+    keys = dequantize(gather_pages(k_cache, plan.pages), None if scales is None else scales.k)
+    vals = dequantize(gather_pages(v_cache, plan.pages), None if scales is None else scales.v)
+    keys, vals = keys.view(bsz, plan.ctx, hkv, d), vals.view(bsz, plan.ctx, hkv, d)
     if clean:
         # SDPA adds the mask to the scores and multiplies probabilities into the values, so
         # NaN in a slot it must not read would still poison the output.
@@ -209,15 +213,15 @@ class TorchReferenceBackend(AttentionBackend[_StepPlans]):
         return _StepPlans(self)
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
-        store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+                 meta: AttentionMetadata, scales: KVScales | None = None) -> None:
+        store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping, *(scales or (None, None)))
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               layer: AttentionLayerSpec) -> torch.Tensor:
+               layer: AttentionLayerSpec, scales: KVScales | None = None) -> torch.Tensor:
         plans = self.step_state(meta).by_window
         window = layer.sliding_window
         if window not in plans:
             plans[window] = _make_plans(meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, k_cache.shape[1],
                                         window, q.device)
         return _attend_planned(q, k_cache, v_cache, plans[window], layer.scale, not self.finite_cache,
-                               layer.logit_softcap)
+                               layer.logit_softcap, scales)

@@ -25,7 +25,7 @@ import torch
 
 from ..envs import switches
 from . import triton_ops as ops
-from .backend import AttentionBackend, AttentionLayerSpec
+from .backend import AttentionBackend, AttentionLayerSpec, KVScales
 from .cascade import (
     CascadeConfig,
     CascadePlan,
@@ -39,6 +39,7 @@ from .cascade import (
 from .metadata import AttentionMetadata, BackendState, HostBatch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CACHE_DTYPES = (*_DTYPES, torch.float8_e4m3fn)  # fp8: e4m3 pages with per-layer scales
 # Split heuristic's SM count where there is no CUDA device (the interpreter on a CPU).
 _CPU_NUM_SMS = 4
 
@@ -56,8 +57,8 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match "
                          f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}")
-    if k_cache.dtype not in _DTYPES:
-        raise ValueError(f"k_cache dtype must be one of {_DTYPES}, got {k_cache.dtype}")
+    if k_cache.dtype not in _CACHE_DTYPES:
+        raise ValueError(f"k_cache dtype must be one of {_CACHE_DTYPES}, got {k_cache.dtype}")
     bs = k_cache.shape[1]
     if bs < 1 or bs & (bs - 1):
         raise ValueError(f"k_cache block_size must be a power of two, got {bs}")
@@ -212,7 +213,7 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
 
     # ------------------------------------------------------------------ store
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
+                 meta: AttentionMetadata, scales: KVScales | None = None) -> None:
         _check_cache(k_cache, v_cache)
         t = meta.num_tokens
         want = (t, k_cache.shape[2], k_cache.shape[3])
@@ -222,7 +223,7 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
             raise ValueError("k/v must be contiguous in head_dim")
         if meta.slot_mapping.dtype != torch.int64:
             raise ValueError(f"slot_mapping must be int64, got {meta.slot_mapping.dtype}")
-        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, *(scales or (None, None)))
 
     # ------------------------------------------------------------------ attend
     def prepare(self, meta: AttentionMetadata) -> DecodeLaunch:
@@ -232,32 +233,34 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
                             unplanned=self.cascade is not None and meta.block_tables_cpu is not None)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, layer: AttentionLayerSpec) -> torch.Tensor:
+               meta: AttentionMetadata, layer: AttentionLayerSpec, scales: KVScales | None = None) -> torch.Tensor:
         self._check_attend(q, k_cache, v_cache, meta, layer)
         launch = self.step_state(meta)
         launch.check_heads(layer)
         out = torch.empty_like(q)
         nd = meta.num_decodes
+        k_scale, v_scale = scales or (None, None)
         if nd:
-            self._decode(q, k_cache, v_cache, meta, layer, launch, out)
+            self._decode(q, k_cache, v_cache, meta, layer, launch, out, scales)
         if nd < meta.num_seqs:
             ops.extend_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 layer.scale, layer.sliding_window, out,
                 seq_offset=nd, num_seqs=meta.num_seqs - nd, max_query_len=max(meta.query_lens_cpu[nd:]),
-                softcap=layer.logit_softcap,
+                softcap=layer.logit_softcap, k_scale=k_scale, v_scale=v_scale,
             )
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                layer: AttentionLayerSpec, launch: DecodeLaunch, out: torch.Tensor) -> None:
+                layer: AttentionLayerSpec, launch: DecodeLaunch, out: torch.Tensor, scales: KVScales | None) -> None:
         nd = meta.num_decodes
         cascade = self._step_cascade(launch, meta, layer, q.device)
         ops.decode_attention(
             q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
             layer.scale, layer.sliding_window, out[:nd], launch.splits(layer, cascade, _num_sms(q.device)),
             workspace=launch.workspace, cascade=None if cascade is None else cascade.inputs,
-            softcap=layer.logit_softcap,
+            softcap=layer.logit_softcap, k_scale=None if scales is None else scales.k,
+            v_scale=None if scales is None else scales.v,
         )
 
     def _step_cascade(self, launch: DecodeLaunch, meta: AttentionMetadata, layer: AttentionLayerSpec,

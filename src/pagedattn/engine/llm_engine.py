@@ -24,7 +24,7 @@ import torch
 
 from ..cache.block_manager import BlockManager
 from ..cache.kv_pool import KVCacheSpec
-from ..config import EngineConfig
+from ..config import EngineConfig, kv_cache_torch_dtype
 from ..distributed.executor import check_tp_size, make_executor
 from ..distributed.group import TorchrunEnv
 from ..distributed.worker_loop import run_torchrun_worker
@@ -91,8 +91,8 @@ class LLMEngine:
         worker_config = WorkerConfig.derive(config, str(self.source.model_dir), self.max_model_len, self.dtype,
                                             self.source.gguf_file)
         kv_heads = max(1, self.arch.num_kv_heads // tp)  # per rank (a replica each when tp > heads)
-        worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim,
-                                               config.block_size, self.dtype))
+        worker_config.check_memory(KVCacheSpec(self.arch.num_layers, kv_heads, self.arch.head_dim, config.block_size,
+                                               kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)))
         if tp > 1 and self.device.type == "cuda" and torchrun is None and (self.device.index or 0) != 0:
             raise ValueError(f"device: tensor parallelism runs rank r on cuda:r; got device={self.device}")
         self.executor: Executor = make_executor(worker_config, self.device, config.distributed_timeout_s, torchrun)
@@ -139,9 +139,10 @@ class LLMEngine:
             else config.async_scheduling
         self._inflight: _Launched | None = None
         self._host_copies = HostCopies()
-        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB per rank), %d CPU swap blocks, backend %s, "
-                    "tensor parallel size %d", num_blocks, config.block_size, self.kv_pool.nbytes / _GIB, num_cpu,
-                    self.backend.name, config.tensor_parallel_size)
+        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB per rank, %s, %d bytes per token), %d CPU swap blocks, "
+                    "backend %s, tensor parallel size %d", num_blocks, config.block_size, self.kv_pool.nbytes / _GIB,
+                    self.kv_pool.spec.dtype, self.kv_pool.spec.bytes_per_token, num_cpu, self.backend.name,
+                    config.tensor_parallel_size)
         freeze_startup_heap()
 
     def shutdown(self) -> None:

@@ -30,6 +30,11 @@ from .layers import AllReduce, Attention, DecoderModel, ParallelLMHead, Shard, S
 _IGNORED_WEIGHTS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Checkpoint tensors that only a quantized checkpoint has (int4's packed weights, FP8's scales).
 _QUANTIZED_SUFFIXES = ("qweight", "qzeros", "weight_packed", "weight_scale", "weight_scale_inv")
+# Scales of an fp8 KV cache, vLLM's names: ``<attn>.k_scale``/``v_scale``, ModelOpt's
+# ``<attn>.k_proj.k_scale``, compressed-tensors' ``<attn>.k_proj.output_scale``, and the old
+# ``<attn>.kv_scale`` (one scale for both).  ``<attn>`` is the attention module's name.
+_KV_SCALE = re.compile(r"^(?P<attn>.+?)\.(?:(?P<own>[kv])_scale|(?P<proj>[kv])_proj\.(?:[kv]_scale|output_scale)"
+                       r"|kv_scale)$")
 
 
 class DecoderForCausalLM(nn.Module):
@@ -165,6 +170,25 @@ class DecoderForCausalLM(nn.Module):
                 names[pname] = (pname, None)
         return names
 
+    def _load_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
+        """Load ``name`` if it is an fp8 KV-cache scale of an attention module (see ``_KV_SCALE``)."""
+        m = _KV_SCALE.match(name)
+        if m is None:
+            return False
+        try:
+            attn = self.get_submodule(m["attn"])
+        except AttributeError:
+            return False
+        if not isinstance(attn, Attention):
+            return False
+        which = m["own"] or m["proj"]
+        try:
+            for w in (which,) if which else ("k", "v"):
+                attn.load_kv_scale(w, tensor)
+        except ValueError as e:
+            raise ValueError(f"cannot load {name!r}: {e}") from None
+        return True
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into the runtime (fused, sharded) parameters.
@@ -180,6 +204,8 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding is the output projection
+            if name not in expected and self._load_kv_scale(name, tensor):
+                continue
             if name not in expected:
                 if self.config.quant is None and name.rpartition(".")[2] in _QUANTIZED_SUFFIXES:
                     raise ValueError(f"checkpoint tensor {name!r} is quantized, but config.json has no "

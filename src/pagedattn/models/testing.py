@@ -29,14 +29,19 @@ class PagedHarness:
         backend: AttentionBackend | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
+        """``kv_cache_dtype``: the pool's element type (default the model's; ``torch.float8_e4m3fn``
+        for an fp8 cache, read through the attention layers' scales)."""
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
         self.backend = backend or TorchReferenceBackend()
-        self.pool = KVCachePool(model.kv_cache_spec(block_size), num_blocks, self.device)
-        # Fill the pool with noise so a read of an unwritten slot cannot go unnoticed.
-        self.pool.kv.normal_(generator=torch.Generator(self.device).manual_seed(seed))
+        self.pool = KVCachePool(model.kv_cache_spec(block_size, kv_cache_dtype), num_blocks, self.device)
+        # Fill the pool with noise so a read of an unwritten slot cannot go unnoticed (fp8 has
+        # no normal_: the noise is drawn in fp32 and cast).
+        noise = torch.empty(self.pool.kv.shape, device=self.device)
+        self.pool.kv.copy_(noise.normal_(generator=torch.Generator(self.device).manual_seed(seed)))
         self.kv_caches = [self.pool.layer(i) for i in range(model.config.num_layers)]
         gen = torch.Generator().manual_seed(seed)
         self._free: list[int] = torch.randperm(num_blocks, generator=gen).tolist()

@@ -26,7 +26,7 @@ from ..attention.metadata import AttentionMetadata
 from ..attention.selector import get_attention_backend
 from ..cache.block_manager import cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
-from ..config import EngineConfig
+from ..config import EngineConfig, kv_cache_torch_dtype
 from ..models.context import ForwardContext
 from ..models.gguf_quant import gpu_uncovered_tensors, keep_gguf_blocks, keep_gguf_quantized
 from ..models.interface import CausalLM
@@ -59,6 +59,7 @@ class WorkerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     num_kv_blocks: int | None = None  # None: sized from memory
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 pages
     gpu_memory_utilization: float = 0.9
     cpu_kv_space_gib: float = 2.0
     swap_space_gib: float = 4.0
@@ -242,7 +243,8 @@ class Worker:
         self.model: CausalLM = model
         # The engine's KV pool is zero-initialised, hence always finite.
         self.backend: AttentionBackend = get_attention_backend(device, config.attention_backend, finite_cache=True)
-        self.spec: KVCacheSpec = self.model.kv_cache_spec(config.block_size, config.dtype)
+        self.spec: KVCacheSpec = self.model.kv_cache_spec(
+            config.block_size, kv_cache_torch_dtype(config.kv_cache_dtype, config.dtype))
         self.pool: KVCachePool | None = None
         self.runner: ModelRunner | None = None
         self.startup: StartupTimes | None = None  # set by start_worker

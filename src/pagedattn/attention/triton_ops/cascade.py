@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 from ..cascade import WORK_WIDTH
-from .common import attend_paged_keys, dot_dtype, dot_precision, score_args
+from .common import (
+    attend_paged_keys,
+    dot_dtype,
+    dot_precision,
+    fp8_kv_scales,
+    kv_scale_args,
+    operand_dtype,
+    score_args,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class CascadeInputs:
 @triton.jit(do_not_specialize=("slot_offset", "stride_mt", "stride_mh", "stride_lt", "stride_lh", "stride_bt"),
             do_not_specialize_on_alignment=("Members", "Work"))
 def _prefix_kernel(
-    Q, K, V, MidO, MidLse, BlockTables, Members, Work,
+    Q, K, V, MidO, MidLse, BlockTables, Members, Work, KScale, VScale,
     scale_log2, softcap, slot_offset,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -78,8 +86,10 @@ def _prefix_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WORK_W: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # e4m3 pages: dequantized with KScale / VScale
 ):
     item = Work + tl.program_id(0) * WORK_W
+    scale_log2, v_scale = fp8_kv_scales(scale_log2, KScale, VScale, KV_FP8)
     kvh = tl.program_id(1)
     rep_row = tl.load(item + 0)  # whose block table names the shared blocks
     member_start = tl.load(item + 1)
@@ -103,6 +113,8 @@ def _prefix_kernel(
         q, K + kvh * stride_kh, V + kvh * stride_vh, BlockTables + rep_row.to(tl.int64) * stride_bt, lo, hi, offs_d,
         scale_log2, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
         BLOCK_M, PAGE, BLOCK_N, BLOCK_D, HEAD_DIM, SOFTCAP, DOT_DTYPE, DOT_PRECISION)
+    if KV_FP8:
+        acc = acc * v_scale
 
     # The host never plans an empty chunk; an unused item stores nothing (m_mask is empty).
     has = l_i > 0
@@ -125,17 +137,22 @@ def prefix_attention(
     slot_offset: int,  # prefix chunk c of a row goes to slot slot_offset + c
     config: PrefixConfig | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Launch the shared-prefix kernel over every work item (unused ones exit at once);
-    ``softcap`` soft-caps the scores as the decode kernel does."""
+    ``softcap`` soft-caps the scores and an fp8 cache is dequantized with ``k_scale`` /
+    ``v_scale`` as the decode kernel does."""
     _, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
-    cfg = config or default_prefix_config(k_cache.dtype, d)
+    kv_dtype = operand_dtype(k_cache.dtype, q.dtype)
+    cfg = config or default_prefix_config(kv_dtype, d)
     items = cascade.work.shape[0]
     if items == 0:
         return
+    k_sc, v_sc, fp8 = kv_scale_args(k_cache, q, k_scale, v_scale)
     _prefix_kernel[(items, hkv)](
-        q, k_cache, v_cache, mid_o, mid_lse, block_tables, cascade.members, cascade.work,
+        q, k_cache, v_cache, mid_o, mid_lse, block_tables, cascade.members, cascade.work, k_sc, v_sc,
         *score_args(scale, softcap), slot_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -145,6 +162,6 @@ def prefix_attention(
         block_tables.stride(0),
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP=hq // hkv,
         BLOCK_M=cascade.block_m, PAGE=page, BLOCK_N=cfg.block_n, WORK_W=WORK_WIDTH, SOFTCAP=softcap is not None,
-        DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
+        DOT_DTYPE=dot_dtype(kv_dtype), DOT_PRECISION=dot_precision(kv_dtype), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -25,6 +25,24 @@ def interpreting() -> bool:
     return triton_interpreted()
 
 
+def operand_dtype(cache_dtype: torch.dtype, q_dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute K and V in: the cache's dtype, or for an fp8 cache the
+    queries' (every e4m3 value is exact in bf16, fp16 and fp32, so the upcast loses nothing)."""
+    return q_dtype if cache_dtype == torch.float8_e4m3fn else cache_dtype
+
+
+def kv_scale_args(k_cache: torch.Tensor, q: torch.Tensor, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(KScale, VScale, KV_FP8)`` of a launch: an fp8 cache's scales (None: 1.0, a fresh
+    device tensor), else any tensor (the kernels' ``KV_FP8`` constexpr compiles the loads out)."""
+    if k_cache.dtype != torch.float8_e4m3fn:
+        return q, q, False
+    if k_scale is None or v_scale is None:
+        one = torch.ones(1, device=q.device)
+        k_scale, v_scale = (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
+    return k_scale, v_scale, True
+
+
 def dot_dtype(cache_dtype: torch.dtype) -> tl.dtype:
     """Operand type of the kernels' ``tl.dot``: the cache dtype, except bf16 under the
     interpreter, whose bf16 dot returns garbage (triton 3.9): there operands go up to fp32."""
@@ -37,6 +55,19 @@ def dot_precision(cache_dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact for fp32 operands (tf32 would cost ~3e-4 relative
     error), the default otherwise (ignored for 16-bit operands)."""
     return "ieee" if dot_dtype(cache_dtype) == tl.float32 else "tf32"
+
+
+@triton.jit
+def fp8_kv_scales(scale_log2, KScale, VScale, KV_FP8: tl.constexpr):
+    """An fp8 cache's pages hold ``k / k_scale`` and ``v / v_scale``: the K scale folds into the
+    score scale (``q . (page * s) = (q . page) * s``) and the returned V scale multiplies the
+    unnormalised output once (``sum p (page * s) = s * sum p page``), so tiles are dequantized
+    by the upcast alone.  Returns ``(scale_log2, v_scale)``; other caches: unchanged and 1."""
+    v_scale = 1.0
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(KScale)
+        v_scale = tl.load(VScale)
+    return scale_log2, v_scale
 
 
 def score_args(scale: float, softcap: float | None) -> tuple[float, float]:

@@ -27,7 +27,15 @@ import triton
 import triton.language as tl
 
 from .cascade import CascadeInputs, PrefixConfig, prefix_attention
-from .common import attend_paged_keys, dot_dtype, dot_precision, score_args
+from .common import (
+    attend_paged_keys,
+    dot_dtype,
+    dot_precision,
+    fp8_kv_scales,
+    kv_scale_args,
+    operand_dtype,
+    score_args,
+)
 
 # Upper bound on splits (the eager workspace's size; the merge takes any number, a tile at a time).
 MAX_SPLITS = 64
@@ -85,6 +93,7 @@ _STEP_VARYING = ("num_splits", "pre_offset", "stride_mt", "stride_mh", "stride_l
 def _decode_kernel(
     Q, K, V, Out, MidO, MidLse, BlockTables, SeqLens,
     TailStart, NumPre,  # cascade only: first own key of each row, prefix partials it merges
+    KScale, VScale,  # KV_FP8 only: the layer's K and V scales
     scale_log2,  # softmax scale * log2(e): scores live in the base-2 domain
     softcap,  # attention-logit soft-cap (SOFTCAP only)
     num_splits,
@@ -104,10 +113,12 @@ def _decode_kernel(
     SPLIT: tl.constexpr,  # write fp32 partials instead of the final output
     CASCADE: tl.constexpr,  # attend keys from TailStart on; unsplit, also merge the prefix partials
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # tl.dot operand type and fp32 precision
+    KV_FP8: tl.constexpr,  # e4m3 pages: dequantized with KScale / VScale
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    scale_log2, v_scale = fp8_kv_scales(scale_log2, KScale, VScale, KV_FP8)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -133,6 +144,8 @@ def _decode_kernel(
         q, K + kvh * stride_kh, V + kvh * stride_vh, BlockTables + seq.to(tl.int64) * stride_bt, lo, hi, offs_d,
         scale_log2, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
         BLOCK_H, PAGE, BLOCK_N, BLOCK_D, HEAD_DIM, SOFTCAP, DOT_DTYPE, DOT_PRECISION)
+    if KV_FP8:  # before the prefix partials join: theirs are already scaled
+        acc = acc * v_scale
 
     if CASCADE and not SPLIT:
         # Fold in the prefix partials (written by the prefix kernel, launched first) by their
@@ -231,8 +244,13 @@ def decode_attention(
     cascade: CascadeInputs | None = None,
     prefix_config: PrefixConfig | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Launch the decode kernel (and the merge kernel when ``num_splits > 1``).
+
+    An fp8 (e4m3) cache is read as ``page * k_scale`` / ``page * v_scale`` (one-element
+    float32 device tensors; None: 1.0), in the shared-prefix kernel too.
 
     ``softcap``: attention-logit soft-capping (each scaled score ``s`` becomes ``softcap *
     tanh(s / softcap)``), in the shared-prefix kernel too; None compiles the kernels without it.
@@ -250,7 +268,8 @@ def decode_attention(
         return
     _, page, hkv, _ = k_cache.shape
     group = hq // hkv
-    cfg = config or default_decode_config(k_cache.dtype, d)
+    kv_dtype = operand_dtype(k_cache.dtype, q.dtype)
+    cfg = config or default_decode_config(kv_dtype, d)
     if cascade is not None and sliding_window is not None:
         raise ValueError("cascade decode does not support sliding_window layers")
     split = num_splits > 1
@@ -267,13 +286,14 @@ def decode_attention(
     pre_offset = cascade_slot_offset(num_splits)
     if cascade is not None:
         prefix_attention(q, k_cache, v_cache, block_tables, scale, cascade, mid_o, mid_lse, pre_offset,
-                         prefix_config, softcap=softcap)
+                         prefix_config, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
         tail_start, num_pre = cascade.tail_start, cascade.num_prefix_parts
     else:
         tail_start, num_pre = seq_lens, seq_lens  # unused: CASCADE is off
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+    k_sc, v_sc, fp8 = kv_scale_args(k_cache, q, k_scale, v_scale)
     _decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, tail_start, num_pre,
+        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, tail_start, num_pre, k_sc, v_sc,
         *score_args(scale, softcap), num_splits, pre_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -286,7 +306,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         PAGE=page, BLOCK_N=cfg.block_n,
         WINDOW=sliding_window or 0, SOFTCAP=softcap is not None, SPLIT=split, CASCADE=cascade is not None,
-        DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
+        DOT_DTYPE=dot_dtype(kv_dtype), DOT_PRECISION=dot_precision(kv_dtype), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

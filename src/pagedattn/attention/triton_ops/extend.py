@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, paged_kv_rows, score_args, scores_log2
+from .common import (
+    dot_dtype,
+    dot_precision,
+    fp8_kv_scales,
+    kv_scale_args,
+    operand_dtype,
+    paged_kv_rows,
+    score_args,
+    scores_log2,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ def default_extend_config(dtype: torch.dtype, head_dim: int) -> ExtendConfig:
 @triton.jit(do_not_specialize=("seq_offset", "stride_bt"))
 def _extend_kernel(
     Q, K, V, Out, BlockTables, SeqLens, QueryStartLoc,
+    KScale, VScale,  # KV_FP8 only: the layer's K and V scales
     scale_log2,
     softcap,  # attention-logit soft-cap (SOFTCAP only)
     seq_offset,  # index of the first sequence this launch covers (after the decodes)
@@ -53,8 +63,10 @@ def _extend_kernel(
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,  # soft-cap the scores: cap * tanh(score / cap)
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # tl.dot operand type and fp32 precision
+    KV_FP8: tl.constexpr,  # e4m3 pages: dequantized with KScale / VScale
 ):
     seq = tl.program_id(0) + seq_offset
+    scale_log2, v_scale = fp8_kv_scales(scale_log2, KScale, VScale, KV_FP8)
     m_blk = tl.program_id(1)
     head = tl.program_id(2)
     kvh = head // GROUP
@@ -107,6 +119,8 @@ def _extend_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * v_scale
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dst = Out + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(dst, o.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -127,20 +141,25 @@ def extend_attention(
     max_query_len: int,
     config: ExtendConfig | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Attention for sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the batch.
 
     ``max_query_len`` (their longest new-token count, from host-side metadata) sizes the grid.
-    ``softcap``: attention-logit soft-capping (None compiles the kernel without it).
+    ``softcap``: attention-logit soft-capping (None compiles the kernel without it).  An fp8
+    (e4m3) cache is read as ``page * k_scale`` / ``page * v_scale`` (None: 1.0).
     """
     if num_seqs == 0:
         return
     _, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
-    cfg = config or default_extend_config(k_cache.dtype, d)
+    kv_dtype = operand_dtype(k_cache.dtype, q.dtype)
+    cfg = config or default_extend_config(kv_dtype, d)
+    k_sc, v_sc, fp8 = kv_scale_args(k_cache, q, k_scale, v_scale)
     grid = (num_seqs, triton.cdiv(max_query_len, cfg.block_m), hq)
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, k_sc, v_sc,
         *score_args(scale, softcap), seq_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -150,6 +169,6 @@ def extend_attention(
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP=hq // hkv,
         PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         WINDOW=sliding_window or 0, SOFTCAP=softcap is not None,
-        DOT_DTYPE=dot_dtype(k_cache.dtype), DOT_PRECISION=dot_precision(k_cache.dtype),
+        DOT_DTYPE=dot_dtype(kv_dtype), DOT_PRECISION=dot_precision(kv_dtype), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

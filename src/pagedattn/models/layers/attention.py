@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...attention.backend import AttentionLayerSpec
+from ...attention.backend import AttentionLayerSpec, KVScales
 from ..config import ModelArchConfig
 from ..context import ForwardContext
 from ..fused_ops import qk_norm_rope
@@ -68,6 +68,27 @@ class Attention(nn.Module):
             sliding_window=cfg.layer_sliding_windows[layer_idx],
             logit_softcap=logit_softcap,
         )
+        # Scales of an fp8 KV cache (pages hold k / k_scale): 1.0 unless the checkpoint has them
+        # (load_kv_scale).  Buffers, so they follow the model to its device and CUDA graphs read
+        # whatever was loaded; not persistent, so state_dict-based checks do not expect them.
+        self.k_scale: torch.Tensor
+        self.v_scale: torch.Tensor
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+
+    @property
+    def kv_scales(self) -> KVScales:
+        return KVScales(self.k_scale, self.v_scale)
+
+    @torch.no_grad()
+    def load_kv_scale(self, which: str, value: torch.Tensor) -> None:
+        """Set the K (``which="k"``) or V scale from a checkpoint tensor of one element."""
+        if value.numel() != 1:
+            raise ValueError(f"{which}_scale must be one value (a per-tensor scale), got shape {tuple(value.shape)}")
+        scale = float(value.float().item())
+        if not 0 < scale < float("inf"):
+            raise ValueError(f"{which}_scale must be a positive finite number, got {scale}")
+        getattr(self, f"{which}_scale").fill_(scale)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = hidden.shape[0]
@@ -80,5 +101,5 @@ class Attention(nn.Module):
         eps = self.q_norm.eps if self.qk_norm else 0.0
         q, k = qk_norm_rope(qkv, cos, sin, self.num_heads, self.num_kv_heads, q_w, k_w, eps, self.unit_offset_norm)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.spec)  # [T, Hq, D]
+        out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.spec, self.kv_scales)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
