@@ -51,6 +51,44 @@ from .parallel import Shard, all_gather_last_dim
 from .weights import ShardId, check_shape, default_weight_loader, new_param
 
 
+# ---------------------------------------------------------------------- the forwards
+class QuantColumnForward:
+    """The column-parallel forward of a quantized twin (int4 or FP8): its ``_quant_matmul``, the
+    output gathered across ranks when asked; the dense forward once dequantized at load."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = cast(Any, self)
+        if m.is_dense:
+            return cast(torch.Tensor, super().forward(x))  # type: ignore[misc]
+        y = m._quant_matmul(x, m.bias)
+        if m.gather_output and m.tp_size > 1:
+            y = all_gather_last_dim(y, m.tp_size)
+        return cast(torch.Tensor, y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {cast(Any, self)._quant_repr()}"  # type: ignore[misc]
+
+
+class QuantRowForward:
+    """The row-parallel forward of a quantized twin: the bias on rank 0 only, the partial sums
+    reduced across ranks (or written into the all-reduce's buffer for a later reduction)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = cast(Any, self)
+        if m.is_dense:
+            return cast(torch.Tensor, super().forward(x))  # type: ignore[misc]
+        bias = m.bias if m.tp_rank == 0 else None  # the cross-rank sum carries it once
+        if m.tp_size == 1:
+            return cast(torch.Tensor, m._quant_matmul(x, bias))
+        if m.reduce_results:
+            return cast(torch.Tensor, m.all_reduce(m._quant_matmul(x, bias)))
+        out = None if x.dim() != 2 else m.all_reduce.partials_buffer(x.shape[0], m.output_size, x.dtype)
+        return cast(torch.Tensor, m._quant_matmul(x, bias, out))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {cast(Any, self)._quant_repr()}"  # type: ignore[misc]
+
+
 class QuantLinear:
     """What the int4 twins share: the packed parameters, their runtime form and the GEMM.
 
@@ -127,8 +165,8 @@ class QuantLinear:
         """``[K, N]`` -> the dense layer's ``weight [N, K]``."""
         return w_t.t().contiguous()
 
-    def _int4_matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+    def _quant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         m = cast(Any, self)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
@@ -147,8 +185,11 @@ class QuantLinear:
         """Dequantized at load (the CPU): the dense layer's forward serves."""
         return cast(Any, self).qweight is None
 
+    def _quant_repr(self) -> str:
+        return f"int4 {self.quant.method} group_size={self.quant.group_size}"
 
-class QuantColumnParallelLinear(QuantLinear, ColumnParallelLinear):
+
+class QuantColumnParallelLinear(QuantLinear, QuantColumnForward, ColumnParallelLinear):
     """:class:`ColumnParallelLinear` over an int4 weight (and the base of the fused twins)."""
 
     def __init__(self, *args: Any, quant: QuantConfig, **kw: Any) -> None:
@@ -198,16 +239,6 @@ class QuantColumnParallelLinear(QuantLinear, ColumnParallelLinear):
                              "input order)")
         self._g_idx_parts.add(shard_id)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_dense:
-            return super().forward(x)
-        y = self._int4_matmul(x, self.bias)
-        if self.gather_output and self.tp_size > 1:
-            y = all_gather_last_dim(y, self.tp_size)
-        return y
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int4 {self.quant.method} group_size={self.quant.group_size}"
 
 
 class QuantMergedColumnParallelLinear(QuantColumnParallelLinear, MergedColumnParallelLinear):
@@ -218,7 +249,7 @@ class QuantQKVParallelLinear(QuantColumnParallelLinear, QKVParallelLinear):
     """:class:`QKVParallelLinear` over an int4 weight."""
 
 
-class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
+class QuantRowParallelLinear(QuantLinear, QuantRowForward, RowParallelLinear):
     """:class:`RowParallelLinear` over an int4 weight: this rank's input features in whole
     groups (all groups with act-order)."""
 
@@ -269,19 +300,6 @@ class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
     def _holds_all_groups(self) -> bool:
         return self.keep_all_groups or self.quant.group_size == -1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_dense:
-            return super().forward(x)
-        bias = self.bias if self.tp_rank == 0 else None  # the cross-rank sum carries it once
-        if self.tp_size == 1:
-            return self._int4_matmul(x, bias)
-        if self.reduce_results:
-            return self.all_reduce(self._int4_matmul(x, bias))
-        out = None if x.dim() != 2 else self.all_reduce.partials_buffer(x.shape[0], self.output_size, x.dtype)
-        return self._int4_matmul(x, bias, out)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int4 {self.quant.method} group_size={self.quant.group_size}"
 
 
 # ---------------------------------------------------------------------- FP8 (W8A8)
@@ -349,8 +367,8 @@ class Fp8Linear:
         """Dequantized at load: the dense layer's forward serves."""
         return cast(Any, self).weight_scale is None
 
-    def _fp8_matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+    def _quant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         m = cast(Any, self)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
@@ -365,11 +383,11 @@ class Fp8Linear:
             y = out.copy_(y)
         return y.view(*lead, y.shape[-1])
 
-    def _fp8_repr(self) -> str:
+    def _quant_repr(self) -> str:
         return f"fp8 {self.quant.method} {self.quant.fp8_strategy} scales"
 
 
-class Fp8ColumnParallelLinear(Fp8Linear, ColumnParallelLinear):
+class Fp8ColumnParallelLinear(Fp8Linear, QuantColumnForward, ColumnParallelLinear):
     """:class:`ColumnParallelLinear` over an FP8 weight (and the base of the fused twins):
     weight and scale rows sharded alike."""
 
@@ -405,16 +423,6 @@ class Fp8ColumnParallelLinear(Fp8Linear, ColumnParallelLinear):
         for sid, part in zip(self._shard_ids(), scale.split(sizes, dim=0), strict=True):
             _FusedColumnParallelLinear.weight_loader(self, param, part, sid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_dense:
-            return super().forward(x)
-        y = self._fp8_matmul(x, self.bias)
-        if self.gather_output and self.tp_size > 1:
-            y = all_gather_last_dim(y, self.tp_size)
-        return y
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._fp8_repr()}"
 
 
 class Fp8MergedColumnParallelLinear(Fp8ColumnParallelLinear, MergedColumnParallelLinear):
@@ -425,7 +433,7 @@ class Fp8QKVParallelLinear(Fp8ColumnParallelLinear, QKVParallelLinear):
     """:class:`QKVParallelLinear` over an FP8 weight."""
 
 
-class Fp8RowParallelLinear(Fp8Linear, RowParallelLinear):
+class Fp8RowParallelLinear(Fp8Linear, QuantRowForward, RowParallelLinear):
     """:class:`RowParallelLinear` over an FP8 weight: this rank's input features, every output
     row's scales (block scales: this rank's blocks of input features)."""
 
@@ -451,19 +459,6 @@ class Fp8RowParallelLinear(Fp8Linear, RowParallelLinear):
             self._check_fp8(loaded_weight)
         super().weight_loader(param, loaded_weight, shard_id)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_dense:
-            return super().forward(x)
-        bias = self.bias if self.tp_rank == 0 else None  # the cross-rank sum carries it once
-        if self.tp_size == 1:
-            return self._fp8_matmul(x, bias)
-        if self.reduce_results:
-            return self.all_reduce(self._fp8_matmul(x, bias))
-        out = None if x.dim() != 2 else self.all_reduce.partials_buffer(x.shape[0], self.output_size, x.dtype)
-        return self._fp8_matmul(x, bias, out)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._fp8_repr()}"
 
 
 _FP8_TWINS: dict[type[nn.Module], type[nn.Module]] = {
