@@ -41,7 +41,8 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
     finally:
         torch.set_num_threads(threads)
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
-                     "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv"):
+                     "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv", "bench_single_stream",
+                     "bench_moe"):
             sys.modules.pop(name, None)
 
 
@@ -167,3 +168,14 @@ def test_fp8_kv_bench_parses_and_runs_its_engine_part_on_the_cpu(bench) -> None:
     for r in runs.values():
         assert [len(t) for t in r["tokens"]] == [6] * 3 and r["decode_tok_s"] > 0 and r["preemptions"] == 0
         assert r["full_s"] > r["to_first_token_s"] > 0
+
+
+def test_single_stream_smoke_reports_its_share_of_the_roofline(bench, tmp_path: Path) -> None:
+    """bench_single_stream on a tiny Llama: decode rates and a roofline from the measured copy
+    bandwidth and the model's weight bytes, the same in the JSON as returned."""
+    out = tmp_path / "single.json"
+    res = bench("bench_single_stream").main(["--device", "cpu", "--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == pytest.approx(res)
+    assert res["weight_bytes"] > 0 and res["copy_bandwidth_GBps"] > 0
+    assert res["roofline_tok_s"] == pytest.approx(res["copy_bandwidth_GBps"] * 1e9 / res["weight_bytes"])
+    assert 0 < res["first_tok_s"] <= res["best_tok_s"]
