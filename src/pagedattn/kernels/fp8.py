@@ -33,7 +33,7 @@ import logging
 import torch
 
 from ..envs import triton_interpreted
-from .w4a16 import _dot_dtype
+from .w4a16 import dot_types
 
 try:
     import triton
@@ -151,12 +151,12 @@ def _fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     bn = 64 if m <= 64 else 128
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
-    dot_dtype = _dot_dtype(x.dtype)
+    dot_dtype, precision = dot_types(x.dtype)
     scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
     _fp8_block_gemm_kernel[grid](
         x, weight, scale, bias if bias is not None else scale, out, m, n, k, scale.shape[1], x.stride(0),
         weight.stride(0), out.stride(0), group_size, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
-        DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=block_k(group_size), num_warps=4, num_stages=3)
     return out
 

@@ -41,13 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .w4a16 import _dot_dtype, _sm_count
+from .w4a16 import _sm_count, dot_types, finish_split_k
 
 try:
     import triton
     import triton.language as tl
-
-    from .w4a16 import _splitk_reduce_kernel
 except ImportError:  # a CPU-only install: only the reference runs
     triton = None
     tl = None
@@ -163,18 +161,10 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
     if cfg.gemv:
         _gguf_gemv_kernel[(triton.cdiv(n, cfg.block_n), m, split)](*args, **common)
     else:
-        dot_dtype = _dot_dtype(x.dtype)
+        dot_dtype, precision = dot_types(x.dtype)
         _gguf_gemm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)](
-            *args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype,
-            DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", **common)
-    if split > 1:  # the slices summed in a fixed order (the same bits every run), bias, cast
-        block = 1024
-        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
-            dst, out, bias if bias is not None else dst, n, m * n, out.stride(0), SPLIT=split,
-            HAS_BIAS=bias is not None, BLOCK=block)
-    elif bias is not None:
-        out += bias
-    return out
+            *args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, **common)
+    return finish_split_k(dst, out, bias, split)
 
 
 def gguf_embedding(ids: torch.Tensor, blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:

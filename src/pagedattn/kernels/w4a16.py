@@ -124,12 +124,30 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     return W4A16Config(bm, bn, bk, split, warps, 3 if m > GEMV_MAX_ROWS else 4, gemv=m <= GEMV_MAX_ROWS)
 
 
-def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
-    """``tl.dot``'s operand type: the activation dtype, except bf16 under the interpreter, whose
-    bf16 dot returns garbage (triton 3.9): there the (bf16-rounded) operands go up to fp32."""
+def dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str]:
+    """``tl.dot``'s operand type and precision for activations of ``dtype`` (the Triton GEMMs'
+    ``DOT_DTYPE`` and ``DOT_PRECISION``): the activation dtype, except bf16 under the interpreter,
+    whose bf16 dot returns garbage (triton 3.9): there the (bf16-rounded) operands go up to fp32.
+    fp32 operands multiply exactly ("ieee": tf32 would cost ~3e-4 relative error)."""
     if dtype == torch.bfloat16 and triton_interpreted():
-        return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+        return tl.float32, "ieee"
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+    return dot, "ieee" if dot == tl.float32 else "tf32"
+
+
+def finish_split_k(dst: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, split: int) -> torch.Tensor:
+    """``out`` from a GEMM's float32 ``dst [split, M, N]`` slices (one launch: summed in a fixed
+    order, the same bits every run, bias added, cast), or with ``split == 1`` (``dst`` is ``out``)
+    the bias added."""
+    if split > 1:
+        m, n = out.shape
+        block = 1024
+        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
+            dst, out, bias if bias is not None else dst, n, m * n, out.stride(0), SPLIT=split,
+            HAS_BIAS=bias is not None, BLOCK=block)
+    elif bias is not None:
+        out += bias
+    return out
 
 
 # ---------------------------------------------------------------------- entry point
@@ -170,17 +188,10 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         _w4a16_gemv_kernel[grid](*args, **common)
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-        dot_dtype = _dot_dtype(x.dtype)
-        _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype,
-                                 DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", **common)
-    if split > 1:  # one launch: the slices summed in a fixed order (the same bits every run), bias, cast
-        block = 1024
-        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
-            dst, out, bias if bias is not None else dst, n, m * n, out.stride(0), SPLIT=split,
-            HAS_BIAS=bias is not None, BLOCK=block)
-    elif bias is not None:
-        out += bias
-    return out
+        dot_dtype, precision = dot_types(x.dtype)
+        _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+                                 **common)
+    return finish_split_k(dst, out, bias, split)
 
 
 # ---------------------------------------------------------------------- kernels

@@ -27,12 +27,12 @@ row), so in fp32 they agree with the reference to summation order.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.w4a16 import dot_types
 from .fused_ops import silu_and_mul_ref, use_triton
 
 try:
@@ -338,18 +338,6 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     return sorted_ids, expert_ids, num_rows
 
 
-@functools.cache
-def _dot_types(dtype: torch.dtype) -> tuple[object, str]:
-    """``tl.dot``'s operand type and fp32 precision for activations of ``dtype``: exact fp32
-    (tf32 would cost ~3e-4 relative error); 16-bit operands as they are, except bf16 under the
-    interpreter, whose bf16 dot is wrong (triton 3.x): there fp32."""
-    from ..envs import triton_interpreted
-
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreted()):
-        return tl.float32, "ieee"
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
-
-
 # Tokens per launch pair: bounds the [pairs, I] and [pairs, H] intermediates of a long prefill.
 MAX_TOKENS_PER_CHUNK = 8192
 
@@ -395,7 +383,7 @@ def _fused_moe_chunk(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     pairs = T * top_k
     cfg = config or default_config(pairs, E, x.element_size())
     sorted_ids, expert_ids, num_rows = moe_align_block_size_triton(topk_ids.contiguous(), E, cfg.block_m)
-    dot_dtype, precision = _dot_types(x.dtype)
+    dot_dtype, precision = dot_types(x.dtype)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_DTYPE=dot_dtype,
                   DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     blocks = expert_ids.numel()
