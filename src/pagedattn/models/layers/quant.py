@@ -22,7 +22,7 @@ kernels of :mod:`pagedattn.kernels.w4a16`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -49,6 +49,19 @@ from .linear import (
 )
 from .parallel import Shard, all_gather_last_dim
 from .weights import ShardId, check_shape, default_weight_loader, new_param
+
+
+def _dense_skeleton(layer: nn.Module, init: Callable[..., None], args: tuple[Any, ...],
+                    kw: dict[str, Any]) -> torch.device:
+    """Run the dense layer's ``init`` on the meta device (its sharding arithmetic, no weight
+    memory), record the params dtype and drop the dense weight, which the quantized twin replaces;
+    returns the device the twin's own parameters go on."""
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        init(*args, **kw)
+    cast(Any, layer).params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
+    del layer.weight
+    return device
 
 
 # ---------------------------------------------------------------------- the forwards
@@ -193,12 +206,8 @@ class QuantColumnParallelLinear(QuantLinear, QuantColumnForward, ColumnParallelL
     """:class:`ColumnParallelLinear` over an int4 weight (and the base of the fused twins)."""
 
     def __init__(self, *args: Any, quant: QuantConfig, **kw: Any) -> None:
-        device = torch.get_default_device()
-        with torch.device("meta"):
-            super().__init__(*args, **kw)
-        self.params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
+        device = _dense_skeleton(self, super().__init__, args, kw)
         self.group_size = quant.group_size_for(self.input_size)
-        del self.weight
         self._g_idx_parts: set[ShardId] = set()
         with torch.device(device):
             self._make_packed(quant, self.input_size, self.output_size_per_partition, quant.groups(self.input_size),
@@ -254,10 +263,7 @@ class QuantRowParallelLinear(QuantLinear, QuantRowForward, RowParallelLinear):
     groups (all groups with act-order)."""
 
     def __init__(self, *args: Any, quant: QuantConfig, **kw: Any) -> None:
-        device = torch.get_default_device()
-        with torch.device("meta"):
-            super().__init__(*args, **kw)
-        self.params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
+        device = _dense_skeleton(self, super().__init__, args, kw)
         k_full, k_local = self.input_size, self.input_size_per_partition
         gs = quant.group_size_for(k_full)
         groups = quant.groups(k_full)
@@ -270,7 +276,6 @@ class QuantRowParallelLinear(QuantLinear, QuantRowForward, RowParallelLinear):
                                  f"({k_full} over tp_size {self.tp_size}); use a smaller tp_size")
             groups = k_local // gs
         self.group_size = gs
-        del self.weight
         with torch.device(device):
             self._make_packed(quant, k_local, self.output_size, groups, k_local, self.params_dtype)
 
@@ -392,11 +397,7 @@ class Fp8ColumnParallelLinear(Fp8Linear, QuantColumnForward, ColumnParallelLinea
     weight and scale rows sharded alike."""
 
     def __init__(self, *args: Any, quant: QuantConfig, **kw: Any) -> None:
-        device = torch.get_default_device()
-        with torch.device("meta"):
-            super().__init__(*args, **kw)
-        self.params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
-        del self.weight
+        device = _dense_skeleton(self, super().__init__, args, kw)
         with torch.device(device):
             self._make_fp8(quant, self.output_size_per_partition, self.input_size, self.input_size)
 
@@ -438,11 +439,7 @@ class Fp8RowParallelLinear(Fp8Linear, QuantRowForward, RowParallelLinear):
     row's scales (block scales: this rank's blocks of input features)."""
 
     def __init__(self, *args: Any, quant: QuantConfig, **kw: Any) -> None:
-        device = torch.get_default_device()
-        with torch.device("meta"):
-            super().__init__(*args, **kw)
-        self.params_dtype = kw.get("params_dtype") or torch.get_default_dtype()
-        del self.weight
+        device = _dense_skeleton(self, super().__init__, args, kw)
         with torch.device(device):
             self._make_fp8(quant, self.output_size, self.input_size_per_partition, self.input_size)
 
