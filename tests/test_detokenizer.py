@@ -96,7 +96,7 @@ def write_llama_gguf(path: Path, tok: Any, seed: int = 0) -> Path:
     metadata (token types: 2 unknown, 3 control, 6 byte, 1 normal; scores give the merge order)."""
     import gguf
 
-    from .test_loader import _gguf_name, _gguf_sizes, _llamacpp_permute
+    from .test_loader import _gguf_sizes, add_hf_tensors, close_gguf
 
     tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
     byte = set(BYTE_TOKENS)
@@ -117,20 +117,8 @@ def write_llama_gguf(path: Path, tok: Any, seed: int = 0) -> Path:
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    for name, t in hf.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        a = t.numpy()
-        if ".q_proj." in name:
-            a = _llamacpp_permute(a, cfg.num_attention_heads)
-        elif ".k_proj." in name:
-            a = _llamacpp_permute(a, cfg.num_key_value_heads)
-        w.add_tensor(_gguf_name(name, "llama"), a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    add_hf_tensors(w, hf, "llama", lambda _, a: (a.astype(np.float16), None))  # tied: no lm_head
+    return close_gguf(w, path)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from pagedattn.models.loader import load_model
 from pagedattn.models.testing import PagedHarness
 from pagedattn.runtime.worker import _gpu_blocks_cover, quantized_gguf
 from tests.test_gguf_kernels import random_blocks
-from tests.test_loader import _gguf_name, _gguf_sizes, _llamacpp_permute, _random_hf
+from tests.test_loader import _gguf_sizes, _random_hf, add_hf_tensors, close_gguf
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -93,24 +93,8 @@ def write_mixed_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, ty
     if arch == "phi3":  # full rotary, no window
         w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
         w.add_sliding_window(0)
-    for name, t in hf.state_dict().items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        a = t.numpy()
-        if a.ndim == 1:
-            w.add_tensor(_gguf_name(name, arch), a.astype(np.float32))
-            continue
-        if arch == "llama" and ".q_proj." in name:
-            a = _llamacpp_permute(a, c.num_attention_heads)
-        elif arch == "llama" and ".k_proj." in name:
-            a = _llamacpp_permute(a, c.num_key_value_heads)
-        kind = types(name)
-        w.add_tensor(_gguf_name(name, arch), _blocks(kind, a, rng), raw_dtype=T[kind])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    add_hf_tensors(w, hf, arch, lambda name, a: (_blocks(types(name), a, rng), T[types(name)]))
+    return close_gguf(w, path)
 
 
 CASES: dict[str, tuple[str, str, dict[str, Any], Callable[[str], str]]] = {

@@ -21,7 +21,7 @@ from pagedattn.models.gguf_quant import GROUP, block_groups, keep_gguf_quantized
 from pagedattn.models.layers.quantized import Int4GroupWeight, Int8GroupWeight, QuantizedWeight
 from pagedattn.models.loader import load_model
 from pagedattn.models.testing import PagedHarness
-from tests.test_loader import _gguf_name, _gguf_sizes, _llamacpp_permute, _random_hf
+from tests.test_loader import _gguf_sizes, _random_hf, add_hf_tensors, close_gguf
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -63,24 +63,13 @@ def write_quantized_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    for name, t in hf.state_dict().items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        a = t.numpy()
-        if a.ndim == 1:
-            w.add_tensor(_gguf_name(name, arch), a.astype(np.float32))
-            continue
-        if arch == "llama" and ".q_proj." in name:
-            a = _llamacpp_permute(a, c.num_attention_heads)
-        elif arch == "llama" and ".k_proj." in name:
-            a = _llamacpp_permute(a, c.num_key_value_heads)
+
+    def encode(name: str, a: np.ndarray) -> tuple[np.ndarray, Any]:
         q = embed_qtype if name in ("model.embed_tokens.weight", "lm_head.weight") else qtype
-        w.add_tensor(_gguf_name(name, arch), _quantize(a, q, rng), raw_dtype=q)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        return _quantize(a, q, rng), q
+
+    add_hf_tensors(w, hf, arch, encode)
+    return close_gguf(w, path)
 
 
 def _quantized_layers(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
@@ -103,10 +92,7 @@ def test_kernel_weights_equal_gguf_dequantize(qtype: str, rows: int, tmp_path: P
     blocks = _quantize(a, T[qtype], rng)
     w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
     w.add_tensor("t", blocks, raw_dtype=T[qtype])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    close_gguf(w, tmp_path / "t.gguf")
     tensor = gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0]
     groups = block_groups(np.asarray(tensor.data).reshape(rows, -1), qtype)
     assert groups is not None and groups.codes.shape == (rows, cols)
@@ -132,10 +118,7 @@ def test_an_inexact_int4_zero_keeps_the_tensor_dense(tmp_path: Path) -> None:
     blocks[..., 2:4] = np.frombuffer(np.float16(1000.0).tobytes(), np.uint8)  # a large minimum
     w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
     w.add_tensor("t", blocks.reshape(16, 40), raw_dtype=T.Q4_1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    close_gguf(w, tmp_path / "t.gguf")
     tensor = gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0]
     assert block_groups(np.asarray(tensor.data).reshape(16, -1), "Q4_1") is None
 

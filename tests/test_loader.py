@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,17 +268,34 @@ def write_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str, rope_fre
         for p in hf.parameters():
             if p.dim() == 2:
                 p.copy_(p.half().float())
+    add_hf_tensors(w, hf, arch, lambda _, a: (a.astype(np.float16), None))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    return close_gguf(w, path)
+
+
+def add_hf_tensors(w: Any, hf: transformers.PreTrainedModel, arch: str,
+                   encode: Callable[[str, np.ndarray], tuple[np.ndarray, Any]]) -> None:
+    """Every tensor of ``hf`` under llama.cpp's name and in its q/k row order (a tied LM head left
+    out): 1-D ones as F32, 2-D ones as ``encode(hf_name, array)`` returns them (the data and its
+    GGML type, None for the data's own)."""
+    c = hf.config
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         a = t.numpy()
+        if a.ndim == 1:
+            w.add_tensor(_gguf_name(name, arch), a.astype(np.float32))
+            continue
         if arch in ("llama", "granite") and ".q_proj." in name:
             a = _llamacpp_permute(a, c.num_attention_heads)
         elif arch in ("llama", "granite") and ".k_proj." in name:
             a = _llamacpp_permute(a, c.num_key_value_heads)
-        w.add_tensor(_gguf_name(name, arch), a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
-    if rope_freqs is not None:
-        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+        data, raw_dtype = encode(name, a)
+        w.add_tensor(_gguf_name(name, arch), data, raw_dtype=raw_dtype)
+
+
+def close_gguf(w: Any, path: Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -369,11 +387,7 @@ def write_gemma_gguf(path: Path, hf: transformers.PreTrainedModel, arch: str) ->
             a = a + 1.0
         w.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight",
                      a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return close_gguf(w, path)
 
 
 GEMMA_GGUF_CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -458,10 +472,7 @@ def test_gguf_unsupported_architecture_leaves_nothing(tmp_path: Path) -> None:
     path = tmp_path / "x.gguf"
     w = gguf.GGUFWriter(str(path), "gpt2")
     w.add_tensor("token_embd.weight", np.ones((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    close_gguf(w, path)
     cache = tmp_path / "cache"
     with pytest.raises(ValueError,
                        match=r"unsupported GGUF architecture 'gpt2'; supported: llama, qwen2, qwen3, olmo2, granite, "
