@@ -28,7 +28,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from .quant_checkpoints import LINEARS, TINY_LLAMA
+from .quant_checkpoints import LINEARS, random_tiny_llama
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -109,15 +109,9 @@ def quantize(w: torch.Tensor, fmt: Fp8Fmt, act_amax: float) -> tuple[dict[str, t
 def make_fp8_model(root: Path, fmt: Fp8Fmt, seed: int = 0) -> tuple[Path, Path, transformers.PreTrainedModel]:
     """A tiny random Llama saved as a ``fmt`` checkpoint and as its dequantized dense twin; the
     HF model holds the dequantized weights."""
-    cfg = transformers.LlamaConfig(**TINY_LLAMA)
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
+    cfg, hf, _ = random_tiny_llama(seed)
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
         for layer in range(cfg.num_hidden_layers):
             for proj in LINEARS:
                 mod = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"

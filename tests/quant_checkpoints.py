@@ -212,20 +212,34 @@ def quantize_linear(w: torch.Tensor, fmt: Fmt, act_order: torch.Tensor | None = 
     return ct_quantize(w, fmt, act_order) if fmt.method == "ct" else gptq_quantize(w, fmt, act_order)
 
 
+def random_tiny_llama(seed: int, overrides: dict | None = None
+                      ) -> tuple[transformers.LlamaConfig, transformers.PreTrainedModel, torch.Generator]:
+    """A tiny random fp32 Llama (seeded) with its norm weights perturbed, and the generator that
+    draws the rest of its checkpoint."""
+    cfg = transformers.LlamaConfig(**{**TINY_LLAMA, **(overrides or {})})
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return cfg, hf, gen
+
+
+def tiny_ids(seed: int, n: int) -> list[int]:
+    """``n`` seeded token ids of the tiny Llama's vocabulary (none of its special ids 0-2)."""
+    return torch.randint(3, TINY_LLAMA["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def make_quantized_model(root: Path, fmt: Fmt, seed: int = 0,
                          overrides: dict | None = None) -> tuple[Path, transformers.PreTrainedModel]:
     """A tiny random Llama saved as a ``fmt`` checkpoint, and the HF model holding its
     reference dequantization (the oracle).  With act-order, the projections of one input
     (q/k/v, gate/up) share a permutation, as they do in GPTQ (one Hessian per input)."""
-    cfg = transformers.LlamaConfig(**{**TINY_LLAMA, **(overrides or {})})
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
+    cfg, hf, gen = random_tiny_llama(seed, overrides)
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
         for layer in range(cfg.num_hidden_layers):
             orders: dict[str, torch.Tensor | None] = {}
             for proj in LINEARS:

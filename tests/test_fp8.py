@@ -27,7 +27,7 @@ from pagedattn.models.registry import build_model
 from pagedattn.models.testing import PagedHarness
 
 from .fp8_checkpoints import Fp8Fmt, make_fp8_model
-from .quant_checkpoints import TINY_LLAMA
+from .quant_checkpoints import TINY_LLAMA, tiny_ids
 
 FORMATS = [
     Fp8Fmt("ct", "tensor", static=True), Fp8Fmt("ct", "channel"), Fp8Fmt("ct", "block", (64, 64)),
@@ -47,10 +47,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Fp8Fmt], Made]:
         return cache[fmt]
 
     return get
-
-
-def _ids(seed: int, n: int) -> list[int]:
-    return torch.randint(3, TINY_LLAMA["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,7 +80,7 @@ def test_loaded_weights_equal_the_dequantized_checkpoint(made, fmt: Fp8Fmt) -> N
 @pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[4]], ids=lambda f: f.id)
 def test_greedy_tokens_equal_the_dequantized_model_and_hf(made, fmt: Fp8Fmt) -> None:
     path, ref_path, hf = made(fmt)
-    prompt = _ids(1, 11)
+    prompt = tiny_ids(1, 11)
     runs = [PagedHarness(load_model(p, torch.float32, "cpu")[0], num_blocks=32, block_size=8).greedy(
         prompt, max_new_tokens=12) for p in (path, ref_path)]
     ids = torch.tensor([prompt])
@@ -98,7 +94,7 @@ def test_engine_serves_an_fbgemm_fp8_checkpoint_like_the_dequantized_one(made) -
     from pagedattn import LLM, SamplingParams
 
     path, ref_path, _ = made(Fp8Fmt("fbgemm", "channel"))
-    prompts = [_ids(2, 9), _ids(3, 5)]
+    prompts = [tiny_ids(2, 9), tiny_ids(3, 5)]
     outs = []
     for p in (path, ref_path):
         llm = LLM(str(p), dtype="float32", device="cpu", num_kv_blocks=32, block_size=8)
@@ -146,7 +142,7 @@ def test_fp8_runtime_form_computes_the_dequantized_model(made, fmt: Fp8Fmt) -> N
             m.finish_loading(dequantize=False)
             assert not m.is_dense and m.weight.dtype == torch.float8_e4m3fn
     dense, _ = load_model(ref_path, torch.float32, "cpu")
-    prompt = _ids(4, 14)
+    prompt = tiny_ids(4, 14)
     logits = PagedHarness(model, num_blocks=32, block_size=8).step([("s", prompt)])[0]
     plain = PagedHarness(dense, num_blocks=32, block_size=8).step([("s", prompt)])[0]
     if fmt.strategy != "block":
@@ -345,7 +341,7 @@ def test_cuda_fp8_path_computes_the_dequantized_model(made, fmt: Fp8Fmt) -> None
     from pagedattn.attention.selector import get_attention_backend
 
     path, ref_path, _ = made(fmt)
-    ids = _ids(5, 20)
+    ids = tiny_ids(5, 20)
     logits = []
     for p in (path, ref_path):
         model, _ = load_model(p, torch.bfloat16, "cuda")

@@ -30,7 +30,15 @@ from pagedattn.models.quant_formats import (
 from pagedattn.models.registry import build_model
 from pagedattn.models.testing import PagedHarness
 
-from .quant_checkpoints import TINY_LLAMA, Fmt, _awq_pack, _gptq_pack_rows, _gptq_pack_zeros, make_quantized_model
+from .quant_checkpoints import (
+    TINY_LLAMA,
+    Fmt,
+    _awq_pack,
+    _gptq_pack_rows,
+    _gptq_pack_zeros,
+    make_quantized_model,
+    tiny_ids,
+)
 
 FORMATS = [
     Fmt("awq", 128), Fmt("gptq", 128, sym=True), Fmt("gptq", 32, sym=False, desc_act=True),
@@ -55,10 +63,6 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Fmt], tuple
         return made[fmt]
 
     return get
-
-
-def _ids(seed: int, n: int) -> list[int]:
-    return torch.randint(3, TINY_LLAMA["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 # ---------------------------------------------------------------------- bit layouts
@@ -113,7 +117,7 @@ def test_loaded_weights_equal_reference_dequantization(quantized, fmt: Fmt) -> N
 def test_greedy_tokens_equal_hf_on_the_dequantized_model(quantized, fmt: Fmt) -> None:
     path, hf = quantized(fmt)
     model, _ = load_model(path, torch.float32, "cpu")
-    prompt = _ids(1, 11)
+    prompt = tiny_ids(1, 11)
     ours = PagedHarness(model, num_blocks=32, block_size=8).greedy(prompt, max_new_tokens=12)
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -130,7 +134,7 @@ def test_engine_serves_a_gptq_checkpoint_like_hf(quantized) -> None:
     from pagedattn import LLM, SamplingParams
 
     path, hf = quantized(Fmt("gptq", 128, sym=True))
-    prompt = _ids(2, 9)
+    prompt = tiny_ids(2, 9)
     llm = LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=32, block_size=8)
     try:
         out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
@@ -199,7 +203,7 @@ def test_tensor_parallel_int4_model_matches_hf(quantized, tmp_path: Path) -> Non
     """The act-order GPTQ model sharded over 2 processes (gloo): every rank's logits are HF's
     on the dequantized model."""
     path, hf = quantized(Fmt("gptq", 32, sym=False, desc_act=True))
-    ids = _ids(7, 13)
+    ids = tiny_ids(7, 13)
     torch.multiprocessing.spawn(_tp_worker, args=(2, str(tmp_path / "rdzv"), str(path), ids, str(tmp_path)),
                                 nprocs=2, join=True)
     with torch.no_grad():
@@ -235,7 +239,7 @@ def test_packed_form_computes_the_dequantized_model(quantized, fmt: Fmt) -> None
         assert all(m.perm is not None and m.g_idx is None for m in layers)  # sorted rows: uniform groups again
     if fmt.sym:
         assert all(m.zeros is None for m in layers)
-    prompt = _ids(3, 14)
+    prompt = tiny_ids(3, 14)
     logits = PagedHarness(model, num_blocks=32, block_size=8).step([("s", prompt)])[0]
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0]
@@ -359,7 +363,7 @@ def test_cuda_int4_kernels_compute_the_dequantized_model(quantized, fmt: Fmt, dt
     model, _ = load_model(path, dtype, "cuda")
     assert all(not m.is_dense for m in model.modules() if isinstance(m, QuantLinear))
     h = PagedHarness(model, num_blocks=32, block_size=8, device="cuda", backend=get_attention_backend("cuda", "triton"))
-    ids = _ids(4, 20)
+    ids = tiny_ids(4, 20)
     got = torch.cat([h.step([("s", ids[:14])])[0]] + [h.step([("s", [t])])[0] for t in ids[14:]]).float().cpu()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
