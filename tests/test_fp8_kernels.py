@@ -58,6 +58,21 @@ def test_block_gemm_matches_reference(dtype: torch.dtype, m: int, group_size: in
     assert err <= TOL[dtype] * ref.abs().max().item(), err
 
 
+@pytest.mark.parametrize(("split", "group_size"), [(2, 64), (3, 32), (4, fp8.row_group(K))])
+def test_gemv_split_k_matches_reference(split: int, group_size: int) -> None:
+    """The one-row GEMV with K split in slices (uneven: the last is shorter or empty), summed by
+    the fixed-order reduction with the bias."""
+    g = seeded_generator("fp8-gemv", split, group_size)
+    w, scale = _weights(g, N, K, group_size)
+    x = torch.randn(1, K, generator=g).to(DEVICE, torch.bfloat16)
+    b = torch.randn(N, generator=g).to(DEVICE, torch.bfloat16)
+    out = torch.empty(1, N, device=DEVICE, dtype=torch.bfloat16)
+    got = fp8._fp8_gemv(x, w, scale.float().contiguous(), group_size, b, out, block_n=32, split=split)
+    ref = x.float() @ fp8.dequantize(w, scale, group_size).t() + b.float()
+    err = (got.float() - ref).abs().max().item()
+    assert err <= TOL[torch.bfloat16] * ref.abs().max().item(), err
+
+
 @pytest.mark.parametrize(("m", "k"), [(1, 200), (9, 2500), (33, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("amax_ub", [None, 3.0])

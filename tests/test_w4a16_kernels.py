@@ -91,6 +91,21 @@ def test_gemv_tile_of_a_whole_group() -> None:
     _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
 
 
+def test_split_gemv_is_bitwise_repeatable_and_leaves_its_counters_at_zero() -> None:
+    """The GEMV's K slices finish in the kernel: the last slice of a tile sums the partials in
+    slice order, so a call gives the same bits as the two-kernel reduction and as itself, and the
+    tile counters are back at zero for the next launch (the bias joins in the same place)."""
+    g = seeded_generator("split-finish")
+    w = _weights(g, N, K, 64, zeros=True, act_order=False)
+    x = torch.randn(1, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    bias = torch.randn(N, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    cfg = w4a16.W4A16Config(1, 32 if not CUDA else 128, 64, 4, gemv=True)
+    first = w4a16.w4a16_linear(x, **w, bias=bias, config=cfg)
+    assert torch.equal(first, w4a16.w4a16_linear(x, **w, bias=bias, config=cfg))
+    assert int(w4a16._tile_counters(first.device).count_nonzero()) == 0
+    _check(first, w4a16.w4a16_linear_ref(x.float(), **w, bias=bias), torch.bfloat16)
+
+
 def test_writes_into_a_given_buffer_and_ragged_n() -> None:
     """The row-parallel layers hand the all-reduce's buffer in; N not a multiple of the tile."""
     g = seeded_generator("out")

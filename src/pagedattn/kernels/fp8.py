@@ -33,7 +33,7 @@ import logging
 import torch
 
 from ..envs import triton_interpreted
-from .w4a16 import dot_types
+from .w4a16 import _gemv_finish, dot_types, gemv_split_args, split_k_for
 
 try:
     import triton
@@ -138,6 +138,10 @@ def _dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     return torch.nn.functional.linear(x, w, bias)
 
 
+GEMV_MAX_ROWS = 1  # rows served by the CUDA-core GEMV; more go through the tensor-core GEMM
+GEMV_BLOCK_N = 64  # output rows per GEMV program: K-contiguous rows of e4m3 bytes, 128 per load
+
+
 def _fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int,
                     bias: torch.Tensor | None) -> torch.Tensor:
     m, k = x.shape
@@ -148,17 +152,49 @@ def _fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
+    scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
+    if m <= GEMV_MAX_ROWS:
+        return _fp8_gemv(x, weight, scale, group_size, bias, out)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     bn = 64 if m <= 64 else 128
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     dot_dtype, precision = dot_types(x.dtype)
-    scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
     _fp8_block_gemm_kernel[grid](
         x, weight, scale, bias if bias is not None else scale, out, m, n, k, scale.shape[1], x.stride(0),
         weight.stride(0), out.stride(0), group_size, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=block_k(group_size), num_warps=4, num_stages=3)
     return out
+
+
+def _fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None, out: torch.Tensor, block_n: int = GEMV_BLOCK_N, split: int | None = None,
+              num_warps: int = 4) -> torch.Tensor:
+    """Decode rows: memory-bound, so the grid splits K too (split-K) until the whole GPU streams
+    the weight; the slices' fp32 partials are summed in a fixed order in the kernel."""
+    m, k = x.shape
+    n = weight.shape[0]
+    bk = gemv_block_k(group_size)
+    k_tiles = triton.cdiv(k, bk)
+    tiles = triton.cdiv(n, block_n) * m
+    if split is None:  # the interpreter runs programs one by one: one slice
+        split = split_k_for(tiles, k_tiles, x.device) if x.is_cuda else 1
+    grid = (triton.cdiv(n, block_n), m, split)
+    part, counters = gemv_split_args(out, grid[0], split)
+    _fp8_gemv_kernel[grid](
+        x, weight, scale, out, part, counters, bias if bias is not None else out, n, k, scale.shape[1], x.stride(0),
+        weight.stride(0), out.stride(0), m * n, group_size, triton.cdiv(k_tiles, split), split,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=bk, num_warps=num_warps)
+    return out
+
+
+def gemv_block_k(group_size: int) -> int:
+    """The GEMV's K tile: the largest power of two <= 128 dividing the block (a tile lies in one
+    block, so one scale per row and tile)."""
+    bk = 128
+    while bk > 1 and group_size % bk:
+        bk //= 2
+    return bk
 
 
 QUANT_BLOCK = 1024  # activations per load of the quantization kernel
@@ -203,6 +239,31 @@ if triton is not None:
             xv = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             qv = tl.minimum(tl.maximum(xv / s, -fp8_max), fp8_max)
             tl.store(q_ptr + row * K + offs, qv.to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=("num_splits",))
+    def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, G, stride_xm, stride_wn,
+                         stride_om, stride_split, group_size, tiles_per_split, num_splits, HAS_BIAS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x (grid axis 1) times ``BLOCK_N`` rows of W over one K slice (axis 2), in
+        fp32 on the CUDA cores: each weight is read once, converted and multiplied in registers."""
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+        for t in range(t0, t1):
+            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xv = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            s = tl.load(s_ptr + offs_n * G + (t * BLOCK_K) // group_size, mask=n_mask, other=0.0)
+            acc += s * tl.sum(q.to(tl.float32) * xv[None, :], axis=1)
+        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
+                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
 
     @triton.jit
     def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, G, stride_xm, stride_wn, stride_om,

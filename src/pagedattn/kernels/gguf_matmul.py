@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .w4a16 import _sm_count, dot_types, finish_split_k
+from .w4a16 import _gemv_finish, dot_types, finish_split_k, gemv_split_args, split_k_for
 
 try:
     import triton
@@ -113,7 +113,6 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
     programs per SM (``sms``: the device's), each still covering at least four K tiles."""
     if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
         return GGUFMatmulConfig(1, 64, 256, 1, gemv=True) if m <= GEMV_MAX_ROWS else GGUFMatmulConfig(32, 64, 64, 1)
-    sms = sms or _sm_count(device)
     if m <= GEMV_MAX_ROWS:
         bm, bn, bk, warps = 1, 32, 256, 4
     elif m <= SPLIT_K_MAX_ROWS:
@@ -121,11 +120,7 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
     else:
         bm, bn, bk, warps = (64, 128, 64, 4) if m <= 256 else (128, 128, 64, 8)
         return GGUFMatmulConfig(bm, bn, bk, 1, warps, 3)
-    tiles = -(-n // bn) * -(-m // bm)
-    k_tiles = -(-k // bk)
-    split = 1
-    while tiles * split < 4 * sms and k_tiles // (split * 2) >= 4:
-        split *= 2
+    split = split_k_for(-(-n // bn) * -(-m // bm), -(-k // bk), device, sms)
     return GGUFMatmulConfig(bm, bn, bk, split, warps, 3, gemv=m <= GEMV_MAX_ROWS)
 
 
@@ -152,18 +147,33 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
     if m == 0:
         return out
     split = cfg.split_k
-    dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     k_tiles = -(-k // cfg.block_k)
     common = dict(KIND=_KIND_IDS[kind], BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    args = (x, blocks, blocks.view(torch.float16), dst, m, n, k, blocks.shape[1], x.stride(0), dst.stride(-2),
-            m * n if split > 1 else 0, triton.cdiv(k_tiles, split))
+    if cfg.gemv and kind == "Q4_K" and blocks.data_ptr() % 4 == 0:
+        # Whole super-blocks per step, their codes read as 32-bit words.
+        split = min(split, k // 256)
+        grid = (triton.cdiv(n, cfg.block_n), m, split)
+        part, counters = gemv_split_args(out, grid[0], split)
+        _q4k_gemv_kernel[grid](x, blocks, blocks.view(torch.float16), out, part, counters,
+                               bias if bias is not None else out, n, k, blocks.shape[1], x.stride(0), out.stride(0),
+                               m * n, triton.cdiv(k // 256, split), split, HAS_BIAS=bias is not None,
+                               BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
     if cfg.gemv:
-        _gguf_gemv_kernel[(triton.cdiv(n, cfg.block_n), m, split)](*args, **common)
-    else:
-        dot_dtype, precision = dot_types(x.dtype)
-        _gguf_gemm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)](
-            *args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, **common)
+        grid = (triton.cdiv(n, cfg.block_n), m, split)
+        part, counters = gemv_split_args(out, grid[0], split)
+        _gguf_gemv_kernel[grid](x, blocks, blocks.view(torch.float16), out, part, counters,
+                                bias if bias is not None else out, m, n, k, blocks.shape[1], x.stride(0),
+                                out.stride(0), m * n, triton.cdiv(k_tiles, split), split, HAS_BIAS=bias is not None,
+                                **common)
+        return out
+    dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    dot_dtype, precision = dot_types(x.dtype)
+    _gguf_gemm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)](
+        x, blocks, blocks.view(torch.float16), dst, m, n, k, blocks.shape[1], x.stride(0), dst.stride(-2),
+        m * n if split > 1 else 0, triton.cdiv(k_tiles, split), BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype,
+        DOT_PRECISION=precision, **common)
     return finish_split_k(dst, out, bias, split)
 
 
@@ -266,9 +276,74 @@ if triton is not None:
         tl.store(out_ptr + t.to(tl.int64) * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask)
 
     # The row count varies step by step: no variants for its value or alignment.
-    @triton.jit(do_not_specialize=("M",))
-    def _gguf_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,
-                          tiles_per_split, KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    @triton.jit
+    def _mantissa_plane(words, bit: tl.constexpr):
+        """The nibble at ``bit`` of each word as the fp32 ``1 + q / 16`` (the nibble moved to the top
+        of a mantissa of exponent 0): a shift and a bitwise and/or, no conversion."""
+        if bit <= 19:
+            top = words << (19 - bit)
+        else:
+            top = words >> (bit - 19)
+        return ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit(do_not_specialize=("num_splits",))
+    def _q4k_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
+                         stride_om, stride_split, tiles_per_split, num_splits, HAS_BIAS: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """The Q4_K GEMV, one super-block of ``BLOCK_N`` rows per step.  Its 128 code bytes are
+        read as 32 words ``[rows, pair p, word w]``: byte ``b`` of word ``w`` of pair ``p`` holds
+        element ``64 p + 4 w + b`` (low nibble, sub-block ``2 p``) and ``64 p + 32 + 4 w + b``
+        (high nibble, sub-block ``2 p + 1``).  Each nibble becomes ``1 + q / 16``
+        (:func:`_mantissa_plane`) and one FMA with ``16 x`` adds ``16 x + x q``; per sub-block the
+        ``16 x`` terms come off and its scale and min apply once:
+        ``sum_s d sc_s (sum x q) - dmin mn_s (sum x)``."""
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        row_off = offs_n.to(tl.int64) * row_bytes
+        pair = tl.arange(0, 4)
+        word = tl.arange(0, 8)
+        words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+        x_row = x_ptr + row * stride_xm
+        x_offs = 64 * pair[:, None] + 4 * word[None, :]  # [4, 8]: element of byte 0, low nibble
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, K // 256)
+        for j in range(t0, t1):
+            blk = row_off + j * 144
+            words = tl.load(words_ptr + ((blk + 16)[:, None, None] // 4 + 8 * pair[None, :, None]
+                                         + word[None, None, :]), mask=n_mask[:, None, None], other=0)
+            lo = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
+            hi = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
+            x_lo = tl.zeros((4, 8), dtype=tl.float32)
+            x_hi = tl.zeros((4, 8), dtype=tl.float32)
+            for b in tl.static_range(4):
+                xl = tl.load(x_row + j * 256 + x_offs + b).to(tl.float32)
+                xh = tl.load(x_row + j * 256 + 32 + x_offs + b).to(tl.float32)
+                x_lo += xl
+                x_hi += xh
+                lo += (xl * 16.0)[None, :, :] * _mantissa_plane(words, 8 * b)
+                hi += (xh * 16.0)[None, :, :] * _mantissa_plane(words, 8 * b + 4)
+            sum_lo = tl.sum(x_lo, axis=1)  # [4]: sum of x over sub-block 2 p
+            sum_hi = tl.sum(x_hi, axis=1)
+            dot_lo = tl.sum(lo, axis=2) - 16.0 * sum_lo[None, :]  # [rows, 4]: sum x q over sub-block 2 p
+            dot_hi = tl.sum(hi, axis=2) - 16.0 * sum_hi[None, :]
+            m2 = n_mask[:, None]
+            sc_lo, mn_lo = _k_scale_min(w_ptr, blk[:, None], 2 * pair[None, :], m2)
+            sc_hi, mn_hi = _k_scale_min(w_ptr, blk[:, None], 2 * pair[None, :] + 1, m2)
+            d = _half(h_ptr, blk, n_mask)
+            dmin = _half(h_ptr, blk + 2, n_mask)
+            acc += d * tl.sum(sc_lo * dot_lo + sc_hi * dot_hi, axis=1)
+            acc -= dmin * tl.sum(mn_lo * sum_lo[None, :] + mn_hi * sum_hi[None, :], axis=1)
+        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
+                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
+
+    @triton.jit(do_not_specialize=("M", "num_splits"))
+    def _gguf_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, M, N, K, row_bytes, stride_xm,
+                          stride_om, stride_split, tiles_per_split, num_splits, HAS_BIAS: tl.constexpr,
+                          KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2): per K
         tile a ``[BLOCK_N, groups, 32]`` block of weights, multiplied and summed in fp32."""
         pid_n = tl.program_id(0)
@@ -289,8 +364,8 @@ if triton is not None:
             xv = tl.load(x_row + g * 32 + l, mask=g < n_groups, other=0.0).to(tl.float32)
             w = _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND)
             acc += tl.sum(tl.sum(w * xv, axis=2), axis=1)
-        dst = out_ptr + pid_k * stride_split + row * stride_om + offs_n
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
+                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
 
     @triton.jit(do_not_specialize=("M",))
     def _gguf_gemm_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,

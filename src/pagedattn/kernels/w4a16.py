@@ -104,7 +104,6 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
         bk = _block_k(k, group_size, 128)
         return W4A16Config(1, 128, bk, 1, gemv=True) if m <= GEMV_MAX_ROWS else W4A16Config(32, 128, bk, 1)
-    sms = sms or _sm_count(device)
     if m <= GEMV_MAX_ROWS:
         bn, bk = 128, _block_k(k, group_size, 128)  # larger loads in flight per program
         warps = 4
@@ -116,12 +115,19 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
         bm, bn, bk, warps = (64, 128, _block_k(k, group_size, 64), 4) if m <= 256 else \
             (128, 128, _block_k(k, group_size, 64), 8)
         return W4A16Config(bm, bn, bk, 1, warps, 3)
-    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm) if triton is not None else 1
-    k_tiles = k // bk
+    tiles = -(-n // bn) * -(-m // bm)
+    split = split_k_for(tiles, k // bk, device, sms)
+    return W4A16Config(bm, bn, bk, split, warps, 3 if m > GEMV_MAX_ROWS else 4, gemv=m <= GEMV_MAX_ROWS)
+
+
+def split_k_for(tiles: int, k_tiles: int, device: torch.device, sms: int | None = None) -> int:
+    """K slices for a grid of ``tiles`` output tiles: doubled until the grid has about four
+    programs per SM (``sms``: the device's), each slice still covering at least four K tiles."""
+    sms = sms or _sm_count(device)
     split = 1
     while tiles * split < 4 * sms and k_tiles // (split * 2) >= 4:
         split *= 2
-    return W4A16Config(bm, bn, bk, split, warps, 3 if m > GEMV_MAX_ROWS else 4, gemv=m <= GEMV_MAX_ROWS)
+    return split
 
 
 def dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str]:
@@ -150,6 +156,29 @@ def finish_split_k(dst: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
+TILE_COUNTERS = 1 << 16  # output tiles one GEMV launch may split (a [rows * N-tiles] int32 buffer)
+
+
+@functools.cache
+def _tile_counters(device: torch.device) -> torch.Tensor:
+    return torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
+
+
+def gemv_split_args(out: torch.Tensor, n_tiles: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partials, counters)`` of a GEMV launch whose K slices finish in the kernel
+    (:func:`_gemv_finish`): fp32 partials ``[split, M, N]`` (``out`` when unsplit) and the
+    device's tile counters, which every launch leaves at zero (so launches on one stream share
+    them, inside CUDA graphs too)."""
+    if split == 1:
+        return out, out
+    m, n = out.shape
+    if m * n_tiles > TILE_COUNTERS:
+        raise ValueError(f"{m} rows x {n_tiles} tiles exceed the {TILE_COUNTERS} tile counters")
+    counters = _tile_counters(out.device if out.device.index is not None or out.device.type != "cuda"
+                              else torch.device("cuda", torch.cuda.current_device()))
+    return torch.empty((split, m, n), device=out.device, dtype=torch.float32), counters
+
+
 # ---------------------------------------------------------------------- entry point
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -172,7 +201,6 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return out
     split = cfg.split_k
-    dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     k_tiles = k // cfg.block_k
     tiles_per_split = triton.cdiv(k_tiles, split)
     has_zeros = zeros is not None
@@ -180,17 +208,20 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         HAS_ZEROS=has_zeros, HAS_G_IDX=g_idx is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    args = (x, qweight, scales, zeros if has_zeros else scales, g_idx if g_idx is not None else qweight, dst,
-            m, n, k, x.stride(0), dst.stride(-2), m * n if split > 1 else 0, group_size, tiles_per_split,
-            float(zero_point))
+    weights = (x, qweight, scales, zeros if has_zeros else scales, g_idx if g_idx is not None else qweight)
     if cfg.gemv:
         grid = (triton.cdiv(n, cfg.block_n), m, split)
-        _w4a16_gemv_kernel[grid](*args, **common)
-    else:
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-        dot_dtype, precision = dot_types(x.dtype)
-        _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-                                 **common)
+        part, counters = gemv_split_args(out, grid[0], split)
+        _w4a16_gemv_kernel[grid](*weights, out, part, counters, bias if bias is not None else out, m, n, k,
+                                 x.stride(0), out.stride(0), m * n, group_size, tiles_per_split,
+                                 float(zero_point), split, HAS_BIAS=bias is not None, **common)
+        return out
+    dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    args = (*weights, dst, m, n, k, x.stride(0), dst.stride(-2), m * n if split > 1 else 0, group_size,
+            tiles_per_split, float(zero_point))
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    dot_dtype, precision = dot_types(x.dtype)
+    _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, **common)
     return finish_split_k(dst, out, bias, split)
 
 
@@ -198,10 +229,36 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 if triton is not None:
 
     @triton.jit
-    def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                           stride_split, group_size, tiles_per_split, zero_point,
-                           HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+    def _gemv_finish(acc, out_row, part_row, counter, bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split,
+                     HAS_BIAS: tl.constexpr):
+        """Write a GEMV program's fp32 sums ``acc`` (its ``BLOCK_N`` outputs of one row over K
+        slice ``pid_k``).  Unsplit: bias added, cast, stored.  Split: each slice stores its
+        partials and counts itself done on its tile's ``counter``; the slice that finds all
+        others done adds the partials in slice order (the same bits whichever finishes last),
+        adds the bias, stores the output and zeroes the counter for the next launch -- no
+        second kernel to launch and wait for."""
+        if num_splits == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_row + offs_n, acc.to(out_row.dtype.element_ty), mask=n_mask)
+        else:
+            tl.store(part_row + pid_k * stride_split + offs_n, acc, mask=n_mask)
+            tl.debug_barrier()  # every thread's partials are written before the count says so
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                total = tl.load(part_row + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+                for s in range(1, num_splits):
+                    total += tl.load(part_row + s * stride_split + offs_n, mask=n_mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                tl.store(out_row + offs_n, total.to(out_row.dtype.element_ty), mask=n_mask)
+                tl.atomic_xchg(counter, 0)
+
+    @triton.jit(do_not_specialize=("num_splits",))
+    def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, M, N, K,
+                           stride_xm, stride_om, stride_split, group_size, tiles_per_split, zero_point, num_splits,
+                           HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2).
 
         The words are never unpacked into a K-ordered tile: nibble plane ``i`` of a
@@ -238,22 +295,29 @@ if triton is not None:
                     part += xi[:, None] * ((plane - zi) * si)
                 acc += tl.sum(part, axis=0)
             else:
+                # Nibble i moved to the top of an fp32 mantissa of exponent 0 reads 1 + q/16: one
+                # shift and one bitwise and/or per weight, no conversion and no subtraction; the
+                # FMA with 16 x adds 16 x + x q, and the 16 x terms come off once per tile.
                 part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
                 xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
                 for i in tl.static_range(8):
                     xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
                     xsum += xi
-                    plane = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    part += xi[:, None] * plane
+                    if i < 5:
+                        top = words << (19 - 4 * i)
+                    else:
+                        top = words >> (4 * i - 19)
+                    plane = ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                    part += (xi * 16.0)[:, None] * plane
                 g = (t * BLOCK_K) // group_size  # the tile lies in one group
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 if HAS_ZEROS:
                     z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 else:
                     z = zero_point
-                acc += s * (tl.sum(part, axis=0) - z * tl.sum(xsum, axis=0))
-        dst = out_ptr + pid_k * stride_split + row * stride_om + offs_n
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+                acc += s * (tl.sum(part, axis=0) - (z + 16.0) * tl.sum(xsum, axis=0))
+        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
+                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
 
     @triton.jit
     def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
