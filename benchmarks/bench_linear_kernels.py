@@ -1,0 +1,152 @@
+"""The quantized linear kernels alone, on the Llama-3-8B layer shapes: time per call and the
+weight bytes each call reads per second, against the dense bf16 GEMM and the copy bandwidth
+measured in the same run.
+
+Shapes (``N x K``): q/k/v fused 6144 x 4096, o 4096 x 4096, gate/up fused 28672 x 4096, down
+4096 x 14336, LM head 128256 x 4096; rows ``M`` of activations (default 1, 16, 256: one
+decode, a small batch, a full one).  Formats: ``bf16`` (``F.linear``, cuBLAS), ``w4a16``
+(int4 with bf16 scales and zeros per group of 128, the AWQ layout), ``fp8`` (e4m3 with one
+float32 scale per output row, the Triton GEMM every FP8 layer runs on CUDA), ``fp8-mm``
+(the same weights through ``torch._scaled_mm`` with per-token activation scales), ``Q4_K``,
+``Q6_K``, ``Q8_0``, ``Q4_0`` (GGUF blocks of random bytes with weight-sized scales).  Each call is
+timed in a CUDA graph (``triton.testing.do_bench_cudagraph``), as the engine's decode graphs
+replay it; a split-K call includes its reduction.
+
+"weight GB/s" counts the bytes of the weight (and its scales) the call must read, so at M=1 it
+says how close a kernel comes to streaming its weight at the copy bandwidth, the decode bound.
+``--sweep`` also times the W4A16 GEMV (M=1) over a grid of launch configs.  A table is printed
+last; ``--out`` writes the JSON.
+
+    python benchmarks/bench_linear_kernels.py [--rows 1,16,256] [--formats bf16,w4a16,...] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import git_commit
+from bench_quant import random_gguf_blocks
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+FORMATS = ("bf16", "w4a16", "fp8", "fp8-mm", "Q4_K", "Q6_K", "Q8_0", "Q4_0")
+GROUP = 128
+
+
+def time_us(fn: Callable[[], object]) -> float:
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
+
+
+def copy_gbps() -> float:
+    x = torch.ones(1 << 29, device="cuda")  # 2 GiB
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / time_us(lambda: y.copy_(x)) / 1e3
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_call(fmt: str, n: int, k: int, x: torch.Tensor, gen: torch.Generator
+              ) -> tuple[Callable[[], object], int]:
+    """The call of one format on an ``n x k`` weight and the weight bytes it reads."""
+    from pagedattn.kernels import fp8, gguf_matmul, w4a16
+
+    dev = x.device
+    if fmt == "bf16":
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(dev, torch.bfloat16)
+        return (lambda: torch.nn.functional.linear(x, w)), nbytes(w)
+    if fmt == "w4a16":
+        qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(dev)
+        s = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to(dev, torch.bfloat16)
+        z = torch.randint(0, 16, (k // GROUP, n), generator=gen).to(dev, torch.bfloat16)
+        return (lambda: w4a16.w4a16_linear(x, qw, s, z, GROUP)), nbytes(qw, s, z)
+    if fmt in ("fp8", "fp8-mm"):
+        w = (torch.randn(n, k, generator=gen) * 0.5).to(dev).to(fp8.FP8_DTYPE)
+        s = (torch.rand(n, 1, generator=gen) * 0.01 + 0.001).to(dev)
+        if fmt == "fp8":
+            group = fp8.row_group(k)
+            return (lambda: fp8.fp8_block_linear(x, w, s, group, None)), nbytes(w, s)
+        s_row = s.t().contiguous()
+        return (lambda: fp8.fp8_linear(x, w, s_row, None, None)), nbytes(w, s)
+    blocks = random_gguf_blocks(fmt, n, k, dev, gen)
+    return (lambda: gguf_matmul.gguf_linear(x, blocks, fmt)), nbytes(blocks)
+
+
+def sweep_w4a16(n: int, k: int, gen: torch.Generator) -> list[dict[str, Any]]:
+    """The W4A16 GEMV at M=1 over launch configs: (block_n, block_k, split_k, warps, stages)."""
+    from pagedattn.kernels import w4a16
+
+    x = torch.randn(1, k, generator=gen).to("cuda", torch.bfloat16)
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).cuda()
+    s = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to("cuda", torch.bfloat16)
+    z = torch.randint(0, 16, (k // GROUP, n), generator=gen).to("cuda", torch.bfloat16)
+    ref = w4a16.w4a16_linear_ref(x, qw, s, z, GROUP).float()
+    rows = []
+    for bn, bk, split, warps, stages in itertools.product((64, 128, 256), (64, 128), (1, 2, 4, 8), (2, 4, 8), (1, 3)):
+        cfg = w4a16.W4A16Config(1, bn, bk, split, warps, stages, gemv=True)
+        fn = lambda cfg=cfg: w4a16.w4a16_linear(x, qw, s, z, GROUP, config=cfg)  # noqa: E731
+        err = (fn().float() - ref).abs().max().item()
+        us = time_us(fn)
+        rows.append(dict(block_n=bn, block_k=bk, split=split, warps=warps, stages=stages, us=us,
+                         gbps=nbytes(qw, s, z) / us / 1e3, err=err))
+    return sorted(rows, key=lambda r: r["us"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,16,256")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--sweep", action="store_true", help="also sweep the W4A16 GEMV's launch configs")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    gen = torch.Generator().manual_seed(0)
+    bw = copy_gbps()
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "commit": git_commit(),
+                           "copy_GBps": bw, "rows": []}
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        for m in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+            base = None
+            for fmt in args.formats.split(","):
+                fn, wb = make_call(fmt, n, k, x, gen)
+                us = time_us(fn)
+                base = us if fmt == "bf16" else base
+                res["rows"].append(dict(shape=name, n=n, k=k, m=m, format=fmt, us=us, weight_bytes=wb,
+                                        gbps=wb / us / 1e3, share_of_copy=wb / us / 1e3 / bw,
+                                        speedup_vs_bf16=(base / us) if base else None))
+                del fn
+                torch.cuda.empty_cache()
+    if args.sweep:
+        res["sweep"] = {name: sweep_w4a16(*SHAPES[name], gen)[:8] for name in ("qkv", "down", "gate_up")}
+        for name, rows in res["sweep"].items():
+            print(f"W4A16 GEMV sweep, {name}: best configs")
+            for r in rows:
+                print(f"  bn={r['block_n']} bk={r['block_k']} split={r['split']} warps={r['warps']} "
+                      f"stages={r['stages']}: {r['us']:.1f} us, {r['gbps']:.0f} GB/s, err {r['err']:.1e}")
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+    print(f"\n{res['device']}, commit {res['commit']}, copy bandwidth {bw:.0f} GB/s")
+    print("| shape | M | format | us | weight GB/s | % copy | vs bf16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["rows"]:
+        vs = f"{r['speedup_vs_bf16']:.2f}x" if r["speedup_vs_bf16"] else "-"
+        print(f"| {r['shape']} | {r['m']} | {r['format']} | {r['us']:.1f} | {r['gbps']:.0f} | "
+              f"{100 * r['share_of_copy']:.0f}% | {vs} |")
+    return res
+
+
+if __name__ == "__main__":
+    main()
