@@ -26,7 +26,9 @@ Two kernels, as :mod:`.w4a16`:
 
 * **decode** (:func:`_gguf_gemv_kernel`, one activation row): a ``[BLOCK_N, groups, 32]``
   tile of dequantized weights times the row, summed on the CUDA cores in fp32; K is split over
-  ``split_k`` programs whose fp32 partials one reduction kernel adds in a fixed order.
+  ``split_k`` programs whose fp32 partials the last of them adds in a fixed order.  Q4_K,
+  the most used type, has its own (:func:`_q4k_gemv_kernel`): whole super-blocks, the codes
+  read as 32-bit words, three instructions a weight.
 * **GEMM** (:func:`_gguf_gemm_kernel`, any M): each K step dequantizes a ``[BLOCK_K, BLOCK_N]``
   tile, rounds it to the activation dtype (the weight a dense model of that dtype holds) and
   feeds ``tl.dot``; small batches split K too.

@@ -13,7 +13,8 @@ Two kernels, one dequantization:
   (split-K); each program reads its ``[K/split_k, BLOCK_N]`` block of words once, multiplies on
   the CUDA cores in fp32 nibble plane by nibble plane (no unpacking into a K-ordered tile),
   with the scale and zero point factored out of each group's sum, and writes fp32 partial
-  sums, which one reduction kernel adds in a fixed order (with the bias, cast to the output).
+  sums; the last slice of a tile to finish adds them in slice order, with the bias, cast to
+  the output (:func:`_gemv_finish`: one launch, the same bits whichever slice is last).
 * **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles; each K step loads a
   ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
   the activation dtype (the same weight a dense model holds after dequantization) and feeds
