@@ -265,8 +265,8 @@ if triton is not None:
         The words are never unpacked into a K-ordered tile: nibble plane ``i`` of a
         ``[BLOCK_K/8, BLOCK_N]`` block of words multiplies the activations ``8 j + i``.  In a tile
         of one group the scale and zero point factor out of the sum,
-        ``s (sum_k x_k q_k - z sum_k x_k)``: per weight a shift, a bitwise and/or, a subtract
-        and a multiply-add."""
+        ``s (sum_k x_k q_k - z sum_k x_k)``: per weight a shift, a bitwise and/or and a
+        multiply-add."""
         pid_n = tl.program_id(0)
         row = tl.program_id(1)
         pid_k = tl.program_id(2)
