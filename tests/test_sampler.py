@@ -7,6 +7,7 @@ import torch
 
 from pagedattn.engine.sampler import Sampler, SamplingRow, argmax_rows
 from pagedattn.engine.sampling_params import SamplingParams
+from pagedattn.engine.sequence import SeedStream
 
 
 def _logits(seed: int, n: int, vocab: int) -> torch.Tensor:
@@ -46,7 +47,7 @@ def test_greedy_sampler_picks_the_argmax() -> None:
     out = Sampler(torch.device("cpu"), seed=0)(logits, rows)
     assert out.token_ids == logits.argmax(dim=-1).tolist()
     # A greedy row in a mixed batch takes the same path.
-    mixed = [*rows[:4], SamplingRow(SamplingParams(temperature=0.8, seed=1), torch.Generator().manual_seed(1))]
+    mixed = [*rows[:4], SamplingRow(SamplingParams(temperature=0.8, seed=1), SeedStream(1))]
     tokens = Sampler(torch.device("cpu"), seed=0)(logits[:5], mixed).token_ids
     assert tokens[:4] == logits[:4].argmax(dim=-1).tolist()
 

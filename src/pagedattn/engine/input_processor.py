@@ -10,7 +10,7 @@ import torch
 from ..cache.block_manager import cdiv
 from .logits_processors import check_token_fields
 from .sampling_params import SamplingParams
-from .sequence import Request, Sequence
+from .sequence import Request, SeedStream, Sequence
 from .structured import GrammarCompilerCache
 
 PromptInput = str | list[int] | dict[str, Any]
@@ -38,8 +38,7 @@ class InputProcessor:
         for s, grammar in zip(req.seqs, self.grammars.new_matchers(params.structured_outputs, params.n)):
             s.grammar = grammar  # structured output: each sample its own matcher
             if params.seed is not None:
-                s.generator = torch.Generator(device=self.device)
-                s.generator.manual_seed(hash((params.seed, s.index)) & 0x7FFF_FFFF_FFFF_FFFF)
+                s.seed = SeedStream(hash((params.seed, s.index)) & 0x7FFF_FFFF_FFFF_FFFF)
         return req
 
     @property

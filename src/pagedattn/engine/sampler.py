@@ -1,7 +1,7 @@
 """Batched sampling on the model's device.
 
-Each row of the logits has its own parameters.  Everything is vectorised; the only loop is
-over rows that carry their own seeded generator (to draw that row's noise), and the caller
+Each row of the logits has its own parameters.  Everything is vectorised (on the GPU the
+noise of rows with their own seed too: one kernel, :mod:`..kernels.sampling`), and the caller
 does a single host transfer of the chosen tokens per step.
 
 A step's logits first go through the batch's logits-processing stages (allowed tokens, bans,
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.sampling import draw_key, seeded_exponential_
 from ..runtime.greedy import argmax_rows
 from ..transfer import to_device
 from .logits_processors import LogitsStages, RowHistory, TokenHistory, build_stages
 from .sampling_params import SamplingParams
-from .sequence import Request
+from .sequence import Request, SeedStream
 from .sequence import Sequence as Seq
 from .structured import SampleGrammar, TokenBitmask, apply_bitmask, fill_bitmask
 
@@ -31,7 +32,7 @@ from .structured import SampleGrammar, TokenBitmask, apply_bitmask, fill_bitmask
 @dataclass
 class SamplingRow:
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: SeedStream | None  # the row's own random stream (a request with a seed)
     banned: Sequence[int] = ()  # token ids this row may not sample now (EOS before min_tokens)
     grammar: SampleGrammar | None = None  # structured output: the tokens its grammar allows now
     # The sequence's tokens so far (penalties and bad words read them).
@@ -40,7 +41,7 @@ class SamplingRow:
 
 
 def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int]) -> SamplingRow:
-    """``seq``'s row of the next sampling step: its parameters and generator, the tokens it may not
+    """``seq``'s row of the next sampling step: its parameters and seed stream, the tokens it may not
     sample yet (EOS and stop ids before ``min_tokens``) and, for penalties and bad words, its
     tokens so far."""
     p = req.params
@@ -55,7 +56,7 @@ def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int]) -> Sampli
     # A sample that finished while this step ran (its grammar may be complete): the row's token
     # is dropped, so it needs no mask.
     grammar = None if seq.finished else seq.grammar
-    return SamplingRow(p, seq.generator, banned, grammar=grammar, history=history,
+    return SamplingRow(p, seq.seed, banned, grammar=grammar, history=history,
                        bad_words=req.bad_words_ids)
 
 
@@ -84,7 +85,8 @@ class SamplingBatch:
     top_p: torch.Tensor | None = None  # [n, 1]
     min_p: torch.Tensor | None = None  # [n, 1]
     greedy_mask: torch.Tensor | None = None  # [n]
-    seeded: list[int] = field(default_factory=list)  # rows with their own generator
+    seeded: list[int] = field(default_factory=list)  # rows with their own seed stream
+    seeded_rows: torch.Tensor | None = None  # ``seeded`` on the device
     grammar_mask: TokenBitmask | None = None  # structured output's allowed tokens of its rows
     stages: LogitsStages | None = None  # None: no row changes its logits before sampling
 
@@ -102,7 +104,7 @@ class Sampler:
         kept: seeded sampling stays reproducible."""
         state = self.generator.get_state()
         logits = torch.randn(3, vocab_size, dtype=dtype, device=self.device)
-        seeded = torch.Generator(device=self.device)
+        seeded = SeedStream(0)
         rows = [SamplingRow(SamplingParams(temperature=0.0), None),
                 SamplingRow(SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05), None, banned=(0,)),
                 SamplingRow(SamplingParams(temperature=1.0, top_p=0.5, logprobs=2), seeded)]
@@ -144,7 +146,9 @@ class Sampler:
             b.min_p = to_device([r.params.min_p for r in rows], torch.float32, dev)[:, None]
         if any(greedy):
             b.greedy_mask = to_device(greedy, torch.bool, dev)
-        b.seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if r.generator is not None and not g]
+        b.seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if r.seed is not None and not g]
+        if b.seeded:
+            b.seeded_rows = to_device(b.seeded, torch.long, dev)
         return b
 
     def sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -177,12 +181,20 @@ class Sampler:
             probs = probs.masked_fill(probs < b.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         q = torch.empty_like(probs)
         q.exponential_(generator=self.generator)
-        for i in b.seeded:
-            q[i].exponential_(generator=b.rows[i].generator)
+        if b.seeded:  # each seeded row's next draw (a reused batch draws anew each step)
+            keys = [self._next_key(b.rows[i].seed) for i in b.seeded]
+            seeded_exponential_(q, b.seeded, keys, b.seeded_rows, to_device(keys, torch.long, q.device))
         sampled = (probs / q).argmax(dim=-1)
         if b.greedy_mask is not None:
             sampled = torch.where(b.greedy_mask, argmax_rows(logits), sampled)
         return sampled
+
+    @staticmethod
+    def _next_key(stream: SeedStream | None) -> int:
+        assert stream is not None
+        key = draw_key(stream.key, stream.draws)
+        stream.draws += 1
+        return key
 
     def _with_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         lp = torch.log_softmax(logits, dim=-1)

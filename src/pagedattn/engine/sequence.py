@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .sampling_params import SamplingParams
 
 
@@ -24,6 +22,16 @@ class RequestStatus(enum.Enum):
     RUNNING = "running"
     SWAPPED = "swapped"
     FINISHED = "finished"
+
+
+@dataclass
+class SeedStream:
+    """A seeded sample's random stream: draw ``draws`` uses noise keyed by ``(key, draws)``
+    (:func:`~pagedattn.kernels.sampling.draw_key`), so its tokens depend on its seed and on
+    how many it has drawn, not on the batches it ran in."""
+
+    key: int
+    draws: int = 0
 
 
 @dataclass
@@ -40,7 +48,7 @@ class Sequence:
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    generator: torch.Generator | None = None
+    seed: SeedStream | None = None  # a request with a seed: this sample's stream
     # Incremental detokenisation state (see .detokenizer).
     text: str = ""
     detok: Any = field(default=None, repr=False, compare=False)
