@@ -104,7 +104,8 @@ def bench_ours(folder: Path, prompts, outs, args) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
     init_s = time.perf_counter() - t0
-    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, **penalties(args)) for o in outs]
+    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, seed=i if args.seeded else None,
+                             **penalties(args)) for i, o in enumerate(outs)]
     warm_params = SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True, **penalties(args))
     if args.warmup == "workload":
         # The same length distribution (another seed): every shape the timed run meets is warm.
@@ -181,6 +182,7 @@ def main() -> None:
                     "first is the figure, later ones show what warming up on it gains")
     ap.add_argument("--penalties", action="store_true",
                     help="repetition, presence and frequency penalties on every request (ours only)")
+    ap.add_argument("--seeded", action="store_true", help="a seed on every request of ours (each its own stream)")
     ap.add_argument("--trace", default=None,
                     help="record a block-pool trace of the timed run here (pagedattn viz draws it; slows the run)")
     ap.add_argument("--out", default=None)
@@ -221,7 +223,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nEnd-to-end throughput on {result['device']} (copy bandwidth {bw / 1e12:.2f} TB/s)")
     print(f"{'engine':34s} {'requests':>8s} {'out tokens':>10s} {'seconds':>8s} {'tok/s':>9s}")
-    name = "pagedattn" + (" (penalties)" if args.penalties else "")
+    name = "pagedattn" + (" (penalties)" if args.penalties else "") + (" (seeded)" if args.seeded else "")
     print(f"{name:34s} {args.num_requests:8d} {ours['output_tokens']:10d} {ours['seconds']:8.2f} "
           f"{ours['tok_per_s']:9.0f}")
     if hf_res:
