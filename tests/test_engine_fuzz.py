@@ -533,6 +533,21 @@ def test_min_tokens_give_way_to_a_grammar_that_can_only_end(fuzz_models: dict[st
     eng.check_integrity()
 
 
+def test_min_tokens_hold_for_a_constrained_step_sampled_after_its_launch(fuzz_models: dict[str, Path]) -> None:
+    """Async scheduling samples a constrained step after its launch, when its own token already
+    counts as pending: the ban until min_tokens must still cover the token being sampled (it
+    used to end one token early, letting EOS through).  Same outputs as the synchronous engine."""
+    engines = [_engine(fuzz_models, _shape(async_scheduling=a)) for a in (False, True)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=2, structured_outputs=S(regex=r"[a-e]{1,6}"))
+    ends_at_min = 0
+    for prompt in ([172, 244, 289, 54, 184, 225, 164], [34, 283, 10], [157], [99, 98], [60, 61, 62]):
+        sync, overlapped = (_run_alone(e, prompt, params).outputs[0] for e in engines)
+        assert overlapped.token_ids == sync.token_ids and overlapped.text == sync.text, prompt
+        assert 2 not in sync.token_ids[:params.min_tokens]
+        ends_at_min += sync.token_ids[params.min_tokens:] == [2]
+    assert ends_at_min >= 3  # EOS was wanted as early as min_tokens allows
+
+
 def test_special_tokens_are_never_part_of_a_constrained_output(fuzz_models: dict[str, Path]) -> None:
     """``<unk>`` and ``<s>`` read as text would fit in a JSON string, but the detokenizer skips
     them: the text would lose characters its grammar counted.  No grammar allows them; the end
