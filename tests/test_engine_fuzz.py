@@ -5,8 +5,13 @@ off, chunked prefill, overlapped scheduling, a sliding-window model) and a mix o
 the happy path: n up to 6, max_tokens from 1, min_tokens, stop ids and stop strings placed on
 the first tokens a request will produce, EOS on the first token (the tiny models' EOS is made
 likely), prompts that fill the context, arrivals and aborts at
-random steps.  After every step the block manager's invariants hold; at the end no block is
-held, and every greedy request's samples equal that request run alone on a large pool.
+random steps, and structured output (a JSON object, a small schema, a regex, a choice: the tiny
+tokenizer has the pieces of JSON).  After every step the block manager's invariants hold and
+every constrained sample's grammar is where its output tokens put it; at the end no block is
+held, every greedy request's samples equal that request run alone on a large pool, and every
+constrained output is one its grammar allows (its text satisfies the constraint where the
+grammar ended it).  Targeted tests below: an abort, swap and recompute preemption, and n
+samples ending on their first token, while constrained steps are in flight.
 
 ``-m slow`` runs a longer profile.
 """
