@@ -162,9 +162,9 @@ def test_stop_strings_prefix_cache_and_async_scheduling(llm: LLM, monkeypatch: p
     masked_in_flight = 0
     sample_on_device = type(engine)._sample_on_device
 
-    def counting(self: Any, cur: Any, prev: Any) -> None:
+    def counting(self: Any, cur: Any, prev: Any, **kw: Any) -> None:
         nonlocal masked_in_flight
-        sample_on_device(self, cur, prev)
+        sample_on_device(self, cur, prev, **kw)
         masked_in_flight += cur.masked and cur.host is not None
 
     monkeypatch.setattr(type(engine), "_sample_on_device", counting)

@@ -194,7 +194,7 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         touched = self._process(prev) if prev is not None else []
         if cur is not None and cur.masked and self._can_defer(cur):
-            self._sample_on_device(cur, None)  # its grammars have now taken the previous step's tokens
+            self._sample_on_device(cur, None, launched=True)  # its grammars have taken the previous step's tokens
         if cur is not None and cur.host is not None:
             self._inflight = cur
         elif cur is not None:
@@ -223,15 +223,16 @@ class LLMEngine:
         """Whether nothing about the step's rows needs the host before the next step."""
         return self.async_scheduling and bool(cur.targets) and all(r.can_overlap for _, r in cur.targets)
 
-    def _sample_on_device(self, cur: _Launched, prev: _Launched | None) -> None:
+    def _sample_on_device(self, cur: _Launched, prev: _Launched | None, launched: bool = False) -> None:
         """Sample ``cur``'s rows into ``cur.tokens`` and start their copy to the host; a failure
-        leaves ``cur`` to the synchronous path, which isolates the row at fault."""
+        leaves ``cur`` to the synchronous path, which isolates the row at fault.  ``launched``:
+        ``cur`` is already counted as pending (its rows' tokens are one fewer after the known ones)."""
         if cur.greedy:
             cur.tokens = cur.out
         else:
             try:
                 cur.batch = self.step_sampler.batch(cur.targets, prev.targets if prev else None,
-                                                    prev.batch if prev else None)
+                                                    prev.batch if prev else None, launched)
                 cur.tokens = self.sampler.sample(cur.out, cur.batch)
             except Exception:
                 cur.batch = None

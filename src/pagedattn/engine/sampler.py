@@ -26,7 +26,7 @@ from .logits_processors import LogitsStages, RowHistory, TokenHistory, build_sta
 from .sampling_params import SamplingParams
 from .sequence import Request, SeedStream
 from .sequence import Sequence as Seq
-from .structured import SampleGrammar, TokenBitmask, apply_bitmask, fill_bitmask
+from .structured import SampleGrammar, TokenBitmask, allows_only, apply_bitmask, fill_bitmask
 
 
 @dataclass
@@ -40,22 +40,27 @@ class SamplingRow:
     bad_words: Sequence[Sequence[int]] = ()  # the request's bad words as token ids
 
 
-def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int]) -> SamplingRow:
+def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int], launched: bool = False) -> SamplingRow:
     """``seq``'s row of the next sampling step: its parameters and seed stream, the tokens it may not
     sample yet (EOS and stop ids before ``min_tokens``) and, for penalties and bad words, its
-    tokens so far."""
+    tokens so far.  ``launched``: the step sampling this row is already counted in
+    ``seq.num_pending`` (a step whose grammars are advanced after its launch), so the token being
+    sampled is one fewer after the known ones."""
     p = req.params
+    before = seq.num_output_tokens + seq.num_pending - int(launched)  # the output tokens ahead of this one
+    # A sample that finished while this step ran (its grammar may be complete): the row's token
+    # is dropped, so it needs no mask.
+    grammar = None if seq.finished else seq.grammar
     banned: list[int] = []
-    if seq.num_output_tokens + seq.num_pending < p.min_tokens:  # EOS and stop ids wait for min_tokens
+    if before < p.min_tokens:  # EOS and stop ids wait for min_tokens
         banned = [*(() if p.ignore_eos else sorted(eos_token_ids)), *(p.stop_token_ids or ())]
+        if grammar is not None and banned and allows_only(grammar, banned):
+            banned = []  # a grammar that can only end (or go on through a stop id) wins over min_tokens
     history = None
     if p.has_penalties or req.bad_words_ids:
         if seq.token_history is None:
             seq.token_history = TokenHistory()
         history = RowHistory(seq.token_ids, seq.prompt_len, seq.token_history)
-    # A sample that finished while this step ran (its grammar may be complete): the row's token
-    # is dropped, so it needs no mask.
-    grammar = None if seq.finished else seq.grammar
     return SamplingRow(p, seq.seed, banned, grammar=grammar, history=history,
                        bad_words=req.bad_words_ids)
 

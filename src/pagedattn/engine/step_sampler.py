@@ -15,19 +15,20 @@ class StepSampler:
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids  # the engine's set, shared with the stop checks
 
-    def row(self, seq: Sequence, req: Request) -> SamplingRow:
-        return sampling_row(seq, req, self.eos_token_ids)
+    def row(self, seq: Sequence, req: Request, launched: bool = False) -> SamplingRow:
+        return sampling_row(seq, req, self.eos_token_ids, launched)
 
-    def batch(self, targets: list[Target], prev: list[Target] | None, prev_batch: SamplingBatch | None
-              ) -> SamplingBatch:
+    def batch(self, targets: list[Target], prev: list[Target] | None, prev_batch: SamplingBatch | None,
+              launched: bool = False) -> SamplingBatch:
         """The rows' device tensors; the previous step's when its rows were the same and neither
         it nor this step changes the logits (a ban until min_tokens, made for the previous step,
-        may no longer hold now)."""
+        may no longer hold now).  ``launched``: the rows' step is already counted as pending (see
+        :func:`sampling_row`)."""
         if prev_batch is not None and prev is not None and prev_batch.stages is None and \
                 prev_batch.grammar_mask is None and [s for s, _ in prev] == [s for s, _ in targets] and \
                 all(s.num_output_tokens + s.num_pending >= r.params.min_tokens for s, r in targets):
             return prev_batch
-        return self.sampler.prepare([self.row(*t) for t in targets])
+        return self.sampler.prepare([self.row(seq, req, launched) for seq, req in targets])
 
     def on_host(self, targets: list[Target], out: torch.Tensor
                 ) -> tuple[list[Target], SamplerOutput, list[tuple[Request, Exception]]]:

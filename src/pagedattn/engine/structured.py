@@ -132,8 +132,25 @@ class GrammarCompilerCache:
 
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids or None)
-                self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+                self._compiler = xgr.GrammarCompiler(self._without_special_tokens(info), cache_enabled=True)
             return self._compiler
+
+    def _without_special_tokens(self, info: xgrammar.TokenizerInfo) -> xgrammar.TokenizerInfo:
+        """``info`` with the tokenizer's special tokens (control tokens such as ``<|im_start|>``,
+        ``<s>``) as xgrammar's special tokens, which no grammar allows: xgrammar reads them as
+        their literal text (e.g. inside a JSON string), but the detokenizer skips them, so the
+        output's text would lose characters the grammar counted.  Stop tokens stay: the grammar's
+        end is one of them."""
+        import xgrammar as xgr
+
+        tok = self.tokenizer
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        special -= set(self.stop_token_ids)
+        vocab: list[bytes | str] = [""] * self.vocab_size
+        for text, i in tok.get_vocab().items():
+            if i < self.vocab_size and i not in special:
+                vocab[i] = text
+        return xgr.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
 
     def compile(self, p: StructuredOutputsParams) -> xgrammar.CompiledGrammar:
         """The compiled grammar of ``p`` (cached); a ``ValueError`` naming ``p.origin`` if it is invalid."""
@@ -242,6 +259,20 @@ def _batch_matcher() -> xgrammar.BatchGrammarMatcher:
     import xgrammar as xgr
 
     return xgr.BatchGrammarMatcher(max_threads="auto")
+
+
+def allows_only(grammar: SampleGrammar, tokens: Sequence[int]) -> bool:
+    """Whether ``grammar`` allows no next token outside ``tokens`` (e.g. it is complete and can
+    only end, with its end token among them).  Fills one mask on the host: for the rare rows that
+    ban tokens (before ``min_tokens``), not for every row."""
+    import xgrammar as xgr
+
+    mask = xgr.allocate_token_bitmask(1, grammar.vocab_size)
+    grammar.matcher.fill_next_token_bitmask(mask)
+    words = mask[0].to(torch.int64) & 0xFFFFFFFF
+    allowed = ((words[:, None] >> torch.arange(32)) & 1).flatten()[:grammar.vocab_size].bool()
+    allowed[list(tokens)] = False
+    return not bool(allowed.any())
 
 
 def apply_bitmask(logits: torch.Tensor, mask: TokenBitmask, inplace: bool = False) -> torch.Tensor:
