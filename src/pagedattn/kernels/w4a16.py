@@ -168,15 +168,16 @@ def _tile_counters(device: torch.device) -> torch.Tensor:
 def gemv_split_args(out: torch.Tensor, n_tiles: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(partials, counters)`` of a GEMV launch whose K slices finish in the kernel
     (:func:`_gemv_finish`): fp32 partials ``[split, M, N]`` (``out`` when unsplit) and the
-    device's tile counters, which every launch leaves at zero (so launches on one stream share
-    them, inside CUDA graphs too)."""
+    device's int32 tile counters, which every launch leaves at zero (so launches on one stream
+    share them, inside CUDA graphs too).  The counters are passed unsplit too: the kernel's
+    split branch is compiled whatever the launch's split count, and an atomic needs them."""
+    counters = _tile_counters(out.device if out.device.index is not None or out.device.type != "cuda"
+                              else torch.device("cuda", torch.cuda.current_device()))
     if split == 1:
-        return out, out
+        return out, counters
     m, n = out.shape
     if m * n_tiles > TILE_COUNTERS:
         raise ValueError(f"{m} rows x {n_tiles} tiles exceed the {TILE_COUNTERS} tile counters")
-    counters = _tile_counters(out.device if out.device.index is not None or out.device.type != "cuda"
-                              else torch.device("cuda", torch.cuda.current_device()))
     return torch.empty((split, m, n), device=out.device, dtype=torch.float32), counters
 
 
