@@ -1,9 +1,11 @@
 """A GGUF file's quantized linear weights, kept quantized on the CPU with their exact values.
 
-The converted folder (:mod:`.gguf`) holds every weight dequantized to float32, which the model
-loads like any checkpoint.  On the CPU the engine then replaces each linear layer's weight whose
-GGUF blocks have an exact low-bit form by that form (:mod:`.layers.quantized`), read straight
-from the file's blocks:
+The converted folder (:mod:`.gguf`) holds every weight dequantized to float32, which a dense
+model loads like any checkpoint.  With ``gguf_quantized`` the loader first gives each linear
+layer whose GGUF blocks have an exact low-bit form that form (:mod:`.layers.quantized`), read
+straight from the file's blocks, while the model's weights are still on the meta device
+(:func:`keep_gguf_forms`), and then loads only the other tensors: a kept layer's dense weight is
+never allocated, its float32 tensor never read.  On the CPU the forms are:
 
 =========  ==================================  =====================================
 GGUF type  GGUF's value of code ``q``          runtime form (group of 32)
@@ -29,8 +31,9 @@ default such a file stays dense (:func:`gpu_uncovered_tensors`).
 
 Which checkpoint element lands where in a layer (fused q/k/v and gate/up, tensor-parallel
 slices, llama's q/k row order) is not re-derived: each layer's own ``weight_loader`` is run on
-a tensor of element indices, and the codes and scales (on a GPU: whole rows of blocks) are
-gathered through the result.
+broadcast tensors of row and of column indices (:func:`_row_sources`), and the codes and scales
+(on a GPU: whole rows of blocks) are gathered row by row through the result.  The functions
+also work on a model already loaded dense (its weights are then dropped).
 """
 
 from __future__ import annotations

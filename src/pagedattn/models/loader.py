@@ -6,7 +6,9 @@ A reference is ``None`` (the embedded default model), a folder with ``config.jso
 (a snapshot folder of huggingface_hub's cache, see :mod:`.hub`).  Weights are streamed
 tensor by tensor from the safetensors files straight into the parameters in the target dtype;
 under tensor parallelism each rank's layers copy only their slice of each tensor, so no rank
-ever holds the whole model.  ``load_format="dummy"`` needs only ``config.json``: it fills the
+ever holds the whole model.  A GGUF model loaded with ``gguf_quantized`` gets its kept linears'
+quantized forms from the GGUF's blocks first; their dense weights are never allocated.
+``load_format="dummy"`` needs only ``config.json``: it fills the
 model with seeded random weights (see :func:`dummy_weights`), for benchmarks of large shapes.
 Only :mod:`.hub` may touch the network (to fetch a Hub model missing from the cache).
 """
