@@ -288,9 +288,9 @@ def _row_sources(model: DecoderForCausalLM, module: nn.Module, parts: list[tuple
         weight_loader(cast(nn.Parameter, target), row_ids, shard)
         offset += rows
     first_row = target[:, 0].numpy().astype(np.int64)
-    for lo in range(0, shape[0], _CHECK_ROWS):
+    for lo in range(0, shape[0], _CHECK_ROWS):  # each row from one source row (a padding row: all 0)
         chunk = target[lo: lo + _CHECK_ROWS]
-        if not bool((chunk == chunk[:, :1]).all()):
+        if not torch.equal(chunk, chunk[:, :1].expand_as(chunk)):
             raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
     target.zero_()
     for _, shard, (rows, cols) in parts:
@@ -299,10 +299,11 @@ def _row_sources(model: DecoderForCausalLM, module: nn.Module, parts: list[tuple
     in_f = shape[1]
     step = torch.arange(in_f, dtype=torch.int32)
     real = torch.from_numpy(first_row > 0)
-    for lo in range(0, shape[0], _CHECK_ROWS):
-        chunk = target[lo: lo + _CHECK_ROWS]
-        ok = torch.where(real[lo: lo + _CHECK_ROWS, None], chunk == chunk[:, :1] + step, chunk == 0)
-        if not bool(ok.all()):
+    for lo in range(0, shape[0], _CHECK_ROWS):  # each real row a run of consecutive source columns
+        chunk, real_rows = target[lo: lo + _CHECK_ROWS], real[lo: lo + _CHECK_ROWS]
+        if not bool(real_rows.all()):  # (a padding row got no write in either pass: all 0)
+            chunk = chunk[real_rows]
+        if not torch.equal(chunk, chunk[:, :1] + step):
             raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
     first_col = target[:, 0].numpy().astype(np.int64) - 1
     del target
