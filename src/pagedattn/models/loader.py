@@ -30,7 +30,6 @@ import torch
 from .base import DecoderForCausalLM
 from .config import ModelArchConfig, parse_token_ids
 from .gguf import convert_gguf, default_gguf_path
-from .gguf_quant import keep_gguf_forms
 from .hub import is_hub_id, snapshot_folder
 from .layers import (
     ColumnParallelLinear,
@@ -215,6 +214,8 @@ def load_model(
         net = build_model(source.config, dtype, device, tp_rank=tp_rank, tp_size=tp_size)
     skip: set[str] = set()
     if gguf_quantized:
+        from .gguf_quant import keep_gguf_forms  # (imports the GGUF kernels: only for such a load)
+
         blocks = torch.device(device).type == "cuda" if gguf_blocks is None else gguf_blocks
         skip = keep_gguf_forms(net, source.model_dir, device, blocks=blocks)
         materialize_params(net, device)  # the layers that stay dense
