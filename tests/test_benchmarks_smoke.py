@@ -42,7 +42,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         torch.set_num_threads(threads)
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
                      "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv", "bench_single_stream",
-                     "bench_moe"):
+                     "bench_moe", "bench_gguf_load"):
             sys.modules.pop(name, None)
 
 
@@ -179,3 +179,18 @@ def test_single_stream_smoke_reports_its_share_of_the_roofline(bench, tmp_path: 
     assert res["weight_bytes"] > 0 and res["copy_bandwidth_GBps"] > 0
     assert res["roofline_tok_s"] == pytest.approx(res["copy_bandwidth_GBps"] * 1e9 / res["weight_bytes"])
     assert 0 < res["first_tok_s"] <= res["best_tok_s"]
+
+
+@pytest.mark.slow  # three fresh processes, each importing torch
+def test_gguf_load_bench_measures_both_orders(bench, tmp_path: Path) -> None:
+    """bench_gguf_load on a tiny random Q4_K GGUF: each load in its own process, the quantized
+    ones holding less than the dense one."""
+    rows = bench("bench_gguf_load").main(["--random", "--layers", "2", "--hidden", "256", "--intermediate", "512",
+                                          "--vocab", "512", "--heads", "4", "--kv-heads", "2", "--dtype", "float32",
+                                          "--work-dir", str(tmp_path)])
+    by_order = {r["order"]: r for r in rows}
+    assert set(by_order) == {"dense", "dense-first", "forms-first"}
+    assert by_order["forms-first"]["held_mib"] == by_order["dense-first"]["held_mib"] < by_order["dense"]["held_mib"]
+    assert all(r["peak_rss_mib"] >= 0 for r in rows)
+    with pytest.raises(ValueError, match="unknown orders"):
+        bench("bench_gguf_load").main(["--orders", "nope"])

@@ -81,7 +81,7 @@ _GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 _PHI3_BLOCK_TENSORS = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _LONGROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 # Architectures whose q/k rows llama.cpp's converter permutes (its LlamaModel and subclasses).
-_PERMUTED_QK = ("LlamaForCausalLM", "GraniteForCausalLM")
+PERMUTED_QK = ("LlamaForCausalLM", "GraniteForCausalLM")
 # Granite's multipliers, which llama.cpp writes as "scales" (only those that are set).
 _GRANITE_SCALES = {"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
                    "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
@@ -400,7 +400,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def _hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight as ``(hf_name, float32 tensor)``, dequantized one at a time."""
     hf_arch = config["architectures"][0]
-    permute = hf_arch in _PERMUTED_QK
+    permute = hf_arch in PERMUTED_QK
     arch = _field(reader, "general.architecture")
     for t in reader.tensors:
         if t.name == _ROPE_FREQS or t.name in _LONGROPE_FACTORS:

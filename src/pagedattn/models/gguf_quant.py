@@ -1,9 +1,11 @@
 """A GGUF file's quantized linear weights, kept quantized on the CPU with their exact values.
 
-The converted folder (:mod:`.gguf`) holds every weight dequantized to float32, which the model
-loads like any checkpoint.  On the CPU the engine then replaces each linear layer's weight whose
-GGUF blocks have an exact low-bit form by that form (:mod:`.layers.quantized`), read straight
-from the file's blocks:
+The converted folder (:mod:`.gguf`) holds every weight dequantized to float32, which a dense
+model loads like any checkpoint.  With ``gguf_quantized`` the loader first gives each linear
+layer whose GGUF blocks have an exact low-bit form that form (:mod:`.layers.quantized`), read
+straight from the file's blocks, while the model's weights are still on the meta device
+(:func:`keep_gguf_forms`), and then loads only the other tensors: a kept layer's dense weight is
+never allocated, its float32 tensor never read.  On the CPU the forms are:
 
 =========  ==================================  =====================================
 GGUF type  GGUF's value of code ``q``          runtime form (group of 32)
@@ -29,8 +31,9 @@ default such a file stays dense (:func:`gpu_uncovered_tensors`).
 
 Which checkpoint element lands where in a layer (fused q/k/v and gate/up, tensor-parallel
 slices, llama's q/k row order) is not re-derived: each layer's own ``weight_loader`` is run on
-a tensor of element indices, and the codes and scales (on a GPU: whole rows of blocks) are
-gathered through the result.
+broadcast tensors of row and of column indices (:func:`_row_sources`), and the codes and scales
+(on a GPU: whole rows of blocks) are gathered row by row through the result.  The functions
+also work on a model already loaded dense (its weights are then dropped).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch
 from torch import nn
 
 from ..kernels.gguf_matmul import GGUF_BLOCKS
-from .gguf import BLOCKS_FILE, unpermute_qk
+from .gguf import BLOCKS_FILE, PERMUTED_QK, unpermute_qk
 from .layers import ColumnParallelLinear, RowParallelLinear, ShardId, WeightLoading
 from .layers.quantized import (
     KERNEL_DTYPES,
@@ -179,6 +182,21 @@ def keep_gguf_quantized(model: DecoderForCausalLM, model_dir: str | Path) -> int
     return changed
 
 
+def keep_gguf_forms(model: DecoderForCausalLM, model_dir: str | Path, device: torch.device | str, *,
+                    blocks: bool) -> set[str]:
+    """Before any weight is loaded: give the layers kept quantized their form from the blocks
+    (``blocks``: the file's own, :func:`keep_gguf_blocks`, on ``device``; else the CPU's exact
+    int4/int8 forms, :func:`keep_gguf_quantized`).  Returns the checkpoint names that no
+    parameter takes any more, which the loader skips: with ``model`` built under
+    :func:`~.layers.deferred_params`, those layers' dense weights are never allocated."""
+    before = set(model.checkpoint_names())
+    if blocks:
+        keep_gguf_blocks(model, model_dir, device)
+    else:
+        keep_gguf_quantized(model, model_dir)
+    return before - set(model.checkpoint_names())
+
+
 def _layer_parts(model: DecoderForCausalLM) -> dict[str, list[tuple[str, ShardId]]]:
     """Linear layer name -> its checkpoint tensors ``(hf_name, shard_id)``, in load order (the
     LM head: the embedding's tensor when tied)."""
@@ -197,55 +215,107 @@ def _layer_weight(model: DecoderForCausalLM, module: nn.Module, parts: list[tupl
     """The layer's shard of its parts' groups (``(gguf_name, shard_id, groups)``), placed by the
     layer's own ``weight_loader``."""
     groups = [g for _, _, g in parts]
-    sources = _element_index(model, module, [(name, shard, g.codes.shape) for name, shard, g in parts])
-    out_f, in_f = sources.shape
+    src = _row_sources(model, module, [(name, shard, g.codes.shape) for name, shard, g in parts])
+    out_f, in_f = len(src.part), src.in_features
     if in_f % GROUP:
         raise ValueError(f"{_desc(module)}: {in_f} input features per rank are not whole groups of {GROUP}; "
                          "use another tensor_parallel_size or gguf_quantized=False")
-    firsts = sources[:, ::GROUP]
-    in_group = sources.view(out_f, -1, GROUP) - firsts[..., None]  # 0, 1, ..., 31 for a whole group
-    whole = (in_group == torch.arange(GROUP)).all(-1) | (sources.view(out_f, -1, GROUP) == 0).all(-1)
-    if not bool(whole.all()) or bool(((firsts - 1) % GROUP != 0)[firsts > 0].any()):
+    if bool((src.col[src.part >= 0] % GROUP != 0).any()):
         raise ValueError(f"{_desc(module)}: its tensor-parallel slice cuts through groups of {GROUP}; "
                          "use another tensor_parallel_size or gguf_quantized=False")
-    codes = torch.cat([torch.from_numpy(np.ascontiguousarray(g.codes)).reshape(-1) for g in groups])
-    pad_code = 8 if groups[0].bits == 4 else 0
-    codes = torch.cat([codes.new_full((1,), pad_code), codes])  # index 0: padding rows, weight 0
-    gathered = codes[sources.reshape(-1).long()].view(out_f, in_f)
-    group_idx = torch.where(firsts > 0, (firsts - 1) // GROUP + 1, 0)
-
-    def per_group(arrays: list[np.ndarray]) -> torch.Tensor:
-        flat = torch.cat([torch.zeros(1)] + [torch.from_numpy(np.ascontiguousarray(a, np.float32)).reshape(-1)
-                                             for a in arrays])
-        return flat[group_idx]
-
-    scales = per_group([g.scales for g in groups])
+    pad_code = 8 if groups[0].bits == 4 else 0  # padding rows: code 8 (or 0), scale 0, zero 0: weight 0
+    codes = np.full((out_f, in_f), pad_code, dtype=groups[0].codes.dtype)
+    scales = np.zeros((out_f, in_f // GROUP), dtype=np.float32)
+    zeros = np.zeros_like(scales)
+    for rows, p, col in src.stretches():
+        g, lo = groups[p], col // GROUP
+        codes[rows] = g.codes[src.row[rows], col: col + in_f]
+        scales[rows] = g.scales[src.row[rows], lo: lo + in_f // GROUP]
+        if g.zeros is not None:
+            zeros[rows] = g.zeros[src.row[rows], lo: lo + in_f // GROUP]
     if groups[0].bits == 8:
-        return Int8GroupWeight(gathered, scales, GROUP, model.dtype)
-    return Int4GroupWeight(gathered, scales, per_group([cast(np.ndarray, g.zeros) for g in groups]), GROUP,
+        return Int8GroupWeight(torch.from_numpy(codes), torch.from_numpy(scales), GROUP, model.dtype)
+    return Int4GroupWeight(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), GROUP,
                            model.dtype)
 
 
-def _element_index(model: DecoderForCausalLM, module: nn.Module, parts: list[tuple[str, ShardId, tuple[int, ...]]]
-                   ) -> torch.Tensor:
-    """For each element of the layer's weight, 1 + its index in the parts (``(name, shard,
-    [rows, cols])``) laid end to end (0 where the layer pads), by running the layer's
-    ``weight_loader`` on index tensors (int32 where they fit: an 8B model's LM head has 525M)."""
-    total = sum(rows * cols for _, _, (rows, cols) in parts)
-    itype, ttype = (np.int32, torch.int32) if total < 2**31 - 1 else (np.int64, torch.int64)
-    target = torch.zeros(cast(torch.Tensor, module.weight).shape, dtype=ttype)
+@dataclass(frozen=True)
+class RowSources:
+    """Where each row of a layer's weight comes from: a stretch of ``in_features`` elements of
+    row ``row[r]`` of part ``part[r]`` starting at column ``col[r]`` (``part`` -1: a padding row,
+    weight 0).  Numpy int64 ``[out_features]``."""
+
+    part: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    in_features: int
+
+    def stretches(self) -> list[tuple[np.ndarray, int, int]]:
+        """``(rows, part, col)`` for each (part, first column) the real rows take, rows ascending."""
+        real = np.flatnonzero(self.part >= 0)
+        keys = np.stack([self.part[real], self.col[real]], axis=1)
+        out = []
+        for p, col in np.unique(keys, axis=0).tolist():
+            out.append((real[(keys[:, 0] == p) & (keys[:, 1] == col)], int(p), int(col)))
+        return out
+
+
+_CHECK_ROWS = 1024  # rows a check compares at once: its temporaries stay small beside the index map
+
+
+def _row_sources(model: DecoderForCausalLM, module: nn.Module, parts: list[tuple[str, ShardId, tuple[int, ...]]]
+                 ) -> RowSources:
+    """Where the layer's rows come from in its parts (``(name, shard, [rows, cols])``), found by
+    running its ``weight_loader`` twice on broadcast index tensors (no memory of their own): the
+    source row of each element (1-based across the parts laid end to end, 0 where the layer
+    pads), then its source column.  Every row must be a stretch of one row of a part.  The only
+    layer-sized buffer is the int32 map the loader writes into, 4 bytes an element."""
+    weight_loader = cast(WeightLoading, module).weight_loader
+    shape = cast(torch.Tensor, module.weight).shape
+    total_rows = sum(rows for _, _, (rows, _) in parts)
+    if total_rows >= 2**31 - 1 or max(cols for _, _, (_, cols) in parts) >= 2**31 - 1:
+        raise ValueError(f"{_desc(module)}: too large for an int32 index map")
+    target = torch.zeros(shape, dtype=torch.int32)
+    permuted = model.config.architecture in PERMUTED_QK
     offset = 1
-    llama = model.config.architecture == "LlamaForCausalLM"
     for gname, shard, (rows, cols) in parts:
-        idx = np.arange(offset, offset + rows * cols, dtype=itype).reshape(rows, cols)
-        if llama and gname.endswith(".q_proj.weight"):  # the same row order as the converted float weights
-            idx = unpermute_qk(idx, model.config.num_heads)
-        elif llama and gname.endswith(".k_proj.weight"):
-            idx = unpermute_qk(idx, model.config.num_kv_heads)
-        loaded = torch.from_numpy(np.ascontiguousarray(idx))
-        cast(WeightLoading, module).weight_loader(cast(nn.Parameter, target), loaded, shard)
-        offset += rows * cols
-    return target
+        ids = np.arange(offset, offset + rows, dtype=np.int32)
+        if permuted and gname.endswith(".q_proj.weight"):  # the same row order as the converted float weights
+            ids = unpermute_qk(ids, model.config.num_heads)
+        elif permuted and gname.endswith(".k_proj.weight"):
+            ids = unpermute_qk(ids, model.config.num_kv_heads)
+        row_ids = torch.from_numpy(np.ascontiguousarray(ids))[:, None].expand(rows, cols)
+        weight_loader(cast(nn.Parameter, target), row_ids, shard)
+        offset += rows
+    first_row = target[:, 0].numpy().astype(np.int64)
+    for lo in range(0, shape[0], _CHECK_ROWS):  # each row from one source row (a padding row: all 0)
+        chunk = target[lo: lo + _CHECK_ROWS]
+        if not torch.equal(chunk, chunk[:, :1].expand_as(chunk)):
+            raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
+    target.zero_()
+    for _, shard, (rows, cols) in parts:
+        col_ids = torch.arange(1, cols + 1, dtype=torch.int32)[None, :].expand(rows, cols)
+        weight_loader(cast(nn.Parameter, target), col_ids, shard)
+    in_f = shape[1]
+    step = torch.arange(in_f, dtype=torch.int32)
+    real = torch.from_numpy(first_row > 0)
+    for lo in range(0, shape[0], _CHECK_ROWS):  # each real row a run of consecutive source columns
+        chunk, real_rows = target[lo: lo + _CHECK_ROWS], real[lo: lo + _CHECK_ROWS]
+        if not bool(real_rows.all()):  # (a padding row got no write in either pass: all 0)
+            chunk = chunk[real_rows]
+        if not torch.equal(chunk, chunk[:, :1] + step):
+            raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
+    first_col = target[:, 0].numpy().astype(np.int64) - 1
+    del target
+    ends = np.cumsum([rows for _, _, (rows, _) in parts])
+    global_row = first_row - 1
+    part = np.where(first_row > 0, np.searchsorted(ends, global_row, side="right"), -1)
+    starts = np.concatenate([[0], ends[:-1]])
+    row = np.where(part >= 0, global_row - starts[part.clip(min=0)], 0)
+    cols = np.array([c for _, _, (_, c) in parts])[part.clip(min=0)]
+    if bool(((first_col + in_f > cols) & (part >= 0)).any()):
+        raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
+    return RowSources(part, row, np.where(part >= 0, first_col, 0), in_f)
 
 
 # ---------------------------------------------------------------------- the GPU's form
@@ -270,12 +340,14 @@ def gpu_uncovered_tensors(model_dir: str | Path) -> dict[str, str]:
             if kind not in GGUF_BLOCKS and (tied or name != "model.embed_tokens.weight")}
 
 
-def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
+def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path, device: torch.device | str | None = None
+                     ) -> int:
     """Give every linear layer of ``model`` whose GGUF tensors are all of a GPU kernel's type
-    (:data:`~pagedattn.kernels.gguf_matmul.GGUF_BLOCKS`) its rows of those blocks, on the
-    layer's device, and the embedding too (a tied LM head shares its blocks); returns how many
-    linear layers changed.  A linear with a tensor of another quantized type is an error naming
-    it; one with a float tensor stays dense, as does an embedding of another type."""
+    (:data:`~pagedattn.kernels.gguf_matmul.GGUF_BLOCKS`) its rows of those blocks, on
+    ``device`` (default: the layer's), and the embedding too (a tied LM head shares its
+    blocks); returns how many linear layers changed.  A linear with a tensor of another
+    quantized type is an error naming it; one with a float tensor stays dense, as does an
+    embedding of another type."""
     from safetensors import safe_open
 
     path = Path(model_dir) / BLOCKS_FILE
@@ -284,7 +356,7 @@ def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
     changed = 0
     with safe_open(str(path), framework="pt", device="cpu") as f:
         kinds, stored = f.metadata() or {}, set(f.keys())
-        table = _embedding_blocks(model, f, kinds[EMBED] if EMBED in stored else None)
+        table = _embedding_blocks(model, f, kinds[EMBED] if EMBED in stored else None, device)
         for module_name, module_parts in _layer_parts(model).items():
             if module_name == "lm_head" and table is not None and model.config.tie_word_embeddings:
                 set_quantized_weight(model.get_submodule(module_name), table)  # the same bytes, held once
@@ -299,7 +371,7 @@ def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
                 continue  # a float tensor: the layer stays dense
             module = model.get_submodule(module_name)
             parts = [(ckpt, shard, kinds[ckpt], f.get_tensor(ckpt)) for ckpt, shard in module_parts]
-            set_quantized_weight(module, _block_weight(model, module, parts))
+            set_quantized_weight(module, _block_weight(model, module, parts, device))
             changed += 1
     logger.info("kept %d linear layers (and %s embedding) in their GGUF blocks", changed,
                 "the" if table is not None else "no")
@@ -309,41 +381,32 @@ def keep_gguf_blocks(model: DecoderForCausalLM, model_dir: str | Path) -> int:
 EMBED = "model.embed_tokens.weight"
 
 
-def _embedding_blocks(model: DecoderForCausalLM, f: Any, kind: str | None) -> GGUFBlockWeight | None:
+def _embedding_blocks(model: DecoderForCausalLM, f: Any, kind: str | None, device: torch.device | str | None
+                      ) -> GGUFBlockWeight | None:
     """The embedding table kept in its blocks (``kind``: its type, None where it is a float
     tensor), put in the embedding's place; None if it stays dense."""
     if kind is None or kind not in GGUF_BLOCKS:
         return None
     pname, shard = model.checkpoint_names()[EMBED]
     module = model.get_submodule(pname.rpartition(".")[0])
-    table = _block_weight(model, module, [(EMBED, shard, kind, f.get_tensor(EMBED))])
+    table = _block_weight(model, module, [(EMBED, shard, kind, f.get_tensor(EMBED))], device)
     set_quantized_weight(module, table)
     return table
 
 
 def _block_weight(model: DecoderForCausalLM, module: nn.Module,
-                  parts: list[tuple[str, ShardId, str, torch.Tensor]]) -> GGUFBlockWeight:
-    """The layer's rows of its parts' blocks (``(hf_name, shard_id, type, uint8 [rows, bytes])``),
-    placed by the layer's own ``weight_loader``: each of its rows must be a whole-block stretch of
-    one row of a part (a tensor-parallel slice of the inputs starts and ends on a block)."""
+                  parts: list[tuple[str, ShardId, str, torch.Tensor]], device: torch.device | str | None
+                  ) -> GGUFBlockWeight:
+    """The layer's rows of its parts' blocks (``(hf_name, shard_id, type, uint8 [rows, bytes])``)
+    on ``device`` (None: the layer's weight's), placed by the layer's own ``weight_loader``: each
+    of its rows must be a whole-block stretch of one row of a part (a tensor-parallel slice of
+    the inputs starts and ends on a block)."""
     shapes = [(b.shape[0], b.shape[1] // GGUF_BLOCKS[kind][1] * GGUF_BLOCKS[kind][0]) for _, _, kind, b in parts]
-    sources = _element_index(model, module, [(name, shard, shape) for (name, shard, _, _), shape
-                                             in zip(parts, shapes, strict=True)])
-    in_f = sources.shape[1]
-    real = sources[:, 0] > 0  # 1-based element index of each row's first weight; 0: a padding row
-    contiguous = sources == sources[:, :1] + torch.arange(in_f, dtype=sources.dtype)
-    first = sources[:, 0].long()
-    if not bool(torch.where(real[:, None], contiguous, sources == 0).all()):
-        raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
-    starts = torch.tensor([0] + [rows * cols for rows, cols in shapes]).cumsum(0)
-    elem = (first - 1).clamp(min=0)
-    part = torch.searchsorted(starts[1:], elem, right=True).clamp(max=len(parts) - 1)
-    cols = torch.tensor([c for _, c in shapes])[part]
-    local = elem - starts[part]
-    src_row, src_col = local // cols, local % cols
-    if bool((src_col + in_f > cols)[real].any()):
-        raise ValueError(f"{_desc(module)}: its rows are not stretches of its GGUF tensors' rows")
-    row_kinds = _fill_padding([parts[p][2] if r else None for p, r in zip(part.tolist(), real.tolist(), strict=True)])
+    src = _row_sources(model, module, [(name, shard, shape) for (name, shard, _, _), shape
+                                       in zip(parts, shapes, strict=True)])
+    in_f = src.in_features
+    row_kinds = _fill_padding([parts[p][2] if p >= 0 else None for p in src.part.tolist()])
+    stretches = src.stretches()
     runs: list[tuple[str, torch.Tensor]] = []
     for lo, hi, kind in _runs(row_kinds):
         qk, nbytes = GGUF_BLOCKS[kind]
@@ -351,15 +414,16 @@ def _block_weight(model: DecoderForCausalLM, module: nn.Module,
         if in_f % qk:
             raise ValueError(f"{_desc(module)}: {in_f} input features per rank are not whole {kind} blocks of "
                              f"{qk}; use another tensor_parallel_size or gguf_quantized=False")
-        sel = torch.arange(lo, hi)[real[lo:hi]]
-        for p, col in torch.stack([part[sel], src_col[sel]], dim=1).unique(dim=0).tolist():
+        for all_rows, p, col in stretches:
+            rows = all_rows[(all_rows >= lo) & (all_rows < hi)]
+            if not len(rows):
+                continue
             if col % qk:
                 raise ValueError(f"{_desc(module)}: its tensor-parallel slice cuts through {kind} blocks of {qk}; "
                                  "use another tensor_parallel_size or gguf_quantized=False")
-            rows = sel[(part[sel] == p) & (src_col[sel] == col)]
             at = col // qk * nbytes
-            blocks[rows - lo] = parts[p][3][src_row[rows], at: at + blocks.shape[1]]
-        runs.append((kind, blocks.to(cast(torch.Tensor, module.weight).device)))
+            blocks[torch.from_numpy(rows - lo)] = parts[p][3][torch.from_numpy(src.row[rows]), at: at + blocks.shape[1]]
+        runs.append((kind, blocks.to(device if device is not None else cast(torch.Tensor, module.weight).device)))
     return GGUFBlockWeight(runs, in_f, model.dtype)
 
 

@@ -6,7 +6,9 @@ A reference is ``None`` (the embedded default model), a folder with ``config.jso
 (a snapshot folder of huggingface_hub's cache, see :mod:`.hub`).  Weights are streamed
 tensor by tensor from the safetensors files straight into the parameters in the target dtype;
 under tensor parallelism each rank's layers copy only their slice of each tensor, so no rank
-ever holds the whole model.  ``load_format="dummy"`` needs only ``config.json``: it fills the
+ever holds the whole model.  A GGUF model loaded with ``gguf_quantized`` gets its kept linears'
+quantized forms from the GGUF's blocks first; their dense weights are never allocated.
+``load_format="dummy"`` needs only ``config.json``: it fills the
 model with seeded random weights (see :func:`dummy_weights`), for benchmarks of large shapes.
 Only :mod:`.hub` may touch the network (to fetch a Hub model missing from the cache).
 """
@@ -17,7 +19,8 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,8 @@ from .layers import (
     RowParallelLinear,
     ShardId,
     VocabParallelEmbedding,
+    deferred_params,
+    materialize_params,
 )
 from .layers.quant import checkpoint_to_internal, finish_loading
 from .quant_formats import checkpoint_tensors, quantize_fp8, quantize_rtn
@@ -164,14 +169,16 @@ def check_weight_files(files: tuple[Path, ...]) -> tuple[Path, ...]:
     return files
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` one tensor at a time (memory-mapped, CPU, stored dtype)."""
+def iter_safetensors(files: Iterable[Path], skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one tensor at a time (memory-mapped, CPU, stored dtype); the
+    tensors named in ``skip`` are not read at all."""
     from safetensors import safe_open
 
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                yield name, f.get_tensor(name)
+                if name not in skip:
+                    yield name, f.get_tensor(name)
 
 
 def load_model(
@@ -183,19 +190,36 @@ def load_model(
     tp_size: int = 1,
     load_format: str = "auto",
     seed: int = 0,
+    gguf_quantized: bool = False,
+    gguf_blocks: bool | None = None,
 ) -> tuple[DecoderForCausalLM, ModelSource]:
     """Build the model for ``model`` (see :func:`resolve_model_source`) on ``device`` in ``dtype``
     and stream its weights in.  Returns the model (eval mode) and its :class:`ModelSource`.
 
     With ``tp_size > 1`` the model is rank ``tp_rank``'s shard: every checkpoint tensor passes
     through its layer's ``weight_loader``, which keeps this rank's slice only.
-    ``load_format="dummy"`` fills the weights from :func:`dummy_weights` (``seed``) instead."""
+    ``load_format="dummy"`` fills the weights from :func:`dummy_weights` (``seed``) instead.
+
+    ``gguf_quantized`` (a GGUF model or its converted folder): the linears the GGUF's blocks cover get their
+    quantized form first, straight from the blocks (``gguf_blocks``: the file's own blocks,
+    default on CUDA; else the CPU's int4/int8 forms, see :mod:`.gguf_quant`), and only the other
+    tensors are read: those layers' dense weights are never allocated."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a torch floating dtype, got {dtype!r}")
     source = resolve_model_source(model, load_format)
+    if gguf_quantized and load_format != "auto":
+        raise ValueError("gguf_quantized: dummy weights have no GGUF blocks; use load_format='auto'")
     t0 = time.perf_counter()
-    net = build_model(source.config, dtype, device, tp_rank=tp_rank, tp_size=tp_size)
-    weights = iter_safetensors(source.weight_files) if load_format == "auto" else dummy_weights(net, seed)
+    with deferred_params() if gguf_quantized else nullcontext():
+        net = build_model(source.config, dtype, device, tp_rank=tp_rank, tp_size=tp_size)
+    skip: set[str] = set()
+    if gguf_quantized:
+        from .gguf_quant import keep_gguf_forms  # (imports the GGUF kernels: only for such a load)
+
+        blocks = torch.device(device).type == "cuda" if gguf_blocks is None else gguf_blocks
+        skip = keep_gguf_forms(net, source.model_dir, device, blocks=blocks)
+        materialize_params(net, device)  # the layers that stay dense
+    weights = iter_safetensors(source.weight_files, skip) if load_format == "auto" else dummy_weights(net, seed)
     quant = source.config.quant
     if quant is not None:  # quantized tensors into the one layout every format loads into
         weights = checkpoint_to_internal(weights, quant)

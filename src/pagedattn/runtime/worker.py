@@ -28,7 +28,7 @@ from ..cache.block_manager import cdiv
 from ..cache.kv_pool import KVCachePool, KVCacheSpec
 from ..config import EngineConfig, kv_cache_torch_dtype
 from ..models.context import ForwardContext
-from ..models.gguf_quant import gpu_uncovered_tensors, keep_gguf_blocks, keep_gguf_quantized
+from ..models.gguf_quant import gpu_uncovered_tensors
 from ..models.interface import CausalLM
 from ..models.layers import AllReduce, pack_linear_weights_for_cpu
 from ..models.layers.quantized import KERNEL_DTYPES, cpu_int4_kernel_available
@@ -230,14 +230,12 @@ class Worker:
         self.tp_rank = tp_rank
         self.device = device
         self.source: ModelSource
+        # gguf_quantized: the file's blocks and the Triton kernels on CUDA, else exact low-bit
+        # weights and their CPU kernels, made from the blocks before the rest is loaded.
         model, self.source = load_model(
             config.model_dir, config.dtype, device, tp_rank=tp_rank, tp_size=config.tp_size,
-            load_format=config.load_format, seed=config.seed,
+            load_format=config.load_format, seed=config.seed, gguf_quantized=config.gguf_quantized,
         )
-        if config.gguf_quantized and device.type == "cuda":
-            keep_gguf_blocks(model, self.source.model_dir)  # the file's blocks and the Triton kernels
-        elif config.gguf_quantized:
-            keep_gguf_quantized(model, self.source.model_dir)  # exact low-bit weights and their kernels
         if device.type == "cpu":
             pack_linear_weights_for_cpu(model)  # the runtime layout of the CPU's GEMMs (of dense weights)
         self.model: CausalLM = model

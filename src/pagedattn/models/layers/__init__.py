@@ -38,7 +38,7 @@ from .parallel import AllReduce, Shard, all_gather_last_dim, divide, process_gro
 from .quant import Fp8Linear, QuantLinear, finish_loading, is_quantized, parallel_linear
 from .rotary import LongRopeRotaryEmbedding, RotaryEmbedding, longrope_inv_freqs, make_rotary, rope_inv_freq
 from .vocab import ParallelLMHead, VocabParallelEmbedding, argmax_rows
-from .weights import ShardId, WeightLoading, default_weight_loader
+from .weights import ShardId, WeightLoading, default_weight_loader, deferred_params, materialize_params
 
 __all__ = [
     "AllReduce",
@@ -72,12 +72,14 @@ __all__ = [
     "apply_rotary",
     "argmax_rows",
     "default_weight_loader",
+    "deferred_params",
     "divide",
     "finish_loading",
     "is_quantized",
     "linear",
     "longrope_inv_freqs",
     "make_rotary",
+    "materialize_params",
     "pack_linear_weights_for_cpu",
     "parallel_linear",
     "per_expert_weights",

@@ -46,6 +46,7 @@ from ...kernels import gguf_matmul
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 INT4_KERNEL_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants the output features in multiples of 16
+PACK_ROWS = 4096  # rows packed (and split into int4 halves) at a time: a multiple of the packing's 64-row blocks
 # The op overload itself (as linear.py's oneDNN op): the packet would resolve it on every call.
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 _INT4_MM = _INT4_MM.default if _INT4_MM is not None else None
@@ -89,7 +90,7 @@ class _Int4Packed(nn.Module):
             codes = torch.cat([codes, codes.new_full((pad, k), 8)])
             scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
         self.out_features, self.group_size = n, group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        self.register_buffer("packed", _pack_int4(codes))
         # The kernel's layout: [in_features / group_size, out_features, (scale, zero)].
         sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", sz.to(dtype))
@@ -136,14 +137,17 @@ class Int8GroupWeight(QuantizedWeight):
             raise ValueError("int8 codes must be int8")
         self.out_features, self.in_features = codes.shape
         self.group_size = group_size
-        wide = codes.to(torch.int16)
-        hi, lo = torch.div(wide, 16, rounding_mode="floor"), wide.remainder(16)  # code = 16 * hi + lo
+        hi, lo = torch.empty_like(codes, dtype=torch.uint8), torch.empty_like(codes, dtype=torch.uint8)
+        for at in range(0, codes.shape[0], PACK_ROWS):  # a slice at a time: no int16 copies of the whole weight
+            wide = codes[at: at + PACK_ROWS].to(torch.int16)
+            hi[at: at + PACK_ROWS] = torch.div(wide, 16, rounding_mode="floor") + 8  # code = 16 * hi + lo
+            lo[at: at + PACK_ROWS] = wide.remainder(16)
         zeros = torch.zeros_like(scales)
         # hi: (hi + 8 - 8) * 16 scale; lo: (lo - 8) * scale + 8 scale.  Products of a half-precision
         # scale and a 4-bit integer are exact in float32, and so is their sum, the code times the scale.
         scales = scales.to(dtype).float()  # one rounding, shared by both halves
-        self.hi = _Int4Packed((hi + 8).to(torch.uint8), scales * 16, zeros, group_size, dtype)
-        self.lo = _Int4Packed(lo.to(torch.uint8), scales, scales * 8, group_size, dtype)
+        self.hi = _Int4Packed(hi, scales * 16, zeros, group_size, dtype)
+        self.lo = _Int4Packed(lo, scales, scales * 8, group_size, dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = _int4_linear(x, self.hi).add_(_int4_linear(x, self.lo))
@@ -214,6 +218,18 @@ class GGUFBlockWeight(QuantizedWeight):
         runs = ", ".join(f"{kind} x{hi - lo}" for kind, lo, hi in zip(self.kinds, self.bounds, self.bounds[1:],
                                                                      strict=False))
         return f"GGUF blocks [{runs}], in={self.in_features}"
+
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """``[n, k]`` codes (``n`` a multiple of 16) in the CPU kernel's layout, uint8 ``[n, k / 2]``,
+    :data:`PACK_ROWS` rows at a time: the kernel packs blocks of 64 rows on their own, so the
+    bytes are those of one call on the whole weight, without an int32 copy of all of it."""
+    n, k = codes.shape
+    packed = torch.empty((n, k // 2), dtype=torch.uint8)
+    for at in range(0, n, PACK_ROWS):
+        packed[at: at + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes[at: at + PACK_ROWS].to(torch.int32), 1)
+    return packed
 
 
 def _int4_linear(x: torch.Tensor, kernel: _Int4Packed) -> torch.Tensor:
