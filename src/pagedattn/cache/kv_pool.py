@@ -53,7 +53,9 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """``cache.index_select(0, pages)``, through bytes for one-byte (fp8) pages."""
-    return as_bytes(cache).index_select(0, pages).view(cache.dtype)
+    raw = as_bytes(cache)
+    out = raw.index_select(0, pages)
+    return out if raw is cache else out.view(cache.dtype)  # one op less per call where no bytes were viewed
 
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

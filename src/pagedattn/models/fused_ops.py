@@ -135,13 +135,18 @@ def _cpu_scalar(value: float) -> torch.Tensor:
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm``: normalise in fp32, cast back, then the weight multiply."""
     dtype = x.dtype
-    if dtype == torch.float32 and weight.dtype == torch.float32 and x.is_cpu:
+    if x.is_cpu and dtype == torch.float32 and weight.dtype == torch.float32:
         # The same ops in fewer calls, for a CPU decode step pays per call, not per element:
         # both casts are no-ops, ``x * x`` is what ``pow(2)`` computes, eps is added from a
         # cached fp32 scalar tensor (the value a Python float is rounded to) in place, and the
         # weight multiplies in place (the same product: multiplication commutes).
         var = (x * x).mean(-1, keepdim=True).add_(_cpu_scalar(eps)).rsqrt_()
         return (x * var).mul_(weight)
+    if x.is_cpu and weight.dtype == dtype:
+        # ``F.rms_norm`` without a weight is, on the CPU, ``h * rsqrt(mean(h ** 2) + eps)`` on the
+        # fp32 ``h``: the lines below (and their bits) in one call.  The weight multiplies after
+        # the cast, in place: the same product.
+        return F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps).to(dtype).mul_(weight)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)

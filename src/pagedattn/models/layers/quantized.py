@@ -97,6 +97,12 @@ class _Int4Packed(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mm(x)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel on ``x [M, in_features]`` in ``dtype``.  Called directly rather than through
+        ``nn.Module.__call__``, whose hook checks a CPU decode step would pay on each of its ~120
+        calls."""
         assert _INT4_MM is not None
         y = _INT4_MM(x, self.packed, self.group_size, self.scales_zeros)
         return y if y.shape[-1] == self.out_features else y[..., : self.out_features]
@@ -234,9 +240,9 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def _int4_linear(x: torch.Tensor, kernel: _Int4Packed) -> torch.Tensor:
     if x.dtype == kernel.dtype and x.dim() == 2:
-        return kernel(x)
+        return kernel.mm(x)
     lead = x.shape[:-1]
-    y = kernel(x.reshape(-1, x.shape[-1]).to(kernel.dtype))
+    y = kernel.mm(x.reshape(-1, x.shape[-1]).to(kernel.dtype))
     return y.view(*lead, y.shape[-1]).to(x.dtype)
 
 
