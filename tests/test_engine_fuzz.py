@@ -259,12 +259,7 @@ def _run_mix(eng: LLMEngine, reqs: list[tuple[Spec, SamplingParams]]) -> dict[in
                 aborted.add(i)
         if len(ids) == len(reqs) and not eng.has_unfinished_requests():
             break
-        for out in eng.step():
-            if out.finished:
-                assert out.request_id not in finals, "a request finished twice"
-                finals[out.request_id] = out
-        eng.check_integrity()
-        _check_grammars(eng)
+        _checked_step(eng, finals)
         step += 1
         assert step < 400, "the mix did not finish"
     m = eng.get_metrics()
@@ -388,18 +383,24 @@ def test_n_samples_finishing_on_their_first_token(fuzz_models: dict[str, Path]) 
 
 
 # ====================================================================== structured output in flight
+def _checked_step(eng: LLMEngine, finals: dict[str, RequestOutput]) -> None:
+    """One step: its finished outputs recorded (each once), then the pool's and the grammars'
+    invariants checked."""
+    for out in eng.step():
+        if out.finished:
+            assert out.request_id not in finals, "a request finished twice"
+            finals[out.request_id] = out
+    eng.check_integrity()
+    _check_grammars(eng)
+
+
 def _drain(eng: LLMEngine) -> dict[str, RequestOutput]:
     """Step until idle, checking the pool and the grammars after every step; the final outputs."""
     finals: dict[str, RequestOutput] = {}
     for _ in range(400):
         if not eng.has_unfinished_requests():
             break
-        for out in eng.step():
-            if out.finished:
-                assert out.request_id not in finals, "a request finished twice"
-                finals[out.request_id] = out
-        eng.check_integrity()
-        _check_grammars(eng)
+        _checked_step(eng, finals)
     assert not eng.has_unfinished_requests(), "the engine did not finish"
     m = eng.get_metrics()
     assert m["kv_blocks_used"] == 0 and m["cpu_blocks_used"] == 0, m
