@@ -2,5 +2,6 @@
 W8A8 ones (:mod:`.fp8`), the matmuls on GGUF blocks (:mod:`.gguf_matmul`) and the seeded rows'
 sampling noise (:mod:`.sampling`).
 
-This package imports nothing from the rest of pagedattn: the model layers call into it.
+It imports nothing from the rest of pagedattn but its environment switches (`envs`): the
+model layers and the sampler call into it.
 """
