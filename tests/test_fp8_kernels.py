@@ -138,3 +138,20 @@ def test_fp8_model_through_the_kernels(tmp_path, fmt: str) -> None:
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
     else:
         assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16, 256])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_llama8b_shapes(m: int, n: int, k: int) -> None:
+    """Llama-3-8B's projections with per-row scales, as the layers run them on CUDA: the GEMV
+    (split K or not, by the heuristics) at one row, the GEMM at more."""
+    g = seeded_generator("fp8-8b", m, n, k)
+    group = fp8.row_group(k)
+    w, scale = _weights(g, n, k, group)
+    x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
+    got = fp8.fp8_block_linear(x, w, scale, group, None, use_triton=True)
+    ref = x.float() @ fp8.dequantize(w, scale, group).t()
+    err = (got.float() - ref).abs().max().item()
+    assert err <= TOL[torch.bfloat16] * ref.abs().max().item(), err
