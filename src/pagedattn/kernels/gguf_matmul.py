@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .w4a16 import _gemv_finish, dot_types, finish_split_k, gemv_split_args, split_k_for
+from .w4a16 import _gemv_finish, _mantissa_plane, dot_types, finish_split_k, gemv_split_args, split_k_for
 
 try:
     import triton
@@ -278,16 +278,6 @@ if triton is not None:
         tl.store(out_ptr + t.to(tl.int64) * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask)
 
     # The row count varies step by step: no variants for its value or alignment.
-    @triton.jit
-    def _mantissa_plane(words, bit: tl.constexpr):
-        """The nibble at ``bit`` of each word as the fp32 ``1 + q / 16`` (the nibble moved to the top
-        of a mantissa of exponent 0): a shift and a bitwise and/or, no conversion."""
-        if bit <= 19:
-            top = words << (19 - bit)
-        else:
-            top = words >> (bit - 19)
-        return ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-
     @triton.jit(do_not_specialize=("num_splits",))
     def _q4k_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
                          stride_om, stride_split, tiles_per_split, num_splits, HAS_BIAS: tl.constexpr,

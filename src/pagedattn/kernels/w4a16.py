@@ -231,6 +231,16 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 if triton is not None:
 
     @triton.jit
+    def _mantissa_plane(words, bit: tl.constexpr):
+        """The nibble at ``bit`` of each word as the fp32 ``1 + q / 16`` (the nibble moved to the top
+        of a mantissa of exponent 0): a shift and a bitwise and/or, no conversion."""
+        if bit <= 19:
+            top = words << (19 - bit)
+        else:
+            top = words >> (bit - 19)
+        return ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _gemv_finish(acc, out_row, part_row, counter, bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split,
                      HAS_BIAS: tl.constexpr):
         """Write a GEMV program's fp32 sums ``acc`` (its ``BLOCK_N`` outputs of one row over K
@@ -305,12 +315,7 @@ if triton is not None:
                 for i in tl.static_range(8):
                     xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
                     xsum += xi
-                    if i < 5:
-                        top = words << (19 - 4 * i)
-                    else:
-                        top = words >> (4 * i - 19)
-                    plane = ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                    part += (xi * 16.0)[:, None] * plane
+                    part += (xi * 16.0)[:, None] * _mantissa_plane(words, 4 * i)
                 g = (t * BLOCK_K) // group_size  # the tile lies in one group
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 if HAS_ZEROS:
