@@ -262,8 +262,8 @@ if triton is not None:
                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             s = tl.load(s_ptr + offs_n * G + (t * BLOCK_K) // group_size, mask=n_mask, other=0.0)
             acc += s * tl.sum(q.to(tl.float32) * xv[None, :], axis=1)
-        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
-                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
+        _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
+                     HAS_BIAS)
 
     @triton.jit
     def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, G, stride_xm, stride_wn, stride_om,

@@ -329,8 +329,8 @@ if triton is not None:
             dmin = _half(h_ptr, blk + 2, n_mask)
             acc += d * tl.sum(sc_lo * dot_lo + sc_hi * dot_hi, axis=1)
             acc -= dmin * tl.sum(mn_lo * sum_lo[None, :] + mn_hi * sum_hi[None, :], axis=1)
-        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
-                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
+        _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
+                     HAS_BIAS)
 
     @triton.jit(do_not_specialize=("M", "num_splits"))
     def _gguf_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, M, N, K, row_bytes, stride_xm,
@@ -356,8 +356,8 @@ if triton is not None:
             xv = tl.load(x_row + g * 32 + l, mask=g < n_groups, other=0.0).to(tl.float32)
             w = _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND)
             acc += tl.sum(tl.sum(w * xv, axis=2), axis=1)
-        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
-                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
+        _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
+                     HAS_BIAS)
 
     @triton.jit(do_not_specialize=("M",))
     def _gguf_gemm_kernel(x_ptr, w_ptr, h_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, stride_split,

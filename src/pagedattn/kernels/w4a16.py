@@ -241,14 +241,20 @@ if triton is not None:
         return ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _gemv_finish(acc, out_row, part_row, counter, bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split,
+    def _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
                      HAS_BIAS: tl.constexpr):
-        """Write a GEMV program's fp32 sums ``acc`` (its ``BLOCK_N`` outputs of one row over K
-        slice ``pid_k``).  Unsplit: bias added, cast, stored.  Split: each slice stores its
-        partials and counts itself done on its tile's ``counter``; the slice that finds all
-        others done adds the partials in slice order (the same bits whichever finishes last),
-        adds the bias, stores the output and zeroes the counter for the next launch -- no
-        second kernel to launch and wait for."""
+        """Write a GEMV program's fp32 sums ``acc`` (outputs ``offs_n`` of one row over one K
+        slice; every GEMV's grid is (N tiles, rows, K slices)).  Unsplit: bias added, cast,
+        stored.  Split: each slice stores its partials (``[slices, rows, N]``) and counts itself
+        done on its tile's counter; the slice that finds all others done adds the partials in
+        slice order (the same bits whichever finishes last), adds the bias, stores the output and
+        zeroes the counter for the next launch -- no second kernel to launch and wait for."""
+        row = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        n_mask = offs_n < N
+        out_row = out_ptr + row * stride_om
+        part_row = part_ptr + row * N
+        counter = cnt_ptr + row * tl.num_programs(0) + tl.program_id(0)
         if num_splits == 1:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -323,8 +329,8 @@ if triton is not None:
                 else:
                     z = zero_point
                 acc += s * (tl.sum(part, axis=0) - (z + 16.0) * tl.sum(xsum, axis=0))
-        _gemv_finish(acc, out_ptr + row * stride_om, part_ptr + row * N, cnt_ptr + row * tl.num_programs(0) + pid_n,
-                     bias_ptr, offs_n, n_mask, pid_k, num_splits, stride_split, HAS_BIAS)
+        _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
+                     HAS_BIAS)
 
     @triton.jit
     def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
