@@ -33,7 +33,7 @@ import logging
 import torch
 
 from ..envs import triton_interpreted
-from .w4a16 import _gemv_finish, dot_types, gemv_split_args, split_k_for
+from .w4a16 import _gemv_finish, dot_types, gemv_split_args, pow2_tile, split_k_for
 
 try:
     import triton
@@ -112,9 +112,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int,
 def block_k(group_size: int) -> int:
     """The Triton kernel's K tile: the largest power of two <= 64 dividing the block's input
     features (a tile then lies in one block); below 16 (``tl.dot``'s least) there is none."""
-    bk = 64
-    while bk >= 16 and group_size % bk:
-        bk //= 2
+    bk = pow2_tile(64, group_size)
     return bk if bk >= 16 else 0
 
 
@@ -191,10 +189,7 @@ def _fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_
 def gemv_block_k(group_size: int) -> int:
     """The GEMV's K tile: the largest power of two <= 128 dividing the block (a tile lies in one
     block, so one scale per row and tile)."""
-    bk = 128
-    while bk > 1 and group_size % bk:
-        bk //= 2
-    return bk
+    return pow2_tile(128, group_size)
 
 
 QUANT_BLOCK = 1024  # activations per load of the quantization kernel

@@ -89,13 +89,16 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(device.index or 0)
 
 
+def pow2_tile(cap: int, *extents: int) -> int:
+    """The largest power of two <= ``cap`` dividing every extent (``n & -n`` is the largest
+    dividing ``n``): a K tile that lies in one quantization group or block needs one scale per
+    row and tile, and a K that it divides needs no mask."""
+    return min(cap, *(e & -e for e in extents))
+
+
 def _block_k(k: int, group_size: int, cap: int) -> int:
-    """The largest power of two <= ``cap`` dividing both K and the group (a tile then lies in
-    one group and K needs no mask)."""
-    bk = cap
-    while bk > 8 and (k % bk or group_size % bk):
-        bk //= 2
-    return bk
+    # Packed int4 K is a multiple of 8 (a word of codes): no tile below it.
+    return max(8, pow2_tile(cap, k, group_size))
 
 
 def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
