@@ -91,7 +91,7 @@ class SamplingBatch:
     min_p: torch.Tensor | None = None  # [n, 1]
     greedy_mask: torch.Tensor | None = None  # [n]
     seeded: list[int] = field(default_factory=list)  # rows with their own seed stream
-    seeded_rows: torch.Tensor | None = None  # ``seeded`` on the device
+    seeded_rows: torch.Tensor | None = None  # ``seeded`` on a CUDA device
     grammar_mask: TokenBitmask | None = None  # structured output's allowed tokens of its rows
     stages: LogitsStages | None = None  # None: no row changes its logits before sampling
 
@@ -152,7 +152,7 @@ class Sampler:
         if any(greedy):
             b.greedy_mask = to_device(greedy, torch.bool, dev)
         b.seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if r.seed is not None and not g]
-        if b.seeded:
+        if b.seeded and dev.type == "cuda":  # only the noise kernel reads them
             b.seeded_rows = to_device(b.seeded, torch.long, dev)
         return b
 
@@ -188,7 +188,8 @@ class Sampler:
         q.exponential_(generator=self.generator)
         if b.seeded:  # each seeded row's next draw (a reused batch draws anew each step)
             keys = [self._next_key(b.rows[i].seed) for i in b.seeded]
-            seeded_exponential_(q, b.seeded, keys, b.seeded_rows, to_device(keys, torch.long, q.device))
+            keys_t = to_device(keys, torch.long, q.device) if q.is_cuda else None  # only the kernel reads it
+            seeded_exponential_(q, b.seeded, keys, b.seeded_rows, keys_t)
         sampled = (probs / q).argmax(dim=-1)
         if b.greedy_mask is not None:
             sampled = torch.where(b.greedy_mask, argmax_rows(logits), sampled)
