@@ -10,8 +10,8 @@
    and ``"fp8"``, each in a fresh process: a Llama-3.2-1B-shaped model (random weights from its
    config, ``load_format="dummy"``), ``--e2e-batch`` requests of ``--e2e-context`` random
    prompt tokens (prefix caching off), EOS ignored, greedy.  Decode tokens/s is ``batch x
-   --e2e-new`` new tokens over the time of the run minus the time of the same prompts run to
-   their first token only.
+   --e2e-new`` new tokens over the time of the engine steps after every request has its
+   first token.
 
 Prints a table and writes every number as JSON (``--out``).
 
@@ -153,9 +153,31 @@ def sweep_fp8(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], scales:
 
 
 # ---------------------------------------------------------------------- 2. end to end
+def stepped(engine: Any, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+    """All prompts at once, ``new + 1`` greedy tokens each, stepping the engine: returns the
+    seconds until every request has its first token, the seconds of the steps after that (the
+    decode alone: subtracting two whole runs left the noise of two long prefills in it), and
+    the tokens."""
+    from pagedattn import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=new + 1, ignore_eos=True)
+    ids = [engine.add_request(p, sp) for p in prompts]
+    tokens: dict[str, list[int]] = {}
+    t0 = time.perf_counter()
+    t_first = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = list(out.outputs[0].token_ids)
+        if t_first is None and len(tokens) == len(ids) and all(tokens.values()):
+            t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    assert t_first is not None
+    return t_first - t0, max(t_end - t_first, 1e-9), [tokens[i] for i in ids]
+
+
 def e2e_run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One engine (``cfg["kv_cache_dtype"]``), the long prompts to their first token, then to
-    ``new + 1`` tokens; returns the times and the decode throughput."""
+    """One engine (``cfg["kv_cache_dtype"]``), the long prompts to ``new + 1`` tokens (see
+    :func:`stepped`); returns the times and the decode throughput."""
     from pagedattn import LLM, SamplingParams
 
     batch, ctx, new = cfg["batch"], cfg["context"], cfg["new"]
@@ -174,17 +196,10 @@ def e2e_run(cfg: dict[str, Any]) -> dict[str, Any]:
             info = {"kv_dtype": str(pool.kv.dtype), "kv_blocks": pool.num_blocks,
                     "kv_gib": pool.nbytes / 2**30, "bytes_per_token": pool.spec.bytes_per_token}
 
-            def timed(max_tokens: int) -> tuple[float, list[list[int]]]:
-                sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-                t = time.perf_counter()
-                outs = llm.generate(prompts, sp, use_tqdm=False)
-                return time.perf_counter() - t, [list(o.outputs[0].token_ids) for o in outs]
-
             llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # allocator, first launches
-            first_s, _ = timed(1)
-            full_s, tokens = timed(new + 1)
+            first_s, decode_s, tokens = stepped(llm.engine, prompts, new)
+            full_s = first_s + decode_s
             preempted = llm.get_metrics()["num_preemptions"]
-    decode_s = max(full_s - first_s, 1e-9)
     return {**info, "start_s": start_s, "to_first_token_s": first_s, "full_s": full_s, "decode_s": decode_s,
             "decode_tok_s": batch * new / decode_s, "preemptions": preempted, "tokens": tokens}
 
