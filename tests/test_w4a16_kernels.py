@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
 
@@ -125,6 +127,13 @@ def test_prefill_tiles_cover_ragged_m() -> None:
     x = torch.randn(m, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
     cfg = None if CUDA else w4a16.W4A16Config(32, 32, 32, 1)
     _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
+@given(cap=st.sampled_from([1, 8, 16, 64, 128]), extents=st.lists(st.integers(1, 1 << 20), min_size=1, max_size=3))
+def test_pow2_tile_is_the_largest_power_of_two_dividing_every_extent(cap: int, extents: list[int]) -> None:
+    t = w4a16.pow2_tile(cap, *extents)
+    assert t >= 1 and t & (t - 1) == 0 and t <= cap and all(e % t == 0 for e in extents)
+    assert t == cap or any(e % (2 * t) for e in extents)
 
 
 def test_configs_split_k_only_while_the_grid_is_small() -> None:
