@@ -42,7 +42,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         torch.set_num_threads(threads)
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
                      "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv", "bench_single_stream",
-                     "bench_moe", "bench_gguf_load"):
+                     "bench_moe", "bench_gguf_load", "profile_steps"):
             sys.modules.pop(name, None)
 
 
@@ -168,6 +168,26 @@ def test_fp8_kv_bench_parses_and_runs_its_engine_part_on_the_cpu(bench) -> None:
     for r in runs.values():
         assert [len(t) for t in r["tokens"]] == [6] * 3 and r["decode_tok_s"] > 0 and r["preemptions"] == 0
         assert r["full_s"] > r["to_first_token_s"] > 0
+
+
+@pytest.mark.parametrize("workload", ["throughput", "family"])
+def test_profile_steps_charges_every_step_once(bench, model_dir: Path, tmp_path: Path, workload: str) -> None:
+    """profile_steps: every step of the run is charged to one kind, the steps' time fits in
+    the run's, and the prompt steps come before the table's decode rows."""
+    mod = bench("profile_steps")
+    with pytest.raises(ValueError, match="together"):
+        mod.main(["--smoke", "--device", "cpu"])
+    out = tmp_path / "steps.json"
+    res = mod.main(["--device", "cpu", "--smoke", "--model-dir", str(model_dir), "--workload", workload,
+                    "--prompt-len", "12", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    kinds = res["kinds"]
+    assert next(iter(kinds)) == "with prompt tokens" and any(k.startswith("decode") for k in kinds)
+    assert 0 < res["steps_s"] <= res["wall_s"] and res["outside_steps_s"] >= 0
+    assert sum(r["seconds"] for r in kinds.values()) == pytest.approx(res["steps_s"])
+    assert res["prefix_caching"] == (workload == "family") and res["bound_s"] > 0
+    # One token per request and step: the run took at least as many steps as its longest output.
+    assert sum(r["steps"] for r in kinds.values()) == res["num_steps"] >= res["longest_output"]
 
 
 def test_single_stream_smoke_reports_its_share_of_the_roofline(bench, tmp_path: Path) -> None:
