@@ -11,9 +11,8 @@ scales, ``G == ceil(K / group_size)`` for block scales (see ``models/quant_forma
   channel); the bias is added after.  Everything stays on the device (no host sync), so CUDA
   graphs capture it.  ``_scaled_mm`` wants K and N multiples of 16 and, for row-wise scales on
   CUDA, a bfloat16 output: other model dtypes are cast from it.  The model layers use this form
-  only on the CPU for now: on an H100 (torch 2.11) a model through it gave logits far from its
-  dequantized twin's, a defect not yet found; on CUDA per-row scales go through the block GEMM
-  below as one block of every input feature (W8A16).
+  only on the CPU until its layer-by-layer test passes on a GPU (see ``Fp8Linear``); on CUDA
+  per-row scales go through the block GEMM below as one block of every input feature (W8A16).
 * **Block scales** (:func:`fp8_block_linear`): a Triton GEMM (:func:`_fp8_block_gemm_kernel`)
   that loads a ``[BLOCK_K, BLOCK_N]`` tile of e4m3 weights, multiplies it by its block's scales
   in fp32, rounds it to the activation dtype (the weight a dense model of the dequantization
@@ -33,7 +32,7 @@ import logging
 import torch
 
 from ..envs import triton_interpreted
-from .w4a16 import _gemv_finish, dot_types, gemv_split_args, pow2_tile, split_k_for
+from .w4a16 import _gemv_finish, _gemv_tile, dot_types, gemv_split_args, pow2_tile, split_k_for
 
 try:
     import triton
@@ -241,11 +240,7 @@ if triton is not None:
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One row of x (grid axis 1) times ``BLOCK_N`` rows of W over one K slice (axis 2), in
         fp32 on the CUDA cores: each weight is read once, converted and multiplied in registers."""
-        pid_n = tl.program_id(0)
-        row = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))

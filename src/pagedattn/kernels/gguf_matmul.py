@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .w4a16 import _gemv_finish, _mantissa_plane, dot_types, finish_split_k, gemv_split_args, split_k_for
+from .w4a16 import _gemv_finish, _gemv_tile, _mantissa_plane, dot_types, finish_split_k, gemv_split_args, split_k_for
 
 try:
     import triton
@@ -289,11 +289,7 @@ if triton is not None:
         (:func:`_mantissa_plane`) and one FMA with ``16 x`` adds ``16 x + x q``; per sub-block the
         ``16 x`` terms come off and its scale and min apply once:
         ``sum_s d sc_s (sum x q) - dmin mn_s (sum x)``."""
-        pid_n = tl.program_id(0)
-        row = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         row_off = offs_n.to(tl.int64) * row_bytes
         pair = tl.arange(0, 4)
         word = tl.arange(0, 8)
@@ -338,11 +334,7 @@ if triton is not None:
                           KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2): per K
         tile a ``[BLOCK_N, groups, 32]`` block of weights, multiplied and summed in fp32."""
-        pid_n = tl.program_id(0)
-        row = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         row_off = offs_n.to(tl.int64)[:, None, None] * row_bytes
         l = tl.arange(0, 32)[None, None, :]
         n_groups = K // 32

@@ -244,6 +244,13 @@ if triton is not None:
         return ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _gemv_tile(N, BLOCK_N: tl.constexpr):
+        """A GEMV program's place in the grid every GEMV shares, (N tiles, rows, K slices): its
+        row, its K slice, its ``BLOCK_N`` outputs and their mask."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return tl.program_id(1), tl.program_id(2), offs_n, offs_n < N
+
+    @triton.jit
     def _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
                      HAS_BIAS: tl.constexpr):
         """Write a GEMV program's fp32 sums ``acc`` (outputs ``offs_n`` of one row over one K
@@ -287,11 +294,7 @@ if triton is not None:
         of one group the scale and zero point factor out of the sum,
         ``s (sum_k x_k q_k - z sum_k x_k)``: per weight a shift, a bitwise and/or and a
         multiply-add."""
-        pid_n = tl.program_id(0)
-        row = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         x_row = x_ptr + row * stride_xm
         t0 = pid_k * tiles_per_split
