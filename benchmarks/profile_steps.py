@@ -1,7 +1,8 @@
 """Where a run's time goes, step by step: each engine step's wall time, charged to the batch it
 waited for and grouped by kind (steps with prompt tokens; decodes by batch size), against the
-time to read the weights and the batch's K/V once at the copy bandwidth (the per-step roofline
-of ``bench_throughput.py``).
+step's bound: the larger of the time to read the weights and the batch's K/V once at the copy
+bandwidth (the per-step roofline of ``bench_throughput.py``) and the time of its matmul and
+attention FLOPs at the bfloat16 matmul rate measured in the same run.
 
     python benchmarks/profile_steps.py [--workload throughput|family] [--out steps.json]
     python benchmarks/profile_steps.py --device cpu --smoke --model-dir DIR   # a CPU check
@@ -16,9 +17,11 @@ random weights in bfloat16.  The engine warms up on 8 tiny requests (``bench_thr
 With async scheduling a step launches its batch and then waits for the previous one, so its
 time is charged to the batch that was in flight when it began (a step that left nothing in
 flight before it, to "first launch"); a step that runs its batch synchronously is charged to
-that batch.  The bound counts every live K/V byte of a batch once, shared prefixes included
-(cascade decode reads a group's prefix once, so with caching on it is not a lower bound for
-those steps).  Decode steps also show the padding of their CUDA-graph bucket.
+that batch.  The bound reads every K/V block the batch's attention needs once: a block that
+several sequences share (a cached prefix) counts once, as cascade decode reads it.  FLOPs: two
+per weight and new token in the decoder layers, two per LM-head weight and sampled row, and
+four per head dimension, head and layer for each (new token, visible key) pair.  Decode steps
+also show the padding of their CUDA-graph bucket.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ KINDS = ("with prompt tokens", *(name for _, name in DECODE_BANDS), "first launc
 
 @dataclass
 class Batch:
-    """What one launched step held: its rows, whether any is a prompt chunk, the K/V tokens
-    its attention reads and, for a decode, the CUDA-graph bucket it pads to."""
+    """What one launched step held: its rows, whether any is a prompt chunk, the distinct K/V
+    tokens its attention reads, its new tokens, its (new token, visible key) pairs and, for a
+    decode, the CUDA-graph bucket it pads to."""
 
     rows: int
     prompt: bool
     kv_tokens: int
+    new_tokens: int
+    attn_pairs: int
     bucket: int | None
 
     @property
@@ -61,36 +67,54 @@ class Batch:
         return next(name for lo, name in DECODE_BANDS if self.rows >= lo)
 
 
-def batch_of(sched: Any, buckets: list[int] | None) -> Batch:
+def distinct_kv_tokens(ends: list[tuple[list[int], int]], block_size: int) -> int:
+    """Tokens of K/V in the distinct blocks that sequences with (block table, context length)
+    ``ends`` read: a block shared by several counts once, with the most tokens any reads of it."""
+    filled: dict[int, int] = {}
+    for table, ctx in ends:
+        for i, block in enumerate(table[:-(-ctx // block_size)]):
+            filled[block] = max(filled.get(block, 0), min(block_size, ctx - i * block_size))
+    return sum(filled.values())
+
+
+def batch_of(sched: Any, scheduler: Any, block_size: int, buckets: list[int] | None) -> Batch:
     rows = len(sched.scheduled)
     prompt = any(s.num_new_tokens > 1 for s in sched.scheduled)
-    kv = sum(s.start + s.num_new_tokens for s in sched.scheduled)
+    ends = [(scheduler.block_table(s.seq.seq_id), s.start + s.num_new_tokens) for s in sched.scheduled]
+    new = sum(s.num_new_tokens for s in sched.scheduled)
+    # Causal: new token j of a chunk from ``start`` sees start + j + 1 keys.
+    pairs = sum(s.num_new_tokens * s.start + s.num_new_tokens * (s.num_new_tokens + 1) // 2 for s in sched.scheduled)
     bucket = None
     if buckets and not prompt and rows <= buckets[-1]:
         bucket = min(b for b in buckets if b >= rows)
-    return Batch(rows, prompt, kv, bucket)
+    return Batch(rows, prompt, distinct_kv_tokens(ends, block_size), new, pairs, bucket)
 
 
 def step_through(engine: Any) -> tuple[list[tuple[float, Batch | None]], float]:
     """Step ``engine`` until idle; each step's seconds and the batch they are charged to, and
-    the wall time of the whole loop."""
+    the wall time of the whole loop.  A batch is described when it is scheduled (its block
+    tables as its attention will read them)."""
     graphs = getattr(engine.runner, "graphs", None)
     buckets = list(graphs.buckets) if graphs is not None else None
-    orig = engine.scheduler.schedule
+    scheduler = engine.scheduler
+    orig = scheduler.schedule
     launched: list[Any] = []
+    described: dict[int, Batch] = {}
 
     def schedule() -> Any:
         out = orig()
         launched.append(out)
+        if not out.is_empty:
+            described[id(out)] = batch_of(out, scheduler, engine.config.block_size, buckets)
         return out
 
-    engine.scheduler.schedule = schedule
+    scheduler.schedule = schedule
     charged: list[tuple[float, Batch | None]] = []
     try:
         t0 = time.perf_counter()
         while engine.has_unfinished_requests():
             before = engine._inflight
-            waited = batch_of(before.sched, buckets) if before is not None else None
+            waited = described[id(before.sched)] if before is not None else None
             launched.clear()
             t = time.perf_counter()
             engine.step()
@@ -99,17 +123,36 @@ def step_through(engine: Any) -> tuple[list[tuple[float, Batch | None]], float]:
             if after is not None and after is not before:  # its own batch left in flight
                 charged.append((dt, waited))
             elif launched and not launched[-1].is_empty:  # ran its batch to the end
-                charged.append((dt, batch_of(launched[-1], buckets)))
+                charged.append((dt, described[id(launched[-1])]))
             else:
                 charged.append((dt, waited))
         wall = time.perf_counter() - t0
     finally:
-        engine.scheduler.schedule = orig
+        scheduler.schedule = orig
     return charged, wall
 
 
-def table(charged: list[tuple[float, Batch | None]], wall: float, weight_bytes: int, kv_bytes_per_token: int,
-          bandwidth: float) -> dict[str, Any]:
+@dataclass
+class Limits:
+    """What a step's bound is made of: bytes per weight pass and per K/V token at ``bandwidth``
+    (bytes/s); FLOPs per new token, per sampled row and per attention pair at ``flops`` (/s)."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    bandwidth: float
+    flops_per_token: int
+    flops_per_row: int
+    flops_per_pair: int
+    flops: float
+
+    def bound(self, b: Batch) -> float:
+        read = (self.weight_bytes + self.kv_bytes_per_token * b.kv_tokens) / self.bandwidth
+        work = (self.flops_per_token * b.new_tokens + self.flops_per_row * b.rows
+                + self.flops_per_pair * b.attn_pairs) / self.flops
+        return max(read, work)
+
+
+def table(charged: list[tuple[float, Batch | None]], wall: float, limits: Limits) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
     for dt, b in charged:
         kind = b.kind if b is not None else KINDS[-1]
@@ -117,7 +160,7 @@ def table(charged: list[tuple[float, Batch | None]], wall: float, weight_bytes: 
         r["steps"] += 1
         r["seconds"] += dt
         if b is not None:
-            r["bound_s"] += (weight_bytes + kv_bytes_per_token * b.kv_tokens) / bandwidth
+            r["bound_s"] += limits.bound(b)
             if b.bucket is not None:  # replayed from a CUDA graph of ``bucket`` rows
                 r["graph_rows"] += b.rows
                 r["padded_rows"] += b.bucket
@@ -127,11 +170,41 @@ def table(charged: list[tuple[float, Batch | None]], wall: float, weight_bytes: 
             "kinds": {k: rows[k] for k in KINDS if k in rows}}
 
 
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The dense matmul rate (FLOP/s) of ``device`` in ``dtype``: the median of square products
+    (8192 on a GPU, 1024 on a CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for _ in range(12):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def limits_of(engine: Any, bandwidth: float, flops: float) -> Limits:
+    arch = engine.arch
+    params = {name: p.numel() for name, p in engine.model.named_parameters()}
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    head = arch.vocab_size * arch.hidden_size
+    # Decoder-layer weights: all but the embedding and the LM head (tied or not).
+    embeds = sum(n for name, n in params.items() if "embed" in name or "lm_head" in name)
+    return Limits(weight_bytes, engine.kv_pool.spec.bytes_per_token, bandwidth,
+                  flops_per_token=2 * (sum(params.values()) - embeds), flops_per_row=2 * head,
+                  flops_per_pair=4 * arch.num_layers * arch.num_heads * arch.head_dim, flops=flops)
+
+
 def print_table(res: dict[str, Any]) -> None:
     print(f"{res['workload']} on {res['device']} (commit {res['commit']}): {res['requests']} requests, "
           f"{res['output_tokens']} output tokens in {res['wall_s']:.2f} s; copy bandwidth "
           f"{res['copy_bandwidth_GBps']:.0f} GB/s")
-    print("| steps charged to | steps | seconds | share of the run | ms per step | bytes bound s | "
+    print("| steps charged to | steps | seconds | share of the run | ms per step | bound s | "
           "time / bound | graph padding |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind, r in res["kinds"].items():
@@ -141,7 +214,8 @@ def print_table(res: dict[str, Any]) -> None:
               f"{1e3 * r['seconds'] / r['steps']:.2f} | {r['bound_s']:.3f} | {ratio} | {pad} |")
     print(f"| outside engine.step | - | {res['outside_steps_s']:.3f} | {res['outside_steps_s'] / res['wall_s']:.1%} "
           f"| - | - | - | - |")
-    print(f"whole run: {res['wall_s']:.3f} s against a bytes bound of {res['bound_s']:.3f} s "
+    print(f"matmul rate {res['matmul_TFLOPs']:.0f} TFLOP/s; whole run: {res['wall_s']:.3f} s against a bound "
+          f"of {res['bound_s']:.3f} s "
           f"({res['bound_s'] / res['wall_s']:.1%} of it)")
 
 
@@ -193,18 +267,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for p, n in zip(prompts, outs):
         engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), stream=False)
     charged, wall = step_through(engine)
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    kv_per_token = engine.kv_pool.spec.bytes_per_token
     cuda = torch.device(args.device).type == "cuda"
     # On CUDA bench_throughput's measure, whose roofline this is; on the CPU a host copy.
     bandwidth = copy_bandwidth() if cuda else host_copy_gbps(torch.device("cpu"), 1 << 26, 9) * 1e9
+    limits = limits_of(engine, bandwidth, matmul_flops(torch.device(args.device), torch.bfloat16 if cuda
+                                                       else torch.float32))
     llm.shutdown()
     res = {"workload": args.workload, "device": torch.cuda.get_device_name() if cuda else "cpu",
            "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "requests": len(prompts),
            "output_tokens": sum(outs), "longest_output": max(outs), "num_steps": len(charged),
-           "copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weight_bytes,
-           "kv_bytes_per_token": kv_per_token, "prefix_caching": caching,
-           **table(charged, wall, weight_bytes, kv_per_token, bandwidth)}
+           "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPs": limits.flops / 1e12,
+           "weight_bytes": limits.weight_bytes, "kv_bytes_per_token": limits.kv_bytes_per_token,
+           "prefix_caching": caching, **table(charged, wall, limits)}
     print_table(res)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))

@@ -214,3 +214,12 @@ def test_gguf_load_bench_measures_both_orders(bench, tmp_path: Path) -> None:
     assert all(r["peak_rss_mib"] >= 0 for r in rows)
     with pytest.raises(ValueError, match="unknown orders"):
         bench("bench_gguf_load").main(["--orders", "nope"])
+
+
+def test_profile_steps_counts_a_shared_block_once(bench) -> None:
+    """The bound's K/V: two sequences sharing two full blocks and one of its own each read
+    2 * 4 + 3 + 1 tokens; a block read partly by one and fully by another counts full."""
+    count = bench("profile_steps").distinct_kv_tokens
+    assert count([([7, 8, 1], 11), ([7, 8, 2], 9)], 4) == 2 * 4 + 3 + 1
+    assert count([([7, 8], 6), ([7, 8, 3], 9)], 4) == 2 * 4 + 1
+    assert count([([5, 6, 9], 5)], 4) == 5  # blocks past the context are not read
