@@ -14,10 +14,10 @@ replay it; a split-K call includes its reduction.
 
 "weight GB/s" counts the bytes of the weight (and its scales) the call must read, so at M=1 it
 says how close a kernel comes to streaming its weight at the copy bandwidth, the decode bound.
-``--sweep`` also times the W4A16 GEMV (M=1) over a grid of launch configs.  The table is printed
+``--sweep w4a16:1,Q4_K:256`` also times a kernel at those rows over a grid of launch configs.  The table is printed
 a row at a time as it is measured; ``--out`` writes the JSON.
 
-    python benchmarks/bench_linear_kernels.py [--rows 1,16,256] [--formats bf16,w4a16,...] [--sweep]
+    python benchmarks/bench_linear_kernels.py [--rows 1,16,256] [--formats bf16,w4a16,...] [--sweep FMT:M,...]
 """
 
 from __future__ import annotations
@@ -83,25 +83,56 @@ def make_call(fmt: str, n: int, k: int, x: torch.Tensor, gen: torch.Generator
     return (lambda: gguf_matmul.gguf_linear(x, blocks, fmt)), nbytes(blocks)
 
 
-def sweep_w4a16(n: int, k: int, gen: torch.Generator) -> list[dict[str, Any]]:
-    """The W4A16 GEMV at M=1 over launch configs: (block_n, block_k, split_k, warps, stages)."""
-    from pagedattn.kernels import w4a16
+def sweep_configs(fmt: str, m: int) -> list[Any]:
+    """The launch configs ``--sweep`` times for ``fmt`` (``w4a16`` or a GGUF type) at ``m`` rows:
+    around each kernel's heuristic (a compile each, so a few dozen a point)."""
+    from pagedattn.kernels import gguf_matmul, w4a16
 
-    x = torch.randn(1, k, generator=gen).to("cuda", torch.bfloat16)
-    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).cuda()
-    s = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to("cuda", torch.bfloat16)
-    z = torch.randint(0, 16, (k // GROUP, n), generator=gen).to("cuda", torch.bfloat16)
-    ref = w4a16.w4a16_linear_ref(x, qw, s, z, GROUP).float()
+    make = (lambda bm, bn, bk, sp, w, st: w4a16.W4A16Config(bm, bn, bk, sp, w, st, gemv=bm == 1)) \
+        if fmt == "w4a16" else \
+        (lambda bm, bn, bk, sp, w, st: gguf_matmul.GGUFMatmulConfig(bm, bn, bk, sp, w, st, gemv=bm == 1))
+    if m == 1:
+        bns = (64, 128, 256) if fmt == "w4a16" else (16, 32, 64)
+        warps = (4, 8) if fmt == "w4a16" else (2, 4)
+        grid = itertools.product((1,), bns, (128,) if fmt == "w4a16" else (256,), (2, 4, 8, 16), warps, (1, 3))
+    elif m <= 64:
+        grid = itertools.product((16 if m <= 16 else 32 if m <= 32 else 64,), (32, 64, 128), (64, 128),
+                                 (1, 2, 4, 8), (4,), (3,))
+    else:
+        grid = itertools.chain(
+            itertools.product((64, 128), (64, 128, 256), (64,), (1,), (4, 8), (3, 4)),
+            itertools.product((64, 128), (128,), (128,), (1,), (4, 8), (3,)))
+    return [make(*c) for c in grid]
+
+
+def sweep(fmt: str, name: str, m: int, gen: torch.Generator) -> list[dict[str, Any]]:
+    """``fmt``'s kernel on shape ``name`` at ``m`` rows over :func:`sweep_configs`, fastest first,
+    with each config's largest error against the heuristic's output."""
+    from pagedattn.kernels import gguf_matmul, w4a16
+
+    n, k = SHAPES[name]
+    x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+    if fmt == "w4a16":
+        qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).cuda()
+        s = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to("cuda", torch.bfloat16)
+        z = torch.randint(0, 16, (k // GROUP, n), generator=gen).to("cuda", torch.bfloat16)
+        wb = nbytes(qw, s, z)
+        call = lambda cfg: w4a16.w4a16_linear(x, qw, s, z, GROUP, config=cfg)  # noqa: E731
+    else:
+        blocks = random_gguf_blocks(fmt, n, k, x.device, gen)
+        wb = nbytes(blocks)
+        call = lambda cfg: gguf_matmul.gguf_linear(x, blocks, fmt, config=cfg)  # noqa: E731
+    ref = call(None).float()
+    default_us = time_us(lambda: call(None))
     rows = []
-    # 48 configs a shape, a compile each (4 warps only: with 2 and 8 warps too, 144 a shape, the
-    # table and sweep did not finish within 130 s on an H100)
-    for bn, bk, split, warps, stages in itertools.product((64, 128, 256), (64, 128), (1, 2, 4, 8), (4,), (1, 3)):
-        cfg = w4a16.W4A16Config(1, bn, bk, split, warps, stages, gemv=True)
-        fn = lambda cfg=cfg: w4a16.w4a16_linear(x, qw, s, z, GROUP, config=cfg)  # noqa: E731
-        err = (fn().float() - ref).abs().max().item()
-        us = time_us(fn)
-        rows.append(dict(block_n=bn, block_k=bk, split=split, warps=warps, stages=stages, us=us,
-                         gbps=nbytes(qw, s, z) / us / 1e3, err=err))
+    for cfg in sweep_configs(fmt, m):
+        try:
+            err = (call(cfg).float() - ref).abs().max().item()
+            us = time_us(lambda cfg=cfg: call(cfg))
+        except Exception as e:  # a config past the shared memory or register limits
+            print(f"  {cfg}: {type(e).__name__}", flush=True)
+            continue
+        rows.append(dict(config=repr(cfg), us=us, gbps=wb / us / 1e3, err=err, default_us=default_us))
     return sorted(rows, key=lambda r: r["us"])
 
 
@@ -110,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rows", default="1,16,256")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--sweep", action="store_true", help="also sweep the W4A16 GEMV's launch configs")
+    ap.add_argument("--sweep", default="", help="also sweep launch configs: comma-separated FORMAT:M points "
+                    "(w4a16 or a GGUF type; e.g. w4a16:1,Q4_K:1,w4a16:256) on --sweep-shape")
+    ap.add_argument("--sweep-shape", default="gate_up")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
@@ -140,12 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 torch.cuda.empty_cache()
     if args.sweep:
         res["sweep"] = {}
-        for name in ("qkv", "down", "gate_up"):
-            rows = res["sweep"][name] = sweep_w4a16(*SHAPES[name], gen)[:8]
-            print(f"W4A16 GEMV sweep, {name}: best configs")
-            for r in rows:
-                print(f"  bn={r['block_n']} bk={r['block_k']} split={r['split']} warps={r['warps']} "
-                      f"stages={r['stages']}: {r['us']:.1f} us, {r['gbps']:.0f} GB/s, err {r['err']:.1e}", flush=True)
+        for point in args.sweep.split(","):
+            fmt, m = point.split(":")
+            rows = res["sweep"][point] = sweep(fmt, args.sweep_shape, int(m), gen)
+            print(f"{fmt} sweep, {args.sweep_shape}, M={m}: heuristic {rows[0]['default_us']:.1f} us; fastest:")
+            for r in rows[:6]:
+                print(f"  {r['config']}: {r['us']:.1f} us, {r['gbps']:.0f} GB/s, err {r['err']:.1e}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
     return res
