@@ -10,9 +10,9 @@ scales, ``G == ceil(K / group_size)`` for block scales (see ``models/quant_forma
   ``torch._scaled_mm`` with ``scale_a = [M, 1]`` (per token) and ``scale_b = [1, N]`` (per output
   channel); the bias is added after.  Everything stays on the device (no host sync), so CUDA
   graphs capture it.  ``_scaled_mm`` wants K and N multiples of 16 and, for row-wise scales on
-  CUDA, a bfloat16 output: other model dtypes are cast from it.  The model layers use this form
-  only on the CPU until its layer-by-layer test passes on a GPU (see ``Fp8Linear``); on CUDA
-  per-row scales go through the block GEMM below as one block of every input feature (W8A16).
+  CUDA, a bfloat16 output: other model dtypes are cast from it.  The model layers take this form
+  for every call except one row on CUDA (see ``Fp8Linear.uses_w8a8``), which the GEMV below
+  serves faster, per-row scales as one block of every input feature (W8A16).
 * **Block scales** (:func:`fp8_block_linear`): a Triton GEMM (:func:`_fp8_block_gemm_kernel`)
   that loads a ``[BLOCK_K, BLOCK_N]`` tile of e4m3 weights, multiplies it by its block's scales
   in fp32, rounds it to the activation dtype (the weight a dense model of the dequantization

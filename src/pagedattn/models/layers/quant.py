@@ -315,13 +315,12 @@ class Fp8Linear:
 
     Runtime forms (:meth:`finish_loading`): on the CPU and on CUDA before compute capability
     8.9 the weight is dequantized once into the dense ``weight`` in the model's dtype; otherwise
-    it stays FP8 and runs through :func:`~pagedattn.kernels.fp8.fp8_block_linear`, a Triton GEMM
-    that dequantizes weight tiles in registers (W8A16; per-row scales are one block of every input
-    feature).  The W8A8 form (:func:`pagedattn.kernels.fp8.fp8_linear`: per-token activations,
-    ``torch._scaled_mm``) runs only on the CPU until its layer-by-layer check
-    (``tests/test_fp8.py``) passes on a GPU: an earlier GPU test that failed it compared whole
-    logits with the dequantized model's, which on random tiny models the activations' rounding
-    alone moves further than that test allowed."""
+    it stays FP8.  Per-row and per-tensor scales then run the W8A8 form
+    (:func:`pagedattn.kernels.fp8.fp8_linear`: activations quantized per token, ``torch._scaled_mm``
+    on the FP8 tensor cores), except a single row on CUDA (a batch-1 decode step), which reads the
+    weight faster through the Triton GEMV that dequantizes it in registers (W8A16; per-row
+    scales as one block of every input feature): :meth:`uses_w8a8` says which.  Block scales
+    always run the Triton GEMM (W8A16), as ``_scaled_mm`` takes no block scales."""
 
     quant: QuantConfig
     params_dtype: torch.dtype
@@ -329,9 +328,6 @@ class Fp8Linear:
     # On the CPU the activations' quantization and the block-scaled GEMM run in torch ops, unless
     # this is set: the Triton kernels on CPU tensors, which only the Triton interpreter can run (tests).
     cpu_kernels: bool = False
-    # Per-row and per-tensor scales through the W8A8 form on CUDA too (a test switch while that
-    # form is checked on GPUs; see the class docstring).
-    w8a8_on_cuda: bool = False
     in_local: int
     bias: nn.Parameter | None
     tp_rank: int
@@ -377,13 +373,17 @@ class Fp8Linear:
         """Dequantized at load: the dense layer's forward serves."""
         return cast(Any, self).weight_scale is None
 
+    def uses_w8a8(self, x2: torch.Tensor) -> bool:
+        """Whether the rows ``x2 [M, K]`` go through the W8A8 form (see the class docstring)."""
+        return self.quant.block_size is None and (not x2.is_cuda or x2.shape[0] > fp8.GEMV_MAX_ROWS)
+
     def _quant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
         m = cast(Any, self)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         scale = m.weight_scale
-        if self.quant.block_size is None and (not x2.is_cuda or self.w8a8_on_cuda):  # W8A8 through _scaled_mm
+        if self.uses_w8a8(x2):
             y = fp8.fp8_linear(x2, m.weight, scale.t().contiguous(), bias, self.quant.act_amax_ub,
                                use_triton=self.cpu_kernels)
         else:  # per-row scales are one block of all the input features
