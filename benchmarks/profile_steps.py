@@ -17,7 +17,9 @@ random weights in bfloat16.  The engine warms up on 8 tiny requests (``bench_thr
 With async scheduling a step launches its batch and then waits for the previous one, so its
 time is charged to the batch that was in flight when it began (a step that left nothing in
 flight before it, to "first launch"); a step that runs its batch synchronously is charged to
-that batch.  The bound reads every K/V block the batch's attention needs once: a block that
+that batch.  A step's time spent waiting for the device (the wait for the batch in flight) is
+shown beside it: a kind of step that hardly waits is bound by the host's work, not the GPU's.
+The bound reads every K/V block the batch's attention needs once: a block that
 several sequences share (a cached prefix) counts once, as cascade decode reads it.  FLOPs: two
 per weight and new token in the decoder layers, two per LM-head weight and sampled row, and
 four per head dimension, head and layer for each (new token, visible key) pair.  Decode steps
@@ -90,10 +92,13 @@ def batch_of(sched: Any, scheduler: Any, block_size: int, buckets: list[int] | N
     return Batch(rows, prompt, distinct_kv_tokens(ends, block_size), new, pairs, bucket)
 
 
-def step_through(engine: Any) -> tuple[list[tuple[float, Batch | None]], float]:
-    """Step ``engine`` until idle; each step's seconds and the batch they are charged to, and
-    the wall time of the whole loop.  A batch is described when it is scheduled (its block
-    tables as its attention will read them)."""
+Charged = tuple[float, float, Batch | None]  # a step's seconds, its seconds waiting on the device, its batch
+
+
+def step_through(engine: Any) -> tuple[list[Charged], float]:
+    """Step ``engine`` until idle; each step's seconds, the part of them spent waiting for the
+    device, and the batch they are charged to, and the wall time of the whole loop.  A batch is
+    described when it is scheduled (its block tables as its attention will read them)."""
     graphs = getattr(engine.runner, "graphs", None)
     buckets = list(graphs.buckets) if graphs is not None else None
     scheduler = engine.scheduler
@@ -108,27 +113,39 @@ def step_through(engine: Any) -> tuple[list[tuple[float, Batch | None]], float]:
             described[id(out)] = batch_of(out, scheduler, engine.config.block_size, buckets)
         return out
 
+    executor = engine.executor
+    wait_event = executor.wait_event
+    waited = [0.0]
+
+    def timed_wait(event: Any) -> None:
+        t = time.perf_counter()
+        wait_event(event)
+        waited[0] += time.perf_counter() - t
+
     scheduler.schedule = schedule
-    charged: list[tuple[float, Batch | None]] = []
+    executor.wait_event = timed_wait
+    charged: list[Charged] = []
     try:
         t0 = time.perf_counter()
         while engine.has_unfinished_requests():
             before = engine._inflight
-            waited = described[id(before.sched)] if before is not None else None
+            awaited = described[id(before.sched)] if before is not None else None
             launched.clear()
+            waited[0] = 0.0
             t = time.perf_counter()
             engine.step()
             dt = time.perf_counter() - t
             after = engine._inflight
             if after is not None and after is not before:  # its own batch left in flight
-                charged.append((dt, waited))
+                charged.append((dt, waited[0], awaited))
             elif launched and not launched[-1].is_empty:  # ran its batch to the end
-                charged.append((dt, described[id(launched[-1])]))
+                charged.append((dt, waited[0], described[id(launched[-1])]))
             else:
-                charged.append((dt, waited))
+                charged.append((dt, waited[0], awaited))
         wall = time.perf_counter() - t0
     finally:
         scheduler.schedule = orig
+        executor.wait_event = wait_event
     return charged, wall
 
 
@@ -152,19 +169,21 @@ class Limits:
         return max(read, work)
 
 
-def table(charged: list[tuple[float, Batch | None]], wall: float, limits: Limits) -> dict[str, Any]:
+def table(charged: list[Charged], wall: float, limits: Limits) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
-    for dt, b in charged:
+    for dt, wait, b in charged:
         kind = b.kind if b is not None else KINDS[-1]
-        r = rows.setdefault(kind, {"steps": 0, "seconds": 0.0, "bound_s": 0.0, "graph_rows": 0, "padded_rows": 0})
+        r = rows.setdefault(kind, {"steps": 0, "seconds": 0.0, "waiting_s": 0.0, "bound_s": 0.0, "graph_rows": 0,
+                                   "padded_rows": 0})
         r["steps"] += 1
         r["seconds"] += dt
+        r["waiting_s"] += wait
         if b is not None:
             r["bound_s"] += limits.bound(b)
             if b.bucket is not None:  # replayed from a CUDA graph of ``bucket`` rows
                 r["graph_rows"] += b.rows
                 r["padded_rows"] += b.bucket
-    stepped = sum(dt for dt, _ in charged)
+    stepped = sum(dt for dt, _, _ in charged)
     return {"wall_s": wall, "steps_s": stepped, "outside_steps_s": wall - stepped,
             "bound_s": sum(r["bound_s"] for r in rows.values()),
             "kinds": {k: rows[k] for k in KINDS if k in rows}}
@@ -204,16 +223,17 @@ def print_table(res: dict[str, Any]) -> None:
     print(f"{res['workload']} on {res['device']} (commit {res['commit']}): {res['requests']} requests, "
           f"{res['output_tokens']} output tokens in {res['wall_s']:.2f} s; copy bandwidth "
           f"{res['copy_bandwidth_GBps']:.0f} GB/s")
-    print("| steps charged to | steps | seconds | share of the run | ms per step | bound s | "
+    print("| steps charged to | steps | seconds | share of the run | ms per step | waiting on the device | bound s | "
           "time / bound | graph padding |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind, r in res["kinds"].items():
         pad = f"{r['padded_rows'] / r['graph_rows'] - 1:.1%}" if r["graph_rows"] else "-"
         ratio = f"{r['seconds'] / r['bound_s']:.2f}x" if r["bound_s"] else "-"
         print(f"| {kind} | {r['steps']} | {r['seconds']:.3f} | {r['seconds'] / res['wall_s']:.1%} | "
-              f"{1e3 * r['seconds'] / r['steps']:.2f} | {r['bound_s']:.3f} | {ratio} | {pad} |")
+              f"{1e3 * r['seconds'] / r['steps']:.2f} | {r['waiting_s'] / r['seconds']:.0%} | {r['bound_s']:.3f} | "
+              f"{ratio} | {pad} |")
     print(f"| outside engine.step | - | {res['outside_steps_s']:.3f} | {res['outside_steps_s'] / res['wall_s']:.1%} "
-          f"| - | - | - | - |")
+          f"| - | - | - | - | - |")
     print(f"matmul rate {res['matmul_TFLOPs']:.0f} TFLOP/s; whole run: {res['wall_s']:.3f} s against a bound "
           f"of {res['bound_s']:.3f} s "
           f"({res['bound_s'] / res['wall_s']:.1%} of it)")

@@ -185,6 +185,7 @@ def test_profile_steps_charges_every_step_once(bench, model_dir: Path, tmp_path:
     assert next(iter(kinds)) == "with prompt tokens" and any(k.startswith("decode") for k in kinds)
     assert 0 < res["steps_s"] <= res["wall_s"] and res["outside_steps_s"] >= 0
     assert sum(r["seconds"] for r in kinds.values()) == pytest.approx(res["steps_s"])
+    assert all(0 <= r["waiting_s"] <= r["seconds"] for r in kinds.values())
     assert res["prefix_caching"] == (workload == "family") and res["bound_s"] > 0
     # One token per request and step: the run took at least as many steps as its longest output.
     assert sum(r["steps"] for r in kinds.values()) == res["num_steps"] >= res["longest_output"]
