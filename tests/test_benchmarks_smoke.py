@@ -168,6 +168,8 @@ def test_fp8_kv_bench_parses_and_runs_its_engine_part_on_the_cpu(bench) -> None:
     for r in runs.values():
         assert [len(t) for t in r["tokens"]] == [6] * 3 and r["decode_tok_s"] > 0 and r["preemptions"] == 0
         assert r["full_s"] > r["to_first_token_s"] > 0
+        # The tokens after every request had its first: all but those counted by then.
+        assert 0 < r["decode_tokens"] <= 3 * 5 and r["full_batch_steps"] >= 1 and r["full_batch_step_s"] > 0
 
 
 @pytest.mark.parametrize("workload", ["throughput", "family"])
