@@ -6,6 +6,7 @@ attention FLOPs at the bfloat16 matmul rate measured in the same run.
 
     python benchmarks/profile_steps.py [--workload throughput|family] [--out steps.json]
     python benchmarks/profile_steps.py --device cpu --smoke --model-dir DIR   # a CPU check
+    python benchmarks/profile_steps.py --replay [--workload family] --bandwidth-gbps 2999 --tflops 700
 
 Workloads: ``throughput`` is ``bench_throughput.py``'s (256 requests, prompt and output lengths
 uniform in 100..1024, greedy, EOS ignored); ``family`` is one point of ``bench_prefix_family.py``
@@ -24,6 +25,11 @@ several sequences share (a cached prefix) counts once, as cascade decode reads i
 per weight and new token in the decoder layers, two per LM-head weight and sampled row, and
 four per head dimension, head and layer for each (new token, visible key) pair.  Decode steps
 also show the padding of their CUDA-graph bucket.
+
+``--replay`` needs no GPU: it runs the workload's schedule on the CPU through a one-layer
+stand-in of the model (same vocabulary and batch limits: the scheduler's batches do not depend
+on the model's weights or speed) and prints each kind's bound for the real model, costed from
+its shapes at the given bandwidth and matmul rate: what a GPU run's table is compared with.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 from bench_common import git_commit
 from bench_moe import copy_bandwidth as host_copy_gbps
 from bench_prefix_family import FULL, chat_workload
-from bench_throughput import copy_bandwidth, make_model, workload
+from bench_throughput import QWEN3_0_6B, copy_bandwidth, make_model, workload
 
 DECODE_BANDS = ((128, "decode, batch >= 128"), (32, "decode, batch 32-127"), (8, "decode, batch 8-31"),
                 (1, "decode, batch 1-7"))
@@ -219,6 +225,42 @@ def limits_of(engine: Any, bandwidth: float, flops: float) -> Limits:
                   flops_per_pair=4 * arch.num_layers * arch.num_heads * arch.head_dim, flops=flops)
 
 
+def arch_limits(cfg: dict[str, Any], bandwidth: float, flops: float, dtype_bytes: int = 2) -> Limits:
+    """:class:`Limits` of a Qwen3 model of config ``cfg`` with weights and K/V of ``dtype_bytes``
+    bytes an element, from its shapes alone (built on the meta device)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg))
+    params = {name: p.numel() for name, p in model.named_parameters()}  # a tied head counts once
+    embeds = sum(n for name, n in params.items() if "embed" in name or "lm_head" in name)
+    layers, heads, head_dim = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"]
+    return Limits(sum(params.values()) * dtype_bytes, layers * cfg["num_key_value_heads"] * head_dim * 2 * dtype_bytes,
+                  bandwidth, flops_per_token=2 * (sum(params.values()) - embeds),
+                  flops_per_row=2 * cfg["vocab_size"] * cfg["hidden_size"],
+                  flops_per_pair=4 * layers * heads * head_dim, flops=flops)
+
+
+def stand_in(folder: Path, cfg: dict[str, Any]) -> None:
+    """A one-layer float32 model with ``cfg``'s vocabulary and context, written to ``folder``."""
+    import transformers
+
+    small = dict(cfg, num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small)).save_pretrained(folder)
+
+
+def print_bounds(res: dict[str, Any]) -> None:
+    print(f"{res['workload']} replayed on the CPU (commit {res['commit']}): {res['requests']} requests, "
+          f"{res['output_tokens']} output tokens; bounds of {res['model']} at {res['copy_bandwidth_GBps']:.0f} GB/s "
+          f"and {res['matmul_TFLOPs']:.0f} TFLOP/s")
+    print("| steps of | steps | bound s | ms per step |")
+    print("| --- | --- | --- | --- |")
+    for kind, r in res["kinds"].items():
+        print(f"| {kind} | {r['steps']} | {r['bound_s']:.3f} | {1e3 * r['bound_s'] / r['steps']:.2f} |")
+    print(f"whole run: a bound of {res['bound_s']:.3f} s")
+
+
 def print_table(res: dict[str, Any]) -> None:
     print(f"{res['workload']} on {res['device']} (commit {res['commit']}): {res['requests']} requests, "
           f"{res['output_tokens']} output tokens in {res['wall_s']:.2f} s; copy bandwidth "
@@ -258,9 +300,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="a tiny workload on --model-dir (a CPU check)")
     ap.add_argument("--model-dir", default=None, help="a model folder instead of the random Qwen3-0.6B")
+    ap.add_argument("--replay", action="store_true", help="the bounds of the random Qwen3-0.6B's steps, its "
+                    "schedule run on the CPU through a one-layer stand-in (no GPU)")
+    ap.add_argument("--bandwidth-gbps", type=float, default=None, help="--replay: the copy bandwidth to cost at")
+    ap.add_argument("--tflops", type=float, default=None, help="--replay: the matmul rate to cost at")
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     args = ap.parse_args(argv)
-    if args.smoke != (args.model_dir is not None):
+    if args.replay:
+        if args.bandwidth_gbps is None or args.tflops is None or args.model_dir is not None:
+            raise ValueError("--replay needs --bandwidth-gbps and --tflops and builds its own stand-in model")
+        args.device = "cpu"
+    elif args.smoke != (args.model_dir is not None):
         raise ValueError("--smoke and --model-dir go together (a tiny workload on a given model)")
     if args.system_prompts < 1 or args.prompt_len < 1:
         raise ValueError("--system-prompts and --prompt-len must be at least 1")
@@ -268,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from pagedattn import LLM, SamplingParams
 
     folder = args.model_dir or tempfile.mkdtemp(prefix="qwen3-0.6b-random-")
-    if args.model_dir is None:
+    if args.replay:
+        stand_in(Path(folder), QWEN3_0_6B)
+    elif args.model_dir is None:
         make_model(Path(folder), torch.bfloat16)  # writes the folder; the HF model is dropped
     config = json.loads(Path(folder, "config.json").read_text())
     prompts, outs = requests(args, config["vocab_size"])
@@ -278,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         engine_args.update(max_model_len=max(map(len, prompts)) + max(outs) + 16, max_num_seqs=256,
                            max_num_batched_tokens=16384, gpu_memory_utilization=0.85)
+    if args.replay:  # every request's blocks at once: no preemption, as on a GPU of this model's pool
+        bs = engine_args.get("block_size", 16)
+        engine_args.update(num_kv_blocks=sum(-(-(len(p) + n) // bs) for p, n in zip(prompts, outs)) + 64)
     caching = args.workload == "family" and not args.no_caching
     llm = LLM(folder, enable_prefix_caching=caching, **engine_args)
     rng = random.Random(1)
@@ -287,6 +342,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for p, n in zip(prompts, outs):
         engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), stream=False)
     charged, wall = step_through(engine)
+    if args.replay:
+        llm.shutdown()
+        limits = arch_limits(QWEN3_0_6B, args.bandwidth_gbps * 1e9, args.tflops * 1e12)
+        res = {"workload": args.workload, "model": "Qwen3-0.6B (bf16)", "commit": git_commit(),
+               "date": time.strftime("%Y-%m-%d"), "requests": len(prompts), "output_tokens": sum(outs),
+               "num_steps": len(charged), "copy_bandwidth_GBps": args.bandwidth_gbps, "matmul_TFLOPs": args.tflops,
+               "prefix_caching": caching, **table(charged, wall, limits)}
+        print_bounds(res)
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=2))
+        return res
     cuda = torch.device(args.device).type == "cuda"
     # On CUDA bench_throughput's measure, whose roofline this is; on the CPU a host copy.
     bandwidth = copy_bandwidth() if cuda else host_copy_gbps(torch.device("cpu"), 1 << 26, 9) * 1e9

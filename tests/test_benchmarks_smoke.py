@@ -226,3 +226,17 @@ def test_profile_steps_counts_a_shared_block_once(bench) -> None:
     assert count([([7, 8, 1], 11), ([7, 8, 2], 9)], 4) == 2 * 4 + 3 + 1
     assert count([([7, 8], 6), ([7, 8, 3], 9)], 4) == 2 * 4 + 1
     assert count([([5, 6, 9], 5)], 4) == 5  # blocks past the context are not read
+
+
+def test_profile_steps_replay_costs_the_real_models_steps(bench) -> None:
+    """--replay: the schedule of a tiny workload through the one-layer stand-in, every step
+    costed for Qwen3-0.6B's shapes (a bound of at least its weights' read per step)."""
+    mod = bench("profile_steps")
+    with pytest.raises(ValueError, match="bandwidth"):
+        mod.main(["--replay", "--smoke"])
+    res = mod.main(["--replay", "--smoke", "--workload", "family", "--prompt-len", "12", "--bandwidth-gbps", "3000",
+                    "--tflops", "700"])
+    weights = mod.arch_limits(mod.QWEN3_0_6B, 3e12, 7e14).weight_bytes
+    assert 1.1e9 < weights < 1.3e9  # Qwen3-0.6B in bf16, the tied head once
+    assert res["prefix_caching"] and res["num_steps"] == sum(r["steps"] for r in res["kinds"].values())
+    assert all(r["bound_s"] >= r["steps"] * weights / 3e12 for r in res["kinds"].values())
