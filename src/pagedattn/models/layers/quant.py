@@ -385,7 +385,7 @@ class Fp8Linear:
         scale = m.weight_scale
         if self.uses_w8a8(x2):
             y = fp8.fp8_linear(x2, m.weight, scale.t().contiguous(), bias, self.quant.act_amax_ub,
-                               use_triton=self.cpu_kernels)
+                               use_triton=x2.is_cuda or self.cpu_kernels)
         else:  # per-row scales are one block of all the input features
             group = self.group_size if self.quant.block_size is not None else fp8.row_group(x2.shape[-1])
             y = fp8.fp8_block_linear(x2, m.weight, scale, group, bias, use_triton=x2.is_cuda or self.cpu_kernels)
