@@ -15,7 +15,7 @@ replay it; a split-K call includes its reduction.
 "weight GB/s" counts the bytes of the weight (and its scales) the call must read, so at M=1 it
 says how close a kernel comes to streaming its weight at the copy bandwidth, the decode bound.
 ``--sweep w4a16:1,Q4_K:256`` also times a kernel at those rows over a grid of launch configs.  The table is printed
-a row at a time as it is measured; ``--out`` writes the JSON.
+a row at a time as it is measured; ``--out`` writes the JSON, again after every row.
 
     python benchmarks/bench_linear_kernels.py [--rows 1,16,256] [--formats bf16,w4a16,...] [--sweep FMT:M,...]
 """
@@ -136,6 +136,12 @@ def sweep(fmt: str, name: str, m: int, gen: torch.Generator) -> list[dict[str, A
     return sorted(rows, key=lambda r: r["us"])
 
 
+def save(res: dict[str, Any], out: Path | None) -> None:
+    """Write what is measured so far (a run cut short by a time limit keeps its rows)."""
+    if out is not None:
+        out.write_text(json.dumps(res, indent=1))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,16,256")
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = dict(shape=name, n=n, k=k, m=m, format=fmt, us=us, weight_bytes=wb, gbps=wb / us / 1e3,
                          share_of_copy=wb / us / 1e3 / bw, speedup_vs_bf16=(base / us) if base else None)
                 res["rows"].append(r)
+                save(res, args.out)
                 vs = f"{base / us:.2f}x" if base else "-"
                 print(f"| {name} | {m} | {fmt} | {us:.1f} | {r['gbps']:.0f} | {100 * r['share_of_copy']:.0f}% | {vs} |",
                       flush=True)
@@ -176,11 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for point in args.sweep.split(","):
             fmt, m = point.split(":")
             rows = res["sweep"][point] = sweep(fmt, args.sweep_shape, int(m), gen)
+            save(res, args.out)
             print(f"{fmt} sweep, {args.sweep_shape}, M={m}: heuristic {rows[0]['default_us']:.1f} us; fastest:")
             for r in rows[:6]:
                 print(f"  {r['config']}: {r['us']:.1f} us, {r['gbps']:.0f} GB/s, err {r['err']:.1e}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=1))
+    save(res, args.out)
     return res
 
 
