@@ -57,6 +57,15 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def w4a16_weights(n: int, k: int, dev: torch.device, gen: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed int4 words ``[K/8, N]`` and bf16 scales and zero points per group of 128."""
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(dev)
+    s = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to(dev, torch.bfloat16)
+    z = torch.randint(0, 16, (k // GROUP, n), generator=gen).to(dev, torch.bfloat16)
+    return qw, s, z
+
+
 def make_call(fmt: str, n: int, k: int, x: torch.Tensor, gen: torch.Generator
               ) -> tuple[Callable[[], object], int]:
     """The call of one format on an ``n x k`` weight and the weight bytes it reads."""
@@ -67,9 +76,7 @@ def make_call(fmt: str, n: int, k: int, x: torch.Tensor, gen: torch.Generator
         w = (torch.randn(n, k, generator=gen) * 0.02).to(dev, torch.bfloat16)
         return (lambda: torch.nn.functional.linear(x, w)), nbytes(w)
     if fmt == "w4a16":
-        qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(dev)
-        s = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to(dev, torch.bfloat16)
-        z = torch.randint(0, 16, (k // GROUP, n), generator=gen).to(dev, torch.bfloat16)
+        qw, s, z = w4a16_weights(n, k, dev, gen)
         return (lambda: w4a16.w4a16_linear(x, qw, s, z, GROUP)), nbytes(qw, s, z)
     if fmt in ("fp8", "fp8-mm"):
         w = (torch.randn(n, k, generator=gen) * 0.5).to(dev).to(fp8.FP8_DTYPE)
@@ -113,9 +120,7 @@ def sweep(fmt: str, name: str, m: int, gen: torch.Generator) -> list[dict[str, A
     n, k = SHAPES[name]
     x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
     if fmt == "w4a16":
-        qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).cuda()
-        s = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 0.001).to("cuda", torch.bfloat16)
-        z = torch.randint(0, 16, (k // GROUP, n), generator=gen).to("cuda", torch.bfloat16)
+        qw, s, z = w4a16_weights(n, k, x.device, gen)
         wb = nbytes(qw, s, z)
         call = lambda cfg: w4a16.w4a16_linear(x, qw, s, z, GROUP, config=cfg)  # noqa: E731
     else:

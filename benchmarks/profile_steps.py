@@ -213,16 +213,23 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / sorted(times[2:])[len(times[2:]) // 2]
 
 
+def _flops(model: torch.nn.Module, vocab: int, hidden: int, layers: int, heads: int, head_dim: int
+           ) -> dict[str, int]:
+    """:class:`Limits`' FLOP counts of ``model`` (a tied head counts once): two per decoder-layer
+    weight (all but the embedding and the LM head) and new token, two per LM-head weight and
+    sampled row, four per head dimension, head and layer and attended pair."""
+    params = {name: p.numel() for name, p in model.named_parameters()}
+    embeds = sum(n for name, n in params.items() if "embed" in name or "lm_head" in name)
+    return {"flops_per_token": 2 * (sum(params.values()) - embeds), "flops_per_row": 2 * vocab * hidden,
+            "flops_per_pair": 4 * layers * heads * head_dim}
+
+
 def limits_of(engine: Any, bandwidth: float, flops: float) -> Limits:
     arch = engine.arch
-    params = {name: p.numel() for name, p in engine.model.named_parameters()}
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    head = arch.vocab_size * arch.hidden_size
-    # Decoder-layer weights: all but the embedding and the LM head (tied or not).
-    embeds = sum(n for name, n in params.items() if "embed" in name or "lm_head" in name)
-    return Limits(weight_bytes, engine.kv_pool.spec.bytes_per_token, bandwidth,
-                  flops_per_token=2 * (sum(params.values()) - embeds), flops_per_row=2 * head,
-                  flops_per_pair=4 * arch.num_layers * arch.num_heads * arch.head_dim, flops=flops)
+    return Limits(weight_bytes, engine.kv_pool.spec.bytes_per_token, bandwidth, flops=flops,
+                  **_flops(engine.model, arch.vocab_size, arch.hidden_size, arch.num_layers, arch.num_heads,
+                           arch.head_dim))
 
 
 def arch_limits(cfg: dict[str, Any], bandwidth: float, flops: float, dtype_bytes: int = 2) -> Limits:
@@ -232,13 +239,11 @@ def arch_limits(cfg: dict[str, Any], bandwidth: float, flops: float, dtype_bytes
 
     with torch.device("meta"):
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg))
-    params = {name: p.numel() for name, p in model.named_parameters()}  # a tied head counts once
-    embeds = sum(n for name, n in params.items() if "embed" in name or "lm_head" in name)
-    layers, heads, head_dim = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"]
-    return Limits(sum(params.values()) * dtype_bytes, layers * cfg["num_key_value_heads"] * head_dim * 2 * dtype_bytes,
-                  bandwidth, flops_per_token=2 * (sum(params.values()) - embeds),
-                  flops_per_row=2 * cfg["vocab_size"] * cfg["hidden_size"],
-                  flops_per_pair=4 * layers * heads * head_dim, flops=flops)
+    layers, head_dim = cfg["num_hidden_layers"], cfg["head_dim"]
+    weights = sum(p.numel() for p in model.parameters())  # a tied head counts once
+    return Limits(weights * dtype_bytes, layers * cfg["num_key_value_heads"] * head_dim * 2 * dtype_bytes, bandwidth,
+                  flops=flops, **_flops(model, cfg["vocab_size"], cfg["hidden_size"], layers,
+                                        cfg["num_attention_heads"], head_dim))
 
 
 def stand_in(folder: Path, cfg: dict[str, Any]) -> None:

@@ -383,12 +383,12 @@ class Fp8Linear:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         scale = m.weight_scale
+        use_triton = x2.is_cuda or self.cpu_kernels
         if self.uses_w8a8(x2):
-            y = fp8.fp8_linear(x2, m.weight, scale.t().contiguous(), bias, self.quant.act_amax_ub,
-                               use_triton=x2.is_cuda or self.cpu_kernels)
+            y = fp8.fp8_linear(x2, m.weight, scale.t().contiguous(), bias, self.quant.act_amax_ub, use_triton)
         else:  # per-row scales are one block of all the input features
             group = self.group_size if self.quant.block_size is not None else fp8.row_group(x2.shape[-1])
-            y = fp8.fp8_block_linear(x2, m.weight, scale, group, bias, use_triton=x2.is_cuda or self.cpu_kernels)
+            y = fp8.fp8_block_linear(x2, m.weight, scale, group, bias, use_triton=use_triton)
         if out is not None:
             y = out.copy_(y)
         return y.view(*lead, y.shape[-1])
