@@ -55,6 +55,7 @@ LLAMA_1B = dict(
 TINY = dict(LLAMA_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
             bos_token_id=1, eos_token_id=2)
+E2E_BUDGET = 8192  # the engine's token budget per step in the end-to-end runs
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -156,15 +157,22 @@ def sweep_fp8(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], scales:
 
 
 # ---------------------------------------------------------------------- 2. end to end
+def prefill_steps(prompts: list[list[int]], budget: int) -> int:
+    """Prompts prefilled early decode while later ones prefill: every request gets this many
+    tokens more than ``new``, so that ``new`` steps decode the whole batch."""
+    return -(-sum(map(len, prompts)) // budget) + 1
+
+
 def stepped(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
-    """All prompts at once, ``new + 1`` greedy tokens each, stepping the engine.  Returns the
-    seconds until every request has its first token, the decode after that (seconds and tokens:
-    requests whose prompts were prefilled first have decoded some tokens by then, so fewer than
-    ``len(prompts) * new`` remain), the median seconds of the steps that gave every request a
-    token (the full batch decoding at the full context: the figure compared) and the tokens."""
+    """All prompts at once, greedy, until at least ``new`` steps have decoded the whole batch.
+    Returns the seconds until every request has its first token, the decode after that (seconds
+    and tokens), the median seconds of the steps that gave every request a token (the full batch
+    decoding at the full context: the figure compared) and each request's first ``new + 1``
+    tokens."""
     from pagedattn import SamplingParams
 
-    sp = SamplingParams(temperature=0.0, max_tokens=new + 1, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=new + prefill_steps(prompts, engine.config.max_num_batched_tokens),
+                        ignore_eos=True)
     ids = [engine.add_request(p, sp) for p in prompts]
     tokens: dict[str, list[int]] = {}
     t0 = time.perf_counter()
@@ -187,7 +195,7 @@ def stepped(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
     decode_tokens = sum(map(len, tokens.values())) - at_first
     return {"to_first_token_s": t_first - t0, "decode_s": max(t_end - t_first, 1e-9), "decode_tokens": decode_tokens,
             "full_batch_steps": len(full), "full_batch_step_s": statistics.median(full) if full else None,
-            "tokens": [tokens[i] for i in ids]}
+            "tokens": [tokens[i][:new + 1] for i in ids]}
 
 
 def e2e_run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +211,8 @@ def e2e_run(cfg: dict[str, Any]) -> dict[str, Any]:
         Path(folder, "config.json").write_text(json.dumps(cfg["model_config"]))
         t0 = time.perf_counter()
         with LLM(folder, load_format="dummy", device=cfg["device"], kv_cache_dtype=cfg["kv_cache_dtype"],
-                 max_model_len=ctx + new + 1, max_num_seqs=batch, enable_prefix_caching=False,
+                 max_model_len=ctx + new + prefill_steps(prompts, E2E_BUDGET), max_num_seqs=batch,
+                 max_num_batched_tokens=E2E_BUDGET, enable_prefix_caching=False,
                  **cfg.get("engine", {})) as llm:
             start_s = time.perf_counter() - t0
             pool = llm.engine.executor.worker.pool

@@ -168,8 +168,8 @@ def test_fp8_kv_bench_parses_and_runs_its_engine_part_on_the_cpu(bench) -> None:
     for r in runs.values():
         assert [len(t) for t in r["tokens"]] == [6] * 3 and r["decode_tok_s"] > 0 and r["preemptions"] == 0
         assert r["full_s"] > r["to_first_token_s"] > 0
-        # The tokens after every request had its first: all but those counted by then.
-        assert 0 < r["decode_tokens"] <= 3 * 5 and r["full_batch_steps"] >= 1 and r["full_batch_step_s"] > 0
+        # Every request decodes past the prefill's steps, so that at least ``new`` steps decode all three.
+        assert r["decode_tokens"] > 0 and r["full_batch_steps"] >= 5 and r["full_batch_step_s"] > 0
 
 
 @pytest.mark.parametrize("workload", ["throughput", "family"])
@@ -239,4 +239,5 @@ def test_profile_steps_replay_costs_the_real_models_steps(bench) -> None:
     weights = mod.arch_limits(mod.QWEN3_0_6B, 3e12, 7e14).weight_bytes
     assert 1.1e9 < weights < 1.3e9  # Qwen3-0.6B in bf16, the tied head once
     assert res["prefix_caching"] and res["num_steps"] == sum(r["steps"] for r in res["kinds"].values())
-    assert all(r["bound_s"] >= r["steps"] * weights / 3e12 for r in res["kinds"].values())
+    # Every step with a batch (the overlapped loop's first launch waits on none) reads the weights.
+    assert all(r["bound_s"] >= r["steps"] * weights / 3e12 for k, r in res["kinds"].items() if k != "first launch")
