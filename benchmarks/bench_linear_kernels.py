@@ -106,8 +106,8 @@ def sweep_configs(fmt: str, m: int) -> list[Any]:
         grid = itertools.product((16 if m <= 16 else 32 if m <= 32 else 64,), (32, 64, 128), (64, 128),
                                  (1, 2, 4, 8), (4,), (3,))
     else:
-        grid = itertools.chain(
-            itertools.product((64, 128), (64, 128, 256), (64,), (1,), (4, 8), (3, 4)),
+        grid = itertools.chain(  # one M tile of 256 rows dequantizes each weight tile once
+            itertools.product((64, 128, 256) if m >= 256 else (64, 128), (64, 128, 256), (64,), (1,), (4, 8), (3, 4)),
             itertools.product((64, 128), (128,), (128,), (1,), (4, 8), (3,)))
     return [make(*c) for c in grid]
 
