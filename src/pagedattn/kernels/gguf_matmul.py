@@ -218,6 +218,29 @@ if triton is not None:
         return sc.to(tl.float32), mn.to(tl.float32)
 
     @triton.jit
+    def _byte_of(words, i):
+        """Byte ``i`` of little-endian int32 ``words`` (broadcast shapes)."""
+        return (words >> (8 * i)) & 255
+
+    @triton.jit
+    def _k_scale_min_words(w1, w2, w3, s):
+        """:func:`_k_scale_min` from the scale bytes already in registers as three words
+        (``w1``: bytes 4-7 of the super-block, ``w2``: 8-11, ``w3``: 12-15)."""
+        t = s % 4
+        a = _byte_of(w1, t)  # byte s (s < 4) or s - 4
+        b = _byte_of(w2, t)  # byte s + 4 (s < 4) or s
+        c = _byte_of(w3, t)  # byte s + 4 (s >= 4)
+        sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 6) << 4))
+        mn = tl.where(s < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
+        return sc.to(tl.float32), mn.to(tl.float32)
+
+    @triton.jit
+    def _half_of(word, high: tl.constexpr):
+        """The float16 in the low (or high) half of int32 ``word``, as fp32."""
+        bits = (word >> 16) if high else word
+        return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
     def _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND: tl.constexpr):
         """The fp32 weights of group ``g`` (of 32 along K), position ``l``, in the rows starting
         at byte ``row_off`` (broadcast shapes; ``mask``: the valid rows and groups)."""
@@ -282,8 +305,9 @@ if triton is not None:
     def _q4k_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
                          stride_om, stride_split, tiles_per_split, num_splits, HAS_BIAS: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-        """The Q4_K GEMV, one super-block of ``BLOCK_N`` rows per step.  Its 128 code bytes are
-        read as 32 words ``[rows, pair p, word w]``: byte ``b`` of word ``w`` of pair ``p`` holds
+        """The Q4_K GEMV, one super-block of ``BLOCK_N`` rows per step.  Its 16 header bytes (``d``,
+        ``dmin``, 12 bytes of 6-bit scales and mins) are read as 4 words per row in one load, its
+        128 code bytes as 32 words ``[rows, pair p, word w]``: byte ``b`` of word ``w`` of pair ``p`` holds
         element ``64 p + 4 w + b`` (low nibble, sub-block ``2 p``) and ``64 p + 32 + 4 w + b``
         (high nibble, sub-block ``2 p + 1``).  Each nibble becomes ``1 + q / 16``
         (:func:`_mantissa_plane`) and one FMA with ``16 x`` adds ``16 x + x q``; per sub-block the
@@ -318,11 +342,14 @@ if triton is not None:
             sum_hi = tl.sum(x_hi, axis=1)
             dot_lo = tl.sum(lo, axis=2) - 16.0 * sum_lo[None, :]  # [rows, 4]: sum x q over sub-block 2 p
             dot_hi = tl.sum(hi, axis=2) - 16.0 * sum_hi[None, :]
-            m2 = n_mask[:, None]
-            sc_lo, mn_lo = _k_scale_min(w_ptr, blk[:, None], 2 * pair[None, :], m2)
-            sc_hi, mn_hi = _k_scale_min(w_ptr, blk[:, None], 2 * pair[None, :] + 1, m2)
-            d = _half(h_ptr, blk, n_mask)
-            dmin = _half(h_ptr, blk + 2, n_mask)
+            head = tl.load(words_ptr + (blk // 4)[:, None] + pair[None, :], mask=n_mask[:, None], other=0)
+            w02, w13 = tl.split(tl.reshape(head, (BLOCK_N, 2, 2)))  # words (0, 2) and (1, 3)
+            w0, w2 = tl.split(w02)
+            w1, w3 = tl.split(w13)
+            sc_lo, mn_lo = _k_scale_min_words(w1[:, None], w2[:, None], w3[:, None], 2 * pair[None, :])
+            sc_hi, mn_hi = _k_scale_min_words(w1[:, None], w2[:, None], w3[:, None], 2 * pair[None, :] + 1)
+            d = _half_of(w0, False)
+            dmin = _half_of(w0, True)
             acc += d * tl.sum(sc_lo * dot_lo + sc_hi * dot_hi, axis=1)
             acc -= dmin * tl.sum(mn_lo * sum_lo[None, :] + mn_hi * sum_hi[None, :], axis=1)
         _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
