@@ -32,8 +32,8 @@ Three forms, as :mod:`.w4a16`:
 * **GEMM** (:func:`_gguf_gemm_kernel`, any M): each K step dequantizes a ``[BLOCK_K, BLOCK_N]``
   tile, rounds it to the activation dtype (the weight a dense model of that dtype holds) and
   feeds ``tl.dot``; small batches split K too.
-* **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more, a
-  prefill chunk): the weight written once in the activation dtype, then the dense GEMM.
+* **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more: a
+  large decode batch or a prefill chunk): the weight written once in the activation dtype, then the dense GEMM.
 
 K is a multiple of 32 (every type's group); a tile past K is masked by whole groups, so K
 need not be a multiple of the tile.  No host synchronisation: the launches are CUDA-graph safe.
@@ -72,9 +72,11 @@ _KIND_IDS = {name: i for i, name in enumerate(GGUF_BLOCKS)}  # the kernels' cons
 GROUP = 32  # every type's weights come in groups of 32 along K
 GEMV_MAX_ROWS = 1
 SPLIT_K_MAX_ROWS = 64
-# From this many rows (a prefill chunk) a call dequantizes its weight into the activation dtype
-# and multiplies it densely (cuBLAS), as :mod:`.w4a16` does.  See docs/benchmarks.md.
-DEQUANT_MIN_ROWS = 1024
+# From this many rows (a large decode batch, a prefill chunk) a call dequantizes its weight into
+# the activation dtype and multiplies it densely (cuBLAS), as :mod:`.w4a16` does (Q4_K on the 8B
+# shapes: gate_up equal at 128 rows and 1.6x faster at 256, down 2-2.3x faster at both).  See
+# docs/benchmarks.md.
+DEQUANT_MIN_ROWS = 128
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ Three forms, one dequantization:
   ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
   the activation dtype (the same weight a dense model holds after dequantization) and feeds
   ``tl.dot``.  Small batches (decode of 2-64 rows) split K too; prefill does not.
-* **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more, a
-  prefill chunk): one pass writes ``W^T`` in the activation dtype, rounded as the GEMM rounds
+* **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more: a
+  large decode batch or a prefill chunk): one pass writes ``W^T`` in the activation dtype, rounded as the GEMM rounds
   it, and the dense GEMM multiplies; its memory is transient (the warm-up's memory profile,
   at the largest chunk, sees it).
 
@@ -46,10 +46,12 @@ except ImportError:  # a CPU-only install: only the reference runs
 
 GEMV_MAX_ROWS = 1  # rows served by the CUDA-core GEMV; more go through the tensor-core kernel
 SPLIT_K_MAX_ROWS = 64  # up to this many rows the GEMM splits K to fill the GPU
-# From this many rows (a prefill chunk) a call dequantizes its weight (one pass writing it in the
-# activation dtype) and multiplies it densely: the GEMM's time then outweighs that pass, and the
-# dense GEMM (cuBLAS) is faster than the dequantizing one.  See docs/benchmarks.md (W4A16).
-DEQUANT_MIN_ROWS = 1024
+# From this many rows (a large decode batch, a prefill chunk) a call dequantizes its weight (one
+# pass writing it in the activation dtype) and multiplies it densely (cuBLAS).  On the 8B shapes
+# against the dequantizing GEMM: down 2x faster at 128 and 256 rows, gate_up 0.7x at 128 and 1.2x
+# at 256 (a layer's two together gain from 128), equal at 2048; at 64 rows and fewer the split-K
+# GEMM wins by 2x.  See docs/benchmarks.md.
+DEQUANT_MIN_ROWS = 128
 
 
 @dataclass(frozen=True)
