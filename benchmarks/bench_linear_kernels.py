@@ -8,7 +8,9 @@ decode, a small batch, a full one).  Formats: ``bf16`` (``F.linear``, cuBLAS), `
 (int4 with bf16 scales and zeros per group of 128, the AWQ layout), ``fp8`` (e4m3 with one
 float32 scale per output row, the Triton GEMM every FP8 layer runs on CUDA), ``fp8-mm``
 (the same weights through ``torch._scaled_mm`` with per-token activation scales), ``Q4_K``,
-``Q6_K``, ``Q8_0``, ``Q4_0`` (GGUF blocks of random bytes with weight-sized scales).  Each call is
+``Q6_K``, ``Q8_0``, ``Q4_0`` (GGUF blocks of random bytes with weight-sized scales); ``-deq``
+after ``w4a16`` or a GGUF type: the weight dequantized to bf16 by its Triton kernel on every
+call, then multiplied by cuBLAS (the large-batch form vLLM takes).  Each call is
 timed in a CUDA graph (``triton.testing.do_bench_cudagraph``), as the engine's decode graphs
 replay it; a split-K call includes its reduction.
 
@@ -35,7 +37,7 @@ from bench_quant import random_gguf_blocks
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
-FORMATS = ("bf16", "w4a16", "fp8", "fp8-mm", "Q4_K", "Q6_K", "Q8_0", "Q4_0")
+FORMATS = ("bf16", "w4a16", "w4a16-deq", "fp8", "fp8-mm", "Q4_K", "Q4_K-deq", "Q6_K", "Q8_0", "Q4_0")
 GROUP = 128
 
 
@@ -75,8 +77,10 @@ def make_call(fmt: str, n: int, k: int, x: torch.Tensor, gen: torch.Generator
     if fmt == "bf16":
         w = (torch.randn(n, k, generator=gen) * 0.02).to(dev, torch.bfloat16)
         return (lambda: torch.nn.functional.linear(x, w)), nbytes(w)
-    if fmt == "w4a16":
+    if fmt in ("w4a16", "w4a16-deq"):
         qw, s, z = w4a16_weights(n, k, dev, gen)
+        if fmt == "w4a16-deq":
+            return (lambda: x @ w4a16.dequantize(qw, s, z, GROUP, x.dtype)), nbytes(qw, s, z)
         return (lambda: w4a16.w4a16_linear(x, qw, s, z, GROUP)), nbytes(qw, s, z)
     if fmt in ("fp8", "fp8-mm"):
         w = (torch.randn(n, k, generator=gen) * 0.5).to(dev).to(fp8.FP8_DTYPE)
@@ -86,8 +90,11 @@ def make_call(fmt: str, n: int, k: int, x: torch.Tensor, gen: torch.Generator
             return (lambda: fp8.fp8_block_linear(x, w, s, group, None)), nbytes(w, s)
         s_row = s.t().contiguous()
         return (lambda: fp8.fp8_linear(x, w, s_row, None, None)), nbytes(w, s)
-    blocks = random_gguf_blocks(fmt, n, k, dev, gen)
-    return (lambda: gguf_matmul.gguf_linear(x, blocks, fmt)), nbytes(blocks)
+    kind = fmt.removesuffix("-deq")
+    blocks = random_gguf_blocks(kind, n, k, dev, gen)
+    if fmt.endswith("-deq"):
+        return (lambda: torch.nn.functional.linear(x, gguf_matmul.dequantize(blocks, kind, x.dtype))), nbytes(blocks)
+    return (lambda: gguf_matmul.gguf_linear(x, blocks, kind)), nbytes(blocks)
 
 
 def sweep_configs(fmt: str, m: int) -> list[Any]:

@@ -116,6 +116,24 @@ def test_bias_and_a_column_slice_of_the_output(path: str) -> None:
     assert bool((wide[:, :8] == 7).all()) and bool((wide[:, 32:] == 7).all())
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+def test_prefill_rows_dequantize_then_multiply_densely(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From ``DEQUANT_MIN_ROWS`` rows the call writes the whole weight in the activation dtype
+    and multiplies it densely: the same product, with the bias, into a column slice."""
+    monkeypatch.setattr(gm, "DEQUANT_MIN_ROWS", 6)
+    seen = []
+    monkeypatch.setattr(gm, "dequantize", lambda *a: seen.append(a[1]) or gm.gguf_embedding(
+        torch.arange(a[0].shape[0], device=a[0].device), *a))
+    x, blocks = _case(kind, 7, 24, 1280, torch.float32, "dense")
+    bias = torch.randn(24, generator=seeded_generator(kind, "dense-bias")).to(DEVICE)
+    wide = torch.full((7, 40), 7.0, device=DEVICE)
+    gm.gguf_linear(x, blocks, kind, bias, out=wide[:, 8:32])
+    assert seen == [kind]
+    _check(wide[:, 8:32], _ref(x, blocks, kind, bias), torch.float32)
+    assert bool((wide[:, :8] == 7).all()) and bool((wide[:, 32:] == 7).all())
+    assert len(seen) == 1 and gm.gguf_linear(x[:5], blocks, kind).shape == (5, 24) and len(seen) == 1
+
+
 @pytest.mark.parametrize("kind", TYPES)
 def test_embedding_rows_are_gguf_dequantize_rows(kind: str) -> None:
     _, table = _case(kind, 1, N, K, torch.float32, "embedding")

@@ -84,6 +84,44 @@ def test_w4a16_matches_reference(dtype: torch.dtype, m: int, gemv: bool, split: 
     _check(got, w4a16.w4a16_linear_ref(x.float(), **w, bias=bias), dtype)
 
 
+@pytest.mark.parametrize(("group_size", "zeros", "act_order"), WEIGHTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_the_reference_weight_rounded_to_the_dtype(group_size: int, zeros: bool, act_order: bool,
+                                                                 dtype: torch.dtype) -> None:
+    """The Triton dequantization equals the reference's float32 weights rounded to ``dtype``,
+    element for element, on a ragged N (a partial tile of outputs).  The interpreter casts
+    float32 to bfloat16 by truncation, not to nearest as a GPU does: there within one bfloat16
+    step."""
+    g = seeded_generator("w4a16-dequant", group_size, zeros, act_order, dtype)
+    n, k = N - 3, K - 64 if K > 256 else K + 64
+    w = _weights(g, n, k, group_size, zeros=zeros, act_order=act_order)
+    got = w4a16.dequantize(w["qweight"], w["scales"], w["zeros"], group_size, dtype, w["g_idx"])
+    ref = w4a16.dequantize_ref(w["qweight"], w["scales"], w["zeros"], group_size, w["g_idx"])
+    assert got.dtype == dtype
+    if CUDA or dtype == torch.float32:
+        assert torch.equal(got, ref.to(dtype))
+    else:
+        assert ((got.float() - ref).abs() <= ref.abs() * 2**-7).all()
+
+
+def test_prefill_rows_dequantize_then_multiply_densely(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From ``DEQUANT_MIN_ROWS`` rows the call writes ``W^T`` in the activation dtype and
+    multiplies it densely (act-order weights, a bias, a given buffer); fewer rows take the GEMM."""
+    monkeypatch.setattr(w4a16, "DEQUANT_MIN_ROWS", 6)
+    real = w4a16.dequantize
+    seen = []
+    monkeypatch.setattr(w4a16, "dequantize", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+    g = seeded_generator("w4a16-dense")
+    w = _weights(g, N, K, 32, zeros=True, act_order=True)
+    for m, calls in ((7, [torch.float32]), (5, [torch.float32])):
+        x = torch.randn(m, K, generator=g).to(DEVICE)
+        bias = torch.randn(N, generator=g).to(DEVICE)
+        out = torch.empty(m, N, device=DEVICE)
+        got = w4a16.w4a16_linear(x, **w, bias=bias, out=out)
+        assert got.data_ptr() == out.data_ptr() and seen == calls
+        _check(got, w4a16.w4a16_linear_ref(x, **w, bias=bias), torch.float32)
+
+
 def test_gemv_tile_of_a_whole_group() -> None:
     """BLOCK_K equal to the group size (what the heuristics pick for the GEMV), split K."""
     g = seeded_generator("whole-group")

@@ -22,7 +22,7 @@ weight: scales are loaded once per group, codes once per element.  The fp16 fiel
 ``dmin``, ``m``) are read through a float16 view of the same bytes (every field lies at an even
 offset: all block sizes are even).
 
-Two kernels, as :mod:`.w4a16`:
+Three forms, as :mod:`.w4a16`:
 
 * **decode** (:func:`_gguf_gemv_kernel`, one activation row): a ``[BLOCK_N, groups, 32]``
   tile of dequantized weights times the row, summed on the CUDA cores in fp32; K is split over
@@ -32,6 +32,8 @@ Two kernels, as :mod:`.w4a16`:
 * **GEMM** (:func:`_gguf_gemm_kernel`, any M): each K step dequantizes a ``[BLOCK_K, BLOCK_N]``
   tile, rounds it to the activation dtype (the weight a dense model of that dtype holds) and
   feeds ``tl.dot``; small batches split K too.
+* **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more: a
+  large decode batch or a prefill chunk): the weight written once in the activation dtype, then the dense GEMM.
 
 K is a multiple of 32 (every type's group); a tile past K is masked by whole groups, so K
 need not be a multiple of the tile.  No host synchronisation: the launches are CUDA-graph safe.
@@ -43,7 +45,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .w4a16 import _gemv_finish, _gemv_tile, _mantissa_plane, dot_types, finish_split_k, gemv_split_args, split_k_for
+from .w4a16 import (
+    _gemv_finish,
+    _gemv_tile,
+    _mantissa_plane,
+    dense_matmul,
+    dot_types,
+    finish_split_k,
+    gemv_split_args,
+    split_k_for,
+)
 
 try:
     import triton
@@ -61,6 +72,11 @@ _KIND_IDS = {name: i for i, name in enumerate(GGUF_BLOCKS)}  # the kernels' cons
 GROUP = 32  # every type's weights come in groups of 32 along K
 GEMV_MAX_ROWS = 1
 SPLIT_K_MAX_ROWS = 64
+# From this many rows (a large decode batch, a prefill chunk) a call dequantizes its weight into
+# the activation dtype and multiplies it densely (cuBLAS), as :mod:`.w4a16` does (Q4_K on the 8B
+# shapes: gate_up equal at 128 rows and 1.6x faster at 256, down 2-2.3x faster at both).  See
+# docs/benchmarks.md.
+DEQUANT_MIN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,8 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of {GROUP}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     blocks = blocks if blocks.is_contiguous() else blocks.contiguous()
+    if config is None and m >= DEQUANT_MIN_ROWS:  # a prefill chunk: dequantize, then the dense GEMM
+        return dense_matmul(x, dequantize(blocks, kind, x.dtype).t(), bias, out)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
@@ -193,6 +211,11 @@ def gguf_embedding(ids: torch.Tensor, blocks: torch.Tensor, kind: str, dtype: to
         _gguf_embedding_kernel[(flat.shape[0], triton.cdiv(k, block))](
             flat, blocks, blocks.view(torch.float16), out, k, blocks.shape[1], KIND=_KIND_IDS[kind], BLOCK=block)
     return out.view(*ids.shape, k)
+
+
+def dequantize(blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The whole weight ``W [N, K]`` in ``dtype`` (every row through :func:`gguf_embedding`)."""
+    return gguf_embedding(torch.arange(blocks.shape[0], device=blocks.device), blocks, kind, dtype)
 
 
 # ---------------------------------------------------------------------- kernels

@@ -6,7 +6,7 @@ The weight is in the internal layout of ``models/quant_formats.py``: ``qweight``
 ``k // group_size``, or ``g_idx[k]`` (act-order rows whose groups are not uniform).  ``zeros``
 may be None: every zero point is ``zero_point`` (symmetric checkpoints, 8).
 
-Two kernels, one dequantization:
+Three forms, one dequantization:
 
 * **decode** (:func:`_w4a16_gemv_kernel`, one activation row): a GEMV, memory-bound, so the
   whole GPU must stream the weight.  The grid splits N in tiles *and* K in ``split_k`` slices
@@ -19,6 +19,10 @@ Two kernels, one dequantization:
   ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
   the activation dtype (the same weight a dense model holds after dequantization) and feeds
   ``tl.dot``.  Small batches (decode of 2-64 rows) split K too; prefill does not.
+* **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more: a
+  large decode batch or a prefill chunk): one pass writes ``W^T`` in the activation dtype, rounded as the GEMM rounds
+  it, and the dense GEMM multiplies; its memory is transient (the warm-up's memory profile,
+  at the largest chunk, sees it).
 
 The torch reference (:func:`w4a16_linear_ref`) dequantizes and multiplies in fp32: the oracle
 of every test.  Block sizes and split-K choices are heuristics (:func:`choose_config`).
@@ -42,6 +46,12 @@ except ImportError:  # a CPU-only install: only the reference runs
 
 GEMV_MAX_ROWS = 1  # rows served by the CUDA-core GEMV; more go through the tensor-core kernel
 SPLIT_K_MAX_ROWS = 64  # up to this many rows the GEMM splits K to fill the GPU
+# From this many rows (a large decode batch, a prefill chunk) a call dequantizes its weight (one
+# pass writing it in the activation dtype) and multiplies it densely (cuBLAS).  On the 8B shapes
+# against the dequantizing GEMM: down 2x faster at 128 and 256 rows, gate_up 0.7x at 128 and 1.2x
+# at 256 (a layer's two together gain from 128), equal at 2048; at 64 rows and fewer the split-K
+# GEMM wins by 2x.  See docs/benchmarks.md.
+DEQUANT_MIN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if k % cfg.block_k or (g_idx is None and group_size % cfg.block_k):
         raise ValueError(f"block_k {cfg.block_k} must divide K ({k}) and the group size ({group_size})")
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if config is None and m >= DEQUANT_MIN_ROWS:
+        return dense_matmul(x, dequantize(qweight, scales, zeros, group_size, x.dtype, g_idx, zero_point), bias, out)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
@@ -228,6 +240,31 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     dot_dtype, precision = dot_types(x.dtype)
     _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, **common)
     return finish_split_k(dst, out, bias, split)
+
+
+def dense_matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None) -> torch.Tensor:
+    """``x [M, K] @ w_t [K, N] + bias`` through the dense GEMM, written into ``out`` when given."""
+    y = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
+    return out.copy_(y) if out is not None else y
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+               dtype: torch.dtype, g_idx: torch.Tensor | None = None, zero_point: float = 8.0) -> torch.Tensor:
+    """``W^T [K, N]`` in ``dtype`` through one Triton kernel: each weight rounded to ``dtype``
+    as the GEMM kernel rounds it before its ``tl.dot``, so a dense GEMM on the result computes
+    what that kernel computes (up to the order of its float32 sums)."""
+    if triton is None:
+        raise RuntimeError("the W4A16 kernels need triton")
+    k8, n = qweight.shape
+    out = torch.empty((k8 * 8, n), device=qweight.device, dtype=dtype)
+    block_r, block_n = 8, 128  # 64 input features x 128 outputs a program
+    grid = (triton.cdiv(k8, block_r), triton.cdiv(n, block_n))
+    _w4a16_dequant_kernel[grid](qweight, scales, zeros if zeros is not None else scales,
+                                g_idx if g_idx is not None else qweight, out, k8, n, group_size, float(zero_point),
+                                HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None, BLOCK_R=block_r,
+                                BLOCK_N=block_n)
+    return out
 
 
 # ---------------------------------------------------------------------- kernels
@@ -385,6 +422,34 @@ if triton is not None:
             acc += tl.dot(xv.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         dst = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, K8, N, group_size, zero_point,
+                              HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+        """``out[8 j + i, n] = (nibble i of qweight[j, n] - z) * s`` for ``BLOCK_R`` word rows
+        (axis 0) and ``BLOCK_N`` outputs (axis 1), in the output's dtype."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < K8)[:, None] & (offs_n < N)[None, :]
+        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        q = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+        q = tl.reshape(q, (BLOCK_R * 8, BLOCK_N)).to(tl.float32)
+        ks = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+        ks = tl.reshape(ks, (BLOCK_R * 8,))
+        k_mask = tl.reshape(tl.broadcast_to((rows < K8)[:, None], (BLOCK_R, 8)), (BLOCK_R * 8,))
+        full = k_mask[:, None] & (offs_n < N)[None, :]
+        if HAS_G_IDX:
+            g = tl.load(g_ptr + ks, mask=k_mask, other=0)
+        else:
+            g = ks // group_size
+        sz = g[:, None] * N + offs_n[None, :]
+        s = tl.load(s_ptr + sz, mask=full, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            w = (q - tl.load(z_ptr + sz, mask=full, other=0.0).to(tl.float32)) * s
+        else:
+            w = (q - zero_point) * s
+        tl.store(out_ptr + ks[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=full)
 
     @triton.jit
     def _splitk_reduce_kernel(partials_ptr, out_ptr, bias_ptr, N, stride_split, stride_om, SPLIT: tl.constexpr,
