@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..cascade import WORK_WIDTH
 from .common import (
+    as_operand,
     attend_paged_keys,
     dot_dtype,
     dot_precision,
@@ -106,8 +107,8 @@ def _prefix_kernel(
     row = tl.load(Members + member_start + offs_m // GROUP, mask=m_mask, other=0).to(tl.int64)
     head = kvh * GROUP + offs_m % GROUP
     md_mask = m_mask[:, None] if BLOCK_D == HEAD_DIM else m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=md_mask, other=0.0).to(DOT_DTYPE)
+    q = as_operand(tl.load(Q + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                           mask=md_mask, other=0.0), DOT_DTYPE)
 
     m_i, l_i, acc = attend_paged_keys(
         q, K + kvh * stride_kh, V + kvh * stride_vh, BlockTables + rep_row.to(tl.int64) * stride_bt, lo, hi, offs_d,

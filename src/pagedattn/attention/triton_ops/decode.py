@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .cascade import CascadeInputs, PrefixConfig, prefix_attention
 from .common import (
+    as_operand,
     attend_paged_keys,
     dot_dtype,
     dot_precision,
@@ -134,8 +135,8 @@ def _decode_kernel(
     hd_mask = h_mask[:, None] if BLOCK_D == HEAD_DIM else h_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
 
     # Q tile [BLOCK_H, D]: the group's heads, padded rows are zeros (finite scores, never stored).
-    q = tl.load(Q + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=hd_mask, other=0.0).to(DOT_DTYPE)
+    q = as_operand(tl.load(Q + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                           mask=hd_mask, other=0.0), DOT_DTYPE)
 
     # Key range of this split.  With a window the query at p = seq_len - 1 sees p-W+1 .. p.
     seq_len = tl.load(SeqLens + seq)

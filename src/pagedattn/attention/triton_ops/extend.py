@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    as_operand,
     dot_dtype,
     dot_precision,
     fp8_kv_scales,
@@ -84,8 +85,8 @@ def _extend_kernel(
     pos = ctx + offs_m  # absolute position of each query token
 
     tok = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)
+    q = as_operand(tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                           mask=m_mask[:, None] & d_mask[None, :], other=0.0), DOT_DTYPE)
 
     # Keys this tile of queries can see: causal up to its last row, window from its first.
     hi = tl.minimum(seq_len, ctx + (m_blk + 1) * BLOCK_M)
