@@ -275,8 +275,12 @@ class BlockManager:
         """Tell the manager that ``num_computed`` leading tokens now have K/V in their blocks.
 
         Newly full blocks are hashed (continuing the chain) and published to the prefix cache.
+        Nothing for a sequence the manager does not hold or holds swapped out (called for every
+        sequence at every step: most calls fill no block).
         """
-        st = self._seqs[seq_id]
+        st = self._seqs.get(seq_id)
+        if st is None or st.on_cpu:
+            return
         num_full = min(num_computed // self.block_size, len(st.blocks))
         start = len(st.keys)
         if num_full <= start:

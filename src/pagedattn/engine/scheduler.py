@@ -104,8 +104,7 @@ class Scheduler:
     def commit(self, seq: Sequence) -> None:
         """Publish ``seq``'s computed blocks whose tokens are all known (a pending token's are
         not yet) to the prefix cache; nothing for a sequence swapped out or freed."""
-        if self.bm.has_seq(seq.seq_id) and not self.bm.is_swapped(seq.seq_id):
-            self.bm.commit(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, seq.num_tokens))
+        self.bm.commit(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, len(seq.token_ids)))
 
     def launched(self, out: SchedulerOutput) -> None:
         """``out``'s step is on the device: its tokens count as computed (their blocks go to the
