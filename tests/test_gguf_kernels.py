@@ -145,6 +145,15 @@ def test_embedding_rows_are_gguf_dequantize_rows(kind: str) -> None:
     torch.testing.assert_close(got.float(), want, rtol=2.0**-7, atol=0.0)
 
 
+def test_the_gemm_splits_k_below_the_dequantize_threshold() -> None:
+    """Unsplit 64-row tiles of 65-127 rows leave most of a GPU idle: every row count the GEMM
+    serves splits a narrow layer's K; from DEQUANT_MIN_ROWS rows the call goes to cuBLAS."""
+    dev, sms = torch.device("cpu"), 132  # an H100's SMs
+    for m in (2, 64, 65, gm.DEQUANT_MIN_ROWS - 1):
+        cfg = gm.choose_config(m, 4096, 14336, dev, sms)
+        assert not cfg.gemv and cfg.split_k > 1 and m <= gm.SPLIT_K_MAX_ROWS
+
+
 def test_other_types_and_shapes_are_refused() -> None:
     x = torch.randn(1, 256, device=DEVICE)
     with pytest.raises(ValueError, match="GGUF type Q3_K has no GPU kernel"):

@@ -183,6 +183,9 @@ def test_configs_split_k_only_while_the_grid_is_small() -> None:
     assert wide.split_k < dec.split_k
     pre = w4a16.choose_config(2048, 4096, 4096, 128, dev, sms)
     assert not pre.gemv and pre.split_k == 1
+    # Every row count the GEMM serves in a call (below DEQUANT_MIN_ROWS) splits a narrow layer's K.
+    for m in (2, 64, 65, w4a16.DEQUANT_MIN_ROWS - 1):
+        assert w4a16.choose_config(m, 4096, 14336, 128, dev, sms).split_k > 1
     assert w4a16.choose_config(16, 4096, 4096, 32, dev, sms).block_k <= 32
 
 

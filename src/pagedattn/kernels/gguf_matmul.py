@@ -27,11 +27,11 @@ Three forms, as :mod:`.w4a16`:
 * **decode** (:func:`_gguf_gemv_kernel`, one activation row): a ``[BLOCK_N, groups, 32]``
   tile of dequantized weights times the row, summed on the CUDA cores in fp32; K is split over
   ``split_k`` programs whose fp32 partials the last of them adds in a fixed order.  Q4_K,
-  the most used type, has its own (:func:`_q4k_gemv_kernel`): whole super-blocks, the codes
-  read as 32-bit words, three instructions a weight.
+  the most used type, has its own (:func:`_q4k_gemv_kernel`): whole super-blocks, the header
+  and the codes read as 32-bit words, three instructions a weight.
 * **GEMM** (:func:`_gguf_gemm_kernel`, any M): each K step dequantizes a ``[BLOCK_K, BLOCK_N]``
   tile, rounds it to the activation dtype (the weight a dense model of that dtype holds) and
-  feeds ``tl.dot``; small batches split K too.
+  feeds ``tl.dot``, splitting K below ``DEQUANT_MIN_ROWS`` rows.
 * **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more: a
   large decode batch or a prefill chunk): the weight written once in the activation dtype, then the dense GEMM.
 
@@ -71,12 +71,12 @@ GGUF_BLOCKS: dict[str, tuple[int, int]] = {
 _KIND_IDS = {name: i for i, name in enumerate(GGUF_BLOCKS)}  # the kernels' constexpr
 GROUP = 32  # every type's weights come in groups of 32 along K
 GEMV_MAX_ROWS = 1
-SPLIT_K_MAX_ROWS = 64
 # From this many rows (a large decode batch, a prefill chunk) a call dequantizes its weight into
 # the activation dtype and multiplies it densely (cuBLAS), as :mod:`.w4a16` does (Q4_K on the 8B
 # shapes: gate_up equal at 128 rows and 1.6x faster at 256, down 2-2.3x faster at both).  See
 # docs/benchmarks.md.
 DEQUANT_MIN_ROWS = 128
+SPLIT_K_MAX_ROWS = DEQUANT_MIN_ROWS - 1  # below it the GEMM splits K, as in .w4a16
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of {GROUP}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     blocks = blocks if blocks.is_contiguous() else blocks.contiguous()
-    if config is None and m >= DEQUANT_MIN_ROWS:  # a prefill chunk: dequantize, then the dense GEMM
+    if config is None and m >= DEQUANT_MIN_ROWS:  # dequantize, then the dense GEMM
         return dense_matmul(x, dequantize(blocks, kind, x.dtype).t(), bias, out)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)

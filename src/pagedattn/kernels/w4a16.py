@@ -18,7 +18,7 @@ Three forms, one dequantization:
 * **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles; each K step loads a
   ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
   the activation dtype (the same weight a dense model holds after dequantization) and feeds
-  ``tl.dot``.  Small batches (decode of 2-64 rows) split K too; prefill does not.
+  ``tl.dot``; it splits K (every call it serves is below ``DEQUANT_MIN_ROWS`` rows).
 * **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more: a
   large decode batch or a prefill chunk): one pass writes ``W^T`` in the activation dtype, rounded as the GEMM rounds
   it, and the dense GEMM multiplies; its memory is transient (the warm-up's memory profile,
@@ -45,13 +45,16 @@ except ImportError:  # a CPU-only install: only the reference runs
     tl = None
 
 GEMV_MAX_ROWS = 1  # rows served by the CUDA-core GEMV; more go through the tensor-core kernel
-SPLIT_K_MAX_ROWS = 64  # up to this many rows the GEMM splits K to fill the GPU
 # From this many rows (a large decode batch, a prefill chunk) a call dequantizes its weight (one
 # pass writing it in the activation dtype) and multiplies it densely (cuBLAS).  On the 8B shapes
 # against the dequantizing GEMM: down 2x faster at 128 and 256 rows, gate_up 0.7x at 128 and 1.2x
 # at 256 (a layer's two together gain from 128), equal at 2048; at 64 rows and fewer the split-K
 # GEMM wins by 2x.  See docs/benchmarks.md.
 DEQUANT_MIN_ROWS = 128
+# Below that the GEMM splits K to fill the GPU: unsplit, 64-row tiles of 65-127 rows leave
+# most SMs idle (the down projection at 128 rows ran at 0.24x bf16's time against 0.94x at 64,
+# split).
+SPLIT_K_MAX_ROWS = DEQUANT_MIN_ROWS - 1
 
 
 @dataclass(frozen=True)
