@@ -264,6 +264,7 @@ def test_async_scheduling_keeps_outputs(model_dirs):
         llm = _llm(path, async_scheduling=True, **kw)
         assert _greedy(llm, prompts) == baseline, kw
         assert llm.get_metrics()["kv_blocks_used"] == 0
+        assert not llm.engine.has_unfinished_requests(), kw  # the step launched ahead is processed too
         llm.engine.check_integrity()
     # Requests stopping at different steps leave the overlapped batch one by one.
     ragged = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 24, 7, 1, 16, 11)]

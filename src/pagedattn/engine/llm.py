@@ -95,6 +95,7 @@ class LLM:
                         results[out.request_id] = out
                         pending.discard(out.request_id)
                         bar.update(1)
+            self.engine.settle()  # return with the engine idle
         except BaseException:
             for rid in ids:  # leave nothing half-done in the engine
                 self.engine.abort_request(rid)
@@ -120,6 +121,7 @@ class LLM:
                         if out.finished:
                             pending.discard(out.request_id)
                         yield out
+            self.engine.settle()
         finally:
             for rid in pending:
                 self.engine.abort_request(rid)

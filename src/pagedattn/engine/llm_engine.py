@@ -181,6 +181,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
+    def settle(self) -> None:
+        """With no request left to run, process the step still in flight (the overlapped loop
+        launched it before learning that its sequences had finished), so the engine is idle."""
+        while self._inflight is not None and not self.scheduler.has_unfinished():
+            self.step()
+
     # ================================================================== the step
     def step(self) -> list[RequestOutput]:
         """Schedule, launch the step, and return outputs of requests that changed.
