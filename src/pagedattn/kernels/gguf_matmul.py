@@ -230,15 +230,20 @@ if triton is not None:
         return tl.load(h_ptr + byte_offs // 2, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _k_scale_min(w_ptr, blk, s, mask):
-        """Sub-block ``s``'s 6-bit scale and min of a Q4_K/Q5_K super-block at ``blk`` (ggml's
-        ``get_scale_min_k4``: 12 bytes from offset 4; the last four sub-blocks split their bits)."""
-        a = _byte(w_ptr, blk + 4 + s, mask)
-        b = _byte(w_ptr, blk + 8 + s, mask)
-        c = _byte(w_ptr, blk + s, mask)  # for s >= 4: scale byte s - 4
-        sc = tl.where(s < 4, a & 63, (b & 15) | ((c >> 6) << 4))
-        mn = tl.where(s < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
+    def _k_scale_min_of(a, b, c, s):
+        """Sub-block ``s``'s 6-bit scale and min of a Q4_K/Q5_K super-block (ggml's
+        ``get_scale_min_k4``) from its scale bytes ``t = s % 4``, ``t + 4`` and ``t + 8`` (``a``,
+        ``b``, ``c``; 12 bytes from offset 4): the last four sub-blocks split their bits."""
+        sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 6) << 4))
+        mn = tl.where(s < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
         return sc.to(tl.float32), mn.to(tl.float32)
+
+    @triton.jit
+    def _k_scale_min(w_ptr, blk, s, mask):
+        """:func:`_k_scale_min_of` for the super-block at byte ``blk``, its scale bytes loaded."""
+        t = s % 4
+        return _k_scale_min_of(_byte(w_ptr, blk + 4 + t, mask), _byte(w_ptr, blk + 8 + t, mask),
+                               _byte(w_ptr, blk + 12 + t, mask), s)
 
     @triton.jit
     def _byte_of(words, i):
@@ -247,15 +252,10 @@ if triton is not None:
 
     @triton.jit
     def _k_scale_min_words(w1, w2, w3, s):
-        """:func:`_k_scale_min` from the scale bytes already in registers as three words
+        """:func:`_k_scale_min_of` from the scale bytes already in registers as three words
         (``w1``: bytes 4-7 of the super-block, ``w2``: 8-11, ``w3``: 12-15)."""
         t = s % 4
-        a = _byte_of(w1, t)  # byte s (s < 4) or s - 4
-        b = _byte_of(w2, t)  # byte s + 4 (s < 4) or s
-        c = _byte_of(w3, t)  # byte s + 4 (s >= 4)
-        sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 6) << 4))
-        mn = tl.where(s < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
-        return sc.to(tl.float32), mn.to(tl.float32)
+        return _k_scale_min_of(_byte_of(w1, t), _byte_of(w2, t), _byte_of(w3, t), s)
 
     @triton.jit
     def _half_of(word, high: tl.constexpr):
