@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts, outs = requests(args, config["vocab_size"])
     engine_args: dict[str, Any] = {"device": args.device}
     if args.smoke:
-        # the overlapped loop, as on a GPU (a step can stay in flight past generate())
+        # the overlapped loop, as on a GPU
         engine_args.update(num_kv_blocks=256, block_size=4, swap_space_gib=0.01, async_scheduling=True)
     else:
         engine_args.update(max_model_len=max(map(len, prompts)) + max(outs) + 16, max_num_seqs=256,

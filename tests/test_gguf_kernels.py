@@ -121,9 +121,9 @@ def test_prefill_rows_dequantize_then_multiply_densely(kind: str, monkeypatch: p
     """From ``DEQUANT_MIN_ROWS`` rows the call writes the whole weight in the activation dtype
     and multiplies it densely: the same product, with the bias, into a column slice."""
     monkeypatch.setattr(gm, "DEQUANT_MIN_ROWS", 6)
+    real = gm.dequantize
     seen = []
-    monkeypatch.setattr(gm, "dequantize", lambda *a: seen.append(a[1]) or gm.gguf_embedding(
-        torch.arange(a[0].shape[0], device=a[0].device), *a))
+    monkeypatch.setattr(gm, "dequantize", lambda *a: seen.append(a[1]) or real(*a))
     x, blocks = _case(kind, 7, 24, 1280, torch.float32, "dense")
     bias = torch.randn(24, generator=seeded_generator(kind, "dense-bias")).to(DEVICE)
     wide = torch.full((7, 40), 7.0, device=DEVICE)
