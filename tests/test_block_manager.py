@@ -118,7 +118,7 @@ def test_append_one_token_at_a_time_grows_only_when_full() -> None:
         before = list(bm.block_table("a"))
         last_full = len(toks) % bs == 0
         assert decode(bm, "a", toks, rng.randrange(100)) == []
-        after = bm.block_table("a")
+        after = list(bm.block_table("a"))
         assert after[: len(before)] == before, "existing entries never move"
         assert len(after) == len(before) + (1 if last_full else 0)
         assert len(after) == cdiv(len(toks), bs)
@@ -223,8 +223,8 @@ def test_copy_on_write_into_shared_partial_block() -> None:
     pairs = decode(bm, "b", child_toks, 11)
     (src, dst), = pairs
     assert src == shared_partial and dst not in (shared_full, shared_partial)
-    assert bm.block_table("b") == [shared_full, dst]
-    assert bm.block_table("a") == [shared_full, shared_partial], "the parent keeps its block"
+    assert list(bm.block_table("b")) == [shared_full, dst]
+    assert list(bm.block_table("a")) == [shared_full, shared_partial], "the parent keeps its block"
     assert bm.gpu.refcount(shared_full) == 2
     assert bm.gpu.refcount(shared_partial) == 1 and bm.gpu.refcount(dst) == 1
     assert bm.stats.num_cow_copies == 1
@@ -283,7 +283,7 @@ def test_prefix_reuse_across_sequences() -> None:
     p2 = shared + rand_tokens(rng, 5)
     prefill(bm, "a", p1)
     m = prefill(bm, "b", p2)
-    assert m.num_tokens == 8 and m.blocks == bm.block_table("a")[:2]
+    assert m.num_tokens == 8 and m.blocks == list(bm.block_table("a"))[:2]
     ta, tb = bm.block_table("a"), bm.block_table("b")
     assert tb[:2] == ta[:2] and tb[2] != ta[2]
     assert all(bm.gpu.refcount(b) == 2 for b in ta[:2])
@@ -295,12 +295,12 @@ def test_prefix_survives_its_owner_and_is_revived() -> None:
     bm = BlockManager(16, 4)
     prompt = rand_tokens(rng, 10)
     prefill(bm, "a", prompt)
-    cached = bm.block_table("a")[:2]
+    cached = list(bm.block_table("a"))[:2]
     step(bm, lambda: bm.free("a"))
     assert all(bm.cache.is_parked(b) for b in cached)
     free_before = bm.num_free_blocks
     m = prefill(bm, "b", prompt)
-    assert m.blocks == cached and bm.block_table("b")[:2] == cached
+    assert m.blocks == cached and list(bm.block_table("b"))[:2] == cached
     assert not any(bm.cache.is_parked(b) for b in cached)
     assert free_before - bm.num_free_blocks == 3  # 2 revived + 1 new
 
@@ -423,14 +423,14 @@ def test_swap_out_and_in_preserves_sharing_within_the_group() -> None:
     rng = random.Random(22)
     bm = BlockManager(16, 4, num_cpu_blocks=8, enable_prefix_caching=False)
     _family(bm, rng)
-    ta, tb = bm.block_table("a"), bm.block_table("b")
+    ta, tb = list(bm.block_table("a")), list(bm.block_table("b"))
     assert ta[:2] == tb[:2] and ta[2] != tb[2]
     assert bm.can_swap_out(["a", "b"])
     out = step(bm, lambda: bm.swap_out(["a", "b"]))
     assert len(out) == 4, "each unique block copied once"
     assert bm.is_swapped("a") and bm.is_swapped("b")
     assert bm.num_used_blocks == 0
-    ca, cb = bm.swapped_block_table("a"), bm.swapped_block_table("b")
+    ca, cb = list(bm.swapped_block_table("a")), list(bm.swapped_block_table("b"))
     gpu_to_cpu = dict(out)
     assert ca == [gpu_to_cpu[b] for b in ta] and cb == [gpu_to_cpu[b] for b in tb]
     assert ca[:2] == cb[:2] and all(bm.cpu.refcount(b) == 2 for b in ca[:2])
@@ -473,7 +473,7 @@ def test_swap_in_reshares_blocks_the_prefix_cache_still_holds() -> None:
     assert all(bm.cache.is_parked(b) for b in table[:2])
     back = step(bm, lambda: bm.swap_in(["a"]))
     assert len(back) == 1, "only the partial block is copied back"
-    assert bm.block_table("a")[:2] == table[:2]
+    assert list(bm.block_table("a"))[:2] == table[:2]
     assert bm.stats.num_swapped_in_blocks == 1
 
 
@@ -613,7 +613,7 @@ def test_window_released_full_blocks_stay_cached() -> None:
     prefill(bm, "a", toks)
     first = bm.block_table("a")[:2]
     decode(bm, "a", toks, 1)
-    assert bm.block_table("a")[:2] == [NULL_BLOCK, NULL_BLOCK]
+    assert list(bm.block_table("a"))[:2] == [NULL_BLOCK, NULL_BLOCK]
     assert all(bm.cache.is_parked(b) for b in first)
 
 
@@ -630,7 +630,7 @@ def test_window_prefix_match_needs_only_covered_blocks() -> None:
     assert m.num_tokens == 16
     assert m.blocks == [NULL_BLOCK, NULL_BLOCK, a2, a3]
     assert step(bm, lambda: bm.allocate_slots("b", 16, 1, m))
-    tb = bm.block_table("b")
+    tb = list(bm.block_table("b"))
     assert tb[:4] == [NULL_BLOCK, NULL_BLOCK, a2, a3] and tb[4] not in (a2, a3)
     assert bm.gpu.refcount(a2) == 2
     # The match really did without blocks 0 and 1: the cache no longer holds them.

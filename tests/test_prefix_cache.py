@@ -102,7 +102,7 @@ def test_forced_collision_through_the_block_manager(monkeypatch: pytest.MonkeyPa
     assert bm.match_prefix(other).num_tokens == 0
     again = bm.match_prefix(p1)
     # Block 0 matches (real contents); block 1 collides with block 0's digest and is refused.
-    assert again.num_tokens == 4 and again.blocks == bm.block_table("a")[:1]
+    assert again.num_tokens == 4 and again.blocks == list(bm.block_table("a"))[:1]
     bm.check_integrity()
 
 

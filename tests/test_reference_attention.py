@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -297,10 +299,14 @@ def _steps(draw: st.DrawFn) -> tuple[list[int], list[int], list[list[int]], int]
 
 
 @settings(max_examples=100, deadline=None)
-@given(_steps())
-def test_host_batch_is_the_per_token_arithmetic(step: tuple[list[int], list[int], list[list[int]], int]) -> None:
+@given(_steps(), st.sampled_from(["lists", "arrays", "mixed"]))
+def test_host_batch_is_the_per_token_arithmetic(step: tuple[list[int], list[int], list[list[int]], int],
+                                                tables_as: str) -> None:
+    """Tables given as lists, or as the block manager's int32 arrays (joined as bytes), or both."""
     query_lens, seq_lens, tables, bs = step
-    batch = HostBatch.build(query_lens, seq_lens, tables, bs)
+    given_tables: list[Sequence[int]] = [
+        array("i", t) if tables_as == "arrays" or (tables_as == "mixed" and i % 2) else t for i, t in enumerate(tables)]
+    batch = HostBatch.build(query_lens, seq_lens, given_tables, bs)
     positions = [sl - ql + j for ql, sl in zip(query_lens, seq_lens) for j in range(ql)]
     owners = [i for i, ql in enumerate(query_lens) for _ in range(ql)]
     assert batch.positions.tolist() == positions

@@ -14,6 +14,8 @@ per-step state (:class:`BackendState`), so a backend behaves the same whoever ca
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -48,7 +50,7 @@ class HostBatch:
         return int(self.slots.shape[0])
 
     @classmethod
-    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: Sequence[Sequence[int]], block_size: int,
               pad_blocks_to: int | None = None) -> HostBatch:
         """Validate a step and compute its positions, slots and block table (``pad_blocks_to``:
         at least that many columns).  Vectorised: a decode batch of hundreds of rows costs a
@@ -69,7 +71,7 @@ class HostBatch:
         return cls(block_size, ql, sl, tables, positions, slots, num_decodes)
 
 
-def _check_lengths(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+def _check_lengths(query_lens: list[int], seq_lens: list[int], block_tables: Sequence[Sequence[int]],
                    block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(query_lens, seq_lens, table sizes)`` as int64 arrays, after checking they make a step."""
     if not (len(query_lens) == len(seq_lens) == len(block_tables)):
@@ -91,11 +93,15 @@ def _check_lengths(query_lens: list[int], seq_lens: list[int], block_tables: lis
     return ql, sl, sizes
 
 
-def _pad_tables(block_tables: list[list[int]], sizes: np.ndarray, width: int) -> np.ndarray:
+def _pad_tables(block_tables: Sequence[Sequence[int]], sizes: np.ndarray, width: int) -> np.ndarray:
     """The ragged tables as one ``[B, width]`` int32 array, -1 past each row's end (block ids
     fit: pools hold fewer than 2**31 blocks).  A boolean mask assigns in row-major order, so the
     flattened ids land in their rows in one vectorised step."""
-    flat = np.fromiter(chain.from_iterable(block_tables), dtype=np.int32, count=int(sizes.sum()))
+    total = int(sizes.sum())
+    if all(type(t) is array and t.typecode == "i" for t in block_tables):  # the block manager's tables
+        flat = np.frombuffer(b"".join(block_tables), dtype=np.int32, count=total)  # type: ignore[arg-type]
+    else:
+        flat = np.fromiter(chain.from_iterable(block_tables), dtype=np.int32, count=total)
     out = np.full((sizes.shape[0], width), -1, dtype=np.int32)
     out[np.arange(width) < sizes[:, None]] = flat
     return out
@@ -159,7 +165,7 @@ class AttentionMetadata:
         cls,
         query_lens: list[int],
         seq_lens: list[int],
-        block_tables: list[list[int]],
+        block_tables: Sequence[Sequence[int]],
         block_size: int,
         device: torch.device | str = "cpu",
         pad_blocks_to: int | None = None,

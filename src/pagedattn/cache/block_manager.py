@@ -12,6 +12,7 @@ because the window masks those positions.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,10 @@ from .prefix_cache import BlockKey, Digest, PrefixCache
 
 NULL_BLOCK = -1
 SeqId = Hashable
+# A sequence's block table: C ints (32 bits, as the attention kernels read them), so a step's
+# tables join into one array with a memory copy per row instead of a Python int per block.
+BlockTable = array
+assert array("i").itemsize == 4
 EventListener = Callable[[str, dict[str, Any]], None]
 
 
@@ -53,7 +58,7 @@ _NO_COPIES = Slots()
 
 @dataclass
 class _SeqState:
-    blocks: list[int] = field(default_factory=list)
+    blocks: BlockTable = field(default_factory=lambda: array("i"))
     keys: list[BlockKey] = field(default_factory=list)  # chain over the leading full blocks
     extra_key: object = None
     on_cpu: bool = False
@@ -128,13 +133,14 @@ class BlockManager:
     def is_swapped(self, seq_id: SeqId) -> bool:
         return self._seqs[seq_id].on_cpu
 
-    def block_table(self, seq_id: SeqId) -> list[int]:
+    def block_table(self, seq_id: SeqId) -> BlockTable:
+        """The sequence's table itself (not a copy): read it before the manager's next change."""
         st = self._seqs[seq_id]
         if st.on_cpu:
             raise RuntimeError(f"sequence {seq_id!r} is swapped out; swap it in first")
         return st.blocks
 
-    def swapped_block_table(self, seq_id: SeqId) -> list[int]:
+    def swapped_block_table(self, seq_id: SeqId) -> BlockTable:
         """CPU block table of a swapped-out sequence (for swap executors, tests and viz)."""
         st = self._seqs[seq_id]
         if not st.on_cpu:
@@ -237,7 +243,7 @@ class BlockManager:
                 for b in prefix.blocks:
                     if b != NULL_BLOCK:
                         self._take_ref(b, seq_id)
-                st.blocks = list(prefix.blocks)
+                st.blocks = array("i", prefix.blocks)
                 st.keys = list(prefix.keys)
                 st.num_released = sum(b == NULL_BLOCK for b in prefix.blocks)
             self._seqs[seq_id] = st
@@ -306,7 +312,7 @@ class BlockManager:
         for b in p.blocks:
             if b != NULL_BLOCK:
                 self.gpu.incref(b)
-        self._seqs[child_id] = _SeqState(list(p.blocks), list(p.keys), p.extra_key, False, p.num_released)
+        self._seqs[child_id] = _SeqState(array("i", p.blocks), list(p.keys), p.extra_key, False, p.num_released)
         shared = [b for b in p.blocks if b != NULL_BLOCK]
         self._emit("fork", {"seq": child_id, "parent": parent_id, "blocks": shared}, gpu=shared, seqs=(child_id,))
 
@@ -404,7 +410,7 @@ class BlockManager:
             copies.append((src, mapping[src]))
         for s in seq_ids:
             st = self._seqs[s]
-            new_blocks = []
+            new_blocks = array("i")
             for b in st.blocks:
                 if b == NULL_BLOCK:
                     new_blocks.append(b)

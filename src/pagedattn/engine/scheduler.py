@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..cache.block_manager import BlockManager, PrefixMatch, Slots
+from ..cache.block_manager import BlockManager, BlockTable, PrefixMatch, Slots
 from ..config import EngineConfig
 from ..runtime.model_runner import KVOp
 from .sequence import Request, RequestStatus, Sequence
@@ -98,7 +98,7 @@ class Scheduler:
         if self.bm.has_seq(seq.seq_id):
             self.bm.free(seq.seq_id)
 
-    def block_table(self, seq_id: str) -> list[int]:
+    def block_table(self, seq_id: str) -> BlockTable:
         return self.bm.block_table(seq_id)
 
     def commit(self, seq: Sequence) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from ..runtime.model_runner import StepInput
 from .prompt_logprobs import prompt_positions
@@ -16,7 +16,7 @@ _PLACEHOLDER = 0
 class StepBuilder:
     """Turns the scheduler's decisions into :class:`StepInput` (reads block tables only)."""
 
-    def __init__(self, block_table: Callable[[str], list[int]]) -> None:
+    def __init__(self, block_table: Callable[[str], Sequence[int]]) -> None:
         self.block_table = block_table
 
     def build(self, sched: SchedulerOutput, prev_rows: Mapping[str, int] | None = None,

@@ -14,6 +14,7 @@ The work is split in two so that tensor parallelism shares everything but the bo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,8 @@ class StepInput:
     kv_ops: list[KVOp] = field(default_factory=list)  # block moves to run first, in order
     query_lens: list[int] = field(default_factory=list)  # new tokens per sequence
     seq_lens: list[int] = field(default_factory=list)  # tokens with K/V per sequence after the step
-    block_tables: list[list[int]] = field(default_factory=list)  # physical blocks (-1: window-released)
+    # Physical blocks (-1: window-released); the block manager's int32 arrays, or lists.
+    block_tables: list[Sequence[int]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # the new tokens, flattened [sum(query_lens)]
     sample_rows: list[int] = field(default_factory=list)  # rows of the flattened batch whose logits return
     # Per sequence, the tokens it holds (prompt and generated so far, pending ones included; None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +78,8 @@ class _StepMaker:
         own = [cdiv(s, bs) - shared_blocks for s in seq_lens]
         if shared_blocks + sum(own) > lim.num_blocks:
             return None
-        tables, nxt = [], shared_blocks
+        tables: list[Sequence[int]] = []
+        nxt = shared_blocks
         for n in own:
             tables.append(list(range(shared_blocks)) + list(range(nxt, nxt + n)))
             nxt += n
