@@ -330,6 +330,24 @@ def test_overlapped_steps_admit_new_requests_and_honour_min_tokens(model_dirs, m
     assert len(sync["2"]) >= 6 and eos not in sync["2"][:5]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_every_computed_block_of_the_output_reaches_the_prefix_cache(model_dirs, async_scheduling):
+    """A finished sequence's full blocks of computed tokens (all but its last token) are in the
+    prefix cache, whichever token filled the last of them: with overlapped steps that token was
+    still pending when the step computing it launched, and its block waits for it."""
+    llm = _llm(model_dirs["llama3_untied_gqa"], async_scheduling=async_scheduling, enable_prefix_caching=True)
+    bs = llm.engine.config.block_size
+    rng = random.Random(7)
+    for out_len in range(1, 2 * bs + 2):
+        prompt = [rng.randrange(3, 320) for _ in range(rng.randrange(2, 3 * bs))]
+        sp = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+        (first,) = llm.generate([prompt], sp, use_tqdm=False)
+        seen = prompt + list(first.outputs[0].token_ids)
+        (again,) = llm.generate([seen], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+        assert again.num_cached_tokens == (len(seen) - 1) // bs * bs, (len(prompt), out_len)
+        llm.engine.check_integrity()
+
+
 @pytest.mark.parametrize(("mode", "blocks"), [("swap", 10), ("recompute", 9)])
 def test_request_preempting_itself_after_scheduling_a_sibling_drops_it_from_the_step(model_dirs, mode, blocks):
     """The newest request's first sample gets its slot, the second does not: the request

@@ -139,6 +139,6 @@ class BlockAllocator:
         assert all(self._is_free[b] for b in self._free), "free list holds a used block"
 
     def _check_id(self, block_id: int) -> None:
-        # bool is an int subclass, but True/False as a block id is always a caller bug.
-        if not isinstance(block_id, int) or isinstance(block_id, bool) or not 0 <= block_id < self.num_blocks:
+        # Exactly int: bool is an int subclass, but True/False as a block id is always a caller bug.
+        if type(block_id) is not int or not 0 <= block_id < self.num_blocks:
             raise BlockError(f"unknown {self.name} block id {block_id!r} (pool has {self.num_blocks})")

@@ -121,7 +121,8 @@ class LLMEngine:
         self.block_manager = BlockManager(  # blocks are released only where *every* layer's window allows
             num_blocks, config.block_size, num_cpu_blocks=num_cpu, enable_prefix_caching=config.enable_prefix_caching,
             sliding_window=self.arch.uniform_sliding_window, watermark=config.watermark)
-        self.scheduler = Scheduler(config, self.block_manager, self.arch.kv_variant)
+        self.scheduler = Scheduler(config, self.block_manager,
+                                   self.arch.kv_variant if self.arch.has_kv_variants else None)
         self.step_builder = StepBuilder(self.scheduler.block_table)
         self.sampler = Sampler(self.device, config.seed)
         if self.device.type == "cuda":
@@ -280,11 +281,14 @@ class LLMEngine:
             for r in sched.preempted:
                 self.tracer.event("preempt", request=r.request_id, to=r.status.value)
             self.tracer.end_step(self.num_steps - 1, self.scheduler.step_stats(sched))
-        unique = list({id(r): r for r in touched}.values())
-        for req in unique:
+        outputs = []
+        for req in {id(r): r for r in touched}.values():
             if req.finished:
                 self.requests.pop(req.request_id, None)
-        return [request_output(req) for req in unique if req.stream or req.finished]
+            elif not req.stream:
+                continue
+            outputs.append(request_output(req))
+        return outputs
 
     # ================================================================== metrics & tracing
     def get_metrics(self) -> dict[str, float | int]:

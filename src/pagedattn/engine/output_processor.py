@@ -72,7 +72,11 @@ class OutputProcessor:
                 now: float) -> None:
         seq.token_ids.append(tok)
         accept_token(seq, tok)  # structured output: advance the sample's grammar
-        self.scheduler.commit(seq)  # the blocks that waited for this token
+        # A token the device computes already (the overlapped loop launched the next step before
+        # this one's tokens came back): its block was left uncommitted until the token was known.
+        # Otherwise the launch of the step that computed the sequence committed all there is.
+        if seq.num_computed_tokens >= len(seq.token_ids):
+            self.scheduler.commit(seq)
         if lp is not None:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += slp or 0.0

@@ -32,18 +32,20 @@ from ..runtime.model_runner import KVOp
 from .sequence import Request, RequestStatus, Sequence
 
 
-@dataclass
 class ScheduledSeq:
-    request: Request
-    seq: Sequence
-    num_new_tokens: int
-    start: int = field(init=False)  # the first new token's position
-    samples: bool = field(init=False)  # this chunk reaches the end of the sequence: it samples
+    """``num_new_tokens`` of ``seq`` from position ``start``; ``samples``: the chunk reaches the
+    sequence's end, so its last row samples.  Both fixed when scheduled (launching the step
+    moves ``seq.num_computed_tokens`` on)."""
 
-    def __post_init__(self) -> None:
-        # Fixed when scheduled: launching the step moves ``seq.num_computed_tokens`` on.
-        self.start = self.seq.num_computed_tokens
-        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens + self.seq.num_pending
+    __slots__ = ("num_new_tokens", "request", "samples", "seq", "start")
+
+    def __init__(self, request: Request, seq: Sequence, num_new_tokens: int) -> None:
+        self.request, self.seq, self.num_new_tokens = request, seq, num_new_tokens
+        self.start = start = seq.num_computed_tokens
+        self.samples = start + num_new_tokens == len(seq.token_ids) + seq.num_pending
+
+    def __repr__(self) -> str:
+        return f"ScheduledSeq({self.seq.seq_id!r}, start={self.start}, num_new_tokens={self.num_new_tokens})"
 
 
 @dataclass
@@ -104,16 +106,18 @@ class Scheduler:
     def commit(self, seq: Sequence) -> None:
         """Publish ``seq``'s computed blocks whose tokens are all known (a pending token's are
         not yet) to the prefix cache; nothing for a sequence swapped out or freed."""
-        self.bm.commit(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, len(seq.token_ids)))
+        ids = seq.token_ids
+        self.bm.commit(seq.seq_id, ids, min(seq.num_computed_tokens, len(ids)))
 
     def launched(self, out: SchedulerOutput) -> None:
         """``out``'s step is on the device: its tokens count as computed (their blocks go to the
         prefix cache now: any later step that reads them runs after this one), and each sampling
         row's token is pending until the host applies it."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            self.commit(s.seq)
-            s.seq.num_pending += s.samples
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            self.commit(seq)
+            seq.num_pending += s.samples
 
     def fork(self, req: Request) -> None:
         """The first token of ``n`` samples: samples 1..n-1 share sample 0's blocks (before any

@@ -99,8 +99,11 @@ class Request:
     # With params.prompt_logprobs: one entry per prompt token computed so far (the first is None).
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
+    # params.plain_greedy, read once: the step builder asks it of every sampling row.
+    plain_greedy: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.plain_greedy = self.params.plain_greedy
         if not self.seqs:
             self.seqs = [Sequence(f"{self.request_id}#0", 0, list(self.prompt_token_ids), len(self.prompt_token_ids))]
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -114,11 +117,12 @@ class Request:
 
     @property
     def live_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.finished]
+        return [s for s in self.seqs if s.finish_reason is None]
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+        # Asked of every request at every step: a list, not all() over a generator (twice as slow).
+        return len(self.seqs) == self.params.n and None not in [s.finish_reason for s in self.seqs]
 
     @property
     def can_overlap(self) -> bool:
@@ -134,4 +138,5 @@ class Request:
     @property
     def prefill_done(self) -> bool:
         """True once the first token was sampled (siblings may exist)."""
-        return self.seqs[0].num_output_tokens > 0
+        first = self.seqs[0]
+        return len(first.token_ids) > first.prompt_len

@@ -26,11 +26,12 @@ class StepBuilder:
         step = StepInput(kv_ops=list(sched.kv_ops), prev_greedy=prev_greedy, num_prev=len(prev_rows or ()),
                          total_lens=[])
         assert step.total_lens is not None
-        step.greedy = all(s.request.params.plain_greedy for s in sched.scheduled if s.samples)
+        step.greedy = all(s.request.plain_greedy for s in sched.scheduled if s.samples)
         tokens = step.token_ids
         for s in sched.scheduled:
             seq, c, n = s.seq, s.start, s.num_new_tokens
-            step.prompt_rows.extend(len(tokens) + p - c for p in prompt_positions(s.request, seq, c, n))
+            if s.request.prompt_logprobs is not None:
+                step.prompt_rows.extend(len(tokens) + p - c for p in prompt_positions(s.request, seq, c, n))
             known = seq.token_ids[c:c + n]
             tokens.extend(known)
             if len(known) < n:  # the last one is pending: it comes from the step in flight

@@ -140,6 +140,11 @@ class ModelArchConfig:
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else str(self.rope_scaling["rope_type"])
 
+    @property
+    def has_kv_variants(self) -> bool:
+        """Whether :meth:`kv_variant` can be other than None (else the engine never asks it)."""
+        return self.rope_scaling is not None and self.rope_type == "longrope"
+
     def kv_variant(self, num_tokens: int) -> str | None:
         """What the K/V of a sequence of ``num_tokens`` tokens depend on besides its tokens and
         their positions (None: nothing).  LongRoPE computes every token of a sequence longer than
