@@ -71,7 +71,8 @@ class OutputProcessor:
     def _append(self, req: Request, seq: Sequence, tok: int, lp: dict[int, float] | None, slp: float | None,
                 now: float) -> None:
         seq.token_ids.append(tok)
-        accept_token(seq, tok)  # structured output: advance the sample's grammar
+        if seq.grammar is not None:  # structured output: advance the sample's grammar
+            accept_token(seq, tok)
         # A token the device computes already (the overlapped loop launched the next step before
         # this one's tokens came back): its block was left uncommitted until the token was known.
         # Otherwise the launch of the step that computed the sequence committed all there is.

@@ -160,7 +160,8 @@ class Scheduler:
             for seq in self._active_seqs(req):
                 if budget == 0:
                     break
-                self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
+                if self.kv_variant is not None:  # (not the sum below for every row of every step)
+                    self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
                 n = min(seq.num_uncomputed, budget)
                 if n == 0:
                     continue

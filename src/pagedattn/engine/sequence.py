@@ -99,11 +99,15 @@ class Request:
     # With params.prompt_logprobs: one entry per prompt token computed so far (the first is None).
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
-    # params.plain_greedy, read once: the step builder asks it of every sampling row.
+    # What the params say about every step, read once (asked of every row of every step):
+    # params.plain_greedy, and the part of can_overlap that never changes.
     plain_greedy: bool = field(init=False)
+    _overlappable: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.plain_greedy = self.params.plain_greedy
+        p = self.params
+        self.plain_greedy = p.plain_greedy
+        self._overlappable = p.logprobs is None and not p.has_penalties and not self.bad_words_ids
         if not self.seqs:
             self.seqs = [Sequence(f"{self.request_id}#0", 0, list(self.prompt_token_ids), len(self.prompt_token_ids))]
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -131,9 +135,7 @@ class Request:
         (they fork), no penalties or bad words (their next logits read every token so far, the
         pending one too).  A grammar's next mask needs this token as well, but only to sample:
         the engine samples such a step after the previous one is processed, as its forward runs."""
-        p = self.params
-        return p.logprobs is None and not p.has_penalties and not self.bad_words_ids and \
-            (p.n == 1 or self.prefill_done)
+        return self._overlappable and (self.params.n == 1 or self.prefill_done)
 
     @property
     def prefill_done(self) -> bool:

@@ -23,12 +23,16 @@ class StepBuilder:
               prev_greedy: bool = False) -> StepInput:
         """``prev_rows``: the rows of the step still in flight, by sequence id, whose samples are
         pending tokens of this step's sequences (see :class:`StepInput`)."""
-        step = StepInput(kv_ops=list(sched.kv_ops), prev_greedy=prev_greedy, num_prev=len(prev_rows or ()),
-                         total_lens=[])
-        assert step.total_lens is not None
-        step.greedy = all(s.request.plain_greedy for s in sched.scheduled if s.samples)
+        rows = sched.scheduled
+        step = StepInput(
+            kv_ops=list(sched.kv_ops), prev_greedy=prev_greedy, num_prev=len(prev_rows or ()),
+            greedy=all(s.request.plain_greedy for s in rows if s.samples),
+            query_lens=[s.num_new_tokens for s in rows],
+            seq_lens=[s.start + s.num_new_tokens for s in rows],
+            total_lens=[len(s.seq.token_ids) + s.seq.num_pending for s in rows],
+            block_tables=[self.block_table(s.seq.seq_id) for s in rows])
         tokens = step.token_ids
-        for s in sched.scheduled:
+        for s in rows:
             seq, c, n = s.seq, s.start, s.num_new_tokens
             if s.request.prompt_logprobs is not None:
                 step.prompt_rows.extend(len(tokens) + p - c for p in prompt_positions(s.request, seq, c, n))
@@ -38,10 +42,6 @@ class StepBuilder:
                 assert prev_rows is not None and len(known) == n - 1, "only the last token can be pending"
                 step.from_prev.append((len(tokens), prev_rows[seq.seq_id]))
                 tokens.append(_PLACEHOLDER)
-            step.query_lens.append(n)
-            step.seq_lens.append(c + n)
-            step.total_lens.append(seq.num_tokens + seq.num_pending)
-            step.block_tables.append(self.block_table(seq.seq_id))
             if s.samples:
                 step.sample_rows.append(len(tokens) - 1)
         if not step.from_prev:
