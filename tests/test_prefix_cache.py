@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedattn.cache import BlockManager, prefix_cache
 from pagedattn.cache.prefix_cache import BlockKey, PrefixCache, hash_block
@@ -54,6 +56,22 @@ def test_extra_key_changes_the_digest() -> None:
 
 def test_negative_and_large_token_ids_hash() -> None:
     assert hash_block(None, [-1, 2**40]) != hash_block(None, [2**40, -1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([1, 2, 4, 8]), st.integers(0, 60), st.integers(0, 8), st.sampled_from([None, "salt", ("v", 2)]),
+       st.randoms(use_true_random=False))
+def test_block_manager_chain_is_the_block_by_block_chain(bs: int, n: int, start: int, extra: object,
+                                                         rng: random.Random) -> None:
+    """block_keys packs a chain's tokens once and hashes slices of it: the same keys as hashing
+    each block's tokens on its own, from the first block or continuing a chain."""
+    toks = [rng.randrange(-5, 2**40) for _ in range(n)]
+    full = n // bs
+    want = chain([toks[i * bs:(i + 1) * bs] for i in range(full)], extra)
+    bm = BlockManager(4, bs)
+    assert bm.block_keys(toks, full, extra) == want
+    begun = want[:min(start, full)]
+    assert bm.block_keys(toks, full, extra, start=begun) == want
 
 
 # ---------------------------------------------------------------------------------- match / insert

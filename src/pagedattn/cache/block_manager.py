@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .allocator import BlockAllocator, OutOfBlocksError
-from .prefix_cache import BlockKey, Digest, PrefixCache
+from .prefix_cache import BlockKey, Digest, PrefixCache, pack_tokens
 
 NULL_BLOCK = -1
 SeqId = Hashable
@@ -178,10 +178,15 @@ class BlockManager:
                    start: list[BlockKey] | None = None) -> list[BlockKey]:
         """The hash chain over the first ``num_blocks`` full blocks of ``token_ids``."""
         keys = list(start or [])
-        bs = self.block_size
+        bs, first = self.block_size, len(keys)
+        if num_blocks <= first:
+            return keys
         parent: Digest | None = keys[-1].digest if keys else None
-        for i in range(len(keys), num_blocks):
-            k = BlockKey.make(parent, token_ids[i * bs:(i + 1) * bs], extra_key)
+        packed = pack_tokens(token_ids[first * bs:num_blocks * bs])  # one conversion for the chain
+        nbytes = 8 * bs
+        for i in range(first, num_blocks):
+            j = (i - first) * nbytes
+            k = BlockKey.make(parent, token_ids[i * bs:(i + 1) * bs], extra_key, packed[j:j + nbytes])
             keys.append(k)
             parent = k.digest
         return keys
@@ -198,10 +203,16 @@ class BlockManager:
         max_blocks = (len(token_ids) - 1) // self.block_size
         keys = self.block_keys(token_ids, max_blocks, extra_key)
         found = [self.cache.lookup(k) for k in keys]
+        # none_before[n]: the last block before n that is not cached (-1: none), so each
+        # candidate length below is checked in O(1), not by rescanning its blocks.
+        none_before, last = [-1], -1
+        for j, b in enumerate(found):
+            last = j if b is None else last
+            none_before.append(last)
         best = 0
         for n in range(max_blocks, 0, -1):
             lo = self._first_live_block(n * self.block_size) if self.sliding_window else 0
-            if all(found[j] is not None for j in range(lo, n)):
+            if none_before[n] < lo:  # blocks lo..n-1 are all cached
                 best = n
                 break
         if best == 0:
@@ -578,7 +589,8 @@ class BlockManager:
         if self.cache.is_parked(b):
             self.cache.unpark(b)
         self.gpu.incref(b)
-        self._emit("share", {"seq": seq_id, "block": b, "refcount": self.gpu.refcount(b)}, gpu=(b,))
+        if self.listener is not None:  # (once per block of every prefix hit: no event built for nobody)
+            self._emit("share", {"seq": seq_id, "block": b, "refcount": self.gpu.refcount(b)}, gpu=(b,))
 
     def _drop_ref(self, b: int) -> None:
         if self.gpu.decref(b) == 0:

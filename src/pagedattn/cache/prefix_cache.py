@@ -19,28 +19,37 @@ Pure Python, no torch.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
 
 Digest = bytes
+_ROOT = b"\x00" * 32  # the parent digest of a sequence's first block
 
 
-def hash_block(parent: Digest | None, token_ids: Sequence[int], extra_key: object = None) -> Digest:
-    """SHA-256 over (parent digest, token ids, extra key): collision-resistant and stable."""
-    h = hashlib.sha256()
-    h.update(parent if parent is not None else b"\x00" * 32)
-    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+def pack_tokens(token_ids: Sequence[int]) -> bytes:
+    """Token ids as the bytes the digests hash: little-endian int64 each."""
+    return np.asarray(token_ids, dtype="<i8").tobytes()
+
+
+def hash_block(parent: Digest | None, token_ids: Sequence[int], extra_key: object = None,
+               packed: bytes | None = None) -> Digest:
+    """SHA-256 over (parent digest, token ids, extra key): collision-resistant and stable.
+    ``packed``: the token ids already as :func:`pack_tokens` bytes (one packing for a chain)."""
+    h = hashlib.sha256(parent if parent is not None else _ROOT)
+    h.update(pack_tokens(token_ids) if packed is None else packed)
     if extra_key is not None:
         h.update(b"|extra|")
         h.update(repr(extra_key).encode())
     return h.digest()
 
 
-@dataclass(frozen=True)
-class BlockKey:
-    """Everything that identifies the contents of one full block."""
+class BlockKey(NamedTuple):
+    """Everything that identifies the contents of one full block (a tuple: a prompt makes one
+    per block when it is admitted, and a tuple is the cheapest record to make)."""
 
     digest: Digest
     parent: Digest | None
@@ -48,9 +57,10 @@ class BlockKey:
     extra_key: object = None
 
     @classmethod
-    def make(cls, parent: Digest | None, token_ids: Sequence[int], extra_key: object = None) -> BlockKey:
+    def make(cls, parent: Digest | None, token_ids: Sequence[int], extra_key: object = None,
+             packed: bytes | None = None) -> BlockKey:
         toks = tuple(token_ids)
-        return cls(hash_block(parent, toks, extra_key), parent, toks, extra_key)
+        return cls(hash_block(parent, toks, extra_key, packed), parent, toks, extra_key)
 
     def same_contents(self, other: BlockKey) -> bool:
         return (

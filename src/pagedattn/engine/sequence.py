@@ -34,7 +34,7 @@ class SeedStream:
     draws: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: equal only to itself (queues find and remove it by identity)
 class Sequence:
     seq_id: str  # "{request_id}#{index}": the block manager's key
     index: int
@@ -78,7 +78,7 @@ class Sequence:
         return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: equal only to itself (queues find and remove it by identity)
 class Request:
     request_id: str
     prompt: str | None
