@@ -42,7 +42,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         torch.set_num_threads(threads)
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
                      "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv", "bench_single_stream",
-                     "bench_moe", "bench_gguf_load", "profile_steps"):
+                     "bench_moe", "bench_gguf_load", "profile_steps", "bench_host_step"):
             sys.modules.pop(name, None)
 
 
@@ -191,6 +191,22 @@ def test_profile_steps_charges_every_step_once(bench, model_dir: Path, tmp_path:
     assert res["prefix_caching"] == (workload == "family") and res["bound_s"] > 0
     # One token per request and step: the run took at least as many steps as its longest output.
     assert sum(r["steps"] for r in kinds.values()) == res["num_steps"] >= res["longest_output"]
+
+
+@pytest.mark.parametrize("workload", ["throughput", "family"])
+def test_host_step_times_every_step_and_phase(bench, tmp_path: Path, workload: str) -> None:
+    """bench_host_step: every step falls in one band, each phase's median is within the whole
+    step's (a phase is part of every step it runs in), prompt steps come first."""
+    out = tmp_path / "host.json"
+    res = bench("bench_host_step").main(["--smoke", "--workload", workload, "--prompt-len", "12",
+                                         "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    bands = res["bands_ms"]
+    assert next(iter(bands)) == "with prompt tokens" and any(b.startswith("decode") for b in bands)
+    assert sum(r["steps"] for r in bands.values()) == res["num_steps"]
+    phases = [p for p in bench("bench_host_step").PHASES if p != "step"]
+    assert all(0 <= r[p] <= r["step"] for r in bands.values() for p in phases)
+    assert res["prefix_caching"] == (workload == "family")
 
 
 def test_single_stream_smoke_reports_its_share_of_the_roofline(bench, tmp_path: Path) -> None:
