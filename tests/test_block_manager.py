@@ -275,6 +275,21 @@ def test_cow_that_cannot_get_a_block_fails_cleanly() -> None:
 
 
 # ================================================================== prefix caching
+@pytest.mark.parametrize("lookup_key", ["a", "b", None])
+def test_commit_chains_from_the_looked_up_prompt_keys_only_under_the_same_extra_key(lookup_key) -> None:
+    """commit continues a sequence's chain with the keys its prompt's lookup made, but only when
+    they were made under the sequence's own extra key: its blocks are published under "b"."""
+    rng = random.Random(5)
+    bm = BlockManager(32, 4)
+    prompt = rand_tokens(rng, 4 * 5 + 2)
+    m = bm.match_prefix(prompt, lookup_key)
+    assert step(bm, lambda: bm.allocate_slots("s", 0, len(prompt), m, "b"))
+    step(bm, lambda: bm.commit("s", prompt, len(prompt)))
+    assert bm.match_prefix([*prompt, 1], "b").num_tokens == 20
+    assert bm.match_prefix([*prompt, 1], "a").num_tokens == 0
+    assert bm.match_prefix([*prompt, 1], None).num_tokens == 0
+
+
 def test_prefix_reuse_across_sequences() -> None:
     rng = random.Random(12)
     bm = BlockManager(32, 4)

@@ -63,6 +63,9 @@ class _SeqState:
     extra_key: object = None
     on_cpu: bool = False
     num_released: int = 0  # leading blocks released by the sliding window
+    # Keys of the prompt's full blocks, made when the prompt was looked up in the prefix cache:
+    # commit takes its next keys from here instead of hashing those blocks again.
+    prompt_keys: list[BlockKey] = field(default_factory=list)
 
 
 @dataclass
@@ -256,6 +259,8 @@ class BlockManager:
                         self._take_ref(b, seq_id)
                 st.blocks = array("i", prefix.blocks)
                 st.keys = list(prefix.keys)
+            if prefix and prefix.prompt_keys and prefix.prompt_keys[0].extra_key == extra_key:
+                st.prompt_keys = prefix.prompt_keys
                 st.num_released = sum(b == NULL_BLOCK for b in prefix.blocks)
             self._seqs[seq_id] = st
             self._emit("allocate_seq", {"seq": seq_id, "prefix_blocks": [b for b in st.blocks if b != NULL_BLOCK],
@@ -302,6 +307,8 @@ class BlockManager:
         start = len(st.keys)
         if num_full <= start:
             return
+        if len(st.prompt_keys) > start:  # the same chain, made when the prompt was looked up
+            st.keys = st.prompt_keys[:num_full]
         st.keys = self.block_keys(token_ids, num_full, st.extra_key, st.keys)
         if not self.enable_prefix_caching:
             return
