@@ -648,6 +648,11 @@ def test_window_prefix_match_needs_only_covered_blocks() -> None:
     tb = list(bm.block_table("b"))
     assert tb[:4] == [NULL_BLOCK, NULL_BLOCK, a2, a3] and tb[4] not in (a2, a3)
     assert bm.gpu.refcount(a2) == 2
+    # A match made without the prompt's keys (prompt_keys is optional) is adopted alike.
+    bare = PrefixMatch(m.num_tokens, m.blocks, m.keys)
+    assert step(bm, lambda: bm.allocate_slots("c", 16, 1, bare))
+    assert list(bm.block_table("c"))[:4] == [NULL_BLOCK, NULL_BLOCK, a2, a3]
+    step(bm, lambda: bm.free("c"))
     # The match really did without blocks 0 and 1: the cache no longer holds them.
     keys = bm.block_keys(query, 4)
     assert bm.cache.lookup(keys[0], count=False) is None

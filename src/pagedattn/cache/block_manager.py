@@ -259,9 +259,9 @@ class BlockManager:
                         self._take_ref(b, seq_id)
                 st.blocks = array("i", prefix.blocks)
                 st.keys = list(prefix.keys)
-            if prefix and prefix.prompt_keys and prefix.prompt_keys[0].extra_key == extra_key:
-                st.prompt_keys = prefix.prompt_keys
                 st.num_released = sum(b == NULL_BLOCK for b in prefix.blocks)
+                if prefix.prompt_keys and prefix.prompt_keys[0].extra_key == extra_key:
+                    st.prompt_keys = prefix.prompt_keys
             self._seqs[seq_id] = st
             self._emit("allocate_seq", {"seq": seq_id, "prefix_blocks": [b for b in st.blocks if b != NULL_BLOCK],
                                         "num_released": st.num_released}, seqs=(seq_id,))
