@@ -106,8 +106,7 @@ class Scheduler:
     def commit(self, seq: Sequence) -> None:
         """Publish ``seq``'s computed blocks whose tokens are all known (a pending token's are
         not yet) to the prefix cache; nothing for a sequence swapped out or freed."""
-        ids = seq.token_ids
-        self.bm.commit(seq.seq_id, ids, min(seq.num_computed_tokens, len(ids)))
+        self.bm.commit(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, len(seq.token_ids)))
 
     def launched(self, out: SchedulerOutput) -> None:
         """``out``'s step is on the device: its tokens count as computed (their blocks go to the
@@ -160,7 +159,7 @@ class Scheduler:
             for seq in self._active_seqs(req):
                 if budget == 0:
                     break
-                if self.kv_variant is not None:  # (not the sum below for every row of every step)
+                if self.kv_variant is not None:  # LongRoPE models only: no call per row and step otherwise
                     self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
                 n = min(seq.num_uncomputed, budget)
                 if n == 0:
