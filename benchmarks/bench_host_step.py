@@ -108,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--system-prompts", type=int, default=2, help="family: system prompts")
     ap.add_argument("--prompt-len", type=int, default=1000, help="family: tokens of each system prompt")
     ap.add_argument("--no-caching", action="store_true", help="family: prefix caching off")
+    ap.add_argument("--stream", action="store_true", help="every request reports its output at every step "
+                    "(as the server's streaming requests do), not only when it finishes")
     ap.add_argument("--smoke", action="store_true", help="a tiny workload (seconds)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     engine = llm.engine
     fake_forward(engine)
     for p, n in zip(prompts, outs):
-        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), stream=False)
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), stream=args.stream)
     times, step = time_phases(engine)
     bands: list[str] = []
     while engine.has_unfinished_requests():
@@ -137,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         idx = [i for i, b in enumerate(bands) if b == band]
         table[band] = {"steps": len(idx), **{p: 1e3 * statistics.median(times[p][i] for i in idx) for p in PHASES}}
     res = {"workload": args.workload, "requests": len(prompts), "commit": git_commit(), "num_steps": len(bands),
-           "prefix_caching": engine.config.enable_prefix_caching, "bands_ms": table}
-    print(f"{args.workload}, {len(prompts)} requests, the forward replaced by random tokens (commit {res['commit']}); "
-          "median ms per step")
+           "prefix_caching": engine.config.enable_prefix_caching, "stream": args.stream, "bands_ms": table}
+    print(f"{args.workload}, {len(prompts)} requests{', streaming' if args.stream else ''}, the forward replaced by "
+          f"random tokens (commit {res['commit']}); median ms per step")
     print("| steps | count | " + " | ".join(PHASES) + " |")
     print("| --- " * (len(PHASES) + 2) + "|")
     for band, r in table.items():

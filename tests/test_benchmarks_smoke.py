@@ -193,20 +193,20 @@ def test_profile_steps_charges_every_step_once(bench, model_dir: Path, tmp_path:
     assert sum(r["steps"] for r in kinds.values()) == res["num_steps"] >= res["longest_output"]
 
 
-@pytest.mark.parametrize("workload", ["throughput", "family"])
-def test_host_step_times_every_step_and_phase(bench, tmp_path: Path, workload: str) -> None:
+@pytest.mark.parametrize(("workload", "stream"), [("throughput", False), ("family", True)])
+def test_host_step_times_every_step_and_phase(bench, tmp_path: Path, workload: str, stream: bool) -> None:
     """bench_host_step: every step falls in one band, each phase's median is within the whole
     step's (a phase is part of every step it runs in), prompt steps come first."""
     out = tmp_path / "host.json"
     res = bench("bench_host_step").main(["--smoke", "--workload", workload, "--prompt-len", "12",
-                                         "--out", str(out)])
+                                         "--out", str(out), *(["--stream"] if stream else [])])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     bands = res["bands_ms"]
     assert next(iter(bands)) == "with prompt tokens" and any(b.startswith("decode") for b in bands)
     assert sum(r["steps"] for r in bands.values()) == res["num_steps"]
     phases = [p for p in bench("bench_host_step").PHASES if p != "step"]
     assert all(0 <= r[p] <= r["step"] for r in bands.values() for p in phases)
-    assert res["prefix_caching"] == (workload == "family")
+    assert res["prefix_caching"] == (workload == "family") and res["stream"] == stream
 
 
 def test_single_stream_smoke_reports_its_share_of_the_roofline(bench, tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def request_output(req: Request) -> RequestOutput:
     want_lp = req.params.logprobs is not None
     outs = [
         CompletionOutput(
-            index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+            index=s.index, text=s.text, token_ids=s.output_token_ids,  # a fresh slice
             cumulative_logprob=s.cumulative_logprob if want_lp else None,
             logprobs=list(s.logprobs) if want_lp else None,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason,
