@@ -348,6 +348,31 @@ def test_every_computed_block_of_the_output_reaches_the_prefix_cache(model_dirs,
         llm.engine.check_integrity()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_after_every_step_each_computed_full_block_is_hashed(model_dirs, async_scheduling):
+    """Commits are skipped where they cannot publish anything (a row launched with a pending
+    token, a token applied before the device computed it): after every step each held sequence
+    has hashed exactly its full blocks of computed, known tokens, in either loop."""
+    llm = _llm(model_dirs["llama3_untied_gqa"], async_scheduling=async_scheduling, enable_prefix_caching=True)
+    engine, bm = llm.engine, llm.engine.block_manager
+    bs = engine.config.block_size
+    rng = random.Random(11)
+    for i in range(6):
+        sp = SamplingParams(n=1 + i % 2, temperature=0.0 if i % 3 else 0.9, seed=i, ignore_eos=True,
+                            max_tokens=rng.randrange(1, 3 * bs))
+        engine.add_request([rng.randrange(3, 320) for _ in range(rng.randrange(1, 4 * bs))], sp)
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for req in engine.scheduler.running:
+            for seq in req.seqs:
+                if bm.has_seq(seq.seq_id) and not bm.is_swapped(seq.seq_id):
+                    want = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
+                    assert bm.num_hashed_blocks(seq.seq_id) == want, (seq.seq_id, seq.num_computed_tokens)
+                    checked += 1
+    assert checked > 20
+
+
 @pytest.mark.parametrize(("mode", "blocks"), [("swap", 10), ("recompute", 9)])
 def test_request_preempting_itself_after_scheduling_a_sibling_drops_it_from_the_step(model_dirs, mode, blocks):
     """The newest request's first sample gets its slot, the second does not: the request

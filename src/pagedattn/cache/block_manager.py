@@ -150,6 +150,11 @@ class BlockManager:
             raise RuntimeError(f"sequence {seq_id!r} is on the gpu; use block_table()")
         return st.blocks
 
+    def num_hashed_blocks(self, seq_id: SeqId) -> int:
+        """Leading full blocks of the sequence that :meth:`commit` has hashed (and, with prefix
+        caching on, offered to the cache)."""
+        return len(self._seqs[seq_id].keys)
+
     def num_blocks_of(self, seq_id: SeqId) -> int:
         """Live (non-released) blocks held by the sequence, on whichever device it lives."""
         return sum(b != NULL_BLOCK for b in self._seqs[seq_id].blocks)

@@ -115,7 +115,10 @@ class Scheduler:
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
-            self.commit(seq)
+            # A row whose last token is pending fills no block the host can hash yet: what it
+            # could publish was published when the token before it was applied or launched.
+            if seq.num_computed_tokens <= len(seq.token_ids):
+                self.commit(seq)
             seq.num_pending += s.samples
 
     def fork(self, req: Request) -> None:
