@@ -241,6 +241,18 @@ def test_streamed_text_is_the_full_decode(vocab: Any, data: st.DataObject, skip:
     check_streamed_text(vocab, data, skip, stream)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), skip=st.booleans())
+def test_text_made_only_at_the_end_is_the_full_decode(vocab: Any, data: st.DataObject, skip: bool) -> None:
+    """A sequence that is not streamed and has no stop strings is detokenised once, when it
+    finishes: the same text as fed token by token."""
+    ids = token_ids(vocab)
+    prompt, out = data.draw(ids, "prompt"), data.draw(ids.filter(bool), "out")
+    seq = Sequence("s", 0, [*prompt, *out], len(prompt))
+    dt.finish_detokenizing(vocab, seq, skip)
+    assert seq.text == expected_text(vocab, prompt, out, skip)
+
+
 @pytest.mark.slow
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), skip=st.booleans(), stream=st.booleans())

@@ -77,6 +77,56 @@ def test_sampling_onto_byte_tokens_gives_the_full_decode(llm: LLM, seed: int) ->
         assert got.text == c.text[:c.text.find(stop)] and got.stop_reason == stop
 
 
+def test_generate_makes_its_text_once_streams_make_it_as_they_go(llm: LLM, seed: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLM.generate's requests without stop strings are detokenised once, when they finish;
+    LLM.stream's as they go.  Same tokens (seeded), same texts."""
+    import pagedattn.engine.output_processor as op
+
+    calls = [0]
+    incremental = op.detokenize_incrementally
+
+    def counted(*args: Any) -> str:
+        calls[0] += 1
+        return incremental(*args)
+
+    monkeypatch.setattr(op, "detokenize_incrementally", counted)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=seed, ignore_eos=True)
+    once = _check_texts(llm, llm.generate(PROMPTS, params, use_tqdm=False))
+    assert calls[0] == 0
+    streamed = {}
+    for out in llm.stream(PROMPTS, params):
+        if out.finished:
+            streamed[tuple(out.prompt_token_ids)] = out
+    assert calls[0] > 0
+    for prompt, c in once:
+        assert streamed[tuple(prompt)].outputs[c.index].text == c.text
+
+
+def test_a_failed_sample_of_generate_keeps_the_text_of_its_tokens(llm: LLM, seed: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample that fails midway (here its stop check raises at its fifth token) finishes with
+    finish_reason "error" and the text of the tokens it got, though generate makes its text only
+    at the end; the other requests run to the end."""
+    outputs = llm.engine.outputs
+    check = outputs._check_stop
+
+    def failing(req: Any, seq: Any, tok: int) -> None:
+        if req.prompt == PROMPTS[1] and seq.num_output_tokens == 5:
+            raise RuntimeError("stop check failed")
+        check(req, seq, tok)
+
+    monkeypatch.setattr(outputs, "_check_stop", failing)
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=seed, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    tok = llm.engine.tokenizer
+    for o in outs:
+        (c,) = o.outputs
+        assert c.text == expected_text(tok, o.prompt_token_ids, c.token_ids, True)
+        assert (c.finish_reason, len(c.token_ids)) == (("error", 5) if o.prompt == PROMPTS[1] else ("length", 12))
+    assert outs[1].error is not None
+
+
 def test_server_streaming_of_byte_tokens(byte_model: Path, llm: LLM, seed: int) -> None:
     srv = start_server(make_async_engine(byte_model, num_kv_blocks=256), name="byte-llama")
     try:

@@ -66,7 +66,18 @@ class OutputProcessor:
         for s in req.seqs:
             if not s.finished:
                 s.finish_reason = "error"
+                self._text_so_far(req, s)
         self.scheduler.finish(req)
+
+    def _text_so_far(self, req: Request, seq: Sequence) -> None:
+        """A failed sequence reports the text of the tokens it got; where that text is made
+        only at the end, make it now (best effort: the detokenizer may be what failed)."""
+        if self.tokenizer is None or req.stream or req.params.stop_list:
+            return
+        try:
+            finish_detokenizing(self.tokenizer, seq, req.params.skip_special_tokens)
+        except Exception:
+            logger.exception("request %s: no text for its failed sample %d", req.request_id, seq.index)
 
     def _append(self, req: Request, seq: Sequence, tok: int, lp: dict[int, float] | None, slp: float | None,
                 now: float) -> None:
@@ -90,7 +101,9 @@ class OutputProcessor:
     def _check_stop(self, req: Request, seq: Sequence, tok: int) -> None:
         p = req.params
         n_out = seq.num_output_tokens
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (req.stream or p.stop_list):
+            # Text as it grows: what a streaming request reports at each step, and what stop
+            # strings are found in.  Any other sequence's text is made once, when it finishes.
             detokenize_incrementally(self.tokenizer, seq, p.skip_special_tokens)
         if n_out >= p.min_tokens:  # before min_tokens nothing but the length limits stops
             if not p.ignore_eos and tok in self.eos_token_ids:
@@ -106,7 +119,8 @@ class OutputProcessor:
 
     def _finish_text(self, req: Request, seq: Sequence) -> None:
         """A finished sequence gets the text its detokenizer still held back (a character or byte
-        run cut off at the end), which may hold a stop string."""
+        run cut off at the end), which may hold a stop string; one whose text is made only at the
+        end (see _check_stop) gets all of it, from one decode."""
         p = req.params
         if self.tokenizer is None or isinstance(seq.stop_reason, str):  # a stop string already cut the text
             return
