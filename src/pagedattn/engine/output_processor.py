@@ -72,7 +72,7 @@ class OutputProcessor:
     def _text_so_far(self, req: Request, seq: Sequence) -> None:
         """A failed sequence reports the text of the tokens it got; where that text is made
         only at the end, make it now (best effort: the detokenizer may be what failed)."""
-        if self.tokenizer is None or req.stream or req.params.stop_list:
+        if self.tokenizer is None or _text_grows(req):
             return
         try:
             finish_detokenizing(self.tokenizer, seq, req.params.skip_special_tokens)
@@ -101,9 +101,7 @@ class OutputProcessor:
     def _check_stop(self, req: Request, seq: Sequence, tok: int) -> None:
         p = req.params
         n_out = seq.num_output_tokens
-        if self.tokenizer is not None and (req.stream or p.stop_list):
-            # Text as it grows: what a streaming request reports at each step, and what stop
-            # strings are found in.  Any other sequence's text is made once, when it finishes.
+        if self.tokenizer is not None and _text_grows(req):
             detokenize_incrementally(self.tokenizer, seq, p.skip_special_tokens)
         if n_out >= p.min_tokens:  # before min_tokens nothing but the length limits stops
             if not p.ignore_eos and tok in self.eos_token_ids:
@@ -127,6 +125,13 @@ class OutputProcessor:
         finish_detokenizing(self.tokenizer, seq, p.skip_special_tokens)
         if p.stop_list and seq.num_output_tokens >= p.min_tokens:
             check_stop_strings(seq, p)
+
+
+def _text_grows(req: Request) -> bool:
+    """Whether ``req``'s text is made as its tokens come (what a streaming request reports at
+    each step, and what stop strings are found in); any other sequence's text is made once,
+    when it finishes (one decode instead of one per token)."""
+    return req.stream or bool(req.params.stop_list)
 
 
 def check_stop_strings(seq: Sequence, p: SamplingParams) -> bool:
