@@ -160,7 +160,7 @@ class LLMEngine:
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
         req = self.inputs.make_request(rid, prompt, params, extra_key, stream)
-        self.scheduler.refresh_kv_variant(req, len(req.prompt_token_ids))
+        self.scheduler.refresh_kv_variant(req, req.seqs[0])
         self.requests[rid] = req
         self.scheduler.add(req)
         self.num_prompt_tokens += len(req.prompt_token_ids)

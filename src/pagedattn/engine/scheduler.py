@@ -162,8 +162,7 @@ class Scheduler:
             for seq in self._active_seqs(req):
                 if budget == 0:
                     break
-                if self.kv_variant is not None:  # LongRoPE models only: no call per row and step otherwise
-                    self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
+                self.refresh_kv_variant(req, seq)
                 n = min(seq.num_uncomputed, budget)
                 if n == 0:
                     continue
@@ -201,7 +200,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             for seq in seqs:
-                self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
+                self.refresh_kv_variant(req, seq)
                 n = min(seq.num_uncomputed, budget)
                 got = self._allocate(req, seq, n, out) if n else None
                 if got:
@@ -218,7 +217,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             seq = self._active_seqs(req)[0]
-            self.refresh_kv_variant(req, seq.num_tokens + seq.num_pending)
+            self.refresh_kv_variant(req, seq)
             match = self.bm.match_prefix(seq.token_ids, req.extra_key)
             if req.needs_prompt_logits:  # its prompt logprobs need the logits of every prompt position
                 match = PrefixMatch(0, [], [], match.prompt_keys)
@@ -286,13 +285,14 @@ class Scheduler:
         }
 
     # ------------------------------------------------------------------ helpers
-    def refresh_kv_variant(self, req: Request, num_tokens: int) -> None:
-        """Where the model computes K/V differently once a sequence reaches ``num_tokens``
-        (LongRoPE past its original length), drop what the request's sequences hold so they are
-        computed again, and key their blocks by the new variant in the prefix cache."""
+    def refresh_kv_variant(self, req: Request, seq: Sequence) -> None:
+        """Where the model computes K/V differently once ``seq`` reaches its length (pending
+        tokens included; LongRoPE past its original length), drop what the request's sequences
+        hold so they are computed again, and key their blocks by the new variant in the prefix
+        cache.  Only LongRoPE models have a ``kv_variant``: for the others this is one test."""
         if self.kv_variant is None:
             return
-        variant = self.kv_variant(num_tokens)
+        variant = self.kv_variant(seq.num_tokens + seq.num_pending)
         if variant == req.kv_variant:
             return
         for s in req.seqs:

@@ -143,7 +143,7 @@ class ModelArchConfig:
     @property
     def has_kv_variants(self) -> bool:
         """Whether :meth:`kv_variant` can be other than None (else the engine never asks it)."""
-        return self.rope_scaling is not None and self.rope_type == "longrope"
+        return self.rope_type == "longrope"
 
     def kv_variant(self, num_tokens: int) -> str | None:
         """What the K/V of a sequence of ``num_tokens`` tokens depend on besides its tokens and
@@ -151,7 +151,7 @@ class ModelArchConfig:
         ``original_max_position_embeddings`` with its long table, of a shorter one with the short
         table; a sequence that grows past that length is computed again (as transformers' Phi-3
         generation does), and the two kinds never share cached blocks."""
-        if self.rope_scaling is None or self.rope_type != "longrope":
+        if self.rope_scaling is None or not self.has_kv_variants:
             return None
         return "longrope-long" if num_tokens > self.rope_scaling["original_max_position_embeddings"] else None
 
