@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from bench_common import git_commit
 from bench_throughput import QWEN3_0_6B
-from profile_steps import DECODE_BANDS, requests, stand_in
+from profile_steps import DECODE_BANDS, add_workload_args, check_workload_args, requests, stand_in
 
 PHASES = ("schedule", "build", "host_batch", "launched", "process", "end_step", "step")
 
@@ -104,15 +104,13 @@ def band_of(rows: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--workload", choices=("throughput", "family"), default="family")
-    ap.add_argument("--system-prompts", type=int, default=2, help="family: system prompts")
-    ap.add_argument("--prompt-len", type=int, default=1000, help="family: tokens of each system prompt")
-    ap.add_argument("--no-caching", action="store_true", help="family: prefix caching off")
+    add_workload_args(ap, "family")
     ap.add_argument("--stream", action="store_true", help="every request reports its output at every step "
                     "(as the server's streaming requests do), not only when it finishes")
     ap.add_argument("--smoke", action="store_true", help="a tiny workload (seconds)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    check_workload_args(args)
     torch.set_num_threads(1)
 
     from pagedattn import LLM, SamplingParams

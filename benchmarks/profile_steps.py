@@ -296,12 +296,22 @@ def requests(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], lis
     return chat_workload(args.system_prompts, args.prompt_len, w, vocab)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--workload", choices=("throughput", "family"), default="throughput")
+def add_workload_args(ap: argparse.ArgumentParser, default: str) -> None:
+    """The workload options :func:`requests` reads (``bench_host_step.py`` takes them too)."""
+    ap.add_argument("--workload", choices=("throughput", "family"), default=default)
     ap.add_argument("--system-prompts", type=int, default=2, help="family: system prompts")
     ap.add_argument("--prompt-len", type=int, default=1000, help="family: tokens of each system prompt")
     ap.add_argument("--no-caching", action="store_true", help="family: prefix caching off")
+
+
+def check_workload_args(args: argparse.Namespace) -> None:
+    if args.system_prompts < 1 or args.prompt_len < 1:
+        raise ValueError("--system-prompts and --prompt-len must be at least 1")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    add_workload_args(ap, "throughput")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="a tiny workload on --model-dir (a CPU check)")
     ap.add_argument("--model-dir", default=None, help="a model folder instead of the random Qwen3-0.6B")
@@ -317,8 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.device = "cpu"
     elif args.smoke != (args.model_dir is not None):
         raise ValueError("--smoke and --model-dir go together (a tiny workload on a given model)")
-    if args.system_prompts < 1 or args.prompt_len < 1:
-        raise ValueError("--system-prompts and --prompt-len must be at least 1")
+    check_workload_args(args)
 
     from pagedattn import LLM, SamplingParams
 

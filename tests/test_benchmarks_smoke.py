@@ -197,6 +197,8 @@ def test_profile_steps_charges_every_step_once(bench, model_dir: Path, tmp_path:
 def test_host_step_times_every_step_and_phase(bench, tmp_path: Path, workload: str, stream: bool) -> None:
     """bench_host_step: every step falls in one band, each phase's median is within the whole
     step's (a phase is part of every step it runs in), prompt steps come first."""
+    with pytest.raises(ValueError, match="at least 1"):  # before any work
+        bench("bench_host_step").main(["--smoke", "--system-prompts", "0"])
     out = tmp_path / "host.json"
     res = bench("bench_host_step").main(["--smoke", "--workload", workload, "--prompt-len", "12",
                                          "--out", str(out), *(["--stream"] if stream else [])])
