@@ -42,7 +42,7 @@ class ScheduledSeq:
     def __init__(self, request: Request, seq: Sequence, num_new_tokens: int) -> None:
         self.request, self.seq, self.num_new_tokens = request, seq, num_new_tokens
         self.start = start = seq.num_computed_tokens
-        self.samples = start + num_new_tokens == len(seq.token_ids) + seq.num_pending
+        self.samples = start + num_new_tokens == seq.num_tokens + seq.num_pending
 
     def __repr__(self) -> str:
         return f"ScheduledSeq({self.seq.seq_id!r}, start={self.start}, num_new_tokens={self.num_new_tokens})"

@@ -140,5 +140,4 @@ class Request:
     @property
     def prefill_done(self) -> bool:
         """True once the first token was sampled (siblings may exist)."""
-        first = self.seqs[0]
-        return len(first.token_ids) > first.prompt_len
+        return self.seqs[0].num_output_tokens > 0

@@ -29,7 +29,7 @@ class StepBuilder:
             greedy=all(s.request.plain_greedy for s in rows if s.samples),
             query_lens=[s.num_new_tokens for s in rows],
             seq_lens=[s.start + s.num_new_tokens for s in rows],
-            total_lens=[len(s.seq.token_ids) + s.seq.num_pending for s in rows],
+            total_lens=[s.seq.num_tokens + s.seq.num_pending for s in rows],
             block_tables=[self.block_table(s.seq.seq_id) for s in rows])
         tokens = step.token_ids
         for s in rows:
