@@ -349,28 +349,38 @@ def test_every_computed_block_of_the_output_reaches_the_prefix_cache(model_dirs,
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_after_every_step_each_computed_full_block_is_hashed(model_dirs, async_scheduling):
+@pytest.mark.parametrize("preemption", [None, "swap", "recompute"])
+def test_after_every_step_each_computed_full_block_is_hashed(model_dirs, async_scheduling, preemption):
     """Commits are skipped where they cannot publish anything (a row launched with a pending
     token, a token applied before the device computed it): after every step each held sequence
-    has hashed exactly its full blocks of computed, known tokens, in either loop."""
-    llm = _llm(model_dirs["llama3_untied_gqa"], async_scheduling=async_scheduling, enable_prefix_caching=True)
+    has hashed exactly its full blocks of computed, known tokens, in either loop, with n = 2
+    samples, max_tokens from 1, an abort mid-flight, and a pool of 14 blocks that preempts."""
+    pool = {} if preemption is None else {"num_kv_blocks": 14, "preemption_mode": preemption}
+    llm = _llm(model_dirs["llama3_untied_gqa"], async_scheduling=async_scheduling, enable_prefix_caching=True,
+               **pool)
     engine, bm = llm.engine, llm.engine.block_manager
     bs = engine.config.block_size
     rng = random.Random(11)
+    ids = []
     for i in range(6):
         sp = SamplingParams(n=1 + i % 2, temperature=0.0 if i % 3 else 0.9, seed=i, ignore_eos=True,
                             max_tokens=rng.randrange(1, 3 * bs))
-        engine.add_request([rng.randrange(3, 320) for _ in range(rng.randrange(1, 4 * bs))], sp)
-    checked = 0
+        ids.append(engine.add_request([rng.randrange(3, 320) for _ in range(rng.randrange(1, 4 * bs))], sp))
+    checked = steps = 0
     while engine.has_unfinished_requests():
         engine.step()
+        steps += 1
+        if steps == 3:
+            engine.abort_request(ids[2])
+        engine.check_integrity()
         for req in engine.scheduler.running:
             for seq in req.seqs:
                 if bm.has_seq(seq.seq_id) and not bm.is_swapped(seq.seq_id):
                     want = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
                     assert bm.num_hashed_blocks(seq.seq_id) == want, (seq.seq_id, seq.num_computed_tokens)
                     checked += 1
-    assert checked > 20
+    assert checked > 20 and engine.get_metrics()["kv_blocks_used"] == 0
+    assert (engine.get_metrics()["num_preemptions"] > 0) == (preemption is not None)
 
 
 @pytest.mark.parametrize(("mode", "blocks"), [("swap", 10), ("recompute", 9)])
