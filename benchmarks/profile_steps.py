@@ -85,13 +85,22 @@ def distinct_kv_tokens(ends: list[tuple[list[int], int]], block_size: int) -> in
     return sum(filled.values())
 
 
-def batch_of(sched: Any, scheduler: Any, block_size: int, buckets: list[int] | None) -> Batch:
-    rows = len(sched.scheduled)
-    prompt = any(s.num_new_tokens > 1 for s in sched.scheduled)
-    ends = [(scheduler.block_table(s.seq.seq_id), s.start + s.num_new_tokens) for s in sched.scheduled]
-    new = sum(s.num_new_tokens for s in sched.scheduled)
+Snapshot = list[tuple[Any, int, int]]  # per row: its block table (a copy), chunk start, new tokens
+
+
+def snapshot_of(sched: Any, scheduler: Any) -> Snapshot:
+    """What :func:`batch_of` needs of a scheduled step, copied as cheaply as possible: it is taken
+    inside the timed step (tables change once it ends), so its cost counts as the engine's."""
+    return [(scheduler.block_table(s.seq.seq_id)[:], s.start, s.num_new_tokens) for s in sched.scheduled]
+
+
+def batch_of(snap: Snapshot, block_size: int, buckets: list[int] | None) -> Batch:
+    rows = len(snap)
+    prompt = any(n > 1 for _, _, n in snap)
+    ends = [(table, start + n) for table, start, n in snap]
+    new = sum(n for _, _, n in snap)
     # Causal: new token j of a chunk from ``start`` sees start + j + 1 keys.
-    pairs = sum(s.num_new_tokens * s.start + s.num_new_tokens * (s.num_new_tokens + 1) // 2 for s in sched.scheduled)
+    pairs = sum(n * start + n * (n + 1) // 2 for _, start, n in snap)
     bucket = None
     if buckets and not prompt and rows <= buckets[-1]:
         bucket = min(b for b in buckets if b >= rows)
@@ -104,19 +113,23 @@ Charged = tuple[float, float, Batch | None]  # a step's seconds, its seconds wai
 def step_through(engine: Any) -> tuple[list[Charged], float]:
     """Step ``engine`` until idle; each step's seconds, the part of them spent waiting for the
     device, and the batch they are charged to, and the wall time of the whole loop.  A batch is
-    described when it is scheduled (its block tables as its attention will read them)."""
+    snapshotted when it is scheduled (its block tables as its attention will read them) and
+    described after the loop: working out its distinct K/V blocks inside the timed step would
+    charge the profiler's own Python to the engine's host work."""
     graphs = getattr(engine.runner, "graphs", None)
     buckets = list(graphs.buckets) if graphs is not None else None
     scheduler = engine.scheduler
     orig = scheduler.schedule
     launched: list[Any] = []
-    described: dict[int, Batch] = {}
+    described: dict[int, Snapshot] = {}
+    launched_all: list[Any] = []
 
     def schedule() -> Any:
         out = orig()
         launched.append(out)
         if not out.is_empty:
-            described[id(out)] = batch_of(out, scheduler, engine.config.block_size, buckets)
+            described[id(out)] = snapshot_of(out, scheduler)
+            launched_all.append(out)  # keeps each id unique while it is in ``described``
         return out
 
     executor = engine.executor
@@ -130,7 +143,7 @@ def step_through(engine: Any) -> tuple[list[Charged], float]:
 
     scheduler.schedule = schedule
     executor.wait_event = timed_wait
-    charged: list[Charged] = []
+    raw: list[tuple[float, float, Snapshot | None]] = []
     try:
         t0 = time.perf_counter()
         while engine.has_unfinished_requests():
@@ -143,16 +156,17 @@ def step_through(engine: Any) -> tuple[list[Charged], float]:
             dt = time.perf_counter() - t
             after = engine._inflight
             if after is not None and after is not before:  # its own batch left in flight
-                charged.append((dt, waited[0], awaited))
+                raw.append((dt, waited[0], awaited))
             elif launched and not launched[-1].is_empty:  # ran its batch to the end
-                charged.append((dt, waited[0], described[id(launched[-1])]))
+                raw.append((dt, waited[0], described[id(launched[-1])]))
             else:
-                charged.append((dt, waited[0], awaited))
+                raw.append((dt, waited[0], awaited))
         wall = time.perf_counter() - t0
     finally:
         scheduler.schedule = orig
         executor.wait_event = wait_event
-    return charged, wall
+    block_size = engine.config.block_size
+    return [(dt, w, None if snap is None else batch_of(snap, block_size, buckets)) for dt, w, snap in raw], wall
 
 
 @dataclass
