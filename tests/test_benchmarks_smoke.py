@@ -42,7 +42,8 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         torch.set_num_threads(threads)
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
                      "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv", "bench_single_stream",
-                     "bench_moe", "bench_gguf_load", "profile_steps", "bench_host_step"):
+                     "bench_moe", "bench_gguf_load", "profile_steps", "bench_host_step", "bench_server_host",
+                     "serving"):
             sys.modules.pop(name, None)
 
 
@@ -209,6 +210,23 @@ def test_host_step_times_every_step_and_phase(bench, tmp_path: Path, workload: s
     phases = [p for p in bench("bench_host_step").PHASES if p != "step"]
     assert all(0 <= r[p] <= r["step"] for r in bands.values() for p in phases)
     assert res["prefix_caching"] == (workload == "family") and res["stream"] == stream
+
+
+def test_server_host_runs_each_way_to_the_last_token(bench, tmp_path: Path) -> None:
+    """bench_server_host: the engine, the async engine and the HTTP server (with serving.py as
+    its client) each serve every output token of the same requests; the figures are consistent."""
+    with pytest.raises(ValueError, match="unknown ways"):  # before any work
+        bench("bench_server_host").main(["--smoke", "--ways", "engine,grpc"])
+    out = tmp_path / "server_host.json"
+    res = bench("bench_server_host").main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert list(res["ways"]) == ["engine", "async engine", "http server"]
+    assert res["output_tokens"] == 4 * 6
+    for r in res["ways"].values():
+        assert r["steps"] >= 6 and r["seconds"] > 0 and r["cpu_s"] > 0
+        assert r["tok_per_s"] == pytest.approx(res["output_tokens"] / r["seconds"])
+    client = res["ways"]["http server"]["client"]
+    assert client["completed"] == 4 and client["failed"] == 0 and client["total_output_tokens"] == 4 * 6
 
 
 def test_single_stream_smoke_reports_its_share_of_the_roofline(bench, tmp_path: Path) -> None:
