@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedattn import LLM, SamplingParams
+from pagedattn.engine import async_engine
 from pagedattn.engine.async_engine import AsyncLLMEngine, EngineDeadError
 
 from .server_harness import TINY_CONTEXT, TINY_MODEL_NAME, make_async_engine, start_server, tiny_chat_model
@@ -521,6 +522,40 @@ def test_async_engine_streams_and_validates_before_queueing(tiny_model_dir: Path
     finally:
         engine.shutdown()
     assert not engine.is_running
+
+
+def test_async_engine_hands_a_steps_outputs_over_in_one_wake_up(tiny_model_dir: Path, rng: random.Random) -> None:
+    """All streams' outputs of a step reach the event loop with one ``call_soon_threadsafe`` (a
+    pipe write and a wake-up each), not one per stream; every stream still gets every output."""
+    engine = make_async_engine(tiny_model_dir)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+
+    async def collect(stream: Any) -> list[Any]:
+        return [o async for o in stream]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        batches: list[int] = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any, **kw: Any) -> Any:
+            if callback is async_engine._put_all:
+                batches.append(len(args[0]))
+            return real(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        streams = await asyncio.gather(*(engine.generate(_prompt(rng), params) for _ in range(6)))
+        outs = await asyncio.gather(*(collect(s) for s in streams))
+        steps = (await engine.get_metrics())["num_steps"]
+        for o in outs:
+            assert o[-1].finished and len(o[-1].outputs[0].token_ids) == 30
+        assert len(batches) <= steps and max(batches) > 1
+        assert sum(batches) >= sum(len(o) for o in outs)  # a consumer may skip, never gain, an output
+
+    try:
+        _run(main())
+    finally:
+        engine.shutdown()
 
 
 def test_async_engine_factory_errors_reach_the_caller(tmp_path: Path) -> None:

@@ -61,8 +61,10 @@ class RequestStream(AsyncIterator[RequestOutput]):
     # ----------------------------------------------------------------- engine-thread side
     def put(self, item: RequestOutput | BaseException) -> None:
         """Hand an output (or the error that ends the request) to the consumer's loop."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        deliver([(self, item)])
+
+    def _put_now(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
 
     # ----------------------------------------------------------------- consumer side
     @property
@@ -113,6 +115,24 @@ class RequestStream(AsyncIterator[RequestOutput]):
             self._done = True
             with contextlib.suppress(Exception):
                 self._abort_fn(self.request_id)
+
+
+def deliver(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    """Hand each stream its item with one wake-up per event loop: ``call_soon_threadsafe`` wakes
+    the loop through a pipe, and one call per stream and step made that write (and the GIL
+    hand-offs it causes) a third of the engine thread's time at 256 streams (docs/benchmarks.md,
+    "Serving host work")."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput | BaseException]]] = {}
+    for stream, item in items:
+        by_loop.setdefault(stream._loop, []).append((stream, item))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream._put_now(item)
 
 
 class AsyncLLMEngine:
@@ -342,6 +362,7 @@ class AsyncLLMEngine:
         self.engine.abort_request(request_id)  # False (and harmless) when already done
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        items: list[tuple[RequestStream, RequestOutput | BaseException]] = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # nobody listens any more
@@ -350,7 +371,8 @@ class AsyncLLMEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            stream.put(out)
+            items.append((stream, out))
+        deliver(items)
 
     def _abort_all(self) -> None:
         """Shutdown: run what was queued, then abort every request and end its stream."""
@@ -376,6 +398,5 @@ class AsyncLLMEngine:
     def _fail_streams(self, err: BaseException) -> None:
         streams = list(self._streams.values())
         self._streams.clear()
-        for s in streams:
-            s.put(err)
+        deliver([(s, err) for s in streams])
 
