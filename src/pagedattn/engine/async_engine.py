@@ -4,8 +4,8 @@
 of its own.  Everything that touches engine state (adding and aborting requests, reading
 metrics) travels to that thread as a command through a locked queue; the thread runs pending
 commands between steps, steps while there is work, and sleeps on a condition variable when
-there is none.  Outputs travel back to each request's asyncio queue with
-``loop.call_soon_threadsafe``.
+there is none.  Outputs travel back to each request's asyncio queue, a step's outputs for
+one event loop in one ``loop.call_soon_threadsafe``.
 
 Requests are checked (tokenized and validated) before they are queued, on a worker thread of
 the caller's event loop (a long prompt takes the tokenizer seconds, which must not stall the
