@@ -12,8 +12,13 @@ import random
 import weakref
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagedattn import LLM, SamplingParams
+from pagedattn.engine.output_processor import request_output
+from pagedattn.engine.outputs import CompletionOutput, RequestOutput
+from pagedattn.engine.sequence import Request, Sequence
 
 from .engine_models import FAMILIES, hf_greedy, make_model_dir
 
@@ -479,3 +484,44 @@ def test_memory_and_sampling_features_keep_outputs_of_the_newer_families(model_d
     again = _llm(path, block_size=8).generate(prompts[2:3] + prompts[:1], [SamplingParams(max_tokens=3), sp],
                                               use_tqdm=False)[1]
     assert [c.token_ids for c in again.outputs] == out and len({tuple(t) for t in out}) > 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_request_output_reports_every_field_of_the_request(data: st.DataObject) -> None:
+    """``request_output`` builds its records positionally (it runs for every stream at every
+    step); each field must still land where its name says."""
+    n = data.draw(st.integers(1, 3))
+    want_lp = data.draw(st.booleans())
+    prompt = data.draw(st.lists(st.integers(0, 1000), min_size=1, max_size=6))
+    req = Request(data.draw(st.text(min_size=1, max_size=5)), data.draw(st.none() | st.text(max_size=5)), prompt,
+                  SamplingParams(n=n, logprobs=1 if want_lp else None))
+    for i in range(1, n):
+        req.seqs.append(Sequence(f"s{i}", i, list(prompt), len(prompt)))
+    for s in req.seqs:
+        s.token_ids += data.draw(st.lists(st.integers(0, 1000), max_size=4))
+        s.text = data.draw(st.text(max_size=6))
+        s.finish_reason = data.draw(st.sampled_from([None, "stop", "length"]))
+        s.stop_reason = data.draw(st.none() | st.integers(0, 9) | st.text(max_size=3))
+        s.logprobs = [{t: -float(t)} for t in s.output_token_ids]
+        s.cumulative_logprob = data.draw(st.floats(-10, 0))
+    req.first_token_time = data.draw(st.none() | st.floats(0, 10))
+    req.num_cached_tokens = data.draw(st.none() | st.integers(0, 5))
+    req.error = data.draw(st.none() | st.text(max_size=5))
+    req.prompt_logprobs = data.draw(st.none() | st.just([None, {1: -0.5}]))
+    out = request_output(req)
+    expected_outs = [
+        CompletionOutput(index=s.index, text=s.text, token_ids=s.output_token_ids,
+                         cumulative_logprob=s.cumulative_logprob if want_lp else None,
+                         logprobs=list(s.logprobs) if want_lp else None,
+                         finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+        for s in req.seqs if s.num_output_tokens > 0 or s.finished]
+    metrics = {"arrival_time": req.arrival_time}
+    if req.first_token_time is not None:
+        metrics["first_token_time"] = req.first_token_time
+    assert out == RequestOutput(
+        request_id=req.request_id, prompt=req.prompt, prompt_token_ids=prompt, outputs=expected_outs,
+        finished=req.finished, num_cached_tokens=req.num_cached_tokens or 0, metrics=metrics, error=req.error,
+        prompt_logprobs=req.prompt_logprobs)
+    for o, s in zip(out.outputs, [s for s in req.seqs if s.num_output_tokens > 0 or s.finished]):
+        assert o.token_ids is not s.token_ids and o.token_ids == s.output_token_ids  # a copy: the engine appends
