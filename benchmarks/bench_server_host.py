@@ -129,7 +129,9 @@ def run_http(args: argparse.Namespace, max_seqs: int, blocks: int) -> tuple[Time
 
     used = [0.0, 0]
     try:
-        asyncio.run(main())
+        # The event loop `pagedattn serve` runs (uvicorn's choice: uvloop where it is installed).
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            runner.run(main())
     finally:
         engine.shutdown()
     summary = json.loads(out.read_text())["summary"]
