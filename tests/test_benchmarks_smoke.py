@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -192,6 +194,24 @@ def test_profile_steps_charges_every_step_once(bench, model_dir: Path, tmp_path:
     assert res["prefix_caching"] == (workload == "family") and res["bound_s"] > 0
     # One token per request and step: the run took at least as many steps as its longest output.
     assert sum(r["steps"] for r in kinds.values()) == res["num_steps"] >= res["longest_output"]
+
+
+def test_profile_steps_charges_its_own_work_to_no_step(bench, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Describing a batch (its distinct K/V blocks: a loop over every block of every row) is the
+    profiler's work, done after the run: were it inside the timed step, a slow description would
+    show as the engine's host time (each step here would take over 0.2 s)."""
+    mod = bench("profile_steps")
+    real = mod.batch_of
+
+    def slow_batch_of(*a: Any, **k: Any) -> Any:
+        time.sleep(0.2)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "batch_of", slow_batch_of)
+    res = mod.main(["--device", "cpu", "--smoke", "--model-dir", str(model_dir), "--workload", "family",
+                    "--prompt-len", "12"])
+    assert res["num_steps"] >= 6 and res["steps_s"] < 0.1 * res["num_steps"]
 
 
 @pytest.mark.parametrize(("workload", "stream"), [("throughput", False), ("family", True)])
