@@ -87,9 +87,10 @@ def run_async(prompts: list[str], outs: list[int], max_seqs: int, blocks: int) -
         engine.shutdown()
 
 
-def _cpu_seconds() -> float:
-    """CPU seconds this process has used (every thread: engine, event loop, torch)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
+def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """CPU seconds this process has used (every thread: engine, event loop, torch), or with
+    ``RUSAGE_CHILDREN`` all its children that have ended."""
+    r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
 
 
@@ -102,7 +103,8 @@ def _free_port() -> int:
 def run_http(args: argparse.Namespace, max_seqs: int, blocks: int) -> tuple[Timed, dict[str, Any]]:
     """The server in this process, ``serving.py`` in another; the client's duration (first request
     sent to last stream ended), this process's CPU seconds and the engine's steps while the client
-    ran, and the client's summary (with its own CPU seconds, start-up included)."""
+    ran, and the client's summary (with its own CPU seconds, start-up included: those of the
+    children that ended while it ran, the client alone)."""
     from pagedattn.engine.async_engine import AsyncLLMEngine
     from pagedattn.entrypoints.server import create_app, make_server
 
@@ -114,30 +116,30 @@ def run_http(args: argparse.Namespace, max_seqs: int, blocks: int) -> tuple[Time
            "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
            "--output-len", str(args.output_len), "--range-ratio", "0", "--warmup", "0", "--out", str(out)]
 
-    async def main() -> None:
+    async def main() -> tuple[float, int, float]:
         serve = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.05)
-        steps0, cpu0 = engine.engine.num_steps, _cpu_seconds()
+        steps0, cpu0, child0 = engine.engine.num_steps, _cpu_seconds(), _cpu_seconds(resource.RUSAGE_CHILDREN)
         client = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.DEVNULL, env=dict(os.environ))
         rc = await client.wait()
-        used[:] = [_cpu_seconds() - cpu0, engine.engine.num_steps - steps0]
+        used = (_cpu_seconds() - cpu0, engine.engine.num_steps - steps0,
+                _cpu_seconds(resource.RUSAGE_CHILDREN) - child0)
         server.should_exit = True
         await serve
         if rc != 0:
             raise RuntimeError(f"serving.py exited with status {rc}")
+        return used
 
-    used = [0.0, 0]
     try:
         # The event loop `pagedattn serve` runs (uvicorn's choice: uvloop where it is installed).
         with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-            runner.run(main())
+            cpu, steps, client_cpu = runner.run(main())
     finally:
         engine.shutdown()
     summary = json.loads(out.read_text())["summary"]
-    child = resource.getrusage(resource.RUSAGE_CHILDREN)
-    summary["client_cpu_s"] = child.ru_utime + child.ru_stime
-    return (summary["duration_s"], used[0], int(used[1])), summary
+    summary["client_cpu_s"] = client_cpu
+    return (summary["duration_s"], cpu, steps), summary
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -247,6 +247,7 @@ def test_server_host_runs_each_way_to_the_last_token(bench, tmp_path: Path) -> N
         assert r["tok_per_s"] == pytest.approx(res["output_tokens"] / r["seconds"])
     client = res["ways"]["http server"]["client"]
     assert client["completed"] == 4 and client["failed"] == 0 and client["total_output_tokens"] == 4 * 6
+    assert client["client_cpu_s"] > 0
 
 
 def test_single_stream_smoke_reports_its_share_of_the_roofline(bench, tmp_path: Path) -> None:
