@@ -154,3 +154,28 @@ def test_gguf_llama_vocabulary_generates_the_full_decode(tmp_path: Path, seed: i
     assert tok.decode(tok.encode("Hi ☕ 日本 there", add_special_tokens=False)) == "Hi ☕ 日本 there"
     params = SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=seed, ignore_eos=True)
     _check_texts(llm, llm.generate(PROMPTS, params, use_tqdm=False))
+
+
+def test_text_of_the_first_min_tokens_is_never_searched_for_stop_strings(llm: LLM) -> None:
+    """A stop string that occurs only in the text made before the last of the first
+    ``min_tokens`` tokens does not cut it later (vLLM's rule: a stream may have sent that text
+    already); without min_tokens the same string stops the sample."""
+    params = dict(temperature=1.0, max_tokens=12, ignore_eos=True)
+    tried = 0
+    for seed in range(60):
+        steps = list(llm.stream(PROMPTS[0], SamplingParams(**params, seed=seed)))
+        c = steps[-1].outputs[0]
+        # The text made by the time the second token came (the detokenizer may still hold some
+        # back): it was there before the third token, the last that min_tokens=3 keeps from stopping.
+        assert len(steps[1].outputs[0].token_ids) == 2
+        head = steps[1].outputs[0].text
+        early = next((ch for ch in head if ch.strip() and c.text.count(ch) == 1), None)
+        if early is None:
+            continue
+        tried += 1
+        (got,) = llm.generate(PROMPTS[0], SamplingParams(**params, seed=seed, min_tokens=3, stop=[early]),
+                              use_tqdm=False)
+        assert got.outputs[0].text == c.text and got.outputs[0].finish_reason == "length"
+        (cut,) = llm.generate(PROMPTS[0], SamplingParams(**params, seed=seed, stop=[early]), use_tqdm=False)
+        assert cut.outputs[0].stop_reason == early  # without min_tokens it does stop there
+    assert tried >= 3

@@ -103,7 +103,11 @@ class OutputProcessor:
         n_out = seq.num_output_tokens
         if self.tokenizer is not None and _text_grows(req):
             detokenize_incrementally(self.tokenizer, seq, p.skip_special_tokens)
-        if n_out >= p.min_tokens:  # before min_tokens nothing but the length limits stops
+        if n_out < p.min_tokens:  # before min_tokens nothing but the length limits stops
+            # and the text so far is never searched for stop strings: later checks look only at
+            # text that ends past it (vLLM's rule; a stream may have sent this text already).
+            seq.stop_checked_len = len(seq.text)
+        else:
             if not p.ignore_eos and tok in self.eos_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", None
                 return

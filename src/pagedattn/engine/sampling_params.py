@@ -29,7 +29,8 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = 16  # None: up to the model's context length
     # EOS and stop_token_ids are masked out of the logits until this many tokens were
-    # generated (as vLLM and HF do), and stop strings are not checked before then.
+    # generated (as vLLM and HF do), and stop strings are not checked before then, nor later
+    # in the text of those tokens (a stop string counts where it ends after them, as in vLLM).
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
