@@ -9,11 +9,16 @@ row is the most a host can serve at this concurrency whatever the GPU does:
 * ``http server``: the OpenAI server (``create_app``, uvicorn) in this process, and
   ``serving.py`` as the client in another process, every request streaming ``/v1/completions``.
 
+The first two ask for ``--output-kind`` outputs: ``delta`` (the default, what the server's
+streams ask for: each output holds its new tokens) or ``cumulative`` (each holds the output so
+far, whose token ids are copied at every step).
+
 The model is the embedded default (its tokenizer and vocabulary; its forward never runs), on
 the CPU.  Prompts are ``serving.py``'s random words.  Printed: output tokens/s, engine steps and
 milliseconds per step of each way; JSON with ``--out``.
 
     python benchmarks/bench_server_host.py [--num-requests 256] [--input-len 100] [--output-len 200]
+                                           [--output-kind delta|cumulative]
     python benchmarks/bench_server_host.py --smoke      # a few seconds (CI)
 """
 
@@ -54,26 +59,29 @@ def build_engine(max_seqs: int, blocks: int) -> Any:
 Timed = tuple[float, float, int]  # wall seconds, this process's CPU seconds, engine steps
 
 
-def run_engine(prompts: list[str], outs: list[int], max_seqs: int, blocks: int) -> Timed:
-    from pagedattn import SamplingParams
+def params(n: int, kind: str) -> Any:
+    from pagedattn import RequestOutputKind, SamplingParams
 
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, output_kind=RequestOutputKind[kind.upper()])
+
+
+def run_engine(prompts: list[str], outs: list[int], max_seqs: int, blocks: int, kind: str) -> Timed:
     engine = build_engine(max_seqs, blocks)
     for p, n in zip(prompts, outs):
-        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), stream=True)
+        engine.add_request(p, params(n, kind), stream=True)
     t, c = time.perf_counter(), _cpu_seconds()
     while engine.has_unfinished_requests():
         engine.step()
     return time.perf_counter() - t, _cpu_seconds() - c, engine.num_steps
 
 
-def run_async(prompts: list[str], outs: list[int], max_seqs: int, blocks: int) -> Timed:
-    from pagedattn import SamplingParams
+def run_async(prompts: list[str], outs: list[int], max_seqs: int, blocks: int, kind: str) -> Timed:
     from pagedattn.engine.async_engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine.from_factory(lambda: build_engine(max_seqs, blocks))
 
     async def consume(prompt: str, n: int) -> None:
-        async for _ in await engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)):
+        async for _ in await engine.generate(prompt, params(n, kind)):
             pass
 
     async def main() -> Timed:
@@ -148,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--input-len", type=int, default=100, help="words per prompt")
     ap.add_argument("--output-len", type=int, default=200, help="tokens per request (EOS ignored)")
     ap.add_argument("--ways", default="engine,async engine,http server")
+    ap.add_argument("--output-kind", choices=("delta", "cumulative"), default="delta",
+                    help="what each output of the engine and async engine ways holds")
     ap.add_argument("--smoke", action="store_true", help="a tiny run (seconds)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -168,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for way in ways:
         extra: dict[str, Any] = {}
         if way == "engine":
-            seconds, cpu, steps = run_engine(prompts, outs, max_seqs, blocks)
+            seconds, cpu, steps = run_engine(prompts, outs, max_seqs, blocks, args.output_kind)
         elif way == "async engine":
-            seconds, cpu, steps = run_async(prompts, outs, max_seqs, blocks)
+            seconds, cpu, steps = run_async(prompts, outs, max_seqs, blocks, args.output_kind)
         else:
             (seconds, cpu, steps), extra = run_http(args, max_seqs, blocks)
             tokens_seen = extra["total_output_tokens"]
@@ -180,9 +190,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "cpu_us_per_token": 1e6 * cpu / tokens,
                      "ms_per_step": 1e3 * seconds / max(1, steps), **({"client": extra} if extra else {})}
     res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "requests": args.num_requests,
-           "input_words": args.input_len, "output_tokens": tokens, "ways": rows}
+           "input_words": args.input_len, "output_tokens": tokens, "output_kind": args.output_kind, "ways": rows}
     print(f"{args.num_requests} streaming requests, {args.input_len} words in, {args.output_len} tokens out, "
-          f"the forward replaced by random tokens (commit {res['commit']})")
+          f"{args.output_kind} outputs, the forward replaced by random tokens (commit {res['commit']})")
     print("| way | seconds | output tok/s | engine steps | ms per step | CPU us per token |")
     print("| --- | --- | --- | --- | --- | --- |")
     for way, r in rows.items():

@@ -96,6 +96,14 @@ def test_echo_prepends_the_prompt_and_its_logprobs(client: openai.OpenAI, llm: L
     chunks = [c for c in client.completions.create(**base, echo=True, logprobs=2, stream=True) if c.choices]
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == n_prompt + 5
     assert chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    # Two choices (and two prompts): each choice's first chunk carries its prompt's echo.
+    chunks = [c for c in client.completions.create(**{**base, "prompt": [PROMPT, PROMPT]}, n=2, echo=True,
+                                                   logprobs=2, stream=True) if c.choices]
+    for index in range(4):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert sum(len(c.logprobs.tokens) for c in mine) == n_prompt + 5
+        assert "".join(c.text for c in mine) == echoed.choices[0].text
+        assert mine[0].logprobs.token_logprobs[0] is None and mine[-1].finish_reason == "length"
 
 
 def test_prompt_logprobs_field(client: openai.OpenAI, llm: LLM) -> None:

@@ -9,18 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "LLMEngine", "RequestOutput", "RequestOutputKind", "SamplingParams"]
 
 if TYPE_CHECKING:
     from .engine.llm import LLM
     from .engine.llm_engine import LLMEngine
     from .engine.outputs import CompletionOutput, RequestOutput
-    from .engine.sampling_params import SamplingParams
+    from .engine.sampling_params import RequestOutputKind, SamplingParams
 
 _LAZY = {
     "LLM": ".engine.llm",
     "LLMEngine": ".engine.llm_engine",
     "SamplingParams": ".engine.sampling_params",
+    "RequestOutputKind": ".engine.sampling_params",
     "RequestOutput": ".engine.outputs",
     "CompletionOutput": ".engine.outputs",
 }

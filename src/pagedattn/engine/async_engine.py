@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from .llm_engine import LLMEngine, PromptInput
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,19 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestStream(AsyncIterator[RequestOutput]):
-    """Cumulative :class:`RequestOutput` s of one request, ending with a ``finished`` one.
+    """The :class:`RequestOutput` s of one request, ending with a ``finished`` one.
 
-    A slow consumer skips intermediate outputs (each output holds everything so far), so it
-    never falls behind by more than one item.  Closing the stream, or cancelling the task that
-    waits on it, aborts the request.
+    A slow consumer never falls behind by more than one item: it skips intermediate cumulative
+    outputs (each holds everything so far), and gets the DELTA outputs that piled up (``delta``)
+    joined into one.  Closing the stream, or cancelling the task that waits on it, aborts the
+    request.
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None],
+                 delta: bool = False) -> None:
         self.request_id = request_id
         self._loop = loop
+        self._delta = delta
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._abort_fn = abort
         self._done = False  # set once the final output or an error was handed out, or on abort
@@ -83,7 +86,11 @@ class RequestStream(AsyncIterator[RequestOutput]):
             self.abort()
             raise
         while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()  # outputs are cumulative: only the newest matters
+            later = self._queue.get_nowait()
+            if self._delta and not isinstance(later, BaseException):
+                item.add(later)
+            else:  # cumulative: only the newest matters
+                item = later
         if isinstance(item, BaseException):
             self._done = True
             raise item
@@ -239,14 +246,15 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None
     ) -> RequestStream:
-        """Queue a request and return its stream of cumulative outputs.
+        """Queue a request and return its stream of outputs (of ``params.output_kind``).
 
         Validation errors raise ``ValueError`` here, before anything is queued.  Iterate the
         stream to the end, or close it (``aclose()``/``abort()``) to abort the request."""
         self._check_alive()
         prepared = await asyncio.to_thread(self.prepare, prompt, params)
         rid = uuid.uuid4().hex if request_id is None else str(request_id)
-        stream = RequestStream(rid, asyncio.get_running_loop(), self._abort_soon)
+        stream = RequestStream(rid, asyncio.get_running_loop(), self._abort_soon,
+                               delta=params.output_kind == RequestOutputKind.DELTA)
         self.start()
         self._submit(lambda: self._add(stream, prepared, params))
         return stream

@@ -9,7 +9,7 @@ import torch
 
 from ..cache.block_manager import cdiv
 from .logits_processors import check_token_fields
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 from .sequence import Request, SeedStream, Sequence
 from .structured import GrammarCompilerCache
 
@@ -31,6 +31,7 @@ class InputProcessor:
                      stream: bool = True) -> Request:
         text, ids = self.tokenize(prompt)
         self.validate(ids, params)
+        stream = stream and params.output_kind != RequestOutputKind.FINAL_ONLY
         req = Request(request_id, text, ids, params, extra_key=extra_key, stream=stream,
                       bad_words_ids=check_token_fields(params, self.vocab_size, self._encode_words))
         for i in range(1, params.n):

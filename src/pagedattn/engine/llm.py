@@ -109,9 +109,10 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> Iterator[RequestOutput]:
-        """Yield a :class:`RequestOutput` every time a request gains tokens (cumulative text and
-        token ids; compare with the previous one for the delta).  Closing the iterator early
-        aborts the requests still running."""
+        """Yield a :class:`RequestOutput` every time a request gains tokens: its text and token
+        ids so far, or with ``SamplingParams(output_kind=RequestOutputKind.DELTA)`` only those
+        that are new (FINAL_ONLY: one output, at the end).  Closing the iterator early aborts
+        the requests still running."""
         ids = self._add_all(prompts, sampling_params)
         pending = set(ids)
         try:

@@ -154,8 +154,9 @@ class LLMEngine:
     # ================================================================== requests
     def add_request(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
                     extra_key: object = None, stream: bool = True) -> str:
-        """Queue a request.  ``stream=False``: :meth:`step` reports it only once it finishes
-        (saves building partial outputs every step for offline batches)."""
+        """Queue a request.  ``stream=False`` (or ``params.output_kind`` FINAL_ONLY): :meth:`step`
+        reports it only once it finishes (saves building partial outputs every step for offline
+        batches).  What each report holds is ``params.output_kind``'s (cumulative by default)."""
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")

@@ -10,7 +10,7 @@ from typing import Any
 
 from .detokenizer import detokenize_incrementally, finish_detokenizing
 from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
 from .structured import accept_token
@@ -155,13 +155,19 @@ def check_stop_strings(seq: Sequence, p: SamplingParams) -> bool:
 
 
 def request_output(req: Request) -> RequestOutput:
-    """What the user sees of ``req`` now.  Made for every streaming request at every step, so
-    its records are built with positional arguments (in their fields' order: half the cost of
-    keywords, ~2 us less a request and step)."""
+    """What the user sees of ``req`` now, as ``req.params.output_kind`` says: everything so far,
+    or only what is new since its previous output (DELTA).  Made for every streaming request at
+    every step, so its records are built with positional arguments (in their fields' order:
+    half the cost of keywords, ~2 us less a request and step)."""
     want_lp = req.params.logprobs is not None
+    delta = req.params.output_kind == RequestOutputKind.DELTA
     outs = []
     for s in req.seqs:
-        if s.num_output_tokens > 0 or s.finish_reason is not None:
+        if delta:
+            c = _delta_output(s, want_lp, req.params)
+            if c is not None:
+                outs.append(c)
+        elif s.num_output_tokens > 0 or s.finish_reason is not None:
             # index, text, token_ids (a fresh slice), cumulative_logprob, logprobs, finish_reason, stop_reason
             outs.append(CompletionOutput(s.index, s.text, s.output_token_ids,
                                          s.cumulative_logprob if want_lp else None,
@@ -170,6 +176,33 @@ def request_output(req: Request) -> RequestOutput:
     if req.first_token_time is not None:
         m["first_token_time"] = req.first_token_time
     plp = req.prompt_logprobs
+    if plp is not None and delta and req.reported:
+        plp = None  # a delta stream carries them once, in its first output
+    req.reported = True
     # request_id, prompt, prompt_token_ids, outputs, finished, num_cached_tokens, metrics, error, prompt_logprobs
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
                          req.num_cached_tokens or 0, m, req.error, list(plp) if plp is not None else None)
+
+
+def _delta_output(s: Sequence, want_lp: bool, p: SamplingParams) -> CompletionOutput | None:
+    """What of sample ``s`` its previous outputs did not carry; None when nothing is new.
+
+    While it runs, the text's last ``len(longest stop string) - 1`` characters are held back: a
+    stop string completed by a later token is cut from the text, and a part of it already sent
+    could not be taken back.  (Text before that point never changes: the detokenizer only
+    appends, and a stop string is cut where it starts, which is past what was sent.)"""
+    if s.sent_finish:
+        return None
+    done = s.finish_reason is not None
+    n0, n1 = s.sent_tokens, s.num_output_tokens
+    end = len(s.text)
+    if not done and p.stop_list:
+        end = max(s.sent_text, end - (max(map(len, p.stop_list)) - 1))
+    if n1 == n0 and end == s.sent_text and not done:
+        return None
+    text = s.text[s.sent_text:end]
+    toks = s.token_ids[s.prompt_len + n0:]
+    s.sent_tokens, s.sent_text, s.sent_finish = n1, end, done
+    # index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason
+    return CompletionOutput(s.index, text, toks, s.cumulative_logprob if want_lp else None,
+                            s.logprobs[n0:n1] if want_lp else None, s.finish_reason, s.stop_reason)

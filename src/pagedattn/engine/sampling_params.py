@@ -8,6 +8,7 @@ it before any work starts; checks that need the model (token ids inside the voca
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,22 @@ from .structured import StructuredOutputsParams
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each :class:`RequestOutput` of a request holds (vLLM's names and values).
+
+    * ``CUMULATIVE``: everything so far (the text and token ids since the first token).
+    * ``DELTA``: only what is new since the request's previous output: a stream's cost per
+      token stays flat however long the output grows (a cumulative output copies the token ids
+      so far at every step).  While a sample runs, the last ``len(longest stop string) - 1``
+      characters are held back: they may begin a stop string, which is cut from the text.
+    * ``FINAL_ONLY``: one output, when the request finishes (what ``LLM.generate`` returns).
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -55,6 +72,7 @@ class SamplingParams:
     # A JSON schema, regex, choice or grammar the output must follow (compiled when the request
     # is validated; see .structured).
     structured_outputs: StructuredOutputsParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +99,7 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise _bad(self, name, "must be true or false")
         self.stop_list = self._stop_strings()
+        self.output_kind = self._output_kind()
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise _bad(self, "structured_outputs", "must be a StructuredOutputsParams or None")
         if self.stop_token_ids is not None:
@@ -98,6 +117,14 @@ class SamplingParams:
         if not isinstance(items, Sequence) or any(not isinstance(s, str) or not s for s in items):
             raise _bad(self, "stop", "must be a non-empty string or a list of them")
         return list(items)
+
+    def _output_kind(self) -> RequestOutputKind:
+        kind = self.output_kind
+        if isinstance(kind, RequestOutputKind):
+            return kind
+        if _is_int(kind) and kind in RequestOutputKind._value2member_map_:
+            return RequestOutputKind(kind)
+        raise _bad(self, "output_kind", "must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)")
 
     def _logit_bias(self) -> dict[int, float] | None:
         bias = self.logit_bias

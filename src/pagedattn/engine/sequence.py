@@ -53,6 +53,10 @@ class Sequence:
     text: str = ""
     detok: Any = field(default=None, repr=False, compare=False)
     stop_checked_len: int = 0  # characters of ``text`` already checked for stop strings
+    # What DELTA outputs reported already: output tokens, characters of ``text``, the finish.
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_finish: bool = False
     grammar: Any = field(default=None, repr=False, compare=False)  # structured output: a .structured.SampleGrammar
     # ``token_ids`` mirrored on the host as an array, for penalties (see .logits_processors).
     token_history: Any = field(default=None, repr=False, compare=False)
@@ -99,6 +103,7 @@ class Request:
     # With params.prompt_logprobs: one entry per prompt token computed so far (the first is None).
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
+    reported: bool = False  # a RequestOutput was made (DELTA: the prompt logprobs go in the first)
     # What the params say about every step, read once (asked of every row of every step):
     # params.plain_greedy, and the part of can_overlap that never changes.
     plain_greedy: bool = field(init=False)

@@ -77,29 +77,42 @@ class EngineCollector(Collector):
 
 
 class RequestTimer:
-    """Latency bookkeeping of one engine request, fed with its cumulative outputs."""
+    """Latency bookkeeping of one engine request, fed with its outputs: cumulative ones, DELTA
+    ones (``delta``: each holds only its new tokens), or a single final one."""
 
-    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
+    def __init__(self, metrics: ServerMetrics, arrival: float, delta: bool = False) -> None:
         self._metrics = metrics
         self.arrival = arrival
         self.first_token: float | None = None
+        self._delta = delta
+        self._tokens: dict[int, int] = {}  # delta: output tokens per choice so far
+        self._finished: set[int] = set()  # choices counted as finished
 
     def on_output(self, out: RequestOutput) -> None:
         now = time.monotonic()
+        for c in out.outputs:
+            if self._delta:
+                self._tokens[c.index] = self._tokens.get(c.index, 0) + len(c.token_ids)
+            if c.finish_reason is not None and c.index not in self._finished:  # once per choice
+                self._finished.add(c.index)
+                self._metrics.finished.labels(finish_reason=c.finish_reason).inc()
         if self.first_token is None and any(c.token_ids for c in out.outputs):
-            self.first_token = now
-            self._metrics.ttft.observe(now - self.arrival)
+            # An output that is also the last (a response made once, or max_tokens=1): the
+            # engine's time of the first token, not the end's.
+            self.first_token = out.metrics.get("first_token_time", now) if out.finished else now
+            self._metrics.ttft.observe(self.first_token - self.arrival)
         if out.finished:
             self._finish(out, now)
 
     def _finish(self, out: RequestOutput, now: float) -> None:
         m = self._metrics
         m.e2e.observe(now - self.arrival)
-        longest = max((len(c.token_ids) for c in out.outputs), default=0)
+        if self._delta:
+            longest = max(self._tokens.values(), default=0)
+        else:
+            longest = max((len(c.token_ids) for c in out.outputs), default=0)
         if self.first_token is not None and longest > 1:
             m.tpot.observe((now - self.first_token) / (longest - 1))
-        for c in out.outputs:
-            m.finished.labels(finish_reason=c.finish_reason or "unknown").inc()
 
 
 class ServerMetrics:
@@ -124,8 +137,8 @@ class ServerMetrics:
         self.connections_cut = Counter(PREFIX + "connections_cut", "Connections refused or closed by the server's "
                                        "guards, by reason", ["reason"], registry=self.registry)
 
-    def timer(self, arrival: float | None = None) -> RequestTimer:
-        return RequestTimer(self, time.monotonic() if arrival is None else arrival)
+    def timer(self, arrival: float | None = None, delta: bool = False) -> RequestTimer:
+        return RequestTimer(self, time.monotonic() if arrival is None else arrival, delta)
 
     def render(self, engine_snapshot: Mapping[str, float | int]) -> bytes:
         self.engine.update(engine_snapshot)

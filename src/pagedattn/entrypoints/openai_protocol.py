@@ -30,7 +30,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import RequestOutputKind, SamplingParams
 from ..engine.structured import StructuredOutputsParams
 from .chat_output import required_tools_schema
 
@@ -339,6 +339,8 @@ class _SamplingRequest(_Body):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=self.structured(),
+            # A stream sends what is new at each step; a response is made once, from the end.
+            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
 

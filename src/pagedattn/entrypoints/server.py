@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -63,7 +63,7 @@ from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from ..engine.generation_defaults import describe, sampling_defaults
 from ..engine.llm_engine import LLMEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import RequestOutputKind, SamplingParams
 from .access import ServerAccess, install_access
 from .chat_output import (
     REASONING_PARSERS,
@@ -425,9 +425,11 @@ class Generation:
             s.fail(err)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """``(prompt index, cumulative output)`` as they come, until every prompt finished.
+        """``(prompt index, output)`` as they come, until every prompt finished: what is new
+        since the last one for a stream, one final output for a response (``params.output_kind``).
         Leaving early (error, cancellation, close) aborts what is still running."""
-        timers = [self.state.metrics.timer(self.arrival) for _ in self.streams]
+        delta = self.params.output_kind == RequestOutputKind.DELTA
+        timers = [self.state.metrics.timer(self.arrival, delta) for _ in self.streams]
         merged = _merge(self.streams)
         try:
             async for i, out in merged:
@@ -507,40 +509,21 @@ class ClientDisconnected(Exception):
 class _ChoiceCursor:
     """What of one choice was already sent."""
 
-    text: int = 0
-    tokens: int = 0
+    tokens: int = 0  # output tokens (the usage's count)
     text_offset: int = 0  # legacy logprobs' running character offset
     done: bool = False
 
 
-@dataclass
-class _Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-def _advance(cur: _ChoiceCursor, c: CompletionOutput, hold: int, want_tokens: bool) -> _Delta | None:
-    """The part of choice ``c`` not sent yet; None when there is nothing worth a chunk.
-
-    While a choice runs, the last ``hold`` characters are kept back: they may be the start of a
-    stop string, which the engine cuts from the text once it completes."""
+def _advance(cur: _ChoiceCursor, c: CompletionOutput, want_tokens: bool) -> CompletionOutput | None:
+    """Choice ``c`` of a DELTA output (what is new since the last one; the engine holds back
+    text that may begin a stop string) when it is worth a chunk, else None."""
     if cur.done:
         return None
-    end = len(c.text) if c.finished else max(cur.text, len(c.text) - hold)
-    text = c.text[cur.text:end]
-    t0, t1 = cur.tokens, len(c.token_ids)
-    if not (text or c.finished or (want_tokens and t1 > t0)):
+    cur.tokens += len(c.token_ids)
+    cur.done = c.finished
+    if not (c.text or c.finished or (want_tokens and c.token_ids)):
         return None
-    cur.text, cur.tokens, cur.done = max(cur.text, end), t1, c.finished
-    lps = c.logprobs[t0:t1] if c.logprobs is not None else None
-    return _Delta(text, c.token_ids[t0:t1], lps, c.finish_reason, c.stop_reason)
-
-
-def _hold_for(params: SamplingParams) -> int:
-    return max((len(s) for s in params.stop_list), default=1) - 1
+    return c
 
 
 def _sse(payload: str) -> str:
@@ -641,18 +624,25 @@ def _joined(a: CompletionLogprobs | None, b: CompletionLogprobs | None) -> Compl
                               top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
 
 
-def _usage(gen: Generation, finals: list[RequestOutput | None]) -> UsageInfo:
-    completion = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
+def _usage(gen: Generation, finals: list[RequestOutput | None], completion: int | None = None) -> UsageInfo:
+    """``completion``: the output tokens a stream counted (default: those of ``finals``)."""
+    if completion is None:
+        completion = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in finals if o is not None)
     return UsageInfo.of(gen.num_prompt_tokens, completion, cached)
+
+
+def _counted(cursors: Iterable[_ChoiceCursor]) -> int:
+    return sum(cur.tokens for cur in cursors)
 
 
 # ====================================================================== endpoints
 def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generation) -> AsyncIterator[str]:
     cid, created, n = gen.request_id, now(), req.n
-    hold, want_lp = _hold_for(gen.params), req.logprobs is not None
+    want_lp = req.logprobs is not None
     cursors: dict[tuple[int, int], _ChoiceCursor] = {}
     last: list[RequestOutput | None] = [None] * len(gen.prompts)
+    firsts: dict[int, RequestOutput] = {}
 
     def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         return _sse(CompletionResponse(id=cid, created=created, model=state.model_name, choices=choices,
@@ -662,13 +652,14 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
         try:
             async for i, out in gen.outputs():
                 last[i] = out
+                opening = firsts.setdefault(i, out)  # a prompt's first output holds its prompt logprobs
                 for c in out.outputs:
                     # A choice's first chunk carries the echoed prompt and the prompt logprobs.
                     first = (i, c.index) not in cursors
                     cur = cursors.setdefault((i, c.index), _ChoiceCursor())
-                    echo = _echo(state, req, out, cur) if first else None
-                    plp = _prompt_logprobs(state, out) if first and req.prompt_logprobs is not None else None
-                    d = _advance(cur, c, hold, want_lp)
+                    echo = _echo(state, req, opening, cur) if first else None
+                    plp = _prompt_logprobs(state, opening) if first and req.prompt_logprobs is not None else None
+                    d = _advance(cur, c, want_lp)
                     if d is None and echo is None and plp is None:
                         continue
                     lp = _completion_logprobs(state, d.token_ids, d.logprobs, cur) \
@@ -678,7 +669,7 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
                         logprobs=_joined(echo.logprobs if echo else None, lp), prompt_logprobs=plp,
                         finish_reason=d.finish_reason if d else None, stop_reason=d.stop_reason if d else None)])
             if req.include_usage_in_stream:
-                yield chunk([], _usage(gen, last))
+                yield chunk([], _usage(gen, last, _counted(cursors.values())))
         except Exception as e:
             yield _sse_error(e)
         yield _sse("[DONE]")
@@ -689,7 +680,7 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
 def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation,
                  parser: Callable[[], ChoiceParser] | None) -> AsyncIterator[str]:
     cid, created = gen.request_id, now()
-    hold, want_lp = _hold_for(gen.params), req.logprobs
+    want_lp = req.logprobs
     k = req.top_logprobs or 0
     cursors: dict[int, _ChoiceCursor] = {}
     parsers: dict[int, ChoiceParser] = {}
@@ -703,11 +694,11 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
             ch["delta"] = _without_none(ch["delta"])
         return _sse(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
-    def choice(c: CompletionOutput, d: _Delta, lp: ChatLogprobs | None) -> ChatChunkChoice | None:
+    def choice(d: CompletionOutput, lp: ChatLogprobs | None) -> ChatChunkChoice | None:
         if parser is None:
-            return ChatChunkChoice(index=c.index, delta=DeltaMessage(content=d.text), logprobs=lp,
+            return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=lp,
                                    finish_reason=d.finish_reason, stop_reason=d.stop_reason)
-        p = parsers.setdefault(c.index, parser())
+        p = parsers.setdefault(d.index, parser())
         parsed = p.feed(d.text)
         if d.finish_reason is not None:
             parsed += p.finish()
@@ -715,7 +706,7 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
         delta = _parsed_delta(parsed, req.include_reasoning)
         if delta == DeltaMessage() and finish is None and lp is None:
             return None  # held back (a tag's start, a call not complete yet) or left out (reasoning)
-        return ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=finish,
+        return ChatChunkChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=finish,
                                stop_reason=d.stop_reason)
 
     async def events() -> AsyncIterator[str]:
@@ -727,15 +718,15 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
                 last[0] = out
                 for c in out.outputs:
                     cur = cursors.setdefault(c.index, _ChoiceCursor())
-                    d = _advance(cur, c, hold, want_lp)
+                    d = _advance(cur, c, want_lp)
                     if d is None:
                         continue
                     lp = _chat_logprobs(state, d.token_ids, d.logprobs, k) if d.logprobs is not None else None
-                    ch = choice(c, d, lp)
+                    ch = choice(d, lp)
                     if ch is not None:
                         yield chunk([ch])
             if usage_field:
-                yield chunk([], _usage(gen, last))
+                yield chunk([], _usage(gen, last, _counted(cursors.values())))
         except Exception as e:
             yield _sse_error(e)
         yield _sse("[DONE]")
