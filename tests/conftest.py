@@ -84,3 +84,22 @@ def default_model_hf(default_gguf: Path) -> Any:
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32, local_files_only=True
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def byte_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama over a byte-fallback vocabulary (the 256 bytes and some 150 pieces)
+    with near-uniform output: at temperature 1 about two tokens in three are byte tokens."""
+    import transformers
+
+    from .test_detokenizer import llama_tokenizer
+
+    tok = llama_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   initializer_range=0.002, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("byte-llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -16,8 +16,6 @@ from typing import Any
 
 import openai
 import pytest
-import torch
-import transformers
 
 from pagedattn import LLM, SamplingParams
 
@@ -26,19 +24,6 @@ from .test_detokenizer import expected_text, llama_tokenizer, write_llama_gguf
 
 KW: dict[str, Any] = dict(device="cpu", block_size=16, num_kv_blocks=256, swap_space_gib=0.05)
 PROMPTS = ["I like ☕ and", "Tell me something:", "日本"]
-
-
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = llama_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   initializer_range=0.002, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("byte-llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

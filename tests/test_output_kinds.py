@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,24 +21,10 @@ from pagedattn import LLM, RequestOutputKind, SamplingParams
 from pagedattn.engine.outputs import CompletionOutput, RequestOutput
 
 from .server_harness import make_async_engine
-from .test_detokenizer import llama_tokenizer
 
 KW: dict[str, Any] = dict(device="cpu", block_size=4, num_kv_blocks=96, swap_space_gib=0.05)
 PROMPTS = ["I like ☕ and", "Tell me something:", "日本"]
 C, D, F = RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
-
-
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = llama_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   initializer_range=0.002, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("byte-llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
