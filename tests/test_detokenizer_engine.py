@@ -113,21 +113,44 @@ def test_a_failed_sample_of_generate_keeps_the_text_of_its_tokens(llm: LLM, seed
 
 
 def test_server_streaming_of_byte_tokens(byte_model: Path, llm: LLM, seed: int) -> None:
+    """Streamed choices (the engine's DELTA outputs) join into the non-streamed ones (its
+    FINAL_ONLY outputs) and into ``LLM.generate``'s, also where stop strings cut text that a
+    stream must have held back, with min_tokens and with the stop string kept."""
     srv = start_server(make_async_engine(byte_model, num_kv_blocks=256), name="byte-llama")
+    rng = random.Random(seed)
     try:
         client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-        kw: dict[str, Any] = dict(model="byte-llama", prompt=PROMPTS[0], max_tokens=24, n=3, temperature=1.0,
-                                  seed=seed, extra_body={"ignore_eos": True})
-        streamed: dict[int, str] = {}
-        for chunk in client.completions.create(stream=True, **kw):
-            for c in chunk.choices:
-                streamed[c.index] = streamed.get(c.index, "") + c.text
+        base: dict[str, Any] = dict(n=3, temperature=1.0, max_tokens=24, seed=seed, ignore_eos=True)
+        (want,) = llm.generate(PROMPTS[0], SamplingParams(**base), use_tqdm=False)
+        _check_texts(llm, [want])
+        texts = [c.text for c in want.outputs if len(c.text) > 4]
+        cases: list[dict[str, Any]] = [{}]
+        for _ in range(3):
+            t = rng.choice(texts)
+            i = rng.randrange(1, len(t) - 2)
+            cases.append(dict(stop=[t[i:i + rng.randint(1, 3)], "never-in-it"], min_tokens=rng.randint(0, 3),
+                              include_stop_str_in_output=rng.random() < 0.5))
+        stopped = 0
+        for extra in cases:
+            params = {**base, **extra}
+            kw: dict[str, Any] = dict(model="byte-llama", prompt=PROMPTS[0], max_tokens=24, n=3, temperature=1.0,
+                                      seed=seed, extra_body={k: v for k, v in params.items()
+                                                             if k not in ("n", "temperature", "max_tokens", "seed")})
+            streamed: dict[int, str] = {}
+            usage = None
+            for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+                for c in chunk.choices:
+                    streamed[c.index] = streamed.get(c.index, "") + c.text
+                usage = chunk.usage or usage
+            whole = client.completions.create(**kw)
+            (offline,) = llm.generate(PROMPTS[0], SamplingParams(**params), use_tqdm=False)
+            assert streamed == {c.index: c.text for c in whole.choices} == {c.index: c.text for c in offline.outputs}
+            assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens \
+                == sum(len(c.token_ids) for c in offline.outputs), extra
+            stopped += sum(isinstance(c.stop_reason, str) for c in offline.outputs)
+        assert stopped >= 3  # the stop strings did cut samples
     finally:
         srv.stop()
-    (want,) = llm.generate(PROMPTS[0], SamplingParams(n=3, temperature=1.0, max_tokens=24, seed=seed,
-                                                       ignore_eos=True), use_tqdm=False)
-    _check_texts(llm, [want])
-    assert streamed == {c.index: c.text for c in want.outputs}
 
 
 def test_gguf_llama_vocabulary_generates_the_full_decode(tmp_path: Path, seed: int) -> None:
