@@ -27,6 +27,15 @@ def test_generate_streams_the_default_model() -> None:
 
 
 @pytest.mark.usefixtures("default_model_dir")
+def test_generate_prints_nothing_a_stop_string_cuts() -> None:
+    """The greedy answer goes on " Paris.\\n\\nThe answer...": with the stop string "\\n\\nThe" the
+    two newlines come a token before it completes, and must not reach the terminal."""
+    r = _run(["generate", "The capital of France is", "--max-tokens", "12", "--device", "cpu", "--stop", "\n\nThe"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "The capital of France is Paris.\n"
+
+
+@pytest.mark.usefixtures("default_model_dir")
 def test_generate_json() -> None:
     r = _run(["generate", "Hello", "-n", "2", "--temperature", "0.8", "--sample-seed", "3", "--max-tokens", "4",
               "--json", "--device", "cpu"])

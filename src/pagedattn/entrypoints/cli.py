@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -60,14 +61,8 @@ def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     if args.chat:
         prompts = [{"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": p}])} for p in prompts]
     if len(prompts) == 1 and args.n == 1 and not args.json:
-        printed = 0
         print(prompts[0] if isinstance(prompts[0], str) else "", end="", flush=True)
-        for out in llm.stream(prompts, params):
-            text = out.outputs[0].text if out.outputs else ""
-            sys.stdout.write(text[printed:])
-            sys.stdout.flush()
-            printed = len(text)
-        print()
+        _print_stream(llm, prompts[0], params)
     else:
         outs = llm.generate(prompts, params, use_tqdm=False)
         for o in outs:
@@ -128,13 +123,20 @@ def _chat_turn(llm: Any, history: list[dict[str, str]], params: Any) -> str:
         except UnicodeEncodeError:
             raise ValueError("the line is not valid UTF-8 text; type it again") from None
     ids = llm.apply_chat_template(history)
-    printed = 0
+    return _print_stream(llm, {"prompt_token_ids": ids}, params)
+
+
+def _print_stream(llm: Any, prompt: Any, params: Any) -> str:
+    """Print one sample's text as it comes and return it.  Deltas: the engine holds back what
+    may begin a stop string, so nothing printed is cut later."""
+    from ..engine.sampling_params import RequestOutputKind
+
     text = ""
-    for out in llm.stream([{"prompt_token_ids": ids}], params):
-        text = out.outputs[0].text if out.outputs else ""
-        sys.stdout.write(text[printed:])
-        sys.stdout.flush()
-        printed = len(text)
+    for out in llm.stream([prompt], dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)):
+        for c in out.outputs:
+            sys.stdout.write(c.text)
+            sys.stdout.flush()
+            text += c.text
     print()
     return text
 
