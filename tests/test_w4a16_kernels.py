@@ -178,9 +178,11 @@ def test_configs_split_k_only_while_the_grid_is_small() -> None:
     dev, sms = torch.device("cpu"), 132  # an H100's SMs
     dec = w4a16.choose_config(1, 4096, 4096, 128, dev, sms)
     assert dec.gemv and dec.split_k > 1 and 4096 % (dec.block_k * dec.split_k) == 0
-    assert 4096 // (dec.block_k * dec.split_k) >= 4  # every slice streams at least four tiles
-    wide = w4a16.choose_config(1, 28672, 4096, 128, dev, sms)
-    assert wide.split_k < dec.split_k
+    assert 4096 // (dec.block_k * dec.split_k) >= 2  # every slice streams at least two tiles
+    for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):  # the sweep's best on every 8B shape
+        assert w4a16.choose_config(1, n, k, 128, dev, sms).split_k == 16
+    wide = w4a16.choose_config(1, 128256, 4096, 128, dev, sms)  # enough programs with fewer slices
+    assert wide.split_k < dec.split_k and -(-128256 // wide.block_n) * wide.split_k >= 16 * sms
     pre = w4a16.choose_config(2048, 4096, 4096, 128, dev, sms)
     assert not pre.gemv and pre.split_k == 1
     # Every row count the GEMM serves in a call (below DEQUANT_MIN_ROWS) splits a narrow layer's K.

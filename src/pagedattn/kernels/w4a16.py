@@ -122,10 +122,10 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
         bk = _block_k(k, group_size, 128)
         return W4A16Config(1, 128, bk, 1, gemv=True) if m <= GEMV_MAX_ROWS else W4A16Config(32, 128, bk, 1)
     if m <= GEMV_MAX_ROWS:
-        bn, bk = 128, _block_k(k, group_size, 128)  # larger loads in flight per program
-        warps = 4
-        bm = 1
-    elif m <= SPLIT_K_MAX_ROWS:
+        bk = _block_k(k, group_size, 128)
+        split = gemv_split_k(-(-n // GEMV_BLOCK_N), k // bk, sms or _sm_count(device))
+        return W4A16Config(1, GEMV_BLOCK_N, bk, split, 4, 4, gemv=True)
+    if m <= SPLIT_K_MAX_ROWS:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         bn, bk, warps = 64, _block_k(k, group_size, 64), 4
     else:
@@ -135,6 +135,25 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     tiles = -(-n // bn) * -(-m // bm)
     split = split_k_for(tiles, k // bk, device, sms)
     return W4A16Config(bm, bn, bk, split, warps, 3 if m > GEMV_MAX_ROWS else 4, gemv=m <= GEMV_MAX_ROWS)
+
+
+# The GEMV's launch, from a sweep of the 8B layer shapes at one row on an H100 (block_n 64-256,
+# 2-16 K slices, 4/8 warps, 1/3 stages; docs/benchmarks.md, "W4A16 GEMV launch"): 256 outputs a
+# program and many K slices (each of at least two K tiles), about 16 programs an SM, gave
+# 16-21% less time than 128 outputs and ~4 programs an SM on every shape.
+GEMV_BLOCK_N = 256
+GEMV_MAX_SPLIT = 16
+GEMV_PROGRAMS_PER_SM = 16
+
+
+def gemv_split_k(tiles: int, k_tiles: int, sms: int) -> int:
+    """K slices of the one-row GEMV over ``tiles`` output tiles: doubled (up to
+    ``GEMV_MAX_SPLIT``) while the grid has fewer than ``GEMV_PROGRAMS_PER_SM`` programs per SM and
+    each slice keeps at least two K tiles."""
+    split = 1
+    while split < GEMV_MAX_SPLIT and tiles * split < GEMV_PROGRAMS_PER_SM * sms and k_tiles // (split * 2) >= 2:
+        split *= 2
+    return split
 
 
 def split_k_for(tiles: int, k_tiles: int, device: torch.device, sms: int | None = None) -> int:
