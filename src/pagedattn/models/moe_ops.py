@@ -84,10 +84,14 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     stable sort instead of a ``where`` and an ``index_add`` per expert (``nonzero`` and
     ``index_add`` cost ~150 us a call on the CPU)."""
     num_tokens, top_k = topk_ids.shape
-    flat = topk_ids.flatten()
-    order = torch.argsort(flat, stable=True)  # sorted position -> pair (t * top_k + k), grouped by expert
-    rows = x.index_select(0, order // top_k)
-    weights = topk_weights.flatten().index_select(0, order)[:, None]
+    # Pairs numbered k * T + t: within an expert its rows come in transformers' order (by the
+    # expert's rank k in the token's choice, then by token), which the GEMM's per-row result may
+    # depend on (it does on some CPUs' BLAS kernels: the same rows in another order differ in
+    # the last bits).
+    flat = topk_ids.t().flatten()
+    order = torch.argsort(flat, stable=True)  # sorted position -> pair (k * T + t), grouped by expert
+    rows = x.index_select(0, order % num_tokens)
+    weights = topk_weights.t().flatten().index_select(0, order)[:, None]
     ys = torch.empty_like(rows)
     start = 0
     for e, n in enumerate(torch.bincount(flat, minlength=w13.shape[0]).tolist()):  # the one host sync
@@ -96,7 +100,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
             ys[sl] = _expert_ffn(rows[sl], w13[e], w2[e]) * weights[sl]
             start += n
     # Each token's rows in ascending expert order (their sorted positions ascend with the expert).
-    by_expert = torch.argsort(order).view(num_tokens, top_k).sort(dim=1).values
+    by_expert = torch.argsort(order).view(top_k, num_tokens).t().sort(dim=1).values
     parts = ys.index_select(0, by_expert.flatten()).view(num_tokens, top_k, -1)
     out = parts[:, 0].clone()
     for j in range(1, top_k):  # transformers adds expert by expert into zeros: the same sums
