@@ -152,6 +152,13 @@ def test_completion_streaming_matches_non_streaming(client: openai.OpenAI, rng: 
     assert last.usage.prompt_tokens == full.usage.prompt_tokens
     assert all(ch.usage is None for ch in chunks[:-1])
     assert len({ch.id for ch in chunks}) == 1
+    # With continuous_usage_stats every chunk has the output tokens so far, both choices together.
+    texts2, per_choice, chunks = _collect_stream(client.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+    assert texts2 == texts
+    counts = [ch.usage.completion_tokens for ch in chunks]
+    assert counts == sorted(counts) and counts[-1] == 20 and 0 < counts[0] <= 2
+    assert all(ch.usage.prompt_tokens == full.usage.prompt_tokens for ch in chunks)
 
 
 def test_n_seed_and_prompt_batches(client: openai.OpenAI, rng: random.Random) -> None:
@@ -239,6 +246,13 @@ def test_chat_matches_template_and_streams(client: openai.OpenAI, llm: LLM, rng:
     assert per_choice[0][-1].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    # vLLM's continuous_usage_stats: every chunk (the role's too) carries the usage so far.
+    _, _, chunks = _collect_stream(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+    counts = [ch.usage.completion_tokens for ch in chunks]
+    assert chunks[0].usage.prompt_tokens == len(ids) and counts[0] == 0 and counts[-1] == counts[-2] == 9
+    assert counts == sorted(counts) and all(ch.usage.total_tokens == len(ids) + ch.usage.completion_tokens
+                                            for ch in chunks)
 
 
 def test_chat_n_and_logprobs(client: openai.OpenAI, rng: random.Random) -> None:

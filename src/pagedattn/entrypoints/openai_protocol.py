@@ -196,6 +196,8 @@ class _Body(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk also carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class JsonSchemaFormat(_Request):
@@ -261,6 +263,10 @@ class _SamplingRequest(_Body):
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def usage_in_every_chunk(self) -> bool:
+        return self.include_usage_in_stream and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def _check_common(self) -> None:
         check_fields(self)

@@ -645,6 +645,8 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
     firsts: dict[int, RequestOutput] = {}
 
     def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        if usage is None and req.usage_in_every_chunk:
+            usage = _usage(gen, last, _counted(cursors.values()))
         return _sse(CompletionResponse(id=cid, created=created, model=state.model_name, choices=choices,
                                        usage=usage).model_dump_json())
 
@@ -688,6 +690,8 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
     usage_field = req.include_usage_in_stream
 
     def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        if usage is None and req.usage_in_every_chunk:
+            usage = _usage(gen, last, _counted(cursors.values()))
         data = ChatCompletionChunk(id=cid, created=created, model=state.model_name, choices=choices,
                                    usage=usage).model_dump()
         for ch in data["choices"]:  # a delta carries only what changed, as OpenAI's do
