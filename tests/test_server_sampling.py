@@ -134,10 +134,25 @@ def test_cached_tokens_on_a_repeated_prompt(client: openai.OpenAI) -> None:
     assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
     assert first.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens_details.cached_tokens
     assert second.choices[0].text == first.choices[0].text
+    # vLLM's cache_salt: only requests with the same salt share cached blocks.
+    def cached(**salt: str) -> int:
+        r = client.completions.create(model=TINY_MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0,
+                                      extra_body=salt)
+        assert r.choices[0].text == first.choices[0].text
+        return r.usage.prompt_tokens_details.cached_tokens
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") == cached() == second.usage.prompt_tokens_details.cached_tokens
+    assert cached(cache_salt="tenant-b") == 0
+    chat = dict(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=2)
+    fresh = client.chat.completions.create(**chat, extra_body={"cache_salt": "tenant-c"})
+    again = client.chat.completions.create(**chat, extra_body={"cache_salt": "tenant-c"})
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0 < again.usage.prompt_tokens_details.cached_tokens
 
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"cache_salt": 5}, "cache_salt"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"10000000": 1}}, "logit_bias"),
     ({"presence_penalty": 2.5}, "presence_penalty"),

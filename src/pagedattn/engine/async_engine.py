@@ -244,9 +244,11 @@ class AsyncLLMEngine:
         return {"prompt": text, "prompt_token_ids": ids}
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None
+        self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
+        extra_key: object = None,
     ) -> RequestStream:
         """Queue a request and return its stream of outputs (of ``params.output_kind``).
+        ``extra_key`` salts its prefix-cache keys (``LLMEngine.add_request``).
 
         Validation errors raise ``ValueError`` here, before anything is queued.  Iterate the
         stream to the end, or close it (``aclose()``/``abort()``) to abort the request."""
@@ -256,7 +258,7 @@ class AsyncLLMEngine:
         stream = RequestStream(rid, asyncio.get_running_loop(), self._abort_soon,
                                delta=params.output_kind == RequestOutputKind.DELTA)
         self.start()
-        self._submit(lambda: self._add(stream, prepared, params))
+        self._submit(lambda: self._add(stream, prepared, params, extra_key))
         return stream
 
     async def abort(self, request_id: str) -> None:
@@ -353,13 +355,14 @@ class AsyncLLMEngine:
                 if not isinstance(e, ValueError):  # a bad command fails alone; anything else is an engine bug
                     raise
 
-    def _add(self, stream: RequestStream, prompt: dict[str, Any], params: SamplingParams) -> None:
+    def _add(self, stream: RequestStream, prompt: dict[str, Any], params: SamplingParams,
+             extra_key: object = None) -> None:
         rid = stream.request_id
         if rid in self._streams:
             stream.put(ValueError(f"request_id {rid!r} is already in use"))
             return
         try:
-            self.engine.add_request(prompt, params, request_id=rid)
+            self.engine.add_request(prompt, params, request_id=rid, extra_key=extra_key)
         except ValueError as e:
             stream.put(e)
             return

@@ -121,7 +121,6 @@ NOT_IMPLEMENTED: dict[str, Refusal] = {
     "return_token_ids": Refusal("is not implemented yet", _false),
     "watermarking": Refusal("is not implemented", _false),
     "repetition_detection": Refusal("is not implemented yet", _unset),
-    "cache_salt": Refusal("prefix-cache salting is not implemented yet", _unset),
     "kv_transfer_params": Refusal("there is no disaggregated serving", _unset),
     "vllm_xargs": Refusal("there are no extensions that take it", _unset),
 }
@@ -260,6 +259,9 @@ class _SamplingRequest(_Body):
     allowed_token_ids: list[TokenId] | None = None  # vLLM's
     bad_words: list[str] | None = None  # vLLM's
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
+    # vLLM's: only requests with the same salt share cached prefix blocks (tenants apart).
+    cache_salt: str | None = Field(None, min_length=1)
+
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

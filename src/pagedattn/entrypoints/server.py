@@ -372,17 +372,18 @@ class Generation:
     """The engine requests behind one API request (one per prompt) and their merged outputs."""
 
     def __init__(self, state: ServerState, prompts: list[dict[str, Any]], params: SamplingParams,
-                 request_id: str, arrival: float) -> None:
+                 request_id: str, arrival: float, cache_salt: str | None = None) -> None:
         self.state = state
         self.prompts = prompts  # tokenized and validated
         self.params = params
         self.request_id = request_id
         self.arrival = arrival
+        self.cache_salt = cache_salt  # salts the prefix-cache keys of every prompt
         self.streams: list[RequestStream] = []
 
     @classmethod
     async def create(cls, state: ServerState, make_prompts: Callable[[], list[Any]], params: SamplingParams,
-                     request_id: str, prompt_param: str = "prompt") -> Generation:
+                     request_id: str, prompt_param: str = "prompt", cache_salt: str | None = None) -> Generation:
         """Build the prompts (``make_prompts``) and tokenize and check them, on a worker thread:
         a long prompt takes the tokenizer seconds, which must not stall every other client.
         Every prompt is checked before any is queued: a bad one must not leave the others running."""
@@ -396,7 +397,7 @@ class Generation:
             prompts = await asyncio.to_thread(prepare)
         except ValueError as e:
             raise APIError.bad_request(e, prompt_param) from None
-        return cls(state, prompts, params, request_id, arrival)
+        return cls(state, prompts, params, request_id, arrival, cache_salt)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -408,7 +409,8 @@ class Generation:
         self.state.live.add(self)
         try:
             for i, p in enumerate(self.prompts):
-                self.streams.append(await self.state.engine.generate(p, self.params, f"{self.request_id}-{i}"))
+                self.streams.append(await self.state.engine.generate(p, self.params, f"{self.request_id}-{i}",
+                                                                     extra_key=self.cache_salt))
         except BaseException:
             self.abort()
             raise
@@ -925,7 +927,8 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: Ser
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         state.check_model(req.model)
         params = _sampling_params(state, req)
-        gen = await Generation.create(state, _completion_prompts(state, req), params, new_id("cmpl"))
+        gen = await Generation.create(state, _completion_prompts(state, req), params, new_id("cmpl"),
+                                      cache_salt=req.cache_salt)
         return await _respond(raw, gen, req.stream, lambda: _completions_stream(state, req, gen),
                               lambda finals: _completion_response(state, req, gen, finals))
 
@@ -935,7 +938,7 @@ def create_app(async_engine: AsyncLLMEngine, served_model_name: str, limits: Ser
         params = _sampling_params(state, req)
         parser = _chat_parser(state, req, params)
         gen = await Generation.create(state, lambda: [state.chat_prompt(req)], params, new_id("chatcmpl"),
-                                      prompt_param="messages")
+                                      prompt_param="messages", cache_salt=req.cache_salt)
         return await _respond(raw, gen, req.stream, lambda: _chat_stream(state, req, gen, parser),
                               lambda finals: _chat_response(state, req, gen, finals[0], parser))
 
