@@ -167,3 +167,45 @@ def test_bad_values_are_400_naming_the_field(server, body: dict, param: str) -> 
                    json={"model": TINY_MODEL_NAME, "prompt": "hi", "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def test_return_token_ids(client: openai.OpenAI, llm: LLM) -> None:
+    """vLLM's return_token_ids: the prompt's ids and each choice's, whole or a stream's pieces."""
+    want = _offline(llm, max_tokens=6, n=2, seed=4, temperature=0.9)
+    base = dict(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=6, n=2, seed=4, temperature=0.9,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+    r = client.completions.create(**base)
+    for c in r.choices:
+        extra = c.model_extra or {}
+        assert extra["token_ids"] == want.outputs[c.index].token_ids
+        assert extra["prompt_token_ids"] == want.prompt_token_ids
+    got: dict[int, list[int]] = {}
+    firsts: dict[int, int] = {}
+    for chunk in client.completions.create(stream=True, **base):
+        for c in chunk.choices:
+            extra = c.model_extra or {}
+            got.setdefault(c.index, []).extend(extra["token_ids"])
+            if extra.get("prompt_token_ids") is not None:
+                assert extra["prompt_token_ids"] == want.prompt_token_ids and c.index not in firsts
+                firsts[c.index] = len(got[c.index])
+    assert got == {c.index: c.token_ids for c in want.outputs} and sorted(firsts) == [0, 1]
+    assert not client.completions.create(**{**base, "extra_body": {"ignore_eos": True}}).choices[0].model_extra[
+        "token_ids"]  # off by default
+
+    tok = llm.get_tokenizer()
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = dict(model=TINY_MODEL_NAME, messages=messages, max_tokens=5, temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+    prompt_ids = llm.apply_chat_template(messages)
+    whole = client.chat.completions.create(**chat)
+    assert (whole.model_extra or {})["prompt_token_ids"] == prompt_ids
+    (c,) = whole.choices
+    assert tok.decode((c.model_extra or {})["token_ids"]) == c.message.content
+    streamed: list[int] = []
+    prompts = []
+    for chunk in client.chat.completions.create(stream=True, **chat):
+        prompts.append((chunk.model_extra or {}).get("prompt_token_ids"))
+        for ch in chunk.choices:
+            streamed.extend((ch.model_extra or {}).get("token_ids") or [])
+    assert streamed == (c.model_extra or {})["token_ids"] and len(streamed) == 5
+    assert prompts[0] == prompt_ids and all(p is None for p in prompts[1:])

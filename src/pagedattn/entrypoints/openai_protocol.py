@@ -118,7 +118,6 @@ NOT_IMPLEMENTED: dict[str, Refusal] = {
     "spaces_between_special_tokens": Refusal("is not implemented (only true)", _one_of(True)),
     "logprob_token_ids": Refusal("is not implemented yet", _unset),
     "return_tokens_as_token_ids": Refusal("is not implemented yet", _false),
-    "return_token_ids": Refusal("is not implemented yet", _false),
     "watermarking": Refusal("is not implemented", _false),
     "repetition_detection": Refusal("is not implemented yet", _unset),
     "kv_transfer_params": Refusal("there is no disaggregated serving", _unset),
@@ -261,6 +260,9 @@ class _SamplingRequest(_Body):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
     # vLLM's: only requests with the same salt share cached prefix blocks (tenants apart).
     cache_salt: str | None = Field(None, min_length=1)
+    # vLLM's: the response carries the prompt's and each choice's token ids (a stream: the
+    # prompt's in its first chunk, each chunk the ids it adds).
+    return_token_ids: bool = False
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -640,6 +642,8 @@ class CompletionChoice(_Response):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it (vLLM's field)
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class CompletionResponse(_Response):
@@ -690,6 +694,7 @@ class ChatChoice(_Response):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class ChatCompletionResponse(_Response):
@@ -701,6 +706,7 @@ class ChatCompletionResponse(_Response):
     usage: UsageInfo
     system_fingerprint: str | None = None
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class DeltaFunctionCall(_Response):
@@ -728,6 +734,7 @@ class ChatChunkChoice(_Response):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class ChatCompletionChunk(_Response):
@@ -738,6 +745,7 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids: in the first chunk
 
 
 class TokenizeResponse(_Response):

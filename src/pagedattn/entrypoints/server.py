@@ -641,7 +641,7 @@ def _counted(cursors: Iterable[_ChoiceCursor]) -> int:
 # ====================================================================== endpoints
 def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generation) -> AsyncIterator[str]:
     cid, created, n = gen.request_id, now(), req.n
-    want_lp = req.logprobs is not None
+    want_lp, ids = req.logprobs is not None, req.return_token_ids
     cursors: dict[tuple[int, int], _ChoiceCursor] = {}
     last: list[RequestOutput | None] = [None] * len(gen.prompts)
     firsts: dict[int, RequestOutput] = {}
@@ -663,15 +663,17 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
                     cur = cursors.setdefault((i, c.index), _ChoiceCursor())
                     echo = _echo(state, req, opening, cur) if first else None
                     plp = _prompt_logprobs(state, opening) if first and req.prompt_logprobs is not None else None
-                    d = _advance(cur, c, want_lp)
-                    if d is None and echo is None and plp is None:
+                    d = _advance(cur, c, want_lp or ids)
+                    if d is None and echo is None and plp is None and not (ids and first):
                         continue
                     lp = _completion_logprobs(state, d.token_ids, d.logprobs, cur) \
                         if d is not None and d.logprobs is not None else None
                     yield chunk([CompletionChoice(
                         index=i * n + c.index, text=(echo.text if echo else "") + (d.text if d else ""),
                         logprobs=_joined(echo.logprobs if echo else None, lp), prompt_logprobs=plp,
-                        finish_reason=d.finish_reason if d else None, stop_reason=d.stop_reason if d else None)])
+                        finish_reason=d.finish_reason if d else None, stop_reason=d.stop_reason if d else None,
+                        token_ids=(d.token_ids if d else []) if ids else None,
+                        prompt_token_ids=opening.prompt_token_ids if ids and first else None)])
             if req.include_usage_in_stream:
                 yield chunk([], _usage(gen, last, _counted(cursors.values())))
         except Exception as e:
@@ -684,47 +686,50 @@ def _completions_stream(state: ServerState, req: CompletionRequest, gen: Generat
 def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation,
                  parser: Callable[[], ChoiceParser] | None) -> AsyncIterator[str]:
     cid, created = gen.request_id, now()
-    want_lp = req.logprobs
+    want_lp, ids = req.logprobs, req.return_token_ids
     k = req.top_logprobs or 0
     cursors: dict[int, _ChoiceCursor] = {}
     parsers: dict[int, ChoiceParser] = {}
     last: list[RequestOutput | None] = [None]
     usage_field = req.include_usage_in_stream
 
-    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None,
+              prompt_token_ids: list[int] | None = None) -> str:
         if usage is None and req.usage_in_every_chunk:
             usage = _usage(gen, last, _counted(cursors.values()))
         data = ChatCompletionChunk(id=cid, created=created, model=state.model_name, choices=choices,
-                                   usage=usage).model_dump()
+                                   usage=usage, prompt_token_ids=prompt_token_ids).model_dump()
         for ch in data["choices"]:  # a delta carries only what changed, as OpenAI's do
             ch["delta"] = _without_none(ch["delta"])
         return _sse(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
     def choice(d: CompletionOutput, lp: ChatLogprobs | None) -> ChatChunkChoice | None:
+        token_ids = d.token_ids if ids else None
         if parser is None:
             return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=lp,
-                                   finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+                                   finish_reason=d.finish_reason, stop_reason=d.stop_reason, token_ids=token_ids)
         p = parsers.setdefault(d.index, parser())
         parsed = p.feed(d.text)
         if d.finish_reason is not None:
             parsed += p.finish()
         finish = _finish_reason(d.finish_reason, p.num_calls)
         delta = _parsed_delta(parsed, req.include_reasoning)
-        if delta == DeltaMessage() and finish is None and lp is None:
+        if delta == DeltaMessage() and finish is None and lp is None and not token_ids:
             return None  # held back (a tag's start, a call not complete yet) or left out (reasoning)
         return ChatChunkChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=finish,
-                               stop_reason=d.stop_reason)
+                               stop_reason=d.stop_reason, token_ids=token_ids)
 
     async def events() -> AsyncIterator[str]:
         try:
             # The role comes first, before any token, as OpenAI does.
             for j in range(req.n):
-                yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
+                yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))],
+                            prompt_token_ids=gen.prompts[0]["prompt_token_ids"] if ids and j == 0 else None)
             async for _, out in gen.outputs():
                 last[0] = out
                 for c in out.outputs:
                     cur = cursors.setdefault(c.index, _ChoiceCursor())
-                    d = _advance(cur, c, want_lp)
+                    d = _advance(cur, c, want_lp or ids)
                     if d is None:
                         continue
                     lp = _chat_logprobs(state, d.token_ids, d.logprobs, k) if d.logprobs is not None else None
@@ -750,10 +755,12 @@ def _completion_response(state: ServerState, req: CompletionRequest, gen: Genera
             echo = _echo(state, req, out, cur)
             if req.logprobs is not None and c.logprobs is not None:
                 lp = _completion_logprobs(state, c.token_ids, c.logprobs, cur)
+            ids = req.return_token_ids
             choices.append(CompletionChoice(index=i * req.n + c.index, text=(echo.text if echo else "") + c.text,
                                             logprobs=_joined(echo.logprobs if echo else None, lp),
                                             prompt_logprobs=plp, finish_reason=c.finish_reason,
-                                            stop_reason=c.stop_reason))
+                                            stop_reason=c.stop_reason, token_ids=c.token_ids if ids else None,
+                                            prompt_token_ids=out.prompt_token_ids if ids else None))
     choices.sort(key=lambda ch: ch.index)
     return CompletionResponse(id=gen.request_id, created=now(), model=state.model_name, choices=choices,
                               usage=_usage(gen, list(finals)))
@@ -801,11 +808,12 @@ def _chat_response(state: ServerState, req: ChatCompletionRequest, gen: Generati
             message, finish = _parsed_message(parsed, req.include_reasoning), _finish_reason(
                 c.finish_reason, len(parsed.tool_calls))
         choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=finish,
-                                  stop_reason=c.stop_reason))
+                                  stop_reason=c.stop_reason, token_ids=c.token_ids if req.return_token_ids else None))
     return ChatCompletionResponse(id=gen.request_id, created=now(), model=state.model_name, choices=choices,
                                   usage=_usage(gen, [final]),
                                   prompt_logprobs=_prompt_logprobs(state, final) if req.prompt_logprobs is not None
-                                  else None)
+                                  else None,
+                                  prompt_token_ids=final.prompt_token_ids if req.return_token_ids else None)
 
 
 def _sampling_params(state: ServerState, req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
