@@ -11,7 +11,7 @@ import pytest
 
 from pagedattn import LLM, SamplingParams
 
-from .server_harness import TINY_MODEL_NAME, make_async_engine, start_server, tiny_chat_model
+from .server_harness import TINY_CONTEXT, TINY_MODEL_NAME, make_async_engine, start_server, tiny_chat_model
 
 PROMPT = "A quiet garden under the winter light, where the river meets the stone wall and"
 
@@ -209,3 +209,38 @@ def test_return_token_ids(client: openai.OpenAI, llm: LLM) -> None:
             streamed.extend((ch.model_extra or {}).get("token_ids") or [])
     assert streamed == (c.model_extra or {})["token_ids"] and len(streamed) == 5
     assert prompts[0] == prompt_ids and all(p is None for p in prompts[1:])
+
+
+def test_truncate_prompt_tokens(client: openai.OpenAI, llm: LLM) -> None:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens run (and are what the usage
+    counts); -1 keeps what the context holds with one token to generate, so a prompt too long
+    for it runs instead of being a 400."""
+    ids = llm.get_tokenizer().encode(PROMPT * 3)
+    (want,) = llm.generate({"prompt_token_ids": ids[-20:]}, SamplingParams(temperature=0, max_tokens=4,
+                                                                           ignore_eos=True), use_tqdm=False)
+    for prompt in (PROMPT * 3, ids):
+        r = client.completions.create(model=TINY_MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True, "truncate_prompt_tokens": 20})
+        assert r.usage.prompt_tokens == 20 and r.choices[0].text == want.outputs[0].text
+    (offline,) = llm.generate(PROMPT * 3, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                         truncate_prompt_tokens=20), use_tqdm=False)
+    assert offline.prompt_token_ids == ids[-20:] and offline.prompt is None
+    assert offline.outputs[0].token_ids == want.outputs[0].token_ids
+    huge = PROMPT * 200  # past the 2048-token context
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=TINY_MODEL_NAME, prompt=huge, max_tokens=2)
+    r = client.completions.create(model=TINY_MODEL_NAME, prompt=huge, max_tokens=2,
+                                  extra_body={"truncate_prompt_tokens": -1})
+    assert r.usage.prompt_tokens == TINY_CONTEXT - 1 and r.choices[0].finish_reason == "length"
+    short = client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                      extra_body={"truncate_prompt_tokens": 1000})
+    assert short.usage.prompt_tokens == len(llm.get_tokenizer().encode(PROMPT))  # shorter: as it is
+    for bad, param in (({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+                       ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+                       ({"truncate_prompt_tokens": 5, "truncation_side": "right"}, "truncation_side")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=2, extra_body=bad)
+        assert e.value.body["param"] == param  # type: ignore[index]
+    for bad_value in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad_value)

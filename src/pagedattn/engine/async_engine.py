@@ -239,8 +239,7 @@ class AsyncLLMEngine:
 
         Returns the pre-tokenized prompt that :meth:`generate` accepts; raises ``ValueError``
         naming the bad field."""
-        text, ids = self.engine.inputs.tokenize(prompt)
-        self.engine.inputs.validate(ids, params)
+        text, ids = self.engine.inputs.prepare(prompt, params)
         return {"prompt": text, "prompt_token_ids": ids}
 
     async def generate(

@@ -29,8 +29,7 @@ class InputProcessor:
 
     def make_request(self, request_id: str, prompt: PromptInput, params: SamplingParams, extra_key: object = None,
                      stream: bool = True) -> Request:
-        text, ids = self.tokenize(prompt)
-        self.validate(ids, params)
+        text, ids = self.prepare(prompt, params)
         stream = stream and params.output_kind != RequestOutputKind.FINAL_ONLY
         req = Request(request_id, text, ids, params, extra_key=extra_key, stream=stream,
                       bad_words_ids=check_token_fields(params, self.vocab_size, self._encode_words))
@@ -47,6 +46,19 @@ class InputProcessor:
         """The tokenizer's encoding of a text without special tokens (None: no tokenizer)."""
         tok = self.tokenizer
         return None if tok is None else (lambda text: tok.encode(text, add_special_tokens=False))
+
+    def prepare(self, prompt: PromptInput, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """The prompt's text and token ids as the request will run them (tokenized, truncated as
+        ``params.truncate_prompt_tokens`` asks), checked by :meth:`validate`.  A truncated
+        prompt has no text: its ids are what it is."""
+        text, ids = self.tokenize(prompt)
+        keep = params.truncate_prompt_tokens if isinstance(params, SamplingParams) else None
+        if keep is not None:
+            keep = self.max_model_len - 1 if keep == -1 else keep
+            if len(ids) > keep:
+                text, ids = None, ids[len(ids) - keep:]
+        self.validate(ids, params)
+        return text, ids
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

@@ -186,8 +186,7 @@ class LLM:
         tokenized = []
         for i, (p, sp) in enumerate(zip(plist, params)):
             try:
-                text, ids = self.engine.inputs.tokenize(p)
-                self.engine.inputs.validate(ids, sp)
+                text, ids = self.engine.inputs.prepare(p, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             tokenized.append(({"prompt": text, "prompt_token_ids": ids}, sp))

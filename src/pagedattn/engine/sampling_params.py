@@ -73,6 +73,9 @@ class SamplingParams:
     # is validated; see .structured).
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds with one
+    # token to generate); None: a prompt that does not fit is an error.
+    truncate_prompt_tokens: int | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +91,9 @@ class SamplingParams:
         _check_int(self, "seed", _I64_MIN, "must be an int64 or None", optional=True, hi=_I64_MAX)
         _check_int(self, "logprobs", 0, optional=True)
         _check_int(self, "prompt_logprobs", 0, optional=True)
+        _check_int(self, "truncate_prompt_tokens", -1, "must be -1, a positive integer or None", optional=True)
+        if self.truncate_prompt_tokens == 0:
+            raise _bad(self, "truncate_prompt_tokens", "must be -1, a positive integer or None")
         _check_float(self, "repetition_penalty", lambda v: v > 0, "must be a finite number > 0 (1: off)")
         for name in ("presence_penalty", "frequency_penalty"):
             _check_float(self, name, lambda v: -PENALTY_LIMIT <= v <= PENALTY_LIMIT,

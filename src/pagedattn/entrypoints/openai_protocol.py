@@ -113,8 +113,8 @@ NOT_IMPLEMENTED: dict[str, Refusal] = {
     "web_search_options": Refusal("there is no web search", _unset),
     "mm_processor_kwargs": Refusal("there is no multimodal input", _unset),
     "media_io_kwargs": Refusal("there is no multimodal input", _unset),
-    "truncate_prompt_tokens": Refusal("is not implemented yet (a prompt that does not fit is a 400)", _unset),
-    "truncation_side": Refusal("goes with truncate_prompt_tokens, which is not implemented yet", _unset),
+    "truncation_side": Refusal("only 'left' (truncate_prompt_tokens keeps the prompt's last tokens)",
+                               _one_of(None, "left")),
     "spaces_between_special_tokens": Refusal("is not implemented (only true)", _one_of(True)),
     "logprob_token_ids": Refusal("is not implemented yet", _unset),
     "return_tokens_as_token_ids": Refusal("is not implemented yet", _false),
@@ -263,6 +263,9 @@ class _SamplingRequest(_Body):
     # vLLM's: the response carries the prompt's and each choice's token ids (a stream: the
     # prompt's in its first chunk, each chunk the ids it adds).
     return_token_ids: bool = False
+    # vLLM's: keep only the prompt's last k tokens (-1: what the context holds with one token to
+    # generate); unset, a prompt that does not fit is a 400.
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=_I64_MAX)
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -351,6 +354,7 @@ class _SamplingRequest(_Body):
             structured_outputs=self.structured(),
             # A stream sends what is new at each step; a response is made once, from the end.
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
 
 
