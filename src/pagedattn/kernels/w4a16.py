@@ -123,7 +123,8 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
         return W4A16Config(1, 128, bk, 1, gemv=True) if m <= GEMV_MAX_ROWS else W4A16Config(32, 128, bk, 1)
     if m <= GEMV_MAX_ROWS:
         bk = _block_k(k, group_size, 128)
-        split = gemv_split_k(-(-n // GEMV_BLOCK_N), k // bk, sms or _sm_count(device))
+        split = split_k_for(-(-n // GEMV_BLOCK_N), k // bk, device, sms, programs_per_sm=GEMV_PROGRAMS_PER_SM,
+                            min_k_tiles=2, max_split=GEMV_MAX_SPLIT)
         return W4A16Config(1, GEMV_BLOCK_N, bk, split, 4, 4, gemv=True)
     if m <= SPLIT_K_MAX_ROWS:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -146,22 +147,15 @@ GEMV_MAX_SPLIT = 16
 GEMV_PROGRAMS_PER_SM = 16
 
 
-def gemv_split_k(tiles: int, k_tiles: int, sms: int) -> int:
-    """K slices of the one-row GEMV over ``tiles`` output tiles: doubled (up to
-    ``GEMV_MAX_SPLIT``) while the grid has fewer than ``GEMV_PROGRAMS_PER_SM`` programs per SM and
-    each slice keeps at least two K tiles."""
-    split = 1
-    while split < GEMV_MAX_SPLIT and tiles * split < GEMV_PROGRAMS_PER_SM * sms and k_tiles // (split * 2) >= 2:
-        split *= 2
-    return split
-
-
-def split_k_for(tiles: int, k_tiles: int, device: torch.device, sms: int | None = None) -> int:
-    """K slices for a grid of ``tiles`` output tiles: doubled until the grid has about four
-    programs per SM (``sms``: the device's), each slice still covering at least four K tiles."""
+def split_k_for(tiles: int, k_tiles: int, device: torch.device, sms: int | None = None, *,
+                programs_per_sm: int = 4, min_k_tiles: int = 4, max_split: int | None = None) -> int:
+    """K slices for a grid of ``tiles`` output tiles: doubled (up to ``max_split``) until the grid
+    has about ``programs_per_sm`` programs per SM (``sms``: the device's), each slice still
+    covering at least ``min_k_tiles`` K tiles."""
     sms = sms or _sm_count(device)
     split = 1
-    while tiles * split < 4 * sms and k_tiles // (split * 2) >= 4:
+    while (max_split is None or split < max_split) and tiles * split < programs_per_sm * sms \
+            and k_tiles // (split * 2) >= min_k_tiles:
         split *= 2
     return split
 
