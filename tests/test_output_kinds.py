@@ -186,7 +186,7 @@ def test_server_timer_counts_each_choice_once_from_deltas(monkeypatch: pytest.Mo
     clock = iter([1.0, 2.0, 5.0])  # the times the three outputs arrive
     monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
     m = metrics.ServerMetrics()
-    t = m.timer(arrival=0.5, delta=True)
+    t = m.timer(arrival=0.5)
 
     def out(*choices: CompletionOutput, finished: bool = False) -> RequestOutput:
         return RequestOutput("r", "p", [1], list(choices), finished, 0, {"arrival_time": 0.5, "first_token_time": 0.9})

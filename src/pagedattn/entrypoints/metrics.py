@@ -77,22 +77,21 @@ class EngineCollector(Collector):
 
 
 class RequestTimer:
-    """Latency bookkeeping of one engine request, fed with its outputs: cumulative ones, DELTA
-    ones (``delta``: each holds only its new tokens), or a single final one."""
+    """Latency bookkeeping of one engine request, fed with its outputs as the server asks for
+    them: DELTA ones (a stream: each holds only its new tokens) or one final output (a
+    response), so a choice's tokens are the sum over the outputs it appears in."""
 
-    def __init__(self, metrics: ServerMetrics, arrival: float, delta: bool = False) -> None:
+    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
         self._metrics = metrics
         self.arrival = arrival
         self.first_token: float | None = None
-        self._delta = delta
-        self._tokens: dict[int, int] = {}  # delta: output tokens per choice so far
+        self._tokens: dict[int, int] = {}  # output tokens per choice so far
         self._finished: set[int] = set()  # choices counted as finished
 
     def on_output(self, out: RequestOutput) -> None:
         now = time.monotonic()
         for c in out.outputs:
-            if self._delta:
-                self._tokens[c.index] = self._tokens.get(c.index, 0) + len(c.token_ids)
+            self._tokens[c.index] = self._tokens.get(c.index, 0) + len(c.token_ids)
             if c.finish_reason is not None and c.index not in self._finished:  # once per choice
                 self._finished.add(c.index)
                 self._metrics.finished.labels(finish_reason=c.finish_reason).inc()
@@ -102,15 +101,12 @@ class RequestTimer:
             self.first_token = out.metrics.get("first_token_time", now) if out.finished else now
             self._metrics.ttft.observe(self.first_token - self.arrival)
         if out.finished:
-            self._finish(out, now)
+            self._finish(now)
 
-    def _finish(self, out: RequestOutput, now: float) -> None:
+    def _finish(self, now: float) -> None:
         m = self._metrics
         m.e2e.observe(now - self.arrival)
-        if self._delta:
-            longest = max(self._tokens.values(), default=0)
-        else:
-            longest = max((len(c.token_ids) for c in out.outputs), default=0)
+        longest = max(self._tokens.values(), default=0)
         if self.first_token is not None and longest > 1:
             m.tpot.observe((now - self.first_token) / (longest - 1))
 
@@ -137,8 +133,8 @@ class ServerMetrics:
         self.connections_cut = Counter(PREFIX + "connections_cut", "Connections refused or closed by the server's "
                                        "guards, by reason", ["reason"], registry=self.registry)
 
-    def timer(self, arrival: float | None = None, delta: bool = False) -> RequestTimer:
-        return RequestTimer(self, time.monotonic() if arrival is None else arrival, delta)
+    def timer(self, arrival: float | None = None) -> RequestTimer:
+        return RequestTimer(self, time.monotonic() if arrival is None else arrival)
 
     def render(self, engine_snapshot: Mapping[str, float | int]) -> bytes:
         self.engine.update(engine_snapshot)

@@ -63,7 +63,7 @@ from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from ..engine.generation_defaults import describe, sampling_defaults
 from ..engine.llm_engine import LLMEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
-from ..engine.sampling_params import RequestOutputKind, SamplingParams
+from ..engine.sampling_params import SamplingParams
 from .access import ServerAccess, install_access
 from .chat_output import (
     REASONING_PARSERS,
@@ -430,8 +430,7 @@ class Generation:
         """``(prompt index, output)`` as they come, until every prompt finished: what is new
         since the last one for a stream, one final output for a response (``params.output_kind``).
         Leaving early (error, cancellation, close) aborts what is still running."""
-        delta = self.params.output_kind == RequestOutputKind.DELTA
-        timers = [self.state.metrics.timer(self.arrival, delta) for _ in self.streams]
+        timers = [self.state.metrics.timer(self.arrival) for _ in self.streams]
         merged = _merge(self.streams)
         try:
             async for i, out in merged:
