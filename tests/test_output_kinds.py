@@ -219,3 +219,24 @@ def test_server_timer_takes_a_single_final_outputs_first_token_from_the_engine(m
     (tpot,) = [s.value for s in m.tpot.collect()[0].samples if s.name.endswith("_sum")]
     assert ttft == 0.5 and tpot == 1.0  # (3.0 - 1.0) / 2
 
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_deltas_survive_preemption_and_aborts(byte_model: Path, mode: str) -> None:
+    """A pool of a few blocks preempts requests mid-output (swapped out, or recomputed from their
+    tokens): their deltas still join into the cumulative outputs; closing a delta stream early
+    aborts what runs and leaves the pool empty."""
+    llm = LLM(str(byte_model), **{**KW, "num_kv_blocks": 20}, preemption_mode=mode)
+    params = dict(n=2, temperature=1.0, seed=13, max_tokens=14, ignore_eos=True, logprobs=1, stop=["zz"])
+    prompts = PROMPTS * 2
+    cumulative = _run(llm, prompts, SamplingParams(**params))
+    deltas = _run(llm, prompts, SamplingParams(**params, output_kind=D))
+    assert llm.get_metrics()["num_preemptions"] > 0
+    for cs, ds in zip(cumulative, deltas):
+        joined = _joined(ds)
+        assert [joined[c.index] for c in cs[-1].outputs] == cs[-1].outputs
+    it = llm.stream(prompts, SamplingParams(**params, output_kind=D))
+    next(it)
+    it.close()
+    assert llm.get_metrics()["kv_blocks_used"] == 0 and not llm.engine.has_unfinished_requests()
+    llm.engine.check_integrity()
