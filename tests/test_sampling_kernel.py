@@ -1,7 +1,10 @@
-"""The seeded-noise kernel: each seeded row's Exp(1) draws are a function of its key alone.
+"""The sampling kernel (``argmax(x / T - log q)``, Exp(1) noise ``q`` of each row's key) and the
+sampler's filters on both of its paths.
 
-Without CUDA it runs under the Triton interpreter (a small vocabulary); with CUDA at a real
-vocabulary size.  The CPU path (a generator per row) is covered by the sampler and engine tests.
+Without CUDA the kernel runs under the Triton interpreter (a small vocabulary); with CUDA at a
+real vocabulary size.  Every distribution check is a chi-square test on fixed logits and keys
+(generators of constant seeds): the same draws every run (no flakes), at a level (0.1%) a
+correct sampler passes and a wrong one, with hundreds of draws, does not.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_gen
 
 pytest.importorskip("triton")
 
+from pagedattn.engine.sampler import Sampler, SamplingRow
+from pagedattn.engine.sampling_params import SamplingParams
+from pagedattn.engine.sequence import SeedStream
 from pagedattn.kernels import sampling
 
 V = 151936 if CUDA else 3000  # not a multiple of the kernel's block: a partial last one
+# Rows a distribution check draws through the kernel: the interpreter takes ~13 ms a row.
+KERNEL_DRAWS = 20000 if CUDA else 300
 
 
 @pytest.fixture(autouse=True)
@@ -30,29 +38,137 @@ def test_kernels_in_fresh_interpreter_process() -> None:
     rerun_in_fresh_process(__file__)
 
 
-def _noise(rows: list[int], keys: list[int], n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    before = torch.rand(n, V, generator=seeded_generator("noise", tuple(rows), tuple(keys))).to(DEVICE)
-    q = before.clone()
-    sampling.seeded_exponential_(q, rows, keys, use_triton=True)
-    return before, q
+def _race(logits: torch.Tensor, temps: list[float], keys: list[int], splits: int | None = None) -> list[int]:
+    return sampling.race_sample(logits.to(DEVICE), torch.tensor(temps, dtype=torch.float32, device=DEVICE),
+                                torch.tensor(keys, dtype=torch.int64, device=DEVICE), splits).tolist()
 
 
-def test_rows_get_exponential_noise_of_their_key_alone() -> None:
-    g = seeded_generator("keys")
-    keys = [int(k) for k in torch.randint(0, 2**62, (3,), generator=g)]
-    before, q = _noise([0, 2, 4], keys)
-    assert torch.equal(q[[1, 3]], before[[1, 3]])  # rows not listed are untouched
-    drawn = q[[0, 2, 4]].cpu().double()
-    assert bool((drawn > 0).all()) and bool(torch.isfinite(drawn).all())
-    # Exp(1): mean 1 and variance 1, within five standard errors over V draws per row.
-    assert (drawn.mean(1) - 1).abs().max().item() < 5 / math.sqrt(V)
-    assert (drawn.var(1) - 1).abs().max().item() < 5 * math.sqrt(8 / V)
-    # P(q > 1) = 1/e per draw.
-    assert (((drawn > 1).double().mean(1)) - math.exp(-1)).abs().max().item() < 5 * 0.5 / math.sqrt(V)
-    # The same key in another row and batch: the same draws; other keys: other draws.
-    _, again = _noise([1], [keys[1]], n=2)
-    assert torch.equal(again[1], q[2])
-    assert not torch.equal(q[0], q[2]) and not torch.equal(q[2], q[4])
+def _fixed(seed: int) -> torch.Generator:
+    """A generator of a constant seed: a distribution check's draws are the same in every run."""
+    return torch.Generator().manual_seed(seed)
+
+
+def _keys(g: torch.Generator, n: int) -> list[int]:
+    return [int(k) for k in torch.randint(0, 2**62, (n,), generator=g)]
+
+
+def _chi_square_ok(tokens: list[int], probs: list[float]) -> tuple[bool, float]:
+    """Counts of ``tokens`` against ``probs`` (0 where a token must never come): True when no
+    impossible token came and the statistic is under the 0.1% critical value."""
+    n = len(tokens)
+    counts = [0] * len(probs)
+    for t in tokens:
+        counts[t] += 1
+    if any(c and p == 0 for c, p in zip(counts, probs)):
+        return False, math.inf
+    df = sum(p > 0 for p in probs) - 1
+    if df == 0:  # one possible token, and only it came
+        return True, 0.0
+    stat = sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs) if p > 0)
+    # Wilson-Hilferty: the chi-square quantile from the normal one (z = 3.09 for 0.1%).
+    crit = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+    return stat < crit, stat
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_rows_take_the_first_maximum(dtype: torch.dtype) -> None:
+    g = seeded_generator("greedy", dtype)
+    logits = (torch.randn(4, V, generator=g) * 2).round().to(dtype)  # many equal maxima
+    logits[0, 10] = logits[0, V - 5] = 100.0  # a tie across blocks and slices: the first
+    logits[1, V - 1] = 100.0  # the last column, in the partial block
+    expected = logits.float().argmax(dim=-1).tolist()
+    assert expected[:2] == [10, V - 1]
+    keys = [-1, 5, -1, 7, 11]  # greedy rows ignore their noise, seeded or not
+    for splits in (1, 3):
+        assert _race(logits, [0.0] * 4, keys, splits) == expected
+
+
+def test_samples_follow_the_softmax_at_the_row_temperature() -> None:
+    """Rows of one logit vector, half without a seed (the step's key and their row number) and
+    half with keys of their own: the tokens' frequencies are softmax(x / T)."""
+    g = _fixed(1)
+    vocab = 12
+    x = torch.randn(vocab, generator=g) * 1.5
+    for temp in (0.6, 1.7):
+        n = KERNEL_DRAWS
+        keys = _keys(g, n + 1)
+        keys[: n // 2] = [-1] * (n // 2)
+        tokens = _race(x.expand(n, vocab).contiguous(), [temp] * n, keys)
+        ok, stat = _chi_square_ok(tokens, (x / temp).softmax(0).tolist())
+        assert ok, (temp, stat)
+
+
+def test_a_rows_noise_depends_on_its_key_and_column_alone() -> None:
+    """The same seeded key draws the same token in another batch, at another row, with the
+    columns split otherwise; a row without a seed draws by its row number and the step's key."""
+    g = seeded_generator("independence")
+    logits = torch.randn(5, V, generator=g)
+    key, step_key = _keys(g, 2)
+    hot = [3.0] * 5  # noise-dominated: other keys give other tokens
+    alone = _race(logits[2:3], hot[:1], [key, step_key], splits=1)[0]
+    batch = _race(logits, hot, [-1, -1, key, -1, 12345, step_key], splits=4)
+    assert batch[2] == alone
+    again = _race(logits, hot, [-1, -1, key, -1, 12345, step_key], splits=2)
+    assert again == batch  # the split count never changes a draw
+    # Rows without a seed at different row numbers: different draws from the one step key.
+    same = logits[:1].expand(5, V).contiguous()
+    unseeded = _race(same, hot, [-1] * 5 + [step_key])
+    assert len(set(unseeded)) > 1
+    other_step = _race(same, hot, [-1] * 5 + [step_key + 1])
+    assert other_step != unseeded
+
+
+def test_dropped_tokens_are_never_chosen() -> None:
+    g = seeded_generator("dropped")
+    logits = torch.randn(6, V, generator=g)
+    allowed = [3, V // 2, V - 1]
+    logits[:, [c for c in range(V) if c not in allowed]] = float("-inf")
+    tokens = _race(logits, [5.0, 1.0, 0.3, 0.0, 2.0, 9.0], _keys(g, 7))
+    assert all(t in allowed for t in tokens), tokens
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_sampler_filters_sample_the_renormalised_distribution(use_kernel: bool) -> None:
+    """Top-k, top-p and min-p rows (with temperature, greedy rows beside them) against the
+    distribution each filter leaves, computed here in plain Python; both the torch path (the
+    CPU's) and the kernel's."""
+    g = _fixed(2)
+    vocab = 10
+    x = (torch.randn(vocab, generator=g) * 1.2).tolist()
+    temp = 0.9
+    p = torch.tensor(x).div(temp).softmax(0).tolist()
+    order = sorted(range(vocab), key=lambda i: -p[i])
+
+    def renorm(keep: set[int]) -> list[float]:
+        total = sum(p[i] for i in keep)
+        return [p[i] / total if i in keep else 0.0 for i in range(vocab)]
+
+    def top_p_keep(top_p: float) -> set[int]:
+        keep, cum = set(), 0.0
+        for i in order:
+            if cum > top_p:
+                break
+            keep.add(i)
+            cum += p[i]
+        return keep
+
+    cases = {
+        "top_k": (SamplingParams(temperature=temp, top_k=4), renorm(set(order[:4]))),
+        "top_p": (SamplingParams(temperature=temp, top_p=0.6), renorm(top_p_keep(0.6))),
+        "min_p": (SamplingParams(temperature=temp, min_p=0.1),
+                  renorm({i for i in range(vocab) if p[i] >= 0.1 * max(p)})),
+    }
+    sampler = Sampler(DEVICE, seed=3)
+    sampler.use_kernel = use_kernel
+    n = KERNEL_DRAWS if use_kernel else 20000
+    logits = torch.tensor(x, device=DEVICE).expand(n, vocab).contiguous()
+    for name, (params, expected) in cases.items():
+        rows = [SamplingRow(params, SeedStream(i) if i % 2 else None) for i in range(n)]
+        rows[0] = SamplingRow(SamplingParams(temperature=0.0), None)  # greedy beside them: unfiltered argmax
+        tokens = sampler(logits, rows).token_ids
+        assert tokens[0] == max(range(vocab), key=lambda i: x[i]), name
+        ok, stat = _chi_square_ok(tokens[1:], expected)
+        assert ok, (name, stat, expected)
 
 
 def test_draw_keys_differ_per_draw_and_stream_and_fit_63_bits() -> None:

@@ -8,8 +8,17 @@ A step's logits first go through the batch's logits-processing stages (allowed t
 biases, penalties: :mod:`.logits_processors`), when any row asks for one, then temperature,
 top-k, top-p and min-p, then the random choice.
 
-Random choice uses the exponential-race trick: ``argmax(p / q)`` with ``q ~ Exp(1)`` samples
-from ``p`` exactly, and lets seeded and unseeded rows share one code path.
+Top-k, top-p and min-p set the logits they drop to -inf; then the random choice, exact on both
+devices, in a form that suits each:
+
+* **GPU**: the exponential race, ``argmax(x / T - log q)`` with ``q ~ Exp(1)`` per entry: no
+  softmax and no scan, one kernel over the logits (:mod:`..kernels.sampling`).
+* **CPU**: one uniform per row against the cumulative softmax (an inverse-CDF draw).  Noise for
+  every entry costs the CPU ~13 ns each (a 49k vocabulary: ~0.7 ms a row, a sixth of a batch-16
+  decode step); a softmax and a scan cost a tenth of that.
+
+A seeded row's draws come from its own stream, keyed by its seed and how many tokens it has
+drawn (:class:`~.sequence.SeedStream`), so its tokens never depend on the batch it runs in.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.sampling import draw_key, seeded_exponential_
+from ..kernels.sampling import draw_key, race_sample, triton
 from ..runtime.greedy import argmax_rows
 from ..transfer import to_device
 from .logits_processors import LogitsStages, RowHistory, TokenHistory, build_stages
@@ -85,13 +94,11 @@ class SamplingBatch:
     greedy: list[bool]
     all_greedy: bool
     want_logprobs: bool
-    temperature: torch.Tensor | None = None  # [n, 1]
+    temperature: torch.Tensor | None = None  # [n]; 0 for a greedy row
     top_k: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (kmax, k index [n,1], active [n,1])
     top_p: torch.Tensor | None = None  # [n, 1]
     min_p: torch.Tensor | None = None  # [n, 1]
-    greedy_mask: torch.Tensor | None = None  # [n]
     seeded: list[int] = field(default_factory=list)  # rows with their own seed stream
-    seeded_rows: torch.Tensor | None = None  # ``seeded`` on a CUDA device
     grammar_mask: TokenBitmask | None = None  # structured output's allowed tokens of its rows
     stages: LogitsStages | None = None  # None: no row changes its logits before sampling
 
@@ -99,23 +106,30 @@ class SamplingBatch:
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=device)  # the CPU's draws of rows without a seed
         self.generator.manual_seed(seed)
+        # The GPU's: each step's key for the rows without a seed, drawn from this stream.
+        self.stream = SeedStream(seed & 0xFFFF_FFFF_FFFF_FFFF)
+        self.use_kernel = device.type == "cuda" and triton is not None
 
     def warm_up(self, vocab_size: int, dtype: torch.dtype = torch.float32) -> None:
         """Sample dummy logits once down every path (greedy, temperature, top-k, top-p, min-p,
         seeded rows, log-probabilities), so the device's first use of these ops (module loads,
         workspaces) happens at start-up, not on a request.  The shared generator's state is
-        kept: seeded sampling stays reproducible."""
-        state = self.generator.get_state()
+        kept: seeded sampling stays reproducible.  The sampling kernel compiles here for the
+        model's dtype (rows without filters) and float32 (filtered rows)."""
+        state, draws = self.generator.get_state(), self.stream.draws
         logits = torch.randn(3, vocab_size, dtype=dtype, device=self.device)
         seeded = SeedStream(0)
         rows = [SamplingRow(SamplingParams(temperature=0.0), None),
                 SamplingRow(SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05), None, banned=(0,)),
-                SamplingRow(SamplingParams(temperature=1.0, top_p=0.5, logprobs=2), seeded)]
-        self(logits, rows)
+                SamplingRow(SamplingParams(temperature=1.0, top_p=0.5, logprobs=2), seeded),
+                SamplingRow(SamplingParams(temperature=0.7), None)]
+        self(logits, rows[:3])
         self(logits[:2], rows[:2])
+        self(logits[:2], rows[2:])
         self.generator.set_state(state)
+        self.stream.draws = draws
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """``logits [n, V]`` (any float dtype) -> one token per row (one host transfer)."""
@@ -137,8 +151,8 @@ class Sampler:
         b.grammar_mask = fill_bitmask([r.grammar for r in rows], dev)
         if b.all_greedy:
             return b
-        b.temperature = to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
-                                   torch.float32, dev)[:, None]
+        b.temperature = to_device([0.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
+                                   torch.float32, dev)
         # top_k beyond the vocabulary means "no filter"; clamp so huge values cannot overflow.
         ks = [min(r.params.top_k, 1 << 30) if r.params.top_k_active else 0 for r in rows]
         if any(ks):
@@ -149,11 +163,7 @@ class Sampler:
             b.top_p = to_device([r.params.top_p for r in rows], torch.float32, dev)[:, None]
         if any(r.params.min_p > 0 for r in rows):
             b.min_p = to_device([r.params.min_p for r in rows], torch.float32, dev)[:, None]
-        if any(greedy):
-            b.greedy_mask = to_device(greedy, torch.bool, dev)
         b.seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if r.seed is not None and not g]
-        if b.seeded and dev.type == "cuda":  # only the noise kernel reads them
-            b.seeded_rows = to_device(b.seeded, torch.long, dev)
         return b
 
     def sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -167,33 +177,58 @@ class Sampler:
             # In the model's dtype: widening to fp32 is exact and order-preserving, so the
             # indices are the same, without a copy of the logits.
             return argmax_rows(logits)
-        logits = logits.float()
         assert b.temperature is not None
-        scaled = logits / b.temperature
+        if b.top_k is not None or b.top_p is not None or b.min_p is not None:
+            logits = self._filtered(logits.float(), b)
+        keys = [self._next_key(b.rows[i].seed) for i in b.seeded]  # each seeded row's next draw
+        if self.use_kernel:
+            row_keys = [-1] * len(b.rows)
+            for i, key in zip(b.seeded, keys):
+                row_keys[i] = key
+            row_keys.append(self._next_key(self.stream))  # the rows without a seed
+            return race_sample(logits, b.temperature, to_device(row_keys, torch.long, logits.device))
+        return self._inverse_cdf(logits, b, keys)
+
+    def _inverse_cdf(self, logits: torch.Tensor, b: SamplingBatch, keys: list[int]) -> torch.Tensor:
+        """The CPU's choice: per sampled row the first token whose cumulative probability exceeds
+        a uniform draw (the shared generator's, or the row's seed stream's); per greedy row the
+        argmax."""
+        assert b.temperature is not None
+        sampled = b.temperature > 0
+        probs = (logits.float() / torch.where(sampled, b.temperature, 1.0)[:, None]).softmax(dim=-1)
+        cum = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: 1e5 terms keep their tiny ones
+        u = torch.rand(len(b.rows), generator=self.generator, dtype=torch.float64)
+        for i, key in zip(b.seeded, keys):
+            u[i] = torch.rand(1, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+        # right=True: a token of probability 0 (its cumulative sum equal to the one before) is never hit.
+        tokens = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0].clamp_(max=cum.shape[1] - 1)
+        if bool(sampled.all()):
+            return tokens
+        return torch.where(sampled, tokens, argmax_rows(logits))
+
+    @staticmethod
+    def _filtered(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """``logits`` (float32) with -inf where a sampled row's top-k, top-p or min-p drops a token
+        (greedy rows keep theirs: their argmax is of the logits as they were)."""
+        assert b.temperature is not None
+        sampled = (b.temperature > 0)[:, None]
+        scaled = logits / torch.where(sampled, b.temperature[:, None], 1.0)
+        drop = torch.zeros_like(scaled, dtype=torch.bool)
         if b.top_k is not None:
             kmax, k_idx, active = b.top_k
             top_vals = scaled.topk(min(kmax, scaled.shape[1]), dim=-1).values
             thresh = top_vals.gather(1, k_idx.clamp(max=top_vals.shape[1] - 1))
-            scaled = scaled.masked_fill(active & (scaled < thresh), float("-inf"))
-        probs = scaled.softmax(dim=-1)
-        if b.top_p is not None:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            cum = sorted_p.cumsum(dim=-1)
-            drop_sorted = (cum - sorted_p) > b.top_p  # keep the smallest prefix reaching top_p
-            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-            probs = probs.masked_fill(drop, 0.0)
-        if b.min_p is not None:
-            probs = probs.masked_fill(probs < b.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        q = torch.empty_like(probs)
-        q.exponential_(generator=self.generator)
-        if b.seeded:  # each seeded row's next draw (a reused batch draws anew each step)
-            keys = [self._next_key(b.rows[i].seed) for i in b.seeded]
-            keys_t = to_device(keys, torch.long, q.device) if q.is_cuda else None  # only the kernel reads it
-            seeded_exponential_(q, b.seeded, keys, b.seeded_rows, keys_t)
-        sampled = (probs / q).argmax(dim=-1)
-        if b.greedy_mask is not None:
-            sampled = torch.where(b.greedy_mask, argmax_rows(logits), sampled)
-        return sampled
+            drop |= active & (scaled < thresh)
+        if b.top_p is not None or b.min_p is not None:
+            probs = scaled.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            if b.top_p is not None:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                cum = sorted_p.cumsum(dim=-1)
+                drop_sorted = (cum - sorted_p) > b.top_p  # keep the smallest prefix reaching top_p
+                drop |= torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+            if b.min_p is not None:
+                drop |= probs < b.min_p * probs.max(dim=-1, keepdim=True).values
+        return logits.masked_fill(drop & sampled, float("-inf"))
 
     @staticmethod
     def _next_key(stream: SeedStream | None) -> int:

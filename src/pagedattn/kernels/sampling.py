@@ -1,34 +1,43 @@
-"""Seeded sampling noise: the exponential draws of rows that carry their own seed, all rows in one
-launch.
+"""The random choice of a sampling step: ``argmax(x / T - log q)`` with ``q ~ Exp(1)`` per
+vocabulary entry, all rows in one launch.
 
-The sampler picks ``argmax(p / q)`` with ``q ~ Exp(1)`` per vocabulary entry.  A seeded row's
-``q`` must depend on its seed and on how many tokens it has drawn, never on the batch it runs
-in; the shared generator cannot give that, and a generator per row means a launch per row and
-step (at batch 256 the host spent more time on those launches than the model on its forward).
-So each row's draw has a 63-bit *key* (its seed stream and draw count mixed on the host,
-:func:`draw_key`) and its noise is a counter-based function of (key, column):
+``argmax(p / q)`` with Exp(1) noise ``q`` samples from ``p`` exactly (the exponential race), and
+in logs it needs no softmax: ``log p = x / T - logsumexp``, whose constant does not move the
+argmax.  So a step's choice is one pass over its logits, in whatever dtype the LM head wrote
+them.  A row of temperature 0 is greedy: the first maximum of ``x``, no noise.
 
-* **CUDA**: one Triton kernel, Philox-4x32 (``tl.rand``) keyed by the row's key with the column
-  as the counter, ``q = -log(1 - u)``.
-* **CPU** (and without triton): a ``torch.Generator`` seeded with the key per row, its
-  ``exponential_``: the CPU's step is dominated by the model, and the interpreter would be slow.
+A seeded row's ``q`` must depend on its seed and on how many tokens it has drawn, never on the
+batch it runs in; the shared generator cannot give that, and a generator per row means a launch
+per row and step (at batch 256 the host spent more time on those launches than the model on its
+forward).  So each row's draw has a 63-bit *key* (its seed stream and draw count mixed on the host,
+:func:`draw_key`) and its noise is a counter-based function of (key, column): Philox-4x32 keyed
+by the row's key (rows without a seed: the step's key, the row number in the high word of the
+counter), four draws per counter, ``q = -log(1 - u)``.  Each program takes the best of a slice of
+the columns, and a small reduction the best slice (its first maximum: ties go to the lower
+column, as argmax's).  The CPU samples otherwise (``engine/sampler.py``); a seed reproduces a
+sample on the same device.
 
-The two give different (equally valid) streams: a seed reproduces a sample on the same device.
+Before this kernel the GPU path took six passes over float32 logits (cast, divide, softmax,
+noise, divide, argmax): ~0.5 ms of a batch-256 decode step of the throughput benchmark.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # a CPU-only install: the generator loop runs
+except ImportError:  # a CPU-only install: the sampler draws on the CPU
     triton = None
     tl = None
 
 _MASK64 = (1 << 64) - 1
-BLOCK = 2048  # vocabulary entries per program
+QUARTER = 512  # columns per Philox draw lane: a program's block is 4 x QUARTER columns
+BLOCK = 4 * QUARTER
+PROGRAMS_PER_SM = 4  # the grid splits a row's columns until it has about this many programs an SM
 
 
 def draw_key(stream_key: int, draw: int) -> int:
@@ -40,36 +49,83 @@ def draw_key(stream_key: int, draw: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def seeded_exponential_(q: torch.Tensor, rows: list[int], keys: list[int], rows_t: torch.Tensor | None = None,
-                        keys_t: torch.Tensor | None = None, use_triton: bool | None = None) -> None:
-    """Overwrite rows ``rows`` of ``q [n, V]`` (float32) with Exp(1) noise of their ``keys``.
-    ``rows_t`` / ``keys_t``: the same as int64 device tensors (the Triton path; the caller
-    uploads them without waiting)."""
-    if not rows:
-        return
-    if use_triton is None:
-        use_triton = q.is_cuda and triton is not None
-    if not use_triton:
-        for i, key in zip(rows, keys):
-            q[i].exponential_(generator=torch.Generator(device=q.device).manual_seed(key))
-        return
-    if rows_t is None or keys_t is None:
-        rows_t = torch.tensor(rows, dtype=torch.int64, device=q.device)
-        keys_t = torch.tensor(keys, dtype=torch.int64, device=q.device)
-    v = q.shape[1]
-    _seeded_exponential_kernel[(len(rows), triton.cdiv(v, BLOCK))](q, rows_t, keys_t, v, q.stride(0), BLOCK=BLOCK)
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def race_splits(n: int, v: int, sms: int) -> int:
+    """Column slices per row: enough programs for ``PROGRAMS_PER_SM`` an SM, each slice still at
+    least four blocks."""
+    blocks = triton.cdiv(v, BLOCK)
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, n), blocks // 4))
+
+
+def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
+                splits: int | None = None) -> torch.Tensor:
+    """Tokens ``[n]`` (int64, on the logits' device) of ``logits [n, V]`` (any float dtype, rows
+    contiguous) through the Triton kernel.  ``temperature [n]`` float32 (0: greedy);
+    ``keys [n + 1]`` int64: each row's key, -1 for a row without a seed, whose noise is keyed by
+    ``keys[n]`` (the step's key) and its row number.  ``splits``: column slices per row (default
+    :func:`race_splits`); the noise of a (key, column) never depends on it."""
+    n, v = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if splits is None:
+        sms = _num_sms(logits.device.index or 0) if logits.is_cuda else 4
+        splits = race_splits(n, v, sms)
+    cols = triton.cdiv(triton.cdiv(v, splits), BLOCK) * BLOCK  # whole blocks a slice
+    splits = triton.cdiv(v, cols)
+    best = torch.empty((n, splits), dtype=torch.float32, device=logits.device)
+    index = torch.empty((n, splits), dtype=torch.int64, device=logits.device)
+    _race_kernel[(n, splits)](logits, logits.stride(0), temperature, keys, best, index, n, v, cols,
+                              QUARTER=QUARTER, num_warps=4)
+    if splits == 1:
+        return index[:, 0]
+    return index.gather(1, best.argmax(dim=1, keepdim=True))[:, 0]
 
 
 if triton is not None:
 
     @triton.jit
-    def _seeded_exponential_kernel(Q, Rows, Keys, V, stride_q, BLOCK: tl.constexpr):
-        """One seeded row (axis 0), ``BLOCK`` of its columns (axis 1)."""
-        i = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        row = tl.load(Rows + i)
-        key = tl.load(Keys + i)
-        u = tl.rand(key, cols)  # [0, 1): 1 - u is never 0
-        # Clamped above zero as torch's exponential_ is: q = 0 would make p / q infinite or NaN.
+    def _race_quarter(row_ptr, c, V, t, u, best, best_i, QUARTER: tl.constexpr):
+        """The running ``(best score, its column)`` after columns ``c .. c + QUARTER`` (uniform
+        draws ``u``): a later column replaces the best only when strictly greater."""
+        cols = c + tl.arange(0, QUARTER)
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        # Clamped above zero as torch's exponential_ is: q = 0 would make log q infinite.
         q = tl.maximum(-tl.log(1.0 - u), 1e-30)
-        tl.store(Q + row * stride_q + cols, q, mask=cols < V)
+        greedy = t <= 0.0
+        s = tl.where(greedy, x, x / tl.where(greedy, 1.0, t) - tl.log(q))
+        b, i = tl.max(s, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        take = b > best
+        return tl.where(take, b, best), tl.where(take, c + i, best_i)
+
+    @triton.jit(do_not_specialize=("n_rows", "cols_per_split"))
+    def _race_kernel(L, stride_l, Temps, Keys, Best, Index, n_rows, V, cols_per_split, QUARTER: tl.constexpr):
+        """Row ``program_id(0)``, its columns ``[s * cols_per_split, (s + 1) * cols_per_split)`` for
+        ``s = program_id(1)``: the best score and its column into ``Best`` / ``Index [n, splits]``."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        t = tl.load(Temps + row)
+        key = tl.load(Keys + row)
+        seeded = key >= 0
+        seed = tl.where(seeded, key, tl.load(Keys + n_rows))
+        # A row without a seed shares the step's key: its row number (+1) is the counter's high word.
+        hi = tl.where(seeded, 0, row + 1).to(tl.int64) << 32
+        row_ptr = L + row.to(tl.int64) * stride_l
+        start = split.to(tl.int64) * cols_per_split
+        end = tl.minimum(start + cols_per_split, V)
+        best = tl.full((), float("-inf"), tl.float32)
+        best_i = start
+        lane = tl.arange(0, QUARTER)
+        for c0 in range(start, end, 4 * QUARTER):
+            # Column c0 + k QUARTER + j takes draw k of counter c0 / 4 + j: the same whatever the
+            # split (c0 is always a multiple of the block).
+            u1, u2, u3, u4 = tl.rand4x(seed, hi + c0 // 4 + lane)
+            best, best_i = _race_quarter(row_ptr, c0, V, t, u1, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + QUARTER, V, t, u2, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + 2 * QUARTER, V, t, u3, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + 3 * QUARTER, V, t, u4, best, best_i, QUARTER)
+        tl.store(Best + row * tl.num_programs(1) + split, best)
+        tl.store(Index + row * tl.num_programs(1) + split, best_i)

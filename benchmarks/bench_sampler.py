@@ -1,0 +1,93 @@
+"""The sampler's time per step on the device: one call of ``Sampler.sample`` on a batch of
+logits (the LM head's dtype), for several batch sizes and sampling modes, against reading the
+logits once at the copy bandwidth measured in the same run.
+
+Modes: ``greedy`` (temperature 0), ``temperature`` (0.6, as in ``bench_throughput.py``),
+``seeded`` (the same with a seed on every row), ``top_p`` (0.9: the filtering path).  The rows'
+tensors are prepared once, as a decode step that reuses its batch has them; times are medians of
+``triton.testing.do_bench`` (CUDA) or of wall-clock repetitions (CPU).
+
+    python benchmarks/bench_sampler.py [--vocab 151936] [--batches 1,8,64,256] [--dtype bfloat16]
+                                       [--device cuda] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from bench_common import git_commit
+
+from pagedattn.engine.sampler import Sampler, SamplingRow
+from pagedattn.engine.sampling_params import SamplingParams
+from pagedattn.engine.sequence import SeedStream
+
+MODES = {
+    "greedy": lambda i: SamplingRow(SamplingParams(temperature=0.0), None),
+    "temperature": lambda i: SamplingRow(SamplingParams(temperature=0.6), None),
+    "seeded": lambda i: SamplingRow(SamplingParams(temperature=0.6, seed=i), SeedStream(i)),
+    "top_p": lambda i: SamplingRow(SamplingParams(temperature=0.6, top_p=0.9), None),
+}
+
+
+def time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps(device: torch.device) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB buffer."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() / ms / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    gbps = copy_gbps(device)
+    sampler = Sampler(device, seed=0)
+    sampler.warm_up(args.vocab, dtype)
+    rows_out = []
+    for n in (int(b) for b in args.batches.split(",")):
+        logits = torch.randn(n, args.vocab, device=device).to(dtype)
+        bound_us = logits.numel() * logits.element_size() / (gbps / 2) / 1e3  # one read at the copy rate
+        for mode, make in MODES.items():
+            batch = sampler.prepare([make(i) for i in range(n)])
+            ms = time_ms(lambda logits=logits, batch=batch: sampler.sample(logits, batch), device)
+            rows_out.append(dict(batch=n, mode=mode, us=ms * 1e3, bound_us=bound_us))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}, commit {git_commit()}, vocab {args.vocab}, {args.dtype} logits, copy {gbps:.0f} GB/s")
+    print(f"| batch | {' | '.join(MODES)} | logits read once |")
+    print(f"| --- | {' | '.join('---' for _ in MODES)} | --- |")
+    for n in sorted({r["batch"] for r in rows_out}):
+        cells = [f"{r['us']:.1f} us" for r in rows_out if r["batch"] == n]
+        bound = next(r["bound_us"] for r in rows_out if r["batch"] == n)
+        print(f"| {n} | {' | '.join(cells)} | {bound:.1f} us |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=name, commit=git_commit(), copy_gbps=gbps, rows=rows_out), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
