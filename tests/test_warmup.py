@@ -319,26 +319,28 @@ rng = np.random.default_rng(0)
 shared = rng.integers(3, 320, 300).tolist()
 prompts = [shared + rng.integers(3, 320, int(n)).tolist() for n in (5, 40, 90, 17)]
 prompts += [rng.integers(3, 320, int(n)).tolist() for n in (3, 150, 60, 200)]
-with LLM(sys.argv[1], device="cuda", block_size=16, num_kv_blocks=512, max_num_seqs=32,
+with LLM(sys.argv[1], device="cuda", dtype=sys.argv[2], block_size=16, num_kv_blocks=512, max_num_seqs=32,
          max_num_batched_tokens=256) as llm:
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     llm.generate(prompts[::-1], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, n=3, seed=1,
                                                logprobs=2, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts[:3], SamplingParams(temperature=0.7, max_tokens=6, seed=2), use_tqdm=False)
 print("late compiles:", len(compile_guard.late_compiles()))
 """
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["qwen3_qknorm", "mistral_window"])
-def test_gpu_nothing_compiles_after_start_up(tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize(("family", "dtype"), [("qwen3_qknorm", "bfloat16"), ("mistral_window", "float32")])
+def test_gpu_nothing_compiles_after_start_up(tmp_path: Path, family: str, dtype: str) -> None:
     """A fresh process (Triton's in-memory kernels are per process) with an empty Triton cache,
     ``PAGEDATTN_FAIL_ON_COMPILE=1``: shared prefixes, chunked prompts, mixed steps, parallel
-    samples with log-probabilities, sliding windows; a kernel compiled after start-up raises."""
+    samples with log-probabilities and filters, plain temperature sampling, sliding windows, a
+    16-bit and a float32 model; a kernel compiled after start-up raises."""
     if not CUDA:
         pytest.skip("needs CUDA")
     path = make_model_dir(tmp_path, family)
     env = {**os.environ, "PAGEDATTN_FAIL_ON_COMPILE": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
-    proc = subprocess.run([sys.executable, "-c", GPU_RUN, str(path)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", GPU_RUN, str(path), dtype], capture_output=True, text=True, env=env,
                           timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "late compiles: 0" in proc.stdout

@@ -29,6 +29,7 @@ from ..distributed.executor import check_tp_size, make_executor
 from ..distributed.group import TorchrunEnv
 from ..distributed.worker_loop import run_torchrun_worker
 from ..models.loader import load_tokenizer, resolve_model_source
+from ..runtime import compile_guard
 from ..runtime.executor import Executor
 from ..runtime.worker import WorkerConfig, freeze_startup_heap, release_startup_heap
 from ..transfer import HostCopies
@@ -126,7 +127,8 @@ class LLMEngine:
         self.step_builder = StepBuilder(self.scheduler.block_table)
         self.sampler = Sampler(self.device, config.seed)
         if self.device.type == "cuda":
-            self.sampler.warm_up(self.arch.vocab_size, self.dtype)  # its first launches happen now, not on a request
+            with compile_guard.starting_up():  # its kernel compiles now, not on a request
+                self.sampler.warm_up(self.arch.vocab_size, self.dtype)
         self.step_sampler = StepSampler(self.sampler, self.eos_token_ids)
         self.grammars = GrammarCompilerCache(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.arch.vocab_size, self.max_model_len, config.block_size,

@@ -125,9 +125,9 @@ class Sampler:
                 SamplingRow(SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05), None, banned=(0,)),
                 SamplingRow(SamplingParams(temperature=1.0, top_p=0.5, logprobs=2), seeded),
                 SamplingRow(SamplingParams(temperature=0.7), None)]
-        self(logits, rows[:3])
+        self(logits, rows[:3])  # filtered rows: float32 logits
         self(logits[:2], rows[:2])
-        self(logits[:2], rows[2:])
+        self(logits[:1], rows[3:])  # rows without filters: the model's dtype
         self.generator.set_state(state)
         self.stream.draws = draws
 
@@ -197,9 +197,10 @@ class Sampler:
         sampled = b.temperature > 0
         probs = (logits.float() / torch.where(sampled, b.temperature, 1.0)[:, None]).softmax(dim=-1)
         cum = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: 1e5 terms keep their tiny ones
-        u = torch.rand(len(b.rows), generator=self.generator, dtype=torch.float64)
+        dev = logits.device
+        u = torch.rand(len(b.rows), generator=self.generator, dtype=torch.float64, device=dev)
         for i, key in zip(b.seeded, keys):
-            u[i] = torch.rand(1, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+            u[i] = torch.rand(1, generator=torch.Generator(dev).manual_seed(key), dtype=torch.float64, device=dev)
         # right=True: a token of probability 0 (its cumulative sum equal to the one before) is never hit.
         tokens = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0].clamp_(max=cum.shape[1] - 1)
         if bool(sampled.all()):
