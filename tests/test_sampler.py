@@ -1,11 +1,14 @@
-"""Greedy sampling: the CPU's blocked argmax picks exactly what ``torch.argmax`` picks."""
+"""The CPU's choices: the blocked argmax picks exactly what ``torch.argmax`` picks, the
+inverse-CDF draw exactly what a scan one token at a time picks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pagedattn.engine.sampler import Sampler, SamplingRow, argmax_rows
+from pagedattn.engine.sampler import Sampler, SamplingRow, argmax_rows, inverse_cdf
 from pagedattn.engine.sampling_params import SamplingParams
 from pagedattn.engine.sequence import SeedStream
 
@@ -95,3 +98,40 @@ def test_a_batch_that_banned_tokens_is_not_reused_once_the_ban_is_over() -> None
     assert step_sampler.sampler.sample(logits, second).tolist() == [eos]
     third = step_sampler.batch(targets, targets, second)  # nothing banned on either: reused
     assert third is second
+
+
+def _inverse_cdf_reference(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """Per row the first token whose float64 running sum exceeds ``u`` times the row's total,
+    one token at a time; a token of probability 0 is never it."""
+    out = []
+    for row, ui in zip(probs.double().tolist(), u.tolist()):
+        total = sum(row)
+        target, acc, pick = ui * total, 0.0, None
+        for j, p in enumerate(row):
+            acc += p
+            if p > 0:
+                pick = j  # the last token of positive mass so far
+                if acc > target:
+                    break
+        out.append(pick)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.integers(1, 700), zero_share=st.floats(0, 0.95),
+       seed=st.integers(0, 2**31 - 1))
+def test_inverse_cdf_matches_the_one_token_at_a_time_scan(rows: int, vocab: int, zero_share: float, seed: int) -> None:
+    """Any vocabulary (a partial last block), tokens of probability 0 anywhere (a block's ends,
+    whole blocks), uniforms at 0, just below 1 and at 1 (what a rounding of ``u`` times the total
+    may reach): the chosen token is the reference scan's and never one of probability 0."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    logits[torch.rand(rows, vocab, generator=g) < zero_share] = float("-inf")
+    logits[:, int(torch.randint(0, vocab, (1,), generator=g))] = 0.0  # every row has a token to sample
+    probs = logits.softmax(dim=-1)
+    for u in (torch.rand(rows, generator=g, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64),
+              torch.full((rows,), 1 - 2**-53, dtype=torch.float64), torch.ones(rows, dtype=torch.float64)):
+        tokens = inverse_cdf(probs, u).tolist()
+        assert all(probs[i, t] > 0 for i, t in enumerate(tokens))
+        if 0 < u[0] < 1 - 2**-53:  # at the ends a rounding may pick a neighbour of equal standing
+            assert tokens == _inverse_cdf_reference(probs, u)

@@ -74,6 +74,30 @@ def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int], launched:
                        bad_words=req.bad_words_ids)
 
 
+CDF_BLOCK = 256  # columns a block: the inverse-CDF draw scans block sums, then one block
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs [n, V]`` (float32, rows summing to ~1) the first token whose
+    cumulative probability exceeds ``u`` (float64 ``[n]`` in [0, 1)) times the row's total; a
+    token of probability 0 is never chosen.
+
+    Two levels, scanned in float64: the cumulative sum of the row's block sums finds the block,
+    then that block's own cumulative sum the token.  A float64 scan of the whole row took 4.5 ms
+    for 16 rows of a 49k vocabulary on a 2-core CPU, and a float32 one would lose the tail's tiny
+    terms; the block sums are one vectorised pass."""
+    n, v = probs.shape
+    blocks = torch.nn.functional.pad(probs, (0, -v % CDF_BLOCK)).view(n, -1, CDF_BLOCK)
+    cum = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [n, blocks]; float32 sums of 256 (a float64 sum copies the row)
+    # Below the total: right=True then stops at a block (a token) of positive mass, never past it.
+    r = torch.minimum(u * cum[:, -1], torch.nextafter(cum[:, -1], torch.zeros_like(u)))[:, None]
+    blk = torch.searchsorted(cum, r, right=True)  # [n, 1]
+    before = torch.where(blk > 0, cum.gather(1, (blk - 1).clamp_(min=0)), 0.0)
+    inner = blocks[torch.arange(n, device=probs.device), blk[:, 0]].cumsum(dim=-1, dtype=torch.float64)
+    rest = torch.minimum(r - before, torch.nextafter(inner[:, -1:], torch.zeros_like(r)))
+    return (blk * CDF_BLOCK + torch.searchsorted(inner, rest, right=True))[:, 0]
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -196,13 +220,11 @@ class Sampler:
         assert b.temperature is not None
         sampled = b.temperature > 0
         probs = (logits.float() / torch.where(sampled, b.temperature, 1.0)[:, None]).softmax(dim=-1)
-        cum = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: 1e5 terms keep their tiny ones
         dev = logits.device
         u = torch.rand(len(b.rows), generator=self.generator, dtype=torch.float64, device=dev)
         for i, key in zip(b.seeded, keys):
             u[i] = torch.rand(1, generator=torch.Generator(dev).manual_seed(key), dtype=torch.float64, device=dev)
-        # right=True: a token of probability 0 (its cumulative sum equal to the one before) is never hit.
-        tokens = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0].clamp_(max=cum.shape[1] - 1)
+        tokens = inverse_cdf(probs, u)
         if bool(sampled.all()):
             return tokens
         return torch.where(sampled, tokens, argmax_rows(logits))

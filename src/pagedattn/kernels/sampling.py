@@ -37,7 +37,10 @@ except ImportError:  # a CPU-only install: the sampler draws on the CPU
 _MASK64 = (1 << 64) - 1
 QUARTER = 512  # columns per Philox draw lane: a program's block is 4 x QUARTER columns
 BLOCK = 4 * QUARTER
-PROGRAMS_PER_SM = 4  # the grid splits a row's columns until it has about this many programs an SM
+# The grid splits a row's columns until it has about this many programs an SM.  A sweep on an
+# H100 (docs/benchmarks.md, "Sampling"): 512-column quarters, 4 warps and 16 programs an SM were
+# best or within 5% of it at 1, 64 and 256 rows.
+PROGRAMS_PER_SM = 16
 
 
 def draw_key(stream_key: int, draw: int) -> int:
@@ -88,18 +91,17 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _race_quarter(row_ptr, c, V, t, u, best, best_i, QUARTER: tl.constexpr):
-        """The running ``(best score, its column)`` after columns ``c .. c + QUARTER`` (uniform
-        draws ``u``): a later column replaces the best only when strictly greater."""
+    def _race_quarter(row_ptr, c, V, inv_t, greedy, u, best, best_i, QUARTER: tl.constexpr):
+        """Each lane's running ``(best score, its column)`` after columns ``c .. c + QUARTER`` (one
+        per lane; uniform draws ``u``).  A lane's columns only grow, and a later one replaces the
+        best only when strictly greater: each lane keeps its first maximum."""
         cols = c + tl.arange(0, QUARTER)
         x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         # Clamped above zero as torch's exponential_ is: q = 0 would make log q infinite.
         q = tl.maximum(-tl.log(1.0 - u), 1e-30)
-        greedy = t <= 0.0
-        s = tl.where(greedy, x, x / tl.where(greedy, 1.0, t) - tl.log(q))
-        b, i = tl.max(s, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        take = b > best
-        return tl.where(take, b, best), tl.where(take, c + i, best_i)
+        s = tl.where(greedy, x, x * inv_t - tl.log(q))
+        take = s > best
+        return tl.where(take, s, best), tl.where(take, cols, best_i)
 
     @triton.jit(do_not_specialize=("n_rows", "cols_per_split"))
     def _race_kernel(L, stride_l, Temps, Keys, Best, Index, n_rows, V, cols_per_split, QUARTER: tl.constexpr):
@@ -108,6 +110,8 @@ if triton is not None:
         row = tl.program_id(0)
         split = tl.program_id(1)
         t = tl.load(Temps + row)
+        greedy = t <= 0.0
+        inv_t = 1.0 / tl.where(greedy, 1.0, t)
         key = tl.load(Keys + row)
         seeded = key >= 0
         seed = tl.where(seeded, key, tl.load(Keys + n_rows))
@@ -116,16 +120,19 @@ if triton is not None:
         row_ptr = L + row.to(tl.int64) * stride_l
         start = split.to(tl.int64) * cols_per_split
         end = tl.minimum(start + cols_per_split, V)
-        best = tl.full((), float("-inf"), tl.float32)
-        best_i = start
         lane = tl.arange(0, QUARTER)
+        best = tl.full((QUARTER,), float("-inf"), tl.float32)
+        best_i = start + lane
         for c0 in range(start, end, 4 * QUARTER):
             # Column c0 + k QUARTER + j takes draw k of counter c0 / 4 + j: the same whatever the
             # split (c0 is always a multiple of the block).
             u1, u2, u3, u4 = tl.rand4x(seed, hi + c0 // 4 + lane)
-            best, best_i = _race_quarter(row_ptr, c0, V, t, u1, best, best_i, QUARTER)
-            best, best_i = _race_quarter(row_ptr, c0 + QUARTER, V, t, u2, best, best_i, QUARTER)
-            best, best_i = _race_quarter(row_ptr, c0 + 2 * QUARTER, V, t, u3, best, best_i, QUARTER)
-            best, best_i = _race_quarter(row_ptr, c0 + 3 * QUARTER, V, t, u4, best, best_i, QUARTER)
-        tl.store(Best + row * tl.num_programs(1) + split, best)
-        tl.store(Index + row * tl.num_programs(1) + split, best_i)
+            best, best_i = _race_quarter(row_ptr, c0, V, inv_t, greedy, u1, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + QUARTER, V, inv_t, greedy, u2, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + 2 * QUARTER, V, inv_t, greedy, u3, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + 3 * QUARTER, V, inv_t, greedy, u4, best, best_i, QUARTER)
+        top = tl.max(best, axis=0)
+        # The slice's first maximum: the lowest column among the lanes holding it.
+        first = tl.min(tl.where(best == top, best_i, V), axis=0)
+        tl.store(Best + row * tl.num_programs(1) + split, top)
+        tl.store(Index + row * tl.num_programs(1) + split, tl.minimum(first, end - 1))
