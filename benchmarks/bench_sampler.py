@@ -3,12 +3,15 @@ logits (the LM head's dtype), for several batch sizes and sampling modes, agains
 logits once at the copy bandwidth measured in the same run.
 
 Modes: ``greedy`` (temperature 0), ``temperature`` (0.6, as in ``bench_throughput.py``),
-``seeded`` (the same with a seed on every row), ``top_p`` (0.9: the filtering path).  The rows'
+``seeded`` (the same with a seed on every row), ``top_p`` (0.9: the filtering path).  Logits are
+normal with standard deviation ``--logit-std``: 1 is flat (top-p keeps ~70% of the vocabulary at
+temperature 0.6: the CPU's partial sort cannot decide it), 4 is peaked as a trained model's
+usually are (a few hundred tokens hold 0.9).  The rows'
 tensors are prepared once, as a decode step that reuses its batch has them; times are medians of
 ``triton.testing.do_bench`` (CUDA) or of wall-clock repetitions (CPU).
 
     python benchmarks/bench_sampler.py [--vocab 151936] [--batches 1,8,64,256] [--dtype bfloat16]
-                                       [--device cuda] [--out results.json]
+                                       [--logit-std 1.0] [--device cuda] [--out results.json]
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--logit-std", type=float, default=1.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -70,14 +74,15 @@ def main() -> None:
     sampler.warm_up(args.vocab, dtype)
     rows_out = []
     for n in (int(b) for b in args.batches.split(",")):
-        logits = torch.randn(n, args.vocab, device=device).to(dtype)
+        logits = (torch.randn(n, args.vocab, device=device) * args.logit_std).to(dtype)
         bound_us = logits.numel() * logits.element_size() / (gbps / 2) / 1e3  # one read at the copy rate
         for mode, make in MODES.items():
             batch = sampler.prepare([make(i) for i in range(n)])
             ms = time_ms(lambda logits=logits, batch=batch: sampler.sample(logits, batch), device)
             rows_out.append(dict(batch=n, mode=mode, us=ms * 1e3, bound_us=bound_us))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, commit {git_commit()}, vocab {args.vocab}, {args.dtype} logits, copy {gbps:.0f} GB/s")
+    print(f"{name}, commit {git_commit()}, vocab {args.vocab}, {args.dtype} logits of std {args.logit_std}, "
+          f"copy {gbps:.0f} GB/s")
     print(f"| batch | {' | '.join(MODES)} | logits read once |")
     print(f"| --- | {' | '.join('---' for _ in MODES)} | --- |")
     for n in sorted({r["batch"] for r in rows_out}):

@@ -74,6 +74,37 @@ def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int], launched:
                        bad_words=req.bad_words_ids)
 
 
+# The CPU decides top-p from a row's most probable tokens when they reach top_p (a partial sort:
+# 1.3 ms for 16 rows of a 49k vocabulary on a 2-core CPU, where the full sort took 28 ms).  The
+# GPU sorts: checking which rows need more would make the host wait for the device.
+TOP_P_CANDIDATES = 256
+
+
+def top_p_drop(probs: torch.Tensor, top_p: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
+    """True where top-p drops a token of ``probs [n, V]`` (``top_p [n, 1]``): a token is kept
+    while the mass of the tokens before it, most probable first, is at most ``top_p`` (the
+    smallest such set reaching it); a row of ``top_p >= 1`` keeps everything.
+
+    ``candidates``: a row whose ``candidates`` most probable tokens hold more than ``top_p`` is
+    decided from them alone (its last kept probability is the threshold; tokens tied with it
+    beyond the set are kept too); the others, or every row with None, from a full sort."""
+    v = probs.shape[1]
+    keep_all = top_p >= 1.0
+    if candidates is None or candidates >= v:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) > top_p
+        return torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted) & ~keep_all
+    vals = probs.topk(candidates, dim=-1).values
+    cum = vals.cumsum(dim=-1)
+    kept = ((cum - vals) <= top_p).sum(dim=-1, keepdim=True)  # >= 1: the most probable always
+    drop = (probs < vals.gather(1, kept - 1)) & ~keep_all
+    decided = keep_all | (cum[:, -1:] > top_p)  # the first token dropped is a candidate
+    if not bool(decided.all()):
+        rest = (~decided[:, 0]).nonzero()[:, 0]
+        drop[rest] = top_p_drop(probs[rest], top_p[rest])
+    return drop
+
+
 CDF_BLOCK = 256  # columns a block: the inverse-CDF draw scans block sums, then one block
 
 
@@ -245,10 +276,7 @@ class Sampler:
         if b.top_p is not None or b.min_p is not None:
             probs = scaled.masked_fill(drop, float("-inf")).softmax(dim=-1)
             if b.top_p is not None:
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                cum = sorted_p.cumsum(dim=-1)
-                drop_sorted = (cum - sorted_p) > b.top_p  # keep the smallest prefix reaching top_p
-                drop |= torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+                drop |= top_p_drop(probs, b.top_p, TOP_P_CANDIDATES if probs.device.type == "cpu" else None)
             if b.min_p is not None:
                 drop |= probs < b.min_p * probs.max(dim=-1, keepdim=True).values
         return logits.masked_fill(drop & sampled, float("-inf"))
