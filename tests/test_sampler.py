@@ -143,17 +143,19 @@ def test_inverse_cdf_matches_the_one_token_at_a_time_scan(rows: int, vocab: int,
 def test_top_p_from_candidates_is_top_p_from_the_full_sort(rows: int, vocab: int, candidates: int, peak: float,
                                                            seed: int) -> None:
     """Rows decided from their most probable tokens, rows sent on to the full sort, rows of
-    top_p >= 1: the same tokens dropped as by the full sort, which keeps the smallest most-probable
-    set whose mass before its last token is at most top_p (checked one row at a time here)."""
+    top_p inf (the sampler's rows of top_p >= 1): the same tokens dropped as by the full sort,
+    which keeps the smallest most-probable set whose mass before its last token is at most top_p
+    (checked one row at a time here)."""
     g = torch.Generator().manual_seed(seed)
     probs = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * peak).softmax(dim=-1).float()
     top_p = torch.rand(rows, 1, generator=g) * 1.2
+    top_p[top_p >= 1] = float("inf")
     full = top_p_drop(probs, top_p)
     assert torch.equal(top_p_drop(probs, top_p, candidates), full)
     for row, p, drop in zip(probs.tolist(), top_p[:, 0].tolist(), full.tolist()):
         before, expected = 0.0, [False] * vocab
         for j in sorted(range(vocab), key=lambda j: -row[j]):
-            expected[j] = p < 1 and before > p
+            expected[j] = before > p
             before = before + row[j]
         # The sampler sums in float32, this loop in float64: a token right at the boundary may differ.
         assert sum(a != b for a, b in zip(drop, expected)) <= 1

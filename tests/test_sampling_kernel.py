@@ -164,7 +164,8 @@ def test_sampler_filters_sample_the_renormalised_distribution(use_kernel: bool) 
     logits = torch.tensor(x, device=DEVICE).expand(n, vocab).contiguous()
     for name, (params, expected) in cases.items():
         rows = [SamplingRow(params, SeedStream(i) if i % 2 else None) for i in range(n)]
-        rows[0] = SamplingRow(SamplingParams(temperature=0.0), None)  # greedy beside them: unfiltered argmax
+        # Greedy beside them, with filters of its own: the argmax.
+        rows[0] = SamplingRow(SamplingParams(temperature=0.0, top_k=3, top_p=0.2, min_p=0.5), None)
         tokens = sampler(logits, rows).token_ids
         assert tokens[0] == max(range(vocab), key=lambda i: x[i]), name
         ok, stat = _chi_square_ok(tokens[1:], expected)

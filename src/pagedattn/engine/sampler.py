@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from math import inf
 
 import torch
 
@@ -83,20 +84,20 @@ TOP_P_CANDIDATES = 256
 def top_p_drop(probs: torch.Tensor, top_p: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
     """True where top-p drops a token of ``probs [n, V]`` (``top_p [n, 1]``): a token is kept
     while the mass of the tokens before it, most probable first, is at most ``top_p`` (the
-    smallest such set reaching it); a row of ``top_p >= 1`` keeps everything.
+    smallest such set reaching it); a row of ``top_p`` inf keeps everything.
 
     ``candidates``: a row whose ``candidates`` most probable tokens hold more than ``top_p`` is
     decided from them alone (its last kept probability is the threshold; tokens tied with it
     beyond the set are kept too); the others, or every row with None, from a full sort."""
     v = probs.shape[1]
-    keep_all = top_p >= 1.0
     if candidates is None or candidates >= v:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) > top_p
-        return torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted) & ~keep_all
+        return torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     vals = probs.topk(candidates, dim=-1).values
     cum = vals.cumsum(dim=-1)
     kept = ((cum - vals) <= top_p).sum(dim=-1, keepdim=True)  # >= 1: the most probable always
+    keep_all = top_p == inf
     drop = (probs < vals.gather(1, kept - 1)) & ~keep_all
     decided = keep_all | (cum[:, -1:] > top_p)  # the first token dropped is a candidate
     if not bool(decided.all()):
@@ -151,7 +152,8 @@ class SamplingBatch:
     want_logprobs: bool
     temperature: torch.Tensor | None = None  # [n]; 0 for a greedy row
     top_k: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (kmax, k index [n,1], active [n,1])
-    top_p: torch.Tensor | None = None  # [n, 1]
+    filter_temperature: torch.Tensor | None = None  # [n, 1]; 1 for a greedy row (top-k/top-p/min-p rows only)
+    top_p: torch.Tensor | None = None  # [n, 1]; inf: no filter
     min_p: torch.Tensor | None = None  # [n, 1]
     seeded: list[int] = field(default_factory=list)  # rows with their own seed stream
     grammar_mask: TokenBitmask | None = None  # structured output's allowed tokens of its rows
@@ -208,16 +210,23 @@ class Sampler:
             return b
         b.temperature = to_device([0.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
                                    torch.float32, dev)
-        # top_k beyond the vocabulary means "no filter"; clamp so huge values cannot overflow.
-        ks = [min(r.params.top_k, 1 << 30) if r.params.top_k_active else 0 for r in rows]
+        # A greedy row filters nothing (its argmax is of the logits as they were): no top-k, top-p
+        # of inf, min-p 0.  top_k beyond the vocabulary means "no filter"; clamped so huge values
+        # cannot overflow.
+        ks = [0 if g or not r.params.top_k_active else min(r.params.top_k, 1 << 30) for r, g in zip(rows, greedy)]
+        top_ps = [inf if g or r.params.top_p >= 1.0 else r.params.top_p for r, g in zip(rows, greedy)]
+        min_ps = [0.0 if g else r.params.min_p for r, g in zip(rows, greedy)]
+        if any(ks) or any(p < inf for p in top_ps) or any(min_ps):
+            b.filter_temperature = to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
+                                             torch.float32, dev)[:, None]
         if any(ks):
             kmax = max(ks)
             b.top_k = (kmax, to_device([min(k, kmax) - 1 if k else kmax - 1 for k in ks], torch.long, dev)[:, None],
                        to_device([k > 0 for k in ks], torch.bool, dev)[:, None])
-        if any(r.params.top_p < 1.0 for r in rows):
-            b.top_p = to_device([r.params.top_p for r in rows], torch.float32, dev)[:, None]
-        if any(r.params.min_p > 0 for r in rows):
-            b.min_p = to_device([r.params.min_p for r in rows], torch.float32, dev)[:, None]
+        if any(p < inf for p in top_ps):
+            b.top_p = to_device(top_ps, torch.float32, dev)[:, None]
+        if any(min_ps):
+            b.min_p = to_device(min_ps, torch.float32, dev)[:, None]
         b.seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if r.seed is not None and not g]
         return b
 
@@ -262,24 +271,26 @@ class Sampler:
 
     @staticmethod
     def _filtered(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-        """``logits`` (float32) with -inf where a sampled row's top-k, top-p or min-p drops a token
-        (greedy rows keep theirs: their argmax is of the logits as they were)."""
-        assert b.temperature is not None
-        sampled = (b.temperature > 0)[:, None]
-        scaled = logits / torch.where(sampled, b.temperature[:, None], 1.0)
-        drop = torch.zeros_like(scaled, dtype=torch.bool)
+        """``logits`` (float32) with -inf where a row's top-k, top-p or min-p drops a token (a
+        greedy row's filters drop nothing: see :meth:`prepare`)."""
+        assert b.filter_temperature is not None
+        scaled = logits / b.filter_temperature
+        drop: torch.Tensor | None = None
         if b.top_k is not None:
             kmax, k_idx, active = b.top_k
             top_vals = scaled.topk(min(kmax, scaled.shape[1]), dim=-1).values
             thresh = top_vals.gather(1, k_idx.clamp(max=top_vals.shape[1] - 1))
-            drop |= active & (scaled < thresh)
+            drop = active & (scaled < thresh)
         if b.top_p is not None or b.min_p is not None:
-            probs = scaled.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            probs = (scaled if drop is None else scaled.masked_fill(drop, float("-inf"))).softmax(dim=-1)
             if b.top_p is not None:
-                drop |= top_p_drop(probs, b.top_p, TOP_P_CANDIDATES if probs.device.type == "cpu" else None)
+                d = top_p_drop(probs, b.top_p, TOP_P_CANDIDATES if probs.device.type == "cpu" else None)
+                drop = d if drop is None else drop | d
             if b.min_p is not None:
-                drop |= probs < b.min_p * probs.max(dim=-1, keepdim=True).values
-        return logits.masked_fill(drop & sampled, float("-inf"))
+                d = probs < b.min_p * probs.amax(dim=-1, keepdim=True)
+                drop = d if drop is None else drop | d
+        assert drop is not None
+        return logits.masked_fill(drop, float("-inf"))
 
     @staticmethod
     def _next_key(stream: SeedStream | None) -> int:
