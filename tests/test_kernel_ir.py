@@ -87,7 +87,10 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 blocks = torch.zeros(n, gm.row_bytes(kind, k), dtype=torch.uint8)
                 gm.gguf_linear(x, blocks, kind, b, config=gm.GGUFMatmulConfig(1, 32, 256, split, gemv=True))
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    sampling.race_sample(torch.randn(3, 1000).to(dtype), torch.rand(3), torch.tensor([-1, 5, -1, 9]))
+    x = torch.randn(3, 1000).to(dtype)
+    for floor in (None, torch.randn(3)):
+        sampling.race_sample(x, torch.rand(3), torch.tensor([-1, 5, -1, 9]), floor)
+    sampling.filter_floor(x, torch.rand(3), torch.randn(3), torch.rand(3), torch.rand(3))
 
 results = {}
 for fn, args, kwargs in launches:
@@ -112,5 +115,5 @@ def test_gemv_and_sampling_kernels_compile_for_sm90() -> None:
     failed = {k: v for k, v in results.items() if v != "ok"}
     kernels = {key.split()[0] for key in results}
     assert kernels == {"_w4a16_gemv_kernel", "_fp8_gemv_kernel", "_q4k_gemv_kernel", "_gguf_gemv_kernel",
-                       "_race_kernel"}, kernels
+                       "_race_kernel", "_filter_floor_kernel"}, kernels
     assert not failed, failed

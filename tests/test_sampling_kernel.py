@@ -40,7 +40,7 @@ def test_kernels_in_fresh_interpreter_process() -> None:
 
 def _race(logits: torch.Tensor, temps: list[float], keys: list[int], splits: int | None = None) -> list[int]:
     return sampling.race_sample(logits.to(DEVICE), torch.tensor(temps, dtype=torch.float32, device=DEVICE),
-                                torch.tensor(keys, dtype=torch.int64, device=DEVICE), splits).tolist()
+                                torch.tensor(keys, dtype=torch.int64, device=DEVICE), splits=splits).tolist()
 
 
 def _fixed(seed: int) -> torch.Generator:
@@ -170,6 +170,32 @@ def test_sampler_filters_sample_the_renormalised_distribution(use_kernel: bool) 
         assert tokens[0] == max(range(vocab), key=lambda i: x[i]), name
         ok, stat = _chi_square_ok(tokens[1:], expected)
         assert ok, (name, stat, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_filter_floor_keeps_what_sorting_the_probabilities_keeps(dtype: torch.dtype) -> None:
+    """The GPU's filters (the least kept logit a row, found by the kernel's search) against the
+    CPU's (top-k by topk, top-p by the full sort, min-p against the max), on rows with each
+    filter alone and together, flat and peaked, at several temperatures: the same tokens kept,
+    but for one at a boundary the two sums may place differently."""
+    g = seeded_generator("floor", dtype)
+    n, vocab = 8, 1000 if not CUDA else V
+    logits = (torch.randn(n, vocab, generator=g) * torch.tensor([1, 4, 0.5, 2, 3, 1, 6, 2])[:, None]).to(dtype)
+    logits[3, :10] = logits[3].max()  # ties at the top
+    temps = [0.7, 1.3, 1.0, 0.5, 1.0, 2.0, 0.9, 1.0]
+    ks = [0, 40, 0, 0, 7, 0, 300, 0]
+    top_ps = [0.9, 0.5, 0.99, 0.3, float("inf"), 0.95, 0.8, 0.6]
+    min_ps = [0.0, 0.0, 0.05, 0.0, 0.2, 0.0, 0.01, 0.0]
+    sampler = Sampler(DEVICE, seed=0)
+    rows = [SamplingRow(SamplingParams(temperature=t, top_k=k or -1, top_p=min(p, 1.0), min_p=mp), None)
+            for t, k, p, mp in zip(temps, ks, top_ps, min_ps)]
+    b = sampler.prepare(rows)
+    x = logits.to(DEVICE)
+    kept = (x.float() >= sampler._floor(x, b)[:, None]).cpu()
+    expected = ~torch.isinf(sampler._filtered(x.float(), b)).cpu()
+    differ = (kept != expected).sum(dim=1)
+    assert int(differ.max()) <= 1, differ.tolist()
+    assert kept.sum(dim=1).min() >= 1 and bool(kept[4].sum() <= 7)
 
 
 def test_draw_keys_differ_per_draw_and_stream_and_fit_63_bits() -> None:

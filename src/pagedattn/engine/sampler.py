@@ -29,7 +29,7 @@ from math import inf
 
 import torch
 
-from ..kernels.sampling import draw_key, race_sample, triton
+from ..kernels.sampling import draw_key, filter_floor, race_sample, triton
 from ..runtime.greedy import argmax_rows
 from ..transfer import to_device
 from .logits_processors import LogitsStages, RowHistory, TokenHistory, build_stages
@@ -173,18 +173,19 @@ class Sampler:
         """Sample dummy logits once down every path (greedy, temperature, top-k, top-p, min-p,
         seeded rows, log-probabilities), so the device's first use of these ops (module loads,
         workspaces) happens at start-up, not on a request.  The shared generator's state is
-        kept: seeded sampling stays reproducible.  The sampling kernel compiles here for the
-        model's dtype (rows without filters) and float32 (filtered rows)."""
+        kept: seeded sampling stays reproducible.  The sampling kernels compile here for the
+        model's dtype and float32 (log-probabilities and logits stages take a float32 copy),
+        with filters and without."""
         state, draws = self.generator.get_state(), self.stream.draws
         logits = torch.randn(3, vocab_size, dtype=dtype, device=self.device)
         seeded = SeedStream(0)
         rows = [SamplingRow(SamplingParams(temperature=0.0), None),
                 SamplingRow(SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05), None, banned=(0,)),
-                SamplingRow(SamplingParams(temperature=1.0, top_p=0.5, logprobs=2), seeded),
-                SamplingRow(SamplingParams(temperature=0.7), None)]
-        self(logits, rows[:3])  # filtered rows: float32 logits
-        self(logits[:2], rows[:2])
-        self(logits[:1], rows[3:])  # rows without filters: the model's dtype
+                SamplingRow(SamplingParams(temperature=1.0, top_p=0.5, logprobs=2), seeded)]
+        self(logits, rows)  # log-probabilities: float32 logits, filtered
+        for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_p=0.9),
+                       SamplingParams(temperature=0.7, logprobs=1)):  # the model's dtype, filtered or not; float32
+            self(logits[:1], [SamplingRow(params, None)])
         self.generator.set_state(state)
         self.stream.draws = draws
 
@@ -242,16 +243,35 @@ class Sampler:
             # indices are the same, without a copy of the logits.
             return argmax_rows(logits)
         assert b.temperature is not None
-        if b.top_k is not None or b.top_p is not None or b.min_p is not None:
-            logits = self._filtered(logits.float(), b)
+        filtered = b.top_k is not None or b.top_p is not None or b.min_p is not None
         keys = [self._next_key(b.rows[i].seed) for i in b.seeded]  # each seeded row's next draw
         if self.use_kernel:
             row_keys = [-1] * len(b.rows)
             for i, key in zip(b.seeded, keys):
                 row_keys[i] = key
             row_keys.append(self._next_key(self.stream))  # the rows without a seed
-            return race_sample(logits, b.temperature, to_device(row_keys, torch.long, logits.device))
+            return race_sample(logits, b.temperature, to_device(row_keys, torch.long, logits.device),
+                               self._floor(logits, b) if filtered else None)
+        if filtered:
+            logits = self._filtered(logits.float(), b)
         return self._inverse_cdf(logits, b, keys)
+
+    @staticmethod
+    def _floor(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """The GPU's filters: per row the least logit top-k, top-p and min-p keep (a kernel;
+        sorting the probabilities took 5.4 ms for 256 rows of a 152k vocabulary on an H100)."""
+        assert b.filter_temperature is not None
+        n, v = logits.shape
+        if b.top_k is not None:
+            kmax, k_idx, active = b.top_k
+            kth = logits.topk(min(kmax, v), dim=-1).values.gather(1, k_idx.clamp(max=min(kmax, v) - 1))
+            floor = torch.where(active, kth.float(), float("-inf"))[:, 0]
+        else:
+            floor = torch.full((n,), float("-inf"), device=logits.device)
+        if b.top_p is None and b.min_p is None:
+            return floor
+        return filter_floor(logits, b.filter_temperature[:, 0], floor, None if b.top_p is None else b.top_p[:, 0],
+                            None if b.min_p is None else b.min_p[:, 0])
 
     def _inverse_cdf(self, logits: torch.Tensor, b: SamplingBatch, keys: list[int]) -> torch.Tensor:
         """The CPU's choice: per sampled row the first token whose cumulative probability exceeds

@@ -65,12 +65,14 @@ def race_splits(n: int, v: int, sms: int) -> int:
 
 
 def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
-                splits: int | None = None) -> torch.Tensor:
+                floor: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """Tokens ``[n]`` (int64, on the logits' device) of ``logits [n, V]`` (any float dtype, rows
     contiguous) through the Triton kernel.  ``temperature [n]`` float32 (0: greedy);
     ``keys [n + 1]`` int64: each row's key, -1 for a row without a seed, whose noise is keyed by
-    ``keys[n]`` (the step's key) and its row number.  ``splits``: column slices per row (default
-    :func:`race_splits`); the noise of a (key, column) never depends on it."""
+    ``keys[n]`` (the step's key) and its row number.  ``floor [n]`` float32: a row's logits
+    below it are out (its filters', :func:`filter_floor`; None: none).  ``splits``: column
+    slices per row (default :func:`race_splits`); the noise of a (key, column) never depends on
+    it."""
     n, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -81,22 +83,100 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
     splits = triton.cdiv(v, cols)
     best = torch.empty((n, splits), dtype=torch.float32, device=logits.device)
     index = torch.empty((n, splits), dtype=torch.int64, device=logits.device)
-    _race_kernel[(n, splits)](logits, logits.stride(0), temperature, keys, best, index, n, v, cols,
-                              QUARTER=QUARTER, num_warps=4)
+    _race_kernel[(n, splits)](logits, logits.stride(0), temperature, keys, floor if floor is not None else temperature,
+                              best, index, n, v, cols, HAS_FLOOR=floor is not None, QUARTER=QUARTER, num_warps=4)
     if splits == 1:
         return index[:, 0]
     return index.gather(1, best.argmax(dim=1, keepdim=True))[:, 0]
 
 
+FLOOR_BLOCK = 512  # logits a step of the threshold kernel's loops
+PIVOTS = 16  # the top-p search splits its key range in 16 a pass: 8 passes for 32 bits
+
+
+def filter_floor(logits: torch.Tensor, temperature: torch.Tensor, floor: torch.Tensor, top_p: torch.Tensor | None,
+                 min_p: torch.Tensor | None) -> torch.Tensor:
+    """Per row of ``logits [n, V]`` the least logit its filters keep, float32 ``[n]``: the
+    largest of ``floor`` (top-k's k-th logit, or -inf), top-p's and min-p's thresholds over the
+    softmax of ``logits / temperature`` (``[n]``, > 0) restricted to the logits >= ``floor``
+    (``top_p [n]``, inf: none; ``min_p [n]``, 0: none; either None: no row has it).  The same tokens as sorting the
+    probabilities, but one program a row streaming its logits ~10 times, never waiting for the
+    host: top-p's threshold is the least logit whose more probable tokens hold at most ``top_p``
+    of the mass, found by a 16-way search over the logits' order-preserving 32-bit keys."""
+    n, v = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)
+    _filter_floor_kernel[(n,)](logits, logits.stride(0), temperature, floor,
+                               top_p if top_p is not None else floor, min_p if min_p is not None else floor, out, v,
+                               int(top_p is not None), int(min_p is not None), BLOCK=FLOOR_BLOCK, PIVOTS=PIVOTS,
+                               num_warps=8)
+    return out
+
+
 if triton is not None:
 
     @triton.jit
-    def _race_quarter(row_ptr, c, V, inv_t, greedy, u, best, best_i, QUARTER: tl.constexpr):
+    def _order_key(x):
+        """fp32 ``x`` -> an int32 whose signed order is ``x``'s (negative floats' lower 31 bits
+        flipped); its own inverse."""
+        b = x.to(tl.int32, bitcast=True)
+        return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+    @triton.jit(do_not_specialize=("has_top_p", "has_min_p"))
+    def _filter_floor_kernel(L, stride_l, Temps, Floor, TopP, MinP, Out, V, has_top_p, has_min_p,
+                             BLOCK: tl.constexpr, PIVOTS: tl.constexpr):
+        """Row ``program_id(0)``: see :func:`filter_floor` (the flags are runtime values: one
+        compiled kernel a dtype)."""
+        row = tl.program_id(0)
+        row_ptr = L + row.to(tl.int64) * stride_l
+        inv_t = 1.0 / tl.load(Temps + row)
+        floor = tl.load(Floor + row)
+        offs = tl.arange(0, BLOCK)
+        m = tl.full((), float("-inf"), tl.float32)
+        for c in range(0, V, BLOCK):
+            x = tl.load(row_ptr + c + offs, mask=c + offs < V, other=float("-inf")).to(tl.float32)
+            m = tl.maximum(m, tl.max(x, axis=0))
+        thr = floor
+        if has_min_p != 0:
+            min_p = tl.load(MinP + row)
+            # p >= min_p * p_max  <=>  (x - m) * inv_t >= log(min_p)
+            thr = tl.where(min_p > 0.0, tl.maximum(thr, m + tl.log(tl.maximum(min_p, 1e-30)) / inv_t), thr)
+        if has_top_p != 0:
+            top_p = tl.load(TopP + row)
+            if top_p < 1.0:
+                z = tl.zeros((BLOCK,), tl.float32)
+                for c in range(0, V, BLOCK):
+                    x = tl.load(row_ptr + c + offs, mask=c + offs < V, other=float("-inf")).to(tl.float32)
+                    z += tl.where(x >= floor, tl.exp((x - m) * inv_t), 0.0)
+                budget = top_p * tl.sum(z, axis=0)
+                # Keys in (lo, hi]: mass(key > lo) > budget and mass(key > hi) <= budget; the
+                # least kept key is hi once hi = lo + 1.
+                lo = tl.full((), -2147483648, tl.int64)
+                hi = _order_key(m).to(tl.int64)
+                steps = tl.arange(1, PIVOTS + 1).to(tl.int64)  # pivot PIVOTS is hi itself
+                for _ in range(0, 32, 4):
+                    piv = lo + ((hi - lo) * steps) // PIVOTS  # [PIVOTS], non-decreasing, the last hi
+                    mass = tl.zeros((PIVOTS,), tl.float32)
+                    for c in range(0, V, BLOCK):
+                        x = tl.load(row_ptr + c + offs, mask=c + offs < V, other=float("-inf")).to(tl.float32)
+                        e = tl.where(x >= floor, tl.exp((x - m) * inv_t), 0.0)
+                        k = _order_key(x).to(tl.int64)
+                        mass += tl.sum(tl.where(k[:, None] > piv[None, :], e[:, None], 0.0), axis=0)
+                    within = mass <= budget
+                    hi = tl.min(tl.where(within, piv, hi), axis=0)
+                    lo = tl.max(tl.where(within, lo, piv), axis=0)
+                thr = tl.maximum(thr, _order_key(hi.to(tl.int32)).to(tl.float32, bitcast=True))
+        tl.store(Out + row, thr)
+
+    @triton.jit
+    def _race_quarter(row_ptr, c, V, inv_t, greedy, floor, u, best, best_i, QUARTER: tl.constexpr):
         """Each lane's running ``(best score, its column)`` after columns ``c .. c + QUARTER`` (one
         per lane; uniform draws ``u``).  A lane's columns only grow, and a later one replaces the
         best only when strictly greater: each lane keeps its first maximum."""
         cols = c + tl.arange(0, QUARTER)
         x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = tl.where(x >= floor, x, float("-inf"))
         # Clamped above zero as torch's exponential_ is: q = 0 would make log q infinite.
         q = tl.maximum(-tl.log(1.0 - u), 1e-30)
         s = tl.where(greedy, x, x * inv_t - tl.log(q))
@@ -104,7 +184,8 @@ if triton is not None:
         return tl.where(take, s, best), tl.where(take, cols, best_i)
 
     @triton.jit(do_not_specialize=("n_rows", "cols_per_split"))
-    def _race_kernel(L, stride_l, Temps, Keys, Best, Index, n_rows, V, cols_per_split, QUARTER: tl.constexpr):
+    def _race_kernel(L, stride_l, Temps, Keys, Floor, Best, Index, n_rows, V, cols_per_split,
+                     HAS_FLOOR: tl.constexpr, QUARTER: tl.constexpr):
         """Row ``program_id(0)``, its columns ``[s * cols_per_split, (s + 1) * cols_per_split)`` for
         ``s = program_id(1)``: the best score and its column into ``Best`` / ``Index [n, splits]``."""
         row = tl.program_id(0)
@@ -112,6 +193,7 @@ if triton is not None:
         t = tl.load(Temps + row)
         greedy = t <= 0.0
         inv_t = 1.0 / tl.where(greedy, 1.0, t)
+        floor = tl.load(Floor + row) if HAS_FLOOR else float("-inf")
         key = tl.load(Keys + row)
         seeded = key >= 0
         seed = tl.where(seeded, key, tl.load(Keys + n_rows))
@@ -127,10 +209,10 @@ if triton is not None:
             # Column c0 + k QUARTER + j takes draw k of counter c0 / 4 + j: the same whatever the
             # split (c0 is always a multiple of the block).
             u1, u2, u3, u4 = tl.rand4x(seed, hi + c0 // 4 + lane)
-            best, best_i = _race_quarter(row_ptr, c0, V, inv_t, greedy, u1, best, best_i, QUARTER)
-            best, best_i = _race_quarter(row_ptr, c0 + QUARTER, V, inv_t, greedy, u2, best, best_i, QUARTER)
-            best, best_i = _race_quarter(row_ptr, c0 + 2 * QUARTER, V, inv_t, greedy, u3, best, best_i, QUARTER)
-            best, best_i = _race_quarter(row_ptr, c0 + 3 * QUARTER, V, inv_t, greedy, u4, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0, V, inv_t, greedy, floor, u1, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + QUARTER, V, inv_t, greedy, floor, u2, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + 2 * QUARTER, V, inv_t, greedy, floor, u3, best, best_i, QUARTER)
+            best, best_i = _race_quarter(row_ptr, c0 + 3 * QUARTER, V, inv_t, greedy, floor, u4, best, best_i, QUARTER)
         top = tl.max(best, axis=0)
         # The slice's first maximum: the lowest column among the lanes holding it.
         first = tl.min(tl.where(best == top, best_i, V), axis=0)
