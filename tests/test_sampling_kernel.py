@@ -174,10 +174,11 @@ def test_sampler_filters_sample_the_renormalised_distribution(use_kernel: bool) 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_filter_floor_keeps_what_sorting_the_probabilities_keeps(dtype: torch.dtype) -> None:
-    """The GPU's filters (the least kept logit a row, found by the kernel's search) against the
-    CPU's (top-k by topk, top-p by the full sort, min-p against the max), on rows with each
-    filter alone and together, flat and peaked, at several temperatures: the same tokens kept,
-    but for one at a boundary the two sums may place differently."""
+    """The GPU's filters (the least kept logit a row, found by the kernel's search) against
+    top-k by topk, top-p by the full sort and min-p against the max in float64, on rows with
+    each filter alone and together, flat and peaked, at several temperatures: the tokens the two
+    place differently, but for ties with the least kept logit (all kept here, cut in sort order
+    there), hold at most 1e-4 of a row's probability (the kernel sums in float32)."""
     g = seeded_generator("floor", dtype)
     n, vocab = 8, 1000 if not CUDA else V
     logits = (torch.randn(n, vocab, generator=g) * torch.tensor([1, 4, 0.5, 2, 3, 1, 6, 2])[:, None]).to(dtype)
@@ -191,11 +192,16 @@ def test_filter_floor_keeps_what_sorting_the_probabilities_keeps(dtype: torch.dt
             for t, k, p, mp in zip(temps, ks, top_ps, min_ps)]
     b = sampler.prepare(rows)
     x = logits.to(DEVICE)
-    kept = (x.float() >= sampler._floor(x, b)[:, None]).cpu()
-    expected = ~torch.isinf(sampler._filtered(x.float(), b)).cpu()
-    differ = (kept != expected).sum(dim=1)
-    assert int(differ.max()) <= 1, differ.tolist()
-    assert kept.sum(dim=1).min() >= 1 and bool(kept[4].sum() <= 7)
+    floor = sampler._floor(x, b)[:, None]
+    kept = (x.float() >= floor).cpu()
+    tied = (x.float() == floor).cpu()  # tokens tied with the least kept logit are all kept
+    reference = sampler._filtered(x.double(), b).cpu()
+    expected = ~torch.isinf(reference)
+    probs = (logits.double() / torch.tensor(temps, dtype=torch.float64)[:, None]).softmax(dim=-1)
+    misplaced = (probs * ((kept != expected) & ~tied)).sum(dim=1)
+    assert float(misplaced.max()) <= 1e-4, misplaced.tolist()
+    assert bool((kept.sum(dim=1) >= 1).all()) and int(kept[4].sum()) <= 7
+    assert int((kept != expected).sum()) < int(expected.sum()) // 50  # not a tolerance that hides a wrong filter
 
 
 def test_draw_keys_differ_per_draw_and_stream_and_fit_63_bits() -> None:

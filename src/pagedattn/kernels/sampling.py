@@ -133,10 +133,13 @@ if triton is not None:
         inv_t = 1.0 / tl.load(Temps + row)
         floor = tl.load(Floor + row)
         offs = tl.arange(0, BLOCK)
-        m = tl.full((), float("-inf"), tl.float32)
+        # Every sum and maximum stays per lane through a loop, reduced once after it: a
+        # reduction across the program's threads in every step bounded the first version.
+        m_lane = tl.full((BLOCK,), float("-inf"), tl.float32)
         for c in range(0, V, BLOCK):
             x = tl.load(row_ptr + c + offs, mask=c + offs < V, other=float("-inf")).to(tl.float32)
-            m = tl.maximum(m, tl.max(x, axis=0))
+            m_lane = tl.maximum(m_lane, x)
+        m = tl.max(m_lane, axis=0)
         thr = floor
         if has_min_p != 0:
             min_p = tl.load(MinP + row)
@@ -157,12 +160,13 @@ if triton is not None:
                 steps = tl.arange(1, PIVOTS + 1).to(tl.int64)  # pivot PIVOTS is hi itself
                 for _ in range(0, 32, 4):
                     piv = lo + ((hi - lo) * steps) // PIVOTS  # [PIVOTS], non-decreasing, the last hi
-                    mass = tl.zeros((PIVOTS,), tl.float32)
+                    acc = tl.zeros((BLOCK, PIVOTS), tl.float32)
                     for c in range(0, V, BLOCK):
                         x = tl.load(row_ptr + c + offs, mask=c + offs < V, other=float("-inf")).to(tl.float32)
                         e = tl.where(x >= floor, tl.exp((x - m) * inv_t), 0.0)
                         k = _order_key(x).to(tl.int64)
-                        mass += tl.sum(tl.where(k[:, None] > piv[None, :], e[:, None], 0.0), axis=0)
+                        acc += tl.where(k[:, None] > piv[None, :], e[:, None], 0.0)
+                    mass = tl.sum(acc, axis=0)
                     within = mass <= budget
                     hi = tl.min(tl.where(within, piv, hi), axis=0)
                     lo = tl.max(tl.where(within, lo, piv), axis=0)
