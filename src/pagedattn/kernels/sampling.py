@@ -90,7 +90,7 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
     return index.gather(1, best.argmax(dim=1, keepdim=True))[:, 0]
 
 
-FLOOR_BLOCK = 512  # logits a step of the threshold kernel's loops
+FLOOR_BLOCK = 256  # logits a step of the threshold kernel's loops
 PIVOTS = 16  # the top-p search splits its key range in 16 a pass: 8 passes for 32 bits
 
 
@@ -159,13 +159,15 @@ if triton is not None:
                 hi = _order_key(m).to(tl.int64)
                 steps = tl.arange(1, PIVOTS + 1).to(tl.int64)  # pivot PIVOTS is hi itself
                 for _ in range(0, 32, 4):
-                    piv = lo + ((hi - lo) * steps) // PIVOTS  # [PIVOTS], non-decreasing, the last hi
+                    # [PIVOTS] keys, non-decreasing, the last hi; int32 in the inner loop (64-bit
+                    # compares cost two instructions and twice the registers).
+                    piv = lo + ((hi - lo) * steps) // PIVOTS
+                    piv32 = piv.to(tl.int32)
                     acc = tl.zeros((BLOCK, PIVOTS), tl.float32)
                     for c in range(0, V, BLOCK):
                         x = tl.load(row_ptr + c + offs, mask=c + offs < V, other=float("-inf")).to(tl.float32)
                         e = tl.where(x >= floor, tl.exp((x - m) * inv_t), 0.0)
-                        k = _order_key(x).to(tl.int64)
-                        acc += tl.where(k[:, None] > piv[None, :], e[:, None], 0.0)
+                        acc += tl.where(_order_key(x)[:, None] > piv32[None, :], e[:, None], 0.0)
                     mass = tl.sum(acc, axis=0)
                     within = mass <= budget
                     hi = tl.min(tl.where(within, piv, hi), axis=0)
