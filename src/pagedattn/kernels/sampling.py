@@ -161,13 +161,17 @@ if triton is not None:
                 for _ in range(0, 32, 4):
                     # [PIVOTS] keys, non-decreasing, the last hi; int32 in the inner loop (64-bit
                     # compares cost two instructions and twice the registers).
+                    # The logits load as a [BLOCK, 1] column of the accumulator's own 2-D layout:
+                    # broadcasting a 1-D block against the pivots moved it through shared
+                    # memory every step.
                     piv = lo + ((hi - lo) * steps) // PIVOTS
-                    piv32 = piv.to(tl.int32)
+                    piv32 = piv.to(tl.int32)[None, :]
                     acc = tl.zeros((BLOCK, PIVOTS), tl.float32)
                     for c in range(0, V, BLOCK):
-                        x = tl.load(row_ptr + c + offs, mask=c + offs < V, other=float("-inf")).to(tl.float32)
+                        cols = c + offs[:, None]
+                        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                         e = tl.where(x >= floor, tl.exp((x - m) * inv_t), 0.0)
-                        acc += tl.where(_order_key(x)[:, None] > piv32[None, :], e[:, None], 0.0)
+                        acc += tl.where(_order_key(x) > piv32, e, 0.0)
                     mass = tl.sum(acc, axis=0)
                     within = mass <= budget
                     hi = tl.min(tl.where(within, piv, hi), axis=0)
