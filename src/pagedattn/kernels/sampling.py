@@ -90,7 +90,7 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
     return index.gather(1, best.argmax(dim=1, keepdim=True))[:, 0]
 
 
-FLOOR_BLOCK = 256  # logits a step of the threshold kernel's loops
+FLOOR_BLOCK = 512  # logits a step of the threshold kernel's loops (8 warps: an H100 sweep, docs/benchmarks.md)
 PIVOTS = 16  # the top-p search splits its key range in 16 a pass: 8 passes for 32 bits
 
 
