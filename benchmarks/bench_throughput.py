@@ -17,7 +17,8 @@ first timed run is the figure.
 
 ``--penalties`` gives every request of ours repetition, presence and frequency penalties (the
 sampler then counts every sequence's tokens each step and no decode step overlaps the next):
-run it with and without on the same machine for their cost.  The HF baseline is unchanged.
+run it with and without on the same machine for their cost; ``--top-p 0.9`` likewise gives every
+request top-p (the sampler's filter path).  The HF baseline is unchanged.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def bench_ours(folder: Path, prompts, outs, args) -> dict:
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
     init_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, seed=i if args.seeded else None,
-                             **penalties(args)) for i, o in enumerate(outs)]
-    warm_params = SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True, **penalties(args))
+                             **extra_sampling(args)) for i, o in enumerate(outs)]
+    warm_params = SamplingParams(temperature=0.6, max_tokens=32, ignore_eos=True, **extra_sampling(args))
     if args.warmup == "workload":
         # The same length distribution (another seed): every shape the timed run meets is warm.
         warm, _ = workload(64, args.min_len, args.max_len, QWEN3_0_6B["vocab_size"], seed=1)
@@ -136,9 +137,12 @@ def bench_ours(folder: Path, prompts, outs, args) -> dict:
             "kv_blocks_total": m["kv_blocks_total"], "num_preemptions": m["num_preemptions"]}
 
 
-def penalties(args) -> dict:
-    """The sampling fields ``--penalties`` sets on every request (none without it)."""
-    return {"repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5} if args.penalties else {}
+def extra_sampling(args) -> dict:
+    """The sampling fields ``--penalties`` and ``--top-p`` set on every request (none without them)."""
+    extra = {"top_p": args.top_p} if args.top_p < 1.0 else {}
+    if args.penalties:
+        extra |= {"repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+    return extra
 
 
 def bench_hf(model, prompts, outs) -> dict:
@@ -183,6 +187,7 @@ def main() -> None:
     ap.add_argument("--penalties", action="store_true",
                     help="repetition, presence and frequency penalties on every request (ours only)")
     ap.add_argument("--seeded", action="store_true", help="a seed on every request of ours (each its own stream)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="top-p on every request of ours (1: none)")
     ap.add_argument("--trace", default=None,
                     help="record a block-pool trace of the timed run here (pagedattn viz draws it; slows the run)")
     ap.add_argument("--out", default=None)
@@ -223,7 +228,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nEnd-to-end throughput on {result['device']} (copy bandwidth {bw / 1e12:.2f} TB/s)")
     print(f"{'engine':34s} {'requests':>8s} {'out tokens':>10s} {'seconds':>8s} {'tok/s':>9s}")
-    name = "pagedattn" + (" (penalties)" if args.penalties else "") + (" (seeded)" if args.seeded else "")
+    name = "pagedattn" + (" (penalties)" if args.penalties else "") + (" (seeded)" if args.seeded else "") \
+        + (f" (top-p {args.top_p})" if args.top_p < 1.0 else "")
     print(f"{name:34s} {args.num_requests:8d} {ours['output_tokens']:10d} {ours['seconds']:8.2f} "
           f"{ours['tok_per_s']:9.0f}")
     if hf_res:
