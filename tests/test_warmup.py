@@ -325,6 +325,7 @@ with LLM(sys.argv[1], device="cuda", dtype=sys.argv[2], block_size=16, num_kv_bl
     llm.generate(prompts[::-1], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, n=3, seed=1,
                                                logprobs=2, ignore_eos=True), use_tqdm=False)
     llm.generate(prompts[:3], SamplingParams(temperature=0.7, max_tokens=6, seed=2), use_tqdm=False)
+    llm.generate(prompts * 4, SamplingParams(temperature=0.7, top_p=0.8, max_tokens=4), use_tqdm=False)  # 32 rows
 print("late compiles:", len(compile_guard.late_compiles()))
 """
 
@@ -334,8 +335,9 @@ print("late compiles:", len(compile_guard.late_compiles()))
 def test_gpu_nothing_compiles_after_start_up(tmp_path: Path, family: str, dtype: str) -> None:
     """A fresh process (Triton's in-memory kernels are per process) with an empty Triton cache,
     ``PAGEDATTN_FAIL_ON_COMPILE=1``: shared prefixes, chunked prompts, mixed steps, parallel
-    samples with log-probabilities and filters, plain temperature sampling, sliding windows, a
-    16-bit and a float32 model; a kernel compiled after start-up raises."""
+    samples with log-probabilities and filters, plain temperature sampling, a batch large enough
+    for the filter kernel, sliding windows, a 16-bit and a float32 model; a kernel compiled after
+    start-up raises."""
     if not CUDA:
         pytest.skip("needs CUDA")
     path = make_model_dir(tmp_path, family)

@@ -13,9 +13,8 @@ devices, in a form that suits each:
 
 * **GPU**: the exponential race, ``argmax(x / T - log q)`` with ``q ~ Exp(1)`` per entry: no
   softmax and no scan, one kernel over the logits (:mod:`..kernels.sampling`).
-* **CPU**: one uniform per row against the cumulative softmax (an inverse-CDF draw).  Noise for
-  every entry costs the CPU ~13 ns each (a 49k vocabulary: ~0.7 ms a row, a sixth of a batch-16
-  decode step); a softmax and a scan cost a tenth of that.
+* **CPU**: one uniform per row against the cumulative softmax (an inverse-CDF draw): noise for
+  every entry cost the CPU ~10x a softmax and a scan (docs/benchmarks.md, "Sampling").
 
 A seeded row's draws come from its own stream, keyed by its seed and how many tokens it has
 drawn (:class:`~.sequence.SeedStream`), so its tokens never depend on the batch it runs in.
@@ -75,9 +74,10 @@ def sampling_row(seq: Seq, req: Request, eos_token_ids: Iterable[int], launched:
                        bad_words=req.bad_words_ids)
 
 
-# The CPU decides top-p from a row's most probable tokens when they reach top_p (a partial sort:
-# 1.3 ms for 16 rows of a 49k vocabulary on a 2-core CPU, where the full sort took 28 ms).  The
-# GPU sorts: checking which rows need more would make the host wait for the device.
+# The CPU decides top-p from a row's most probable tokens when they reach top_p: a partial sort,
+# ~20x cheaper than the full one on the 2-core machine (docs/benchmarks.md, "Sampling").  Not on
+# the GPU: checking which rows need more would make the host wait for the device; a batch there
+# sorts, or from FILTER_KERNEL_MIN_ROWS rows takes the threshold kernel.
 TOP_P_CANDIDATES = 256
 
 
@@ -106,9 +106,10 @@ def top_p_drop(probs: torch.Tensor, top_p: torch.Tensor, candidates: int | None 
     return drop
 
 
-# From this many rows the GPU filters through the threshold kernel (one program a row, ~0.8 ms
-# up to a wave of rows), below it through a sort of the probabilities (~0.2 ms plus ~21 us a row
-# for a 152k vocabulary); an H100 at 64 rows: 0.8 against 1.55 ms, at 256: 1.5 against 5.4 ms.
+# From this many rows the GPU filters through the threshold kernel (one program a row: about
+# the same time for any batch up to a wave of programs), below it through a sort of the
+# probabilities (whose time grows with the rows); the crossing, on an H100 with a 152k
+# vocabulary, is near 30 rows (docs/benchmarks.md, "Sampling").
 FILTER_KERNEL_MIN_ROWS = 32
 
 CDF_BLOCK = 256  # columns a block: the inverse-CDF draw scans block sums, then one block
@@ -120,9 +121,9 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     token of probability 0 is never chosen.
 
     Two levels, scanned in float64: the cumulative sum of the row's block sums finds the block,
-    then that block's own cumulative sum the token.  A float64 scan of the whole row took 4.5 ms
-    for 16 rows of a 49k vocabulary on a 2-core CPU, and a float32 one would lose the tail's tiny
-    terms; the block sums are one vectorised pass."""
+    then that block's own cumulative sum the token.  A float64 scan of the whole row is a slow
+    scalar loop on the CPU and a float32 one would lose the tail's tiny terms; the block sums are
+    one vectorised pass."""
     n, v = probs.shape
     blocks = torch.nn.functional.pad(probs, (0, -v % CDF_BLOCK)).view(n, -1, CDF_BLOCK)
     cum = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [n, blocks]; float32 sums of 256 (a float64 sum copies the row)

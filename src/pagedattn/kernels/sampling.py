@@ -1,5 +1,6 @@
-"""The random choice of a sampling step: ``argmax(x / T - log q)`` with ``q ~ Exp(1)`` per
-vocabulary entry, all rows in one launch.
+"""The GPU's sampling kernels: the random choice of a step, ``argmax(x / T - log q)`` with
+``q ~ Exp(1)`` per vocabulary entry, all rows in one launch (:func:`race_sample`), and the least
+logit a row's top-k, top-p and min-p keep, without a sort (:func:`filter_floor`).
 
 ``argmax(p / q)`` with Exp(1) noise ``q`` samples from ``p`` exactly (the exponential race), and
 in logs it needs no softmax: ``log p = x / T - logsumexp``, whose constant does not move the
@@ -17,8 +18,8 @@ the columns, and a small reduction the best slice (its first maximum: ties go to
 column, as argmax's).  The CPU samples otherwise (``engine/sampler.py``); a seed reproduces a
 sample on the same device.
 
-Before this kernel the GPU path took six passes over float32 logits (cast, divide, softmax,
-noise, divide, argmax): ~0.5 ms of a batch-256 decode step of the throughput benchmark.
+Before these kernels the GPU took six passes over float32 logits (cast, divide, softmax, noise,
+divide, argmax) and sorted the probabilities for top-p (docs/benchmarks.md, "Sampling").
 """
 
 from __future__ import annotations
@@ -99,10 +100,12 @@ def filter_floor(logits: torch.Tensor, temperature: torch.Tensor, floor: torch.T
     """Per row of ``logits [n, V]`` the least logit its filters keep, float32 ``[n]``: the
     largest of ``floor`` (top-k's k-th logit, or -inf), top-p's and min-p's thresholds over the
     softmax of ``logits / temperature`` (``[n]``, > 0) restricted to the logits >= ``floor``
-    (``top_p [n]``, inf: none; ``min_p [n]``, 0: none; either None: no row has it).  The same tokens as sorting the
-    probabilities, but one program a row streaming its logits ~10 times, never waiting for the
-    host: top-p's threshold is the least logit whose more probable tokens hold at most ``top_p``
-    of the mass, found by a 16-way search over the logits' order-preserving 32-bit keys."""
+    (``top_p [n]``, inf: none; ``min_p [n]``, 0: none; either None: no row has it).
+
+    The same tokens as sorting the probabilities (but for ties with the threshold, all kept),
+    one program a row streaming its logits ~10 times, never waiting for the host: top-p's
+    threshold is the least logit whose more probable tokens hold at most ``top_p`` of the mass,
+    found by a 16-way search over the logits' order-preserving 32-bit keys."""
     n, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -160,10 +163,9 @@ if triton is not None:
                 steps = tl.arange(1, PIVOTS + 1).to(tl.int64)  # pivot PIVOTS is hi itself
                 for _ in range(0, 32, 4):
                     # [PIVOTS] keys, non-decreasing, the last hi; int32 in the inner loop (64-bit
-                    # compares cost two instructions and twice the registers).
-                    # The logits load as a [BLOCK, 1] column of the accumulator's own 2-D layout:
-                    # broadcasting a 1-D block against the pivots moved it through shared
-                    # memory every step.
+                    # compares cost two instructions and twice the registers).  The logits load
+                    # as a [BLOCK, 1] column of the accumulator's own 2-D layout: a 1-D block
+                    # broadcast against the pivots went through shared memory every step.
                     piv = lo + ((hi - lo) * steps) // PIVOTS
                     piv32 = piv.to(tl.int32)[None, :]
                     acc = tl.zeros((BLOCK, PIVOTS), tl.float32)
