@@ -127,6 +127,26 @@ def test_dropped_tokens_are_never_chosen() -> None:
     assert all(t in allowed for t in tokens), tokens
 
 
+def test_a_row_of_nan_samples_some_token_in_range_and_leaves_the_others_alone() -> None:
+    """A numerically broken row (NaN logits) through the filter and sampling kernels: a token in
+    range for it; the rows beside it sample as they would alone."""
+    g = seeded_generator("nan")
+    logits = torch.randn(3, V, generator=g)
+    logits[1] = float("nan")
+    sampler = Sampler(DEVICE, seed=0)
+    sampler.use_kernel = True
+    rows = [SamplingRow(SamplingParams(temperature=t, top_p=0.9), None) for t in (0.0, 0.7, 1.0)]
+    b = sampler.prepare(rows)
+    floor = sampler._floor(logits.to(DEVICE), b)
+    keys = _keys(g, 4)
+    tokens = sampling.race_sample(logits.to(DEVICE), b.temperature, torch.tensor(keys, device=DEVICE), floor).tolist()
+    assert all(0 <= t < V for t in tokens)
+    assert tokens[0] == int(logits[0].argmax())
+    alone = sampling.race_sample(logits[2:].to(DEVICE), b.temperature[2:],
+                                 torch.tensor([keys[2], keys[3]], device=DEVICE), floor[2:]).tolist()
+    assert tokens[2] == alone[0]
+
+
 @pytest.mark.parametrize("use_kernel", [False, True])
 def test_sampler_filters_sample_the_renormalised_distribution(use_kernel: bool) -> None:
     """Top-k, top-p and min-p rows (with temperature, greedy rows beside them) against the

@@ -118,7 +118,7 @@ CDF_BLOCK = 256  # columns a block: the inverse-CDF draw scans block sums, then 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row of ``probs [n, V]`` (float32, rows summing to ~1) the first token whose
     cumulative probability exceeds ``u`` (float64 ``[n]`` in [0, 1)) times the row's total; a
-    token of probability 0 is never chosen.
+    token of probability 0 is never chosen (a row of NaN gets some token in range).
 
     Two levels, scanned in float64: the cumulative sum of the row's block sums finds the block,
     then that block's own cumulative sum the token.  A float64 scan of the whole row is a slow
@@ -129,11 +129,11 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cum = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [n, blocks]; float32 sums of 256 (a float64 sum copies the row)
     # Below the total: right=True then stops at a block (a token) of positive mass, never past it.
     r = torch.minimum(u * cum[:, -1], torch.nextafter(cum[:, -1], torch.zeros_like(u)))[:, None]
-    blk = torch.searchsorted(cum, r, right=True)  # [n, 1]
+    blk = torch.searchsorted(cum, r, right=True).clamp_(max=cum.shape[1] - 1)  # [n, 1]; clamped: a NaN row
     before = torch.where(blk > 0, cum.gather(1, (blk - 1).clamp_(min=0)), 0.0)
     inner = blocks[torch.arange(n, device=probs.device), blk[:, 0]].cumsum(dim=-1, dtype=torch.float64)
     rest = torch.minimum(r - before, torch.nextafter(inner[:, -1:], torch.zeros_like(r)))
-    return (blk * CDF_BLOCK + torch.searchsorted(inner, rest, right=True))[:, 0]
+    return (blk * CDF_BLOCK + torch.searchsorted(inner, rest, right=True))[:, 0].clamp_(max=v - 1)
 
 
 @dataclass
