@@ -1,6 +1,7 @@
 """CPU throughput: pagedattn against HF transformers on the same machine, in the same run.
 
-Workload: 16 prompts of 16..128 random token ids, 64 new tokens each, greedy, EOS ignored,
+Workload: 16 prompts of 16..128 random token ids, 64 new tokens each, greedy (``--temperature T``:
+sampled at T, top-k and top-p off, for every engine), EOS ignored,
 the embedded default model (SmolLM2-135M) in float32, 2 threads.  Baselines: HF's padded
 batch ``generate`` (all prompts left-padded into one batch) and, optionally, HF one request at
 a time and HF's continuous batching ``generate_batch``.
@@ -40,15 +41,23 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def bench_ours(llm: LLM, prompts: list[list[int]], new: int) -> tuple[float, int]:
-    sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+def hf_sampling(temperature: float) -> dict:
+    """``generate``'s arguments for greedy or pure temperature sampling (no top-k / top-p, which a
+    checkpoint's generation config may otherwise switch on)."""
+    if temperature <= 0:
+        return dict(do_sample=False)
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+
+
+def bench_ours(llm: LLM, prompts: list[list[int]], new: int, temperature: float = 0.0) -> tuple[float, int]:
+    sp = SamplingParams(temperature=temperature, max_tokens=new, ignore_eos=True)
     t = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t
     return dt, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def bench_hf_padded(model, prompts: list[list[int]], new: int, pad: int) -> tuple[float, int]:
+def bench_hf_padded(model, prompts: list[list[int]], new: int, pad: int, temperature: float = 0.0) -> tuple[float, int]:
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -57,28 +66,29 @@ def bench_hf_padded(model, prompts: list[list[int]], new: int, pad: int) -> tupl
         mask[i, width - len(p):] = 1
     t = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=pad)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
+                             **hf_sampling(temperature))
     dt = time.perf_counter() - t
     return dt, (out.shape[1] - width) * len(prompts)
 
 
-def bench_hf_sequential(model, prompts: list[list[int]], new: int, pad: int) -> tuple[float, int]:
+def bench_hf_sequential(model, prompts: list[list[int]], new: int, pad: int,
+                        temperature: float = 0.0) -> tuple[float, int]:
     t = time.perf_counter()
     n = 0
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, pad_token_id=pad)
+                                 pad_token_id=pad, **hf_sampling(temperature))
             n += out.shape[1] - ids.shape[1]
     return time.perf_counter() - t, n
 
 
-def bench_hf_cb(model, prompts: list[list[int]], new: int, pad: int) -> tuple[float, int]:
+def bench_hf_cb(model, prompts: list[list[int]], new: int, pad: int, temperature: float = 0.0) -> tuple[float, int]:
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=pad)
+    cfg = GenerationConfig(max_new_tokens=new, eos_token_id=-1, pad_token_id=pad, **hf_sampling(temperature))
     t = time.perf_counter()
     with torch.inference_mode():
         res = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
@@ -93,6 +103,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled at it, every engine")
     ap.add_argument("--hf-sequential", action="store_true", help="also time HF one request at a time")
     ap.add_argument("--hf-cb", action="store_true", help="also time HF generate_batch (continuous batching)")
     ap.add_argument("--skip-hf", action="store_true")
@@ -116,9 +127,9 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(llm.engine.source.model_dir, dtype=torch.float32).eval()
         pad = llm.engine.tokenizer.pad_token_id if llm.engine.tokenizer is not None else 0
         pad = 0 if pad is None else pad
-    bench_ours(llm, warmup, args.new_tokens)
+    bench_ours(llm, warmup, args.new_tokens, args.temperature)
     if hf is not None:
-        bench_hf_padded(hf, warmup, args.new_tokens, pad)
+        bench_hf_padded(hf, warmup, args.new_tokens, pad, args.temperature)
     tracer = None
     if args.trace:
         from pagedattn.viz import TraceRecorder
@@ -129,21 +140,23 @@ def main() -> None:
     padded: list[tuple[float, int]] = []
     for prompts in rounds:
         try:
-            ours.append(bench_ours(llm, prompts, args.new_tokens))
+            ours.append(bench_ours(llm, prompts, args.new_tokens, args.temperature))
         finally:
             if tracer is not None:  # record the first run only, then nothing else on this engine
                 llm.engine.detach_tracer()
                 print(f"trace written to {args.trace}")
                 tracer = None
         if hf is not None:
-            padded.append(bench_hf_padded(hf, prompts, args.new_tokens, pad))
+            padded.append(bench_hf_padded(hf, prompts, args.new_tokens, pad, args.temperature))
     rows = [("pagedattn", *_median_run(ours))]
     if hf is not None:
         rows.append(("HF padded batch generate", *_median_run(padded)))
         if args.hf_cb:
-            rows.append(("HF generate_batch (paged)", *bench_hf_cb(hf, rounds[0], args.new_tokens, pad)))
+            rows.append(("HF generate_batch (paged)",
+                         *bench_hf_cb(hf, rounds[0], args.new_tokens, pad, args.temperature)))
         if args.hf_sequential:
-            rows.append(("HF one request at a time", *bench_hf_sequential(hf, rounds[0], args.new_tokens, pad)))
+            rows.append(("HF one request at a time",
+                         *bench_hf_sequential(hf, rounds[0], args.new_tokens, pad, args.temperature)))
     # Each round's ours/HF ratio from back-to-back runs; the median of those is the figure.
     pair_ratios = [(n / dt) / (hn / hdt) for (dt, n), (hdt, hn) in zip(ours, padded)]
     ratio = statistics.median(pair_ratios) if pair_ratios else None
