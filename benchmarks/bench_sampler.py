@@ -51,14 +51,15 @@ def time_ms(fn, device: torch.device) -> float:
 
 
 def copy_gbps(device: torch.device) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB buffer."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 256 MiB buffer
+    (beyond any cache)."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() / ms / 1e6
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--batches", default="1,8,64,256")
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--logit-std", type=float, default=1.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     gbps = copy_gbps(device)
@@ -89,9 +90,11 @@ def main() -> None:
         cells = [f"{r['us']:.1f} us" for r in rows_out if r["batch"] == n]
         bound = next(r["bound_us"] for r in rows_out if r["batch"] == n)
         print(f"| {n} | {' | '.join(cells)} | {bound:.1f} us |")
+    result = dict(device=name, commit=git_commit(), copy_gbps=gbps, rows=rows_out)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=name, commit=git_commit(), copy_gbps=gbps, rows=rows_out), f, indent=1)
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
                      "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv", "bench_single_stream",
                      "bench_moe", "bench_gguf_load", "profile_steps", "bench_host_step", "bench_server_host",
-                     "serving"):
+                     "serving", "bench_sampler"):
             sys.modules.pop(name, None)
 
 
@@ -298,3 +298,16 @@ def test_profile_steps_replay_costs_the_real_models_steps(bench) -> None:
     assert res["prefix_caching"] and res["num_steps"] == sum(r["steps"] for r in res["kinds"].values())
     # Every step with a batch (the overlapped loop's first launch waits on none) reads the weights.
     assert all(r["bound_s"] >= r["steps"] * weights / 3e12 for k, r in res["kinds"].items() if k != "first launch")
+
+
+def test_sampler_bench_times_every_mode_and_batch(bench, tmp_path: Path) -> None:
+    """bench_sampler on the CPU with a small vocabulary: a time for every (batch, mode), the
+    bound of one read of the logits growing with the batch, the JSON as returned."""
+    out = tmp_path / "sampler.json"
+    res = bench("bench_sampler").main(["--device", "cpu", "--vocab", "700", "--batches", "1,3", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    got = {(r["batch"], r["mode"]) for r in res["rows"]}
+    assert got == {(b, m) for b in (1, 3) for m in ("greedy", "temperature", "seeded", "top_p")}
+    assert all(r["us"] > 0 for r in res["rows"])
+    bound = {r["batch"]: r["bound_us"] for r in res["rows"]}
+    assert bound[3] == pytest.approx(3 * bound[1])
