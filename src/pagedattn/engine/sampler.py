@@ -193,7 +193,8 @@ class Sampler:
                        SamplingParams(temperature=0.7, logprobs=1)):  # the model's dtype, filtered or not; float32
             self(logits[:1], [SamplingRow(params, None)])
         big = torch.randn(FILTER_KERNEL_MIN_ROWS, vocab_size, dtype=dtype, device=self.device)
-        self(big, [SamplingRow(SamplingParams(temperature=0.7, top_p=0.9), None)] * len(big))  # the filter kernel
+        for logprobs in (None, 1):  # the filter kernel on the model's dtype, and on float32 (log-probabilities)
+            self(big, [SamplingRow(SamplingParams(temperature=0.7, top_p=0.9, logprobs=logprobs), None)] * len(big))
         self.generator.set_state(state)
         self.stream.draws = draws
 
