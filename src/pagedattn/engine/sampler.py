@@ -158,12 +158,17 @@ class SamplingBatch:
     want_logprobs: bool
     temperature: torch.Tensor | None = None  # [n]; 0 for a greedy row
     top_k: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (kmax, k index [n,1], active [n,1])
-    filter_temperature: torch.Tensor | None = None  # [n, 1]; 1 for a greedy row (top-k/top-p/min-p rows only)
     top_p: torch.Tensor | None = None  # [n, 1]; inf: no filter
     min_p: torch.Tensor | None = None  # [n, 1]
     seeded: list[int] = field(default_factory=list)  # rows with their own seed stream
     grammar_mask: TokenBitmask | None = None  # structured output's allowed tokens of its rows
     stages: LogitsStages | None = None  # None: no row changes its logits before sampling
+
+    def divisor(self) -> torch.Tensor:
+        """What the logits are divided by before a softmax, ``[n]``: each row's temperature, 1
+        for a greedy row (temperature 0)."""
+        assert self.temperature is not None
+        return torch.where(self.temperature > 0, self.temperature, 1.0)
 
 
 class Sampler:
@@ -226,9 +231,6 @@ class Sampler:
         ks = [0 if g or not r.params.top_k_active else min(r.params.top_k, 1 << 30) for r, g in zip(rows, greedy)]
         top_ps = [inf if g or r.params.top_p >= 1.0 else r.params.top_p for r, g in zip(rows, greedy)]
         min_ps = [0.0 if g else r.params.min_p for r, g in zip(rows, greedy)]
-        if any(ks) or any(p < inf for p in top_ps) or any(min_ps):
-            b.filter_temperature = to_device([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
-                                             torch.float32, dev)[:, None]
         if any(ks):
             kmax = max(ks)
             b.top_k = (kmax, to_device([min(k, kmax) - 1 if k else kmax - 1 for k in ks], torch.long, dev)[:, None],
@@ -273,7 +275,6 @@ class Sampler:
     def _floor(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """The GPU's filters for a large batch: per row the least logit top-k, top-p and min-p
         keep (see :data:`FILTER_KERNEL_MIN_ROWS`)."""
-        assert b.filter_temperature is not None
         n, v = logits.shape
         if b.top_k is not None:
             kmax, k_idx, active = b.top_k
@@ -283,7 +284,7 @@ class Sampler:
             floor = torch.full((n,), float("-inf"), device=logits.device)
         if b.top_p is None and b.min_p is None:
             return floor
-        return filter_floor(logits, b.filter_temperature[:, 0], floor, None if b.top_p is None else b.top_p[:, 0],
+        return filter_floor(logits, b.divisor(), floor, None if b.top_p is None else b.top_p[:, 0],
                             None if b.min_p is None else b.min_p[:, 0])
 
     def _inverse_cdf(self, logits: torch.Tensor, b: SamplingBatch, keys: list[int]) -> torch.Tensor:
@@ -292,7 +293,7 @@ class Sampler:
         argmax."""
         assert b.temperature is not None
         sampled = b.temperature > 0
-        probs = (logits.float() / torch.where(sampled, b.temperature, 1.0)[:, None]).softmax(dim=-1)
+        probs = (logits.float() / b.divisor()[:, None]).softmax(dim=-1)
         dev = logits.device
         u = torch.rand(len(b.rows), generator=self.generator, dtype=torch.float64, device=dev)
         for i, key in zip(b.seeded, keys):
@@ -306,8 +307,7 @@ class Sampler:
     def _filtered(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """``logits`` (float32) with -inf where a row's top-k, top-p or min-p drops a token (a
         greedy row's filters drop nothing: see :meth:`prepare`)."""
-        assert b.filter_temperature is not None
-        scaled = logits / b.filter_temperature
+        scaled = logits / b.divisor()[:, None]
         drop: torch.Tensor | None = None
         if b.top_k is not None:
             kmax, k_idx, active = b.top_k
