@@ -24,9 +24,9 @@ divide, argmax) and sorted the probabilities for top-p (docs/benchmarks.md, "Sam
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .w4a16 import _sm_count
 
 try:
     import triton
@@ -53,11 +53,6 @@ def draw_key(stream_key: int, draw: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def race_splits(n: int, v: int, sms: int) -> int:
     """Column slices per row: enough programs for ``PROGRAMS_PER_SM`` an SM, each slice still at
     least four blocks."""
@@ -78,7 +73,7 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if splits is None:
-        sms = _num_sms(logits.device.index or 0) if logits.is_cuda else 4
+        sms = _sm_count(logits.device) if logits.is_cuda else 4
         splits = race_splits(n, v, sms)
     cols = triton.cdiv(triton.cdiv(v, splits), BLOCK) * BLOCK  # whole blocks a slice
     splits = triton.cdiv(v, cols)
