@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the helpers above serve torch-free scripts (serving.py) too
@@ -55,3 +58,29 @@ def sync(device: torch.device) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+def median_us(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median time of ``fn`` in microseconds: ``triton.testing.do_bench`` on CUDA, wall-clock
+    repetitions elsewhere."""
+    if device.type == "cuda":
+        import triton
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=max(reps, 20), return_mode="median")) * 1e3
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """Copy of ``nbytes``, bytes read + written per second, in GB/s."""
+    import torch
+
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    us = median_us(lambda: y.copy_(x), device, reps)
+    return 2 * x.numel() * 4 / us / 1e3

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_common import git_commit
+from bench_common import copy_bandwidth, git_commit, median_us
 
 from pagedattn.models import moe_ops as mo
 
@@ -95,29 +93,6 @@ def decode_step(stack: Stack, x: torch.Tensor, moe: MoEFn, routed: list[torch.Te
             routed.append(ids)
         x = x + moe(x, w13, w2, weights, ids)
     return x
-
-
-def median_us(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median time of ``fn`` in microseconds."""
-    if device.type == "cuda":
-        import triton
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=max(reps, 20), return_mode="median")) * 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
-    """Copy of ``nbytes``, bytes read + written per second, in GB/s."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    us = median_us(lambda: y.copy_(x), device, reps)
-    return 2 * x.numel() * 4 / us / 1e3
 
 
 def graph_step(stack: Stack, x: torch.Tensor) -> Callable[[], object]:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-from bench_common import git_commit
+from bench_common import copy_bandwidth, git_commit, median_us
 
 from pagedattn.engine.sampler import Sampler, SamplingRow
 from pagedattn.engine.sampling_params import SamplingParams
@@ -36,29 +34,6 @@ MODES = {
 }
 
 
-def time_ms(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def copy_gbps(device: torch.device) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second) of a 256 MiB buffer
-    (beyond any cache)."""
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    return 2 * src.numel() / ms / 1e6
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=151936)
@@ -70,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    gbps = copy_gbps(device)
+    reps = 300 if device.type == "cuda" else 10  # do_bench's milliseconds on CUDA, repetitions elsewhere
+    gbps = copy_bandwidth(device, 1 << 28, reps)  # 256 MiB: beyond any cache
     sampler = Sampler(device, seed=0)
     sampler.warm_up(args.vocab, dtype)
     rows_out = []
@@ -79,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
         bound_us = logits.numel() * logits.element_size() / (gbps / 2) / 1e3  # one read at the copy rate
         for mode, make in MODES.items():
             batch = sampler.prepare([make(i) for i in range(n)])
-            ms = time_ms(lambda logits=logits, batch=batch: sampler.sample(logits, batch), device)
-            rows_out.append(dict(batch=n, mode=mode, us=ms * 1e3, bound_us=bound_us))
+            us = median_us(lambda logits=logits, batch=batch: sampler.sample(logits, batch), device, reps)
+            rows_out.append(dict(batch=n, mode=mode, us=us, bound_us=bound_us))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, commit {git_commit()}, vocab {args.vocab}, {args.dtype} logits of std {args.logit_std}, "
           f"copy {gbps:.0f} GB/s")
