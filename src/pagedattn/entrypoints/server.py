@@ -747,6 +747,7 @@ def _chat_stream(state: ServerState, req: ChatCompletionRequest, gen: Generation
 def _completion_response(state: ServerState, req: CompletionRequest, gen: Generation,
                          finals: list[RequestOutput]) -> CompletionResponse:
     choices = []
+    ids = req.return_token_ids
     for i, out in enumerate(finals):
         plp = _prompt_logprobs(state, out) if req.prompt_logprobs is not None else None
         for c in out.outputs:
@@ -754,7 +755,6 @@ def _completion_response(state: ServerState, req: CompletionRequest, gen: Genera
             echo = _echo(state, req, out, cur)
             if req.logprobs is not None and c.logprobs is not None:
                 lp = _completion_logprobs(state, c.token_ids, c.logprobs, cur)
-            ids = req.return_token_ids
             choices.append(CompletionChoice(index=i * req.n + c.index, text=(echo.text if echo else "") + c.text,
                                             logprobs=_joined(echo.logprobs if echo else None, lp),
                                             prompt_logprobs=plp, finish_reason=c.finish_reason,
