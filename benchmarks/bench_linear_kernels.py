@@ -105,10 +105,10 @@ def sweep_configs(fmt: str, m: int) -> list[Any]:
     make = (lambda bm, bn, bk, sp, w, st: w4a16.W4A16Config(bm, bn, bk, sp, w, st, gemv=bm == 1)) \
         if fmt == "w4a16" else \
         (lambda bm, bn, bk, sp, w, st: gguf_matmul.GGUFMatmulConfig(bm, bn, bk, sp, w, st, gemv=bm == 1))
-    if m == 1:
-        bns = (64, 128, 256) if fmt == "w4a16" else (16, 32, 64)
-        warps = (4, 8) if fmt == "w4a16" else (2, 4)
-        grid = itertools.product((1,), bns, (128,) if fmt == "w4a16" else (256,), (2, 4, 8, 16), warps, (1, 3))
+    if m == 1 and fmt == "w4a16":
+        grid = itertools.product((1,), (128, 256, 512), (64, 128), (4, 8, 16, 32), (2, 4, 8), (2,))
+    elif m == 1:
+        grid = itertools.product((1,), (16, 32, 64), (256,), (2, 4, 8, 16), (2, 4), (1, 3))
     elif m <= 64:
         grid = itertools.product((16 if m <= 16 else 32 if m <= 32 else 64,), (32, 64, 128), (64, 128),
                                  (1, 2, 4, 8), (4,), (3,))

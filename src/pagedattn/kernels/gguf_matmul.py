@@ -46,9 +46,10 @@ from dataclasses import dataclass
 import torch
 
 from .w4a16 import (
+    NIBBLE_MASK,
     _gemv_finish,
     _gemv_tile,
-    _mantissa_plane,
+    _nibble_pair,
     dense_matmul,
     dot_types,
     finish_split_k,
@@ -177,7 +178,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
         part, counters = gemv_split_args(out, grid[0], split)
         _q4k_gemv_kernel[grid](x, blocks, blocks.view(torch.float16), out, part, counters,
                                bias if bias is not None else out, n, k, blocks.shape[1], x.stride(0), out.stride(0),
-                               m * n, triton.cdiv(k // 256, split), split, HAS_BIAS=bias is not None,
+                               m * n, triton.cdiv(k // 256, split), split, NIBBLE_MASK, HAS_BIAS=bias is not None,
                                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.gemv:
@@ -324,17 +325,17 @@ if triton is not None:
         tl.store(out_ptr + t.to(tl.int64) * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask)
 
     # The row count varies step by step: no variants for its value or alignment.
-    @triton.jit(do_not_specialize=("num_splits",))
+    @triton.jit(do_not_specialize=("num_splits", "nibble_mask"))
     def _q4k_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
-                         stride_om, stride_split, tiles_per_split, num_splits, HAS_BIAS: tl.constexpr,
+                         stride_om, stride_split, tiles_per_split, num_splits, nibble_mask, HAS_BIAS: tl.constexpr,
                          BLOCK_N: tl.constexpr):
         """The Q4_K GEMV, one super-block of ``BLOCK_N`` rows per step.  Its 16 header bytes (``d``,
         ``dmin``, 12 bytes of 6-bit scales and mins) are read as 4 words per row in one load, its
         128 code bytes as 32 words ``[rows, pair p, word w]``: byte ``b`` of word ``w`` of pair ``p`` holds
         element ``64 p + 4 w + b`` (low nibble, sub-block ``2 p``) and ``64 p + 32 + 4 w + b``
-        (high nibble, sub-block ``2 p + 1``).  Each nibble becomes ``1 + q / 16``
-        (:func:`_mantissa_plane`) and one FMA with ``16 x`` adds ``16 x + x q``; per sub-block the
-        ``16 x`` terms come off and its scale and min apply once:
+        (high nibble, sub-block ``2 p + 1``).  A byte's nibbles become ``1 + q / 16`` (high) and
+        ``1 + q / 256`` (low) (:func:`_nibble_pair`) and one FMA with ``16 x`` or ``256 x`` adds
+        ``x q`` plus that multiple of x; per sub-block the multiples come off and its scale and min apply once:
         ``sum_s d sc_s (sum x q) - dmin mn_s (sum x)``."""
         row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         row_off = offs_n.to(tl.int64) * row_bytes
@@ -350,6 +351,7 @@ if triton is not None:
             blk = row_off + j * 144
             words = tl.load(words_ptr + ((blk + 16)[:, None, None] // 4 + 8 * pair[None, :, None]
                                          + word[None, None, :]), mask=n_mask[:, None, None], other=0)
+            uwords = words.to(tl.uint32, bitcast=True)
             lo = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
             hi = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
             x_lo = tl.zeros((4, 8), dtype=tl.float32)
@@ -359,11 +361,12 @@ if triton is not None:
                 xh = tl.load(x_row + j * 256 + 32 + x_offs + b).to(tl.float32)
                 x_lo += xl
                 x_hi += xh
-                lo += (xl * 16.0)[None, :, :] * _mantissa_plane(words, 8 * b)
-                hi += (xh * 16.0)[None, :, :] * _mantissa_plane(words, 8 * b + 4)
+                q_hi, q_lo = _nibble_pair(uwords, 8 * b + 4, nibble_mask.to(tl.uint32))
+                lo += (xl * 256.0)[None, :, :] * q_lo
+                hi += (xh * 16.0)[None, :, :] * q_hi
             sum_lo = tl.sum(x_lo, axis=1)  # [4]: sum of x over sub-block 2 p
             sum_hi = tl.sum(x_hi, axis=1)
-            dot_lo = tl.sum(lo, axis=2) - 16.0 * sum_lo[None, :]  # [rows, 4]: sum x q over sub-block 2 p
+            dot_lo = tl.sum(lo, axis=2) - 256.0 * sum_lo[None, :]  # [rows, 4]: sum x q over sub-block 2 p
             dot_hi = tl.sum(hi, axis=2) - 16.0 * sum_hi[None, :]
             head = tl.load(words_ptr + (blk // 4)[:, None] + pair[None, :], mask=n_mask[:, None], other=0)
             w02, w13 = tl.split(tl.reshape(head, (BLOCK_N, 2, 2)))  # words (0, 2) and (1, 3)

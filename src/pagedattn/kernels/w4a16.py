@@ -145,6 +145,11 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
 GEMV_BLOCK_N = 256
 GEMV_MAX_SPLIT = 16
 GEMV_PROGRAMS_PER_SM = 16
+# The mask of mantissa bits 19-22 (:func:`_nibble_pair`), passed to the GEMVs as a run-time
+# argument: written as a literal, ptxas re-creates it in a register before nearly every bitwise
+# and/or (which takes one immediate, the exponent), ~0.7 instructions a weight; an argument
+# stays in one register.
+NIBBLE_MASK = 0x780000
 
 
 def split_k_for(tiles: int, k_tiles: int, device: torch.device, sms: int | None = None, *,
@@ -247,7 +252,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         part, counters = gemv_split_args(out, grid[0], split)
         _w4a16_gemv_kernel[grid](*weights, out, part, counters, bias if bias is not None else out, m, n, k,
                                  x.stride(0), out.stride(0), m * n, group_size, tiles_per_split,
-                                 float(zero_point), split, HAS_BIAS=bias is not None, **common)
+                                 float(zero_point), split, NIBBLE_MASK, HAS_BIAS=bias is not None, **common)
         return out
     dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     args = (*weights, dst, m, n, k, x.stride(0), dst.stride(-2), m * n if split > 1 else 0, group_size,
@@ -287,14 +292,19 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
 if triton is not None:
 
     @triton.jit
-    def _mantissa_plane(words, bit: tl.constexpr):
-        """The nibble at ``bit`` of each word as the fp32 ``1 + q / 16`` (the nibble moved to the top
-        of a mantissa of exponent 0): a shift and a bitwise and/or, no conversion."""
-        if bit <= 19:
-            top = words << (19 - bit)
+    def _nibble_pair(words, hi_bit: tl.constexpr, mask):
+        """The nibbles at bits ``hi_bit`` and ``hi_bit - 4`` of each word (``uint32``) as fp32s of
+        exponent 0, without a conversion: ``(1 + q_hi / 16, 1 + q_lo / 256)``.  One shift brings
+        the pair to mantissa bits 19-22 and 15-18; one bitwise and/or a nibble (``mask``:
+        :data:`NIBBLE_MASK`) keeps its bits and sets the exponent.  With the FMA that uses it,
+        2.5 instructions a weight."""
+        if hi_bit <= 19:
+            moved = words << (19 - hi_bit)
         else:
-            top = words >> (bit - 19)
-        return ((top & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            moved = words >> (hi_bit - 19)
+        hi = ((moved & mask) | 0x3F800000).to(tl.float32, bitcast=True)
+        lo = ((moved & (mask >> 4)) | 0x3F800000).to(tl.float32, bitcast=True)
+        return hi, lo
 
     @triton.jit
     def _gemv_tile(N, BLOCK_N: tl.constexpr):
@@ -335,9 +345,10 @@ if triton is not None:
                 tl.store(out_row + offs_n, total.to(out_row.dtype.element_ty), mask=n_mask)
                 tl.atomic_xchg(counter, 0)
 
-    @triton.jit(do_not_specialize=("num_splits",))
+    @triton.jit(do_not_specialize=("num_splits", "nibble_mask"))
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, M, N, K,
                            stride_xm, stride_om, stride_split, group_size, tiles_per_split, zero_point, num_splits,
+                           nibble_mask,
                            HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2).
@@ -345,8 +356,8 @@ if triton is not None:
         The words are never unpacked into a K-ordered tile: nibble plane ``i`` of a
         ``[BLOCK_K/8, BLOCK_N]`` block of words multiplies the activations ``8 j + i``.  In a tile
         of one group the scale and zero point factor out of the sum,
-        ``s (sum_k x_k q_k - z sum_k x_k)``: per weight a shift, a bitwise and/or and a
-        multiply-add."""
+        ``s (sum_k x_k q_k - z sum_k x_k)``: per weight half a shift, a bitwise and/or and a
+        multiply-add (``nibble_mask``: :data:`NIBBLE_MASK`)."""
         row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         x_row = x_ptr + row * stride_xm
@@ -372,22 +383,30 @@ if triton is not None:
                     part += xi[:, None] * ((plane - zi) * si)
                 acc += tl.sum(part, axis=0)
             else:
-                # Nibble i moved to the top of an fp32 mantissa of exponent 0 reads 1 + q/16: one
-                # shift and one bitwise and/or per weight, no conversion and no subtraction; the
-                # FMA with 16 x adds 16 x + x q, and the 16 x terms come off once per tile.
+                # Nibbles 2p+1 and 2p as 1 + q/16 and 1 + q/256 (_nibble_pair); with x and 16 x
+                # one FMA each adds x q/16 plus x or 16 x, which come off once per tile.
+                uwords = words.to(tl.uint32, bitcast=True)
                 part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
                 xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-                for i in tl.static_range(8):
-                    xi = tl.load(x_row + rows * 8 + i).to(tl.float32)
-                    xsum += xi
-                    part += (xi * 16.0)[:, None] * _mantissa_plane(words, 4 * i)
+                xoff = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+                for p in tl.static_range(4):
+                    hi, lo = _nibble_pair(uwords, 8 * p + 4, nibble_mask.to(tl.uint32))
+                    x_even = tl.load(x_row + rows * 8 + 2 * p).to(tl.float32)
+                    xsum += x_even
+                    x_even *= 16.0
+                    xoff += x_even
+                    part += x_even[:, None] * lo  # one FMA a weight: separate statements
+                    x_odd = tl.load(x_row + rows * 8 + 2 * p + 1).to(tl.float32)
+                    xsum += x_odd
+                    xoff += x_odd
+                    part += x_odd[:, None] * hi
                 g = (t * BLOCK_K) // group_size  # the tile lies in one group
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 if HAS_ZEROS:
                     z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 else:
                     z = zero_point
-                acc += s * (tl.sum(part, axis=0) - (z + 16.0) * tl.sum(xsum, axis=0))
+                acc += s * (16.0 * (tl.sum(part, axis=0) - tl.sum(xoff, axis=0)) - z * tl.sum(xsum, axis=0))
         _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
                      HAS_BIAS)
 
