@@ -122,6 +122,34 @@ def test_prefill_rows_dequantize_then_multiply_densely(monkeypatch: pytest.Monke
         _check(got, w4a16.w4a16_linear_ref(x, **w, bias=bias), torch.float32)
 
 
+@pytest.mark.parametrize("hi_bit", [4, 12, 20, 28])
+def test_nibble_pair_reads_both_nibbles_exactly(hi_bit: int) -> None:
+    """The GEMVs' dequantization without a conversion: one shifted word gives nibble ``hi_bit``
+    as exactly ``1 + q/16`` and nibble ``hi_bit - 4`` as exactly ``1 + q/256``, for every value
+    of both (and whatever the other nibbles and the sign bit hold)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def planes(words_ptr, hi_ptr, lo_ptr, mask, BLOCK: tl.constexpr, HI_BIT: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        words = tl.load(words_ptr + offs).to(tl.uint32, bitcast=True)
+        hi, lo = w4a16._nibble_pair(words, HI_BIT, mask.to(tl.uint32))
+        tl.store(hi_ptr + offs, hi)
+        tl.store(lo_ptr + offs, lo)
+
+    g = seeded_generator("nibble pair")
+    q_hi, q_lo = torch.arange(16).repeat_interleave(16), torch.arange(16).repeat(16)  # every pair of values
+    noise = torch.randint(-(2**31), 2**31 - 1, (256,), generator=g, dtype=torch.int64)
+    keep = ~((0xF << hi_bit) | (0xF << (hi_bit - 4)))
+    words = ((noise & keep) | (q_hi << hi_bit) | (q_lo << (hi_bit - 4)))
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(DEVICE)
+    hi, lo = (torch.empty(256, device=DEVICE) for _ in range(2))
+    planes[(1,)](words, hi, lo, w4a16.NIBBLE_MASK, BLOCK=256, HI_BIT=hi_bit)
+    assert torch.equal(hi.cpu(), 1 + q_hi.float() / 16)
+    assert torch.equal(lo.cpu(), 1 + q_lo.float() / 256)
+
+
 def test_gemv_tile_of_a_whole_group() -> None:
     """BLOCK_K equal to the group size (what the heuristics pick for the GEMV), split K."""
     g = seeded_generator("whole-group")
