@@ -117,3 +117,22 @@ def test_gemv_and_sampling_kernels_compile_for_sm90() -> None:
     assert kernels == {"_w4a16_gemv_kernel", "_fp8_gemv_kernel", "_q4k_gemv_kernel", "_gguf_gemv_kernel",
                        "_race_kernel", "_filter_floor_kernel"}, kernels
     assert not failed, failed
+
+
+def test_kernel_sass_counts_the_gemv_main_loop(tmp_path) -> None:
+    """``benchmarks/kernel_sass.py`` compiles the decode GEMVs down to sm90 machine code here and
+    finds their main loop: every weight a thread multiplies in a turn has its FMA in it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "src"), env.get("PYTHONPATH", "")])
+    out = tmp_path / "sass.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_sass.py"), "--shape", "512x1024",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0 and ("triton.backends.nvidia" in proc.stderr or "nvdisasm" in proc.stderr):
+        pytest.skip(f"this triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["kernel"] for r in rows] == ["_w4a16_gemv_kernel", "_q4k_gemv_kernel"]
+    for r in rows:
+        assert r["opcodes"].get("FFMA", 0) >= r["weights_per_thread"] > 0, r
+        assert r["loop_instructions"] == sum(r["opcodes"].values())

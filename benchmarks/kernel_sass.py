@@ -1,0 +1,147 @@
+"""Count the machine instructions of a decode GEMV's main loop, compiled for a Hopper GPU on any
+machine (no GPU needed: Triton's own ptxas and nvdisasm).
+
+Each kernel is launched by its wrapper as the engine would launch it at one activation row on an
+H100 (132 SMs: the default launch config), but the launch is recorded instead of run; the
+recorded arguments are compiled for sm90 with the specialisations Triton's JIT would give them
+(16-byte aligned pointers, integers divisible by 16), and the loop that streams the weights is
+found in the SASS (the longest backward branch).  Printed: its instruction count, the weights a
+thread multiplies a turn, the count a weight, and the most frequent opcodes.  See
+docs/kernel_notes.md, "The GEMV's instructions, counted".
+
+    python benchmarks/kernel_sass.py [--kernels w4a16,Q4_K] [--shape 28672x4096] [--out sass.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+         torch.int64: "i64", torch.uint8: "u8"}
+SMS = 132  # an H100's SM count: the wrappers' default launch for that card
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+
+
+def record_launch(call) -> tuple[Any, tuple, dict]:
+    """Run ``call()`` with every ``kernel[grid](...)`` recorded instead of launched; the last
+    launch's ``(kernel, args, kwargs)``."""
+    import triton.runtime.jit as jit
+
+    launches: list[tuple[Any, tuple, dict]] = []
+    original = jit.JITFunction.__getitem__
+    jit.JITFunction.__getitem__ = lambda self, grid: lambda *a, **k: launches.append((self, a, k))
+    try:
+        call()
+    finally:
+        jit.JITFunction.__getitem__ = original
+    return launches[-1]
+
+
+def compile_sm90(fn, args: tuple, kwargs: dict):
+    """The recorded launch compiled for sm90, specialised as the JIT would specialise it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    consts = {n: v for n, v in values.items() if fn.params[names.index(n)].is_constexpr}
+    types, attrs = {}, {}
+    for i, n in enumerate(names):
+        v = values[n]
+        if n in consts:
+            types[n] = "constexpr"
+            continue
+        if isinstance(v, torch.Tensor):
+            types[n] = "*" + TYPES[v.dtype]
+        else:
+            types[n] = "fp32" if isinstance(v, float) else "i32"
+        aligned = isinstance(v, torch.Tensor) or (isinstance(v, int) and v % 16 == 0)
+        if aligned and i not in fn.do_not_specialize:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    return triton.compile(ASTSource(fn, types, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def main_loop(sass: str) -> str:
+    """The SASS between a label and the branch back to it that spans the most instructions."""
+    best = ""
+    for label in re.findall(r"^(\.L_x_\d+):", sass, re.M):
+        start = sass.index(label + ":")
+        end = sass.find(f"BRA `({label})", start)
+        if end > 0 and len(INSTRUCTION.findall(sass[start:end])) > len(INSTRUCTION.findall(best)):
+            best = sass[start:end]
+    return best
+
+
+def disassemble(kernel) -> str:
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([os.fspath(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def gemv_launch(kind: str, n: int, k: int):
+    """``(call, weights a thread multiplies per loop turn)`` of ``kind``'s GEMV at one bf16 row."""
+    from pagedattn.kernels import gguf_matmul, w4a16
+
+    x = torch.randn(1, k).to(torch.bfloat16)
+    cuda = torch.device("cuda")
+    if kind == "w4a16":
+        qw = torch.randint(0, 2**31 - 1, (k // 8, n), dtype=torch.int32)
+        s = torch.rand(k // 128, n).to(torch.bfloat16)
+        cfg = w4a16.choose_config(1, n, k, 128, cuda, sms=SMS)
+        per_thread = cfg.block_k * cfg.block_n / (32 * cfg.num_warps)
+        return (lambda: w4a16.w4a16_linear(x, qw, s, s, 128, config=cfg)), per_thread
+    blocks = torch.zeros(n, gguf_matmul.row_bytes(kind, k), dtype=torch.uint8)
+    cfg = gguf_matmul.choose_config(1, n, k, cuda, sms=SMS)
+    per_turn = 256 * cfg.block_n if kind == "Q4_K" else cfg.block_k * cfg.block_n
+    return (lambda: gguf_matmul.gguf_linear(x, blocks, kind, config=cfg)), per_turn / (32 * cfg.num_warps)
+
+
+def count(kind: str, n: int, k: int) -> dict[str, Any]:
+    call, weights = gemv_launch(kind, n, k)
+    fn, args, kwargs = record_launch(call)
+    loop = main_loop(disassemble(compile_sm90(fn, args, kwargs)))
+    ops = collections.Counter(INSTRUCTION.findall(loop))
+    total = sum(ops.values())
+    return dict(kernel=fn.__name__, kind=kind, n=n, k=k, loop_instructions=total, weights_per_thread=weights,
+                per_weight=total / weights, opcodes=dict(ops.most_common()))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernels", default="w4a16,Q4_K")
+    ap.add_argument("--shape", default="28672x4096", help="N x K (outputs x inputs); default: the 8B gate_up")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted ones
+    n, k = (int(v) for v in args.shape.split("x"))
+    rows = [count(kind, n, k) for kind in args.kernels.split(",")]
+    print(f"sm90 SASS of the GEMV's main loop, {n} x {k}, one bf16 row, launch for {SMS} SMs")
+    print("| kernel | loop instructions | weights a thread a turn | per weight | top opcodes |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        top = ", ".join(f"{op} {c}" for op, c in list(r["opcodes"].items())[:6])
+        print(f"| {r['kernel']} | {r['loop_instructions']} | {r['weights_per_thread']:.0f} | "
+              f"{r['per_weight']:.2f} | {top} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
