@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-         torch.int64: "i64", torch.uint8: "u8"}
+         torch.int64: "i64", torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
 SMS = 132  # an H100's SM count: the wrappers' default launch for that card
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
 
 
-def record_launch(call) -> tuple[Any, tuple, dict]:
-    """Run ``call()`` with every ``kernel[grid](...)`` recorded instead of launched; the last
+def record_launches(call) -> list[tuple[Any, tuple, dict]]:
+    """Run ``call()`` with every ``kernel[grid](...)`` recorded instead of launched: each
     launch's ``(kernel, args, kwargs)``."""
     import triton.runtime.jit as jit
 
@@ -44,33 +44,46 @@ def record_launch(call) -> tuple[Any, tuple, dict]:
         call()
     finally:
         jit.JITFunction.__getitem__ = original
-    return launches[-1]
+    return launches
+
+
+def arg_type(value: Any) -> str:
+    """Triton's signature type of a run-time kernel argument; a bool or None there is a wrapper's
+    mistake (a flag passed where a constexpr belongs), so it raises."""
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"a runtime argument of {value!r}")
+    return "fp32" if isinstance(value, float) else ("i64" if abs(value) >= 2**31 else "i32")
+
+
+def launch_source(fn, args: tuple, kwargs: dict, specialise: bool = True):
+    """A recorded launch as Triton's compiler input (``ASTSource``); ``specialise``: with the
+    alignment hints the JIT would give it (16-byte aligned pointers, integers divisible by 16,
+    but for the kernel's ``do_not_specialize`` arguments)."""
+    from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    assert sorted(values) == sorted(names), (fn.__name__, sorted(set(names) ^ set(values)))
+    consts = {n: v for n, v in values.items() if fn.params[names.index(n)].is_constexpr}
+    types = {n: "constexpr" if n in consts else arg_type(values[n]) for n in names}
+    attrs = {}
+    for i, (n, param) in enumerate(zip(names, fn.params)):
+        v = values[n]
+        aligned = isinstance(v, torch.Tensor) or (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0)
+        if specialise and n not in consts and aligned and not param.do_not_specialize:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, types, consts, attrs)
 
 
 def compile_sm90(fn, args: tuple, kwargs: dict):
     """The recorded launch compiled for sm90, specialised as the JIT would specialise it."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    names = list(fn.arg_names)
-    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-    consts = {n: v for n, v in values.items() if fn.params[names.index(n)].is_constexpr}
-    types, attrs = {}, {}
-    for i, n in enumerate(names):
-        v = values[n]
-        if n in consts:
-            types[n] = "constexpr"
-            continue
-        if isinstance(v, torch.Tensor):
-            types[n] = "*" + TYPES[v.dtype]
-        else:
-            types[n] = "fp32" if isinstance(v, float) else "i32"
-        aligned = isinstance(v, torch.Tensor) or (isinstance(v, int) and v % 16 == 0)
-        if aligned and i not in fn.do_not_specialize:
-            attrs[(i,)] = [["tt.divisibility", 16]]
     options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
-    return triton.compile(ASTSource(fn, types, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(launch_source(fn, args, kwargs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def main_loop(sass: str) -> str:
@@ -114,7 +127,7 @@ def gemv_launch(kind: str, n: int, k: int):
 
 def count(kind: str, n: int, k: int) -> dict[str, Any]:
     call, weights = gemv_launch(kind, n, k)
-    fn, args, kwargs = record_launch(call)
+    fn, args, kwargs = record_launches(call)[-1]
     loop = main_loop(disassemble(compile_sm90(fn, args, kwargs)))
     ops = collections.Counter(INSTRUCTION.findall(loop))
     total = sum(ops.values())

@@ -22,78 +22,56 @@ pytest.importorskip("triton")
 
 SCRIPT = r"""
 import json
+import sys
 import torch
-import triton.runtime.jit as jit
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
-from triton.compiler import ASTSource
 from triton._C.libtriton import ir
+sys.path.insert(0, sys.argv[1])  # benchmarks/: kernel_sass.py records launches and builds their signatures
+from kernel_sass import arg_type, launch_source, record_launches
 from pagedattn.kernels import fp8, gguf_matmul as gm, sampling, w4a16
 
 target = GPUTarget("cuda", 90, 32)
 backend = CUDABackend(target)
 options = backend.parse_options({})
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-         torch.int64: "i64", torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
-launches = []
-
-
-def record(self, grid):  # kernel[grid](...) records its arguments instead of launching
-    def launch(*args, **kwargs):
-        launches.append((self, args, kwargs))
-    return launch
-
-
-jit.JITFunction.__getitem__ = record
-
-
-def arg_type(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + TYPES[value.dtype]
-    if isinstance(value, bool) or value is None:
-        raise TypeError(f"a runtime argument of {value!r}")
-    return "fp32" if isinstance(value, float) else ("i64" if abs(value) >= 2**31 else "i32")
 
 
 def compile_front(fn, args, kwargs):
-    names = list(fn.arg_names)
-    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-    assert sorted(values) == sorted(names), (fn.__name__, sorted(set(names) ^ set(values)))
-    consts = {k: v for k, v in values.items() if fn.params[names.index(k)].is_constexpr}
-    types = {n: "constexpr" if n in consts else arg_type(values[n]) for n in names}
     ctx = ir.context()
     ir.load_dialects(ctx)
     backend.load_dialects(ctx)
-    ASTSource(fn, types, consts).make_ir(target, options, backend.get_codegen_implementation(options),
-                                          backend.get_module_map(), ctx)
+    launch_source(fn, args, kwargs, specialise=False).make_ir(
+        target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
 
 
-g = torch.Generator().manual_seed(0)
-n, k = 96, 512
-for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    x = torch.randn(1, k, generator=g).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype)
-    for split in (1, 4):
-        for b in (None, bias):
-            qw = torch.randint(0, 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int32)
-            s = torch.rand(k // 128, n, generator=g).to(dtype)
-            for zeros, g_idx in ((s, None), (None, None), (s, torch.arange(k, dtype=torch.int32) // 128)):
-                w4a16.w4a16_linear(x, qw, s, zeros, 128, g_idx=g_idx, bias=b,
-                                   config=w4a16.W4A16Config(1, 32, 128, split, gemv=True))
-            w8 = torch.randn(n, k, generator=g).to(torch.float8_e4m3fn)
-            fp8._fp8_gemv(x, w8, torch.rand(n, 1, generator=g), fp8.row_group(k), b, torch.empty(1, n, dtype=dtype),
-                          split=split)
-            for kind in gm.GGUF_BLOCKS:
-                blocks = torch.zeros(n, gm.row_bytes(kind, k), dtype=torch.uint8)
-                gm.gguf_linear(x, blocks, kind, b, config=gm.GGUFMatmulConfig(1, 32, 256, split, gemv=True))
-for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    x = torch.randn(3, 1000).to(dtype)
-    for floor in (None, torch.randn(3)):
-        sampling.race_sample(x, torch.rand(3), torch.tensor([-1, 5, -1, 9]), floor)
-    sampling.filter_floor(x, torch.rand(3), torch.randn(3), torch.rand(3), torch.rand(3))
+def wrapper_calls():
+    g = torch.Generator().manual_seed(0)
+    n, k = 96, 512
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(1, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        for split in (1, 4):
+            for b in (None, bias):
+                qw = torch.randint(0, 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int32)
+                s = torch.rand(k // 128, n, generator=g).to(dtype)
+                for zeros, g_idx in ((s, None), (None, None), (s, torch.arange(k, dtype=torch.int32) // 128)):
+                    w4a16.w4a16_linear(x, qw, s, zeros, 128, g_idx=g_idx, bias=b,
+                                       config=w4a16.W4A16Config(1, 32, 128, split, gemv=True))
+                w8 = torch.randn(n, k, generator=g).to(torch.float8_e4m3fn)
+                fp8._fp8_gemv(x, w8, torch.rand(n, 1, generator=g), fp8.row_group(k), b, torch.empty(1, n, dtype=dtype),
+                              split=split)
+                for kind in gm.GGUF_BLOCKS:
+                    blocks = torch.zeros(n, gm.row_bytes(kind, k), dtype=torch.uint8)
+                    gm.gguf_linear(x, blocks, kind, b, config=gm.GGUFMatmulConfig(1, 32, 256, split, gemv=True))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(3, 1000).to(dtype)
+        for floor in (None, torch.randn(3)):
+            sampling.race_sample(x, torch.rand(3), torch.tensor([-1, 5, -1, 9]), floor)
+        sampling.filter_floor(x, torch.rand(3), torch.randn(3), torch.rand(3), torch.rand(3))
+
 
 results = {}
-for fn, args, kwargs in launches:
+for fn, args, kwargs in record_launches(wrapper_calls):
     key = f"{fn.__name__} {[arg_type(a) if not isinstance(a, bool) else a for a in args[:8]]} " \
           f"{sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int)))}"
     try:
@@ -104,10 +82,13 @@ for fn, args, kwargs in launches:
 print(json.dumps(results))
 """
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
 def test_gemv_and_sampling_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, BENCHMARKS], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
     if proc.returncode != 0 and ("triton.backends.nvidia" in proc.stderr or "ASTSource" in proc.stderr):
         pytest.skip(f"this triton has no CUDA front end to compile with: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
