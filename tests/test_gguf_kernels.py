@@ -103,6 +103,22 @@ def test_16_bit_activations_and_automatic_configs(kind: str, dtype: torch.dtype,
     _check(gm.gguf_linear(x, blocks, kind), _ref(x, blocks, kind), dtype)
 
 
+def test_q4k_gemv_reads_bf16_rows_at_any_offset() -> None:
+    """The Q4_K GEMV reads bf16 activations four to an 8-byte load: rows of a view that starts 2
+    or 4 bytes into its storage are copied to aligned memory first (on a GPU an unaligned 8-byte
+    load faults), and the result is the aligned row's."""
+    x, blocks = _case("Q4_K", 1, N, K, torch.bfloat16, "offset")
+    cfg = None if CUDA else CONFIGS["gemv_split"][1]
+    wide = torch.empty(1, K + 2, dtype=torch.bfloat16, device=DEVICE)
+    for start in (1, 2):
+        view = wide[:, start:start + K]
+        view.copy_(x)
+        assert view.data_ptr() % 8
+        aligned = gm.gemv_activations(view)
+        assert aligned.data_ptr() % 8 == 0 and torch.equal(aligned, x)
+        _check(gm.gguf_linear(view, blocks, "Q4_K", config=cfg), _ref(x, blocks, "Q4_K"), torch.bfloat16)
+
+
 @pytest.mark.parametrize("path", ["gemv_split", "gemm"])
 def test_bias_and_a_column_slice_of_the_output(path: str) -> None:
     """Written into a slice of a wider buffer (a fused layer's part), the rest untouched; K of

@@ -125,7 +125,7 @@ def test_prefill_rows_dequantize_then_multiply_densely(monkeypatch: pytest.Monke
 @pytest.mark.parametrize("hi_bit", [4, 12, 20, 28])
 def test_nibble_pair_reads_both_nibbles_exactly(hi_bit: int) -> None:
     """The GEMVs' dequantization without a conversion: one shifted word gives nibble ``hi_bit``
-    as exactly ``1 + q/16`` and nibble ``hi_bit - 4`` as exactly ``1 + q/256``, for every value
+    as exactly ``1 + q/16`` and nibble ``hi_bit - 4`` as exactly ``16 + q/16``, for every value
     of both (and whatever the other nibbles and the sign bit hold)."""
     import triton
     import triton.language as tl
@@ -147,7 +147,7 @@ def test_nibble_pair_reads_both_nibbles_exactly(hi_bit: int) -> None:
     hi, lo = (torch.empty(256, device=DEVICE) for _ in range(2))
     planes[(1,)](words, hi, lo, w4a16.NIBBLE_MASK, BLOCK=256, HI_BIT=hi_bit)
     assert torch.equal(hi.cpu(), 1 + q_hi.float() / 16)
-    assert torch.equal(lo.cpu(), 1 + q_lo.float() / 256)
+    assert torch.equal(lo.cpu(), 16 + q_lo.float() / 16)
 
 
 def test_gemv_tile_of_a_whole_group() -> None:

@@ -143,6 +143,14 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
     return GGUFMatmulConfig(bm, bn, bk, split, warps, 3, gemv=m <= GEMV_MAX_ROWS)
 
 
+def gemv_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernels read it: unit column stride and, in bf16, rows that start on 8 bytes
+    (the Q4_K GEMV's :func:`_x_of` reads four values at a time); anything else is copied."""
+    if x.stride(-1) != 1 or (x.dtype == torch.bfloat16 and (x.data_ptr() % 8 or x.stride(0) % 4)):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 # ---------------------------------------------------------------------- entry point
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Tensor | None = None,
                 out: torch.Tensor | None = None, config: GGUFMatmulConfig | None = None) -> torch.Tensor:
@@ -159,7 +167,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
     cfg = config or choose_config(m, n, k, x.device)
     if cfg.block_k % GROUP:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of {GROUP}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = gemv_activations(x)
     blocks = blocks if blocks.is_contiguous() else blocks.contiguous()
     if config is None and m >= DEQUANT_MIN_ROWS:  # dequantize, then the dense GEMM
         return dense_matmul(x, dequantize(blocks, kind, x.dtype).t(), bias, out)
@@ -324,6 +332,22 @@ if triton is not None:
         w = _dequant(w_ptr, h_ptr, row_off, cols // 32, cols % 32, mask, KIND)
         tl.store(out_ptr + t.to(tl.int64) * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _x_of(x_row, quad, b: tl.constexpr):
+        """``x[4 quad + b]`` in fp32.  bf16 activations are read four to a 64-bit load (the loads
+        of one ``quad`` for several ``b`` are one) and each becomes a float by moving its bits to
+        the top of a word: a quarter of the loads and no conversions.  The wrapper checks the
+        8-byte alignment this needs (:func:`gemv_activations`)."""
+        if x_row.dtype.element_ty == tl.bfloat16:
+            word = (tl.load(x_row.to(tl.pointer_type(tl.uint64)) + quad) >> (32 * (b // 2))).to(tl.uint32)
+            if b % 2 == 0:
+                word = word << 16
+            else:
+                word = word & 0xFFFF0000
+            return word.to(tl.float32, bitcast=True)
+        else:
+            return tl.load(x_row + 4 * quad + b).to(tl.float32)
+
     # The row count varies step by step: no variants for its value or alignment.
     @triton.jit(do_not_specialize=("num_splits", "nibble_mask"))
     def _q4k_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
@@ -334,8 +358,8 @@ if triton is not None:
         128 code bytes as 32 words ``[rows, pair p, word w]``: byte ``b`` of word ``w`` of pair ``p`` holds
         element ``64 p + 4 w + b`` (low nibble, sub-block ``2 p``) and ``64 p + 32 + 4 w + b``
         (high nibble, sub-block ``2 p + 1``).  A byte's nibbles become ``1 + q / 16`` (high) and
-        ``1 + q / 256`` (low) (:func:`_nibble_pair`) and one FMA with ``16 x`` or ``256 x`` adds
-        ``x q`` plus that multiple of x; per sub-block the multiples come off and its scale and min apply once:
+        ``16 + q / 16`` (low) (:func:`_nibble_pair`) and one FMA adds ``x q / 16`` plus ``x`` or
+        ``16 x``; per sub-block these come off and its scale and min apply once:
         ``sum_s d sc_s (sum x q) - dmin mn_s (sum x)``."""
         row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         row_off = offs_n.to(tl.int64) * row_bytes
@@ -343,7 +367,7 @@ if triton is not None:
         word = tl.arange(0, 8)
         words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
         x_row = x_ptr + row * stride_xm
-        x_offs = 64 * pair[:, None] + 4 * word[None, :]  # [4, 8]: element of byte 0, low nibble
+        x_quads = 16 * pair[:, None] + word[None, :]  # [4, 8]: x[4 quad] is byte 0's low nibble's
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, K // 256)
@@ -357,17 +381,17 @@ if triton is not None:
             x_lo = tl.zeros((4, 8), dtype=tl.float32)
             x_hi = tl.zeros((4, 8), dtype=tl.float32)
             for b in tl.static_range(4):
-                xl = tl.load(x_row + j * 256 + x_offs + b).to(tl.float32)
-                xh = tl.load(x_row + j * 256 + 32 + x_offs + b).to(tl.float32)
+                xl = _x_of(x_row, x_quads + j * 64, b)
+                xh = _x_of(x_row, x_quads + j * 64 + 8, b)
                 x_lo += xl
                 x_hi += xh
                 q_hi, q_lo = _nibble_pair(uwords, 8 * b + 4, nibble_mask.to(tl.uint32))
-                lo += (xl * 256.0)[None, :, :] * q_lo
-                hi += (xh * 16.0)[None, :, :] * q_hi
+                lo += xl[None, :, :] * q_lo
+                hi += xh[None, :, :] * q_hi
             sum_lo = tl.sum(x_lo, axis=1)  # [4]: sum of x over sub-block 2 p
             sum_hi = tl.sum(x_hi, axis=1)
-            dot_lo = tl.sum(lo, axis=2) - 256.0 * sum_lo[None, :]  # [rows, 4]: sum x q over sub-block 2 p
-            dot_hi = tl.sum(hi, axis=2) - 16.0 * sum_hi[None, :]
+            dot_lo = tl.sum(lo, axis=2) - 16.0 * sum_lo[None, :]  # [rows, 4]: sum x q / 16 over sub-block 2 p
+            dot_hi = tl.sum(hi, axis=2) - sum_hi[None, :]
             head = tl.load(words_ptr + (blk // 4)[:, None] + pair[None, :], mask=n_mask[:, None], other=0)
             w02, w13 = tl.split(tl.reshape(head, (BLOCK_N, 2, 2)))  # words (0, 2) and (1, 3)
             w0, w2 = tl.split(w02)
@@ -376,7 +400,7 @@ if triton is not None:
             sc_hi, mn_hi = _k_scale_min_words(w1[:, None], w2[:, None], w3[:, None], 2 * pair[None, :] + 1)
             d = _half_of(w0, False)
             dmin = _half_of(w0, True)
-            acc += d * tl.sum(sc_lo * dot_lo + sc_hi * dot_hi, axis=1)
+            acc += (16.0 * d) * tl.sum(sc_lo * dot_lo + sc_hi * dot_hi, axis=1)
             acc -= dmin * tl.sum(mn_lo * sum_lo[None, :] + mn_hi * sum_hi[None, :], axis=1)
         _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
                      HAS_BIAS)

@@ -293,18 +293,27 @@ if triton is not None:
 
     @triton.jit
     def _nibble_pair(words, hi_bit: tl.constexpr, mask):
-        """The nibbles at bits ``hi_bit`` and ``hi_bit - 4`` of each word (``uint32``) as fp32s of
-        exponent 0, without a conversion: ``(1 + q_hi / 16, 1 + q_lo / 256)``.  One shift brings
-        the pair to mantissa bits 19-22 and 15-18; one bitwise and/or a nibble (``mask``:
-        :data:`NIBBLE_MASK`) keeps its bits and sets the exponent.  With the FMA that uses it,
-        2.5 instructions a weight."""
+        """The nibbles at bits ``hi_bit`` and ``hi_bit - 4`` of each word (``uint32``) as fp32s,
+        without a conversion: ``(1 + q_hi / 16, 16 + q_lo / 16)``.  One shift brings the pair to
+        mantissa bits 19-22 and 15-18; one bitwise and/or a nibble (``mask``:
+        :data:`NIBBLE_MASK`) keeps its bits and sets the exponent (0 for the high nibble, 4 for
+        the low one, so both read in sixteenths).  With the FMA that uses it, 2.5 instructions a
+        weight; the FMA adds ``x q / 16`` plus ``x`` or ``16 x``, which come off once per tile."""
         if hi_bit <= 19:
             moved = words << (19 - hi_bit)
         else:
             moved = words >> (hi_bit - 19)
         hi = ((moved & mask) | 0x3F800000).to(tl.float32, bitcast=True)
-        lo = ((moved & (mask >> 4)) | 0x3F800000).to(tl.float32, bitcast=True)
+        lo = ((moved & (mask >> 4)) | 0x41800000).to(tl.float32, bitcast=True)
         return hi, lo
+
+    @triton.jit
+    def _columns4(t):
+        """The four columns of a ``[R, 4]`` tensor as ``[R]`` tensors, in order."""
+        c02, c13 = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))
+        c0, c2 = tl.split(c02)
+        c1, c3 = tl.split(c13)
+        return c0, c1, c2, c3
 
     @triton.jit
     def _gemv_tile(N, BLOCK_N: tl.constexpr):
@@ -383,30 +392,29 @@ if triton is not None:
                     part += xi[:, None] * ((plane - zi) * si)
                 acc += tl.sum(part, axis=0)
             else:
-                # Nibbles 2p+1 and 2p as 1 + q/16 and 1 + q/256 (_nibble_pair); with x and 16 x
-                # one FMA each adds x q/16 plus x or 16 x, which come off once per tile.
+                # Nibbles 2p+1 and 2p as 1 + q/16 and 16 + q/16 (_nibble_pair): one FMA a weight adds
+                # x q/16 plus x (odd) or 16 x (even), which come off once per tile.
                 uwords = words.to(tl.uint32, bitcast=True)
                 part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-                xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-                xoff = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+                # The tile's activations in one vector load a row (the compiler hands them on to the
+                # threads that need them through shared memory), then its columns 2p and 2p+1.
+                xt = tl.load(x_row + rows[:, None] * 8 + tl.arange(0, 8)[None, :]).to(tl.float32)
+                x_even4, x_odd4 = tl.split(tl.reshape(xt, (BLOCK_K // 8, 4, 2)))
+                x_evens = _columns4(x_even4)
+                x_odds = _columns4(x_odd4)
                 for p in tl.static_range(4):
                     hi, lo = _nibble_pair(uwords, 8 * p + 4, nibble_mask.to(tl.uint32))
-                    x_even = tl.load(x_row + rows * 8 + 2 * p).to(tl.float32)
-                    xsum += x_even
-                    x_even *= 16.0
-                    xoff += x_even
-                    part += x_even[:, None] * lo  # one FMA a weight: separate statements
-                    x_odd = tl.load(x_row + rows * 8 + 2 * p + 1).to(tl.float32)
-                    xsum += x_odd
-                    xoff += x_odd
-                    part += x_odd[:, None] * hi
+                    part += x_evens[p][:, None] * lo  # one FMA a weight: separate statements
+                    part += x_odds[p][:, None] * hi
                 g = (t * BLOCK_K) // group_size  # the tile lies in one group
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 if HAS_ZEROS:
                     z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 else:
                     z = zero_point
-                acc += s * (16.0 * (tl.sum(part, axis=0) - tl.sum(xoff, axis=0)) - z * tl.sum(xsum, axis=0))
+                xoff = tl.sum(tl.sum(16.0 * x_even4 + x_odd4, axis=1), axis=0)
+                xsum = tl.sum(tl.sum(x_even4 + x_odd4, axis=1), axis=0)
+                acc += s * (16.0 * (tl.sum(part, axis=0) - xoff) - z * xsum)  # s (sum x q - z sum x)
         _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
                      HAS_BIAS)
 
