@@ -199,7 +199,7 @@ def run_variant(folder: Path, args: argparse.Namespace, shape: dict[str, Any], g
             res["decode_tok_per_s"][str(b)] = decode_tok_s(llm, batch, args.t1, args.t2, args.device)
         if gguf_type:
             res["gguf_block_bytes"] = gguf_block_bytes(llm.engine.executor.worker.model)
-        else:
+        elif args.agree_prompts:
             agree = prompts(args.agree_prompts, args.prompt_len, shape["vocab_size"], seed=12345)
             res["greedy"] = timed_generate(llm, agree, args.agree_tokens, args.device)[1]
     finally:
@@ -248,8 +248,7 @@ def table(res: dict[str, Any], variants: list[str]) -> str:
             q = get(res[key])
             line += f"{q:>14{fmt}}{(get(bf) / q if inverse else q / get(bf)):>8.2f}x"
         lines.append(line)
-    for v in variants:
-        a = res["greedy_agreement"][v]
+    for v, a in res["greedy_agreement"].items():
         lines.append(f"{VARIANTS[v][0]} greedy agreement with bf16: {a['prefix_share']:.1%} of tokens before the "
                      f"first divergence, first token {a['first_token']:.0%}")
     if "gguf" in res:
@@ -276,7 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default="w4a16,fp8", help="quantized models to compare with bf16: "
                     f"any of {', '.join(VARIANTS)}")
     ap.add_argument("--fp8-strategy", choices=("channel", "block"), default="channel")
-    ap.add_argument("--agree-prompts", type=int, default=16)
+    ap.add_argument("--agree-prompts", type=int, default=16, help="prompts of the greedy agreement check (0: none)")
     ap.add_argument("--agree-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -287,6 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random GGUF blocks")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.agree_prompts < 0 or args.agree_tokens < 1:
+        ap.error("--agree-prompts must be >= 0 and --agree-tokens >= 1")
     if args.smoke:
         for name, value in SMOKE.items():
             if getattr(args, name) == ap.get_default(name):
@@ -328,8 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["gguf_type"] = args.gguf_type
             res["gguf"] = run_variant(root / "dense", args, shape, args.gguf_type)
             res["gguf"]["gguf_file_bytes"] = matrix_file_bytes(shape, args.gguf_type)
-    ref = res["bf16"].pop("greedy")
-    res["greedy_agreement"] = {v: agreement(ref, res[v].pop("greedy")) for v in variants}
+    ref = res["bf16"].pop("greedy", None)  # None: --agree-prompts 0
+    res["greedy_agreement"] = {v: agreement(ref, res[v].pop("greedy")) for v in variants} if ref else {}
     first = str(args.batch_sizes[0])
     res["speedup_batch1"] = {v: res[v]["decode_tok_per_s"][first] / res["bf16"]["decode_tok_per_s"][first]
                              for v in variants}

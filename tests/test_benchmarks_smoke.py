@@ -148,6 +148,10 @@ def test_quant_smoke_compares_dense_int4_and_fp8_models(bench, tmp_path: Path) -
         assert 0 <= a["prefix_share"] <= 1 and 0 <= a["first_token"] <= 1
     assert set(res["greedy_agreement"]) == set(res["speedup_batch1"]) == {"w4a16", "fp8"}
     assert res["shape"] == "tiny llama" and res["commit"]
+    # Without the agreement check: decode figures only, no agreement row.
+    res = bench("bench_quant").main(["--device", "cpu", "--smoke", "--variants", "w4a16", "--batches", "1",
+                                     "--agree-prompts", "0"])
+    assert res["greedy_agreement"] == {} and res["speedup_batch1"]["w4a16"] > 0
 
 
 def test_fp8_kv_bench_parses_and_runs_its_engine_part_on_the_cpu(bench) -> None:
