@@ -1,15 +1,16 @@
 """Count the machine instructions of a decode GEMV's main loop, compiled for a Hopper GPU on any
-machine (no GPU needed: Triton's own ptxas and nvdisasm).
+machine (no GPU needed: Triton's own ptxas, nvdisasm and cuobjdump).
 
 Each kernel is launched by its wrapper as the engine would launch it at one activation row on an
 H100 (132 SMs: the default launch config), but the launch is recorded instead of run; the
 recorded arguments are compiled for sm90 with the specialisations Triton's JIT would give them
 (16-byte aligned pointers, integers divisible by 16), and the loop that streams the weights is
 found in the SASS (the longest backward branch).  Printed: its instruction count, the weights a
-thread multiplies a turn, the count a weight, and the most frequent opcodes.  See
+thread multiplies a turn, the count a weight, the registers a thread and stack bytes (spills)
+ptxas allocated, and the most frequent opcodes.  See
 docs/kernel_notes.md, "The GEMV's instructions, counted".
 
-    python benchmarks/kernel_sass.py [--kernels w4a16,Q4_K] [--shape 28672x4096] [--out sass.json]
+    python benchmarks/kernel_sass.py [--kernels w4a16,Q4_K,Q6_K] [--shape 28672x4096] [--out sass.json]
 """
 
 from __future__ import annotations
@@ -97,14 +98,26 @@ def main_loop(sass: str) -> str:
     return best
 
 
-def disassemble(kernel) -> str:
+def _cuda_tool(kernel, tool: str, *args: str) -> str:
+    """The output of one of Triton's bundled CUDA tools run on ``kernel``'s cubin."""
     import triton
 
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        return subprocess.run([os.fspath(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([os.fspath(path), *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(kernel) -> str:
+    return _cuda_tool(kernel, "nvdisasm", "-c")
+
+
+def resources(kernel) -> dict[str, int]:
+    """Registers a thread and stack bytes (register spills) as ptxas allocated them: registers
+    bound how many programs an SM holds at once, a stack means values went to local memory."""
+    usage = _cuda_tool(kernel, "cuobjdump", "-res-usage")
+    return {key.lower(): int(v) for key, v in re.findall(r"\b(REG|STACK):(\d+)", usage)}
 
 
 def gemv_launch(kind: str, n: int, k: int):
@@ -128,11 +141,12 @@ def gemv_launch(kind: str, n: int, k: int):
 def count(kind: str, n: int, k: int) -> dict[str, Any]:
     call, weights = gemv_launch(kind, n, k)
     fn, args, kwargs = record_launches(call)[-1]
-    loop = main_loop(disassemble(compile_sm90(fn, args, kwargs)))
+    kernel = compile_sm90(fn, args, kwargs)
+    loop = main_loop(disassemble(kernel))
     ops = collections.Counter(INSTRUCTION.findall(loop))
     total = sum(ops.values())
     return dict(kernel=fn.__name__, kind=kind, n=n, k=k, loop_instructions=total, weights_per_thread=weights,
-                per_weight=total / weights, opcodes=dict(ops.most_common()))
+                per_weight=total / weights, **resources(kernel), opcodes=dict(ops.most_common()))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -145,12 +159,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     n, k = (int(v) for v in args.shape.split("x"))
     rows = [count(kind, n, k) for kind in args.kernels.split(",")]
     print(f"sm90 SASS of the GEMV's main loop, {n} x {k}, one bf16 row, launch for {SMS} SMs")
-    print("| kernel | loop instructions | weights a thread a turn | per weight | top opcodes |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| kernel | format | loop instructions | weights a thread a turn | per weight | registers | stack bytes "
+          "| top opcodes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         top = ", ".join(f"{op} {c}" for op, c in list(r["opcodes"].items())[:6])
-        print(f"| {r['kernel']} | {r['loop_instructions']} | {r['weights_per_thread']:.0f} | "
-              f"{r['per_weight']:.2f} | {top} |")
+        print(f"| {r['kernel']} | {r['kind']} | {r['loop_instructions']} | {r['weights_per_thread']:.0f} | "
+              f"{r['per_weight']:.2f} | {r['reg']} | {r['stack']} | {top} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return rows

@@ -117,3 +117,4 @@ def test_kernel_sass_counts_the_gemv_main_loop(tmp_path) -> None:
     for r in rows:
         assert r["opcodes"].get("FFMA", 0) >= r["weights_per_thread"] > 0, r
         assert r["loop_instructions"] == sum(r["opcodes"].values())
+        assert 0 < r["reg"] <= 255 and r["stack"] >= 0, r  # ptxas's allocation, read back from the cubin
