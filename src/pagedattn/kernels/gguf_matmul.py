@@ -144,9 +144,9 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
 
 
 def gemv_activations(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the kernels read it: unit column stride and, in bf16, rows that start on 8 bytes
-    (the Q4_K GEMV's :func:`_x_of` reads four values at a time); anything else is copied."""
-    if x.stride(-1) != 1 or (x.dtype == torch.bfloat16 and (x.data_ptr() % 8 or x.stride(0) % 4)):
+    """``x`` (unit column stride) as the Q4_K GEMV reads it: in bf16, rows that start on 8 bytes
+    (:func:`_x_of` reads four values at a time); a row that does not is copied."""
+    if x.dtype == torch.bfloat16 and (x.data_ptr() % 8 or x.stride(0) % 4):
         return x.clone(memory_format=torch.contiguous_format)
     return x
 
@@ -167,7 +167,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
     cfg = config or choose_config(m, n, k, x.device)
     if cfg.block_k % GROUP:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of {GROUP}")
-    x = gemv_activations(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
     blocks = blocks if blocks.is_contiguous() else blocks.contiguous()
     if config is None and m >= DEQUANT_MIN_ROWS:  # dequantize, then the dense GEMM
         return dense_matmul(x, dequantize(blocks, kind, x.dtype).t(), bias, out)
@@ -181,6 +181,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
                   num_stages=cfg.num_stages)
     if cfg.gemv and kind == "Q4_K" and blocks.data_ptr() % 4 == 0:
         # Whole super-blocks per step, their codes read as 32-bit words.
+        x = gemv_activations(x)
         split = min(split, k // 256)
         grid = (triton.cdiv(n, cfg.block_n), m, split)
         part, counters = gemv_split_args(out, grid[0], split)
