@@ -143,6 +143,12 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
     return GGUFMatmulConfig(bm, bn, bk, split, warps, 3, gemv=m <= GEMV_MAX_ROWS)
 
 
+# The Q6_K GEMV's masks (:func:`_q6k_pair`), run-time arguments as :data:`NIBBLE_MASK` is: a
+# code's 4 low bits at mantissa bits 17-20, its 2 high bits at 21-22.
+Q6K_NIBBLE_MASK = 0x1E0000
+Q6K_TOP_MASK = 0x600000
+
+
 def gemv_activations(x: torch.Tensor) -> torch.Tensor:
     """``x`` (unit column stride) as the Q4_K GEMV reads it: in bf16, rows that start on 8 bytes
     (:func:`_x_of` reads four values at a time); a row that does not is copied."""
@@ -189,6 +195,16 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
                                bias if bias is not None else out, n, k, blocks.shape[1], x.stride(0), out.stride(0),
                                m * n, triton.cdiv(k // 256, split), split, NIBBLE_MASK, HAS_BIAS=bias is not None,
                                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
+    if cfg.gemv and kind == "Q6_K" and blocks.data_ptr() % 2 == 0:
+        # Whole super-blocks per step, read as 16-bit words.
+        split = min(split, k // 256)
+        grid = (triton.cdiv(n, cfg.block_n), m, split)
+        part, counters = gemv_split_args(out, grid[0], split)
+        _q6k_gemv_kernel[grid](x, blocks, out, part, counters, bias if bias is not None else out, n, k,
+                               blocks.shape[1], x.stride(0), out.stride(0), m * n, triton.cdiv(k // 256, split), split,
+                               Q6K_NIBBLE_MASK, Q6K_TOP_MASK, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.gemv:
         grid = (triton.cdiv(n, cfg.block_n), m, split)
@@ -348,6 +364,74 @@ if triton is not None:
             return word.to(tl.float32, bitcast=True)
         else:
             return tl.load(x_row + 4 * quad + b).to(tl.float32)
+
+    @triton.jit
+    def _q6k_pair(lo_word, hi_word, b: tl.constexpr, lo_shift: tl.constexpr, hi_shift: tl.constexpr,
+                  nib_mask, top_mask):
+        """Two Q6_K codes of byte ``b`` as fp32s without a conversion: the 4 low bits of each come
+        from ``lo_word``'s byte ``b`` (its high and low nibble), their 2 high bits from
+        ``hi_word`` (``hi_shift`` puts the upper code's at bits 21-22; the lower code's, 4 bits
+        down, then sit at 17-18).  The upper code reads ``1 + q / 64`` (exponent 0), the lower
+        ``16 + q / 64`` (exponent 4)."""
+        lo = lo_word << (lo_shift - 8 * b)
+        hi = hi_word << (hi_shift - 8 * b)
+        upper = ((lo & nib_mask) | 0x3F800000) | (hi & top_mask)
+        lower = ((lo & (nib_mask >> 4)) | 0x41800000) | (hi & (top_mask >> 4))
+        return upper.to(tl.float32, bitcast=True), lower.to(tl.float32, bitcast=True)
+
+    @triton.jit(do_not_specialize=("num_splits", "nib_mask", "top_mask"))
+    def _q6k_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
+                         stride_om, stride_split, tiles_per_split, num_splits, nib_mask, top_mask,
+                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The Q6_K GEMV, one super-block of ``BLOCK_N`` rows per step, read as 16-bit words (a
+        block is 210 bytes: 2-byte aligned).  Element ``128 n + 32 k + l`` (half ``n``, quarter
+        ``k``) has its 4 low bits in ql byte ``64 n + 32 (k % 2) + l`` (the high nibble for ``k >=
+        2``), its 2 high bits in qh byte ``32 n + l`` (bits ``2 k``) and its int8 scale at byte
+        ``8 n + 2 k + l // 16``.  A ql word and the qh word of the same ``l`` give the codes of
+        quarters ``k`` and ``k + 2`` with two shifts (:func:`_q6k_pair`).  Each quarter's FMA sums
+        ``x (offset + q / 64)`` are made ``sum x q - 32 sum x`` a word and scaled by ``d sc`` into
+        one accumulator, summed once at the end: ``d sc (sum x q - 32 sum x)``."""
+        row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
+        halves = w_ptr.to(tl.pointer_type(tl.uint16))
+        row_byte = offs_n.to(tl.int64) * row_bytes
+        # [rows, half n, run r (l // 16), word w of the run]: word w holds l = 16 r + 2 w and + 1
+        n2 = tl.arange(0, 2)[None, :, None, None]
+        r2 = tl.arange(0, 2)[None, None, :, None]
+        w8 = tl.arange(0, 8)[None, None, None, :]
+        mask4 = n_mask[:, None, None, None]
+        x_row = x_ptr + row * stride_xm
+        x_at = 128 * tl.arange(0, 2)[:, None, None] + 16 * tl.arange(0, 2)[None, :, None] \
+            + 2 * tl.arange(0, 8)[None, None, :]
+        acc = tl.zeros((BLOCK_N, 2, 2, 8), dtype=tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, K // 256)
+        for j in range(t0, t1):
+            blk = row_byte + j * 210
+            word = (blk // 2)[:, None, None, None] + 32 * n2 + 8 * r2 + w8  # ql words of quarters 0 and 2
+            ql02 = tl.load(halves + word, mask=mask4, other=0).to(tl.uint32)
+            ql13 = tl.load(halves + word + 16, mask=mask4, other=0).to(tl.uint32)
+            qh = tl.load(halves + (word + 64 - 16 * n2), mask=mask4, other=0).to(tl.uint32)
+            sc_at = (blk + 192)[:, None, None, None] + 8 * n2 + r2  # quarter 0's scale of each run
+            d = tl.load(halves + (blk // 2 + 104), mask=n_mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+            xs = j * 256 + x_at  # [n, r, w]: quarter 0's x of byte 0
+            for k in tl.static_range(4):
+                part = tl.zeros((BLOCK_N, 2, 2, 8), dtype=tl.float32)
+                xsum = tl.zeros((2, 2, 8), dtype=tl.float32)
+                for b in tl.static_range(2):
+                    xk = tl.load(x_row + xs + 32 * k + b).to(tl.float32)
+                    xsum += xk
+                    if k % 2 == 0:
+                        upper, lower = _q6k_pair(ql02, qh, b, 13, 17, nib_mask, top_mask)
+                    else:
+                        upper, lower = _q6k_pair(ql13, qh, b, 13, 15, nib_mask, top_mask)
+                    part += xk[None, :, :, :] * (upper if k >= 2 else lower)
+                # codes read 16 + q/64 (k < 2) or 1 + q/64: sum x q - 32 sum x = 64 part - c sum x
+                off = 1056.0 if k < 2 else 96.0
+                sc = tl.load(w_ptr + sc_at + 2 * k, mask=mask4, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+                acc += (d[:, None, None, None] * sc) * (64.0 * part - off * xsum[None, :, :, :])
+        total = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+        _gemv_finish(total, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
+                     HAS_BIAS)
 
     # The row count varies step by step: no variants for its value or alignment.
     @triton.jit(do_not_specialize=("num_splits", "nibble_mask"))
