@@ -37,7 +37,7 @@ from bench_quant import random_gguf_blocks
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
-FORMATS = ("bf16", "w4a16", "w4a16-deq", "fp8", "fp8-mm", "Q4_K", "Q4_K-deq", "Q6_K", "Q8_0", "Q4_0")
+FORMATS = ("bf16", "w4a16", "w4a16-deq", "fp8", "fp8-mm", "Q4_K", "Q4_K-deq", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_K")
 GROUP = 128
 
 

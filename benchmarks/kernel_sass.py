@@ -134,7 +134,7 @@ def gemv_launch(kind: str, n: int, k: int):
         return (lambda: w4a16.w4a16_linear(x, qw, s, s, 128, config=cfg)), per_thread
     blocks = torch.zeros(n, gguf_matmul.row_bytes(kind, k), dtype=torch.uint8)
     cfg = gguf_matmul.choose_config(1, n, k, cuda, sms=SMS)
-    per_turn = 256 * cfg.block_n if kind in ("Q4_K", "Q6_K") else cfg.block_k * cfg.block_n
+    per_turn = gguf_matmul.gemv_step(kind, cfg) * cfg.block_n
     return (lambda: gguf_matmul.gguf_linear(x, blocks, kind, config=cfg)), per_turn / (32 * cfg.num_warps)
 
 

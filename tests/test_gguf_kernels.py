@@ -119,6 +119,28 @@ def test_q4k_gemv_reads_bf16_rows_at_any_offset() -> None:
         _check(gm.gguf_linear(view, blocks, "Q4_K", config=cfg), _ref(x, blocks, "Q4_K"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("kind", TYPES)
+def test_gemv_reads_blocks_at_any_offset(kind: str) -> None:
+    """The GEMVs read their blocks as 16- or 32-bit words: a weight that starts 1, 2 or 3 bytes
+    into its storage (never a model's) is read from an aligned copy, with the same result."""
+    x, blocks = _case(kind, 1, N, K, torch.float32, "blocks-offset")
+    cfg = None if CUDA else CONFIGS["gemv_split"][1]
+    want = _ref(x, blocks, kind)
+    flat = torch.empty(blocks.numel() + 3, dtype=torch.uint8, device=DEVICE)
+    for start in (1, 2, 3):
+        view = flat[start:start + blocks.numel()].view(blocks.shape)
+        view.copy_(blocks)
+        _check(gm.gguf_linear(x, view, kind, config=cfg), want, torch.float32)
+
+
+def test_gemv_with_more_k_slices_than_steps() -> None:
+    """A split asked for beyond the K steps there are (one super-block, three slices) is cut to them."""
+    for kind in ("Q4_K", "Q6_K", "Q8_0"):
+        x, blocks = _case(kind, 1, 24, 256, torch.float32, "one-step")
+        got = gm.gguf_linear(x, blocks, kind, config=gm.GGUFMatmulConfig(1, 32, 256, 3, gemv=True))
+        _check(got, _ref(x, blocks, kind), torch.float32)
+
+
 @pytest.mark.parametrize("path", ["gemv_split", "gemm"])
 def test_bias_and_a_column_slice_of_the_output(path: str) -> None:
     """Written into a slice of a wider buffer (a fused layer's part), the rest untouched; K of

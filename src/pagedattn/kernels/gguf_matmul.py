@@ -24,11 +24,12 @@ offset: all block sizes are even).
 
 Three forms, as :mod:`.w4a16`:
 
-* **decode** (:func:`_gguf_gemv_kernel`, one activation row): a ``[BLOCK_N, groups, 32]``
-  tile of dequantized weights times the row, summed on the CUDA cores in fp32; K is split over
-  ``split_k`` programs whose fp32 partials the last of them adds in a fixed order.  Q4_K,
-  the most used type, has its own (:func:`_q4k_gemv_kernel`): whole super-blocks, the header
-  and the codes read as 32-bit words, three instructions a weight.
+* **decode** (one activation row): a kernel per block shape reads the blocks as 16- or 32-bit
+  words and makes each code a float with bit operations, no conversion instruction
+  (:func:`_q32_gemv_kernel`: Q4_0, Q4_1, Q8_0; :func:`_q4k_gemv_kernel`: Q4_K, Q5_K, whole
+  super-blocks; :func:`_q6k_gemv_kernel`); the block and sub-block scales apply to sums of
+  ``x q``, not to each weight.  K is split over ``split_k`` programs whose fp32 partials the
+  last of them adds in a fixed order.
 * **GEMM** (:func:`_gguf_gemm_kernel`, any M): each K step dequantizes a ``[BLOCK_K, BLOCK_N]``
   tile, rounds it to the activation dtype (the weight a dense model of that dtype holds) and
   feeds ``tl.dot``, splitting K below ``DEQUANT_MIN_ROWS`` rows.
@@ -143,10 +144,29 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
     return GGUFMatmulConfig(bm, bn, bk, split, warps, 3, gemv=m <= GEMV_MAX_ROWS)
 
 
-# The Q6_K GEMV's masks (:func:`_q6k_pair`), run-time arguments as :data:`NIBBLE_MASK` is: a
+# The Q6_K GEMV's masks (:func:`_split_code_pair`), run-time arguments as :data:`NIBBLE_MASK` is: a
 # code's 4 low bits at mantissa bits 17-20, its 2 high bits at 21-22.
 Q6K_NIBBLE_MASK = 0x1E0000
 Q6K_TOP_MASK = 0x600000
+# The Q5_K GEMV's (:func:`_q4k_gemv_kernel`): a code's 4 low bits at mantissa bits 18-21, its
+# fifth at 22.
+Q5K_NIBBLE_MASK = 0x3C0000
+Q5K_TOP_MASK = 0x400000
+# The byte of a Q8_0 code at mantissa bits 15-22 (:func:`_q8_pair`).
+Q8_BYTE_MASK = 0x7F8000
+# The 32-element block types read by :func:`_q32_gemv_kernel`: (KIND, words of codes a block,
+# byte offset of the codes in the block).
+_Q32_LAYOUT = {"Q4_0": (0, 8, 2), "Q4_1": (1, 8, 4), "Q8_0": (2, 16, 2)}
+
+
+def gemv_step(kind: str, cfg: GGUFMatmulConfig) -> int:
+    """Elements of K that one loop turn of ``kind``'s GEMV covers: a super-block for the
+    K-quants; ``block_k`` for Q4_0/Q4_1 and half of it for Q8_0, whose words hold two codes, not
+    four (so a turn's words take as many registers)."""
+    elems, _ = _layout(kind)
+    if elems == 256:
+        return elems
+    return cfg.block_k // 2 if kind == "Q8_0" else cfg.block_k
 
 
 def gemv_activations(x: torch.Tensor) -> torch.Tensor:
@@ -181,39 +201,12 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
+    if cfg.gemv:
+        return _gemv(x, blocks, kind, bias, out, cfg)
     split = cfg.split_k
     k_tiles = -(-k // cfg.block_k)
     common = dict(KIND=_KIND_IDS[kind], BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    if cfg.gemv and kind == "Q4_K" and blocks.data_ptr() % 4 == 0:
-        # Whole super-blocks per step, their codes read as 32-bit words.
-        x = gemv_activations(x)
-        split = min(split, k // 256)
-        grid = (triton.cdiv(n, cfg.block_n), m, split)
-        part, counters = gemv_split_args(out, grid[0], split)
-        _q4k_gemv_kernel[grid](x, blocks, blocks.view(torch.float16), out, part, counters,
-                               bias if bias is not None else out, n, k, blocks.shape[1], x.stride(0), out.stride(0),
-                               m * n, triton.cdiv(k // 256, split), split, NIBBLE_MASK, HAS_BIAS=bias is not None,
-                               BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return out
-    if cfg.gemv and kind == "Q6_K" and blocks.data_ptr() % 2 == 0:
-        # Whole super-blocks per step, read as 16-bit words.
-        split = min(split, k // 256)
-        grid = (triton.cdiv(n, cfg.block_n), m, split)
-        part, counters = gemv_split_args(out, grid[0], split)
-        _q6k_gemv_kernel[grid](x, blocks, out, part, counters, bias if bias is not None else out, n, k,
-                               blocks.shape[1], x.stride(0), out.stride(0), m * n, triton.cdiv(k // 256, split), split,
-                               Q6K_NIBBLE_MASK, Q6K_TOP_MASK, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return out
-    if cfg.gemv:
-        grid = (triton.cdiv(n, cfg.block_n), m, split)
-        part, counters = gemv_split_args(out, grid[0], split)
-        _gguf_gemv_kernel[grid](x, blocks, blocks.view(torch.float16), out, part, counters,
-                                bias if bias is not None else out, m, n, k, blocks.shape[1], x.stride(0),
-                                out.stride(0), m * n, triton.cdiv(k_tiles, split), split, HAS_BIAS=bias is not None,
-                                **common)
-        return out
     dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     dot_dtype, precision = dot_types(x.dtype)
     _gguf_gemm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)](
@@ -221,6 +214,37 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
         m * n if split > 1 else 0, triton.cdiv(k_tiles, split), BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, **common)
     return finish_split_k(dst, out, bias, split)
+
+
+def _gemv(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Tensor | None, out: torch.Tensor,
+          cfg: GGUFMatmulConfig) -> torch.Tensor:
+    """``kind``'s GEMV kernel into ``out``: each reads its blocks as 16- or 32-bit words."""
+    m, k = x.shape
+    n = blocks.shape[0]
+    if blocks.data_ptr() % 4:  # not an allocation or a row slice of one (never a model's weight)
+        blocks = blocks.clone()
+    if kind in ("Q4_K", "Q5_K"):
+        x = gemv_activations(x)
+    step = gemv_step(kind, cfg)
+    steps = -(-k // step)
+    split = min(cfg.split_k, steps)
+    grid = (triton.cdiv(n, cfg.block_n), m, split)
+    part, counters = gemv_split_args(out, grid[0], split)
+    args = (x, blocks, out, part, counters, bias if bias is not None else out, n, k, blocks.shape[1], x.stride(0),
+            out.stride(0), m * n, triton.cdiv(steps, split), split)
+    launch = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if kind in ("Q4_K", "Q5_K"):
+        five = kind == "Q5_K"
+        _q4k_gemv_kernel[grid](*args, Q5K_NIBBLE_MASK if five else NIBBLE_MASK, Q5K_TOP_MASK, FIVE_BITS=five,
+                               **launch)
+    elif kind == "Q6_K":
+        _q6k_gemv_kernel[grid](*args, Q6K_NIBBLE_MASK, Q6K_TOP_MASK, **launch)
+    else:
+        kind_id, words, code_off = _Q32_LAYOUT[kind]
+        _q32_gemv_kernel[grid](*args, Q8_BYTE_MASK if kind == "Q8_0" else NIBBLE_MASK, KIND=kind_id, WORDS=words,
+                               CODE_OFF=code_off, BLOCK_BYTES=GGUF_BLOCKS[kind][1], GROUPS=step // GROUP, **launch)
+    return out
 
 
 def gguf_embedding(ids: torch.Tensor, blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
@@ -366,15 +390,25 @@ if triton is not None:
             return tl.load(x_row + 4 * quad + b).to(tl.float32)
 
     @triton.jit
-    def _q6k_pair(lo_word, hi_word, b: tl.constexpr, lo_shift: tl.constexpr, hi_shift: tl.constexpr,
-                  nib_mask, top_mask):
-        """Two Q6_K codes of byte ``b`` as fp32s without a conversion: the 4 low bits of each come
-        from ``lo_word``'s byte ``b`` (its high and low nibble), their 2 high bits from
-        ``hi_word`` (``hi_shift`` puts the upper code's at bits 21-22; the lower code's, 4 bits
-        down, then sit at 17-18).  The upper code reads ``1 + q / 64`` (exponent 0), the lower
-        ``16 + q / 64`` (exponent 4)."""
-        lo = lo_word << (lo_shift - 8 * b)
-        hi = hi_word << (hi_shift - 8 * b)
+    def _shift_left(v, by: tl.constexpr):
+        """``v << by`` for a ``by`` of either sign."""
+        if by >= 0:
+            return v << by
+        else:
+            return v >> -by
+
+    @triton.jit
+    def _split_code_pair(lo_word, hi_word, b: tl.constexpr, lo_shift: tl.constexpr, hi_shift: tl.constexpr,
+                         nib_mask, top_mask):
+        """Two 5- or 6-bit codes (Q5_K, Q6_K) of byte ``b`` as fp32s without a conversion: the 4
+        low bits of each come from ``lo_word``'s byte ``b`` (its high and low nibble), their high
+        bits from ``hi_word``, the lower code's 4 bits below the upper one's.  The shifts put the
+        upper code's bits where ``nib_mask`` and ``top_mask`` select them; the lower code's, 4
+        bits down, then sit in the masks shifted by 4.  With ``c`` bits a code, the upper one reads
+        ``1 + q / 2^c`` (exponent 0), the lower ``16 + q / 2^c`` (exponent 4): Q6_K's masks
+        (:data:`Q6K_NIBBLE_MASK`) put the upper code at mantissa bits 17-22, Q5_K's at 18-22."""
+        lo = _shift_left(lo_word, lo_shift - 8 * b)
+        hi = _shift_left(hi_word, hi_shift - 8 * b)
         upper = ((lo & nib_mask) | 0x3F800000) | (hi & top_mask)
         lower = ((lo & (nib_mask >> 4)) | 0x41800000) | (hi & (top_mask >> 4))
         return upper.to(tl.float32, bitcast=True), lower.to(tl.float32, bitcast=True)
@@ -388,7 +422,7 @@ if triton is not None:
         ``k``) has its 4 low bits in ql byte ``64 n + 32 (k % 2) + l`` (the high nibble for ``k >=
         2``), its 2 high bits in qh byte ``32 n + l`` (bits ``2 k``) and its int8 scale at byte
         ``8 n + 2 k + l // 16``.  A ql word and the qh word of the same ``l`` give the codes of
-        quarters ``k`` and ``k + 2`` with two shifts (:func:`_q6k_pair`).  Each quarter's FMA sums
+        quarters ``k`` and ``k + 2`` with two shifts (:func:`_split_code_pair`).  Each quarter's FMA sums
         ``x (offset + q / 64)`` are made ``sum x q - 32 sum x`` a word and scaled by ``d sc`` into
         one accumulator, summed once at the end: ``d sc (sum x q - 32 sum x)``."""
         row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
@@ -421,9 +455,9 @@ if triton is not None:
                     xk = tl.load(x_row + xs + 32 * k + b).to(tl.float32)
                     xsum += xk
                     if k % 2 == 0:
-                        upper, lower = _q6k_pair(ql02, qh, b, 13, 17, nib_mask, top_mask)
+                        upper, lower = _split_code_pair(ql02, qh, b, 13, 17, nib_mask, top_mask)
                     else:
-                        upper, lower = _q6k_pair(ql13, qh, b, 13, 15, nib_mask, top_mask)
+                        upper, lower = _split_code_pair(ql13, qh, b, 13, 15, nib_mask, top_mask)
                     part += xk[None, :, :, :] * (upper if k >= 2 else lower)
                 # codes read 16 + q/64 (k < 2) or 1 + q/64: sum x q - 32 sum x = 64 part - c sum x
                 off = 1056.0 if k < 2 else 96.0
@@ -433,19 +467,93 @@ if triton is not None:
         _gemv_finish(total, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
                      HAS_BIAS)
 
+    @triton.jit
+    def _q8_pair(words, byte_mask):
+        """The two int8 codes of each 16-bit word (``uint32``, zero-extended) as fp32s ``1.5 + q /
+        256`` without a conversion: each byte moved to mantissa bits 15-22 and its sign bit
+        flipped (``q + 128``, offset binary) as the exponent is set, by one xor."""
+        lo = ((words << 15) & byte_mask) ^ 0x3FC00000
+        hi = ((words << 7) & byte_mask) ^ 0x3FC00000
+        return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+
+    @triton.jit(do_not_specialize=("num_splits", "code_mask"))
+    def _q32_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
+                         stride_om, stride_split, tiles_per_split, num_splits, code_mask, HAS_BIAS: tl.constexpr,
+                         KIND: tl.constexpr, WORDS: tl.constexpr, CODE_OFF: tl.constexpr,
+                         BLOCK_BYTES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        """The GEMV of the 32-element block types (Q4_0, Q4_1, Q8_0), ``GROUPS`` blocks of
+        ``BLOCK_N`` rows a step, read as 16-bit words (the blocks are 18, 20 and 34 bytes: 2-byte
+        aligned).  A Q4 word holds elements ``2 w`` and ``2 w + 1`` in its low nibbles, ``+ 16``
+        in its high ones (:func:`~.w4a16._nibble_pair`: ``16 + q / 16`` and ``1 + q / 16``); a
+        Q8_0 word holds ``2 w`` and ``2 w + 1`` (:func:`_q8_pair`: ``1.5 + q / 256``).  Each word's
+        FMAs start from minus what the offsets add (the sums of its ``x``, shared by all rows), so
+        they sum ``x q`` over the word's codes (over 16 or 256); one FMA a word scales that by the
+        block's ``d`` into an accumulator that is reduced once, after the loop (Q4_1 adds ``m sum
+        x`` there too)."""
+        row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
+        code_mask = code_mask.to(tl.uint32)
+        halves = w_ptr.to(tl.pointer_type(tl.uint16))
+        row_word = (offs_n.to(tl.int64) * (row_bytes // 2))[:, None, None]
+        gi = tl.arange(0, GROUPS)[None, :, None]
+        wi = tl.arange(0, WORDS)[None, None, :]
+        n_groups = K // 32
+        x_row = x_ptr + row * stride_xm
+        acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+        t0 = pid_k * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(n_groups, GROUPS))
+        for t in range(t0, t1):
+            g = t * GROUPS + gi  # [1, groups, 1]
+            g_mask = g < n_groups
+            mask = n_mask[:, None, None] & g_mask
+            blk = row_word + g * (BLOCK_BYTES // 2)  # [rows, groups, 1]: the blocks' first words
+            words = tl.load(halves + blk + (CODE_OFF // 2) + wi, mask=mask, other=0).to(tl.uint32)
+            d = tl.load(halves + blk, mask=mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+            xs = x_row + g * 32 + 2 * wi  # [1, groups, words]: x of each word's element 2 w
+            x0 = tl.load(xs, mask=g_mask, other=0.0).to(tl.float32)
+            x1 = tl.load(xs + 1, mask=g_mask, other=0.0).to(tl.float32)
+            if KIND == 2:  # Q8_0: sum x (1.5 + q / 256) - 1.5 sum x = sum x q / 256
+                q0, q1 = _q8_pair(words, code_mask)
+                dot = x0 * q0 + (-1.5 * (x0 + x1))
+                dot = x1 * q1 + dot
+                acc += (256.0 * d) * dot
+            else:  # Q4: low nibbles read 16 + q / 16, high ones 1 + q / 16
+                x16 = tl.load(xs + 16, mask=g_mask, other=0.0).to(tl.float32)
+                x17 = tl.load(xs + 17, mask=g_mask, other=0.0).to(tl.float32)
+                offset = 16.0 * (x0 + x1) + (x16 + x17)
+                x_sum = (x0 + x1) + (x16 + x17)
+                if KIND == 0:  # Q4_0: d (q - 8): the offset takes 8 sum x / 16 more
+                    offset += 0.5 * x_sum
+                hi0, lo0 = _nibble_pair(words, 4, code_mask)
+                hi1, lo1 = _nibble_pair(words, 12, code_mask)
+                dot = x0 * lo0 - offset
+                dot = x1 * lo1 + dot
+                dot = x16 * hi0 + dot
+                dot = x17 * hi1 + dot
+                acc += (16.0 * d) * dot
+                if KIND == 1:  # Q4_1: d q + m
+                    mn = tl.load(halves + blk + 1, mask=mask, other=0).to(tl.float16, bitcast=True)
+                    acc += mn.to(tl.float32) * x_sum
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+        _gemv_finish(total, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
+                     HAS_BIAS)
+
     # The row count varies step by step: no variants for its value or alignment.
-    @triton.jit(do_not_specialize=("num_splits", "nibble_mask"))
-    def _q4k_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
-                         stride_om, stride_split, tiles_per_split, num_splits, nibble_mask, HAS_BIAS: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-        """The Q4_K GEMV, one super-block of ``BLOCK_N`` rows per step.  Its 16 header bytes (``d``,
-        ``dmin``, 12 bytes of 6-bit scales and mins) are read as 4 words per row in one load, its
-        128 code bytes as 32 words ``[rows, pair p, word w]``: byte ``b`` of word ``w`` of pair ``p`` holds
-        element ``64 p + 4 w + b`` (low nibble, sub-block ``2 p``) and ``64 p + 32 + 4 w + b``
-        (high nibble, sub-block ``2 p + 1``).  A byte's nibbles become ``1 + q / 16`` (high) and
-        ``16 + q / 16`` (low) (:func:`_nibble_pair`) and one FMA adds ``x q / 16`` plus ``x`` or
-        ``16 x``; per sub-block these come off and its scale and min apply once:
-        ``sum_s d sc_s (sum x q) - dmin mn_s (sum x)``."""
+    @triton.jit(do_not_specialize=("num_splits", "nibble_mask", "top_mask"))
+    def _q4k_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, N, K, row_bytes, stride_xm,
+                         stride_om, stride_split, tiles_per_split, num_splits, nibble_mask, top_mask,
+                         HAS_BIAS: tl.constexpr, FIVE_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The Q4_K GEMV (and Q5_K's: ``FIVE_BITS``), one super-block of ``BLOCK_N`` rows per step.
+        Its 16 header bytes (``d``, ``dmin``, 12 bytes of 6-bit scales and mins) are read as 4
+        words per row in one load, its 128 code bytes as 32 words ``[rows, pair p, word w]``:
+        byte ``b`` of word ``w`` of pair ``p`` holds element ``64 p + 4 w + b`` (low nibble,
+        sub-block ``2 p``) and ``64 p + 32 + 4 w + b`` (high nibble, sub-block ``2 p + 1``).  A
+        byte's nibbles become ``1 + q / 16`` (high) and ``16 + q / 16`` (low) (:func:`_nibble_pair`)
+        and one FMA adds ``x q / 16`` plus ``x`` or ``16 x``; per sub-block these come off and
+        its scale and min apply once: ``sum_s d sc_s (sum x q) - dmin mn_s (sum x)``.  Q5_K's
+        fifth bits (32 bytes before the codes: bit ``s`` of byte ``l`` is element ``32 s + l``'s)
+        are read as 8 words, spread for each pair so that sub-block ``2 p + 1``'s bit sits 4
+        above ``2 p``'s, and joined to the nibbles by :func:`_split_code_pair` (``1 + q / 32``,
+        ``16 + q / 32``)."""
         row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
         row_off = offs_n.to(tl.int64) * row_bytes
         pair = tl.arange(0, 4)
@@ -456,11 +564,19 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, K // 256)
+        BLOCK_BYTES: tl.constexpr = 176 if FIVE_BITS else 144
+        CODES: tl.constexpr = 48 if FIVE_BITS else 16  # byte offset of the codes
+        SCALE: tl.constexpr = 32.0 if FIVE_BITS else 16.0  # codes read in 32nds or 16ths
         for j in range(t0, t1):
-            blk = row_off + j * 144
-            words = tl.load(words_ptr + ((blk + 16)[:, None, None] // 4 + 8 * pair[None, :, None]
+            blk = row_off + j * BLOCK_BYTES
+            words = tl.load(words_ptr + ((blk + CODES)[:, None, None] // 4 + 8 * pair[None, :, None]
                                          + word[None, None, :]), mask=n_mask[:, None, None], other=0)
             uwords = words.to(tl.uint32, bitcast=True)
+            if FIVE_BITS:
+                qh = tl.load(words_ptr + ((blk + 16)[:, None] // 4 + word[None, :]), mask=n_mask[:, None],
+                             other=0).to(tl.uint32, bitcast=True)
+                qh = qh[:, None, :] >> (2 * pair)[None, :, None].to(tl.uint32)  # pair p's bits at 0, 1
+                qh = (qh & 0x01010101) | ((qh & 0x02020202) << 3)  # ... at 0, 4 of each byte
             lo = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
             hi = tl.zeros((BLOCK_N, 4, 8), dtype=tl.float32)
             x_lo = tl.zeros((4, 8), dtype=tl.float32)
@@ -470,12 +586,16 @@ if triton is not None:
                 xh = _x_of(x_row, x_quads + j * 64 + 8, b)
                 x_lo += xl
                 x_hi += xh
-                q_hi, q_lo = _nibble_pair(uwords, 8 * b + 4, nibble_mask.to(tl.uint32))
+                if FIVE_BITS:
+                    q_hi, q_lo = _split_code_pair(uwords, qh, b, 14, 18, nibble_mask.to(tl.uint32),
+                                                  top_mask.to(tl.uint32))
+                else:
+                    q_hi, q_lo = _nibble_pair(uwords, 8 * b + 4, nibble_mask.to(tl.uint32))
                 lo += xl[None, :, :] * q_lo
                 hi += xh[None, :, :] * q_hi
             sum_lo = tl.sum(x_lo, axis=1)  # [4]: sum of x over sub-block 2 p
             sum_hi = tl.sum(x_hi, axis=1)
-            dot_lo = tl.sum(lo, axis=2) - 16.0 * sum_lo[None, :]  # [rows, 4]: sum x q / 16 over sub-block 2 p
+            dot_lo = tl.sum(lo, axis=2) - 16.0 * sum_lo[None, :]  # [rows, 4]: sum x q / SCALE over sub-block 2 p
             dot_hi = tl.sum(hi, axis=2) - sum_hi[None, :]
             head = tl.load(words_ptr + (blk // 4)[:, None] + pair[None, :], mask=n_mask[:, None], other=0)
             w02, w13 = tl.split(tl.reshape(head, (BLOCK_N, 2, 2)))  # words (0, 2) and (1, 3)
@@ -485,31 +605,8 @@ if triton is not None:
             sc_hi, mn_hi = _k_scale_min_words(w1[:, None], w2[:, None], w3[:, None], 2 * pair[None, :] + 1)
             d = _half_of(w0, False)
             dmin = _half_of(w0, True)
-            acc += (16.0 * d) * tl.sum(sc_lo * dot_lo + sc_hi * dot_hi, axis=1)
+            acc += (SCALE * d) * tl.sum(sc_lo * dot_lo + sc_hi * dot_hi, axis=1)
             acc -= dmin * tl.sum(mn_lo * sum_lo[None, :] + mn_hi * sum_hi[None, :], axis=1)
-        _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
-                     HAS_BIAS)
-
-    @triton.jit(do_not_specialize=("M", "num_splits"))
-    def _gguf_gemv_kernel(x_ptr, w_ptr, h_ptr, out_ptr, part_ptr, cnt_ptr, bias_ptr, M, N, K, row_bytes, stride_xm,
-                          stride_om, stride_split, tiles_per_split, num_splits, HAS_BIAS: tl.constexpr,
-                          KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2): per K
-        tile a ``[BLOCK_N, groups, 32]`` block of weights, multiplied and summed in fp32."""
-        row, pid_k, offs_n, n_mask = _gemv_tile(N, BLOCK_N)
-        row_off = offs_n.to(tl.int64)[:, None, None] * row_bytes
-        l = tl.arange(0, 32)[None, None, :]
-        n_groups = K // 32
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        x_row = x_ptr + row * stride_xm
-        t0 = pid_k * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
-        for t in range(t0, t1):
-            g = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)[None, :, None]
-            mask = n_mask[:, None, None] & (g < n_groups)
-            xv = tl.load(x_row + g * 32 + l, mask=g < n_groups, other=0.0).to(tl.float32)
-            w = _dequant(w_ptr, h_ptr, row_off, g, l, mask, KIND)
-            acc += tl.sum(tl.sum(w * xv, axis=2), axis=1)
         _gemv_finish(acc, offs_n, N, out_ptr, stride_om, part_ptr, stride_split, cnt_ptr, bias_ptr, num_splits,
                      HAS_BIAS)
 
