@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
 
@@ -131,6 +133,22 @@ def test_gemv_reads_blocks_at_any_offset(kind: str) -> None:
         view = flat[start:start + blocks.numel()].view(blocks.shape)
         view.copy_(blocks)
         _check(gm.gguf_linear(x, view, kind, config=cfg), want, torch.float32)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(kind=st.sampled_from(TYPES), n=st.integers(1, 70), k_blocks=st.integers(1, 5), m=st.integers(1, 2),
+       block_n=st.sampled_from([16, 32, 64]), block_k=st.sampled_from([64, 128, 256]),
+       split=st.sampled_from([1, 2, 3, 5]), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_gemv_on_any_shape_and_launch(kind: str, n: int, k_blocks: int, m: int, block_n: int, block_k: int,
+                                      split: int, with_bias: bool, seed: int) -> None:
+    """Every GEMV against gguf's dequantizer on shapes the model tests do not reach: N not a
+    multiple of the tile (or below it), K of one block up to a few (so a tile or a slice runs
+    past K, or slices outnumber the steps), more than one activation row, with and without bias."""
+    k = k_blocks * gm.GGUF_BLOCKS[kind][0]
+    x, blocks = _case(kind, m, n, k, torch.float32, "any-shape", seed)
+    bias = torch.randn(n, generator=seeded_generator("any-shape-bias", seed)).to(DEVICE) if with_bias else None
+    cfg = gm.GGUFMatmulConfig(1, block_n, block_k, split, gemv=True)
+    _check(gm.gguf_linear(x, blocks, kind, bias, config=cfg), _ref(x, blocks, kind, bias), torch.float32)
 
 
 def test_gemv_with_more_k_slices_than_steps() -> None:
