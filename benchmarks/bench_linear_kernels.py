@@ -108,7 +108,7 @@ def sweep_configs(fmt: str, m: int) -> list[Any]:
     if m == 1 and fmt == "w4a16":
         grid = itertools.product((1,), (128, 256, 512), (64, 128), (4, 8, 16, 32), (2, 4, 8), (2,))
     elif m == 1:
-        grid = itertools.product((1,), (16, 32, 64), (256,), (2, 4, 8, 16), (2, 4), (1, 3))
+        grid = itertools.product((1,), (16, 32, 64), (256, 512), (1, 2, 4, 8), (4,), (1, 3))
     elif m <= 64:
         grid = itertools.product((16 if m <= 16 else 32 if m <= 32 else 64,), (32, 64, 128), (64, 128),
                                  (1, 2, 4, 8), (4,), (3,))

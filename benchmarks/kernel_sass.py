@@ -133,7 +133,7 @@ def gemv_launch(kind: str, n: int, k: int):
         per_thread = cfg.block_k * cfg.block_n / (32 * cfg.num_warps)
         return (lambda: w4a16.w4a16_linear(x, qw, s, s, 128, config=cfg)), per_thread
     blocks = torch.zeros(n, gguf_matmul.row_bytes(kind, k), dtype=torch.uint8)
-    cfg = gguf_matmul.choose_config(1, n, k, cuda, sms=SMS)
+    cfg = gguf_matmul.choose_config(1, n, k, cuda, sms=SMS, kind=kind)
     per_turn = gguf_matmul.gemv_step(kind, cfg) * cfg.block_n
     return (lambda: gguf_matmul.gguf_linear(x, blocks, kind, config=cfg)), per_turn / (32 * cfg.num_warps)
 

@@ -128,13 +128,17 @@ def gguf_linear_ref(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torc
 
 
 # ---------------------------------------------------------------------- configs
-def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None = None) -> GGUFMatmulConfig:
+def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None = None,
+                  kind: str | None = None) -> GGUFMatmulConfig:
     """Heuristic launch parameters (not autotuned): split K until the grid has about four
-    programs per SM (``sms``: the device's), each still covering at least four K tiles."""
+    programs per SM (``sms``: the device's), each still covering at least four K tiles.  The
+    GEMV of the 32-element block types (``kind``) takes 16 outputs a program, not 32: its
+    16-bit loads want more programs in flight (1.1-1.5x faster on an H100's 8B shapes:
+    docs/benchmarks.md)."""
     if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
         return GGUFMatmulConfig(1, 64, 256, 1, gemv=True) if m <= GEMV_MAX_ROWS else GGUFMatmulConfig(32, 64, 64, 1)
     if m <= GEMV_MAX_ROWS:
-        bm, bn, bk, warps = 1, 32, 256, 4
+        bm, bn, bk, warps = 1, _GEMV_OUTPUTS.get(kind or "", 32), 256, 4
     elif m <= SPLIT_K_MAX_ROWS:
         bm, bn, bk, warps = (16 if m <= 16 else 32 if m <= 32 else 64), 64, 64, 4
     else:
@@ -154,6 +158,8 @@ Q5K_NIBBLE_MASK = 0x3C0000
 Q5K_TOP_MASK = 0x400000
 # The byte of a Q8_0 code at mantissa bits 15-22 (:func:`_q8_pair`).
 Q8_BYTE_MASK = 0x7F8000
+# The GEMV's outputs a program where not 32 (:func:`choose_config`).
+_GEMV_OUTPUTS = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 16}
 # The 32-element block types read by :func:`_q32_gemv_kernel`: (KIND, words of codes a block,
 # byte offset of the codes in the block).
 _Q32_LAYOUT = {"Q4_0": (0, 8, 2), "Q4_1": (1, 8, 4), "Q8_0": (2, 16, 2)}
@@ -190,7 +196,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str, bias: torch.Te
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row_bytes(kind, k):
         raise ValueError(f"{kind} weight for {k} input features must be uint8 [N, {row_bytes(kind, k)}], "
                          f"got {blocks.dtype} {tuple(blocks.shape)}")
-    cfg = config or choose_config(m, n, k, x.device)
+    cfg = config or choose_config(m, n, k, x.device, kind=kind)
     if cfg.block_k % GROUP:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of {GROUP}")
     x = x if x.stride(-1) == 1 else x.contiguous()
