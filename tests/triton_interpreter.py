@@ -8,6 +8,7 @@ tests and re-run themselves once in a fresh process (:func:`rerun_in_fresh_proce
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -52,9 +53,10 @@ def rerun_in_fresh_process(module_file: str) -> None:
 
 
 def seeded_generator(*key: object) -> torch.Generator:
-    """A generator seeded from the test's parameters: fresh inputs per case, reproducible."""
+    """A generator seeded from the test's parameters: fresh inputs per case, the same in every
+    process (a digest of ``repr(key)``, not ``hash``, which Python salts per process)."""
     g = torch.Generator(device="cpu")
-    g.manual_seed(hash(repr(key)) % (2**31))
+    g.manual_seed(int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little"))
     return g
 
 
