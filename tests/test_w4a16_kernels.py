@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
@@ -193,6 +193,33 @@ def test_prefill_tiles_cover_ragged_m() -> None:
     x = torch.randn(m, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
     cfg = None if CUDA else w4a16.W4A16Config(32, 32, 32, 1)
     _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(n=st.integers(1, 90), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]), m=st.integers(1, 2),
+       block_n=st.sampled_from([32, 64, 128]), block_k=st.sampled_from([16, 32, 64]),
+       split=st.sampled_from([1, 2, 3, 5]), zeros=st.booleans(), act_order=st.booleans(), with_bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_gemv_on_any_shape_and_launch(n: int, groups: int, group_size: int, m: int, block_n: int, block_k: int,
+                                      split: int, zeros: bool, act_order: bool, with_bias: bool, dtype: torch.dtype,
+                                      seed: int) -> None:
+    """The GEMV against the reference on drawn shapes and launches: N off or below the tile, K of
+    one to four groups (slices past K, more slices than tiles), two rows, zero points or not,
+    act-order ``g_idx``, bias, each activation dtype.  The error is held against ``sum |x w|``
+    (one output may be a near-cancelling sum)."""
+    assume(group_size % block_k == 0)
+    k = groups * group_size
+    g = seeded_generator("w4a16-any-shape", seed)
+    w = _weights(g, n, k, group_size, zeros=zeros, act_order=act_order)
+    x = torch.randn(m, k, generator=g).to(dtype=dtype, device=DEVICE)
+    bias = torch.randn(n, generator=g).to(dtype=dtype, device=DEVICE) if with_bias else None
+    got = w4a16.w4a16_linear(x, **w, bias=bias, config=w4a16.W4A16Config(1, block_n, block_k, split, gemv=True))
+    terms = x.float().abs() @ w4a16.dequantize_ref(w["qweight"], w["scales"], w["zeros"], group_size,
+                                                    w["g_idx"]).abs()
+    if bias is not None:
+        terms += bias.float().abs()
+    err = (got.float() - w4a16.w4a16_linear_ref(x.float(), **w, bias=bias).float()).abs().max().item()
+    assert got.dtype == dtype and err <= TOL[dtype] * terms.max().item(), err
 
 
 @given(cap=st.sampled_from([1, 8, 16, 64, 128]), extents=st.lists(st.integers(1, 1 << 20), min_size=1, max_size=3))
