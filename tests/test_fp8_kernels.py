@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
 
@@ -71,6 +73,31 @@ def test_gemv_split_k_matches_reference(split: int, group_size: int) -> None:
     ref = x.float() @ fp8.dequantize(w, scale, group_size).t() + b.float()
     err = (got.float() - ref).abs().max().item()
     assert err <= TOL[torch.bfloat16] * ref.abs().max().item(), err
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(n=st.integers(1, 90), k=st.integers(1, 40).map(lambda v: 16 * v), group=st.sampled_from([16, 32, 64, 128, 0]),
+       m=st.integers(1, 2), block_n=st.sampled_from([16, 32, 64]), split=st.sampled_from([1, 2, 3, 5]),
+       with_bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_gemv_on_any_shape_and_launch(n: int, k: int, group: int, m: int, block_n: int, split: int, with_bias: bool,
+                                      dtype: torch.dtype, seed: int) -> None:
+    """The GEMV against the dequantized weight on drawn shapes and launches: N off or below the
+    tile, K not a multiple of the block (a partial last block) or of the tile, per-row scales
+    (``group`` 0: ``row_group``), more slices than tiles, two rows, bias, each dtype.  The error
+    is held against ``sum |x w|`` (one output may be a near-cancelling sum)."""
+    group_size = group or fp8.row_group(k)
+    g = seeded_generator("fp8-gemv-any-shape", seed)
+    w, scale = _weights(g, n, k, group_size)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if with_bias else None
+    out = torch.empty(m, n, device=DEVICE, dtype=dtype)
+    got = fp8._fp8_gemv(x, w, scale.float().contiguous(), group_size, b, out, block_n=block_n, split=split)
+    wd = fp8.dequantize(w, scale, group_size)
+    ref = x.float() @ wd.t() + (b.float() if b is not None else 0)
+    terms = x.float().abs() @ wd.abs().t() + (b.float().abs() if b is not None else 0)
+    err = (got.float() - ref).abs().max().item()
+    assert got.dtype == dtype and err <= TOL[dtype] * terms.max().item(), err
 
 
 @pytest.mark.parametrize(("m", "k"), [(1, 200), (9, 2500), (33, 64)])
