@@ -107,8 +107,9 @@ def sweep_configs(fmt: str, m: int) -> list[Any]:
         (lambda bm, bn, bk, sp, w, st: gguf_matmul.GGUFMatmulConfig(bm, bn, bk, sp, w, st, gemv=bm == 1))
     if m == 1 and fmt == "w4a16":
         grid = itertools.product((1,), (128, 256, 512), (64, 128), (4, 8, 16, 32), (2, 4, 8), (2,))
-    elif m == 1:
-        grid = itertools.product((1,), (16, 32, 64), (256, 512), (1, 2, 4, 8), (4,), (1, 3))
+    elif m == 1:  # the K-quants' GEMVs step by super-blocks whatever block_k says
+        block_ks = (256, 512) if gguf_matmul.GGUF_BLOCKS[fmt][0] == 32 else (256,)
+        grid = itertools.product((1,), (16, 32, 64), block_ks, (1, 2, 4, 8), (4,), (1, 3))
     elif m <= 64:
         grid = itertools.product((16 if m <= 16 else 32 if m <= 32 else 64,), (32, 64, 128), (64, 128),
                                  (1, 2, 4, 8), (4,), (3,))

@@ -60,6 +60,16 @@ def seeded_generator(*key: object) -> torch.Generator:
     return g
 
 
+def dot_terms_max(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+    """The largest ``sum |x w| (+ |b|)`` of the outputs of ``x W^T + b`` (``weight [N, K]``): what a
+    floating-point dot product's error is bounded by.  A test holding a kernel to this, not to the
+    largest output, does not fail on one output that is a near-cancelling sum of its terms."""
+    terms = x.float().abs() @ weight.float().abs().t()
+    if bias is not None:
+        terms += bias.float().abs()
+    return terms.max().item()
+
+
 def randn(g: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     """Standard-normal values from ``g`` (drawn on the CPU, so the same on every device) on DEVICE."""
     return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)

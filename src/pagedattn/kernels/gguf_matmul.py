@@ -167,12 +167,12 @@ _Q32_LAYOUT = {"Q4_0": (0, 8, 2), "Q4_1": (1, 8, 4), "Q8_0": (2, 16, 2)}
 
 def gemv_step(kind: str, cfg: GGUFMatmulConfig) -> int:
     """Elements of K that one loop turn of ``kind``'s GEMV covers: a super-block for the
-    K-quants; ``block_k`` for Q4_0/Q4_1 and half of it for Q8_0, whose words hold two codes, not
-    four (so a turn's words take as many registers)."""
+    K-quants; for the 32-element types as many 16-bit words of codes as ``block_k`` elements of
+    Q4 (8 words a block), so Q8_0 (16 words a block) covers half of it with as many registers."""
     elems, _ = _layout(kind)
     if elems == 256:
         return elems
-    return cfg.block_k // 2 if kind == "Q8_0" else cfg.block_k
+    return cfg.block_k * 8 // _Q32_LAYOUT[kind][1]
 
 
 def gemv_activations(x: torch.Tensor) -> torch.Tensor:
