@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from .triton_interpreter import CUDA, DEVICE, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
+from .triton_interpreter import CUDA, DEVICE, randn, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
 
 pytest.importorskip("triton")
 
@@ -81,6 +81,49 @@ def test_greedy_rows_take_the_first_maximum(dtype: torch.dtype) -> None:
     keys = [-1, 5, -1, 7, 11]  # greedy rows ignore their noise, seeded or not
     for splits in (1, 3):
         assert _race(logits, [0.0] * 4, keys, splits) == expected
+
+
+def _argmax_case(g: torch.Generator, n: int, v: int, dtype: torch.dtype) -> torch.Tensor:
+    """Logits rounded to a coarse grid (many equal maxima), with the edges argmax must order as
+    torch does: NaN counts as the maximum (its first), equal infinities (the first), a row of
+    nothing but -inf (index 0), the maximum in the last column."""
+    logits = (torch.randn(n, v, generator=g) * 2).round()
+    cols = lambda k: torch.randint(0, v, (k,), generator=g).tolist()  # noqa: E731
+    edge = torch.randint(0, 5, (n,), generator=g).tolist()
+    for row, kind in enumerate(edge):
+        if kind == 1:
+            logits[row, cols(2)] = float("nan")
+        elif kind == 2:
+            logits[row, cols(2)] = float("inf")
+        elif kind == 3:
+            logits[row] = float("-inf")
+        elif kind == 4:
+            logits[row, v - 1] = logits[row].max() + 1
+    return logits.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_argmax_is_torch_argmax(dtype: torch.dtype) -> None:
+    """One launch, any split of the columns (one slice; several; more than the row's blocks),
+    the same indices as torch's argmax, and the row counters left at zero."""
+    from pagedattn.kernels.w4a16 import device_counters
+
+    g = seeded_generator("argmax", dtype)
+    for n, v in [(1, V), (3, V), (5, 1000), (2, sampling.ARGMAX_BLOCK), (1, 1)]:
+        logits = _argmax_case(g, n, v, dtype).to(DEVICE)
+        expected = logits.argmax(dim=-1)
+        for splits in (None, 1, 3, 200):
+            got = sampling.argmax(logits, splits=splits)
+            assert got.dtype == torch.int64 and torch.equal(got, expected), (n, v, splits)
+        assert not device_counters(logits.device)[:n].any()
+
+
+def test_argmax_of_no_rows_and_strided_rows() -> None:
+    g = seeded_generator("argmax-strided")
+    wide = randn(g, 3, 2 * V, dtype=torch.float32)
+    rows = wide[:, ::2]  # columns not contiguous: copied first
+    assert torch.equal(sampling.argmax(rows), rows.argmax(dim=-1))
+    assert sampling.argmax(wide[:0]).shape == (0,)
 
 
 def test_samples_follow_the_softmax_at_the_row_temperature() -> None:

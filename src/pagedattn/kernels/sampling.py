@@ -1,6 +1,7 @@
 """The GPU's sampling kernels: the random choice of a step, ``argmax(x / T - log q)`` with
-``q ~ Exp(1)`` per vocabulary entry, all rows in one launch (:func:`race_sample`), and the least
-logit a row's top-k, top-p and min-p keep, without a sort (:func:`filter_floor`).
+``q ~ Exp(1)`` per vocabulary entry, all rows in one launch (:func:`race_sample`), the least
+logit a row's top-k, top-p and min-p keep, without a sort (:func:`filter_floor`), and a greedy
+step's argmax in one launch (:func:`argmax`).
 
 ``argmax(p / q)`` with Exp(1) noise ``q`` samples from ``p`` exactly (the exponential race), and
 in logs it needs no softmax: ``log p = x / T - logsumexp``, whose constant does not move the
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .w4a16 import _sm_count
+from .w4a16 import TILE_COUNTERS, _sm_count, device_counters
 
 try:
     import triton
@@ -84,6 +85,40 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
     if splits == 1:
         return index[:, 0]
     return index.gather(1, best.argmax(dim=1, keepdim=True))[:, 0]
+
+
+ARGMAX_BLOCK = 1024  # logits a step of the argmax kernel's loop (a lane's running best: 8 a thread)
+ARGMAX_MAX_SPLITS = 64  # column slices a row at most: the last slice reduces them in one tile
+
+
+def argmax(logits: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of ``[n, V]`` logits (any float dtype) as int64 ``[n]``, the same
+    indices (the first maximum; NaN counts as the maximum), in one launch.
+
+    torch's argmax reduces a row in one block: ~37 us for one row of a 128k vocabulary on an
+    H100, 1% of a batch-1 decode step of an 8B int4 model (docs/benchmarks.md).  Here a row's
+    columns are cut into ``splits`` slices (default: about two programs an SM, each slice at
+    least four blocks); each slice writes its best to a partial and counts itself done on its
+    row's counter, and the slice that finds the others done reduces the partials."""
+    n, v = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(n, dtype=torch.int64, device=logits.device)
+    if n == 0:
+        return out
+    if splits is None:
+        sms = _sm_count(logits.device) if logits.is_cuda else 4
+        splits = max(1, min(triton.cdiv(2 * sms, n), triton.cdiv(v, 4 * ARGMAX_BLOCK)))
+    splits = max(1, min(splits, ARGMAX_MAX_SPLITS, triton.cdiv(v, ARGMAX_BLOCK)))
+    if n > TILE_COUNTERS:
+        splits = 1  # more rows than the device's counters (a row's is one): nothing to reduce
+    cols = triton.cdiv(triton.cdiv(v, splits), ARGMAX_BLOCK) * ARGMAX_BLOCK  # whole blocks a slice
+    splits = triton.cdiv(v, cols)
+    keys = torch.empty((n, splits), dtype=torch.int32, device=logits.device)
+    index = torch.empty((n, splits), dtype=torch.int32, device=logits.device)
+    _argmax_kernel[(n, splits)](logits, logits.stride(0), keys, index, device_counters(logits.device), out, v, cols,
+                                BLOCK=ARGMAX_BLOCK, MAX_SPLITS=ARGMAX_MAX_SPLITS, num_warps=4)
+    return out
 
 
 FLOOR_BLOCK = 512  # logits a step of the threshold kernel's loops (8 warps: an H100 sweep, docs/benchmarks.md)
@@ -175,6 +210,52 @@ if triton is not None:
                     lo = tl.max(tl.where(within, lo, piv), axis=0)
                 thr = tl.maximum(thr, _order_key(hi.to(tl.int32)).to(tl.float32, bitcast=True))
         tl.store(Out + row, thr)
+
+    @triton.jit
+    def _argmax_key(x):
+        """An int32 whose signed order is fp32 ``x``'s, NaN above everything (argmax's order)."""
+        return tl.where(x != x, 0x7FFFFFFF, _order_key(x))
+
+    @triton.jit(do_not_specialize=("V", "cols_per_split"))
+    def _argmax_kernel(L, stride_l, Keys, Index, Counters, Out, V, cols_per_split,
+                       BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr):
+        """Row ``program_id(0)``, its columns ``[s * cols_per_split, (s + 1) * cols_per_split)``
+        for ``s = program_id(1)``: the first maximum (see :func:`argmax`)."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        splits = tl.num_programs(1)
+        row_ptr = L + row.to(tl.int64) * stride_l
+        start = split * cols_per_split
+        end = tl.minimum(start + cols_per_split, V)
+        lane = tl.arange(0, BLOCK)
+        # A lane's columns only grow and a later one replaces its best only when greater: each
+        # lane keeps its first maximum.  Masked columns (key INT32_MIN) never replace anything.
+        best = tl.full((BLOCK,), -2147483648, tl.int32)
+        best_i = tl.full((BLOCK,), 0, tl.int32) + V
+        for c in range(start, end, BLOCK):
+            cols = c + lane
+            x = tl.load(row_ptr + cols, mask=cols < end, other=0.0).to(tl.float32)
+            k = tl.where(cols < end, _argmax_key(x), -2147483648)
+            take = k > best
+            best = tl.where(take, k, best)
+            best_i = tl.where(take, cols, best_i)
+        top = tl.max(best, axis=0)
+        first = tl.min(tl.where(best == top, best_i, V), axis=0)
+        if splits == 1:
+            tl.store(Out + row, first.to(tl.int64))
+        else:
+            tl.store(Keys + row * splits + split, top)
+            tl.store(Index + row * splits + split, first)
+            tl.debug_barrier()  # the partial is written before the count says so
+            counter = Counters + row
+            if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+                # The slices in column order: the first holding the top has its first maximum.
+                s = tl.arange(0, MAX_SPLITS)
+                ks = tl.load(Keys + row * splits + s, mask=s < splits, other=-2147483648, cache_modifier=".cg")
+                ix = tl.load(Index + row * splits + s, mask=s < splits, other=0, cache_modifier=".cg")
+                top = tl.max(ks, axis=0)
+                tl.store(Out + row, tl.min(tl.where(ks == top, ix, V), axis=0).to(tl.int64))
+                tl.atomic_xchg(counter, 0)
 
     @triton.jit
     def _race_quarter(row_ptr, c, V, inv_t, greedy, floor, u, best, best_i, QUARTER: tl.constexpr):

@@ -199,14 +199,22 @@ def _tile_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
 
 
+def device_counters(device: torch.device) -> torch.Tensor:
+    """The device's ``TILE_COUNTERS`` int32 counters, zero between launches: a kernel whose
+    programs count themselves done on one (a split GEMV's tile, a split argmax's row) lets the
+    last reset it, so launches on one stream share them, inside CUDA graphs too."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _tile_counters(device)
+
+
 def gemv_split_args(out: torch.Tensor, n_tiles: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(partials, counters)`` of a GEMV launch whose K slices finish in the kernel
     (:func:`_gemv_finish`): fp32 partials ``[split, M, N]`` (``out`` when unsplit) and the
     device's int32 tile counters, which every launch leaves at zero (so launches on one stream
     share them, inside CUDA graphs too).  The counters are passed unsplit too: the kernel's
     split branch is compiled whatever the launch's split count, and an atomic needs them."""
-    counters = _tile_counters(out.device if out.device.index is not None or out.device.type != "cuda"
-                              else torch.device("cuda", torch.cuda.current_device()))
+    counters = device_counters(out.device)
     if split == 1:
         return out, counters
     m, n = out.shape
