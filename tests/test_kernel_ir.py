@@ -1,4 +1,4 @@
-"""The decode GEMVs and the sampling kernel compile for a Hopper GPU, checked on any machine.
+"""The decode GEMVs and the sampling kernels compile for a Hopper GPU, checked on any machine.
 
 The Triton interpreter runs a kernel's Python and never type-checks a branch a launch does not
 take: the split-K finish of a GEMV compiled its atomics on whatever pointer an unsplit launch
@@ -57,6 +57,8 @@ def wrapper_calls():
                 for zeros, g_idx in ((s, None), (None, None), (s, torch.arange(k, dtype=torch.int32) // 128)):
                     w4a16.w4a16_linear(x, qw, s, zeros, 128, g_idx=g_idx, bias=b,
                                        config=w4a16.W4A16Config(1, 32, 128, split, gemv=True))
+                w4a16.w4a16_linear(torch.cat([x, x], 1), qw, s, s, 128, bias=b, silu_gated=True,
+                                   config=w4a16.W4A16Config(1, 32, 128, split, gemv=True))
                 w8 = torch.randn(n, k, generator=g).to(torch.float8_e4m3fn)
                 fp8._fp8_gemv(x, w8, torch.rand(n, 1, generator=g), fp8.row_group(k), b, torch.empty(1, n, dtype=dtype),
                               split=split)
@@ -68,6 +70,7 @@ def wrapper_calls():
         for floor in (None, torch.randn(3)):
             sampling.race_sample(x, torch.rand(3), torch.tensor([-1, 5, -1, 9]), floor)
         sampling.filter_floor(x, torch.rand(3), torch.randn(3), torch.rand(3), torch.rand(3))
+        sampling.argmax(x, splits=1)
 
 
 results = {}
@@ -96,7 +99,7 @@ def test_gemv_and_sampling_kernels_compile_for_sm90() -> None:
     failed = {k: v for k, v in results.items() if v != "ok"}
     kernels = {key.split()[0] for key in results}
     assert kernels == {"_w4a16_gemv_kernel", "_fp8_gemv_kernel", "_q4k_gemv_kernel", "_q6k_gemv_kernel",
-                       "_q32_gemv_kernel", "_race_kernel", "_filter_floor_kernel"}, kernels
+                       "_q32_gemv_kernel", "_race_kernel", "_filter_floor_kernel", "_argmax_kernel"}, kernels
     assert not failed, failed
 
 

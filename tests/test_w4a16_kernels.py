@@ -181,6 +181,26 @@ def test_split_gemv_is_bitwise_repeatable_and_leaves_its_counters_at_zero() -> N
     _check(first, w4a16.w4a16_linear_ref(x.float(), **w, bias=bias), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_gated_gemv_is_the_gemv_of_the_fused_activation(dtype: torch.dtype) -> None:
+    """The GEMV on a gated MLP's gate and up halves gives the bits of the activation kernel's
+    output through the GEMV (split or not); more than one row, or act-order, is refused."""
+    from pagedattn.models.fused_ops import silu_and_mul_triton
+
+    g = seeded_generator("silu-gated", dtype)
+    w = _weights(g, N, K, 64, zeros=True, act_order=False)
+    h = (torch.randn(1, 2 * K, generator=g) * 3).to(dtype=dtype, device=DEVICE)
+    for split in (1, 3):
+        cfg = w4a16.W4A16Config(1, 32 if not CUDA else 128, 32, split, gemv=True)
+        fused = w4a16.w4a16_linear(h, **w, config=cfg, silu_gated=True)
+        assert torch.equal(fused, w4a16.w4a16_linear(silu_and_mul_triton(h), **w, config=cfg))
+    with pytest.raises(ValueError, match="one row"):
+        w4a16.w4a16_linear(h.expand(2, -1).contiguous(), **w, silu_gated=True)
+    act = _weights(g, N, K, 64, zeros=True, act_order=True)
+    with pytest.raises(ValueError, match="g_idx"):
+        w4a16.w4a16_linear(h, **act, silu_gated=True)
+
+
 def test_writes_into_a_given_buffer_and_ragged_n() -> None:
     """The row-parallel layers hand the all-reduce's buffer in; N not a multiple of the tile."""
     g = seeded_generator("out")
@@ -262,23 +282,30 @@ def test_llama8b_shapes(m: int, n: int, k: int) -> None:
     _check(w4a16.w4a16_linear(x, **w), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
 
 
-def test_int4_model_logits_through_the_kernels(tmp_path) -> None:
-    """A tiny act-order GPTQ Llama in its packed form (rows sorted by group, input permuted),
-    every linear through the kernels: a prefill chunk (GEMM) then one-row decodes (GEMV),
-    against HF on the dequantized weights (fp32: 1e-4 of the logits' scale, the same argmax)."""
+@pytest.mark.parametrize("fmt_args", [("gptq", 32, False, True), ("awq", 32, False, False)], ids=["gptq-act", "awq"])
+def test_int4_model_logits_through_the_kernels(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                               fmt_args: tuple[str, int, bool, bool]) -> None:
+    """A tiny int4 Llama in its packed form (act-order GPTQ: rows sorted by group, input
+    permuted; AWQ: the one-row MLP's SiLU-and-mul inside the down projection's GEMV), every
+    linear through the kernels: a prefill chunk (GEMM) then one-row decodes (GEMV), against HF
+    on the dequantized weights (fp32: 1e-4 of the logits' scale, the same argmax)."""
     import json
 
     from pagedattn.models.config import ModelArchConfig
     from pagedattn.models.layers import QuantLinear
-    from pagedattn.models.layers.quant import checkpoint_to_internal
+    from pagedattn.models.layers.quant import QuantRowParallelLinear, checkpoint_to_internal
     from pagedattn.models.loader import iter_safetensors
     from pagedattn.models.registry import build_model
     from pagedattn.models.testing import PagedHarness
 
     from .quant_checkpoints import Fmt, make_quantized_model
 
-    path, hf = make_quantized_model(tmp_path, Fmt("gptq", 32, sym=False, desc_act=True), seed=9,
+    method, group_size, sym, act = fmt_args
+    path, hf = make_quantized_model(tmp_path, Fmt(method, group_size, sym=sym, desc_act=act), seed=9,
                                     overrides={"num_hidden_layers": 1})
+    fused = []
+    plain = QuantRowParallelLinear.forward_silu
+    monkeypatch.setattr(QuantRowParallelLinear, "forward_silu", lambda self, h: fused.append(1) or plain(self, h))
     cfg = ModelArchConfig.from_hf_config(json.loads((path / "config.json").read_text()))
     assert cfg.quant is not None
     model = build_model(cfg, torch.float32, DEVICE)
@@ -287,11 +314,12 @@ def test_int4_model_logits_through_the_kernels(tmp_path) -> None:
     for m in layers:
         m.finish_loading(dequantize=False)
         m.cpu_kernels = not CUDA  # the interpreter, on CPU tensors
-    assert all(m.perm is not None for m in layers)
-    ids = torch.randint(3, 320, (11,), generator=seeded_generator("model")).tolist()
+    assert all((m.perm is not None) == act for m in layers)
+    ids = torch.randint(3, 320, (11,), generator=seeded_generator("model", method)).tolist()
     h = PagedHarness(model, num_blocks=16, block_size=8, device=DEVICE)
     got = torch.cat([h.step([("s", ids[:9])])[0]] + [h.step([("s", [t])])[0] for t in ids[9:]]).float().cpu()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert len(fused) == (0 if act else 2)  # the two one-row decodes (act-order: permuted, never fused)

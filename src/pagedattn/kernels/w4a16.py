@@ -227,13 +227,21 @@ def gemv_split_args(out: torch.Tensor, n_tiles: int, split: int) -> tuple[torch.
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  zero_point: float = 8.0, out: torch.Tensor | None = None,
-                 config: W4A16Config | None = None) -> torch.Tensor:
+                 config: W4A16Config | None = None, silu_gated: bool = False) -> torch.Tensor:
     """``x [M, K] W^T + b`` -> ``[M, N]`` in ``x``'s dtype (written into ``out`` when given)
-    through the Triton kernels.  K must be a multiple of 16 (32 for the GEMM)."""
+    through the Triton kernels.  K must be a multiple of 16 (32 for the GEMM).
+
+    ``silu_gated``: ``x`` is a gated MLP's ``[M, 2K]`` gate and up halves and the product
+    runs on ``silu(gate) * up``, rounded to ``x``'s dtype as :func:`silu_and_mul` rounds it (the
+    same bits), computed as the GEMV loads it: one row (the GEMV), no ``g_idx``."""
     if triton is None:
         raise RuntimeError("the W4A16 kernels need triton")
     m, k = x.shape
     n = qweight.shape[1]
+    if silu_gated:
+        k //= 2
+        if m > GEMV_MAX_ROWS or g_idx is not None or (config is not None and not config.gemv):
+            raise ValueError("silu_gated takes one row through the GEMV, without g_idx")
     if qweight.shape[0] * 8 != k:
         raise ValueError(f"x has {k} features, the weight {qweight.shape[0] * 8}")
     cfg = config or choose_config(m, n, k, group_size, x.device)
@@ -260,7 +268,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         part, counters = gemv_split_args(out, grid[0], split)
         _w4a16_gemv_kernel[grid](*weights, out, part, counters, bias if bias is not None else out, m, n, k,
                                  x.stride(0), out.stride(0), m * n, group_size, tiles_per_split,
-                                 float(zero_point), split, NIBBLE_MASK, HAS_BIAS=bias is not None, **common)
+                                 float(zero_point), split, NIBBLE_MASK, HAS_BIAS=bias is not None,
+                                 SILU_GATED=silu_gated, **common)
         return out
     dst = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     args = (*weights, dst, m, n, k, x.stride(0), dst.stride(-2), m * n if split > 1 else 0, group_size,
@@ -316,6 +325,14 @@ if triton is not None:
         return hi, lo
 
     @triton.jit
+    def _silu_times(gate, up):
+        """``silu(gate) * up`` as fp32, each product rounded to the operands' dtype as the fused
+        activation kernel (``models/fused_ops.py``) rounds its output: the same bits."""
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        return (act * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+
+    @triton.jit
     def _columns4(t):
         """The four columns of a ``[R, 4]`` tensor as ``[R]`` tensors, in order."""
         c02, c13 = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))
@@ -367,8 +384,9 @@ if triton is not None:
                            stride_xm, stride_om, stride_split, group_size, tiles_per_split, zero_point, num_splits,
                            nibble_mask,
                            HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2).
+                           SILU_GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x (grid axis 1) times a BLOCK_N slice of W over one K slice (axis 2);
+        ``SILU_GATED``: x is ``silu(gate) * up`` of the row's halves (see :func:`w4a16_linear`).
 
         The words are never unpacked into a K-ordered tile: nibble plane ``i`` of a
         ``[BLOCK_K/8, BLOCK_N]`` block of words multiplies the activations ``8 j + i``.  In a tile
@@ -406,7 +424,11 @@ if triton is not None:
                 part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
                 # The tile's activations in one vector load a row (the compiler hands them on to the
                 # threads that need them through shared memory), then its columns 2p and 2p+1.
-                xt = tl.load(x_row + rows[:, None] * 8 + tl.arange(0, 8)[None, :]).to(tl.float32)
+                cols = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+                if SILU_GATED:
+                    xt = _silu_times(tl.load(x_row + cols), tl.load(x_row + K + cols))
+                else:
+                    xt = tl.load(x_row + cols).to(tl.float32)
                 x_even4, x_odd4 = tl.split(tl.reshape(xt, (BLOCK_K // 8, 4, 2)))
                 x_evens = _columns4(x_even4)
                 x_odds = _columns4(x_odd4)

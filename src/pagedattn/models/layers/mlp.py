@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fused_ops import gelu_and_mul, silu_and_mul
+from ..fused_ops import fused_kernels_enabled, gelu_and_mul, silu_and_mul
 from .linear import MergedColumnParallelLinear, RowParallelLinear
 from .parallel import Shard
-from .quant import parallel_linear
+from .quant import QuantRowParallelLinear, parallel_linear
 
 
 class SiluAndMul(nn.Module):
@@ -52,4 +52,11 @@ class GatedMLP(nn.Module):
         self.act = act if act is not None else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)
+        down = self.down_proj
+        # One token through an int4 down projection: its GEMV applies SiLU-and-mul as it loads
+        # its input, one kernel less a layer (docs/benchmarks.md, "Int4 weights").
+        if isinstance(down, QuantRowParallelLinear) and isinstance(self.act, SiluAndMul) \
+                and fused_kernels_enabled() and down.takes_silu_input(h):
+            return down.forward_silu(h)
+        return down(self.act(h))

@@ -90,13 +90,17 @@ class QuantRowForward:
         m = cast(Any, self)
         if m.is_dense:
             return cast(torch.Tensor, super().forward(x))  # type: ignore[misc]
+        return self._row_forward(x)
+
+    def _row_forward(self, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+        m = cast(Any, self)
         bias = m.bias if m.tp_rank == 0 else None  # the cross-rank sum carries it once
         if m.tp_size == 1:
-            return cast(torch.Tensor, m._quant_matmul(x, bias))
+            return cast(torch.Tensor, m._quant_matmul(x, bias, **kw))
         if m.reduce_results:
-            return cast(torch.Tensor, m.all_reduce(m._quant_matmul(x, bias)))
+            return cast(torch.Tensor, m.all_reduce(m._quant_matmul(x, bias, **kw)))
         out = None if x.dim() != 2 else m.all_reduce.partials_buffer(x.shape[0], m.output_size, x.dtype)
-        return cast(torch.Tensor, m._quant_matmul(x, bias, out))
+        return cast(torch.Tensor, m._quant_matmul(x, bias, out, **kw))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {cast(Any, self)._quant_repr()}"  # type: ignore[misc]
@@ -179,14 +183,16 @@ class QuantLinear:
         return w_t.t().contiguous()
 
     def _quant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, silu_gated: bool = False) -> torch.Tensor:
         m = cast(Any, self)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         args = (m.qweight, m.scales, m.zeros, self.group_size, m.g_idx, bias, self.zero_point)
-        if x2.is_cuda or self.cpu_kernels:
+        if silu_gated:
+            y = w4a16.w4a16_linear(x2, *args, out=out, silu_gated=True)
+        elif x2.is_cuda or self.cpu_kernels:
             y = w4a16.w4a16_linear(x2, *args, out=out)
         else:
             y = w4a16.w4a16_linear_ref(x2, *args)
@@ -300,6 +306,18 @@ class QuantRowParallelLinear(QuantLinear, QuantRowForward, RowParallelLinear):
             check_shape(loaded_weight, (full, self.output_size))
             start = 0 if self._holds_all_groups else r * groups
             param.data.copy_(loaded_weight.narrow(0, start, groups))
+
+    def takes_silu_input(self, h: torch.Tensor) -> bool:
+        """Whether :meth:`forward_silu` serves ``h``: one row through the GEMV kernel, whose
+        activations need no permutation (no act-order) or group index."""
+        return (not self.is_dense and self.perm is None and self.g_idx is None
+                and (h.is_cuda or self.cpu_kernels) and h.numel() == h.shape[-1] == 2 * self.in_local)
+
+    def forward_silu(self, h: torch.Tensor) -> torch.Tensor:
+        """``forward(silu(gate) * up)`` of a gated MLP's ``[..., 2K]`` halves, the activation
+        computed as the GEMV loads it (no kernel of its own; the same bits): see
+        :meth:`takes_silu_input`."""
+        return self._row_forward(h, silu_gated=True)
 
     @property
     def _holds_all_groups(self) -> bool:
