@@ -183,8 +183,10 @@ def test_split_gemv_is_bitwise_repeatable_and_leaves_its_counters_at_zero() -> N
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_gated_gemv_is_the_gemv_of_the_fused_activation(dtype: torch.dtype) -> None:
-    """The GEMV on a gated MLP's gate and up halves gives the bits of the activation kernel's
-    output through the GEMV (split or not); more than one row, or act-order, is refused."""
+    """The GEMV on a gated MLP's gate and up halves gives the activation kernel's output through
+    the GEMV (split or not): the same bits in bf16 and fp16, where each product is rounded; in
+    fp32 the GPU's compiler may round the SiLU's quotient differently in the two kernels (one
+    ulp).  More than one row, or act-order, is refused."""
     from pagedattn.models.fused_ops import silu_and_mul_triton
 
     g = seeded_generator("silu-gated", dtype)
@@ -193,7 +195,11 @@ def test_silu_gated_gemv_is_the_gemv_of_the_fused_activation(dtype: torch.dtype)
     for split in (1, 3):
         cfg = w4a16.W4A16Config(1, 32 if not CUDA else 128, 32, split, gemv=True)
         fused = w4a16.w4a16_linear(h, **w, config=cfg, silu_gated=True)
-        assert torch.equal(fused, w4a16.w4a16_linear(silu_and_mul_triton(h), **w, config=cfg))
+        separate = w4a16.w4a16_linear(silu_and_mul_triton(h), **w, config=cfg)
+        if dtype == torch.float32 and CUDA:
+            torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5 * separate.abs().max().item())
+        else:
+            assert torch.equal(fused, separate)
     with pytest.raises(ValueError, match="one row"):
         w4a16.w4a16_linear(h.expand(2, -1).contiguous(), **w, silu_gated=True)
     act = _weights(g, N, K, 64, zeros=True, act_order=True)

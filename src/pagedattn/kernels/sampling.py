@@ -88,6 +88,9 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Ten
 
 
 ARGMAX_BLOCK = 1024  # logits a step of the argmax kernel's loop (a lane's running best: 8 a thread)
+# Rows up to which :func:`argmax` beats torch's: on an H100 (docs/benchmarks.md) 4.3x / 2.7x at 1 /
+# 16 rows of a 128k vocabulary, but 0.8x / 0.4x at 64 / 256 rows, where a program's slice is long.
+ARGMAX_KERNEL_ROWS = 16
 ARGMAX_MAX_SPLITS = 64  # column slices a row at most: the last slice reduces them in one tile
 
 

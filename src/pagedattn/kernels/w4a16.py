@@ -233,7 +233,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
     ``silu_gated``: ``x`` is a gated MLP's ``[M, 2K]`` gate and up halves and the product
     runs on ``silu(gate) * up``, rounded to ``x``'s dtype as :func:`silu_and_mul` rounds it (the
-    same bits), computed as the GEMV loads it: one row (the GEMV), no ``g_idx``."""
+    same bits in bf16 and fp16), computed as the GEMV loads it: one row (the GEMV), no ``g_idx``."""
     if triton is None:
         raise RuntimeError("the W4A16 kernels need triton")
     m, k = x.shape
@@ -327,7 +327,8 @@ if triton is not None:
     @triton.jit
     def _silu_times(gate, up):
         """``silu(gate) * up`` as fp32, each product rounded to the operands' dtype as the fused
-        activation kernel (``models/fused_ops.py``) rounds its output: the same bits."""
+        activation kernel (``models/fused_ops.py``) rounds its output: the same bits in bf16 and
+        fp16 (in fp32 the compiler may round the quotient differently: an ulp)."""
         g = gate.to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
         return (act * up.to(tl.float32)).to(gate.dtype).to(tl.float32)

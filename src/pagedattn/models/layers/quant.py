@@ -315,7 +315,7 @@ class QuantRowParallelLinear(QuantLinear, QuantRowForward, RowParallelLinear):
 
     def forward_silu(self, h: torch.Tensor) -> torch.Tensor:
         """``forward(silu(gate) * up)`` of a gated MLP's ``[..., 2K]`` halves, the activation
-        computed as the GEMV loads it (no kernel of its own; the same bits): see
+        computed as the GEMV loads it (no kernel of its own; the same bits in bf16): see
         :meth:`takes_silu_input`."""
         return self._row_forward(h, silu_gated=True)
 
