@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .triton_interpreter import CUDA, DEVICE, randn, rerun_in_fresh_process, seeded_generator, skip_unless_runnable
 
@@ -116,6 +118,34 @@ def test_argmax_is_torch_argmax(dtype: torch.dtype) -> None:
             got = sampling.argmax(logits, splits=splits)
             assert got.dtype == torch.int64 and torch.equal(got, expected), (n, v, splits)
         assert not device_counters(logits.device)[:n].any()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(n=st.integers(1, 4), v=st.integers(1, 5000), splits=st.sampled_from([None, 1, 2, 3, 7, 64, 1000]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       edges=st.lists(st.sampled_from(["nan", "inf", "-inf row", "last", "spread", "plain"]), min_size=4, max_size=4),
+       seed=st.integers(0, 2**31 - 1))
+def test_argmax_on_drawn_rows_and_splits(n: int, v: int, splits: int | None, dtype: torch.dtype, edges: list[str],
+                                         seed: int) -> None:
+    """Drawn row counts, vocabularies (one column up, off the block), column slices (more than
+    the row's blocks, more than the kernel takes) and per-row edges: NaN, equal infinities, a row
+    of -inf, the maximum in the last column, a row of few distinct values (ties everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * 2).round()
+    for row, edge in enumerate(edges[:n]):
+        cols = torch.randint(0, v, (2,), generator=g)
+        if edge == "nan":
+            logits[row, cols] = float("nan")
+        elif edge == "inf":
+            logits[row, cols] = float("inf")
+        elif edge == "-inf row":
+            logits[row] = float("-inf")
+        elif edge == "last":
+            logits[row, v - 1] = logits[row].max() + 1
+        elif edge == "spread":
+            logits[row] = torch.randint(0, 2, (v,), generator=g).float()
+    logits = logits.to(dtype=dtype, device=DEVICE)
+    assert torch.equal(sampling.argmax(logits, splits=splits), logits.argmax(dim=-1))
 
 
 def test_argmax_of_no_rows_and_strided_rows() -> None:
