@@ -232,21 +232,26 @@ def test_prefill_tiles_cover_ragged_m() -> None:
 @given(n=st.integers(1, 90), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]), m=st.integers(1, 2),
        block_n=st.sampled_from([32, 64, 128]), block_k=st.sampled_from([16, 32, 64]),
        split=st.sampled_from([1, 2, 3, 5]), zeros=st.booleans(), act_order=st.booleans(), with_bias=st.booleans(),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+       gated=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
 def test_gemv_on_any_shape_and_launch(n: int, groups: int, group_size: int, m: int, block_n: int, block_k: int,
-                                      split: int, zeros: bool, act_order: bool, with_bias: bool, dtype: torch.dtype,
-                                      seed: int) -> None:
+                                      split: int, zeros: bool, act_order: bool, with_bias: bool, gated: bool,
+                                      dtype: torch.dtype, seed: int) -> None:
     """The GEMV against the reference on drawn shapes and launches: N off or below the tile, K of
     one to four groups (slices past K, more slices than tiles), two rows, zero points or not,
-    act-order ``g_idx``, bias, each activation dtype.  The error is held against ``sum |x w|``
-    (one output may be a near-cancelling sum)."""
-    assume(group_size % block_k == 0)
+    act-order ``g_idx``, bias, each activation dtype, a gated MLP's halves (one row, no
+    act-order) against the reference on ``silu(gate) * up``.  The error is held against
+    ``sum |x w|`` (one output may be a near-cancelling sum)."""
+    from pagedattn.models.fused_ops import silu_and_mul_ref
+
+    assume(group_size % block_k == 0 and (not gated or (m == 1 and not act_order)))
     k = groups * group_size
     g = seeded_generator("w4a16-any-shape", seed)
     w = _weights(g, n, k, group_size, zeros=zeros, act_order=act_order)
-    x = torch.randn(m, k, generator=g).to(dtype=dtype, device=DEVICE)
+    h = torch.randn(m, 2 * k if gated else k, generator=g).to(dtype=dtype, device=DEVICE)
+    x = silu_and_mul_ref(h) if gated else h
     bias = torch.randn(n, generator=g).to(dtype=dtype, device=DEVICE) if with_bias else None
-    got = w4a16.w4a16_linear(x, **w, bias=bias, config=w4a16.W4A16Config(1, block_n, block_k, split, gemv=True))
+    got = w4a16.w4a16_linear(h, **w, bias=bias, config=w4a16.W4A16Config(1, block_n, block_k, split, gemv=True),
+                             silu_gated=gated)
     w_t = w4a16.dequantize_ref(w["qweight"], w["scales"], w["zeros"], group_size, w["g_idx"])  # [K, N]
     err = (got.float() - w4a16.w4a16_linear_ref(x.float(), **w, bias=bias).float()).abs().max().item()
     assert got.dtype == dtype and err <= TOL[dtype] * dot_terms_max(x, w_t.t(), bias), err
