@@ -85,54 +85,17 @@ def test_greedy_rows_take_the_first_maximum(dtype: torch.dtype) -> None:
         assert _race(logits, [0.0] * 4, keys, splits) == expected
 
 
-def _argmax_case(g: torch.Generator, n: int, v: int, dtype: torch.dtype) -> torch.Tensor:
-    """Logits rounded to a coarse grid (many equal maxima), with the edges argmax must order as
-    torch does: NaN counts as the maximum (its first), equal infinities (the first), a row of
-    nothing but -inf (index 0), the maximum in the last column."""
-    logits = (torch.randn(n, v, generator=g) * 2).round()
-    cols = lambda k: torch.randint(0, v, (k,), generator=g).tolist()  # noqa: E731
-    edge = torch.randint(0, 5, (n,), generator=g).tolist()
-    for row, kind in enumerate(edge):
-        if kind == 1:
-            logits[row, cols(2)] = float("nan")
-        elif kind == 2:
-            logits[row, cols(2)] = float("inf")
-        elif kind == 3:
-            logits[row] = float("-inf")
-        elif kind == 4:
-            logits[row, v - 1] = logits[row].max() + 1
-    return logits.to(dtype)
+# Rows argmax must order as torch does: NaN counts as the maximum (its first), equal infinities
+# (the first), nothing but -inf (index 0), the maximum in the last column, few distinct values
+# (ties everywhere), or plain coarse values (equal maxima).
+EDGES = ["nan", "inf", "-inf row", "last", "spread", "plain"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_argmax_is_torch_argmax(dtype: torch.dtype) -> None:
-    """One launch, any split of the columns (one slice; several; more than the row's blocks),
-    the same indices as torch's argmax, and the row counters left at zero."""
-    from pagedattn.kernels.w4a16 import device_counters
-
-    g = seeded_generator("argmax", dtype)
-    for n, v in [(1, V), (3, V), (5, 1000), (2, sampling.ARGMAX_BLOCK), (1, 1)]:
-        logits = _argmax_case(g, n, v, dtype).to(DEVICE)
-        expected = logits.argmax(dim=-1)
-        for splits in (None, 1, 3, 200):
-            got = sampling.argmax(logits, splits=splits)
-            assert got.dtype == torch.int64 and torch.equal(got, expected), (n, v, splits)
-        assert not device_counters(logits.device)[:n].any()
-
-
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(n=st.integers(1, 4), v=st.integers(1, 5000), splits=st.sampled_from([None, 1, 2, 3, 7, 64, 1000]),
-       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
-       edges=st.lists(st.sampled_from(["nan", "inf", "-inf row", "last", "spread", "plain"]), min_size=4, max_size=4),
-       seed=st.integers(0, 2**31 - 1))
-def test_argmax_on_drawn_rows_and_splits(n: int, v: int, splits: int | None, dtype: torch.dtype, edges: list[str],
-                                         seed: int) -> None:
-    """Drawn row counts, vocabularies (one column up, off the block), column slices (more than
-    the row's blocks, more than the kernel takes) and per-row edges: NaN, equal infinities, a row
-    of -inf, the maximum in the last column, a row of few distinct values (ties everywhere)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g) * 2).round()
-    for row, edge in enumerate(edges[:n]):
+def _argmax_logits(g: torch.Generator, v: int, edges: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """``[len(edges), v]`` logits rounded to a coarse grid (many equal maxima), row ``r`` with
+    the edge ``edges[r]``, on DEVICE."""
+    logits = (torch.randn(len(edges), v, generator=g) * 2).round()
+    for row, edge in enumerate(edges):
         cols = torch.randint(0, v, (2,), generator=g)
         if edge == "nan":
             logits[row, cols] = float("nan")
@@ -144,7 +107,35 @@ def test_argmax_on_drawn_rows_and_splits(n: int, v: int, splits: int | None, dty
             logits[row, v - 1] = logits[row].max() + 1
         elif edge == "spread":
             logits[row] = torch.randint(0, 2, (v,), generator=g).float()
-    logits = logits.to(dtype=dtype, device=DEVICE)
+    return logits.to(dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_argmax_is_torch_argmax(dtype: torch.dtype) -> None:
+    """One launch, any split of the columns (one slice; several; more than the row's blocks),
+    at the test's real vocabulary too: the same indices as torch's argmax, and the row counters
+    left at zero."""
+    from pagedattn.kernels.w4a16 import device_counters
+
+    g = seeded_generator("argmax", dtype)
+    for n, v in [(1, V), (len(EDGES), V), (5, 1000), (2, sampling.ARGMAX_BLOCK), (1, 1)]:
+        logits = _argmax_logits(g, v, [EDGES[(n + i) % len(EDGES)] for i in range(n)], dtype)
+        expected = logits.argmax(dim=-1)
+        for splits in (None, 1, 3, 200):
+            got = sampling.argmax(logits, splits=splits)
+            assert got.dtype == torch.int64 and torch.equal(got, expected), (n, v, splits)
+        assert not device_counters(logits.device)[:n].any()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(v=st.integers(1, 5000), splits=st.sampled_from([None, 1, 2, 3, 7, 64, 1000]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       edges=st.lists(st.sampled_from(EDGES), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1))
+def test_argmax_on_drawn_rows_and_splits(v: int, splits: int | None, dtype: torch.dtype, edges: list[str],
+                                         seed: int) -> None:
+    """Drawn vocabularies (one column up, off the block), column slices (more than the row's
+    blocks, more than the kernel takes) and one to four rows of drawn edges."""
+    logits = _argmax_logits(torch.Generator().manual_seed(seed), v, edges, dtype)
     assert torch.equal(sampling.argmax(logits, splits=splits), logits.argmax(dim=-1))
 
 
