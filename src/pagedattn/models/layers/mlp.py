@@ -55,7 +55,7 @@ class GatedMLP(nn.Module):
         h = self.gate_up_proj(x)
         down = self.down_proj
         # One token through an int4 down projection: its GEMV applies SiLU-and-mul as it loads
-        # its input, one kernel less a layer (docs/benchmarks.md, "Int4 weights").
+        # its input, one kernel less a layer (docs/benchmarks.md, "Where a batch-1 int4 step goes").
         if isinstance(down, QuantRowParallelLinear) and isinstance(self.act, SiluAndMul) \
                 and fused_kernels_enabled() and down.takes_silu_input(h):
             return down.forward_silu(h)
