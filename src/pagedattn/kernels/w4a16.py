@@ -325,13 +325,14 @@ if triton is not None:
         return hi, lo
 
     @triton.jit
-    def _silu_times(gate, up):
-        """``silu(gate) * up`` as fp32, each product rounded to the operands' dtype as the fused
-        activation kernel (``models/fused_ops.py``) rounds its output: the same bits in bf16 and
-        fp16 (in fp32 the compiler may round the quotient differently: an ulp)."""
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-        return (act * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+    def silu_mul(gate, up, DTYPE: tl.constexpr):
+        """``silu(gate) * up`` of fp32 ``gate`` and ``up`` in ``DTYPE``, the SiLU rounded to it
+        before the multiply as ``F.silu(gate) * up`` stores it: the one formula of the fused
+        activation kernel (``models/fused_ops.py``) and the gated GEMV, so the two give the
+        same bits in bf16 and fp16 (in fp32 the compiler may round the quotient differently in
+        the two contexts: an ulp)."""
+        act = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+        return (act * up).to(DTYPE)
 
     @triton.jit
     def _columns4(t):
@@ -427,7 +428,9 @@ if triton is not None:
                 # threads that need them through shared memory), then its columns 2p and 2p+1.
                 cols = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
                 if SILU_GATED:
-                    xt = _silu_times(tl.load(x_row + cols), tl.load(x_row + K + cols))
+                    gate = tl.load(x_row + cols).to(tl.float32)
+                    up = tl.load(x_row + K + cols).to(tl.float32)
+                    xt = silu_mul(gate, up, x_ptr.dtype.element_ty).to(tl.float32)
                 else:
                     xt = tl.load(x_row + cols).to(tl.float32)
                 x_even4, x_odd4 = tl.split(tl.reshape(xt, (BLOCK_K // 8, 4, 2)))

@@ -260,6 +260,7 @@ def norm_warps(block: int) -> int:
 
 # ---------------------------------------------------------------------- Triton kernels
 if triton is not None:
+    from ..kernels.w4a16 import silu_mul
 
     @triton.jit
     def _round(x, DTYPE: tl.constexpr):
@@ -383,10 +384,10 @@ if triton is not None:
         up = tl.load(X + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
         # The activation is stored in the activation dtype before the multiply, as act(gate) * up does.
         if ACT == 0:
-            act = _round(gate / (1.0 + tl.exp(-gate)), Out.dtype.element_ty)
+            res = silu_mul(gate, up, Out.dtype.element_ty)  # the int4 GEMV's gated input too
         else:
-            act = _round(_gelu(gate, ACT == 1), Out.dtype.element_ty)
-        tl.store(Out + row * stride_o + offs, (act * up).to(Out.dtype.element_ty), mask=mask)
+            res = (_round(_gelu(gate, ACT == 1), Out.dtype.element_ty) * up).to(Out.dtype.element_ty)
+        tl.store(Out + row * stride_o + offs, res, mask=mask)
 
 
 # ---------------------------------------------------------------------- launchers

@@ -190,10 +190,8 @@ class QuantLinear:
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         args = (m.qweight, m.scales, m.zeros, self.group_size, m.g_idx, bias, self.zero_point)
-        if silu_gated:
-            y = w4a16.w4a16_linear(x2, *args, out=out, silu_gated=True)
-        elif x2.is_cuda or self.cpu_kernels:
-            y = w4a16.w4a16_linear(x2, *args, out=out)
+        if silu_gated or x2.is_cuda or self.cpu_kernels:
+            y = w4a16.w4a16_linear(x2, *args, out=out, silu_gated=silu_gated)
         else:
             y = w4a16.w4a16_linear_ref(x2, *args)
             y = out.copy_(y) if out is not None else y
