@@ -112,9 +112,9 @@ def test_dequantize_is_the_reference_weight_rounded_to_the_dtype(group_size: int
 
 
 def test_prefill_rows_dequantize_then_multiply_densely(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From ``DEQUANT_MIN_ROWS`` rows the call writes ``W^T`` in the activation dtype and
+    """Past ``WIDE_MAX_ROWS`` rows the call writes ``W^T`` in the activation dtype and
     multiplies it densely (act-order weights, a bias, a given buffer); fewer rows take the GEMM."""
-    monkeypatch.setattr(w4a16, "DEQUANT_MIN_ROWS", 6)
+    monkeypatch.setattr(w4a16, "WIDE_MAX_ROWS", 5)
     real = w4a16.dequantize
     seen = []
     monkeypatch.setattr(w4a16, "dequantize", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
@@ -127,6 +127,24 @@ def test_prefill_rows_dequantize_then_multiply_densely(monkeypatch: pytest.Monke
         got = w4a16.w4a16_linear(x, **w, bias=bias, out=out)
         assert got.data_ptr() == out.data_ptr() and seen == calls
         _check(got, w4a16.w4a16_linear_ref(x, **w, bias=bias), torch.float32)
+
+
+def test_wide_tiles_dequantize_first_only_where_their_partials_outweigh_the_weight() -> None:
+    """128-256 rows run the GEMM in 128-row tiles, K split only while the grid is smaller than
+    the GPU; a split whose fp32 partials would outweigh the int4 weight (1.5x) dequantizes first,
+    as does every call past 256 rows.  The 8B shapes on an H100's 132 SMs: what was measured."""
+    dev, sms = torch.device("cpu"), 132
+
+    def first(m: int, n: int, k: int) -> bool:
+        return w4a16.dequantizes_first(m, n, k, w4a16.choose_config(m, n, k, 128, dev, sms))
+
+    for m in (128, 200, 256):
+        down, gate_up = (w4a16.choose_config(m, n, k, 128, dev, sms) for n, k in ((4096, 14336), (28672, 4096)))
+        assert down.block_m == gate_up.block_m == 128 and down.split_k > 1 and gate_up.split_k == 1
+        assert not first(m, 4096, 14336) and not first(m, 28672, 4096)
+        assert first(m, 6144, 4096) and first(m, 4096, 4096)  # qkv, o: 48 and 32 tiles split 8-16 ways
+    assert not first(127, 6144, 4096) and not first(64, 4096, 4096)  # the narrow tiles' split is never refused
+    assert first(257, 28672, 4096) and first(2048, 4096, 14336)
 
 
 @pytest.mark.parametrize("hi_bit", [4, 12, 20, 28])
@@ -228,6 +246,15 @@ def test_prefill_tiles_cover_ragged_m() -> None:
     _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
 
 
+def test_wide_tiles_cover_ragged_m_with_k_split() -> None:
+    """The 128-row tile of 128-256 rows, two M tiles (the second ragged) and K split."""
+    g = seeded_generator("wide")
+    w = _weights(g, N, K, 64, zeros=True, act_order=False)
+    x = torch.randn(130, K, generator=g).to(dtype=torch.bfloat16, device=DEVICE)
+    cfg = None if CUDA else w4a16.W4A16Config(128, 32, 32, 2)
+    _check(w4a16.w4a16_linear(x, **w, config=cfg), w4a16.w4a16_linear_ref(x.float(), **w), torch.bfloat16)
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(n=st.integers(1, 90), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]), m=st.integers(1, 2),
        block_n=st.sampled_from([32, 64, 128]), block_k=st.sampled_from([16, 32, 64]),
@@ -275,15 +302,15 @@ def test_configs_split_k_only_while_the_grid_is_small() -> None:
     assert wide.split_k < dec.split_k and -(-128256 // wide.block_n) * wide.split_k >= 16 * sms
     pre = w4a16.choose_config(2048, 4096, 4096, 128, dev, sms)
     assert not pre.gemv and pre.split_k == 1
-    # Every row count the GEMM serves in a call (below DEQUANT_MIN_ROWS) splits a narrow layer's K.
-    for m in (2, 64, 65, w4a16.DEQUANT_MIN_ROWS - 1):
+    # Every row count the narrow tiles serve splits a narrow layer's K.
+    for m in (2, 64, 65, w4a16.SPLIT_K_MAX_ROWS):
         assert w4a16.choose_config(m, 4096, 14336, 128, dev, sms).split_k > 1
     assert w4a16.choose_config(16, 4096, 4096, 32, dev, sms).block_k <= 32
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 16, 256, 2048])
+@pytest.mark.parametrize("m", [1, 16, 128, 200, 256, 2048])
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 def test_llama8b_shapes(m: int, n: int, k: int) -> None:
     """Llama-3-8B's projections (qkv, o, gate/up, down) at decode and prefill batch sizes."""

@@ -18,9 +18,12 @@ Three forms, one dequantization:
 * **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles; each K step loads a
   ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
   the activation dtype (the same weight a dense model holds after dequantization) and feeds
-  ``tl.dot``; it splits K (every call it serves is below ``DEQUANT_MIN_ROWS`` rows).
-* **dequantize, then cuBLAS** (:func:`dequantize`, ``DEQUANT_MIN_ROWS`` rows and more: a
-  large decode batch or a prefill chunk): one pass writes ``W^T`` in the activation dtype, rounded as the GEMM rounds
+  ``tl.dot``.  Up to ``SPLIT_K_MAX_ROWS`` rows it splits K in tiles of at most 64 rows; up to
+  ``WIDE_MAX_ROWS`` it takes 128-row tiles (each weight tile dequantized once per 128 rows) and
+  splits K only while the grid is smaller than the GPU.
+* **dequantize, then cuBLAS** (:func:`dequantize`, past ``WIDE_MAX_ROWS`` rows -- a large
+  decode batch or a prefill chunk -- and where a wide GEMM's split partials would outweigh
+  its weight): one pass writes ``W^T`` in the activation dtype, rounded as the GEMM rounds
   it, and the dense GEMM multiplies; its memory is transient (the warm-up's memory profile,
   at the largest chunk, sees it).
 
@@ -45,16 +48,19 @@ except ImportError:  # a CPU-only install: only the reference runs
     tl = None
 
 GEMV_MAX_ROWS = 1  # rows served by the CUDA-core GEMV; more go through the tensor-core kernel
-# From this many rows (a large decode batch, a prefill chunk) a call dequantizes its weight (one
-# pass writing it in the activation dtype) and multiplies it densely (cuBLAS).  On the 8B shapes
-# against the dequantizing GEMM: down 2x faster at 128 and 256 rows, gate_up 0.7x at 128 and 1.2x
-# at 256 (a layer's two together gain from 128), equal at 2048; at 64 rows and fewer the split-K
-# GEMM wins by 2x.  See docs/benchmarks.md.
-DEQUANT_MIN_ROWS = 128
-# Below that the GEMM splits K to fill the GPU: unsplit, 64-row tiles of 65-127 rows leave
-# most SMs idle (the down projection at 128 rows ran at 0.24x bf16's time against 0.94x at 64,
-# split).
-SPLIT_K_MAX_ROWS = DEQUANT_MIN_ROWS - 1
+# Up to this many rows the GEMM splits K to fill the GPU in 16/32/64-row tiles: unsplit, 64-row
+# tiles of 65-127 rows left most SMs idle (the down projection at 128 rows ran at 0.24x bf16's
+# time against 0.94x at 64, split).
+SPLIT_K_MAX_ROWS = 127
+# From 128 rows to WIDE_MAX_ROWS the GEMM takes one 128-row tile a program, so each weight tile is
+# dequantized once for every 128 rows, and splits K only while the grid has fewer programs than
+# SMs.  On the 8B shapes (H100, docs/benchmarks.md, "W4A16 at 128-256 rows"): 1.6-1.9x faster
+# than dequantizing first on down and gate_up at 128 rows, 1.0-1.3x at 192-256, slower from 320.
+WIDE_MAX_ROWS = 256
+# A split wide GEMM writes fp32 partials of split x M x N: once they outweigh the weight by this
+# factor the dequantize-first path is faster (qkv and o at 128 rows: 4.0x their int4 bytes and
+# 0.80-0.86x its speed; down: 1.1x and 1.6x faster).
+WIDE_MAX_PARTIALS = 1.5
 
 
 @dataclass(frozen=True)
@@ -129,13 +135,24 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     if m <= SPLIT_K_MAX_ROWS:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         bn, bk, warps = 64, _block_k(k, group_size, 64), 4
-    else:
-        bm, bn, bk, warps = (64, 128, _block_k(k, group_size, 64), 4) if m <= 256 else \
-            (128, 128, _block_k(k, group_size, 64), 8)
-        return W4A16Config(bm, bn, bk, 1, warps, 3)
-    tiles = -(-n // bn) * -(-m // bm)
-    split = split_k_for(tiles, k // bk, device, sms)
-    return W4A16Config(bm, bn, bk, split, warps, 3 if m > GEMV_MAX_ROWS else 4, gemv=m <= GEMV_MAX_ROWS)
+        tiles = -(-n // bn) * -(-m // bm)
+        return W4A16Config(bm, bn, bk, split_k_for(tiles, k // bk, device, sms), warps, 3)
+    bk = _block_k(k, group_size, 64)
+    if m <= WIDE_MAX_ROWS:
+        tiles = -(-n // 128) * -(-m // 128)
+        small = tiles < (sms or _sm_count(device))
+        split = split_k_for(tiles, k // bk, device, sms, programs_per_sm=3) if small else 1
+        return W4A16Config(128, 128, bk, split, 4, 3)
+    return W4A16Config(128, 128, bk, 1, 8, 3)  # launched by tests and sweeps: calls this large dequantize
+
+
+def dequantizes_first(m: int, n: int, k: int, cfg: W4A16Config) -> bool:
+    """Whether a call of ``m`` rows without a given config dequantizes its weight and multiplies
+    densely rather than running the GEMM ``cfg``: past :data:`WIDE_MAX_ROWS` rows, or where a
+    wide GEMM's fp32 partials would outweigh its int4 weight (:data:`WIDE_MAX_PARTIALS`)."""
+    if m > WIDE_MAX_ROWS:
+        return True
+    return m > SPLIT_K_MAX_ROWS and cfg.split_k > 1 and cfg.split_k * m * n * 4 > WIDE_MAX_PARTIALS * n * k / 2
 
 
 # The GEMV's launch, from a sweep of the 8B layer shapes at one row on an H100 (block_n 64-256,
@@ -248,7 +265,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if k % cfg.block_k or (g_idx is None and group_size % cfg.block_k):
         raise ValueError(f"block_k {cfg.block_k} must divide K ({k}) and the group size ({group_size})")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if config is None and m >= DEQUANT_MIN_ROWS:
+    if config is None and dequantizes_first(m, n, k, cfg):
         return dense_matmul(x, dequantize(qweight, scales, zeros, group_size, x.dtype, g_idx, zero_point), bias, out)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
