@@ -225,17 +225,24 @@ def test_the_gemm_splits_k_below_the_dequantize_threshold() -> None:
         assert not cfg.gemv and cfg.split_k > 1 and m <= gm.SPLIT_K_MAX_ROWS
 
 
-def test_gemv_launch_takes_16_outputs_for_the_32_element_types() -> None:
+def test_gemv_launch_by_block_type() -> None:
     """One row: Q4_0/Q4_1/Q8_0's GEMV takes 16 outputs a program (its 16-bit loads want more
-    programs in flight), the K-quants' 32; K split while the grid is small, whole steps a slice."""
+    programs in flight) and splits K while the grid is small; the K-quants' takes 64 and slices
+    of at least four super-blocks, as many as that allows (the 8B shapes' sweep: four for K =
+    4096, eight for the down projection's 14336)."""
     dev, sms = torch.device("cpu"), 132  # an H100's SMs
     for kind in TYPES:
         for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):
             cfg = gm.choose_config(1, n, k, dev, sms, kind=kind)
-            assert cfg.gemv and cfg.block_n == (16 if gm.GGUF_BLOCKS[kind][0] == 32 else 32)
             steps = -(-k // gm.gemv_step(kind, cfg))
-            assert 1 <= cfg.split_k <= steps
+            assert cfg.gemv and 1 <= cfg.split_k <= steps
+            if gm.GGUF_BLOCKS[kind][0] == 32:
+                assert cfg.block_n == 16
+            else:
+                assert cfg.block_n == 64 and cfg.split_k == {4096: 4, 14336: 8}[k]
+                assert steps // cfg.split_k >= 4 > steps // (2 * cfg.split_k)
     assert gm.choose_config(1, 28672, 4096, dev, sms).block_n == 32  # no type given
+    assert gm.choose_config(1, 64, 512, dev, sms, kind="Q6_K").split_k == 1  # two super-blocks: no split
 
 
 def test_other_types_and_shapes_are_refused() -> None:

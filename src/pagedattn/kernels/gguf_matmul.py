@@ -134,9 +134,12 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
     programs per SM (``sms``: the device's), each still covering at least four K tiles.  The
     GEMV of the 32-element block types (``kind``) takes 16 outputs a program, not 32: its
     16-bit loads want more programs in flight (1.1-1.5x faster on an H100's 8B shapes:
-    docs/benchmarks.md)."""
+    docs/benchmarks.md); the K-quants' GEMV 64, with K in slices of four or more super-blocks
+    (:data:`K_QUANT_GEMV_OUTPUTS`)."""
     if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
         return GGUFMatmulConfig(1, 64, 256, 1, gemv=True) if m <= GEMV_MAX_ROWS else GGUFMatmulConfig(32, 64, 64, 1)
+    if m <= GEMV_MAX_ROWS and kind in _K_QUANTS:
+        return GGUFMatmulConfig(1, K_QUANT_GEMV_OUTPUTS, 256, _k_quant_split(-(-k // 256)), 4, 3, gemv=True)
     if m <= GEMV_MAX_ROWS:
         bm, bn, bk, warps = 1, _GEMV_OUTPUTS.get(kind or "", 32), 256, 4
     elif m <= SPLIT_K_MAX_ROWS:
@@ -146,6 +149,22 @@ def choose_config(m: int, n: int, k: int, device: torch.device, sms: int | None 
         return GGUFMatmulConfig(bm, bn, bk, 1, warps, 3)
     split = split_k_for(-(-n // bn) * -(-m // bm), -(-k // bk), device, sms)
     return GGUFMatmulConfig(bm, bn, bk, split, warps, 3, gemv=m <= GEMV_MAX_ROWS)
+
+
+def _k_quant_split(super_blocks: int) -> int:
+    """K slices of a K-quant GEMV: as many as leave each slice at least four super-blocks."""
+    split = 1
+    while super_blocks // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+# The K-quants' GEMVs (Q4_K, Q5_K through the Q4_K kernel, Q6_K) at one row take 64 outputs a
+# program and split K into slices of at least four super-blocks, whatever the grid's size: on an
+# H100's 8B shapes 18-20% less time a layer than 32 outputs with the slices of the grid-size
+# rule (Q6_K gate_up 93.8 -> 70.0 us, Q4_K qkv 12.9 -> 9.9 us; docs/benchmarks.md).
+K_QUANT_GEMV_OUTPUTS = 64
+_K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 
 
 # The Q6_K GEMV's masks (:func:`_split_code_pair`), run-time arguments as :data:`NIBBLE_MASK` is: a
