@@ -65,6 +65,12 @@ def wrapper_calls():
                 for kind in gm.GGUF_BLOCKS:
                     blocks = torch.zeros(n, gm.row_bytes(kind, k), dtype=torch.uint8)
                     gm.gguf_linear(x, blocks, kind, b, config=gm.GGUFMatmulConfig(1, 32, 256, split, gemv=True))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # the int4 GEMM: half math in bf16/fp16
+        x = torch.randn(3, k, generator=g).to(dtype)
+        qw = torch.randint(0, 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int32)
+        s = torch.rand(k // 128, n, generator=g).to(dtype)
+        for zeros, g_idx in ((s, None), (None, None), (s, torch.arange(k, dtype=torch.int32) // 128)):
+            w4a16.w4a16_linear(x, qw, s, zeros, 128, g_idx=g_idx, config=w4a16.W4A16Config(16, 128, 64, 1))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.randn(3, 1000).to(dtype)
         for floor in (None, torch.randn(3)):
@@ -88,7 +94,7 @@ print(json.dumps(results))
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def test_gemv_and_sampling_kernels_compile_for_sm90() -> None:
+def test_quantized_matmul_and_sampling_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, BENCHMARKS], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
@@ -98,8 +104,9 @@ def test_gemv_and_sampling_kernels_compile_for_sm90() -> None:
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = {k: v for k, v in results.items() if v != "ok"}
     kernels = {key.split()[0] for key in results}
-    assert kernels == {"_w4a16_gemv_kernel", "_fp8_gemv_kernel", "_q4k_gemv_kernel", "_q6k_gemv_kernel",
-                       "_q32_gemv_kernel", "_race_kernel", "_filter_floor_kernel", "_argmax_kernel"}, kernels
+    assert kernels == {"_w4a16_gemv_kernel", "_w4a16_gemm_kernel", "_fp8_gemv_kernel", "_q4k_gemv_kernel",
+                       "_q6k_gemv_kernel", "_q32_gemv_kernel", "_race_kernel", "_filter_floor_kernel",
+                       "_argmax_kernel"}, kernels
     assert not failed, failed
 
 

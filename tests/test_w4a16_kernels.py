@@ -147,6 +147,26 @@ def test_wide_tiles_dequantize_first_only_where_their_partials_outweigh_the_weig
     assert first(257, 28672, 4096) and first(2048, 4096, 14336)
 
 
+@pytest.mark.parametrize(("dtype", "magic_bits", "magic"), [(torch.bfloat16, 0x4300, 128.0),
+                                                            (torch.float16, 0x6400, 1024.0)])
+def test_half_math_dequantization_rounds_once(dtype: torch.dtype, magic_bits: int, magic: float) -> None:
+    """The GEMM's dequantization in bf16/fp16 on a GPU, redone with torch's CPU half arithmetic
+    (each operation rounded to nearest, as the GPU's): a code or-ed into ``magic``'s mantissa
+    reads as ``magic + q``; minus ``magic + z`` it is ``q - z`` exactly, and the multiply by the
+    scale rounds once -- the bits of ``(q - z) * s`` in fp32 rounded to the dtype, which the
+    dequantize-first path and the interpreter's fp32 path give.  Every code and zero point, with
+    random scales of every magnitude the dtype holds for weights."""
+    g = seeded_generator("half-math", dtype)
+    q = torch.arange(16, dtype=torch.int16)[:, None, None]
+    z = torch.arange(16)[None, :, None]
+    s = (torch.randn(1, 1, 4096, generator=g) * torch.exp2(torch.randint(-14, 4, (1, 1, 4096), generator=g))).to(dtype)
+    qm = (q | magic_bits).view(dtype)
+    assert torch.equal(qm.float(), magic + q.float())
+    got = (qm - (magic + z).to(dtype)) * s
+    want = ((q.float() - z.float()) * s.float()).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("hi_bit", [4, 12, 20, 28])
 def test_nibble_pair_reads_both_nibbles_exactly(hi_bit: int) -> None:
     """The GEMVs' dequantization without a conversion: one shifted word gives nibble ``hi_bit``
@@ -305,6 +325,12 @@ def test_configs_split_k_only_while_the_grid_is_small() -> None:
     # Every row count the narrow tiles serve splits a narrow layer's K.
     for m in (2, 64, 65, w4a16.SPLIT_K_MAX_ROWS):
         assert w4a16.choose_config(m, 4096, 14336, 128, dev, sms).split_k > 1
+    # The narrow tiles' 128 outputs and slices of at least 8 K tiles: each 8B shape's fastest
+    # split at 16 and 64 rows on an H100.
+    for m in (16, 64):
+        got = [w4a16.choose_config(m, n, k, 128, dev, sms) for n, k in ((6144, 4096), (4096, 4096), (28672, 4096),
+                                                                         (4096, 14336))]
+        assert [c.split_k for c in got] == [8, 8, 4, 16] and {c.block_n for c in got} == {128}
     assert w4a16.choose_config(16, 4096, 4096, 32, dev, sms).block_k <= 32
 
 

@@ -15,10 +15,12 @@ Three forms, one dequantization:
   with the scale and zero point factored out of each group's sum, and writes fp32 partial
   sums; the last slice of a tile to finish adds them in slice order, with the bias, cast to
   the output (:func:`_gemv_finish`: one launch, the same bits whichever slice is last).
-* **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles; each K step loads a
-  ``[BLOCK_K/8, BLOCK_N]`` block of words, unpacks and dequantizes it in registers, rounds to
-  the activation dtype (the same weight a dense model holds after dequantization) and feeds
-  ``tl.dot``.  Up to ``SPLIT_K_MAX_ROWS`` rows it splits K in tiles of at most 64 rows; up to
+* **GEMM** (:func:`_w4a16_gemm_kernel`, any M): tensor-core tiles of the output's transpose
+  ``W x^T``; each K step loads a ``[BLOCK_K/8, BLOCK_N]`` block of words, dequantizes it in
+  registers (in bf16/fp16 two weights an instruction, no integer-to-float conversion), rounds
+  to the activation dtype (the same weight a dense model holds after dequantization) and hands
+  it to ``tl.dot`` as its first operand, which the tensor core reads from registers.  Up to
+  ``SPLIT_K_MAX_ROWS`` rows it splits K in tiles of at most 64 rows; up to
   ``WIDE_MAX_ROWS`` it takes 128-row tiles (each weight tile dequantized once per 128 rows) and
   splits K only while the grid is smaller than the GPU.
 * **dequantize, then cuBLAS** (:func:`dequantize`, past ``WIDE_MAX_ROWS`` rows -- a large
@@ -52,6 +54,11 @@ GEMV_MAX_ROWS = 1  # rows served by the CUDA-core GEMV; more go through the tens
 # tiles of 65-127 rows left most SMs idle (the down projection at 128 rows ran at 0.24x bf16's
 # time against 0.94x at 64, split).
 SPLIT_K_MAX_ROWS = 127
+# Those tiles take 128 outputs (the weight as the dot's register operand wants them: at 64 they
+# ran 2-3x slower) and K slices of at least 8 tiles: on the 8B shapes at 16 and 64 rows (H100)
+# that picked the fastest split of each (qkv and o 8, gate_up 4, down 16), where 4 tiles a slice
+# made qkv 1.35x slower at 64 rows (docs/benchmarks.md, "The int4 GEMM's weight in registers").
+NARROW_MIN_K_TILES = 8
 # From 128 rows to WIDE_MAX_ROWS the GEMM takes one 128-row tile a program, so each weight tile is
 # dequantized once for every 128 rows, and splits K only while the grid has fewer programs than
 # SMs.  On the 8B shapes (H100, docs/benchmarks.md, "W4A16 at 128-256 rows"): 1.6-1.9x faster
@@ -134,9 +141,10 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
         return W4A16Config(1, GEMV_BLOCK_N, bk, split, 4, 4, gemv=True)
     if m <= SPLIT_K_MAX_ROWS:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        bn, bk, warps = 64, _block_k(k, group_size, 64), 4
+        bn, bk, warps = 128, _block_k(k, group_size, 64), 4
         tiles = -(-n // bn) * -(-m // bm)
-        return W4A16Config(bm, bn, bk, split_k_for(tiles, k // bk, device, sms), warps, 3)
+        return W4A16Config(bm, bn, bk, split_k_for(tiles, k // bk, device, sms, min_k_tiles=NARROW_MIN_K_TILES),
+                           warps, 3)
     bk = _block_k(k, group_size, 64)
     if m <= WIDE_MAX_ROWS:
         tiles = -(-n // 128) * -(-m // 128)
@@ -162,6 +170,10 @@ def dequantizes_first(m: int, n: int, k: int, cfg: W4A16Config) -> bool:
 GEMV_BLOCK_N = 256
 GEMV_MAX_SPLIT = 16
 GEMV_PROGRAMS_PER_SM = 16
+# The GEMM's dequantization without a conversion (:func:`_w4a16_gemm_kernel`): per arithmetic
+# dtype, the bits of a float whose mantissa's last place is 1, and its value; a code or-ed into
+# its low bits reads as ``value + code``.  bf16/fp16 for activations of those dtypes on a GPU.
+MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch.float32: (0x4B000000, 8388608.0)}
 # The mask of mantissa bits 19-22 (:func:`_nibble_pair`), passed to the GEMVs as a run-time
 # argument: written as a literal, ptxas re-creates it in a register before nearly every bitwise
 # and/or (which takes one immediate, the exponent), ~0.7 instructions a weight; an argument
@@ -293,7 +305,10 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             tiles_per_split, float(zero_point))
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     dot_dtype, precision = dot_types(x.dtype)
-    _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, **common)
+    half_math = x.dtype in (torch.bfloat16, torch.float16) and scales.dtype == x.dtype and not triton_interpreted()
+    magic_bits, magic = MAGIC[x.dtype if half_math else torch.float32]
+    _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, HALF_MATH=half_math, MAGIC_BITS=magic_bits, MAGIC=magic,
+                             DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, **common)
     return finish_split_k(dst, out, bias, split)
 
 
@@ -472,10 +487,19 @@ if triton is not None:
     @triton.jit
     def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                            stride_split, group_size, tiles_per_split, zero_point,
-                           HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                           HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HALF_MATH: tl.constexpr,
+                           MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-        """A ``[BLOCK_M, BLOCK_N]`` tile of the output over one K slice (grid axis 2)."""
+        """A ``[BLOCK_M, BLOCK_N]`` tile of the output over one K slice (grid axis 2), computed as
+        its transpose ``W x^T``: the dequantized weight is the dot's first operand, which a Hopper
+        tensor core reads from registers, so it never goes through shared memory.
+
+        A code becomes a float without a conversion: or-ed into the mantissa of ``MAGIC`` (128 in
+        bf16, 1024 in fp16, 2^23 in fp32, each with unit last place) it reads as ``MAGIC + q``;
+        minus ``MAGIC + z`` that is ``q - z`` exactly, and one multiply by the scale rounds it
+        once, as :func:`dequantize` rounds it.  ``HALF_MATH`` (bf16/fp16 activations and scales
+        on a GPU) does both in the activation dtype, two weights an instruction."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -483,39 +507,48 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        R: tl.constexpr = BLOCK_K // 8  # word rows a K tile
+        act = x_ptr.dtype.element_ty
+        math = act if HALF_MATH else tl.float32
+        zq = (tl.zeros((BLOCK_N,), dtype=tl.float32) + (MAGIC + zero_point)).to(math)  # without zeros
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         t0 = pid_k * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, K // BLOCK_K)
         for t in range(t0, t1):
-            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
-            # The [BLOCK_K, BLOCK_N] tile: words unpacked by a broadcast shift, row 8 j + i being
-            # nibble i of word row j.  (Inline, not a jit helper: the interpreter pays per call.)
             k0 = t * BLOCK_K
-            rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-            q = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
-            q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            # Word row r's nibble i is input feature k0 + 8 r + i: [R, 8, BLOCK_N] codes.
+            # (Inline, not jit helpers: the interpreter pays per call.)
+            words = tl.load(qw_ptr + (k0 // 8 + tl.arange(0, R))[:, None] * N + offs_n[None, :],
+                            mask=n_mask[None, :], other=0)
+            q = ((words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF) | MAGIC_BITS
+            if HALF_MATH:
+                qm = q.to(tl.int16).to(act, bitcast=True)
+            else:
+                qm = q.to(tl.float32, bitcast=True)
             if HAS_G_IDX:  # act-order rows: one scale row per input feature
-                sz = tl.load(g_ptr + k0 + tl.arange(0, BLOCK_K))[:, None] * N + offs_n[None, :]
-                s = tl.load(s_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                kk = k0 + tl.arange(0, R)[:, None] * 8 + tl.arange(0, 8)[None, :]
+                sz = tl.load(g_ptr + kk)[:, :, None] * N + offs_n[None, None, :]
+                s = tl.load(s_ptr + sz, mask=n_mask[None, None, :], other=0.0).to(math)
                 if HAS_ZEROS:
-                    w = (q - tl.load(z_ptr + sz, mask=n_mask[None, :], other=0.0).to(tl.float32)) * s
+                    z = tl.load(z_ptr + sz, mask=n_mask[None, None, :], other=0.0).to(tl.float32)
+                    w = (qm - (MAGIC + z).to(math)) * s
                 else:
-                    w = (q - zero_point) * s
+                    w = (qm - zq[None, None, :]) * s
             else:  # the tile lies in one group: one scale row
                 g = k0 // group_size
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(math)
                 if HAS_ZEROS:
                     z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                    w = (q - z[None, :]) * s[None, :]
+                    w = (qm - (MAGIC + z).to(math)[None, None, :]) * s[None, None, :]
                 else:
-                    w = (q - zero_point) * s[None, :]
+                    w = (qm - zq[None, None, :]) * s[None, None, :]
             # The weight rounded to the activation dtype, as a dense model of it holds it.
-            w = w.to(x_ptr.dtype.element_ty)
-            acc += tl.dot(xv.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        dst = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            wt = tl.reshape(tl.permute(w.to(act), (2, 0, 1)), (BLOCK_N, BLOCK_K))
+            acc = tl.dot(wt.to(DOT_DTYPE), tl.trans(xv.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+        dst = out_ptr + pid_k * stride_split + offs_m[None, :] * stride_om + offs_n[:, None]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
 
     @triton.jit
     def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, K8, N, group_size, zero_point,
