@@ -110,6 +110,11 @@ def sweep_configs(fmt: str, m: int) -> list[Any]:
     elif m == 1:  # the K-quants' GEMVs step by super-blocks whatever block_k says
         block_ks = (256, 512) if gguf_matmul.GGUF_BLOCKS[fmt][0] == 32 else (256,)
         grid = itertools.product((1,), (16, 32, 64), block_ks, (1, 2, 4, 8), (4,), (1, 3))
+    elif m <= 64 and fmt == "w4a16":  # the register-operand GEMM wants 128 outputs; K slices decide
+        grid = itertools.product((16 if m <= 16 else 32 if m <= 32 else 64,), (64, 128), (64,),
+                                 (1, 2, 4, 8, 16, 32), (4,), (3,))
+    elif m <= 256 and fmt == "w4a16":  # 128-row tiles, split or not, against the 64-row ones
+        grid = itertools.product((64, 128), (128,), (64,), (1, 2, 4, 8, 16), (4, 8), (3,))
     elif m <= 64:
         grid = itertools.product((16 if m <= 16 else 32 if m <= 32 else 64,), (32, 64, 128), (64, 128),
                                  (1, 2, 4, 8), (4,), (3,))

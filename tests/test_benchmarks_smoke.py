@@ -319,3 +319,17 @@ def test_sampler_bench_times_every_mode_and_batch(bench, tmp_path: Path) -> None
     assert all(r["us"] > 0 for r in res["rows"])
     bound = {r["batch"]: r["bound_us"] for r in res["rows"]}
     assert bound[3] == pytest.approx(3 * bound[1])
+
+
+def test_linear_kernel_sweeps_include_the_int4_gemms_own_launch(bench) -> None:
+    """``bench_linear_kernels.py --sweep w4a16:M`` times the launch the heuristic picks on the 8B
+    shapes (an H100's 132 SMs) among its alternatives, so a sweep can say whether it is the
+    fastest; past 256 rows the calls dequantize first (no GEMM launch to sweep)."""
+    from pagedattn.kernels import w4a16
+
+    lk = bench("bench_linear_kernels")
+    for m in (2, 16, 33, 64, 100, 128, 200, 256):
+        swept = set(lk.sweep_configs("w4a16", m))
+        for n, k in lk.SHAPES.values():
+            cfg = w4a16.choose_config(m, n, k, lk.GROUP, torch.device("cpu"), sms=132)
+            assert w4a16.dequantizes_first(m, n, k, cfg) or cfg in swept, (m, n, k, cfg)
