@@ -129,8 +129,12 @@ def _block_k(k: int, group_size: int, cap: int) -> int:
 
 def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
                   sms: int | None = None) -> W4A16Config:
-    """Heuristic launch parameters (not autotuned): split K until the grid has about four
-    programs per SM (``sms``: the device's), each still streaming at least four K tiles."""
+    """Heuristic launch parameters (not autotuned), fitted to H100 sweeps of the 8B shapes
+    (``sms``: the device's SMs).  One row: the GEMV, K split for ~16 programs an SM.  2-127
+    rows: 16/32/64-row tiles of 128 outputs, K split for ~4 programs an SM but each slice at
+    least :data:`NARROW_MIN_K_TILES` tiles.  128-:data:`WIDE_MAX_ROWS` rows: 128-row tiles, K
+    split only while the grid is smaller than the GPU (:func:`dequantizes_first` may send the
+    call to cuBLAS instead)."""
     if device.type != "cuda" and sms is None:  # the interpreter runs programs one by one: few, large ones
         bk = _block_k(k, group_size, 128)
         return W4A16Config(1, 128, bk, 1, gemv=True) if m <= GEMV_MAX_ROWS else W4A16Config(32, 128, bk, 1)
