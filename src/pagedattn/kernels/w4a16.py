@@ -57,7 +57,7 @@ SPLIT_K_MAX_ROWS = 127
 # Those tiles take 128 outputs (the weight as the dot's register operand wants them: at 64 they
 # ran 2-3x slower) and K slices of at least 8 tiles: on the 8B shapes at 16 and 64 rows (H100)
 # that picked the fastest split of each (qkv and o 8, gate_up 4, down 16), where 4 tiles a slice
-# made qkv 1.35x slower at 64 rows (docs/benchmarks.md, "The int4 GEMM's weight in registers").
+# made qkv 1.36x slower at 64 rows (docs/benchmarks.md, "The int4 GEMM's weight in registers").
 NARROW_MIN_K_TILES = 8
 # From 128 rows to WIDE_MAX_ROWS the GEMM takes one 128-row tile a program, so each weight tile is
 # dequantized once for every 128 rows, and splits K only while the grid has fewer programs than
