@@ -45,7 +45,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleTyp
         for name in ("bench_memory", "bench_prefix_cache", "bench_throughput", "bench_first_batch",
                      "bench_prefix_family", "bench_common", "bench_quant", "bench_fp8_kv", "bench_single_stream",
                      "bench_moe", "bench_gguf_load", "profile_steps", "bench_host_step", "bench_server_host",
-                     "serving", "bench_sampler"):
+                     "serving", "bench_sampler", "bench_cascade_decode", "bench_decode_attention"):
             sys.modules.pop(name, None)
 
 
@@ -333,3 +333,28 @@ def test_linear_kernel_sweeps_include_the_int4_gemms_own_launch(bench) -> None:
         for n, k in lk.SHAPES.values():
             cfg = w4a16.choose_config(m, n, k, lk.GROUP, torch.device("cpu"), sms=132)
             assert w4a16.dequantizes_first(m, n, k, cfg) or cfg in swept, (m, n, k, cfg)
+
+
+def test_cascade_bench_builds_groups_of_rows_with_tails_of_their_own(bench) -> None:
+    """``bench_cascade_decode.py``'s chat shape (``BxPREFIX+LO..HI/GROUPS``): rows round robin
+    over the groups' prefix blocks, own tails drawn from the range in blocks of their own, and a
+    reference that attends each row's own length."""
+    cd = bench("bench_cascade_decode")
+    assert cd.parse_shape("256x992+30..900/2") == (256, 992, (30, 900), 2)
+    assert cd.parse_shape("128x2048+64") == (128, 2048, (64, 64), 1)
+    p = cd.build(12, 64, (5, 40), groups=3, device="cpu")
+    shared = 64 // cd.PAGE
+    assert not p.uniform and p.tails.min() >= 5 and p.tails.max() <= 40
+    for r in range(12):
+        assert (p.tables[r, :shared] == p.tables[r % 3, :shared]).all()
+    prefixes = {tuple(p.tables[g, :shared]) for g in range(3)}
+    own = [b for r in range(12) for b in p.tables[r, shared:shared + -(-int(p.tails[r]) // cd.PAGE)]]
+    assert len(prefixes) == 3 and len(own) == len(set(own))
+    assert not set(own) & {b for pre in prefixes for b in pre}
+    assert p.bytes_unique < p.bytes_attended
+    ref = cd.reference(p)
+    k, v = cd.row_kv(p, 4)
+    assert k.shape == (1, cd.HKV, 64 + int(p.tails[4]), cd.D)
+    scores = torch.einsum("hgd,hld->hgl", p.q[4].float().view(cd.HKV, -1, cd.D), k[0].float()) * cd.D ** -0.5
+    want = torch.einsum("hgl,hld->hgd", scores.softmax(-1), v[0].float()).reshape(cd.HQ, cd.D)
+    torch.testing.assert_close(ref[4], want, atol=1e-4, rtol=1e-4)
