@@ -269,6 +269,7 @@ def test_backend_eager_cascade_is_planned_once_per_step_and_backend(monkeypatch:
     on = TritonBackend(cascade=CFG)
     outs = [on.attend(q, batch.k_cache, batch.v_cache, m, layer) for _ in range(3)]
     assert len(plans) == 1 and isinstance(m.state, triton_backend.DecodeLaunch) and m.state.cascade is not None
+    assert m.state.order is not None and m.state.order.tolist() == [3, 2, 1, 0]  # by own tails: 9, 4, 3, 1
     off = TritonBackend(cascade=False)
     outs.append(off.attend(q, batch.k_cache, batch.v_cache, m, layer))
     assert m.state.backend is off and m.state.cascade is None and len(plans) == 1
@@ -316,6 +317,10 @@ def test_backend_captured_steps_read_the_groups_prepared_for_replay(gqa: int, dt
         n = len(rows)
         variant = backend.prepare_for_replay(batch.host(), bucket)
         assert variant == (1 if prefix_blocks else 0)  # no group: the plain decode's graph
+        # Rows start longest first: grouped rows by their own tails, the padding rows last.
+        keys = [tail if grp is not None else length for (grp, tail), length in zip(rows, batch.seq_lens)]
+        order = backend._prepared().order.device[:bucket].tolist()
+        assert order == sorted(range(n), key=lambda r: -keys[r]) + list(range(n, bucket))
         static = _static_meta(*_bucket_arrays(batch, bucket, width), bs)
         backend.prepare_for_capture(static, variant)
         assert isinstance(static.state, triton_backend.DecodeLaunch)

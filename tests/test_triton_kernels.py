@@ -13,6 +13,7 @@ import itertools
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,7 @@ from pagedattn.attention import (
     triton_backend,
 )
 from pagedattn.attention import triton_ops as ops
+from pagedattn.attention.metadata import HostBatch
 from pagedattn.attention.selector import get_attention_backend
 from pagedattn.attention.triton_backend import TritonBackend
 
@@ -194,6 +196,65 @@ def test_decode_split_counts_agree(splits: int) -> None:
     ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, batch.meta.seq_lens,
                          layer.scale, None, out, splits, config=DEC_CFG)
     _assert_matches(out, _reference(q, batch, layer))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_in_any_row_order_gives_the_same_bits(splits: int) -> None:
+    """The order the rows' programs start in (``order``: the backend passes longest first)
+    changes only the schedule: every row's output is the same bits as in batch order, a padding
+    row (length 0) included."""
+    g = _gen("order", splits)
+    hkv, d = SIZE.num_kv_heads, SIZE.head_dim
+    seq_lens = [5, SIZE.long_ctx, 1, 33, 17]
+    batch = _paged_batch(g, [1] * 5, seq_lens, 4, hkv, d, torch.float32)
+    lens = batch.meta.seq_lens.clone()
+    lens[2] = 0
+    q = randn(g, 5, hkv * 2, d, dtype=torch.float32)
+    outs = []
+    for order in (None, ops.longest_first(lens.numpy()), [4, 2, 0, 3, 1]):
+        out = torch.full_like(q, float("nan"))
+        perm = None if order is None else torch.as_tensor(order, dtype=torch.int32, device=q.device)
+        ops.decode_attention(q, batch.k_cache, batch.v_cache, batch.meta.block_tables, lens, 0.2, None, out,
+                             splits, config=DEC_CFG, order=perm)
+        outs.append(out)
+    assert not outs[0][[0, 1, 3, 4]].isnan().any() and torch.equal(outs[0][2], torch.zeros_like(outs[0][2]))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+def test_longest_first_orders_rows_by_their_keys_then_padding() -> None:
+    assert ops.longest_first(np.array([3, 9, 9, 1])).tolist() == [1, 2, 0, 3]  # ties in batch order
+    assert ops.longest_first(np.array([3, 9, 9, 1]), rows=6).tolist() == [1, 2, 0, 3, 4, 5]
+    order = ops.longest_first(np.array([7]), rows=1)
+    assert order.dtype == np.int32 and order.tolist() == [0]
+
+
+def test_backend_starts_the_longest_rows_first() -> None:
+    """Eager steps order a step's decode rows once (by length, or by own tail when cascade
+    groups them); captured steps read the graphs' order buffer, refilled before each replay
+    with the bucket's padding rows last."""
+    g = _gen("lpt")
+    hkv, d = SIZE.num_kv_heads, SIZE.head_dim
+    layer = AttentionLayerSpec(hkv * 2, hkv, d, 0.25)
+    lens = [9, SIZE.long_ctx, 2, 30]
+    batch = _paged_batch(g, [1] * 4, lens, 4, hkv, d, torch.float32)
+    q = randn(g, 4, hkv * 2, d, dtype=torch.float32)
+    backend = TritonBackend(cascade=False)
+    out = backend.attend(q, batch.k_cache, batch.v_cache, batch.meta, layer)
+    launch = batch.meta.state
+    assert isinstance(launch, triton_backend.DecodeLaunch) and launch.order is not None
+    assert launch.order.tolist() == [1, 3, 0, 2]
+    _assert_matches(out, _reference(q, batch, layer))
+
+    assert backend.init_cuda_graphs(max_batch_size=8, max_seq_len=4096, block_size=4, layer=layer,
+                                    device=DEVICE) == 1
+    buffers = backend._graphs
+    assert buffers is not None and buffers.order.device.tolist() == list(range(8))
+    host = HostBatch.build([1] * 4, lens, batch.meta.block_tables_cpu.tolist(), 4)
+    assert backend.prepare_for_replay(host, 6) == 0
+    assert buffers.order.device[:6].tolist() == [1, 3, 0, 2, 4, 5]
+    backend.prepare_for_capture(batch.meta, 0)
+    assert batch.meta.state.order.data_ptr() == buffers.order.device.data_ptr()
 
 
 def test_decode_zero_length_padding_rows_are_zero() -> None:

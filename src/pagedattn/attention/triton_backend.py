@@ -82,6 +82,7 @@ class StepCascade:
 
     inputs: ops.CascadeInputs
     tail_context: int  # keys of the longest own tail: what the split count is chosen for
+    tail_start: np.ndarray | None = None  # eager: the plan's first own key of each row (host)
 
 
 @dataclass
@@ -100,6 +101,9 @@ class DecodeLaunch(BackendState):
     cascade: StepCascade | None = None
     unplanned: bool = False
     heads: _Heads | None = None  # what the workspace or plan is sized for; eager: the first layer's
+    # The order the decode rows' programs start in (ops.longest_first); captured: the graphs'
+    # buffer, refilled before each replay; eager: made by the step's first decode launch.
+    order: torch.Tensor | None = None
 
     def check_heads(self, layer: AttentionLayerSpec) -> None:
         if self.heads is None:
@@ -165,6 +169,29 @@ class _GraphCascade:
         return CASCADE_VARIANT
 
 
+@dataclass
+class _GraphOrder:
+    """The order captured decode steps start their rows in: one device buffer the graphs read,
+    refilled before each replay from two pinned staging buffers used in turn."""
+
+    device: torch.Tensor  # [max batch] int32, a permutation of the bucket's rows
+    staging: list[torch.Tensor]
+    turn: int = 0
+
+    @classmethod
+    def allocate(cls, max_batch_size: int, device: torch.device) -> _GraphOrder:
+        pin = device.type == "cuda"
+        rows = torch.arange(max_batch_size, dtype=torch.int32)  # batch order until the first refill
+        return cls(rows.to(device), [rows.clone().pin_memory() if pin else rows.clone() for _ in range(2)])
+
+    def refill(self, keys: np.ndarray, bucket: int) -> None:
+        """Longest first (``keys``: each row's keys its decode attends), the bucket's padding last."""
+        host = self.staging[self.turn]
+        self.turn ^= 1
+        host[:bucket] = torch.from_numpy(ops.longest_first(keys, bucket))
+        self.device[:bucket].copy_(host[:bucket], non_blocking=True)
+
+
 @dataclass(frozen=True)
 class _GraphBuffers:
     """What every captured decode step shares (``init_cuda_graphs``)."""
@@ -176,6 +203,7 @@ class _GraphBuffers:
     tail_slots: int  # workspace slots for the splits' partials
     workspace: tuple[torch.Tensor, torch.Tensor]
     cascade: _GraphCascade | None
+    order: _GraphOrder
 
     @property
     def variants(self) -> int:
@@ -255,13 +283,25 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
                 layer: AttentionLayerSpec, launch: DecodeLaunch, out: torch.Tensor, scales: KVScales | None) -> None:
         nd = meta.num_decodes
         cascade = self._step_cascade(launch, meta, layer, q.device)
+        if launch.order is None:
+            launch.order = self._order_eager(meta, cascade, q.device)
         ops.decode_attention(
             q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
             layer.scale, layer.sliding_window, out[:nd], launch.splits(layer, cascade, _num_sms(q.device)),
             workspace=launch.workspace, cascade=None if cascade is None else cascade.inputs,
             softcap=layer.logit_softcap, k_scale=None if scales is None else scales.k,
-            v_scale=None if scales is None else scales.v,
+            v_scale=None if scales is None else scales.v, order=launch.order,
         )
+
+    def _order_eager(self, meta: AttentionMetadata, cascade: StepCascade | None,
+                     device: torch.device) -> torch.Tensor:
+        """An eager step's decode rows, longest first (grouped rows by their own tails: their
+        prefix is the prefix kernel's)."""
+        nd = meta.num_decodes
+        keys = np.asarray(meta.seq_lens_cpu[:nd], dtype=np.int64)
+        if cascade is not None and cascade.tail_start is not None:
+            keys = keys - cascade.tail_start
+        return torch.from_numpy(ops.longest_first(keys)).to(device, non_blocking=True)
 
     def _step_cascade(self, launch: DecodeLaunch, meta: AttentionMetadata, layer: AttentionLayerSpec,
                       device: torch.device) -> StepCascade | None:
@@ -287,7 +327,8 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
             return None
         layout = PackedLayout(nd, plan.num_items)
         packed = torch.from_numpy(pack_plan(plan, layout)).to(device, non_blocking=True)
-        return StepCascade(_cascade_inputs(packed, layout, plan.max_parts, cfg), int((lens - plan.tail_start).max()))
+        return StepCascade(_cascade_inputs(packed, layout, plan.max_parts, cfg), int((lens - plan.tail_start).max()),
+                           plan.tail_start)
 
     @staticmethod
     def _check_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -330,7 +371,8 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
         shape = (max_batch_size, layer.num_heads, slots)
         workspace = (torch.empty(*shape, layer.head_dim, dtype=torch.float32, device=device),
                      torch.empty(*shape, dtype=torch.float32, device=device))
-        self._graphs = _GraphBuffers(layer, max_batch_size, max_seq_len, block_size, tail_slots, workspace, cascade)
+        self._graphs = _GraphBuffers(layer, max_batch_size, max_seq_len, block_size, tail_slots, workspace, cascade,
+                                     _GraphOrder.allocate(max_batch_size, device))
         return self._graphs.variants
 
     def prepare_for_capture(self, meta: AttentionMetadata, variant: int) -> None:
@@ -350,7 +392,8 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
             assert g.cascade is not None
             cascade = StepCascade(g.cascade.inputs, g.max_seq_len)
         meta.state = DecodeLaunch(self, rows=b, context=g.max_seq_len, max_splits=g.tail_slots,
-                                  workspace=g.workspace, cascade=cascade, heads=_heads(g.layer))
+                                  workspace=g.workspace, cascade=cascade, heads=_heads(g.layer),
+                                  order=g.order.device[:b])
 
     def prepare_for_replay(self, batch: HostBatch, bucket: int) -> int:
         g = self._prepared()
@@ -361,7 +404,13 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
             raise ValueError(f"a replayed step must be decodes only, got num_decodes={batch.num_decodes} of {n}")
         if batch.block_size != g.block_size:
             raise ValueError(f"block_size {batch.block_size} differs from the prepared {g.block_size}")
-        return PLAIN_VARIANT if g.cascade is None else g.cascade.refill(batch)
+        variant = PLAIN_VARIANT if g.cascade is None else g.cascade.refill(batch)
+        keys = batch.seq_lens
+        if variant == CASCADE_VARIANT:
+            assert g.cascade is not None and g.cascade.plan is not None
+            keys = keys - g.cascade.plan.tail_start
+        g.order.refill(keys, bucket)
+        return variant
 
     def _prepared(self) -> _GraphBuffers:
         if self._graphs is None:

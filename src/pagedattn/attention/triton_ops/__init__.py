@@ -12,6 +12,7 @@ from .decode import (
     choose_num_splits,
     decode_attention,
     default_decode_config,
+    longest_first,
 )
 from .extend import ExtendConfig, default_extend_config, extend_attention
 from .store import store_kv
@@ -29,6 +30,7 @@ __all__ = [
     "default_extend_config",
     "default_prefix_config",
     "extend_attention",
+    "longest_first",
     "prefix_attention",
     "store_kv",
 ]

@@ -6,6 +6,11 @@ read from memory once for all of them.  K/V rows are addressed straight through 
 table, one page lookup per key row, so any power-of-two page size works (a 64-key tile spans
 four 16-token pages or sixty-four 1-token pages) and nothing is gathered into a contiguous copy.
 
+The grid runs a sequence's KV heads side by side and takes the sequences in the order
+``order`` gives (the backend passes longest first): the GPU starts programs in grid order, so
+when the rows' lengths differ the long ones start first and the short ones fill in at the end,
+instead of a long one starting last and running alone.
+
 With ``num_splits > 1`` each sequence's key range is cut into that many tile-aligned chunks;
 each program writes a normalised partial output and its log-sum-exp (base 2) to fp32
 intermediates, and a second kernel merges the splits.  Splits keep the GPU busy when
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -96,9 +102,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
 _STEP_VARYING = ("num_splits", "pre_offset", "stride_mt", "stride_mh", "stride_lt", "stride_lh", "stride_bt")
 
 
-@triton.jit(do_not_specialize=_STEP_VARYING, do_not_specialize_on_alignment=("TailStart", "NumPre"))
+@triton.jit(do_not_specialize=_STEP_VARYING, do_not_specialize_on_alignment=("TailStart", "NumPre", "Order"))
 def _decode_kernel(
     Q, K, V, Out, MidO, MidLse, BlockTables, SeqLens,
+    Order,  # ORDERED only: the sequences in the order their programs start
     TailStart, NumPre,  # cascade only: first own key of each row, prefix partials it merges
     KScale, VScale,  # KV_FP8 only: the layer's K and V scales
     scale_log2,  # softmax scale * log2(e): scores live in the base-2 domain
@@ -113,7 +120,7 @@ def _decode_kernel(
     stride_lt, stride_lh,
     stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,  # 0: no sliding window
     SOFTCAP: tl.constexpr,  # soft-cap the scores: cap * tanh(score / cap)
@@ -121,10 +128,13 @@ def _decode_kernel(
     CASCADE: tl.constexpr,  # attend keys from TailStart on; unsplit, also merge the prefix partials
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # tl.dot operand type and fp32 precision
     KV_FP8: tl.constexpr,  # e4m3 pages: dequantized with KScale / VScale
+    ORDERED: tl.constexpr,  # take the sequences in Order's order (else batch order)
 ):
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    # Grid (sequences x KV heads, splits): a sequence's heads are neighbours.
+    rank = tl.program_id(0) // NUM_KV_HEADS
+    kvh = tl.program_id(0) % NUM_KV_HEADS
+    split = tl.program_id(1)
+    seq = tl.load(Order + rank) if ORDERED else rank
     scale_log2, v_scale = fp8_kv_scales(scale_log2, KScale, VScale, KV_FP8)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -253,8 +263,12 @@ def decode_attention(
     softcap: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> None:
     """Launch the decode kernel (and the merge kernel when ``num_splits > 1``).
+
+    ``order`` (int32, a permutation of the ``B`` rows, e.g. :func:`longest_first`): the order in
+    which the rows' programs start; None: batch order.  The results do not depend on it.
 
     An fp8 (e4m3) cache is read as ``page * k_scale`` / ``page * v_scale`` (one-element
     float32 device tensors; None: 1.0), in the shared-prefix kernel too.
@@ -299,8 +313,9 @@ def decode_attention(
         tail_start, num_pre = seq_lens, seq_lens  # unused: CASCADE is off
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
     k_sc, v_sc, fp8 = kv_scale_args(k_cache, q, k_scale, v_scale)
-    _decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, tail_start, num_pre, k_sc, v_sc,
+    _decode_kernel[(b * hkv, num_splits)](
+        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, seq_lens if order is None else order,
+        tail_start, num_pre, k_sc, v_sc,
         *score_args(scale, softcap), num_splits, pre_offset,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -310,10 +325,10 @@ def decode_attention(
         mid_lse.stride(0), mid_lse.stride(1),
         block_tables.stride(0),
         HEAD_DIM=d, BLOCK_D=block_d,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        NUM_KV_HEADS=hkv, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         PAGE=page, BLOCK_N=cfg.block_n,
         WINDOW=sliding_window or 0, SOFTCAP=softcap is not None, SPLIT=split, CASCADE=cascade is not None,
-        DOT_DTYPE=dot_dtype(kv_dtype), DOT_PRECISION=dot_precision(kv_dtype), KV_FP8=fp8,
+        DOT_DTYPE=dot_dtype(kv_dtype), DOT_PRECISION=dot_precision(kv_dtype), KV_FP8=fp8, ORDERED=order is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -336,3 +351,15 @@ def cascade_slot_offset(num_splits: int) -> int:
 def cascade_slots(num_splits: int, max_parts: int) -> int:
     """Workspace slots per head a cascade decode with ``num_splits`` splits needs."""
     return cascade_slot_offset(num_splits) + max_parts
+
+
+def longest_first(keys: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """The order (int32) in which to start ``keys``' rows, each row's count of keys its decode
+    program attends: the most first (ties in batch order), then ``rows - len(keys)`` padding
+    rows (batch order).  Longest first keeps the kernel's end from waiting on a long row that
+    started last: on a batch whose lengths differ by 30x (a chat service's tails) scheduling
+    the programs in batch order models ~14% above the ideal, longest first ~2%."""
+    n = keys.shape[0]
+    order = np.arange(n if rows is None else rows, dtype=np.int32)
+    order[:n] = np.argsort(-np.asarray(keys, dtype=np.int64), kind="stable")
+    return order
