@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..envs import switches
+from ..transfer import upload
 from . import triton_ops as ops
 from .backend import AttentionBackend, AttentionLayerSpec, KVScales
 from .cascade import (
@@ -301,7 +302,7 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
         keys = np.asarray(meta.seq_lens_cpu[:nd], dtype=np.int64)
         if cascade is not None and cascade.tail_start is not None:
             keys = keys - cascade.tail_start
-        return torch.from_numpy(ops.longest_first(keys)).to(device, non_blocking=True)
+        return upload(torch.from_numpy(ops.longest_first(keys)), device)
 
     def _step_cascade(self, launch: DecodeLaunch, meta: AttentionMetadata, layer: AttentionLayerSpec,
                       device: torch.device) -> StepCascade | None:
