@@ -25,11 +25,13 @@ Times are medians of ``triton.testing.do_bench``.  GB/s counts the K/V bytes eac
 the previous step's plan still holds (all a steady decode batch pays per step).
 
     python benchmarks/bench_cascade_decode.py --out results.json [--shapes 128x2048+64,256x992+30..900/2,...]
+    python benchmarks/bench_cascade_decode.py --sweep --shapes 256x992+30..900/2   # the cascade plans
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -238,11 +240,48 @@ def run_shape(p: Problem, spec: str) -> dict:
     return row
 
 
+def sweep_configs() -> list[CascadeConfig]:
+    """The cascade plans ``--sweep`` times: programs per SM, the shortest key chunk and the
+    (row, head) pairs of a prefix program (its ``tl.dot``'s M) around the defaults, which are
+    among them."""
+    return [CascadeConfig(programs_per_sm=pps, min_chunk_tokens=chunk, block_m=bm)
+            for pps, chunk, bm in itertools.product((1, 2, 4, 8), (64, 128, 256, 512), (16, 32, 64, 128))]
+
+
+def print_sweep(result: dict) -> None:
+    default = vars(CascadeConfig())
+    print(f"\n{result['device']}  copy {result['copy_gbps']:.0f} GB/s: captured cascade step per plan, fastest first")
+    for shape in result["shapes"]:
+        rows = shape["sweep"]
+        base = next(r["us"] for r in rows if r["config"] == default)
+        print(f"{shape['shape']}: default plan {base:.1f} us")
+        for r in rows[:8]:
+            c = r["config"]
+            print(f"  programs/SM {c['programs_per_sm']}, chunks >= {c['min_chunk_tokens']}, pairs {c['block_m']}: "
+                  f"{r['us']:.1f} us ({base / r['us']:.2f}x the default's speed), max err {r['max_err']:.1e}")
+
+
+def sweep(p: Problem) -> list[dict]:
+    """The captured cascade step of ``p`` under every :func:`sweep_configs` plan, fastest first,
+    each with its largest error against the float32 reference."""
+    ref = reference(p)
+    rows = []
+    for cfg in sweep_configs():
+        graph, out, keep = graph_of(p, TritonBackend(cascade=cfg))
+        graph.replay()
+        torch.cuda.synchronize()
+        rows.append({"config": vars(cfg), "us": bench(graph.replay), "max_err": (out.float() - ref).abs().max().item()})
+        del graph, keep
+    return sorted(rows, key=lambda r: r["us"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help="BxPREFIX+TAIL or BxPREFIX+LO..HI/GROUPS, comma-separated (prefix a multiple of 16)")
+    ap.add_argument("--sweep", action="store_true", help="time the captured cascade step of each shape under "
+                    "every plan of sweep_configs() instead (a compile per pairs-per-program value)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -258,11 +297,14 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in shapes:
         b, pre, tail, groups = parse_shape(spec)
         p = build(b, pre, tail, groups)
-        result["shapes"].append(run_shape(p, spec))
+        result["shapes"].append({"shape": spec, "sweep": sweep(p)} if args.sweep else run_shape(p, spec))
         del p
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
+    if args.sweep:
+        print_sweep(result)
+        return result
 
     print(f"\n{result['device']}  copy {bw:.0f} GB/s  torch {torch.__version__}  triton {triton.__version__}")
     names = ("cascade", "plain", "cascade_graph", "plain_graph", "cudnn")

@@ -335,7 +335,8 @@ def test_linear_kernel_sweeps_include_the_int4_gemms_own_launch(bench) -> None:
             assert w4a16.dequantizes_first(m, n, k, cfg) or cfg in swept, (m, n, k, cfg)
 
 
-def test_cascade_bench_builds_groups_of_rows_with_tails_of_their_own(bench) -> None:
+def test_cascade_bench_builds_groups_of_rows_with_tails_of_their_own(bench, capsys: pytest.CaptureFixture[str]
+                                                                    ) -> None:
     """``bench_cascade_decode.py``'s chat shape (``BxPREFIX+LO..HI/GROUPS``): rows round robin
     over the groups' prefix blocks, own tails drawn from the range in blocks of their own, and a
     reference that attends each row's own length."""
@@ -358,3 +359,9 @@ def test_cascade_bench_builds_groups_of_rows_with_tails_of_their_own(bench) -> N
     scores = torch.einsum("hgd,hld->hgl", p.q[4].float().view(cd.HKV, -1, cd.D), k[0].float()) * cd.D ** -0.5
     want = torch.einsum("hgl,hld->hgd", scores.softmax(-1), v[0].float()).reshape(cd.HQ, cd.D)
     torch.testing.assert_close(ref[4], want, atol=1e-4, rtol=1e-4)
+    plans = cd.sweep_configs()  # --sweep times the default plan among the others
+    assert cd.CascadeConfig() in plans and len(set(plans)) == len(plans) > 1
+    rows = [{"config": vars(c), "us": 100.0 - i, "max_err": 1e-3} for i, c in enumerate(plans)][::-1]
+    cd.print_sweep({"device": "a GPU", "copy_gbps": 3000.0, "shapes": [{"shape": "256x992+30..900/2", "sweep": rows}]})
+    out = capsys.readouterr().out
+    assert "default plan" in out and "x the default's speed" in out
