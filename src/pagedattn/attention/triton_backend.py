@@ -17,6 +17,7 @@ plan from ``meta.block_tables_cpu``; captured steps read fixed device buffers th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -122,18 +123,41 @@ class DecodeLaunch(BackendState):
 
 
 @dataclass
+class _Staged:
+    """An int32 device buffer that captured graphs read, refilled before a replay from two pinned
+    host buffers used in turn: the CPU fills one while the previous copy, from the other, may
+    still be queued."""
+
+    device: torch.Tensor
+    staging: list[torch.Tensor]
+    turn: int = 0
+
+    @classmethod
+    def of(cls, initial: torch.Tensor, device: torch.device) -> _Staged:
+        """A buffer holding ``initial`` (a host int32 tensor) until the first refill."""
+        pin = device.type == "cuda"
+        return cls(initial.to(device), [initial.clone().pin_memory() if pin else initial.clone() for _ in range(2)])
+
+    def refill(self, fill: Callable[[np.ndarray], object], size: int | None = None) -> None:
+        """``fill`` writes the next contents into a host buffer (as numpy); its first ``size``
+        elements (None: all) go to the device in one non-blocking copy."""
+        host = self.staging[self.turn]
+        self.turn ^= 1
+        fill(host.numpy())
+        end = host.shape[0] if size is None else size
+        self.device[:end].copy_(host[:end], non_blocking=True)
+
+
+@dataclass
 class _GraphCascade:
-    """Cascade buffers of captured decode steps: one device buffer the cascade variant of the
-    graphs reads, refilled before a replay from two pinned staging buffers used in turn (the
-    CPU fills one while the previous copy from the other may still be queued)."""
+    """Cascade buffers of captured decode steps: the packed plan the cascade variant of the
+    graphs reads (``buffer``), refilled before a replay."""
 
     layout: PackedLayout
-    device: torch.Tensor  # [layout.size] int32
-    staging: list[torch.Tensor]
-    inputs: ops.CascadeInputs  # views of ``device``
+    buffer: _Staged  # [layout.size]
+    inputs: ops.CascadeInputs  # views of ``buffer.device``
     gqa: int
     cfg: CascadeConfig
-    turn: int = 0
     # The active plan the device buffer holds and its signature (reused while it still holds:
     # see cascade.plan_still_holds).
     plan: CascadePlan | None = None
@@ -145,10 +169,8 @@ class _GraphCascade:
         gqa = layer.num_heads // layer.num_kv_heads
         items = max_work_items(max_batch_size, gqa, layer.num_kv_heads, _num_sms(device), cfg)
         layout = PackedLayout(max_batch_size, items)
-        buf = torch.zeros(layout.size, dtype=torch.int32, device=device)  # zeros: no groups
-        pin = device.type == "cuda"
-        staging = [torch.zeros(layout.size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        return cls(layout, buf, staging, _cascade_inputs(buf, layout, cfg.max_chunks, cfg), gqa, cfg)
+        buf = _Staged.of(torch.zeros(layout.size, dtype=torch.int32), device)  # zeros: no groups
+        return cls(layout, buf, _cascade_inputs(buf.device, layout, cfg.max_chunks, cfg), gqa, cfg)
 
     def refill(self, batch: HostBatch) -> int:
         """Plan the step's shared-prefix groups; when some qualify, copy them into the device
@@ -162,35 +184,9 @@ class _GraphCascade:
         self.plan, self.signature = None, None
         if not plan.active:
             return PLAIN_VARIANT
-        host = self.staging[self.turn]
-        self.turn ^= 1
-        pack_plan(plan, self.layout, host.numpy())
-        self.device.copy_(host, non_blocking=True)
+        self.buffer.refill(lambda host: pack_plan(plan, self.layout, host))
         self.plan, self.signature = plan, plan_signature(plan, tables, lens, page)
         return CASCADE_VARIANT
-
-
-@dataclass
-class _GraphOrder:
-    """The order captured decode steps start their rows in: one device buffer the graphs read,
-    refilled before each replay from two pinned staging buffers used in turn."""
-
-    device: torch.Tensor  # [max batch] int32, a permutation of the bucket's rows
-    staging: list[torch.Tensor]
-    turn: int = 0
-
-    @classmethod
-    def allocate(cls, max_batch_size: int, device: torch.device) -> _GraphOrder:
-        pin = device.type == "cuda"
-        rows = torch.arange(max_batch_size, dtype=torch.int32)  # batch order until the first refill
-        return cls(rows.to(device), [rows.clone().pin_memory() if pin else rows.clone() for _ in range(2)])
-
-    def refill(self, keys: np.ndarray, bucket: int) -> None:
-        """Longest first (``keys``: each row's keys its decode attends), the bucket's padding last."""
-        host = self.staging[self.turn]
-        self.turn ^= 1
-        host[:bucket] = torch.from_numpy(ops.longest_first(keys, bucket))
-        self.device[:bucket].copy_(host[:bucket], non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -204,7 +200,7 @@ class _GraphBuffers:
     tail_slots: int  # workspace slots for the splits' partials
     workspace: tuple[torch.Tensor, torch.Tensor]
     cascade: _GraphCascade | None
-    order: _GraphOrder
+    order: _Staged  # [max_batch]: the order decode rows start in (ops.longest_first)
 
     @property
     def variants(self) -> int:
@@ -372,8 +368,9 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
         shape = (max_batch_size, layer.num_heads, slots)
         workspace = (torch.empty(*shape, layer.head_dim, dtype=torch.float32, device=device),
                      torch.empty(*shape, dtype=torch.float32, device=device))
+        order = _Staged.of(torch.arange(max_batch_size, dtype=torch.int32), device)  # batch order until a replay
         self._graphs = _GraphBuffers(layer, max_batch_size, max_seq_len, block_size, tail_slots, workspace, cascade,
-                                     _GraphOrder.allocate(max_batch_size, device))
+                                     order)
         return self._graphs.variants
 
     def prepare_for_capture(self, meta: AttentionMetadata, variant: int) -> None:
@@ -410,7 +407,11 @@ class TritonBackend(AttentionBackend[DecodeLaunch]):
         if variant == CASCADE_VARIANT:
             assert g.cascade is not None and g.cascade.plan is not None
             keys = keys - g.cascade.plan.tail_start
-        g.order.refill(keys, bucket)
+
+        def longest_first(host: np.ndarray) -> None:  # the bucket's padding rows last
+            host[:bucket] = ops.longest_first(keys, bucket)
+
+        g.order.refill(longest_first, bucket)
         return variant
 
     def _prepared(self) -> _GraphBuffers:
